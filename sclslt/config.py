@@ -1,0 +1,282 @@
+"""Typed experiment configuration: one dataclass per component, YAML files, dotted CLI overrides.
+
+An experiment file only sets values; every field has a default and a docstring-like comment here.
+Unknown keys are errors that name the key (a typo must never silently fall back to a default).
+The resolved config is written into the run directory and stored in every checkpoint, so a run can
+always be reproduced from what it saved.
+
+Batch sizes live here only (global batch per stage); the DeepSpeed JSON holds engine matters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic sign corpus (the embedded default and the test bed)."""
+    seed: int = 1234              # corpus generator seed (corpus is a pure function of this config)
+    n_train: int = 1200           # number of training clips
+    n_dev: int = 100
+    n_test: int = 150
+    frame_size: int = 32          # frames are frame_size x frame_size x 3, uint8
+    n_signers: int = 6            # signers vary speed, offset, size, noise and background
+    n_templates: int = 300        # distinct sentences in the pool (sampled with Zipf frequencies)
+    zipf_a: float = 0.7           # Zipf exponent of sentence frequencies (exact duplicates)
+    near_dup_frac: float = 0.3    # fraction of pool sentences that are one-word variants of another
+    min_frames_per_sign: int = 3
+    max_frames_per_sign: int = 5
+
+
+@dataclass
+class DataConfig:
+    """Where shards come from and how they are streamed."""
+    corpus: str = "synthetic"     # "synthetic" (generated + sharded into cache_dir on first use) or "shards"
+    shards_dir: str = ""          # directory with {split}-*.tar and {split}.json manifests (corpus: shards)
+    cache_dir: str = ""           # synthetic corpus cache; default $SCLSLT_CACHE or ~/.cache/sclslt
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    samples_per_shard: int = 64   # synthetic corpus shard size (uneven last shard on purpose)
+    num_workers: int = 0          # data-loader worker processes per rank
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 256     # in-shard sample shuffle buffer (deterministic per seed, epoch, rank, worker)
+    max_frames: int = 0           # 0: keep all frames; else uniformly subsample longer clips
+    lowercase: bool = True        # text normalisation for training targets and sentence ids
+
+
+@dataclass
+class ModelConfig:
+    """Visual backbone, visual/text transformers and decoder; built from config or loaded pretrained."""
+    backbone: str = ""            # "" builds a small ResNet from the fields below; else local dir / hub name
+    backbone_embedding: int = 16
+    backbone_hidden: list = field(default_factory=lambda: [16, 32, 64])
+    backbone_depths: list = field(default_factory=lambda: [1, 1, 1])
+    mbart: str = ""               # "" builds mBART from the fields below; else local dir / hub name
+    tokenizer: str = ""           # "" trains a tokenizer on the corpus; else local dir / hub name
+    d_model: int = 64
+    layers: int = 2               # encoder and decoder layers each
+    heads: int = 4
+    ffn: int = 128
+    dropout: float = 0.1
+    max_positions: int = 256
+    embed_dim: int = 64           # joint embedding size for the contrastive heads
+    similarity: str = "pooled"    # "pooled" (mean-pooled embeddings)
+    logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
+    logit_scale_max: float = 100.0       # clamp of the multiplier, as CLIP
+    temporal_downsample: bool = True      # two [Conv1d k5, BN, ReLU, MaxPool 2] blocks (GFSLT-VLP)
+
+
+@dataclass
+class StageConfig:
+    """One training stage; stage 1 = contrastive + joint translation, stage 2 = translation only."""
+    enabled: bool = True
+    epochs: int = 1
+    global_batch: int = 16        # clips per optimizer step summed over ranks (independent of world size)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0     # cosine decays to lr * min_lr_ratio
+    contrastive_weight: float = 1.0
+    translation_weight: float = 1.0
+    label_smoothing: float = 0.2
+    freeze_text_encoder: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Things shared by both stages of a run."""
+    seed: int = 0
+    run_dir: str = "runs/default"
+    max_steps: int = 0            # cap on optimizer steps per stage (0 = run all epochs)
+    grad_clip: float = 1.0        # written into the DeepSpeed config (0 disables clipping)
+    log_every: int = 10
+    precision: str = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0          # 0: only at the end of each epoch
+    keep: int = 2                 # newest checkpoints kept per stage
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    beam: int = 4
+    max_len: int = 40
+    batch_size: int = 32
+    bleu_tokenize: str = "13a"    # sacrebleu tokenizer: 13a (de/en), zh or char (Chinese)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(
+        epochs=4, lr=1e-3, warmup_steps=20))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(
+        epochs=4, lr=1e-3, warmup_steps=20, contrastive_weight=0.0))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        if self.model.similarity not in ("pooled",):
+            raise ConfigError(f"model.similarity={self.model.similarity!r}: use 'pooled'")
+        if self.data.corpus not in ("synthetic", "shards"):
+            raise ConfigError(f"data.corpus={self.data.corpus!r}: use 'synthetic' or 'shards'")
+        if self.data.corpus == "shards" and not self.data.shards_dir:
+            raise ConfigError("data.corpus=shards needs data.shards_dir (made by tools/shard_videos.py)")
+        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={self.train.precision!r}: use auto, fp32, bf16 or fp16")
+        for name in ("stage1", "stage2"):
+            st: StageConfig = getattr(self, name)
+            if st.global_batch < 1 or st.epochs < 0:
+                raise ConfigError(f"{name}.global_batch must be >= 1 and {name}.epochs >= 0")
+            if not 0.0 <= st.label_smoothing < 1.0:
+                raise ConfigError(f"{name}.label_smoothing must be in [0, 1)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# building from dicts, files and the command line
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(typ, value, key + ".")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if typ is str:
+        return str(value)
+    if typ is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}' (known in this section: {sorted(names)})")
+    obj = cls()
+    for k, v in data.items():
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current) and isinstance(v, dict):
+            # merge into the section's own defaults (stage defaults differ per stage)
+            merged = dataclasses.asdict(current)
+            _deep_update(merged, v)
+            setattr(obj, k, _from_dict(type(current), merged, f"{prefix}{k}."))
+        else:
+            setattr(obj, k, _coerce(v, hints[k], prefix + k))
+    return obj
+
+
+def _deep_update(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    return _from_dict(Config, data).validate()
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--a.b.c value` / `--a.b.c=value` pairs -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}: overrides look like --section.key value")
+        if "=" in a:
+            key, raw = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {a} has no value")
+            key, raw = a[2:], args[i + 1]
+            i += 2
+        if "." not in key:
+            raise ConfigError(f"override --{key}: use the dotted form --section.key (e.g. --train.max_steps 50)")
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- experiment file <- dotted overrides; validated."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        data = loaded
+    if overrides:
+        ov = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        data = _deep_update(data, ov)
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+
+
+def config_hash(cfg: Config) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,254 @@
+"""Streaming training/eval data: shards -> per-rank micro-batches.
+
+Guarantees the distributed loop relies on:
+- every rank yields exactly the same number of micro-batches per epoch (uneven shards cannot hang
+  a collective): `batches_per_epoch = num_samples // global_batch`; a rank whose shards run out
+  early cycles over its own shards again, a rank with more stops early;
+- the order is a pure function of (seed, epoch, rank, world, num_workers): the shard order is
+  shuffled per (seed, epoch), shards are split by rank then by worker, samples pass through a
+  shuffle buffer seeded by (seed, epoch, rank, worker); workers' batches are interleaved in a
+  fixed round-robin, which is what torch's DataLoader does;
+- resumable: `set_epoch(epoch, skip=k)` skips the first k micro-batches without decoding them.
+Frames stay uint8 until they reach the device (normalisation happens in the model).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import DataConfig, SyntheticConfig
+from .shards import ShardError, iter_shard, read_manifest, write_split
+
+SPLITS = ("train", "dev", "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic corpus, made and sharded into a cache directory on first use
+
+def synthetic_shards_dir(cfg: DataConfig) -> Path:
+    """Shards of the synthetic corpus; generated once per corpus config (safe under concurrency)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    ident = json.dumps({"synthetic": asdict(cfg.synthetic), "per_shard": cfg.samples_per_shard,
+                        "lowercase": cfg.lowercase, "v": 1}, sort_keys=True)
+    tag = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    root = Path(cfg.cache_dir or os.environ.get("SCLSLT_CACHE", Path.home() / ".cache" / "sclslt"))
+    final = root / f"synthetic-{tag}"
+    if all((final / f"{s}.json").is_file() for s in SPLITS):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".synthetic-{tag}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # one writer per machine; others wait, then reuse
+        if not all((final / f"{s}.json").is_file() for s in SPLITS):
+            make_synthetic_shards(cfg.synthetic, final, cfg.samples_per_shard, cfg.lowercase)
+    return final
+
+
+def make_synthetic_shards(syn: SyntheticConfig, out_dir: Path, samples_per_shard: int,
+                          lowercase: bool = True) -> None:
+    from .corpus import SyntheticCorpus
+
+    corpus = SyntheticCorpus(syn)
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        for split in SPLITS:
+            samples = ({**s, "source": f"synthetic:{split}:{i}"} for i, s in enumerate(corpus.samples(split)))
+            write_split(samples, tmp, split, samples_per_shard, lowercase)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_shards_dir(cfg: DataConfig) -> Path:
+    return synthetic_shards_dir(cfg) if cfg.corpus == "synthetic" else Path(cfg.shards_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+@dataclass
+class Batch:
+    frames: torch.Tensor          # uint8 (B, T, H, W, 3), zero-padded in time
+    frame_mask: torch.Tensor      # bool (B, T)
+    input_ids: torch.Tensor       # long (B, L): text tokens ending in </s>, padded with pad id
+    attention_mask: torch.Tensor  # long (B, L)
+    labels: torch.Tensor          # long (B, L): input_ids with -100 at padding
+    sentence_ids: torch.Tensor    # long (B,)
+    keys: list
+    texts: list
+
+    def to(self, device, non_blocking: bool = True) -> "Batch":
+        return Batch(**{f.name: (getattr(self, f.name).to(device, non_blocking=non_blocking)
+                                 if torch.is_tensor(getattr(self, f.name)) else getattr(self, f.name))
+                        for f in fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class Collate:
+    """Pad clips in time (with a frame mask) and tokenize texts; runs in the loader workers."""
+
+    def __init__(self, tokenizer, max_text_len: int = 128):
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+
+    def __call__(self, samples: list[dict]) -> Batch:
+        if not samples:
+            raise ValueError("empty batch")
+        t_max = max(s["frames"].shape[0] for s in samples)
+        h, w, c = samples[0]["frames"].shape[1:]
+        frames = np.zeros((len(samples), t_max, h, w, c), dtype=np.uint8)
+        mask = np.zeros((len(samples), t_max), dtype=bool)
+        for i, s in enumerate(samples):
+            if s["frames"].shape[1:] != (h, w, c):
+                raise ShardError(f"sample {s['key']}: frame shape {s['frames'].shape[1:]} != {(h, w, c)} "
+                                 f"of the rest of the batch")
+            n = s["frames"].shape[0]
+            frames[i, :n] = s["frames"]
+            mask[i, :n] = True
+        texts = [s["meta"]["text"] for s in samples]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_len,
+                             return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return Batch(frames=torch.from_numpy(frames), frame_mask=torch.from_numpy(mask),
+                     input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels,
+                     sentence_ids=torch.tensor([int(s["meta"]["sentence_id"]) for s in samples],
+                                               dtype=torch.long),
+                     keys=[s["key"] for s in samples], texts=texts)
+
+
+def subsample_frames(frames: np.ndarray, max_frames: int) -> np.ndarray:
+    if max_frames <= 0 or frames.shape[0] <= max_frames:
+        return frames
+    idx = np.linspace(0, frames.shape[0] - 1, max_frames).round().astype(np.int64)
+    return frames[idx]
+
+
+def _rng_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's micro-batches of one split (see the module docstring for the guarantees)."""
+
+    def __init__(self, shards_dir, split: str, micro_batch: int, *, rank: int = 0, world: int = 1,
+                 train: bool = True, seed: int = 0, shuffle_buffer: int = 256, max_frames: int = 0):
+        self.dir = Path(shards_dir)
+        self.manifest = read_manifest(self.dir, split)
+        self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
+        self.train, self.seed, self.shuffle_buffer, self.max_frames = train, seed, shuffle_buffer, max_frames
+        self.epoch, self.skip = 0, 0
+        n = self.manifest["num_samples"]
+        if train:
+            if n < micro_batch * world:
+                raise ShardError(f"split {split} has {n} samples, fewer than one global batch "
+                                 f"({micro_batch} x {world} ranks): lower stageN.global_batch")
+            self.batches_per_epoch = n // (micro_batch * world)
+        else:
+            # evaluation: every sample exactly once, contiguous slice per rank, last batch may be short
+            lo, hi = n * rank // world, n * (rank + 1) // world
+            self.batches_per_epoch = -(-(hi - lo) // micro_batch)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    # -- the sample streams ------------------------------------------------------------------
+    def _shard_paths(self, names: list[str]) -> list[Path]:
+        return [self.dir / n for n in names]
+
+    def _samples(self, shard_names: list[str], worker: int) -> Iterator[dict]:
+        """Training: this worker's shards, cycled, through a seeded shuffle buffer."""
+        if not shard_names:
+            raise ShardError(f"rank {self.rank} worker {worker} got no shard of {self.split}: use fewer "
+                             f"workers or more shards (split has {len(self.manifest['shards'])})")
+        rng = random.Random(_rng_seed(self.seed, self.epoch, self.rank, worker, 1))
+        buf: list[dict] = []
+        cycle = 0
+        while True:
+            order = list(shard_names)
+            if cycle:
+                random.Random(_rng_seed(self.seed, self.epoch, self.rank, worker, 2, cycle)).shuffle(order)
+            for path in self._shard_paths(order):
+                for s in iter_shard(path):
+                    buf.append(s)
+                    if len(buf) >= self.shuffle_buffer:
+                        yield buf.pop(rng.randrange(len(buf)))
+            cycle += 1
+            if cycle > 1 and not buf:
+                raise ShardError(f"shards {shard_names} yielded no samples")
+            while len(buf) > self.shuffle_buffer // 2:    # drain part; keep mixing across passes
+                yield buf.pop(rng.randrange(len(buf)))
+
+    def _eval_samples(self) -> Iterator[dict]:
+        n = self.manifest["num_samples"]
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        i = 0
+        for sh in self.manifest["shards"]:
+            if i + sh["num_samples"] <= lo:
+                i += sh["num_samples"]
+                continue
+            for s in iter_shard(self.dir / sh["name"]):
+                if lo <= i < hi:
+                    yield s
+                i += 1
+                if i >= hi:
+                    return
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        # this worker produces global batch indices b with b % n_workers == worker (round-robin)
+        mine = range(worker, self.batches_per_epoch, n_workers)
+        if not self.train:
+            batch: list[dict] = []
+            b = 0
+            for s in self._eval_samples():
+                batch.append(s)
+                if len(batch) == self.micro_batch:
+                    if b in mine and b >= self.skip:
+                        yield self._finish(batch)
+                    batch, b = [], b + 1
+            if batch and b in mine and b >= self.skip:
+                yield self._finish(batch)
+            return
+        names = [sh["name"] for sh in self.manifest["shards"]]
+        random.Random(_rng_seed(self.seed, self.epoch, 0)).shuffle(names)
+        rank_names = names[self.rank::self.world] or names[self.rank % len(names)::len(names)]
+        worker_names = rank_names[worker::n_workers]
+        stream = self._samples(worker_names, worker)
+        for b in mine:
+            batch = [next(stream) for _ in range(self.micro_batch)]
+            if b >= self.skip:
+                yield self._finish(batch)
+
+    def _finish(self, batch: list[dict]) -> list[dict]:
+        if self.max_frames > 0:
+            for s in batch:
+                s["frames"] = subsample_frames(s["frames"], self.max_frames)
+        return batch
+
+
+def make_loader(stream: ShardStream, collate: Collate, num_workers: int = 0, prefetch_factor: int = 2):
+    kw = dict(num_workers=num_workers, collate_fn=collate, batch_size=None)
+    if num_workers > 0:
+        kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
+    return torch.utils.data.DataLoader(stream, **kw)

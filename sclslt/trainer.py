@@ -1,0 +1,275 @@
+"""One training loop for both stages, and the run that chains them: stage 1 -> stage 2 -> evaluation.
+
+A stage is data (a `ShardStream`), an `Engine`, and a `StageConfig` saying which losses count:
+stage 1 = symmetric InfoNCE over gathered negatives + joint translation CE, stage 2 = translation
+only. The loop itself does not change between stages.
+
+Run directory layout:
+  config.yaml                resolved config (also inside every checkpoint)
+  tokenizer/                 the tokenizer the run trained or loaded
+  stage1/checkpoints/<tag>   DeepSpeed checkpoints (+ client state: step, epoch, data position)
+  stage2/checkpoints/<tag>
+  results.json               metrics, BLEU signature, the trivial baseline
+  hypotheses.<split>.jsonl   key, hypothesis, reference
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import engine as eng
+from .config import Config, StageConfig, save_config, to_dict
+from .data import Collate, ShardStream, make_loader, resolve_shards_dir
+from .evaluate import compute_metrics, decode_loader, most_frequent_sentence
+from .losses import all_reduce_sum, contrastive_loss, translation_loss_sum
+from .models import SLTModel
+from .shards import read_manifest
+from .text import load_tokenizer, train_tokenizer
+from .ui import Reporter
+
+STAGES = ("stage1", "stage2")
+CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale")
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says what to do."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
+    """Linear warm-up then cosine decay to `min_ratio`; a pure function of the step (resume-safe)."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def set_trainable(model: SLTModel, st: StageConfig) -> None:
+    """Stage 2 (no contrastive loss) freezes the contrastive parts; stage 1 may freeze the text encoder."""
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        frozen = (st.contrastive_weight == 0 and top in CONTRASTIVE_PARTS) or \
+                 (st.freeze_text_encoder and top == "text_encoder")
+        p.requires_grad_(not frozen)
+
+
+def step_loss(out: dict, batch, st: StageConfig, world: int) -> tuple[torch.Tensor, dict]:
+    """This rank's share of the global-batch loss (the mean over ranks is the global loss)."""
+    loss = torch.zeros((), device=batch.frames.device)
+    parts = {}
+    if st.translation_weight > 0:
+        tok = (batch.labels != -100).sum()
+        n_global = all_reduce_sum(tok.float())
+        tl = translation_loss_sum(out["logits"], batch.labels, st.label_smoothing) * world / n_global
+        loss = loss + st.translation_weight * tl
+        parts["ce"] = tl.detach()
+    if st.contrastive_weight > 0:
+        cl = contrastive_loss(out["video_emb"], out["text_emb"], out["logit_scale"], batch.sentence_ids)
+        loss = loss + st.contrastive_weight * cl
+        parts["nce"] = cl.detach()
+    return loss, parts
+
+
+def forward(model_call, batch, st: StageConfig) -> dict:
+    return model_call(batch.frames, batch.frame_mask, batch.input_ids, batch.attention_mask, batch.labels,
+                      contrastive=st.contrastive_weight > 0, translation=st.translation_weight > 0)
+
+
+@dataclass
+class Context:
+    cfg: Config
+    ds_config_path: str
+    dist: dict
+    run_dir: Path
+    shards_dir: Path
+    tokenizer: object
+    reporter: Reporter
+
+    @property
+    def rank(self) -> int:
+        return self.dist["rank"]
+
+    @property
+    def world(self) -> int:
+        return self.dist["world"]
+
+
+def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTModel:
+    """Train one stage to completion (or resume it); returns the trained module."""
+    cfg, st = ctx.cfg, getattr(ctx.cfg, name)
+    ckpt_dir = ctx.run_dir / name / "checkpoints"
+    stream = train_stream(cfg, name, ctx.shards_dir, ctx.rank, ctx.world)
+    per_epoch = len(stream)
+    schedule_steps = st.epochs * per_epoch       # the LR schedule's length: max_steps only truncates it,
+    total = schedule_steps                       # so a run extended with --resume follows the same curve
+    if cfg.train.max_steps > 0:
+        total = min(total, cfg.train.max_steps)
+    set_trainable(model, st)
+    precision = eng.resolve_precision(cfg.train.precision, ctx.dist["device"])
+    ds_config = eng.build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision)
+    engine = eng.Engine(model, ds_config, st.lr, st.weight_decay,
+                        lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio))
+
+    step, epoch, pos = 0, 0, 0
+    if eng.latest_tag(ckpt_dir) is not None:
+        if not resume:
+            raise RunError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
+                           f"or choose another --train.run_dir")
+        client = engine.load(ckpt_dir)["sclslt"]
+        step, epoch, pos = client["step"], client["epoch"], client["batch_in_epoch"]
+        ctx.reporter.info(f"{name}: resumed at step {step} (epoch {epoch}, batch {pos}) from {ckpt_dir}")
+        if step >= total:
+            return engine.module
+
+    def save():
+        client = {"sclslt": {"stage": name, "step": step, "epoch": epoch, "batch_in_epoch": pos,
+                             "config": to_dict(cfg), "world": ctx.world}}
+        engine.save(ckpt_dir, f"step{step:08d}", client, keep=cfg.checkpoint.keep)
+
+    collate = Collate(ctx.tokenizer)
+    engine.train()
+    ctx.reporter.start_stage(name, total, step, st.global_batch, ctx.run_dir / name / "metrics.csv")
+    while step < total and epoch < st.epochs:
+        stream.set_epoch(epoch, skip=pos)
+        loader = make_loader(stream, collate, cfg.data.num_workers, cfg.data.prefetch_factor)
+        for batch in loader:
+            batch = batch.to(engine.device)
+            out = forward(engine, batch, st)
+            loss, parts = step_loss(out, batch, st, ctx.world)
+            engine.backward(loss)
+            engine.step()
+            step, pos = step + 1, pos + 1
+            logged = all_reduce_sum(torch.stack([loss.detach(), *parts.values()])) / ctx.world
+            ctx.reporter.step(step, dict(zip(["loss", *parts], logged.tolist())), engine.lr(), epoch)
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
+                save()
+            if step >= total:
+                break
+        if pos >= per_epoch:
+            epoch, pos = epoch + 1, 0
+    save()
+    ctx.reporter.end_stage(name, step)
+    return engine.module
+
+
+def stage_seed(cfg: Config, name: str) -> int:
+    return cfg.train.seed * 1000 + STAGES.index(name)
+
+
+def train_stream(cfg: Config, name: str, shards_dir: Path, rank: int, world: int) -> ShardStream:
+    """The training micro-batches of one rank for a stage (the tests rebuild them through this)."""
+    st: StageConfig = getattr(cfg, name)
+    if st.global_batch % world:
+        raise RunError(f"{name}.global_batch={st.global_batch} is not divisible by world size {world}")
+    return ShardStream(shards_dir, "train", st.global_batch // world, rank=rank, world=world, train=True,
+                       seed=stage_seed(cfg, name), shuffle_buffer=cfg.data.shuffle_buffer,
+                       max_frames=cfg.data.max_frames)
+
+
+def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> None:
+    """Initialise from a previous stage: report loaded / new / ignored keys; fail on surprises."""
+    state = eng.load_module_state(src_ckpt)
+    own = model.state_dict()
+    loaded = [k for k in state if k in own and own[k].shape == state[k].shape]
+    shape_mismatch = [k for k in state if k in own and own[k].shape != state[k].shape]
+    missing = [k for k in own if k not in state]
+    ignored = [k for k in state if k not in own]
+    reporter.info(f"weights from {src_ckpt}: {len(loaded)} loaded, {len(missing)} newly initialised, "
+                  f"{len(ignored)} ignored, {len(shape_mismatch)} shape mismatches")
+    if shape_mismatch or missing or ignored:
+        raise RunError(f"stage transfer from {src_ckpt} does not match the model: missing {missing[:8]}, "
+                       f"unexpected {ignored[:8]}, shape mismatch {shape_mismatch[:8]}")
+    model.load_state_dict({k: state[k] for k in loaded}, strict=True)
+
+
+def evaluate(ctx: Context, model: SLTModel, split: str) -> dict:
+    cfg = ctx.cfg
+    stream = ShardStream(ctx.shards_dir, split, cfg.eval.batch_size, rank=ctx.rank, world=ctx.world, train=False)
+    loader = make_loader(stream, Collate(ctx.tokenizer), cfg.data.num_workers, cfg.data.prefetch_factor)
+    rows = decode_loader(model, loader, ctx.tokenizer, ctx.dist["device"], cfg.eval.beam, cfg.eval.max_len)
+    gathered = [None] * ctx.world
+    dist.all_gather_object(gathered, rows)
+    rows = [r for part in gathered for r in part]       # rank order = split order (contiguous slices)
+    refs = [r["ref"] for r in rows]
+    train_texts = [s[4] for s in read_manifest(ctx.shards_dir, "train")["samples"]]
+    trivial = most_frequent_sentence(train_texts)
+    result = {"split": split, "model": compute_metrics([r["hyp"] for r in rows], refs, cfg.eval.bleu_tokenize),
+              "trivial_baseline": {"sentence": trivial,
+                                   **compute_metrics([trivial] * len(refs), refs, cfg.eval.bleu_tokenize)},
+              "beam": cfg.eval.beam}
+    if ctx.rank == 0:
+        with open(ctx.run_dir / f"hypotheses.{split}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return result
+
+
+def prepare(ctx_args: dict) -> Context:
+    """Distributed init, data, run dir, tokenizer: everything before the first stage."""
+    cfg: Config = ctx_args["cfg"]
+    d = eng.init_distributed()
+    reporter = Reporter(enabled=d["rank"] == 0, log_every=cfg.train.log_every)
+    run_dir = Path(cfg.train.run_dir).resolve()
+    if d["rank"] == 0:
+        shards_dir = resolve_shards_dir(cfg.data)       # synthetic corpus made here on first use
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        tok_dir = run_dir / "tokenizer"
+        if not (tok_dir / "tokenizer_config.json").is_file():
+            if cfg.model.tokenizer:
+                load_tokenizer(cfg.model.tokenizer).save_pretrained(str(tok_dir))
+            else:
+                texts = [s[4] for s in read_manifest(shards_dir, "train")["samples"]]
+                train_tokenizer(texts, tok_dir)
+    dist.barrier()
+    shards_dir = resolve_shards_dir(cfg.data)
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    reporter.info(f"world {d['world']} x {d['accelerator']}, shards {shards_dir}, run {run_dir}")
+    return Context(cfg=cfg, ds_config_path=ctx_args["ds_config"], dist=d, run_dir=run_dir,
+                   shards_dir=shards_dir, tokenizer=tokenizer, reporter=reporter)
+
+
+def build_model(ctx: Context) -> SLTModel:
+    seed_everything(ctx.cfg.train.seed)     # identical initial weights on every rank and every run
+    return SLTModel(ctx.cfg.model, ctx.tokenizer)
+
+
+def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
+    ctx = prepare({"cfg": cfg, "ds_config": ds_config})
+    t0 = time.time()
+    model = None
+    enabled = [s for s in STAGES if getattr(cfg, s).enabled and getattr(cfg, s).epochs > 0]
+    for i, name in enumerate(enabled):
+        model = build_model(ctx)
+        if i > 0 and eng.latest_tag(ctx.run_dir / name / "checkpoints") is None:
+            transfer_weights(model, ctx.run_dir / enabled[i - 1] / "checkpoints", ctx.reporter)
+        seed_everything(cfg.train.seed + 17 * (i + 1))
+        model = train_stage(ctx, name, model, resume)
+    if model is None:
+        raise RunError("no stage enabled: set stage1.enabled or stage2.enabled")
+    result = evaluate(ctx, model, cfg.eval.split)
+    result["wall_s"] = time.time() - t0
+    result["world"] = ctx.world
+    if ctx.rank == 0:
+        tmp = ctx.run_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, ctx.run_dir / "results.json")
+        ctx.reporter.results(result)
+    dist.barrier()
+    return result

@@ -1,0 +1,99 @@
+"""Progress and summaries on rank 0 with `rich`: a live bar (step, loss, clips/s, ETA) on a terminal,
+plain log lines every `log_every` steps otherwise (CI logs, Slurm output files), and result tables.
+Other ranks stay quiet.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+
+class Reporter:
+    def __init__(self, enabled: bool = True, log_every: int = 10):
+        from rich.console import Console
+        self.enabled = enabled
+        self.console = Console(stderr=False, highlight=False)
+        self.log_every = log_every
+        self.progress = None
+        self.history: list[dict] = []
+        self.stage_rows: list[list[str]] = []
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            self.console.print(f"[bold cyan]sclslt[/] {msg}")
+
+    def start_stage(self, name: str, total: int, start: int, global_batch: int, csv_path=None) -> None:
+        self.name, self.total, self.start_step, self.global_batch = name, total, start, global_batch
+        self.t0 = time.time()
+        self.csv_path, self.csv_header = csv_path, None
+        if not self.enabled:
+            return
+        if self.console.is_terminal and not os.environ.get("SCLSLT_PLAIN_LOG"):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                                     console=self.console, transient=False)
+            self.task = self.progress.add_task(name, total=total, completed=start, stats="")
+            self.progress.start()
+        self.info(f"{name}: {total} optimizer steps of {global_batch} clips (starting at {start})")
+
+    def step(self, step: int, values: dict, lr: float, epoch: int) -> None:
+        if not self.enabled:
+            return
+        row = {k: float(v) for k, v in values.items()}
+        row.update(step=step, lr=lr, epoch=epoch, stage=self.name)
+        self.history.append(row)
+        self._csv(row)
+        done = step - self.start_step
+        rate = done * self.global_batch / max(time.time() - self.t0, 1e-9)
+        stats = " ".join(f"{k} {row[k]:.4f}" for k in values) + f" lr {lr:.2e} {rate:.1f} clips/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, stats=stats)
+        elif step % self.log_every == 0 or step == self.total:
+            eta = (self.total - step) * (time.time() - self.t0) / max(done, 1)
+            self.console.print(f"{self.name} step {step}/{self.total} epoch {epoch} {stats} eta {eta:.0f}s")
+            self.console.file.flush()      # line by line in log files too
+
+    def _csv(self, row: dict) -> None:
+        """Append one row per step (a resumed stage appends to the same file)."""
+        if self.csv_path is None:
+            return
+        import csv
+        from pathlib import Path
+        path = Path(self.csv_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def end_stage(self, name: str, step: int) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.enabled:
+            wall = time.time() - self.t0
+            last = [r for r in self.history if r["stage"] == name][-1:] or [{}]
+            self.stage_rows.append([name, str(step), f"{wall:.1f}", f"{last[0].get('loss', float('nan')):.4f}"])
+            self.info(f"{name}: done at step {step} in {wall:.1f}s")
+
+    def results(self, result: dict) -> None:
+        if not self.enabled:
+            return
+        from rich.table import Table
+        t = Table(title="stages")
+        for c in ("stage", "steps", "wall s", "last loss"):
+            t.add_column(c)
+        for r in self.stage_rows:
+            t.add_row(*r)
+        self.console.print(t)
+        m, b = result["model"], result["trivial_baseline"]
+        t = Table(title=f"{result['split']} split ({m['n']} clips, beam {result['beam']})")
+        for c in ("system", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
+            t.add_column(c)
+        for label, r in (("model", m), ("trivial: most frequent train sentence", b)):
+            t.add_row(label, *(f"{r[k]:.2f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")))
+        self.console.print(t)
+        self.console.print(f"sacrebleu signature: {m['bleu_signature']}")

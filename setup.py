@@ -1,0 +1,32 @@
+"""sclslt: gloss-free sign language translation with Selective Contrastive Learning (SCL-SLT).
+
+`kernels/` installs as `sclslt_kernels` (a top-level `kernels` would clash with a PyPI package).
+torch is not pinned here: CPU machines install torch==2.13.0 through tools/setup_env.sh, GPU
+clusters keep their own CUDA build. deepspeed is pinned to the release our gradient-equality test
+passes with (ZeRO-2 has shipped releases with wrong gradients).
+"""
+from setuptools import setup
+
+setup(
+    name="sclslt",
+    version="0.1.0",
+    description="Distributed trainer for gloss-free SLT with Selective Contrastive Learning",
+    packages=["sclslt", "sclslt_kernels"],
+    package_dir={"sclslt": "sclslt", "sclslt_kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed==0.19.8",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "webdataset>=1.0,<2",
+        "sacrebleu>=2.4,<3",
+        "rich>=13",
+        "pyyaml>=6",
+        "numpy>=1.26",
+        "nvidia-ml-py>=12",
+        "triton>=3.8; platform_system == 'Linux'",
+    ],
+    extras_require={"test": ["pytest>=8", "rouge-score==0.1.2"]},
+)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny configs and a tiny synthetic corpus (sharded once per session)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY = {
+    "data": {"synthetic": {"n_train": 96, "n_dev": 16, "n_test": 16, "frame_size": 16, "n_templates": 40,
+                           "n_signers": 3},
+             "samples_per_shard": 20, "shuffle_buffer": 16},
+    "model": {"backbone_embedding": 8, "backbone_hidden": [8, 16], "backbone_depths": [1, 1], "d_model": 32,
+              "layers": 1, "heads": 2, "ffn": 64, "dropout": 0.0, "embed_dim": 16, "max_positions": 64},
+    "stage1": {"epochs": 1, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
+    "stage2": {"epochs": 1, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
+    "train": {"grad_clip": 0.5, "log_every": 1},
+    "eval": {"beam": 2, "max_len": 12, "batch_size": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = Path(os.environ.get("SCLSLT_TEST_CACHE", tmp_path_factory.mktemp("cache")))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg_dict(cache_dir) -> dict:
+    import copy
+    d = copy.deepcopy(TINY)
+    d["data"]["cache_dir"] = str(cache_dir)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_cfg_dict) -> Path:
+    from sclslt.config import from_dict
+    from sclslt.data import synthetic_shards_dir
+    return synthetic_shards_dir(from_dict(tiny_cfg_dict).data)

@@ -1,0 +1,50 @@
+import pytest
+import yaml
+
+from sclslt.config import ConfigError, Config, from_dict, load_config, parse_overrides, save_config, to_dict
+
+
+def test_defaults_validate_and_stage_defaults_differ():
+    cfg = Config().validate()
+    assert cfg.stage1.contrastive_weight > 0 and cfg.stage2.contrastive_weight == 0
+
+
+def test_file_then_dotted_overrides(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text(yaml.safe_dump({"train": {"max_steps": 7, "seed": 3}, "stage2": {"lr": 0.5}}))
+    cfg = load_config(f, ["--train.max_steps", "50", "--model.backbone_hidden=[4, 8]", "--stage1.enabled", "false"])
+    assert cfg.train.max_steps == 50 and cfg.train.seed == 3
+    assert cfg.stage2.lr == 0.5 and cfg.stage2.contrastive_weight == 0.0   # stage default kept under a partial section
+    assert cfg.model.backbone_hidden == [4, 8] and cfg.stage1.enabled is False
+
+
+@pytest.mark.parametrize("where", ["file", "cli"])
+def test_unknown_key_is_an_error_naming_it(tmp_path, where):
+    f = tmp_path / "exp.yaml"
+    f.write_text(yaml.safe_dump({"train": {"max_stpes": 1}} if where == "file" else {}))
+    ov = ["--data.synthetic.n_trian", "3"] if where == "cli" else []
+    with pytest.raises(ConfigError, match="n_trian" if where == "cli" else "train.max_stpes"):
+        load_config(f, ov)
+
+
+def test_type_errors_name_the_key():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        from_dict({"train": {"max_steps": "many"}})
+    with pytest.raises(ConfigError, match="stage1.enabled"):
+        from_dict({"stage1": {"enabled": "maybe"}})
+    with pytest.raises(ConfigError, match="model.similarity"):
+        from_dict({"model": {"similarity": "cosine"}})
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="dotted"):
+        parse_overrides(["--max_steps", "3"])
+    with pytest.raises(ConfigError, match="no value"):
+        parse_overrides(["--train.seed"])
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(None, ["--train.seed", "11", "--eval.beam", "3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
