@@ -85,6 +85,7 @@ class StageConfig:
     global_batch: int = 16        # clips per optimizer step summed over ranks (independent of world size)
     lr: float = 1e-4
     weight_decay: float = 0.01
+    adam_eps: float = 1e-8        # AdamW epsilon
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0     # cosine decays to lr * min_lr_ratio
     contrastive_weight: float = 1.0

@@ -114,9 +114,10 @@ def set_rng_state(st: dict) -> None:
 class Engine:
     """A DeepSpeed engine around one model and one optimizer/LR schedule."""
 
-    def __init__(self, model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, lr_lambda):
+    def __init__(self, model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, lr_lambda,
+                 eps: float = 1e-8):
         import deepspeed
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

@@ -65,7 +65,7 @@ def build_mbart(cfg: ModelConfig, tokenizer):
 class TemporalBlock(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.conv = nn.Conv1d(dim_in, dim_out, kernel_size=5, padding=2)
+        self.conv = nn.Conv1d(dim_in, dim_out, kernel_size=5, padding=2, bias=False)  # BN follows
         self.bn = nn.BatchNorm1d(dim_out)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):

@@ -124,7 +124,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
     precision = eng.resolve_precision(cfg.train.precision, ctx.dist["device"])
     ds_config = eng.build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision)
     engine = eng.Engine(model, ds_config, st.lr, st.weight_decay,
-                        lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio))
+                        lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio), eps=st.adam_eps)
 
     step, epoch, pos = 0, 0, 0
     if eng.latest_tag(ckpt_dir) is not None:

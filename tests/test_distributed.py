@@ -1,0 +1,165 @@
+"""Two CPU ranks through the real `deepspeed` launcher (ZeRO-2, gloo) against one plain-PyTorch process.
+
+The reference holds the whole global batch in one process: each rank's micro-batch is forwarded on
+its own (BatchNorm statistics are per micro-batch, as on the ranks), the contrastive loss of every
+rank's rows is taken against the concatenated columns, the translation loss is normalised by the
+global token count, and torch.optim.AdamW steps with the same clipping and LR schedule. Losses of
+every step and the parameters after both stages must agree: results may not depend on the number
+of ranks, and ZeRO-2 releases with wrong gradients would fail here. The run is then repeated as
+an interrupted run plus `--resume`, which must reproduce the same trajectory.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sclslt.config import load_config
+from sclslt.data import Collate, resolve_shards_dir
+from sclslt.engine import load_module_state, param_groups
+from sclslt.losses import symmetric_infonce, translation_loss_sum
+from sclslt.models import SLTModel
+from sclslt.text import load_tokenizer
+from sclslt.trainer import STAGES, forward, lr_lambda, seed_everything, set_trainable, train_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+STEPS = 8           # crosses an epoch boundary (6 global batches per epoch)
+
+
+@pytest.fixture(scope="module")
+def exp(tiny_cfg_dict, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
+    cfg["data"]["synthetic"]["n_train"] = 48
+    cfg["train"]["max_steps"] = STEPS
+    for st in ("stage1", "stage2"):
+        # Adam's eps well above fp32 noise: elements whose true gradient is ~0 (a dead GELU unit) would
+        # otherwise take +-lr steps decided by rounding noise, which differs with the summation order
+        cfg[st].update(epochs=2, adam_eps=1e-5)
+    cfg["checkpoint"] = {"every_steps": 3, "keep": 2}
+    path = d / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return d, path
+
+
+def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
+           "--master_port", str(port), "launch/train.py", "--deepspeed", "configs/zero2.json",
+           "--config", str(cfg_path), "--train.run_dir", str(run_dir), *extra]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(run_dir: Path, stage: str) -> list[dict]:
+    with open(run_dir / stage / "metrics.csv") as f:
+        return [{k: float(v) for k, v in r.items() if k != "stage"} for r in csv.DictReader(f)]
+
+
+def reference(cfg_path: Path, run_dir: Path, dtype=torch.float32) -> tuple[dict, dict]:
+    """Single process, plain torch.optim.AdamW, the same global batches: losses per stage and final params."""
+    cfg = load_config(cfg_path, ["--train.run_dir", str(run_dir)])
+    tok = load_tokenizer(run_dir / "tokenizer")
+    shards = resolve_shards_dir(cfg.data)
+    collate = Collate(tok)
+    seed_everything(cfg.train.seed)
+    model = SLTModel(cfg.model, tok).to(dtype).train()
+    losses, params = {}, {}
+    for i, name in enumerate(STAGES):
+        st = getattr(cfg, name)
+        if i > 0:
+            # like the product, stage 2 starts from stage 1's checkpoint: each stage is compared from the
+            # same start (max-pooling makes the gradient discontinuous, so 1e-5 differences at a stage's
+            # end can move a later stage's trajectory by much more than rounding)
+            model.load_state_dict(load_module_state(run_dir / STAGES[i - 1] / "checkpoints"))
+        set_trainable(model, st)
+        streams = [train_stream(cfg, name, shards, r, WORLD) for r in range(WORLD)]
+        per_epoch = len(streams[0])
+        opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr, betas=(0.9, 0.999), eps=st.adam_eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(st.epochs * per_epoch, st.warmup_steps,
+                                                                 st.min_lr_ratio))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        losses[name] = []
+        step, epoch = 0, 0
+        while step < min(cfg.train.max_steps, st.epochs * per_epoch):
+            for s in streams:
+                s.set_epoch(epoch)
+            for micro in zip(*streams):
+                batches = [collate(m) for m in micro]
+                outs = [forward(model, b, st) for b in batches]
+                loss = torch.zeros(())
+                if st.translation_weight > 0:
+                    n_tok = sum(int((b.labels != -100).sum()) for b in batches)
+                    ce = sum(translation_loss_sum(o["logits"], b.labels, st.label_smoothing)
+                             for o, b in zip(outs, batches)) / n_tok
+                    loss = loss + st.translation_weight * ce
+                if st.contrastive_weight > 0:
+                    V = torch.cat([o["video_emb"] for o in outs])
+                    T = torch.cat([o["text_emb"] for o in outs])
+                    ids = torch.cat([b.sentence_ids for b in batches])
+                    b = len(batches[0])
+                    nce = sum(symmetric_infonce(o["video_emb"], o["text_emb"], o["logit_scale"],
+                                                bt.sentence_ids, V, T, ids, r * b)
+                              for r, (o, bt) in enumerate(zip(outs, batches))) / WORLD
+                    loss = loss + st.contrastive_weight * nce
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+                opt.step()
+                sched.step()
+                losses[name].append(loss.item())
+                step += 1
+                if step >= cfg.train.max_steps:
+                    break
+            epoch += 1
+        params[name] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return losses, params
+
+
+def assert_params_close(ckpt_dir: Path, want: dict, what: str, tol: float = 2e-5) -> None:
+    got = load_module_state(ckpt_dir)
+    assert set(want) <= set(got), f"{what}: missing {set(want) - set(got)}"
+    worst = max((got[k] - v).abs().max().item() for k, v in want.items())
+    assert worst < tol, f"{what}: parameters differ by up to {worst:.2e}"
+
+
+def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
+    d, cfg_path = exp
+    run = d / "run"
+    launch(cfg_path, run, 29611)
+    ref_losses, ref_params = reference(cfg_path, run)
+    for name in STAGES:
+        got = [r["loss"] for r in metrics(run, name)]
+        assert len(got) == STEPS == len(ref_losses[name])
+        assert got == pytest.approx(ref_losses[name], rel=2e-5, abs=1e-6), name
+        assert_params_close(run / name / "checkpoints", ref_params[name], name)
+    assert ref_losses["stage1"][-1] < ref_losses["stage1"][0]      # it learns, it is not a constant
+
+    # the same run, interrupted after 3 steps of stage 1, then resumed and extended
+    part = d / "resumed"
+    launch(cfg_path, part, 29612, "--train.max_steps", "3", "--stage2.enabled", "false")
+    assert len(metrics(part, "stage1")) == 3 and not (part / "stage2").exists()
+    proc = launch(cfg_path, part, 29613, "--resume")
+    assert "resumed at step 3" in proc.stdout
+    for name in STAGES:
+        a, b = metrics(run, name), metrics(part, name)
+        assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+        assert [r["lr"] for r in b] == pytest.approx([r["lr"] for r in a], rel=1e-12)   # no LR jump
+        assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6), name
+        want = {k: v for k, v in load_module_state(run / name / "checkpoints").items()}
+        assert_params_close(part / name / "checkpoints", want, name + " (resumed)", tol=1e-6)
+
+    # a finished run is not silently overwritten
+    with pytest.raises(AssertionError, match="pass --resume"):
+        launch(cfg_path, run, 29614)
