@@ -2,9 +2,9 @@
 [--section.key value ...]`.
 
 With no experiment file it runs the embedded default (synthetic corpus, stage 1, stage 2,
-evaluation). Works under the `deepspeed` launcher, `mpirun` (mpi4py discovery), Slurm's srun,
-or as a single `python` process. On a machine without a GPU, DeepSpeed's CPU accelerator and gloo
-are selected automatically.
+evaluation). Runs under the `deepspeed` launcher (any number of ranks and nodes) or as a single
+`python` process. On a machine without a GPU, DeepSpeed's CPU accelerator and gloo are selected
+automatically.
 """
 from __future__ import annotations
 

@@ -125,10 +125,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the embedded default: sized to finish in minutes on 2 CPU cores (real recipes live in configs/)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(
-        epochs=4, lr=1e-3, warmup_steps=20))
+        epochs=8, lr=1e-3, warmup_steps=20))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(
-        epochs=4, lr=1e-3, warmup_steps=20, contrastive_weight=0.0))
+        epochs=12, lr=1e-3, warmup_steps=20, contrastive_weight=0.0))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

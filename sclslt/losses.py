@@ -24,13 +24,44 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+# torch >= 2.13 names these *_single; older releases (GPU clusters keep their own torch) *_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient for our rows.
+
+    Backward is a reduce-scatter (NCCL) or, where the backend has none (gloo), an all-reduce of the
+    gathered gradient followed by taking our slice: the same sum, b x d x world more bytes.
+    (torch.distributed.nn.functional.all_gather does this too but is deprecated.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world, ctx.b = dist.get_rank(), dist.get_world_size(), x.shape[0]
+        out = x.new_empty((ctx.world * ctx.b, *x.shape[1:]))
+        _all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            mine = grad.new_empty((ctx.b, *grad.shape[1:]))
+            _reduce_scatter_single(mine, grad)
+            return mine
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from all ranks along dim 0; gradients flow back to each rank's rows."""
+    """Concatenate `x` from all ranks along dim 0 (equal sizes); gradients flow back to each rank's rows."""
     rank, world = world_info()
     if world == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,11 @@ import time
 
 class Reporter:
     def __init__(self, enabled: bool = True, log_every: int = 10):
+        import sys
         from rich.console import Console
         self.enabled = enabled
-        self.console = Console(stderr=False, highlight=False)
+        # log files get unwrapped lines and 120-column tables (rich would assume 80 columns)
+        self.console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
         self.log_every = log_every
         self.progress = None
         self.history: list[dict] = []

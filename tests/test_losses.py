@@ -88,3 +88,46 @@ def test_translation_loss_sum_matches_manual_label_smoothing():
             lp = torch.log_softmax(logits[i, j].float(), -1)
             want += -(1 - eps) * lp[labels[i, j]] - eps * lp.mean()
     assert math.isclose(got.item(), float(want), rel_tol=1e-5)
+
+
+def _gloo_worker(rank, world, init_file, b, seed, out_file):
+    import torch.distributed as dist
+    from sclslt.losses import contrastive_loss
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(seed)
+    V = F.normalize(torch.randn(world * b, 6, generator=g, dtype=torch.float64), dim=-1)
+    T = F.normalize(torch.randn(world * b, 6, generator=g, dtype=torch.float64), dim=-1)
+    ids = torch.randint(0, b, (world * b,), generator=g)
+    v = V[rank * b:(rank + 1) * b].clone().requires_grad_()
+    t = T[rank * b:(rank + 1) * b].clone().requires_grad_()
+    s = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
+    loss = contrastive_loss(v, t, s, ids[rank * b:(rank + 1) * b])
+    loss.backward()
+    grads = torch.cat([v.grad, t.grad], 1)
+    every = [torch.empty_like(grads) for _ in range(world)]
+    dist.all_gather(every, grads)
+    losses = [torch.empty(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(losses, loss.detach().reshape(1))
+    scale_grad = s.grad.clone()
+    dist.all_reduce(scale_grad)
+    if rank == 0:
+        torch.save({"grads": torch.cat(every), "losses": torch.cat(losses), "scale_grad": scale_grad,
+                    "V": V, "T": T, "ids": ids}, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,b", [(2, 3), (3, 2)])
+def test_gathered_loss_across_gloo_ranks_equals_one_process(tmp_path, world, b):
+    """Each rank's rows against all ranks' columns; gradients summed over ranks = one big batch."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "out.pt"
+    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), b, 7 + world, str(out)), nprocs=world)
+    r = torch.load(out)
+    V, T = r["V"].clone().requires_grad_(), r["T"].clone().requires_grad_()
+    s = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
+    per_rank = [symmetric_infonce(V[i * b:(i + 1) * b], T[i * b:(i + 1) * b], s, r["ids"][i * b:(i + 1) * b],
+                                  V, T, r["ids"], i * b) for i in range(world)]
+    sum(per_rank).backward()
+    assert torch.allclose(r["losses"], torch.stack([p.detach() for p in per_rank]), atol=1e-12)
+    assert torch.allclose(r["grads"], torch.cat([V.grad, T.grad], 1), atol=1e-12)
+    assert torch.allclose(r["scale_grad"], s.grad, atol=1e-10)
