@@ -157,7 +157,7 @@ class Engine:
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
         torch.distributed.barrier()
         if self.rank == 0 and keep > 0:
-            tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+            tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir())   # tags are zero-padded step numbers
             for old in tags[:-keep]:
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
@@ -188,18 +188,13 @@ def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> di
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt_dir} (no 'latest' file)")
-    model_file = Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_dir}/{tag} lacks {model_file.name}")
+    d = Path(ckpt_dir) / tag
+    files = [d / "mp_rank_00_model_states.pt", d / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    model_file = next((f for f in files if f.is_file()), None)
+    if model_file is None:
+        raise FileNotFoundError(f"checkpoint {d} has no model states file (looked for {[f.name for f in files]})")
     states = torch.load(model_file, map_location="cpu", weights_only=False)
     zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-    if zero_stage == 3:
+    if zero_stage == 3:     # parameters live partitioned in the optimizer states: consolidate them
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-
-
-def client_state_of(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
-    tag = tag or latest_tag(ckpt_dir)
-    states = torch.load(Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)
-    return {k: states[k] for k in ("sclslt",) if k in states}

@@ -49,10 +49,10 @@ def exp(tiny_cfg_dict, tmp_path_factory):
     return d, path
 
 
-def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
+def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str, ds: str = "configs/zero2.json"):
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
-           "--master_port", str(port), "launch/train.py", "--deepspeed", "configs/zero2.json",
+           "--master_port", str(port), "launch/train.py", "--deepspeed", ds,
            "--config", str(cfg_path), "--train.run_dir", str(run_dir), *extra]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -66,9 +66,9 @@ def metrics(run_dir: Path, stage: str) -> list[dict]:
         return [{k: float(v) for k, v in r.items() if k != "stage"} for r in csv.DictReader(f)]
 
 
-def reference(cfg_path: Path, run_dir: Path, dtype=torch.float32) -> tuple[dict, dict]:
+def reference(cfg_path: Path, run_dir: Path, *overrides: str, dtype=torch.float32) -> tuple[dict, dict]:
     """Single process, plain torch.optim.AdamW, the same global batches: losses per stage and final params."""
-    cfg = load_config(cfg_path, ["--train.run_dir", str(run_dir)])
+    cfg = load_config(cfg_path, ["--train.run_dir", str(run_dir), *overrides])
     tok = load_tokenizer(run_dir / "tokenizer")
     shards = resolve_shards_dir(cfg.data)
     collate = Collate(tok)
@@ -77,6 +77,8 @@ def reference(cfg_path: Path, run_dir: Path, dtype=torch.float32) -> tuple[dict,
     losses, params = {}, {}
     for i, name in enumerate(STAGES):
         st = getattr(cfg, name)
+        if not st.enabled:
+            continue
         if i > 0:
             # like the product, stage 2 starts from stage 1's checkpoint: each stage is compared from the
             # same start (max-pooling makes the gradient discontinuous, so 1e-5 differences at a stage's
@@ -127,7 +129,8 @@ def reference(cfg_path: Path, run_dir: Path, dtype=torch.float32) -> tuple[dict,
     return losses, params
 
 
-def assert_params_close(ckpt_dir: Path, want: dict, what: str, tol: float = 2e-5) -> None:
+def assert_params_close(ckpt_dir: Path, want: dict, what: str, tol: float = 1e-4) -> None:
+    # tol: fp32 rounding amplified by Adam; a wrong gradient moves parameters by ~lr (3e-3) per step
     got = load_module_state(ckpt_dir)
     assert set(want) <= set(got), f"{what}: missing {set(want) - set(got)}"
     worst = max((got[k] - v).abs().max().item() for k, v in want.items())
@@ -163,3 +166,17 @@ def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
     # a finished run is not silently overwritten
     with pytest.raises(AssertionError, match="pass --resume"):
         launch(cfg_path, run, 29614)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_other_zero_stages_equal_one_process(exp, zero):
+    """ZeRO-1 and ZeRO-3 (parameters partitioned; weights consolidated through zero_to_fp32 for the
+    stage transfer; beam search with partitioned parameters) give the same trajectories as plain PyTorch."""
+    d, cfg_path = exp
+    run = d / f"zero{zero}"
+    launch(cfg_path, run, 29620 + zero, "--train.max_steps", "4", ds=f"configs/zero{zero}.json")
+    ref_losses, ref_params = reference(cfg_path, run, "--train.max_steps", "4")
+    for name in STAGES:
+        assert [r["loss"] for r in metrics(run, name)] == pytest.approx(ref_losses[name], rel=2e-5), name
+        assert_params_close(run / name / "checkpoints", ref_params[name], f"zero{zero} {name}")
+    assert (run / "results.json").is_file()
