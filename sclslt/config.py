@@ -71,7 +71,8 @@ class ModelConfig:
     dropout: float = 0.1
     max_positions: int = 256
     embed_dim: int = 64           # joint embedding size for the contrastive heads
-    similarity: str = "pooled"    # "pooled" (mean-pooled embeddings)
+    similarity: str = "pooled"    # "pooled" (mean-pooled embeddings) or "cico" (token-level, PAPER.md)
+    cico_tau: float = 0.07        # CiCo softmax temperature
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0       # clamp of the multiplier, as CLIP
     temporal_downsample: bool = True      # two [Conv1d k5, BN, ReLU, MaxPool 2] blocks (GFSLT-VLP)
@@ -134,8 +135,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        if self.model.similarity not in ("pooled",):
-            raise ConfigError(f"model.similarity={self.model.similarity!r}: use 'pooled'")
+        if self.model.similarity not in ("pooled", "cico"):
+            raise ConfigError(f"model.similarity={self.model.similarity!r}: use 'pooled' or 'cico'")
         if self.data.corpus not in ("synthetic", "shards"):
             raise ConfigError(f"data.corpus={self.data.corpus!r}: use 'synthetic' or 'shards'")
         if self.data.corpus == "shards" and not self.data.shards_dir:

@@ -4,7 +4,10 @@ Contrastive (CLIP-style): each rank scores its b local rows against all n = b x 
 columns (memory b x n, never n x n); the gather keeps the gradient (its backward reduce-scatters),
 so the gradient equals that of one process holding the whole global batch. A column whose
 sentence id equals the row's (other than the row's own positive) is a known false negative and
-is removed from the row's softmax. `sclslt_kernels.infonce` is that contract.
+is removed from the row's softmax. The similarity is either the dot product of pooled embeddings
+(`sclslt_kernels.infonce`, fused: no b x n matrix) or CiCo's token-level similarity
+(`sclslt_kernels.cico_similarity`, fused: no b x n x T x L tensor; the b x n logits are then
+materialised, which is small).
 
 Normalisation makes results independent of the number of ranks: DeepSpeed averages gradients
 over ranks, so every per-rank loss is scaled such that the mean over ranks equals the loss of the
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sclslt_kernels import infonce
+from sclslt_kernels import cico_similarity, infonce, masked_ce
 
 
 def world_info() -> tuple[int, int]:
@@ -81,19 +84,69 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def symmetric_infonce(v: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor, ids: torch.Tensor | None,
-                      V: torch.Tensor, T: torch.Tensor, all_ids: torch.Tensor | None, offset: int) -> torch.Tensor:
-    """(video->text + text->video) / 2 for local rows (v, t) against gathered columns (V, T)."""
-    return 0.5 * (infonce(v, T, logit_scale, offset, ids, all_ids) + infonce(t, V, logit_scale, offset, ids, all_ids))
+def all_reduce_max(x: int, device) -> int:
+    rank, world = world_info()
+    if world == 1:
+        return x
+    t = torch.tensor([x], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
-def contrastive_loss(v: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor,
-                     ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Distributed symmetric InfoNCE: gathers columns from all ranks (with gradient)."""
+def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad dim 1 (tokens) with zeros (False for masks) up to `length`."""
+    if x.shape[1] == length:
+        return x
+    pad = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
+    return torch.cat([x, pad], dim=1)
+
+
+def pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate token tensors of different lengths (what the gather yields, in one process)."""
+    length = max(p.shape[1] for p in parts)
+    return torch.cat([pad_tokens(p, length) for p in parts], dim=0)
+
+
+COLUMN_KEYS = {"pooled": ("video_emb", "text_emb"),
+               "cico": ("video_tokens", "video_mask", "text_tokens", "text_mask")}
+
+
+def gather_columns(out: dict, ids: torch.Tensor | None, similarity: str) -> dict:
+    """The columns every rank scores its rows against: all ranks' outputs, with gradient.
+
+    Token tensors (CiCo) are padded to the longest micro-batch of any rank first, so the gathered
+    result equals `pad_cat` of all ranks' outputs.
+    """
+    cols = {}
+    for key in COLUMN_KEYS[similarity]:
+        x = out[key]
+        if x.ndim >= 2 and similarity == "cico":
+            x = pad_tokens(x, all_reduce_max(x.shape[1], x.device))
+        cols[key] = gather_with_grad(x) if x.is_floating_point() else gather_nograd(x)
+    cols["ids"] = gather_nograd(ids) if ids is not None else None
+    return cols
+
+
+def contrastive_from_columns(out: dict, ids: torch.Tensor | None, cols: dict, offset: int,
+                             similarity: str, tau: float = 0.07) -> torch.Tensor:
+    """(video->text + text->video) / 2 for the local rows against the gathered columns."""
+    s = out["logit_scale"]
+    if similarity == "pooled":
+        return 0.5 * (infonce(out["video_emb"], cols["text_emb"], s, offset, ids, cols["ids"])
+                      + infonce(out["text_emb"], cols["video_emb"], s, offset, ids, cols["ids"]))
+    if similarity == "cico":
+        v2t = cico_similarity(out["video_tokens"], out["video_mask"], cols["text_tokens"], cols["text_mask"], tau)
+        t2v = cico_similarity(cols["video_tokens"], cols["video_mask"], out["text_tokens"], out["text_mask"], tau).t()
+        return 0.5 * (masked_ce(s * v2t, offset, ids, cols["ids"]) + masked_ce(s * t2v, offset, ids, cols["ids"]))
+    raise ValueError(f"similarity {similarity!r}: use 'pooled' or 'cico'")
+
+
+def contrastive_loss(out: dict, ids: torch.Tensor | None, similarity: str = "pooled", tau: float = 0.07):
+    """Distributed symmetric InfoNCE: local rows against columns gathered from all ranks."""
     rank, _ = world_info()
-    V, T = gather_with_grad(v), gather_with_grad(t)
-    all_ids = gather_nograd(ids) if ids is not None else None
-    return symmetric_infonce(v, t, logit_scale, ids, V, T, all_ids, rank * v.shape[0])
+    cols = gather_columns(out, ids, similarity)
+    b = out["video_emb" if similarity == "pooled" else "video_tokens"].shape[0]
+    return contrastive_from_columns(out, ids, cols, rank * b, similarity, tau)
 
 
 def translation_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:

@@ -123,13 +123,6 @@ class SLTModel(nn.Module):
         enc = self.s2s.model.encoder(inputs_embeds=h, attention_mask=mask.long()).last_hidden_state
         return enc, mask
 
-    def embed_video(self, enc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.video_proj(masked_mean(enc, mask)), dim=-1)
-
-    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.text_proj(masked_mean(h, attention_mask.bool())), dim=-1)
-
     def decode_logits(self, enc, mask, labels) -> torch.Tensor:
         from transformers.models.mbart.modeling_mbart import shift_tokens_right
         dec_in = shift_tokens_right(labels, self.s2s.config.pad_token_id)
@@ -145,8 +138,15 @@ class SLTModel(nn.Module):
         if translation:
             out["logits"] = self.decode_logits(enc, mask, labels)
         if contrastive:
-            out["video_emb"] = self.embed_video(enc, mask)
-            out["text_emb"] = self.embed_text(input_ids, attention_mask)
+            text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if self.cfg.similarity == "cico":      # token-level features for CiCo
+                out["video_tokens"] = F.normalize(self.video_proj(enc), dim=-1)
+                out["video_mask"] = mask
+                out["text_tokens"] = F.normalize(self.text_proj(text), dim=-1)
+                out["text_mask"] = attention_mask.bool()
+            else:
+                out["video_emb"] = F.normalize(self.video_proj(masked_mean(enc, mask)), dim=-1)
+                out["text_emb"] = F.normalize(self.text_proj(masked_mean(text, attention_mask.bool())), dim=-1)
             out["logit_scale"] = self.logit_scale()
         return out
 

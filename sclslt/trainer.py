@@ -69,7 +69,8 @@ def set_trainable(model: SLTModel, st: StageConfig) -> None:
         p.requires_grad_(not frozen)
 
 
-def step_loss(out: dict, batch, st: StageConfig, world: int) -> tuple[torch.Tensor, dict]:
+def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "pooled",
+              tau: float = 0.07) -> tuple[torch.Tensor, dict]:
     """This rank's share of the global-batch loss (the mean over ranks is the global loss)."""
     loss = torch.zeros((), device=batch.frames.device)
     parts = {}
@@ -80,7 +81,7 @@ def step_loss(out: dict, batch, st: StageConfig, world: int) -> tuple[torch.Tens
         loss = loss + st.translation_weight * tl
         parts["ce"] = tl.detach()
     if st.contrastive_weight > 0:
-        cl = contrastive_loss(out["video_emb"], out["text_emb"], out["logit_scale"], batch.sentence_ids)
+        cl = contrastive_loss(out, batch.sentence_ids, similarity, tau)
         loss = loss + st.contrastive_weight * cl
         parts["nce"] = cl.detach()
     return loss, parts
@@ -151,7 +152,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
         for batch in loader:
             batch = batch.to(engine.device)
             out = forward(engine, batch, st)
-            loss, parts = step_loss(out, batch, st, ctx.world)
+            loss, parts = step_loss(out, batch, st, ctx.world, cfg.model.similarity, cfg.model.cico_tau)
             engine.backward(loss)
             engine.step()
             step, pos = step + 1, pos + 1

@@ -1,11 +1,22 @@
-"""Shared fixtures: tiny configs and a tiny synthetic corpus (sharded once per session)."""
+"""Shared fixtures: tiny configs and a tiny synthetic corpus (sharded once per session).
+
+Without a GPU the whole session runs the Triton kernels in the interpreter (`TRITON_INTERPRET=1`,
+set here before anything imports sclslt_kernels; subprocesses inherit it), so the trainer's
+single-process and multi-rank paths exercise the kernels, not only their reference. With a GPU
+they run natively.
+"""
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
 
-import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

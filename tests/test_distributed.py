@@ -23,7 +23,7 @@ import yaml
 from sclslt.config import load_config
 from sclslt.data import Collate, resolve_shards_dir
 from sclslt.engine import load_module_state, param_groups
-from sclslt.losses import symmetric_infonce, translation_loss_sum
+from sclslt.losses import COLUMN_KEYS, contrastive_from_columns, pad_cat, translation_loss_sum
 from sclslt.models import SLTModel
 from sclslt.text import load_tokenizer
 from sclslt.trainer import STAGES, forward, lr_lambda, seed_everything, set_trainable, train_stream
@@ -106,12 +106,12 @@ def reference(cfg_path: Path, run_dir: Path, *overrides: str, dtype=torch.float3
                              for o, b in zip(outs, batches)) / n_tok
                     loss = loss + st.translation_weight * ce
                 if st.contrastive_weight > 0:
-                    V = torch.cat([o["video_emb"] for o in outs])
-                    T = torch.cat([o["text_emb"] for o in outs])
-                    ids = torch.cat([b.sentence_ids for b in batches])
+                    sim = cfg.model.similarity
+                    cat = torch.cat if sim == "pooled" else pad_cat
+                    cols = {k: cat([o[k] for o in outs]) for k in COLUMN_KEYS[sim]}
+                    cols["ids"] = torch.cat([b.sentence_ids for b in batches])
                     b = len(batches[0])
-                    nce = sum(symmetric_infonce(o["video_emb"], o["text_emb"], o["logit_scale"],
-                                                bt.sentence_ids, V, T, ids, r * b)
+                    nce = sum(contrastive_from_columns(o, bt.sentence_ids, cols, r * b, sim, cfg.model.cico_tau)
                               for r, (o, bt) in enumerate(zip(outs, batches))) / WORLD
                     loss = loss + st.contrastive_weight * nce
                 opt.zero_grad(set_to_none=True)
@@ -168,14 +168,16 @@ def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
         launch(cfg_path, run, 29614)
 
 
-@pytest.mark.parametrize("zero", [1, 3])
-def test_other_zero_stages_equal_one_process(exp, zero):
+@pytest.mark.parametrize("zero,similarity", [(1, "cico"), (3, "pooled")])
+def test_other_zero_stages_equal_one_process(exp, zero, similarity):
     """ZeRO-1 and ZeRO-3 (parameters partitioned; weights consolidated through zero_to_fp32 for the
-    stage transfer; beam search with partitioned parameters) give the same trajectories as plain PyTorch."""
+    stage transfer; beam search with partitioned parameters) give the same trajectories as plain PyTorch,
+    with CiCo similarity (token features gathered with padding) on one of them."""
     d, cfg_path = exp
     run = d / f"zero{zero}"
-    launch(cfg_path, run, 29620 + zero, "--train.max_steps", "4", ds=f"configs/zero{zero}.json")
-    ref_losses, ref_params = reference(cfg_path, run, "--train.max_steps", "4")
+    extra = ("--train.max_steps", "4", "--model.similarity", similarity)
+    launch(cfg_path, run, 29620 + zero, *extra, ds=f"configs/zero{zero}.json")
+    ref_losses, ref_params = reference(cfg_path, run, *extra)
     for name in STAGES:
         assert [r["loss"] for r in metrics(run, name)] == pytest.approx(ref_losses[name], rel=2e-5), name
         assert_params_close(run / name / "checkpoints", ref_params[name], f"zero{zero} {name}")

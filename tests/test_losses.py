@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sclslt.losses import symmetric_infonce, translation_loss_sum
+from sclslt.losses import contrastive_from_columns, pad_cat, translation_loss_sum
 from sclslt_kernels import infonce
 
 
@@ -68,7 +68,8 @@ def test_symmetric_is_mean_of_both_directions():
     t = F.normalize(torch.randn(6, 4, dtype=torch.float64), dim=-1)
     v_loc, t_loc = q, t[3:]
     V = torch.cat([k[:3], q])
-    got = symmetric_infonce(v_loc, t_loc, s, ids[3:], V, t, ids, 3)
+    out = {"video_emb": v_loc, "text_emb": t_loc, "logit_scale": s}
+    got = contrastive_from_columns(out, ids[3:], {"video_emb": V, "text_emb": t, "ids": ids}, 3, "pooled")
     want = 0.5 * (naive_infonce(v_loc, t, s, 3, ids[3:], ids) + naive_infonce(t_loc, V, s, 3, ids[3:], ids))
     assert torch.allclose(got, want)
 
@@ -90,44 +91,63 @@ def test_translation_loss_sum_matches_manual_label_smoothing():
     assert math.isclose(got.item(), float(want), rel_tol=1e-5)
 
 
-def _gloo_worker(rank, world, init_file, b, seed, out_file):
+def _outputs(world, b, seed, similarity):
+    """Every rank's contrastive outputs (token lengths differ per rank for CiCo)."""
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for r in range(world):
+        if similarity == "pooled":
+            o = {"video_emb": F.normalize(torch.randn(b, 6, generator=g, dtype=torch.float64), dim=-1),
+                 "text_emb": F.normalize(torch.randn(b, 6, generator=g, dtype=torch.float64), dim=-1)}
+        else:
+            tv, tl = 3 + r, 5 - r
+            o = {"video_tokens": F.normalize(torch.randn(b, tv, 6, generator=g, dtype=torch.float64), dim=-1),
+                 "video_mask": torch.rand(b, tv, generator=g) > 0.3,
+                 "text_tokens": F.normalize(torch.randn(b, tl, 6, generator=g, dtype=torch.float64), dim=-1),
+                 "text_mask": torch.rand(b, tl, generator=g) > 0.3}
+        outs.append(o)
+    ids = torch.randint(0, b, (world * b,), generator=g)
+    return outs, ids
+
+
+def _gloo_worker(rank, world, init_file, b, seed, similarity, out_file):
     import torch.distributed as dist
     from sclslt.losses import contrastive_loss
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(seed)
-    V = F.normalize(torch.randn(world * b, 6, generator=g, dtype=torch.float64), dim=-1)
-    T = F.normalize(torch.randn(world * b, 6, generator=g, dtype=torch.float64), dim=-1)
-    ids = torch.randint(0, b, (world * b,), generator=g)
-    v = V[rank * b:(rank + 1) * b].clone().requires_grad_()
-    t = T[rank * b:(rank + 1) * b].clone().requires_grad_()
-    s = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
-    loss = contrastive_loss(v, t, s, ids[rank * b:(rank + 1) * b])
+    outs, ids = _outputs(world, b, seed, similarity)
+    out = {k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in outs[rank].items()}
+    out["logit_scale"] = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
+    loss = contrastive_loss(out, ids[rank * b:(rank + 1) * b], similarity)
     loss.backward()
-    grads = torch.cat([v.grad, t.grad], 1)
-    every = [torch.empty_like(grads) for _ in range(world)]
-    dist.all_gather(every, grads)
-    losses = [torch.empty(1, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(losses, loss.detach().reshape(1))
-    scale_grad = s.grad.clone()
-    dist.all_reduce(scale_grad)
+    res = {"loss": loss.detach(), "scale_grad": out["logit_scale"].grad,
+           **{k: v.grad for k, v in out.items() if k != "logit_scale" and v.is_floating_point()}}
+    every = [None] * world
+    dist.all_gather_object(every, res)
     if rank == 0:
-        torch.save({"grads": torch.cat(every), "losses": torch.cat(losses), "scale_grad": scale_grad,
-                    "V": V, "T": T, "ids": ids}, out_file)
+        torch.save(every, out_file)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,b", [(2, 3), (3, 2)])
-def test_gathered_loss_across_gloo_ranks_equals_one_process(tmp_path, world, b):
+@pytest.mark.parametrize("world,b,similarity", [(2, 3, "pooled"), (3, 2, "pooled"), (2, 3, "cico")])
+def test_gathered_loss_across_gloo_ranks_equals_one_process(tmp_path, world, b, similarity):
     """Each rank's rows against all ranks' columns; gradients summed over ranks = one big batch."""
     import torch.multiprocessing as mp
     out = tmp_path / "out.pt"
-    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), b, 7 + world, str(out)), nprocs=world)
-    r = torch.load(out)
-    V, T = r["V"].clone().requires_grad_(), r["T"].clone().requires_grad_()
+    seed = 7 + world
+    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), b, seed, similarity, str(out)), nprocs=world)
+    got = torch.load(out, weights_only=False)
+    outs, ids = _outputs(world, b, seed, similarity)
     s = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
-    per_rank = [symmetric_infonce(V[i * b:(i + 1) * b], T[i * b:(i + 1) * b], s, r["ids"][i * b:(i + 1) * b],
-                                  V, T, r["ids"], i * b) for i in range(world)]
+    leaves = [{k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in o.items()} for o in outs]
+    cat = torch.cat if similarity == "pooled" else pad_cat
+    cols = {k: cat([o[k] for o in leaves]) for k in leaves[0]}
+    cols["ids"] = ids
+    per_rank = [contrastive_from_columns({**o, "logit_scale": s}, ids[r * b:(r + 1) * b], cols, r * b, similarity)
+                for r, o in enumerate(leaves)]
     sum(per_rank).backward()
-    assert torch.allclose(r["losses"], torch.stack([p.detach() for p in per_rank]), atol=1e-12)
-    assert torch.allclose(r["grads"], torch.cat([V.grad, T.grad], 1), atol=1e-12)
-    assert torch.allclose(r["scale_grad"], s.grad, atol=1e-10)
+    for r in range(world):
+        assert torch.allclose(got[r]["loss"], per_rank[r].detach(), atol=1e-12)
+        for k, v in leaves[r].items():
+            if v.is_floating_point():
+                assert torch.allclose(got[r][k], v.grad, atol=1e-12), (r, k)
+    assert torch.allclose(sum(g["scale_grad"] for g in got), s.grad, atol=1e-10)
