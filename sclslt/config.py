@@ -107,9 +107,21 @@ class TrainConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """How stage-1 global batches are built (Pair Selection, PAPER.md)."""
+    mode: str = "random"          # random | ps (reference table) | self (the job's own earlier embeddings)
+    table: str = ""               # ps: reference table made by tools/export_reference.py
+    schedule: str = "log"         # curriculum: easy | hard | linear | sqrt | log (quantile of Delta vs alpha)
+    log_base: float = 10.0        # b of the log schedule: q = log(1 + (b - 1) alpha) / log(b)
+    chunk: int = 1                # members each rank adds per round (1 = exact greedy)
+    self_interval: int = 1        # self: epochs between refreshes of the late table (early = stage start)
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 0          # 0: only at the end of each epoch
-    keep: int = 2                 # newest checkpoints kept per stage
+    keep: int = 2                 # newest step checkpoints kept per stage
+    every_epochs: int = 0         # >0: also keep an `epochNNNN` checkpoint every N epochs (reference runs)
 
 
 @dataclass
@@ -131,6 +143,7 @@ class Config:
         epochs=8, lr=1e-3, warmup_steps=20))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(
         epochs=12, lr=1e-3, warmup_steps=20, contrastive_weight=0.0))
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -141,6 +154,15 @@ class Config:
             raise ConfigError(f"data.corpus={self.data.corpus!r}: use 'synthetic' or 'shards'")
         if self.data.corpus == "shards" and not self.data.shards_dir:
             raise ConfigError("data.corpus=shards needs data.shards_dir (made by tools/shard_videos.py)")
+        sel = self.selection
+        if sel.mode not in ("random", "ps", "self"):
+            raise ConfigError(f"selection.mode={sel.mode!r}: use random, ps or self")
+        if sel.mode == "ps" and not sel.table:
+            raise ConfigError("selection.mode=ps needs selection.table (make one with tools/export_reference.py)")
+        if sel.schedule not in ("easy", "hard", "linear", "sqrt", "log"):
+            raise ConfigError(f"selection.schedule={sel.schedule!r}: use easy, hard, linear, sqrt or log")
+        if sel.chunk < 1 or sel.self_interval < 1 or sel.log_base <= 1:
+            raise ConfigError("selection.chunk and selection.self_interval must be >= 1, selection.log_base > 1")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.train.precision!r}: use auto, fp32, bf16 or fp16")
         for name in ("stage1", "stage2"):

@@ -144,6 +144,20 @@ def _rng_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+def rank_shards(manifest: dict, seed: int, epoch: int, rank: int, world: int) -> list[str]:
+    """The shards a rank reads in an epoch: the shard list shuffled per (seed, epoch), split by rank."""
+    names = [sh["name"] for sh in manifest["shards"]]
+    random.Random(_rng_seed(seed, epoch, 0)).shuffle(names)
+    return names[rank::world] or names[rank % len(names)::len(names)]
+
+
+def rank_pool_keys(manifest: dict, seed: int, epoch: int, rank: int, world: int) -> list[str]:
+    """The sample keys in a rank's shards this epoch (its Pair Selection candidate pool)."""
+    mine = set(rank_shards(manifest, seed, epoch, rank, world))
+    names = [sh["name"] for sh in manifest["shards"]]
+    return [s[0] for s in manifest["samples"] if names[s[1]] in mine]
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's micro-batches of one split (see the module docstring for the guarantees)."""
 
@@ -230,9 +244,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if batch and b in mine and b >= self.skip:
                 yield self._finish(batch)
             return
-        names = [sh["name"] for sh in self.manifest["shards"]]
-        random.Random(_rng_seed(self.seed, self.epoch, 0)).shuffle(names)
-        rank_names = names[self.rank::self.world] or names[self.rank % len(names)::len(names)]
+        rank_names = rank_shards(self.manifest, self.seed, self.epoch, self.rank, self.world)
         worker_names = rank_names[worker::n_workers]
         stream = self._samples(worker_names, worker)
         for b in mine:
@@ -252,3 +264,30 @@ def make_loader(stream: ShardStream, collate: Collate, num_workers: int = 0, pre
     if num_workers > 0:
         kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
     return torch.utils.data.DataLoader(stream, **kw)
+
+
+class PlannedStream(torch.utils.data.IterableDataset):
+    """A rank's planned micro-batches (lists of sample keys), read by random access from its shards.
+
+    The plan is made before the epoch (Pair Selection); workers take batches round-robin, so the
+    order does not depend on the number of workers; `skip` resumes mid-epoch.
+    """
+
+    def __init__(self, shards_dir, split: str, batches: list[list[str]], skip: int = 0, max_frames: int = 0):
+        from .shards import ShardIndex
+        self.index = ShardIndex(shards_dir, read_manifest(shards_dir, split))
+        self.batches, self.skip, self.max_frames = batches, skip, max_frames
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        for b in range(worker, len(self.batches), n_workers):
+            if b < self.skip:
+                continue
+            batch = [self.index.read(k) for k in self.batches[b]]
+            for s in batch:
+                s["frames"] = subsample_frames(s["frames"], self.max_frames)
+            yield batch

@@ -157,7 +157,8 @@ class Engine:
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
         torch.distributed.barrier()
         if self.rank == 0 and keep > 0:
-            tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir())   # tags are zero-padded step numbers
+            # rotation applies to step tags (zero-padded: sortable); epoch tags of reference runs stay
+            tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
             for old in tags[:-keep]:
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)

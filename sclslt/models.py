@@ -69,8 +69,10 @@ class TemporalBlock(nn.Module):
         self.bn = nn.BatchNorm1d(dim_out)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
-        # x (B, C, T), mask (B, T); zero padded steps so they do not leak into the convolution
-        x = F.relu(self.bn(self.conv(x * mask[:, None].to(x.dtype))))
+        # x (B, C, T), mask (B, T): padded steps are zeroed before the convolution and after the
+        # activation (>= 0), so they can reach neither a valid step's convolution nor its max-pool
+        m = mask[:, None].to(x.dtype)
+        x = F.relu(self.bn(self.conv(x * m))) * m
         x = F.max_pool1d(x, 2, ceil_mode=True)
         mask = F.max_pool1d(mask[:, None].float(), 2, ceil_mode=True)[:, 0] > 0
         return x, mask

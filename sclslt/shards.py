@@ -146,3 +146,47 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ShardError(f"{where}: bad json metadata ({e})") from e
         yield {"key": key, "frames": decode_frames(raw["frames.npy"], where), "meta": meta}
+
+
+class ShardIndex:
+    """Random access to samples by key: byte offsets of each member, from the tar headers.
+
+    Used where the sample order is planned (Pair Selection) rather than streamed: a rank reads
+    exactly the clips it was assigned, with one seek each. Indexes are built lazily per shard.
+    """
+
+    def __init__(self, shards_dir: str | Path, manifest: dict):
+        self.dir = Path(shards_dir)
+        names = [sh["name"] for sh in manifest["shards"]]
+        self.shard_of = {s[0]: names[s[1]] for s in manifest["samples"]}
+        self._members: dict[str, dict] = {}
+
+    def _index(self, name: str) -> dict:
+        if name not in self._members:
+            import tarfile
+            members = {}
+            with tarfile.open(self.dir / name) as tf:
+                for m in tf.getmembers():
+                    key, _, ext = m.name.partition(".")
+                    members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+            self._members[name] = members
+        return self._members[name]
+
+    def read(self, key: str) -> dict:
+        if key not in self.shard_of:
+            raise ShardError(f"sample {key!r} is not in the manifest of {self.dir}")
+        name = self.shard_of[key]
+        parts = self._index(name).get(key, {})
+        where = f"{self.dir / name}:{key}"
+        if "frames.npy" not in parts or "json" not in parts:
+            raise ShardError(f"{where}: sample lacks frames.npy or json")
+        with open(self.dir / name, "rb") as f:
+            f.seek(parts["frames.npy"][0])
+            frames = f.read(parts["frames.npy"][1])
+            f.seek(parts["json"][0])
+            meta = f.read(parts["json"][1])
+        try:
+            meta = json.loads(meta)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ShardError(f"{where}: bad json metadata ({e})") from e
+        return {"key": key, "frames": decode_frames(frames, where), "meta": meta}

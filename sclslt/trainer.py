@@ -28,10 +28,12 @@ import torch.distributed as dist
 
 from . import engine as eng
 from .config import Config, StageConfig, save_config, to_dict
-from .data import Collate, ShardStream, make_loader, resolve_shards_dir
+from .data import Collate, PlannedStream, ShardStream, make_loader, rank_pool_keys, resolve_shards_dir
 from .evaluate import compute_metrics, decode_loader, most_frequent_sentence
 from .losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from .models import SLTModel
+from .reference import embed_split
+from .selection import Planner, Table, load_snapshot, load_table, save_snapshot, table_from_snapshots
 from .shards import read_manifest
 from .text import load_tokenizer, train_tokenizer
 from .ui import Reporter
@@ -116,6 +118,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
     cfg, st = ctx.cfg, getattr(ctx.cfg, name)
     ckpt_dir = ctx.run_dir / name / "checkpoints"
     stream = train_stream(cfg, name, ctx.shards_dir, ctx.rank, ctx.world)
+    source = BatchSource(ctx, name, stream)
     per_epoch = len(stream)
     schedule_steps = st.epochs * per_epoch       # the LR schedule's length: max_steps only truncates it,
     total = schedule_steps                       # so a run extended with --resume follows the same curve
@@ -138,17 +141,21 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
         if step >= total:
             return engine.module
 
-    def save():
+    def save(tag: str | None = None):
         client = {"sclslt": {"stage": name, "step": step, "epoch": epoch, "batch_in_epoch": pos,
                              "config": to_dict(cfg), "world": ctx.world}}
-        engine.save(ckpt_dir, f"step{step:08d}", client, keep=cfg.checkpoint.keep)
+        engine.save(ckpt_dir, tag or f"step{step:08d}", client, keep=cfg.checkpoint.keep)
+
+    every_epochs = cfg.checkpoint.every_epochs
+    if every_epochs and step == 0:
+        save(f"epoch{0:04d}")          # the reference run's early view: the stage's starting point
 
     collate = Collate(ctx.tokenizer)
     engine.train()
     ctx.reporter.start_stage(name, total, step, st.global_batch, ctx.run_dir / name / "metrics.csv")
     while step < total and epoch < st.epochs:
-        stream.set_epoch(epoch, skip=pos)
-        loader = make_loader(stream, collate, cfg.data.num_workers, cfg.data.prefetch_factor)
+        loader = make_loader(source.epoch_stream(epoch, pos, engine.module), collate, cfg.data.num_workers,
+                             cfg.data.prefetch_factor)
         for batch in loader:
             batch = batch.to(engine.device)
             out = forward(engine, batch, st)
@@ -164,6 +171,8 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
                 break
         if pos >= per_epoch:
             epoch, pos = epoch + 1, 0
+            if every_epochs and epoch % every_epochs == 0:
+                save(f"epoch{epoch:04d}")
     save()
     ctx.reporter.end_stage(name, step)
     return engine.module
@@ -171,6 +180,71 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
 
 def stage_seed(cfg: Config, name: str) -> int:
     return cfg.train.seed * 1000 + STAGES.index(name)
+
+
+class BatchSource:
+    """Where a stage's micro-batches come from each epoch: streamed in shuffled order (random), or
+    planned by Pair Selection (ps: a reference table; self: embeddings the job takes of itself)."""
+
+    def __init__(self, ctx: Context, name: str, stream: ShardStream):
+        self.ctx, self.name, self.stream = ctx, name, stream
+        st: StageConfig = getattr(ctx.cfg, name)
+        sel = ctx.cfg.selection
+        self.mode = sel.mode if st.contrastive_weight > 0 else "random"
+        self.dir = ctx.run_dir / name / "selection"
+        self.planner = None
+        if self.mode == "ps":
+            self.table = load_table(sel.table)
+            ctx.reporter.info(f"{name}: Pair Selection from {sel.table} ({len(self.table.keys)} samples), "
+                              f"schedule {sel.schedule}, chunk {sel.chunk}")
+
+    def _planner(self, table: Table) -> Planner:
+        cfg, st = self.ctx.cfg, getattr(self.ctx.cfg, self.name)
+        return Planner(cfg.selection, table, st.global_batch // self.ctx.world, self.ctx.world,
+                       stage_seed(cfg, self.name))
+
+    def _self_table(self, epoch: int, model) -> Table | None:
+        """self mode: early = embeddings at the stage's start, late = the latest refresh (every
+        `selection.self_interval` epochs); saved in the run dir, so a resumed run reuses them."""
+        interval = self.ctx.cfg.selection.self_interval
+        early = self._snapshot("early", model, compute=epoch == 0)
+        late_epoch = (epoch // interval) * interval
+        if late_epoch == 0 or early is None:
+            return None                               # no late view yet: random batches this epoch
+        late = self._snapshot(f"epoch{late_epoch:04d}", model, compute=epoch == late_epoch)
+        return table_from_snapshots(early, late) if late is not None else None
+
+    def _snapshot(self, tag: str, model, compute: bool):
+        path = self.dir / f"{tag}.safetensors"
+        if path.is_file():
+            return load_snapshot(path)
+        if not compute:
+            return None
+        ctx = self.ctx
+        emb = embed_split(model, ctx.shards_dir, "train", ctx.tokenizer, ctx.dist["device"],
+                          ctx.cfg.eval.batch_size)
+        if ctx.rank == 0:
+            save_snapshot(path, emb)
+        dist.barrier()
+        return emb
+
+    def epoch_stream(self, epoch: int, skip: int, model):
+        ctx, st = self.ctx, getattr(self.ctx.cfg, self.name)
+        table = self.table if self.mode == "ps" else self._self_table(epoch, model) if self.mode == "self" else None
+        if table is None:
+            self.stream.set_epoch(epoch, skip=skip)
+            return self.stream
+        keys = rank_pool_keys(self.stream.manifest, self.stream.seed, epoch, ctx.rank, ctx.world)
+        planner = self._planner(table)
+        plan = planner.plan_epoch(table.rows(keys), ctx.rank, epoch, st.epochs, len(self.stream),
+                                  dist.all_gather_object)
+        ctx.reporter.info(f"{self.name} epoch {epoch}: planned {len(plan)} batches at quantile "
+                          f"{planner.quantile(epoch, st.epochs):.3f} ({planner.stats.rejected} re-picks, "
+                          f"{planner.stats.relaxed} duplicate sentences admitted)")
+        batches = [[table.keys[r] for r in mb] for mb in plan]
+        self.dir.mkdir(parents=True, exist_ok=True)      # the plan, for analysis and the tests
+        (self.dir / f"plan_e{epoch:04d}_r{ctx.rank:05d}.json").write_text(json.dumps(batches))
+        return PlannedStream(ctx.shards_dir, "train", batches, skip, ctx.cfg.data.max_frames)
 
 
 def train_stream(cfg: Config, name: str, shards_dir: Path, rank: int, world: int) -> ShardStream:

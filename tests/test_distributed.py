@@ -182,3 +182,65 @@ def test_other_zero_stages_equal_one_process(exp, zero, similarity):
         assert [r["loss"] for r in metrics(run, name)] == pytest.approx(ref_losses[name], rel=2e-5), name
         assert_params_close(run / name / "checkpoints", ref_params[name], f"zero{zero} {name}")
     assert (run / "results.json").is_file()
+
+
+def test_pair_selection_over_two_ranks_equals_one_planner(exp):
+    """Reference run with epoch checkpoints -> 2-rank table export -> 2-rank PS run whose global
+    batches equal the single-process planner's on the same pools; then the self-referenced mode."""
+    import json
+
+    from sclslt.data import rank_pool_keys
+    from sclslt.reference import embed_split, load_run_model
+    from sclslt.selection import Planner, load_table
+    from sclslt.shards import read_manifest
+    from sclslt.trainer import stage_seed
+
+    d, cfg_path = exp
+    ref = d / "ref"
+    launch(cfg_path, ref, 29631, "--stage2.enabled", "false", "--train.max_steps", "0",
+           "--checkpoint.every_epochs", "1")
+    tags = sorted(p.name for p in (ref / "stage1" / "checkpoints").iterdir() if p.name.startswith("epoch"))
+    assert tags == ["epoch0000", "epoch0001", "epoch0002"]
+
+    table_path = d / "ref.safetensors"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
+                    "--master_port", "29632", "tools/export_reference.py", "--run", str(ref), "--early", "epoch0000",
+                    "--late", "epoch0002", "--out", str(table_path)], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    table = load_table(table_path)
+    cfg = load_config(cfg_path, ["--train.run_dir", str(ref)])
+    shards = resolve_shards_dir(cfg.data)
+    manifest = read_manifest(shards, "train")
+    assert table.keys == [s[0] for s in manifest["samples"]]
+    # the exported late view is what the late checkpoint's model gives in one process
+    model, tok, _ = load_run_model(ref, ref / "stage1" / "checkpoints", "epoch0002")
+    one = embed_split(model, shards, "train", tok, "cpu")
+    assert torch.allclose(table.v1, one["video"].double(), atol=1e-5)
+    assert torch.allclose(table.t1, one["text"].double(), atol=1e-5)
+    assert not torch.allclose(table.v0, table.v1)
+
+    ps = d / "ps"
+    launch(cfg_path, ps, 29633, "--stage2.enabled", "false", "--train.max_steps", "0", "--selection.mode", "ps",
+           "--selection.table", str(table_path), "--selection.chunk", "2")
+    ps_cfg = load_config(cfg_path, ["--selection.mode", "ps", "--selection.table", str(table_path),
+                                    "--selection.chunk", "2"])
+    micro = ps_cfg.stage1.global_batch // WORLD
+    for epoch in range(ps_cfg.stage1.epochs):
+        pools = {r: table.rows(rank_pool_keys(manifest, stage_seed(ps_cfg, "stage1"), epoch, r, WORLD))
+                 for r in range(WORLD)}
+        want = Planner(ps_cfg.selection, table, micro, WORLD, stage_seed(ps_cfg, "stage1")).plan_epoch_local(
+            pools, epoch, ps_cfg.stage1.epochs, manifest["num_samples"] // ps_cfg.stage1.global_batch)
+        for r in range(WORLD):
+            got = json.loads((ps / "stage1" / "selection" / f"plan_e{epoch:04d}_r{r:05d}.json").read_text())
+            assert got == [[table.keys[i] for i in mb] for mb in want[r]], (epoch, r)
+    assert [r["step"] for r in metrics(ps, "stage1")] == list(range(1, 13))
+
+    selfrun = d / "self"
+    proc = launch(cfg_path, selfrun, 29634, "--stage2.enabled", "false", "--train.max_steps", "0",
+                  "--selection.mode", "self")
+    sel = selfrun / "stage1" / "selection"
+    assert (sel / "early.safetensors").is_file() and (sel / "epoch0001.safetensors").is_file()
+    assert not (sel / "plan_e0000_r00000.json").exists()          # no late view yet: random batches
+    assert (sel / "plan_e0001_r00001.json").is_file() and "planned" in proc.stdout

@@ -1,0 +1,88 @@
+"""Embedding passes over a split: reference tables for Pair Selection, retrieval metrics, trajectories.
+
+`embed_split` runs the model's pooled video and text heads over a split in eval mode; every rank
+embeds its own contiguous slice of the split (no clip is read twice) and the slices are gathered,
+so every rank ends with the whole split in split order. `load_run_model` rebuilds a run's model
+from its saved config and tokenizer and loads a checkpoint's weights (any ZeRO stage).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import Collate, ShardStream, make_loader
+from .models import SLTModel, masked_mean
+
+
+@torch.no_grad()
+def pooled_embeddings(model: SLTModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled, L2-normalised (video, text) embeddings of a batch, whatever the training similarity."""
+    enc, mask = model.encode_video(batch.frames, batch.frame_mask)
+    v = F.normalize(model.video_proj(masked_mean(enc, mask)), dim=-1)
+    h = model.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    t = F.normalize(model.text_proj(masked_mean(h, batch.attention_mask.bool())), dim=-1)
+    return v, t
+
+
+@torch.no_grad()
+def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batch_size: int = 64,
+                num_workers: int = 0) -> dict:
+    """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    was_training = model.training
+    model.eval()
+    stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world, train=False)
+    keys, sids, vs, ts = [], [], [], []
+    for batch in make_loader(stream, Collate(tokenizer), num_workers):
+        batch = batch.to(device)
+        v, t = pooled_embeddings(model, batch)
+        keys += batch.keys
+        sids.append(batch.sentence_ids.cpu())
+        vs.append(v.float().cpu())
+        ts.append(t.float().cpu())
+    mine = {"keys": keys, "sentence_ids": torch.cat(sids), "video": torch.cat(vs), "text": torch.cat(ts)}
+    model.train(was_training)
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {"keys": [k for p in parts for k in p["keys"]],
+            "sentence_ids": torch.cat([p["sentence_ids"] for p in parts]),
+            "video": torch.cat([p["video"] for p in parts]), "text": torch.cat([p["text"] for p in parts])}
+
+
+def retrieval_recall(video: torch.Tensor, text: torch.Tensor, sentence_ids: torch.Tensor,
+                     ks=(1, 5, 10), chunk: int = 4096) -> dict:
+    """video->text and text->video R@k (%); a retrieved item with the query's sentence is a hit
+    (identical sentences are not errors). Scored in row chunks: no N x N matrix at once."""
+    out = {}
+    for name, (q, c) in {"v2t": (video, text), "t2v": (text, video)}.items():
+        hits = {k: 0 for k in ks}
+        for start in range(0, len(q), chunk):
+            sims = q[start:start + chunk] @ c.t()
+            top = sims.topk(min(max(ks), c.shape[0]), dim=1).indices
+            same = sentence_ids[top] == sentence_ids[start:start + chunk, None]
+            for k in ks:
+                hits[k] += int(same[:, :k].any(1).sum())
+        out.update({f"{name}_r{k}": 100.0 * hits[k] / len(q) for k in ks})
+    return out
+
+
+def load_run_model(run_dir, ckpt_dir, tag: str | None = None):
+    """(model, tokenizer, config) of a run, with the weights of checkpoint `tag` (latest if None)."""
+    from .config import load_config
+    from .engine import load_module_state
+    from .text import load_tokenizer
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    tok = load_tokenizer(run_dir / "tokenizer")
+    model = SLTModel(cfg.model, tok)
+    state = load_module_state(ckpt_dir, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} does not match the run's model: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, tok, cfg

@@ -1,0 +1,282 @@
+"""Pair Selection: curriculum global batches from the similarity dynamics of negatives (PAPER.md).
+
+delta(i, j) = s_late(V_i, T_j) - s_early(V_i, T_j) from a reference table of pooled embeddings at an
+early and a late checkpoint; never stored N x N, computed on demand for the candidates against the
+members of the batch being built:
+    Delta(u; C) = sum_{c in C} delta(u, c) + delta(c, u)          (both directions: our choice)
+Low Delta = the pair's similarity fell during reference training (easy, stably separable);
+high Delta = it rose (hard, confusable). The curriculum takes candidates at the quantile
+q(alpha) of the sorted Delta, alpha = epoch / epochs, by schedule:
+    easy 0 | hard 1 | linear alpha | sqrt sqrt(alpha) | log log(1 + (b - 1) alpha) / log(b).
+
+One global pool across ranks (DESIGN.md): a rank's candidates are the samples of the shards it
+reads this epoch; the global batch is built jointly in rounds. Each round every rank (with quota
+left) scores its own candidates against the whole global batch so far, picks `chunk` of them at
+the quantile, and the picks are all-gathered as (table index, sentence id) - a few bytes per
+member; every rank holds the table, so embeddings need not travel and pixels never do. A pick
+whose sentence id equals an earlier member's (or an earlier pick of the same round, in rank order)
+is rejected and its rank picks again: known false negatives never enter a batch together unless a
+rank has nothing else left (then they are allowed, counted, and masked in the loss anyway).
+Round 0 seeds the batch with one random pick per rank.
+
+Every decision is a pure function of (seed, epoch, batch, rank, the table and the pools), computed
+in the main process before the epoch starts: the plan does not depend on the number of loader
+workers, and a resumed run re-plans the epoch and skips the batches it had done. `plan_epoch_local`
+runs the same rounds for all ranks in one process (the reference the distributed plan must equal).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SelectionConfig
+
+
+def curriculum_quantile(schedule: str, alpha: float, base: float = 10.0) -> float:
+    a = min(max(alpha, 0.0), 1.0)
+    if schedule == "easy":
+        return 0.0
+    if schedule == "hard":
+        return 1.0
+    if schedule == "linear":
+        return a
+    if schedule == "sqrt":
+        return math.sqrt(a)
+    if schedule == "log":
+        return math.log1p((base - 1) * a) / math.log(base)
+    raise ValueError(f"unknown curriculum schedule {schedule!r}")
+
+
+@dataclass
+class Table:
+    """Reference embeddings: rows aligned with `keys`; v0/t0 early, v1/t1 late (float64 for exact ties)."""
+    keys: list
+    sentence_ids: torch.Tensor      # (N,) long
+    v0: torch.Tensor
+    t0: torch.Tensor
+    v1: torch.Tensor
+    t1: torch.Tensor
+    index: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        for name in ("v0", "t0", "v1", "t1"):
+            setattr(self, name, getattr(self, name).to(torch.float64))
+
+    def rows(self, keys: list[str]) -> torch.Tensor:
+        missing = [k for k in keys if k not in self.index]
+        if missing:
+            raise KeyError(f"{len(missing)} training samples are not in the reference table "
+                           f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
+        return torch.tensor([self.index[k] for k in keys], dtype=torch.long)
+
+    def delta_sum(self, cand: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """sum over members c of delta(u, c) + delta(c, u), for each candidate u (table rows)."""
+        if len(members) == 0 or len(cand) == 0:
+            return torch.zeros(len(cand), dtype=torch.float64)
+        tm = self.t1[members].sum(0), self.t0[members].sum(0)
+        vm = self.v1[members].sum(0), self.v0[members].sum(0)
+        # sum_c (v1_u . t1_c - v0_u . t0_c) + (v1_c . t1_u - v0_c . t0_u)
+        return (self.v1[cand] @ tm[0] - self.v0[cand] @ tm[1]
+                + self.t1[cand] @ vm[0] - self.t0[cand] @ vm[1])
+
+
+def save_table(path, early: dict, late: dict, meta: dict) -> None:
+    """A reference table: two embedding passes (same samples) in one safetensors file."""
+    import json
+    import os
+    from safetensors.torch import save_file
+    if early["keys"] != late["keys"]:
+        raise ValueError("the early and late embedding passes cover different samples")
+    tensors = {"sentence_ids": early["sentence_ids"].long().contiguous(),
+               "v0": early["video"].float().contiguous(), "t0": early["text"].float().contiguous(),
+               "v1": late["video"].float().contiguous(), "t1": late["text"].float().contiguous()}
+    tmp = str(path) + ".tmp"
+    save_file(tensors, tmp, metadata={"keys": json.dumps(early["keys"]), "meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_table(path) -> Table:
+    import json
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    return Table(keys=json.loads(md["keys"]), sentence_ids=t["sentence_ids"], v0=t["v0"], t0=t["t0"],
+                 v1=t["v1"], t1=t["t1"])
+
+
+def save_snapshot(path, emb: dict) -> None:
+    """One embedding pass (keys, sentence ids, pooled video/text) as safetensors."""
+    import json
+    import os
+    from pathlib import Path
+    from safetensors.torch import save_file
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path) + ".tmp"
+    save_file({"sentence_ids": emb["sentence_ids"].long().contiguous(), "video": emb["video"].float().contiguous(),
+               "text": emb["text"].float().contiguous()}, tmp, metadata={"keys": json.dumps(emb["keys"])})
+    os.replace(tmp, path)
+
+
+def load_snapshot(path) -> dict:
+    import json
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        out = {k: f.get_tensor(k) for k in f.keys()}
+        out["keys"] = json.loads(f.metadata()["keys"])
+    return out
+
+
+def table_from_snapshots(early: dict, late: dict) -> Table:
+    if early["keys"] != late["keys"]:
+        raise ValueError("the early and late embedding passes cover different samples")
+    return Table(keys=list(early["keys"]), sentence_ids=early["sentence_ids"], v0=early["video"], t0=early["text"],
+                 v1=late["video"], t1=late["text"])
+
+
+@dataclass
+class PlanStats:
+    relaxed: int = 0                 # members admitted despite a duplicate sentence id (nothing else left)
+    rejected: int = 0                # picks rejected for a duplicate sentence id and re-picked
+    rounds: int = 0
+
+
+class RankPool:
+    """One rank's candidates for an epoch (table rows), with per-epoch use and cycling."""
+
+    def __init__(self, rows: torch.Tensor, table: Table, seed_parts: tuple):
+        self.rows = rows
+        self.table = table
+        self.sids = table.sentence_ids[rows]
+        self.used = torch.zeros(len(rows), dtype=torch.bool)
+        self.cycles = 0
+        self.seed_parts = seed_parts
+
+    def available(self, member_rows: list) -> torch.Tensor:
+        """Unused candidates not already in the batch; when none is left the pool starts over (a rank
+        with fewer samples than its share reuses its own, as in random mode)."""
+        in_batch = (torch.isin(self.rows, torch.tensor(member_rows, dtype=torch.long)) if member_rows
+                    else torch.zeros(len(self.rows), dtype=torch.bool))
+        avail = ~self.used & ~in_batch
+        if not bool(avail.any()):
+            self.used.zero_()
+            self.cycles += 1
+            avail = ~in_batch
+        return avail
+
+    def pick(self, k: int, member_rows: list, member_sids: set, q: float, batch_no: int,
+             round_no: int, blocked: set) -> tuple[list[int], bool]:
+        """Up to k positions in this pool (round 0 random, later at quantile q of Delta), and whether
+        they had to be duplicates of members' sentences (nothing else left: relaxed)."""
+        avail = self.available(member_rows)
+        free = avail.clone()
+        if blocked:                       # rejected this batch for a clash; back only if nothing else
+            free[torch.tensor(sorted(blocked), dtype=torch.long)] = False
+        if not bool(free.any()):
+            free = avail
+        ok = free
+        if member_sids:
+            ok = free & ~torch.isin(self.sids, torch.tensor(sorted(member_sids), dtype=torch.long))
+        relaxed = not bool(ok.any())
+        cand = (free if relaxed else ok).nonzero().flatten()
+        if len(cand) == 0:
+            return [], relaxed
+        if not member_rows:                                  # seed: random
+            g = torch.Generator().manual_seed(hash_seed(*self.seed_parts, batch_no, round_no))
+            order = cand[torch.randperm(len(cand), generator=g)]
+        else:
+            delta = self.table.delta_sum(self.rows[cand], torch.tensor(member_rows, dtype=torch.long))
+            by_delta = torch.argsort(delta, stable=True)     # ascending: easy first; ties in pool order
+            dist = (torch.arange(len(cand), dtype=torch.float64) - q * (len(cand) - 1)).abs()
+            order = cand[by_delta[torch.argsort(dist, stable=True)]]   # nearest the quantile first
+        picked, sids = [], set()
+        for pos in order.tolist():
+            sid = int(self.sids[pos])
+            if sid in sids and not relaxed:
+                continue                                     # no two same sentences within one pick
+            picked.append(pos)
+            sids.add(sid)
+            if len(picked) == k:
+                break
+        return picked, relaxed
+
+
+def hash_seed(*parts: int) -> int:
+    import numpy as np
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class Planner:
+    """Builds an epoch of global batches; `gather(picks)` exchanges one round's picks across ranks."""
+
+    def __init__(self, cfg: SelectionConfig, table: Table, micro: int, world: int, seed: int):
+        self.cfg, self.table, self.micro, self.world, self.seed = cfg, table, micro, world, seed
+        self.stats = PlanStats()
+
+    def quantile(self, epoch: int, epochs: int) -> float:
+        return curriculum_quantile(self.cfg.schedule, epoch / max(1, epochs), self.cfg.log_base)
+
+    def _run(self, pools: dict[int, RankPool], n_batches: int, q: float, gather) -> dict[int, list]:
+        """The rounds for the ranks in `pools` (all of them, or this rank's alone with a real gather)."""
+        plans = {r: [] for r in pools}
+        for batch_no in range(n_batches):
+            member_rows: list[int] = []
+            member_sids: set[int] = set()
+            mine = {r: [] for r in pools}
+            quota = {r: self.micro for r in range(self.world)}
+            blocked = {r: set() for r in pools}
+            round_no = 0
+            while any(quota.values()):
+                k_round = 1 if round_no == 0 else self.cfg.chunk
+                proposals = {}
+                for r, pool in pools.items():
+                    k = min(k_round, quota[r])
+                    picked, relaxed = pool.pick(k, member_rows, member_sids, q, batch_no, round_no,
+                                                blocked[r]) if k else ([], False)
+                    proposals[r] = [(int(pool.rows[p]), int(pool.sids[p]), p, relaxed) for p in picked]
+                everyone = gather(proposals)
+                if not any(everyone[r] for r in range(self.world)):
+                    raise RuntimeError(f"Pair Selection: no rank could offer a candidate in batch {batch_no} "
+                                       f"(quotas {quota}): pools too small for the global batch")
+                for r in range(self.world):                   # rank order: the same verdicts everywhere
+                    for row, sid, pos, relaxed in everyone[r]:
+                        if sid in member_sids and not relaxed:
+                            self.stats.rejected += 1          # a same-round clash: the rank picks again
+                            if r in pools:
+                                blocked[r].add(pos)
+                            continue
+                        self.stats.relaxed += int(sid in member_sids)
+                        member_rows.append(row)
+                        member_sids.add(sid)
+                        quota[r] -= 1
+                        if r in pools:
+                            pools[r].used[pos] = True
+                            mine[r].append(row)
+                round_no += 1
+            self.stats.rounds += round_no
+            for r in pools:
+                plans[r].append(mine[r])
+        return plans
+
+    def _pools(self, rank_rows: dict[int, torch.Tensor], epoch: int) -> dict[int, RankPool]:
+        return {r: RankPool(rows, self.table, (self.seed, epoch, r)) for r, rows in rank_rows.items()}
+
+    def plan_epoch(self, rows: torch.Tensor, rank: int, epoch: int, epochs: int, n_batches: int,
+                   all_gather_object) -> list[list[int]]:
+        """This rank's micro-batches (table rows) for the epoch, planned jointly with the other ranks."""
+        pools = self._pools({rank: rows}, epoch)
+
+        def gather(local: dict) -> dict:
+            out = [None] * self.world
+            all_gather_object(out, local[rank])
+            return dict(enumerate(out))
+        return self._run(pools, n_batches, self.quantile(epoch, epochs), gather)[rank]
+
+    def plan_epoch_local(self, rank_rows: dict[int, torch.Tensor], epoch: int, epochs: int,
+                         n_batches: int) -> dict[int, list[list[int]]]:
+        """All ranks' plans in one process: the reference for the distributed planner."""
+        return self._run(self._pools(rank_rows, epoch), n_batches, self.quantile(epoch, epochs), lambda x: x)

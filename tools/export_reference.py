@@ -1,0 +1,64 @@
+"""Export a Pair Selection reference table from two checkpoints of a reference run.
+
+Every rank embeds its own slice of the training split (pooled video and text embeddings at the
+early and the late checkpoint); rank 0 writes one safetensors file with the sample keys and
+sentence ids. Use it as `selection.table` with `selection.mode: ps`.
+
+  python tools/export_reference.py --run runs/ref --early epoch0000 --late epoch0005 --out ref.safetensors
+  deepspeed --num_gpus 8 tools/export_reference.py --run runs/ref --early epoch0000 --late epoch0005 --out ref.safetensors
+
+Checkpoint tags are the directory names under <run>/<stage>/checkpoints (a reference run saves
+`epochNNNN` tags every `checkpoint.every_epochs` epochs, `epoch0000` being the stage's start).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, type=Path, help="the reference run directory")
+    p.add_argument("--early", required=True, help="checkpoint tag of the early view (e.g. epoch0000)")
+    p.add_argument("--late", required=True, help="checkpoint tag of the late view (e.g. epoch0005)")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    p.add_argument("--stage", default="stage1")
+    p.add_argument("--split", default="train")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    from sclslt.engine import init_distributed
+    d = init_distributed()
+    import torch.distributed as dist
+    from sclslt.data import resolve_shards_dir
+    from sclslt.reference import embed_split, load_run_model
+    from sclslt.selection import save_table
+
+    ckpt = args.run / args.stage / "checkpoints"
+    views = {}
+    for name, tag in (("early", args.early), ("late", args.late)):
+        if not (ckpt / tag).is_dir():
+            have = sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else []
+            print(f"error: no checkpoint {tag!r} under {ckpt} (have {have})", file=sys.stderr)
+            return 2
+        model, tok, cfg = load_run_model(args.run, ckpt, tag)
+        model.to(d["device"])
+        views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d["device"], args.batch_size)
+    if d["rank"] == 0:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        save_table(args.out, views["early"], views["late"],
+                   {"run": str(args.run), "stage": args.stage, "early": args.early, "late": args.late,
+                    "split": args.split})
+        print(f"wrote {args.out}: {len(views['early']['keys'])} samples, "
+              f"dim {views['early']['video'].shape[1]}")
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
