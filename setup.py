@@ -26,6 +26,7 @@ setup(
         "pyyaml>=6",
         "numpy>=1.26",
         "nvidia-ml-py>=12",
+        "matplotlib>=3.7",
         "triton>=3.8; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest>=8", "rouge-score==0.1.2"]},

@@ -131,6 +131,7 @@ class EvalConfig:
     max_len: int = 40
     batch_size: int = 32
     bleu_tokenize: str = "13a"    # sacrebleu tokenizer: 13a (de/en), zh or char (Chinese)
+    retrieval_split: str = "dev"  # video<->text R@1/5/10 after the contrastive stage (same sentence = hit)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .data import Collate, PlannedStream, ShardStream, make_loader, rank_pool_ke
 from .evaluate import compute_metrics, decode_loader, most_frequent_sentence
 from .losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from .models import SLTModel
-from .reference import embed_split
+from .reference import embed_split, retrieval_recall
 from .selection import Planner, Table, load_snapshot, load_table, save_snapshot, table_from_snapshots
 from .shards import read_manifest
 from .text import load_tokenizer, train_tokenizer
@@ -329,6 +329,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     ctx = prepare({"cfg": cfg, "ds_config": ds_config})
     t0 = time.time()
     model = None
+    retrieval = {}
     enabled = [s for s in STAGES if getattr(cfg, s).enabled and getattr(cfg, s).epochs > 0]
     for i, name in enumerate(enabled):
         model = build_model(ctx)
@@ -336,9 +337,17 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
             transfer_weights(model, ctx.run_dir / enabled[i - 1] / "checkpoints", ctx.reporter)
         seed_everything(cfg.train.seed + 17 * (i + 1))
         model = train_stage(ctx, name, model, resume)
+        if getattr(cfg, name).contrastive_weight > 0:      # the contrastive stage's own measure
+            emb = embed_split(model, ctx.shards_dir, cfg.eval.retrieval_split, ctx.tokenizer, ctx.dist["device"],
+                              cfg.eval.batch_size)
+            retrieval[name] = {"split": cfg.eval.retrieval_split,
+                               **retrieval_recall(emb["video"], emb["text"], emb["sentence_ids"])}
+            ctx.reporter.info(f"{name} {cfg.eval.retrieval_split} retrieval: " + " ".join(
+                f"{k} {v:.1f}" for k, v in retrieval[name].items() if k != "split"))
     if model is None:
         raise RunError("no stage enabled: set stage1.enabled or stage2.enabled")
     result = evaluate(ctx, model, cfg.eval.split)
+    result["retrieval"] = retrieval
     result["wall_s"] = time.time() - t0
     result["world"] = ctx.world
     if ctx.rank == 0:
