@@ -61,8 +61,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a che
 from sclslt.config import SelectionConfig  # noqa: E402
 from sclslt.selection import Planner, Table  # noqa: E402
 
-KEYS = ("n", "batch", "world", "chunk")
-
 
 def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
