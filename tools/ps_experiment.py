@@ -53,6 +53,53 @@ def train(args, run: Path, seed: int, port: int, *extra: str) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
+def near_duplicate(a: str, b: str) -> bool:
+    wa, wb = a.split(), b.split()
+    return len(wa) == len(wb) and sum(x != y for x, y in zip(wa, wb)) == 1
+
+
+def batch_analysis(run: Path, table_path: Path) -> list[dict]:
+    """Per epoch of a planned run: mean pairwise delta of its batches, and how many member pairs are
+    exact / near-duplicate sentences (one word apart), against random batches of the same samples."""
+    import itertools
+
+    import torch
+
+    from sclslt.selection import load_table
+    table = load_table(table_path)
+    from sclslt.config import load_config
+    from sclslt.data import resolve_shards_dir
+    from sclslt.shards import read_manifest
+    cfg = load_config(run / "config.yaml")
+    texts = {s[0]: s[4] for s in read_manifest(resolve_shards_dir(cfg.data), "train")["samples"]}
+    out = []
+    for plan_file in sorted((run / "stage1" / "selection").glob("plan_e*_r00000.json")):
+        epoch = int(plan_file.name[6:10])
+        ranks = sorted((run / "stage1" / "selection").glob(f"plan_e{epoch:04d}_r*.json"))
+        plans = [json.loads(f.read_text()) for f in ranks]
+        batches = [sum((p[b] for p in plans), []) for b in range(len(plans[0]))]
+        gen = torch.Generator().manual_seed(epoch)
+        flat = [k for b in batches for k in b]
+        perm = [flat[i] for i in torch.randperm(len(flat), generator=gen).tolist()]
+        shuffled = [perm[i:i + len(batches[0])] for i in range(0, len(perm), len(batches[0]))]
+
+        def stats(bs):
+            d, exact, near, pairs = 0.0, 0, 0, 0
+            for b in bs:
+                rows = table.rows(b)
+                v1, v0, t1, t0 = table.v1[rows], table.v0[rows], table.t1[rows], table.t0[rows]
+                delta = v1 @ t1.t() - v0 @ t0.t()
+                d += float(delta.sum() - delta.diagonal().sum())
+                for x, y in itertools.combinations(b, 2):
+                    exact += texts[x] == texts[y]
+                    near += near_duplicate(texts[x], texts[y])
+                    pairs += 1
+            n_neg = sum(len(b) * (len(b) - 1) for b in bs)
+            return {"mean_delta": d / n_neg, "exact_dup_pairs": exact / pairs, "near_dup_pairs": near / pairs}
+        out.append({"epoch": epoch, "planned": stats(batches), "random_same_samples": stats(shuffled)})
+    return out
+
+
 def summary(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
@@ -98,12 +145,15 @@ def main(argv=None) -> int:
                   "test_bleu4": summary([r["model"]["bleu4"] for r in res]),
                   "test_rouge_l": summary([r["model"]["rouge_l"] for r in res])}
             for arm, res in per_arm.items()}
+    first = args.out / f"seed{args.seeds[0]}"
+    analysis = batch_analysis(first / "ps", first / "reference.safetensors")
     cmd = "python tools/ps_experiment.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     out = {"command": cmd, "seeds": args.seeds, "config": str(args.config), "arms": rows, "trajectories": report,
+           "ps_batches_seed0": analysis,
            "bleu_signature": per_arm["random"][0]["model"]["bleu_signature"]}
     (args.out / "results.json").write_text(json.dumps(out, indent=2))
 
-    lines = [f"# Pair Selection on the synthetic corpus", "", f"Command: `{cmd}` (config `{args.config.name}`, "
+    lines = ["# Pair Selection on the synthetic corpus", "", f"Command: `{cmd}` (config `{args.config.name}`, "
              f"seeds {args.seeds}, reference interval {args.interval} epochs).", "",
              "| arm | dev v->t R@1 | dev t->v R@1 | test BLEU-4 | test ROUGE-L |", "|---|---|---|---|---|"]
     for arm, r in rows.items():
@@ -113,6 +163,14 @@ def main(argv=None) -> int:
     if report:
         lines += ["", "Trajectory analysis of the seed-{} reference run: ".format(args.seeds[0]) + ", ".join(
             f"{k} {v:.1%}" for k, v in report.get("fractions", {}).items())]
+    lines += ["", f"Batches the ps arm planned (seed {args.seeds[0]}) vs random batches of the same samples:", "",
+              "| epoch | mean delta (ps / random) | exact-duplicate pairs | near-duplicate pairs (1 word) |",
+              "|---|---|---|---|"]
+    for a in analysis:
+        p_, r_ = a["planned"], a["random_same_samples"]
+        lines.append(f"| {a['epoch']} | {p_['mean_delta']:.4f} / {r_['mean_delta']:.4f} | "
+                     f"{p_['exact_dup_pairs']:.2%} / {r_['exact_dup_pairs']:.2%} | "
+                     f"{p_['near_dup_pairs']:.2%} / {r_['near_dup_pairs']:.2%} |")
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
