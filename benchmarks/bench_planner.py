@@ -83,7 +83,7 @@ def mem_available() -> int | None:
 
 
 def table_bytes(n: int, dim: int) -> int:
-    """Four float64 (n, dim) matrices; a round's delta_sum gathers as much again for the candidates."""
+    """Four float64 (n, dim) matrices, and as much again for the pools' contiguous (P, 4 dim) copies."""
     return 4 * n * dim * 8
 
 

@@ -73,15 +73,11 @@ class Table:
                            f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
         return torch.tensor([self.index[k] for k in keys], dtype=torch.long)
 
-    def delta_sum(self, cand: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        """sum over members c of delta(u, c) + delta(c, u), for each candidate u (table rows)."""
-        if len(members) == 0 or len(cand) == 0:
-            return torch.zeros(len(cand), dtype=torch.float64)
-        tm = self.t1[members].sum(0), self.t0[members].sum(0)
-        vm = self.v1[members].sum(0), self.v0[members].sum(0)
-        # sum_c (v1_u . t1_c - v0_u . t0_c) + (v1_c . t1_u - v0_c . t0_u)
-        return (self.v1[cand] @ tm[0] - self.v0[cand] @ tm[1]
-                + self.t1[cand] @ vm[0] - self.t0[cand] @ vm[1])
+    def member_sums(self, members: list[int]) -> torch.Tensor:
+        """[sum t1_c, sum t0_c, sum v1_c, sum v0_c] over the members: Delta's batch side."""
+        m = torch.tensor(members, dtype=torch.long)
+        return torch.cat([self.t1[m].sum(0), self.t0[m].sum(0), self.v1[m].sum(0), self.v0[m].sum(0)])
+
 
 
 def save_table(path, early: dict, late: dict, meta: dict) -> None:
@@ -152,6 +148,9 @@ class RankPool:
         self.rows = rows
         self.table = table
         self.sids = table.sentence_ids[rows]
+        # Delta(u; C) = [v1_u, -v0_u, t1_u, -t0_u] . [sum t1_c, sum t0_c, sum v1_c, sum v0_c]: the pool's
+        # side is gathered once per epoch, contiguous; a round is one matrix-vector product
+        self.feat = torch.cat([table.v1[rows], -table.v0[rows], table.t1[rows], -table.t0[rows]], dim=1)
         self.used = torch.zeros(len(rows), dtype=torch.bool)
         self.cycles = 0
         self.seed_parts = seed_parts
@@ -189,7 +188,7 @@ class RankPool:
             g = torch.Generator().manual_seed(hash_seed(*self.seed_parts, batch_no, round_no))
             order = cand[torch.randperm(len(cand), generator=g)]
         else:
-            delta = self.table.delta_sum(self.rows[cand], torch.tensor(member_rows, dtype=torch.long))
+            delta = (self.feat @ self.table.member_sums(member_rows))[cand]
             by_delta = torch.argsort(delta, stable=True)     # ascending: easy first; ties in pool order
             dist = (torch.arange(len(cand), dtype=torch.float64) - q * (len(cand) - 1)).abs()
             order = cand[by_delta[torch.argsort(dist, stable=True)]]   # nearest the quantile first
