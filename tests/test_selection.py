@@ -125,3 +125,19 @@ def test_table_round_trip(tmp_path):
     assert torch.allclose(u.v1, t.v1.float().double())
     with pytest.raises(KeyError, match="not in the reference table"):
         u.rows(["k0001", "nope"])
+
+
+def test_frequent_sentences_are_spread_over_the_epoch_not_piled_at_its_end():
+    """Zipf-like copies: sentence 0 has as many copies as the epoch has batches. Keeping identical
+    sentences apart must not defer them to the last batches, where they could only meet."""
+    counts = [12, 9, 7, 6, 5, 4, 4, 3, 3, 3] + [2] * 8 + [1] * 24      # 96 samples, 42 sentences
+    sids = torch.tensor([s for s, c in enumerate(counts) for _ in range(c)])
+    g = torch.Generator().manual_seed(0)
+    emb = {k: F.normalize(torch.randn(96, 8, generator=g), dim=-1) for k in ("v0", "t0", "v1", "t1")}
+    t = Table(keys=[f"k{i:04d}" for i in range(96)], sentence_ids=sids[torch.randperm(96, generator=g)], **emb)
+    for schedule in ("easy", "hard", "log"):
+        planner = Planner(SelectionConfig(mode="ps", schedule=schedule), t, 8, 1, seed=2)
+        plan = planner.plan_epoch_local({0: torch.arange(96)}, epoch=1, epochs=3, n_batches=12)[0]
+        for b in plan:
+            assert len(set(t.sentence_ids[b].tolist())) == 8, (schedule, b)
+        assert planner.stats.relaxed == 0
