@@ -44,12 +44,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -59,16 +54,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a checkout
 
 from sclslt.config import SelectionConfig  # noqa: E402
+from sclslt.benchio import run_tag, write_rows  # noqa: E402
 from sclslt.selection import Planner, Table  # noqa: E402
-
-
-def device_name() -> str:
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def versions() -> dict:
-    import numpy
-    return {"torch": torch.__version__, "python": platform.python_version(), "numpy": numpy.__version__}
 
 
 def mem_available() -> int | None:
@@ -215,16 +202,8 @@ def fmt(row: dict) -> str:
 def write(rows: list[dict], out: Path, tag: dict) -> Path:
     from rich.console import Console
     from rich.table import Table as RichTable
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = tag["date"].replace(":", "").replace("-", "")[:15]
+    base = write_rows(rows, out, "planner", tag)
     rows = [{**tag, **r} for r in rows]
-    base = out / f"planner-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    fields = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], dict)))
-    with open(base.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
     threads = tag["threads"]
     title = (f"Pair Selection planner | {tag['device']} | torch {tag['versions']['torch']} | {threads} thread"
              f"{'s' if threads != 1 else ''} | dim {rows[0]['dim'] if rows else ''} | step_ms {tag['step_ms']}")
@@ -269,9 +248,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads or 1)
     threads = torch.get_num_threads()
     print(f"torch threads: {threads}" + ("" if args.threads else " (default; --threads to change)"))
-    tag = {"device": device_name(), "versions": versions(),
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "threads": threads, "step_ms": args.step_ms, "bench": "planner"}
+    tag = run_tag(threads=threads, step_ms=args.step_ms, bench="planner")
     rows = bench(args)
     write(rows, args.out, tag)
     return 0

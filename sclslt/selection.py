@@ -29,7 +29,6 @@ runs the same rounds for all ranks in one process (the reference the distributed
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 
 import torch

@@ -27,11 +27,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,23 +38,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))    # run from a checkout
 
+from sclslt.benchio import run_tag, write_rows  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
 
 
 def sync():
@@ -151,7 +133,6 @@ def bench_infonce(args) -> list[dict]:
                 logit_buf = q @ k.t()
                 t_mm_f = timed(lambda: q @ k.t(), args.repeat, args.warmup)
                 t_mm_fb = t_mm_f + timed(lambda: (logit_buf @ k, logit_buf.t() @ q), args.repeat, args.warmup)
-                del logit_buf
                 flops_f, flops_fb = 2 * b * n * d, 6 * b * n * d
                 for name, fn in todo.items():
                     row = dict(kind="infonce", impl=name, n=n, b=b, d=d, world=world, dtype=args.dtype)
@@ -235,16 +216,8 @@ def fmt(row: dict) -> str:
 def write(rows: list[dict], out: Path, tag: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = tag["date"].replace(":", "").replace("-", "")[:15]
+    base = write_rows(rows, out, "bench", tag)
     rows = [{**tag, **r} for r in rows]
-    base = out / f"bench-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    fields = sorted({k for r in rows for k in r if not isinstance(r[k], dict)})
-    with open(base.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
     table = Table(title=f"{tag['device']} | torch {tag['versions']['torch']} | triton {tag['versions']['triton']}")
     cols = [c for c in ("kind", "impl", "n", "b", "d", "world", "T", "L", "dtype", "fwd_ms", "fwdbwd_ms", "peak_mb",
                         "tflops_fwdbwd", "mm_frac", "error") if any(c in r for r in rows)]
@@ -278,9 +251,7 @@ def main(argv=None) -> int:
         args.impl = [i for i in args.impl if i not in ("compile",)]
         if not torch.cuda.is_available():
             args.dtype = "fp32"
-    tag = {"device": device_name(), "versions": versions(),
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
+    tag = run_tag(triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
     rows = bench_cico(args) if args.cico else bench_infonce(args)
     write(rows, args.out, tag)
     return 0
