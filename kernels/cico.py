@@ -78,6 +78,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from ._dispatch import accumulate_rows
+
     @triton.jit
     def _pair_tile(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
                    FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -146,15 +148,7 @@ if triton is not None:
                 BLOCK_T, BLOCK_L, BLOCK_K)
             g = tl.load(GUP + i * n + j)
             G = _pair_grad(dot, vm, tm, p_row, p_col, f, h, n_t, n_l, g, tau)
-            for start in range(0, d, BLOCK_K):
-                ks = start + tl.arange(0, BLOCK_K)
-                kmask = ks < d
-                tj = tl.load(T + j * stn + ls[:, None] * stl + ks[None, :], mask=(ls < LL)[:, None] & kmask[None, :], other=0.0)
-                ptr = out + ts[:, None] * d + ks[None, :]
-                omask = (ts < TT)[:, None] & kmask[None, :]
-                acc = tl.load(ptr, mask=omask, other=0.0)
-                acc += tl.dot(G, tj.to(tl.float32), input_precision=DOT_PREC)
-                tl.store(ptr, acc, mask=omask)
+            accumulate_rows(out, ts, ts < TT, d, G, T + j * stn, ls, ls < LL, stl, DOT_PREC, BLOCK_K)
 
     @triton.jit
     def _cico_bwd_t(V, VM, T, TM, GUP, DT, b, n, TT, LL, d, svb, svt, stn, stl, inv_tau, tau, per_split,
@@ -172,15 +166,7 @@ if triton is not None:
                 BLOCK_T, BLOCK_L, BLOCK_K)
             g = tl.load(GUP + i * n + j)
             Gt = tl.trans(_pair_grad(dot, vm, tm, p_row, p_col, f, h, n_t, n_l, g, tau))
-            for start in range(0, d, BLOCK_K):
-                ks = start + tl.arange(0, BLOCK_K)
-                kmask = ks < d
-                vi = tl.load(V + i * svb + ts[:, None] * svt + ks[None, :], mask=(ts < TT)[:, None] & kmask[None, :], other=0.0)
-                ptr = out + ls[:, None] * d + ks[None, :]
-                omask = (ls < LL)[:, None] & kmask[None, :]
-                acc = tl.load(ptr, mask=omask, other=0.0)
-                acc += tl.dot(Gt, vi.to(tl.float32), input_precision=DOT_PREC)
-                tl.store(ptr, acc, mask=omask)
+            accumulate_rows(out, ls, ls < LL, d, Gt, V + i * svb, ts, ts < TT, svt, DOT_PREC, BLOCK_K)
 
 
 def _cfg(TT: int, LL: int, d: int) -> dict:

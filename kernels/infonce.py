@@ -83,6 +83,8 @@ except ImportError:          # the reference still works without Triton
     triton = None
 
 if triton is not None:
+    from ._dispatch import accumulate_rows
+
     @triton.jit
     def _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
                      FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -157,16 +159,7 @@ if triton is not None:
             p = tl.where(valid, tl.exp(s * dots - lse[:, None]), 0.0)
             dlog = (p - tl.where(is_pos & valid, 1.0, 0.0)) * coef        # d loss / d logit
             ds_row += tl.sum(dlog * dots, axis=1)
-            dlog_s = dlog * s
-            for start in range(0, d, BLOCK_K):
-                ks = start + tl.arange(0, BLOCK_K)
-                kmask = ks < d
-                k = tl.load(K + cols[:, None] * stride_k + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-                dq_ptr = DQ + rows[:, None] * d + ks[None, :]
-                omask = rmask[:, None] & kmask[None, :]
-                dq = tl.load(dq_ptr, mask=omask, other=0.0)
-                dq += tl.dot(dlog_s, k.to(tl.float32), input_precision=DOT_PREC)
-                tl.store(dq_ptr, dq, mask=omask)
+            accumulate_rows(DQ, rows, rmask, d, dlog * s, K, cols, cmask, stride_k, DOT_PREC, BLOCK_K)
         tl.store(DSCALE + rows, ds_row, mask=rmask)
 
     @triton.jit
@@ -187,16 +180,7 @@ if triton is not None:
             valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS)
             p = tl.where(valid, tl.exp(s * dots - lse[:, None]), 0.0)
             dlog_s = (p - tl.where(is_pos & valid, 1.0, 0.0)) * (coef * s)
-            dlog_t = tl.trans(dlog_s)
-            for start in range(0, d, BLOCK_K):
-                ks = start + tl.arange(0, BLOCK_K)
-                kmask = ks < d
-                q = tl.load(Q + rows[:, None] * stride_q + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                dk_ptr = DK + cols[:, None] * d + ks[None, :]
-                omask = cmask[:, None] & kmask[None, :]
-                dk = tl.load(dk_ptr, mask=omask, other=0.0)
-                dk += tl.dot(dlog_t, q.to(tl.float32), input_precision=DOT_PREC)
-                tl.store(dk_ptr, dk, mask=omask)
+            accumulate_rows(DK, cols, cmask, d, tl.trans(dlog_s), Q, rows, rmask, stride_q, DOT_PREC, BLOCK_K)
 
 
 def _blocks(d: int) -> dict:
