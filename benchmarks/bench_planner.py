@@ -87,7 +87,8 @@ def synthetic_table(n: int, dim: int, seed: int = 0) -> Table:
     t1 = t0 + 0.3 * unit()
     t1 /= t1.norm(dim=1, keepdim=True)
     sids = torch.randint(0, max(1, int(0.7 * n)), (n,), generator=g)
-    return Table(keys=[f"s{i:07d}" for i in range(n)], sentence_ids=sids, v0=v0, t0=t0, v1=v1, t1=t1)
+    return Table(keys=[f"s{i:07d}" for i in range(n)], sentence_ids=sids, v0=v0, t0=t0, v1=v1, t1=t1,
+                 device="cuda" if torch.cuda.is_available() else "cpu")   # scored where a run scores
 
 
 def split_pools(n: int, world: int, seed: int = 0) -> dict[int, torch.Tensor]:

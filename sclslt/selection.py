@@ -53,19 +53,25 @@ def curriculum_quantile(schedule: str, alpha: float, base: float = 10.0) -> floa
 
 @dataclass
 class Table:
-    """Reference embeddings: rows aligned with `keys`; v0/t0 early, v1/t1 late (float64 for exact ties)."""
+    """Reference embeddings: rows aligned with `keys`; v0/t0 early, v1/t1 late (float64 for exact ties).
+
+    The embeddings live on `device` (the training GPU when there is one), where the candidates are
+    scored; ids and the selection logic stay on the CPU.
+    """
     keys: list
-    sentence_ids: torch.Tensor      # (N,) long
+    sentence_ids: torch.Tensor      # (N,) long, CPU
     v0: torch.Tensor
     t0: torch.Tensor
     v1: torch.Tensor
     t1: torch.Tensor
+    device: torch.device | str = "cpu"
     index: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.index = {k: i for i, k in enumerate(self.keys)}
+        self.sentence_ids = self.sentence_ids.cpu()
         for name in ("v0", "t0", "v1", "t1"):
-            setattr(self, name, getattr(self, name).to(torch.float64))
+            setattr(self, name, getattr(self, name).to(self.device, torch.float64))
 
     def rows(self, keys: list[str]) -> torch.Tensor:
         missing = [k for k in keys if k not in self.index]
@@ -76,7 +82,7 @@ class Table:
 
     def member_sums(self, members: list[int]) -> torch.Tensor:
         """[sum t1_c, sum t0_c, sum v1_c, sum v0_c] over the members: Delta's batch side."""
-        m = torch.tensor(members, dtype=torch.long)
+        m = torch.tensor(members, dtype=torch.long, device=self.v1.device)
         return torch.cat([self.t1[m].sum(0), self.t0[m].sum(0), self.v1[m].sum(0), self.v0[m].sum(0)])
 
 
@@ -96,14 +102,14 @@ def save_table(path, early: dict, late: dict, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_table(path) -> Table:
+def load_table(path, device="cpu") -> Table:
     import json
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata()
         t = {k: f.get_tensor(k) for k in f.keys()}
     return Table(keys=json.loads(md["keys"]), sentence_ids=t["sentence_ids"], v0=t["v0"], t0=t["t0"],
-                 v1=t["v1"], t1=t["t1"])
+                 v1=t["v1"], t1=t["t1"], device=device)
 
 
 def save_snapshot(path, emb: dict) -> None:
@@ -128,11 +134,11 @@ def load_snapshot(path) -> dict:
     return out
 
 
-def table_from_snapshots(early: dict, late: dict) -> Table:
+def table_from_snapshots(early: dict, late: dict, device="cpu") -> Table:
     if early["keys"] != late["keys"]:
         raise ValueError("the early and late embedding passes cover different samples")
     return Table(keys=list(early["keys"]), sentence_ids=early["sentence_ids"], v0=early["video"], t0=early["text"],
-                 v1=late["video"], t1=late["text"])
+                 v1=late["video"], t1=late["text"], device=device)
 
 
 @dataclass
@@ -152,7 +158,8 @@ class RankPool:
         self.sids = table.sentence_ids[rows]
         # Delta(u; C) = [v1_u, -v0_u, t1_u, -t0_u] . [sum t1_c, sum t0_c, sum v1_c, sum v0_c]: the pool's
         # side is gathered once per epoch, contiguous; a round is one matrix-vector product
-        self.feat = torch.cat([table.v1[rows], -table.v0[rows], table.t1[rows], -table.t0[rows]], dim=1)
+        r = rows.to(table.v1.device)
+        self.feat = torch.cat([table.v1[r], -table.v0[r], table.t1[r], -table.t0[r]], dim=1)
         self.used = torch.zeros(len(rows), dtype=torch.bool)
         self.cycles = 0
         self.seed_parts = seed_parts
@@ -190,7 +197,7 @@ class RankPool:
             g = torch.Generator().manual_seed(hash_seed(*self.seed_parts, batch_no, round_no))
             order = cand[torch.randperm(len(cand), generator=g)]
         else:
-            delta = (self.feat @ self.table.member_sums(member_rows))[cand]
+            delta = (self.feat @ self.table.member_sums(member_rows)).cpu()[cand]
             by_delta = torch.argsort(delta, stable=True)     # ascending: easy first; ties in pool order
             dist = (torch.arange(len(cand), dtype=torch.float64) - q * (len(cand) - 1)).abs()
             order = cand[by_delta[torch.argsort(dist, stable=True)]]   # nearest the quantile first

@@ -194,7 +194,7 @@ class BatchSource:
         self.dir = ctx.run_dir / name / "selection"
         self.planner = None
         if self.mode == "ps":
-            self.table = load_table(sel.table)
+            self.table = load_table(sel.table, ctx.dist["device"])
             ctx.reporter.info(f"{name}: Pair Selection from {sel.table} ({len(self.table.keys)} samples), "
                               f"schedule {sel.schedule}, chunk {sel.chunk}")
 
@@ -212,7 +212,7 @@ class BatchSource:
         if late_epoch == 0 or early is None:
             return None                               # no late view yet: random batches this epoch
         late = self._snapshot(f"epoch{late_epoch:04d}", model, compute=epoch == late_epoch)
-        return table_from_snapshots(early, late) if late is not None else None
+        return table_from_snapshots(early, late, self.ctx.dist["device"]) if late is not None else None
 
     def _snapshot(self, tag: str, model, compute: bool):
         path = self.dir / f"{tag}.safetensors"
