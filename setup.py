@@ -29,5 +29,5 @@ setup(
         "matplotlib>=3.7",
         "triton>=3.8; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest>=8", "rouge-score==0.1.2"]},
+    extras_require={"test": ["pytest>=9,<10", "rouge-score==0.1.2"]},
 )

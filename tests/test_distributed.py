@@ -237,6 +237,17 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
             assert got == [[table.keys[i] for i in mb] for mb in want[r]], (epoch, r)
     assert [r["step"] for r in metrics(ps, "stage1")] == list(range(1, 13))
 
+    # interrupted mid-epoch (step 3 of 6) and resumed: the same planned batches, the same losses
+    part = d / "ps_resumed"
+    ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(table_path),
+               "--selection.chunk", "2")
+    launch(cfg_path, part, 29635, *ps_args, "--train.max_steps", "3")
+    launch(cfg_path, part, 29636, *ps_args, "--train.max_steps", "0", "--resume")
+    for f in sorted((ps / "stage1" / "selection").glob("plan_*.json")):
+        assert (part / "stage1" / "selection" / f.name).read_text() == f.read_text(), f.name
+    assert [r["loss"] for r in metrics(part, "stage1")] == pytest.approx([r["loss"] for r in metrics(ps, "stage1")],
+                                                                          rel=1e-6)
+
     selfrun = d / "self"
     proc = launch(cfg_path, selfrun, 29634, "--stage2.enabled", "false", "--train.max_steps", "0",
                   "--selection.mode", "self")

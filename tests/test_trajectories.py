@@ -160,7 +160,8 @@ def test_tool_end_to_end(ref_run):
     rows = torch.tensor([snaps[0]["keys"].index(k) for k in rep["sample_keys"]])
     want = traj.classify([s["video"][rows] @ s["text"][rows].t() for s in snaps], snaps[0]["sentence_ids"][rows],
                          0.5, "quantile", 5, 3)
-    assert want["counts"] == rep["counts"] and want["mean_similarity"] == pytest.approx(rep["mean_similarity"])
+    assert want["counts"] == rep["counts"] and all(
+        want["mean_similarity"][c] == pytest.approx(rep["mean_similarity"][c]) for c in rep["mean_similarity"])
     assert not torch.allclose(snaps[0]["video"], snaps[-1]["video"])          # the checkpoints differ
 
     # a second call reuses the embedding passes; absolute threshold, two chosen tags, another output
