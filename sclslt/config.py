@@ -10,7 +10,6 @@ Batch sizes live here only (global batch per stage); the DeepSpeed JSON holds en
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -301,8 +300,3 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, p)
-
-
-def config_hash(cfg: Config) -> str:
-    import hashlib
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]

@@ -146,9 +146,6 @@ class Engine:
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
-    def skipped_steps(self) -> int:
-        return int(getattr(self.ds, "skipped_steps", 0))
-
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, ckpt_dir: str | os.PathLike, tag: str, client_state: dict, keep: int = 0) -> None:
         ckpt_dir = Path(ckpt_dir)

@@ -295,9 +295,8 @@ def evaluate(ctx: Context, model: SLTModel, split: str) -> dict:
     return result
 
 
-def prepare(ctx_args: dict) -> Context:
+def prepare(cfg: Config, ds_config: str) -> Context:
     """Distributed init, data, run dir, tokenizer: everything before the first stage."""
-    cfg: Config = ctx_args["cfg"]
     d = eng.init_distributed()
     reporter = Reporter(enabled=d["rank"] == 0, log_every=cfg.train.log_every)
     run_dir = Path(cfg.train.run_dir).resolve()
@@ -316,7 +315,7 @@ def prepare(ctx_args: dict) -> Context:
     shards_dir = resolve_shards_dir(cfg.data)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     reporter.info(f"world {d['world']} x {d['accelerator']}, shards {shards_dir}, run {run_dir}")
-    return Context(cfg=cfg, ds_config_path=ctx_args["ds_config"], dist=d, run_dir=run_dir,
+    return Context(cfg=cfg, ds_config_path=ds_config, dist=d, run_dir=run_dir,
                    shards_dir=shards_dir, tokenizer=tokenizer, reporter=reporter)
 
 
@@ -326,7 +325,7 @@ def build_model(ctx: Context) -> SLTModel:
 
 
 def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
-    ctx = prepare({"cfg": cfg, "ds_config": ds_config})
+    ctx = prepare(cfg, ds_config)
     t0 = time.time()
     model = None
     retrieval = {}
