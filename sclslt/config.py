@@ -50,8 +50,14 @@ class DataConfig:
     num_workers: int = 0          # data-loader worker processes per rank
     prefetch_factor: int = 2
     shuffle_buffer: int = 256     # in-shard sample shuffle buffer (deterministic per seed, epoch, rank, worker)
-    max_frames: int = 0           # 0: keep all frames; else uniformly subsample longer clips
+    max_frames: int = 0           # 0: keep all; else subsample longer clips (random sorted subset in training)
     lowercase: bool = True        # text normalisation for training targets and sentence ids
+    crop: int = 0                 # square crop fed to the model (GFSLT-VLP: 224 of 256); 0 = whole frame
+    augment: bool = False         # training-time clip augmentation (one affine per clip), on the device
+    aug_prob: float = 0.5         # probability of each of rotate / scale / translate per clip
+    aug_rotate: float = 15.0      # degrees, uniform in +-aug_rotate
+    aug_scale: list = field(default_factory=lambda: [0.8, 1.2])   # zoom range
+    aug_translate: float = 0.1    # fraction of the frame, uniform in +-aug_translate
 
 
 @dataclass

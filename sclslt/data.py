@@ -133,10 +133,14 @@ class Collate:
                      keys=[s["key"] for s in samples], texts=texts)
 
 
-def subsample_frames(frames: np.ndarray, max_frames: int) -> np.ndarray:
+def subsample_frames(frames: np.ndarray, max_frames: int, rng: random.Random | None = None) -> np.ndarray:
+    """At most `max_frames` frames: uniformly spaced, or (training, `rng` given) a random sorted subset."""
     if max_frames <= 0 or frames.shape[0] <= max_frames:
         return frames
-    idx = np.linspace(0, frames.shape[0] - 1, max_frames).round().astype(np.int64)
+    if rng is not None:
+        idx = np.array(sorted(rng.sample(range(frames.shape[0]), max_frames)), dtype=np.int64)
+    else:
+        idx = np.linspace(0, frames.shape[0] - 1, max_frames).round().astype(np.int64)
     return frames[idx]
 
 
@@ -239,10 +243,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 batch.append(s)
                 if len(batch) == self.micro_batch:
                     if b in mine and b >= self.skip:
-                        yield self._finish(batch)
+                        yield self._finish(batch, b)
                     batch, b = [], b + 1
             if batch and b in mine and b >= self.skip:
-                yield self._finish(batch)
+                yield self._finish(batch, b)
             return
         rank_names = rank_shards(self.manifest, self.seed, self.epoch, self.rank, self.world)
         worker_names = rank_names[worker::n_workers]
@@ -250,12 +254,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         for b in mine:
             batch = [next(stream) for _ in range(self.micro_batch)]
             if b >= self.skip:
-                yield self._finish(batch)
+                yield self._finish(batch, b)
 
-    def _finish(self, batch: list[dict]) -> list[dict]:
-        if self.max_frames > 0:
-            for s in batch:
-                s["frames"] = subsample_frames(s["frames"], self.max_frames)
+    def _finish(self, batch: list[dict], b: int) -> list[dict]:
+        # temporal subsampling: random in training, drawn per (seed, epoch, rank, batch): worker-independent
+        rng = random.Random(_rng_seed(self.seed, self.epoch, self.rank, b, 3)) if self.train else None
+        for s in batch:
+            s["frames"] = subsample_frames(s["frames"], self.max_frames, rng)
         return batch
 
 
@@ -273,10 +278,11 @@ class PlannedStream(torch.utils.data.IterableDataset):
     order does not depend on the number of workers; `skip` resumes mid-epoch.
     """
 
-    def __init__(self, shards_dir, split: str, batches: list[list[str]], skip: int = 0, max_frames: int = 0):
+    def __init__(self, shards_dir, split: str, batches: list[list[str]], skip: int = 0, max_frames: int = 0,
+                 seed: int = 0):
         from .shards import ShardIndex
         self.index = ShardIndex(shards_dir, read_manifest(shards_dir, split))
-        self.batches, self.skip, self.max_frames = batches, skip, max_frames
+        self.batches, self.skip, self.max_frames, self.seed = batches, skip, max_frames, seed
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -288,6 +294,7 @@ class PlannedStream(torch.utils.data.IterableDataset):
             if b < self.skip:
                 continue
             batch = [self.index.read(k) for k in self.batches[b]]
+            rng = random.Random(_rng_seed(self.seed, b, 3))
             for s in batch:
-                s["frames"] = subsample_frames(s["frames"], self.max_frames)
+                s["frames"] = subsample_frames(s["frames"], self.max_frames, rng)
             yield batch

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .augment import ClipAugment
+from .config import DataConfig, ModelConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,9 +85,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SLTModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    def __init__(self, cfg: ModelConfig, tokenizer, frames: DataConfig | None = None):
         super().__init__()
         self.cfg = cfg
+        self.frame_view = ClipAugment(frames or DataConfig())    # crop / training augmentation, on device
         self.backbone = build_backbone(cfg)
         self.s2s, self.text_encoder = build_mbart(cfg, tokenizer)
         d = self.s2s.config.d_model
@@ -112,6 +114,7 @@ class SLTModel(nn.Module):
         """uint8 (B, T, H, W, 3) -> visual tokens (B, T', d) and their mask (B, T')."""
         b, t = frame_mask.shape
         dtype = self.video_proj.weight.dtype
+        frames = self.frame_view(frames)
         valid = frames[frame_mask]                                   # (N, H, W, 3) valid frames only
         x = valid.permute(0, 3, 1, 2).to(dtype).div_(255.0)
         x = (x - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)

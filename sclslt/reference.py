@@ -79,7 +79,7 @@ def load_run_model(run_dir, ckpt_dir, tag: str | None = None):
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     tok = load_tokenizer(run_dir / "tokenizer")
-    model = SLTModel(cfg.model, tok)
+    model = SLTModel(cfg.model, tok, cfg.data)
     state = load_module_state(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

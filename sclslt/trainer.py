@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from . import engine as eng
 from .config import Config, StageConfig, save_config, to_dict
-from .data import Collate, PlannedStream, ShardStream, make_loader, rank_pool_keys, resolve_shards_dir
+from .data import Collate, PlannedStream, _rng_seed, ShardStream, make_loader, rank_pool_keys, resolve_shards_dir
 from .evaluate import compute_metrics, decode_loader, most_frequent_sentence
 from .losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from .models import SLTModel
@@ -244,7 +244,8 @@ class BatchSource:
         batches = [[table.keys[r] for r in mb] for mb in plan]
         self.dir.mkdir(parents=True, exist_ok=True)      # the plan, for analysis and the tests
         (self.dir / f"plan_e{epoch:04d}_r{ctx.rank:05d}.json").write_text(json.dumps(batches))
-        return PlannedStream(ctx.shards_dir, "train", batches, skip, ctx.cfg.data.max_frames)
+        return PlannedStream(ctx.shards_dir, "train", batches, skip, ctx.cfg.data.max_frames,
+                             seed=_rng_seed(self.stream.seed, epoch))
 
 
 def train_stream(cfg: Config, name: str, shards_dir: Path, rank: int, world: int) -> ShardStream:
@@ -321,7 +322,7 @@ def prepare(cfg: Config, ds_config: str) -> Context:
 
 def build_model(ctx: Context) -> SLTModel:
     seed_everything(ctx.cfg.train.seed)     # identical initial weights on every rank and every run
-    return SLTModel(ctx.cfg.model, ctx.tokenizer)
+    return SLTModel(ctx.cfg.model, ctx.tokenizer, ctx.cfg.data)
 
 
 def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
@@ -334,7 +335,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
         model = build_model(ctx)
         if i > 0 and eng.latest_tag(ctx.run_dir / name / "checkpoints") is None:
             transfer_weights(model, ctx.run_dir / enabled[i - 1] / "checkpoints", ctx.reporter)
-        seed_everything(cfg.train.seed + 17 * (i + 1))
+        seed_everything(cfg.train.seed + 17 * (i + 1) + 7919 * ctx.rank)   # per-rank dropout/augmentation draws
         model = train_stage(ctx, name, model, resume)
         if getattr(cfg, name).contrastive_weight > 0:      # the contrastive stage's own measure
             emb = embed_split(model, ctx.shards_dir, cfg.eval.retrieval_split, ctx.tokenizer, ctx.dist["device"],
