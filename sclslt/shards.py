@@ -7,7 +7,9 @@ index (key, shard, sentence id, frames, text) so that tokenizers and Pair Select
 metadata without opening any tar.
 
 Shards are written to a temporary name and renamed when complete: a crashed writer never leaves a
-truncated shard under a final name.
+truncated shard under a final name. `ShardWriter` bounds shards by sample count and/or bytes (the
+exact tar size, computed before writing, so boundaries depend only on the samples); `write_split`
+wraps it. Manifests may carry extra keys (tools/shard_videos.py adds its options and bad count).
 """
 from __future__ import annotations
 
@@ -54,63 +56,163 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
-                samples_per_shard: int = 64, lowercase: bool = True) -> dict:
-    """Write `samples` (dicts with key, frames, text[, signer, source, original_text]) as shards.
+_TAR_BLOCK = 512
+_TAR_RECORD = 20 * _TAR_BLOCK
 
-    Returns the manifest, also written to `<out_dir>/<split>.json`.
+
+def _tar_member_bytes(size: int) -> int:
+    """Bytes one member takes in a ustar archive: a header block plus the data padded to blocks."""
+    return _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def tar_bytes(member_sizes: list[int]) -> int:
+    """Size of a tar holding members of these sizes (end-of-archive blocks, padded to a record)."""
+    n = sum(_tar_member_bytes(m) for m in member_sizes) + 2 * _TAR_BLOCK
+    return -(-n // _TAR_RECORD) * _TAR_RECORD
+
+
+class ShardWriter:
+    """Writes samples into `<split>-NNNNNN.tar` shards under `out_dir`, in order, deterministically.
+
+    A shard is closed when it holds `samples_per_shard` samples (0: no count bound) or when the next
+    sample would push it past `max_shard_bytes` (0: no byte bound; a single larger sample gets a
+    shard of its own). Boundaries depend only on the sequence of samples, so a rerun reproduces them.
+    `first_shard` numbers the first shard written (used to resume after verified shards).
     """
-    import webdataset as wds
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shards, index = [], []
-    shape = None
-    writer, tmp, count = None, None, 0
+    def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int = 64,
+                 max_shard_bytes: int = 0, lowercase: bool = True, first_shard: int = 0,
+                 frame_shape: list | None = None):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.split, self.samples_per_shard = split, int(samples_per_shard or 0)
+        self.max_shard_bytes, self.lowercase = int(max_shard_bytes or 0), lowercase
+        self.next_shard, self.shape = first_shard, (list(frame_shape) if frame_shape else None)
+        self.shards: list[dict] = []      # closed by this writer
+        self.index: list[list] = []       # manifest rows of the samples written by this writer
+        self._writer, self._tmp, self._count, self._members = None, None, 0, []
 
-    def close():
-        nonlocal writer
-        if writer is None:
-            return
-        writer.close()
-        name = f"{split}-{len(shards):06d}.tar"
-        os.replace(tmp, out / name)
-        shards.append({"name": name, "num_samples": count, "sha256": _sha256(out / name)})
-        writer = None
+    @property
+    def open_count(self) -> int:
+        return self._count
 
-    for s in samples:
+    def encode(self, s: dict) -> dict:
+        """Validate and encode one sample (no I/O); raises ShardError naming the sample."""
         key, frames, text = s["key"], s["frames"], s["text"]
+        if not key or any(c in key for c in "./\\") or key.strip() != key:
+            raise ShardError(f"sample {key!r}: keys must be non-empty without '.', '/', '\\' or edge spaces")
         if not text or not text.strip():
             raise ShardError(f"sample {key}: empty text")
-        if frames.ndim != 4 or frames.shape[0] == 0 or frames.dtype != np.uint8:
+        if (not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[0] == 0
+                or frames.shape[-1] != 3 or frames.dtype != np.uint8):
             raise ShardError(f"sample {key}: frames must be non-empty uint8 T x H x W x 3, got "
-                             f"{frames.dtype} {frames.shape}")
-        if shape is None:
-            shape = list(frames.shape[1:])
-        elif list(frames.shape[1:]) != shape:
-            raise ShardError(f"sample {key}: frame shape {frames.shape[1:]} differs from {shape}")
-        if writer is None:
-            tmp = out / f".{split}-{len(shards):06d}.tar.tmp"
-            writer, count = wds.TarWriter(str(tmp), encoder=False, mtime=0), 0
-        norm = normalise_text(text, lowercase)
+                             f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}")
+        if self.shape is not None and list(frames.shape[1:]) != self.shape:
+            raise ShardError(f"sample {key}: frame shape {list(frames.shape[1:])} differs from {self.shape}")
+        norm = normalise_text(text, self.lowercase)
         meta = {"key": key, "text": norm, "original_text": s.get("original_text", text),
-                "sentence_id": sentence_id(text, lowercase), "signer": s.get("signer", ""),
+                "sentence_id": sentence_id(text, self.lowercase), "signer": s.get("signer", ""),
                 "num_frames": int(frames.shape[0]), "source": s.get("source", "")}
-        writer.write({"__key__": key, "frames.npy": encode_frames(frames),
-                      "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
-        index.append([key, len(shards), meta["sentence_id"], meta["num_frames"], norm])
-        count += 1
-        if count == samples_per_shard:
-            close()
-    close()
-    if not index:
-        raise ShardError(f"split {split}: no samples to write")
-    manifest = {"version": MANIFEST_VERSION, "split": split, "format": FORMAT,
-                "num_samples": len(index), "frame_shape": shape, "shards": shards,
-                "samples": index, "lowercase": lowercase}
+        for k, v in (s.get("meta") or {}).items():     # extra fields never override the standard ones
+            meta.setdefault(k, v)
+        npy = encode_frames(frames)
+        js = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        return {"key": key, "npy": npy, "json": js, "meta": meta, "shape": list(frames.shape[1:]),
+                "row": [key, None, meta["sentence_id"], meta["num_frames"], norm],
+                "sizes": [len(npy), len(js)]}
+
+    def overflows(self, enc: dict) -> bool:
+        """Whether writing `enc` now would first close the open shard (byte bound)."""
+        return bool(self.max_shard_bytes and self._count
+                    and tar_bytes(self._members + enc["sizes"]) > self.max_shard_bytes)
+
+    def write(self, enc: dict) -> list[dict]:
+        """Write an encoded sample; returns the shards this call closed (before and/or after it)."""
+        closed = []
+        if self.overflows(enc):
+            closed.append(self.close_shard())
+        if self.shape is None:
+            self.shape = enc["shape"]
+        elif enc["shape"] != self.shape:
+            raise ShardError(f"sample {enc['key']}: frame shape {enc['shape']} differs from {self.shape}")
+        if self._writer is None:
+            import webdataset as wds
+            self._tmp = self.out / f".{self.split}-{self.next_shard:06d}.tar.tmp"
+            self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=0)
+            self._count, self._members = 0, []
+        self._writer.write({"__key__": enc["key"], "frames.npy": enc["npy"], "json": enc["json"]})
+        self._members += enc["sizes"]
+        self._count += 1
+        self.index.append([enc["row"][0], self.next_shard] + enc["row"][2:])
+        if self.samples_per_shard and self._count >= self.samples_per_shard:
+            closed.append(self.close_shard())
+        return closed
+
+    def add(self, s: dict) -> list[dict]:
+        return self.write(self.encode(s))
+
+    def close_shard(self) -> dict | None:
+        if self._writer is None:
+            return None
+        self._writer.close()
+        self._writer = None
+        name = f"{self.split}-{self.next_shard:06d}.tar"
+        os.replace(self._tmp, self.out / name)
+        rec = {"name": name, "num_samples": self._count, "sha256": _sha256(self.out / name)}
+        self.shards.append(rec)
+        self.next_shard += 1
+        self._count, self._members = 0, []
+        return rec
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file), keeping the closed ones."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+                Path(self._tmp).unlink(missing_ok=True)
+
+
+def make_manifest(split: str, shards: list[dict], index: list[list], frame_shape, lowercase: bool,
+                  extra: dict | None = None) -> dict:
+    """The manifest dict (the keys read by `read_manifest` plus any `extra` ones)."""
+    man = {"version": MANIFEST_VERSION, "split": split, "format": FORMAT, "num_samples": len(index),
+           "frame_shape": frame_shape, "shards": shards, "samples": index, "lowercase": lowercase}
+    for k, v in (extra or {}).items():
+        man.setdefault(k, v)
+    return man
+
+
+def write_manifest(out_dir: str | Path, split: str, manifest: dict) -> Path:
+    out = Path(out_dir)
     tmpm = out / f".{split}.json.tmp"
-    tmpm.write_text(json.dumps(manifest))
+    tmpm.write_text(json.dumps(manifest, ensure_ascii=False))
     os.replace(tmpm, out / f"{split}.json")
+    return out / f"{split}.json"
+
+
+def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
+                samples_per_shard: int = 64, lowercase: bool = True, *,
+                max_shard_bytes: int = 0, extra: dict | None = None) -> dict:
+    """Write `samples` (dicts with key, frames, text[, signer, source, original_text, meta]) as shards.
+
+    Shards hold at most `samples_per_shard` samples (0: unbounded) and, when `max_shard_bytes` is set,
+    at most that many bytes (a single larger sample is alone in its shard). `extra` adds keys to the
+    manifest (e.g. the conversion options). Returns the manifest, also written to `<out_dir>/<split>.json`.
+    """
+    w = ShardWriter(out_dir, split, samples_per_shard, max_shard_bytes, lowercase)
+    try:
+        for s in samples:
+            w.add(s)
+        w.close_shard()
+    except BaseException:
+        w.abort()
+        raise
+    if not w.index:
+        raise ShardError(f"split {split}: no samples to write")
+    manifest = make_manifest(split, w.shards, w.index, w.shape, lowercase, extra)
+    write_manifest(out_dir, split, manifest)
     return manifest
 
 

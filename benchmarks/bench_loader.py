@@ -1,0 +1,185 @@
+"""Loader throughput per on-disk form of a clip: clips/s, MB/s and bytes per clip, per CPU core.
+
+The same synthetic clips (`--clips` clips of `--frames` frames at `--size` px) are stored as
+  npy      WebDataset tar, raw uint8 (`sclslt.codec`)
+  npy.zst  the same, zstd-compressed (lossless)
+  jpg      per-frame JPEG in one member, decoded with Pillow on the CPU
+  png-dir  a folder of PNG files per clip, read one by one (the GFSLT-VLP way)
+  mp4      an H.264 file per clip, decoded with PyAV
+and read back with 1, 2 and all cores (one process per core, each reading its share of the clips),
+timing read + decode to a uint8 array (no augmentation, no model). Files are read warm from the page
+cache, so this measures the CPU cost of decoding, the loader's bottleneck; MB/s is what storage
+must deliver per core at that rate. The last column says how many cores one accelerator needs at
+`--gpu-clips-per-s` (a stage-1 step rate; the issue estimates a few hundred clips/s per H100).
+
+  python benchmarks/bench_loader.py                    # 224 px, 64-frame clips
+  python benchmarks/bench_loader.py --quick            # tiny: checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sclslt.benchio import run_tag, write_rows  # noqa: E402
+from sclslt.codec import FORMATS, decode, encode, member_name  # noqa: E402
+
+
+def make_clips(n: int, frames: int, size: int) -> list[np.ndarray]:
+    from sclslt.config import SyntheticConfig
+    from sclslt.corpus import SyntheticCorpus
+    corpus = SyntheticCorpus(SyntheticConfig(frame_size=size, n_train=n, min_frames_per_sign=3,
+                                             max_frames_per_sign=5))
+    out = []
+    for i in range(n):
+        f = corpus.sample("train", i)["frames"]
+        reps = -(-frames // len(f))
+        out.append(np.concatenate([f] * reps)[:frames])
+    return out
+
+
+def write_all(clips: list[np.ndarray], root: Path) -> dict[str, list[Path]]:
+    import av
+    import webdataset as wds
+    from PIL import Image
+    paths: dict[str, list[Path]] = {}
+    for fmt in FORMATS:
+        paths[fmt] = []
+        for i, c in enumerate(clips):
+            p = root / fmt / f"clip{i:05d}.tar"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with wds.TarWriter(str(p), encoder=False, mtime=0) as w:
+                w.write({"__key__": f"clip{i:05d}", member_name(fmt): encode(c, fmt), "json": b"{}"})
+            paths[fmt].append(p)
+    paths["png-dir"] = []
+    for i, c in enumerate(clips):
+        d = root / "png-dir" / f"clip{i:05d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for t, f in enumerate(c):
+            Image.fromarray(f).save(d / f"images{t:04d}.png")
+        paths["png-dir"].append(d)
+    paths["mp4"] = []
+    for i, c in enumerate(clips):
+        p = root / "mp4" / f"clip{i:05d}.mp4"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with av.open(str(p), "w") as out:
+            st = out.add_stream("libx264", rate=25)
+            st.height, st.width = c.shape[1] - c.shape[1] % 2, c.shape[2] - c.shape[2] % 2
+            st.pix_fmt = "yuv420p"
+            for f in c:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:st.height, :st.width]), format="rgb24")
+                for packet in st.encode(frame):
+                    out.mux(packet)
+            for packet in st.encode():
+                out.mux(packet)
+        paths["mp4"].append(p)
+    return paths
+
+
+def read_one(kind: str, path: str) -> int:
+    """Read and decode one clip; returns the bytes read from disk."""
+    p = Path(path)
+    if kind in FORMATS:
+        import tarfile
+        with tarfile.open(p) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(member_name(kind)):
+                    decode(tf.extractfile(m).read(), kind)
+        return p.stat().st_size
+    if kind == "png-dir":
+        from PIL import Image
+        files = sorted(p.glob("*.png"))
+        np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        return sum(f.stat().st_size for f in files)
+    if kind == "mp4":
+        import av
+        with av.open(str(p)) as c:
+            np.stack([fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)])
+        return p.stat().st_size
+    raise ValueError(kind)
+
+
+def _worker(args):
+    kind, paths, repeat = args
+    import torch
+    torch.set_num_threads(1)
+    total = 0
+    for _ in range(repeat):
+        for p in paths:
+            total += read_one(kind, p)
+    return total
+
+
+def measure(kind: str, paths: list[Path], cores: int, repeat: int) -> dict:
+    shares = [[str(p) for p in paths[i::cores]] for i in range(cores)]
+    with get_context("spawn").Pool(cores) as pool:
+        pool.map(_worker, [(kind, s[:1], 1) for s in shares])          # warm-up: imports, page cache
+        t0 = time.perf_counter()
+        nbytes = sum(pool.map(_worker, [(kind, s, repeat) for s in shares]))
+        dt = time.perf_counter() - t0
+    n = len(paths) * repeat
+    return {"clips_s": n / dt, "clips_s_per_core": n / dt / cores, "mb_s": nbytes / dt / 2 ** 20}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=int, default=16)
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--cores", type=int, nargs="+", default=None, help="default: 1, 2 and all")
+    p.add_argument("--gpu-clips-per-s", type=float, default=300.0)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clips, args.frames, args.size, args.repeat = 4, 8, 32, 1
+    cores = args.cores or sorted({1, min(2, os.cpu_count() or 1), os.cpu_count() or 1})
+    root = Path(tempfile.mkdtemp(prefix="bench_loader."))
+    try:
+        clips = make_clips(args.clips, args.frames, args.size)
+        paths = write_all(clips, root)
+        raw = clips[0].nbytes
+        rows = []
+        for kind, ps in paths.items():
+            size = sum(q.stat().st_size if q.is_file() else sum(f.stat().st_size for f in q.iterdir())
+                       for q in ps) / len(ps)
+            for c in cores:
+                r = {"format": kind, "cores": c, "clips": args.clips, "frames": args.frames, "size": args.size,
+                     "bytes_per_clip": size, "raw_bytes_per_clip": raw, **measure(kind, ps, c, args.repeat)}
+                r["cores_for_gpu"] = args.gpu_clips_per_s / r["clips_s_per_core"]
+                r["storage_gb_s_for_gpu"] = args.gpu_clips_per_s * size / 1e9
+                rows.append(r)
+                print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+        png = {r["cores"]: r["clips_s_per_core"] for r in rows if r["format"] == "png-dir"}
+        for r in rows:
+            r["x_png_per_core"] = r["clips_s_per_core"] / png[r["cores"]]
+        base = write_rows(rows, args.out, "loader", run_tag(gpu_clips_per_s=args.gpu_clips_per_s))
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(title=f"loader: {args.clips} clips x {args.frames} frames x {args.size}px (warm page cache)")
+        cols = ("format", "cores", "clips_s_per_core", "x_png_per_core", "mb_s", "bytes_per_clip", "cores_for_gpu",
+                "storage_gb_s_for_gpu")
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+        Console(width=160).print(t)
+        print(f"wrote {base}.csv and {base}.json")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
