@@ -51,6 +51,7 @@ class DataConfig:
     prefetch_factor: int = 2
     shuffle_buffer: int = 256     # in-shard sample shuffle buffer (deterministic per seed, epoch, rank, worker)
     max_frames: int = 0           # 0: keep all; else subsample longer clips (random sorted subset in training)
+    max_bad_fraction: float = 0.01  # unreadable samples are reported and skipped up to this fraction, then an error
     lowercase: bool = True        # text normalisation for training targets and sentence ids
     crop: int = 0                 # square crop fed to the model (GFSLT-VLP: 224 of 256); 0 = whole frame
     augment: bool = False         # training-time clip augmentation (one affine per clip), on the device

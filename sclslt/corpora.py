@@ -367,7 +367,6 @@ def _decode_frames(it: Item, size: int, max_frames: int) -> tuple[np.ndarray, in
 
 def _decode_video(it: Item, size: int, max_frames: int, fps: float) -> tuple[np.ndarray, int]:
     import av
-    from PIL import Image  # noqa: F401
     try:
         with av.open(it.path) as c:
             if not c.streams.video:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig, SyntheticConfig
-from .shards import ShardError, iter_shard, read_manifest, write_split
+from .shards import ShardError, frame_format, iter_shard, read_manifest, write_split
 
 SPLITS = ("train", "dev", "test")
 
@@ -148,6 +148,28 @@ def _rng_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+class BadSamples:
+    """Counts unreadable samples (corrupt tar member, decode failure): each is reported with its shard
+    and key and skipped; once more than `max_fraction` of the samples read so far are bad, training
+    stops with an error that lists them (a few bad clips in a large corpus should not stop a run;
+    a broken copy of the data should)."""
+
+    def __init__(self, max_fraction: float):
+        self.max_fraction, self.expected, self.errors = max_fraction, 0, []
+
+    def expect(self, n: int) -> None:
+        self.expected += n
+
+    def __call__(self, where: str, exc: Exception) -> None:
+        import sys
+        self.errors.append(f"{where}: {exc}")
+        print(f"sclslt: skipping unreadable sample {where}: {exc}", file=sys.stderr, flush=True)
+        if len(self.errors) > self.max_fraction * max(self.expected, 1):
+            raise ShardError(f"{len(self.errors)} unreadable samples out of {self.expected} read "
+                             f"(more than data.max_bad_fraction={self.max_fraction}); first: "
+                             + "; ".join(self.errors[:5]))
+
+
 def rank_shards(manifest: dict, seed: int, epoch: int, rank: int, world: int) -> list[str]:
     """The shards a rank reads in an epoch: the shard list shuffled per (seed, epoch), split by rank."""
     names = [sh["name"] for sh in manifest["shards"]]
@@ -166,9 +188,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     """One rank's micro-batches of one split (see the module docstring for the guarantees)."""
 
     def __init__(self, shards_dir, split: str, micro_batch: int, *, rank: int = 0, world: int = 1,
-                 train: bool = True, seed: int = 0, shuffle_buffer: int = 256, max_frames: int = 0):
+                 train: bool = True, seed: int = 0, shuffle_buffer: int = 256, max_frames: int = 0,
+                 max_bad_fraction: float = 0.01):
         self.dir = Path(shards_dir)
         self.manifest = read_manifest(self.dir, split)
+        self.fmt = frame_format(self.manifest)
+        self.bad = BadSamples(max_bad_fraction)
         self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
         self.train, self.seed, self.shuffle_buffer, self.max_frames = train, seed, shuffle_buffer, max_frames
         self.epoch, self.skip = 0, 0
@@ -193,6 +218,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _shard_paths(self, names: list[str]) -> list[Path]:
         return [self.dir / n for n in names]
 
+    def _shard_size(self, path: Path) -> int:
+        return next(sh["num_samples"] for sh in self.manifest["shards"] if sh["name"] == path.name)
+
     def _samples(self, shard_names: list[str], worker: int) -> Iterator[dict]:
         """Training: this worker's shards, cycled, through a seeded shuffle buffer."""
         if not shard_names:
@@ -206,7 +234,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             if cycle:
                 random.Random(_rng_seed(self.seed, self.epoch, self.rank, worker, 2, cycle)).shuffle(order)
             for path in self._shard_paths(order):
-                for s in iter_shard(path):
+                self.bad.expect(self._shard_size(path))
+                for s in iter_shard(path, self.fmt, self.bad):
                     buf.append(s)
                     if len(buf) >= self.shuffle_buffer:
                         yield buf.pop(rng.randrange(len(buf)))
@@ -224,7 +253,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             if i + sh["num_samples"] <= lo:
                 i += sh["num_samples"]
                 continue
-            for s in iter_shard(self.dir / sh["name"]):
+            self.bad.expect(sh["num_samples"])
+            for s in iter_shard(self.dir / sh["name"], self.fmt, self.bad):
                 if lo <= i < hi:
                     yield s
                 i += 1

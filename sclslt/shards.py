@@ -14,7 +14,6 @@ wraps it. Manifests may carry extra keys (tools/shard_videos.py adds its options
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -33,19 +32,23 @@ class ShardError(RuntimeError):
 
 
 def encode_frames(frames: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(frames), allow_pickle=False)
-    return buf.getvalue()
+    """The default (npy) encoding of a clip's frames."""
+    from .codec import encode
+    return encode(frames, "npy")
 
 
-def decode_frames(data: bytes, where: str) -> np.ndarray:
+def frame_format(manifest: dict) -> str:
+    """The codec of a split's frames (`sclslt.codec`); manifests before formats existed say npy-uint8."""
+    fmt = manifest.get("format", FORMAT)
+    return "npy" if fmt == FORMAT else fmt
+
+
+def decode_frames(data: bytes, where: str, fmt: str = "npy") -> np.ndarray:
+    from .codec import decode
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        return decode(data, fmt)
     except Exception as e:  # noqa: BLE001 - re-raised with the sample named
-        raise ShardError(f"{where}: cannot decode frames.npy ({e})") from e
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ShardError(f"{where}: frames must be uint8 T x H x W x 3, got {arr.dtype} {arr.shape}")
-    return arr
+        raise ShardError(f"{where}: cannot decode frames ({fmt}): {e}") from e
 
 
 def _sha256(path: Path) -> str:
@@ -82,7 +85,11 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int = 64,
                  max_shard_bytes: int = 0, lowercase: bool = True, first_shard: int = 0,
-                 frame_shape: list | None = None):
+                 frame_shape: list | None = None, frame_format: str = "npy"):
+        from .codec import FORMATS, member_name
+        if frame_format not in FORMATS:
+            raise ShardError(f"frame format {frame_format!r}: use one of {FORMATS}")
+        self.frame_format, self.member = frame_format, member_name(frame_format)
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.split, self.samples_per_shard = split, int(samples_per_shard or 0)
@@ -115,11 +122,12 @@ class ShardWriter:
                 "num_frames": int(frames.shape[0]), "source": s.get("source", "")}
         for k, v in (s.get("meta") or {}).items():     # extra fields never override the standard ones
             meta.setdefault(k, v)
-        npy = encode_frames(frames)
+        from .codec import encode
+        data = encode(frames, self.frame_format)
         js = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-        return {"key": key, "npy": npy, "json": js, "meta": meta, "shape": list(frames.shape[1:]),
+        return {"key": key, "frames": data, "json": js, "meta": meta, "shape": list(frames.shape[1:]),
                 "row": [key, None, meta["sentence_id"], meta["num_frames"], norm],
-                "sizes": [len(npy), len(js)]}
+                "sizes": [len(data), len(js)]}
 
     def overflows(self, enc: dict) -> bool:
         """Whether writing `enc` now would first close the open shard (byte bound)."""
@@ -140,7 +148,7 @@ class ShardWriter:
             self._tmp = self.out / f".{self.split}-{self.next_shard:06d}.tar.tmp"
             self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=0)
             self._count, self._members = 0, []
-        self._writer.write({"__key__": enc["key"], "frames.npy": enc["npy"], "json": enc["json"]})
+        self._writer.write({"__key__": enc["key"], self.member: enc["frames"], "json": enc["json"]})
         self._members += enc["sizes"]
         self._count += 1
         self.index.append([enc["row"][0], self.next_shard] + enc["row"][2:])
@@ -175,9 +183,10 @@ class ShardWriter:
 
 
 def make_manifest(split: str, shards: list[dict], index: list[list], frame_shape, lowercase: bool,
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, frame_format: str = "npy") -> dict:
     """The manifest dict (the keys read by `read_manifest` plus any `extra` ones)."""
-    man = {"version": MANIFEST_VERSION, "split": split, "format": FORMAT, "num_samples": len(index),
+    man = {"version": MANIFEST_VERSION, "split": split, "format": FORMAT if frame_format == "npy" else frame_format,
+           "num_samples": len(index),
            "frame_shape": frame_shape, "shards": shards, "samples": index, "lowercase": lowercase}
     for k, v in (extra or {}).items():
         man.setdefault(k, v)
@@ -194,14 +203,14 @@ def write_manifest(out_dir: str | Path, split: str, manifest: dict) -> Path:
 
 def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
                 samples_per_shard: int = 64, lowercase: bool = True, *,
-                max_shard_bytes: int = 0, extra: dict | None = None) -> dict:
+                max_shard_bytes: int = 0, extra: dict | None = None, frame_format: str = "npy") -> dict:
     """Write `samples` (dicts with key, frames, text[, signer, source, original_text, meta]) as shards.
 
     Shards hold at most `samples_per_shard` samples (0: unbounded) and, when `max_shard_bytes` is set,
     at most that many bytes (a single larger sample is alone in its shard). `extra` adds keys to the
     manifest (e.g. the conversion options). Returns the manifest, also written to `<out_dir>/<split>.json`.
     """
-    w = ShardWriter(out_dir, split, samples_per_shard, max_shard_bytes, lowercase)
+    w = ShardWriter(out_dir, split, samples_per_shard, max_shard_bytes, lowercase, frame_format=frame_format)
     try:
         for s in samples:
             w.add(s)
@@ -211,7 +220,7 @@ def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
         raise
     if not w.index:
         raise ShardError(f"split {split}: no samples to write")
-    manifest = make_manifest(split, w.shards, w.index, w.shape, lowercase, extra)
+    manifest = make_manifest(split, w.shards, w.index, w.shape, lowercase, extra, frame_format)
     write_manifest(out_dir, split, manifest)
     return manifest
 
@@ -233,21 +242,38 @@ def read_manifest(shards_dir: str | Path, split: str) -> dict:
     return man
 
 
-def iter_shard(path: str | Path) -> Iterator[dict]:
-    """Decoded samples of one shard: {key, frames (np.uint8), meta (dict)}; errors name shard and key."""
-    import webdataset as wds
+def iter_shard(path: str | Path, fmt: str = "npy", on_error=None) -> Iterator[dict]:
+    """Decoded samples of one shard: {key, frames (np.uint8), meta (dict)}; errors name shard and key.
 
-    path = str(path)
-    for raw in wds.tarfile_samples([{"url": path}]):
-        key = raw.get("__key__", "?")
-        where = f"{path}:{key}"
-        if "frames.npy" not in raw or "json" not in raw:
-            raise ShardError(f"{where}: sample lacks frames.npy or json (has {sorted(raw)})")
-        try:
-            meta = json.loads(raw["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ShardError(f"{where}: bad json metadata ({e})") from e
-        yield {"key": key, "frames": decode_frames(raw["frames.npy"], where), "meta": meta}
+    With `on_error(where, exc)` a bad sample is reported and skipped, and a corrupt tar ends the
+    shard after reporting it; without it, the first error is raised.
+    """
+    import tarfile
+
+    import webdataset as wds
+    from .codec import member_name
+
+    path, member = str(path), member_name(fmt)
+    try:
+        for raw in wds.tarfile_samples([{"url": path}]):
+            key = raw.get("__key__", "?")
+            where = f"{path}:{key}"
+            try:
+                if member not in raw or "json" not in raw:
+                    raise ShardError(f"{where}: sample lacks {member} or json (has {sorted(raw)})")
+                try:
+                    meta = json.loads(raw["json"])
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise ShardError(f"{where}: bad json metadata ({e})") from e
+                yield {"key": key, "frames": decode_frames(raw[member], where, fmt), "meta": meta}
+            except ShardError as e:
+                if on_error is None:
+                    raise
+                on_error(where, e)
+    except (tarfile.TarError, OSError, ValueError) as e:   # a truncated/corrupt tar stops this shard
+        if on_error is None:
+            raise ShardError(f"{path}: corrupt shard ({type(e).__name__}: {e})") from e
+        on_error(path, e)
 
 
 class ShardIndex:
@@ -261,6 +287,7 @@ class ShardIndex:
         self.dir = Path(shards_dir)
         names = [sh["name"] for sh in manifest["shards"]]
         self.shard_of = {s[0]: names[s[1]] for s in manifest["samples"]}
+        self.fmt = frame_format(manifest)
         self._members: dict[str, dict] = {}
 
     def _index(self, name: str) -> dict:
@@ -280,15 +307,17 @@ class ShardIndex:
         name = self.shard_of[key]
         parts = self._index(name).get(key, {})
         where = f"{self.dir / name}:{key}"
-        if "frames.npy" not in parts or "json" not in parts:
-            raise ShardError(f"{where}: sample lacks frames.npy or json")
+        from .codec import member_name
+        member = member_name(self.fmt)
+        if member not in parts or "json" not in parts:
+            raise ShardError(f"{where}: sample lacks {member} or json")
         with open(self.dir / name, "rb") as f:
-            f.seek(parts["frames.npy"][0])
-            frames = f.read(parts["frames.npy"][1])
+            f.seek(parts[member][0])
+            frames = f.read(parts[member][1])
             f.seek(parts["json"][0])
             meta = f.read(parts["json"][1])
         try:
             meta = json.loads(meta)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ShardError(f"{where}: bad json metadata ({e})") from e
-        return {"key": key, "frames": decode_frames(frames, where), "meta": meta}
+        return {"key": key, "frames": decode_frames(frames, where, self.fmt), "meta": meta}

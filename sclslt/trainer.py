@@ -255,7 +255,7 @@ def train_stream(cfg: Config, name: str, shards_dir: Path, rank: int, world: int
         raise RunError(f"{name}.global_batch={st.global_batch} is not divisible by world size {world}")
     return ShardStream(shards_dir, "train", st.global_batch // world, rank=rank, world=world, train=True,
                        seed=stage_seed(cfg, name), shuffle_buffer=cfg.data.shuffle_buffer,
-                       max_frames=cfg.data.max_frames)
+                       max_frames=cfg.data.max_frames, max_bad_fraction=cfg.data.max_bad_fraction)
 
 
 def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> None:

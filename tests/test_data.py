@@ -148,3 +148,40 @@ def test_planned_stream_serves_the_plan_whatever_the_workers_and_resumes(tiny_sh
     first = next(iter(ShardStream(tiny_shards, "train", 1, train=False)))[0]
     again = next(iter(PlannedStream(tiny_shards, "train", [[first["key"]]])))[0]
     assert np.array_equal(first["frames"], again["frames"]) and first["meta"] == again["meta"]
+
+
+@pytest.mark.parametrize("fmt", ["npy.zst", "jpg"])
+def test_other_frame_formats_round_trip_through_stream_and_index(tmp_path, fmt):
+    from sclslt.data import PlannedStream
+    src = list(_samples(7, seed=2))
+    for s in src:                                   # smooth frames: JPEG keeps them close
+        s["frames"] = np.repeat(np.linspace(0, 250, 5 * 6, dtype=np.uint8).reshape(1, 5, 6, 1), 3, -1).repeat(
+            len(s["frames"]), 0)
+    man = write_split(iter(src), tmp_path, "train", samples_per_shard=3, frame_format=fmt)
+    assert read_manifest(tmp_path, "train")["format"] == fmt
+    got = {s["key"]: s["frames"] for b in ShardStream(tmp_path, "train", 2, train=False) for s in b}
+    again = next(iter(PlannedStream(tmp_path, "train", [[src[4]["key"]]])))[0]["frames"]
+    for s in src:
+        tol = 0 if fmt == "npy.zst" else 8
+        assert got[s["key"]].shape == s["frames"].shape
+        assert np.abs(got[s["key"]].astype(int) - s["frames"]).max() <= tol
+    assert np.array_equal(again, got[src[4]["key"]])
+    assert man["num_samples"] == 7
+
+
+def test_unreadable_samples_are_skipped_below_the_fraction_and_stop_above(tmp_path):
+    import tarfile
+    write_split(iter(list(_samples(20, seed=3))), tmp_path, "train", samples_per_shard=10)
+    shard = tmp_path / "train-000000.tar"                # corrupt one member's frames in place
+    with tarfile.open(shard) as tf:
+        m = next(x for x in tf.getmembers() if x.name.endswith(".frames.npy"))
+    data = bytearray(shard.read_bytes())
+    data[m.offset_data:m.offset_data + 8] = b"garbage!"
+    shard.write_bytes(bytes(data))
+    ok = ShardStream(tmp_path, "train", 4, seed=0, shuffle_buffer=4, max_bad_fraction=0.1)
+    keys = [s["key"] for b in ok for s in b]
+    assert len(keys) == 20 // 4 * 4 and m.name.split(".")[0] not in keys
+    assert len(ok.bad.errors) >= 1 and "train-000000.tar" in ok.bad.errors[0]
+    strict = ShardStream(tmp_path, "train", 4, seed=0, shuffle_buffer=4, max_bad_fraction=0.0)
+    with pytest.raises(ShardError, match="unreadable samples.*max_bad_fraction"):
+        list(strict)

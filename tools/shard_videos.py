@@ -113,7 +113,7 @@ def _verify(records: list[dict], items, dirs: list[Path]) -> list[dict]:
 def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_frames: int = 300,
                 fps: float = 0.0, workers: int = 1, shard_size_mb: float = 512.0,
                 samples_per_shard: int = 0, skip_bad: bool = False, lowercase: bool = True,
-                annotations=None, progress: bool = True, log=print) -> dict:
+                annotations=None, progress: bool = True, log=print, frame_format: str = "npy") -> dict:
     """Convert one split; returns its manifest. Raises BadInput / CorpusError / ShardError."""
     out = Path(out)
     items = read_items(layout, root, split, annotations)
@@ -128,7 +128,8 @@ def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_fram
     max_bytes = int(shard_size_mb * 1e6) if shard_size_mb and shard_size_mb > 0 else 0
     options = {"layout": layout, "size": size, "max_frames": max_frames, "fps": fps,
                "shard_size_mb": shard_size_mb, "samples_per_shard": samples_per_shard,
-               "lowercase": lowercase, "resize": "square", "progress_version": PROGRESS_VERSION}
+               "lowercase": lowercase, "resize": "square", "format": frame_format,
+               "progress_version": PROGRESS_VERSION}
     fingerprint = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
     work = out / f".{split}.work"
     published_progress = out / f"{split}.progress.jsonl"
@@ -154,7 +155,7 @@ def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_fram
     prog = open(prog_path, "a", encoding="utf-8")
 
     writer = ShardWriter(work, split, samples_per_shard, max_bytes, lowercase, first_shard=len(records),
-                         frame_shape=records[0]["shape"] if records else None)
+                         frame_shape=records[0]["shape"] if records else None, frame_format=frame_format)
     pending_bad: list[tuple[int, dict]] = []
     state = {"lo": pos, "rows": 0}
 
@@ -249,7 +250,7 @@ def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_fram
     shards = [{"name": r["name"], "num_samples": r["num_samples"], "sha256": r["sha256"]} for r in records]
     manifest = make_manifest(split, shards, index, records[0]["shape"], lowercase,
                              {"options": {k: v for k, v in options.items() if k != "progress_version"},
-                              "num_bad": len(bad), "tool": "tools/shard_videos.py"})
+                              "num_bad": len(bad), "tool": "tools/shard_videos.py"}, frame_format)
     write_manifest(out, split, manifest)
     shutil.rmtree(work, ignore_errors=True)
     log(f"{split}: {manifest['num_samples']} samples in {len(shards)} shard(s), {len(bad)} bad, "
@@ -275,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256,
                    help="frames are resized to SIZE x SIZE pixels, square (default 256); 0 keeps the "
                         "original size (all clips must then share it)")
+    p.add_argument("--format", choices=["npy", "npy.zst", "jpg"], default="npy",
+                   help="on-disk form of the frames (recorded in the manifest): npy raw uint8 (default, no "
+                        "decode cost), npy.zst lossless zstd, jpg per-frame JPEG q90 (smallest, lossy); "
+                        "see benchmarks/bench_loader.py")
     p.add_argument("--max-frames", type=int, default=300,
                    help="keep at most N evenly spaced frames per clip (default 300; 0 keeps all)")
     p.add_argument("--fps", type=float, default=0.0,
@@ -307,7 +312,7 @@ def main(argv=None) -> int:
                         fps=args.fps, workers=args.workers, shard_size_mb=args.shard_size,
                         samples_per_shard=args.samples_per_shard, skip_bad=args.skip_bad,
                         lowercase=not args.keep_case, annotations=args.annotations,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, frame_format=args.format)
     except (BadInput, CorpusError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
