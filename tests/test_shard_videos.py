@@ -366,3 +366,16 @@ def test_write_split_byte_bound_keeps_count_bound(tmp_path):
             [m for s in iter_shard(tmp_path / "b" / sh["name"])
              for m in (len(encode_frames(s["frames"])),
                        len(json.dumps(s["meta"], ensure_ascii=False, sort_keys=True).encode()))])
+
+
+def test_format_option_is_recorded_and_read_back(tmp_path):
+    root = make_phoenix(tmp_path / "PHOENIX-2014-T")
+    raw, zst = tmp_path / "raw", tmp_path / "zst"
+    assert run("--layout", "phoenix2014t", "--root", root, "--out", raw, "--split", "train") == 0
+    assert run("--layout", "phoenix2014t", "--root", root, "--out", zst, "--split", "train", "--format", "npy.zst") == 0
+    man = read_manifest(zst, "train")
+    assert man["format"] == "npy.zst" and man["options"]["format"] == "npy.zst"
+    a = [b[0] for b in ShardStream(raw, "train", 1, train=False)]
+    z = [b[0] for b in ShardStream(zst, "train", 1, train=False)]
+    assert [s["key"] for s in a] == [s["key"] for s in z]
+    assert all(np.array_equal(x["frames"], y["frames"]) for x, y in zip(a, z))     # lossless
