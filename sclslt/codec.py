@@ -47,12 +47,23 @@ def encode(frames: np.ndarray, fmt: str = "npy", level: int = 3, quality: int = 
     raise CodecError(f"unknown frame format {fmt!r}: use one of {FORMATS}")
 
 
+def _npy_view(data: bytes) -> np.ndarray:
+    """An .npy payload as an array over the same bytes (no copy; read-only), header checked by numpy."""
+    buf = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(buf)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(buf)
+    if dtype.hasobject or fortran:
+        raise CodecError(f"npy payload is {'object' if dtype.hasobject else 'Fortran-ordered'}: refused")
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=buf.tell()).reshape(shape)
+
+
 def decode(data: bytes, fmt: str = "npy") -> np.ndarray:
     if fmt == "npy":
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr = _npy_view(data)
     elif fmt == "npy.zst":
         import zstandard
-        arr = np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(data)), allow_pickle=False)
+        arr = _npy_view(zstandard.ZstdDecompressor().decompress(data))
     elif fmt == "jpg":
         from PIL import Image
         (n,) = struct.unpack_from("<I", data)

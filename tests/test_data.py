@@ -185,3 +185,17 @@ def test_unreadable_samples_are_skipped_below_the_fraction_and_stop_above(tmp_pa
     strict = ShardStream(tmp_path, "train", 4, seed=0, shuffle_buffer=4, max_bad_fraction=0.0)
     with pytest.raises(ShardError, match="unreadable samples.*max_bad_fraction"):
         list(strict)
+
+
+def test_codecs_round_trip_and_refuse_pickled_payloads():
+    from sclslt.codec import CodecError, decode, encode
+    x = np.random.default_rng(0).integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)
+    for fmt in ("npy", "npy.zst"):
+        assert np.array_equal(decode(encode(x, fmt), fmt), x)
+    assert decode(encode(x, "jpg"), "jpg").shape == x.shape
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CodecError, match="object"):
+        decode(buf.getvalue(), "npy")
+    with pytest.raises(CodecError, match="unknown frame format"):
+        encode(x, "gif")
