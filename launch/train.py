@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+EXIT_PREEMPTED = 75     # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; run again with --resume
 DEFAULT_DS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "zero2.json")
 
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     from sclslt.engine import setup_accelerator
     setup_accelerator()                       # before anything imports deepspeed
     from sclslt.config import ConfigError, load_config
-    from sclslt.trainer import RunError, run
+    from sclslt.trainer import Preempted, RunError, run
     try:
         cfg = load_config(args.config, rest)
     except ConfigError as e:
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
         return 2
     try:
         run(cfg, args.ds_config, resume=args.resume)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

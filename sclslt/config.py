@@ -109,6 +109,7 @@ class TrainConfig:
     max_steps: int = 0            # cap on optimizer steps per stage (0 = run all epochs)
     grad_clip: float = 1.0        # written into the DeepSpeed config (0 disables clipping)
     log_every: int = 10
+    max_nonfinite: int = 5        # consecutive non-finite losses (each skipped) before the run stops
     precision: str = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
 
 

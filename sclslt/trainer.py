@@ -18,6 +18,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,43 @@ CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale
 
 class RunError(RuntimeError):
     """The run cannot go on; the message says what to do."""
+
+
+class Preempted(RunError):
+    """SIGTERM/SIGUSR1 (a scheduler's warning): checkpointed at a step boundary; resume with --resume."""
+
+
+PREEMPT = threading.Event()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGUSR1 ask for a checkpoint at the next step boundary, then a clean exit."""
+    def handler(signum, frame):
+        PREEMPT.set()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+
+class NonFiniteGuard:
+    """A step whose loss is not finite on some rank is skipped by all ranks and counted; after
+    `limit` in a row the run stops with an error (the last checkpoint stays as it was)."""
+
+    def __init__(self, limit: int, ckpt_dir: Path):
+        self.limit, self.ckpt_dir, self.in_a_row, self.skipped = limit, ckpt_dir, 0, 0
+
+    def check(self, finite: bool, step: int, stage: str) -> bool:
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        print(f"sclslt: {stage}: non-finite loss after step {step}: update skipped "
+              f"({self.in_a_row} in a row, {self.skipped} in this run)", flush=True)
+        if self.in_a_row >= self.limit:
+            raise RunError(f"{stage}: {self.in_a_row} non-finite losses in a row after step {step} "
+                           f"(train.max_nonfinite={self.limit}); the last good checkpoint is in {self.ckpt_dir} "
+                           f"({eng.latest_tag(self.ckpt_dir)}); lower the learning rate or check the data")
+        return False
 
 
 def seed_everything(seed: int) -> None:
@@ -151,6 +190,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
         save(f"epoch{0:04d}")          # the reference run's early view: the stage's starting point
 
     collate = Collate(ctx.tokenizer)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite, ckpt_dir)
     engine.train()
     ctx.reporter.start_stage(name, total, step, st.global_batch, ctx.run_dir / name / "metrics.csv")
     while step < total and epoch < st.epochs:
@@ -160,13 +200,23 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
             batch = batch.to(engine.device)
             out = forward(engine, batch, st)
             loss, parts = step_loss(out, batch, st, ctx.world, cfg.model.similarity, cfg.model.cico_tau)
-            engine.backward(loss)
-            engine.step()
-            step, pos = step + 1, pos + 1
-            logged = all_reduce_sum(torch.stack([loss.detach(), *parts.values()])) / ctx.world
-            ctx.reporter.step(step, dict(zip(["loss", *parts], logged.tolist())), engine.lr(), epoch)
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
+            # one small collective per step: the loss parts for the log, and every rank's verdicts
+            # (finite loss, preemption signal), so all ranks skip or stop together
+            flag = torch.tensor([float(PREEMPT.is_set())], device=loss.device)
+            summed = all_reduce_sum(torch.cat([torch.stack([loss.detach(), *parts.values()]).float(), flag]))
+            logged, preempted = summed[:-1] / ctx.world, bool(summed[-1] > 0)
+            pos += 1
+            if guard.check(bool(torch.isfinite(logged).all()), step, name):
+                engine.backward(loss)
+                engine.step()
+                step += 1
+                ctx.reporter.step(step, dict(zip(["loss", *parts], logged.tolist())), engine.lr(), epoch)
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
+                    save()
+            if preempted:
                 save()
+                raise Preempted(f"{name}: stopped by a signal at step {step}; checkpoint saved in {ckpt_dir}: "
+                                f"continue with --resume")
             if step >= total:
                 break
         if pos >= per_epoch:
@@ -299,6 +349,7 @@ def evaluate(ctx: Context, model: SLTModel, split: str) -> dict:
 def prepare(cfg: Config, ds_config: str) -> Context:
     """Distributed init, data, run dir, tokenizer: everything before the first stage."""
     d = eng.init_distributed()
+    install_signal_handlers()
     reporter = Reporter(enabled=d["rank"] == 0, log_every=cfg.train.log_every)
     run_dir = Path(cfg.train.run_dir).resolve()
     if d["rank"] == 0:

@@ -1,0 +1,88 @@
+"""Faults a cluster job meets: a diverging loss, and a scheduler's SIGTERM/SIGUSR1 before preemption."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sclslt.engine import latest_tag, load_module_state
+from sclslt.trainer import NonFiniteGuard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_guard_skips_isolated_non_finite_steps_and_stops_after_k_in_a_row(tmp_path):
+    g = NonFiniteGuard(3, tmp_path)
+    assert g.check(True, 0, "s") and not g.check(False, 1, "s") and not g.check(False, 1, "s")
+    assert g.check(True, 1, "s")                      # a good step resets the count
+    assert not g.check(False, 2, "s") and not g.check(False, 2, "s")
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row.*max_nonfinite=3"):
+        g.check(False, 2, "s")
+    assert g.skipped == 5
+
+
+@pytest.fixture
+def cfg_path(tiny_cfg_dict, tmp_path):
+    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
+    cfg["data"]["synthetic"]["n_train"] = 48
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _env():
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_its_checkpoint_intact(cfg_path, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run),
+                           "--stage1.lr", "1e30", "--train.max_nonfinite", "3", "--checkpoint.every_epochs", "1",
+                           "--stage2.enabled", "false"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "3 non-finite losses in a row" in proc.stderr and "update skipped" in proc.stdout
+    ckpt = run / "stage1" / "checkpoints"
+    assert latest_tag(ckpt) == "epoch0000"
+    state = load_module_state(ckpt)                   # the last good checkpoint loads
+    assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
+def test_sigusr1_checkpoints_at_a_step_boundary_and_resume_continues(cfg_path, tmp_path):
+    run = tmp_path / "run"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    args = ["--config", str(cfg_path), "--train.run_dir", str(run), "--stage1.epochs", "60", "--stage2.enabled", "false"]
+    launcher = subprocess.Popen([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2",
+                                 "--master_port", "29641", "launch/train.py", "--deepspeed", "configs/zero2.json",
+                                 *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    metrics = run / "stage1" / "metrics.csv"
+    deadline = time.time() + 300
+    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 4) and time.time() < deadline:
+        time.sleep(0.5)
+    assert metrics.is_file(), launcher.communicate()[0][-3000:]
+    ranks = subprocess.run(["pgrep", "-f", f"train.py --local_rank=.*{run}"], capture_output=True, text=True)
+    pids = [int(p) for p in ranks.stdout.split()]
+    assert len(pids) == 2
+    for pid in pids:                                   # what Slurm's --signal does to every task
+        os.kill(pid, signal.SIGUSR1)
+    out, _ = launcher.communicate(timeout=300)
+    assert "preempted" in out and "--resume" in out, out[-3000:]
+    done = len(metrics.read_text().splitlines()) - 1
+    tag = latest_tag(run / "stage1" / "checkpoints")
+    assert tag == f"step{done:08d}" and done < 6 * 60    # saved at the step boundary it stopped at
+    assert launcher.returncode == 75                  # EX_TEMPFAIL: run me again with --resume
+    proc = subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2",
+                           "--master_port", "29642", "launch/train.py", "--deepspeed", "configs/zero2.json", *args,
+                           "--resume", "--train.max_steps", str(done + 2)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"resumed at step {done}" in proc.stdout
+    import csv
+    with open(metrics) as f:
+        steps = [int(float(r["step"])) for r in csv.DictReader(f)]
+    assert steps == list(range(1, done + 3))          # continued, with nothing lost or repeated
