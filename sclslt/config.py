@@ -110,6 +110,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # written into the DeepSpeed config (0 disables clipping)
     log_every: int = 10
     max_nonfinite: int = 5        # consecutive non-finite losses (each skipped) before the run stops
+    telemetry_every: int = 50     # GPU utilisation/memory/power/temperature per rank every N steps (0: off)
     precision: str = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
 
 

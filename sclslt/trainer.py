@@ -37,6 +37,7 @@ from .models import SLTModel
 from .reference import embed_split, retrieval_recall
 from .selection import Planner, Table, load_snapshot, load_table, save_snapshot, table_from_snapshots
 from .shards import read_manifest
+from .telemetry import GpuTelemetry
 from .text import load_tokenizer, train_tokenizer
 from .ui import Reporter
 
@@ -191,6 +192,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
 
     collate = Collate(ctx.tokenizer)
     guard = NonFiniteGuard(cfg.train.max_nonfinite, ckpt_dir)
+    gpus = GpuTelemetry(ctx.dist["device"])       # the same kind of device on every rank: all or none gather
     engine.train()
     ctx.reporter.start_stage(name, total, step, st.global_batch, ctx.run_dir / name / "metrics.csv")
     while step < total and epoch < st.epochs:
@@ -213,6 +215,10 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
                 ctx.reporter.step(step, dict(zip(["loss", *parts], logged.tolist())), engine.lr(), epoch)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
                     save()
+                if gpus.handle is not None and cfg.train.telemetry_every and step % cfg.train.telemetry_every == 0:
+                    per_rank = [None] * ctx.world
+                    dist.all_gather_object(per_rank, gpus.sample())
+                    ctx.reporter.telemetry(step, per_rank)
             if preempted:
                 save()
                 raise Preempted(f"{name}: stopped by a signal at step {step}; checkpoint saved in {ckpt_dir}: "

@@ -27,7 +27,8 @@ class Reporter:
     def start_stage(self, name: str, total: int, start: int, global_batch: int, csv_path=None) -> None:
         self.name, self.total, self.start_step, self.global_batch = name, total, start, global_batch
         self.t0 = time.time()
-        self.csv_path, self.csv_header = csv_path, None
+        from pathlib import Path
+        self.csv_path = Path(csv_path) if csv_path is not None else None
         if not self.enabled:
             return
         if self.console.is_terminal and not os.environ.get("SCLSLT_PLAIN_LOG"):
@@ -56,13 +57,25 @@ class Reporter:
             self.console.print(f"{self.name} step {step}/{self.total} epoch {epoch} {stats} eta {eta:.0f}s")
             self.console.file.flush()      # line by line in log files too
 
-    def _csv(self, row: dict) -> None:
+    def telemetry(self, step: int, per_rank: list[dict]) -> None:
+        """One line per sample (every rank's GPU) and rows in <stage>/telemetry.csv."""
+        if not self.enabled:
+            return
+        parts = [f"r{r} {t['gpu_util']:.0f}% {t['gpu_mem_gb']:.1f}GB {t['gpu_power_w']:.0f}W {t['gpu_temp_c']:.0f}C"
+                 for r, t in enumerate(per_rank) if t]
+        self.console.print(f"{self.name} step {step} gpu: " + " | ".join(parts))
+        if self.csv_path is not None:
+            for r, t in enumerate(per_rank):
+                if t:
+                    self._csv({"step": step, "rank": r, **t}, self.csv_path.with_name("telemetry.csv"))
+
+    def _csv(self, row: dict, path=None) -> None:
         """Append one row per step (a resumed stage appends to the same file)."""
         if self.csv_path is None:
             return
         import csv
         from pathlib import Path
-        path = Path(self.csv_path)
+        path = Path(path or self.csv_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.is_file()
         with open(path, "a", newline="") as f:
