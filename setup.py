@@ -32,5 +32,6 @@ setup(
         "zstandard>=0.22",
         "triton>=3.8; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest>=9,<10", "rouge-score==0.1.2"]},
+    extras_require={"mpi": ["mpi4py>=4", "openmpi>=5"],        # clusters usually bring their own MPI
+                    "test": ["pytest>=9,<10", "rouge-score==0.1.2", "mpi4py>=4", "openmpi>=5"]},
 )

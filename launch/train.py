@@ -2,8 +2,9 @@
 [--section.key value ...]`.
 
 With no experiment file it runs the embedded default (synthetic corpus, stage 1, stage 2,
-evaluation). Runs under the `deepspeed` launcher (any number of ranks and nodes) or as a single
-`python` process. On a machine without a GPU, DeepSpeed's CPU accelerator and gloo are selected
+evaluation). Runs under the `deepspeed` launcher (any number of ranks and nodes), under
+`mpirun -np N python launch/train.py ...` (ranks found through mpi4py), or as a single `python`
+process. On a machine without a GPU, DeepSpeed's CPU accelerator and gloo are selected
 automatically.
 """
 from __future__ import annotations

@@ -255,3 +255,28 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert (sel / "early.safetensors").is_file() and (sel / "epoch0001.safetensors").is_file()
     assert not (sel / "plan_e0000_r00000.json").exists()          # no late view yet: random batches
     assert (sel / "plan_e0001_r00001.json").is_file() and "planned" in proc.stdout
+
+
+def test_mpirun_launch_equals_one_process(exp):
+    """`mpirun -np 2 python launch/train.py ...`: ranks found through mpi4py, same losses and weights."""
+    import shutil
+    d, cfg_path = exp
+    run = d / "mpi"
+    mpirun = Path(sys.executable).with_name("mpirun")
+    mpirun = str(mpirun) if mpirun.exists() else shutil.which("mpirun")
+    assert mpirun, "mpirun not found: the test extra installs the openmpi package"
+    extra = ("--train.max_steps", "4", "--stage2.enabled", "false")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1",
+           "MASTER_PORT": "29651"}
+    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(WORLD)]
+    for var in ("DS_ACCELERATOR", "SCLSLT_PLAIN_LOG", "OMP_NUM_THREADS", "MASTER_PORT", "PATH", "TRITON_INTERPRET"):
+        if var in env:
+            cmd += ["-x", var]
+    proc = subprocess.run(cmd + [sys.executable, "launch/train.py", "--deepspeed", "configs/zero2.json",
+                                 "--config", str(cfg_path), "--train.run_dir", str(run), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"world {WORLD} x cpu" in proc.stdout
+    ref_losses, ref_params = reference(cfg_path, run, *extra)
+    assert [r["loss"] for r in metrics(run, "stage1")] == pytest.approx(ref_losses["stage1"], rel=2e-5)
+    assert_params_close(run / "stage1" / "checkpoints", ref_params["stage1"], "mpirun")
