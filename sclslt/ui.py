@@ -29,6 +29,8 @@ class Reporter:
         self.t0 = time.time()
         from pathlib import Path
         self.csv_path = Path(csv_path) if csv_path is not None else None
+        if self.enabled and self.csv_path is not None and self.csv_path.is_file():
+            self._truncate_after(start)
         if not self.enabled:
             return
         if self.console.is_terminal and not os.environ.get("SCLSLT_PLAIN_LOG"):
@@ -56,6 +58,17 @@ class Reporter:
             eta = (self.total - step) * (time.time() - self.t0) / max(done, 1)
             self.console.print(f"{self.name} step {step}/{self.total} epoch {epoch} {stats} eta {eta:.0f}s")
             self.console.file.flush()      # line by line in log files too
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed stage drops the rows logged after its checkpoint (they will be logged again)."""
+        lines = self.csv_path.read_text().splitlines(keepends=True)
+        if not lines:
+            return
+        col = lines[0].rstrip("\r\n").split(",").index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if float(ln.split(",")[col]) <= step]
+        tmp = self.csv_path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.csv_path)
 
     def telemetry(self, step: int, per_rank: list[dict]) -> None:
         """One line per sample (every rank's GPU) and rows in <stage>/telemetry.csv."""

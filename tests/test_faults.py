@@ -86,3 +86,37 @@ def test_sigusr1_checkpoints_at_a_step_boundary_and_resume_continues(cfg_path, t
     with open(metrics) as f:
         steps = [int(float(r["step"])) for r in csv.DictReader(f)]
     assert steps == list(range(1, done + 3))          # continued, with nothing lost or repeated
+
+
+def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_path, tmp_path):
+    import csv
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    ds = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2"]
+    args = ["launch/train.py", "--deepspeed", "configs/zero2.json", "--config", str(cfg_path), "--stage1.epochs", "60",
+            "--stage2.enabled", "false", "--checkpoint.every_steps", "2"]
+
+    def rows(run):
+        with open(run / "stage1" / "metrics.csv") as f:
+            return [(int(float(r["step"])), float(r["loss"])) for r in csv.DictReader(f)]
+
+    killed = tmp_path / "killed"
+    job = subprocess.Popen(ds + ["--master_port", "29643"] + args + ["--train.run_dir", str(killed)], cwd=ROOT,
+                           env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = killed / "stage1" / "metrics.csv"
+    deadline = time.time() + 300
+    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 6) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)                 # the launcher and every rank, mid-epoch, no warning
+    job.wait()
+    last = latest_tag(killed / "stage1" / "checkpoints")
+    done = int(last.removeprefix("step"))
+    assert done >= 2 and len(rows(killed)) >= done
+    target = done + 4
+    for run, port, extra in ((killed, "29644", ["--resume"]), (tmp_path / "clean", "29645", [])):
+        proc = subprocess.run(ds + ["--master_port", port] + args + ["--train.run_dir", str(run),
+                              "--train.max_steps", str(target), *extra], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+    resumed, clean = rows(killed), rows(tmp_path / "clean")
+    assert [s for s, _ in resumed] == list(range(1, target + 1))     # lost steps redone once, not twice
+    assert [x for _, x in resumed] == pytest.approx([x for _, x in clean], rel=1e-6)
