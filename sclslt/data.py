@@ -144,7 +144,7 @@ def subsample_frames(frames: np.ndarray, max_frames: int, rng: random.Random | N
     return frames[idx]
 
 
-def _rng_seed(*parts: int) -> int:
+def rng_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
@@ -173,7 +173,7 @@ class BadSamples:
 def rank_shards(manifest: dict, seed: int, epoch: int, rank: int, world: int) -> list[str]:
     """The shards a rank reads in an epoch: the shard list shuffled per (seed, epoch), split by rank."""
     names = [sh["name"] for sh in manifest["shards"]]
-    random.Random(_rng_seed(seed, epoch, 0)).shuffle(names)
+    random.Random(rng_seed(seed, epoch, 0)).shuffle(names)
     return names[rank::world] or names[rank % len(names)::len(names)]
 
 
@@ -226,13 +226,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not shard_names:
             raise ShardError(f"rank {self.rank} worker {worker} got no shard of {self.split}: use fewer "
                              f"workers or more shards (split has {len(self.manifest['shards'])})")
-        rng = random.Random(_rng_seed(self.seed, self.epoch, self.rank, worker, 1))
+        rng = random.Random(rng_seed(self.seed, self.epoch, self.rank, worker, 1))
         buf: list[dict] = []
         cycle = 0
         while True:
             order = list(shard_names)
             if cycle:
-                random.Random(_rng_seed(self.seed, self.epoch, self.rank, worker, 2, cycle)).shuffle(order)
+                random.Random(rng_seed(self.seed, self.epoch, self.rank, worker, 2, cycle)).shuffle(order)
             for path in self._shard_paths(order):
                 self.bad.expect(self._shard_size(path))
                 for s in iter_shard(path, self.fmt, self.bad):
@@ -288,7 +288,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _finish(self, batch: list[dict], b: int) -> list[dict]:
         # temporal subsampling: random in training, drawn per (seed, epoch, rank, batch): worker-independent
-        rng = random.Random(_rng_seed(self.seed, self.epoch, self.rank, b, 3)) if self.train else None
+        rng = random.Random(rng_seed(self.seed, self.epoch, self.rank, b, 3)) if self.train else None
         for s in batch:
             s["frames"] = subsample_frames(s["frames"], self.max_frames, rng)
         return batch
@@ -324,7 +324,7 @@ class PlannedStream(torch.utils.data.IterableDataset):
             if b < self.skip:
                 continue
             batch = [self.index.read(k) for k in self.batches[b]]
-            rng = random.Random(_rng_seed(self.seed, b, 3))
+            rng = random.Random(rng_seed(self.seed, b, 3))
             for s in batch:
                 s["frames"] = subsample_frames(s["frames"], self.max_frames, rng)
             yield batch

@@ -128,6 +128,15 @@ class SLTModel(nn.Module):
         enc = self.s2s.model.encoder(inputs_embeds=h, attention_mask=mask.long()).last_hidden_state
         return enc, mask
 
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def pooled_embeddings(self, enc, mask, text, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked-mean pooled, projected, L2-normalised (video, text) embeddings."""
+        v = F.normalize(self.video_proj(masked_mean(enc, mask)), dim=-1)
+        t = F.normalize(self.text_proj(masked_mean(text, text_mask.bool())), dim=-1)
+        return v, t
+
     def decode_logits(self, enc, mask, labels) -> torch.Tensor:
         from transformers.models.mbart.modeling_mbart import shift_tokens_right
         dec_in = shift_tokens_right(labels, self.s2s.config.pad_token_id)
@@ -143,15 +152,14 @@ class SLTModel(nn.Module):
         if translation:
             out["logits"] = self.decode_logits(enc, mask, labels)
         if contrastive:
-            text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            text = self.encode_text(input_ids, attention_mask)
             if self.cfg.similarity == "cico":      # token-level features for CiCo
                 out["video_tokens"] = F.normalize(self.video_proj(enc), dim=-1)
                 out["video_mask"] = mask
                 out["text_tokens"] = F.normalize(self.text_proj(text), dim=-1)
                 out["text_mask"] = attention_mask.bool()
             else:
-                out["video_emb"] = F.normalize(self.video_proj(masked_mean(enc, mask)), dim=-1)
-                out["text_emb"] = F.normalize(self.text_proj(masked_mean(text, attention_mask.bool())), dim=-1)
+                out["video_emb"], out["text_emb"] = self.pooled_embeddings(enc, mask, text, attention_mask)
             out["logit_scale"] = self.logit_scale()
         return out
 

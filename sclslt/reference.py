@@ -11,20 +11,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .data import Collate, ShardStream, make_loader
-from .models import SLTModel, masked_mean
+from .models import SLTModel
 
 
 @torch.no_grad()
 def pooled_embeddings(model: SLTModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled, L2-normalised (video, text) embeddings of a batch, whatever the training similarity."""
     enc, mask = model.encode_video(batch.frames, batch.frame_mask)
-    v = F.normalize(model.video_proj(masked_mean(enc, mask)), dim=-1)
-    h = model.text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    t = F.normalize(model.text_proj(masked_mean(h, batch.attention_mask.bool())), dim=-1)
-    return v, t
+    return model.pooled_embeddings(enc, mask, model.encode_text(batch.input_ids, batch.attention_mask),
+                                   batch.attention_mask)
 
 
 @torch.no_grad()

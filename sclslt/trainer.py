@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from . import engine as eng
 from .config import Config, StageConfig, save_config, to_dict
-from .data import Collate, PlannedStream, _rng_seed, ShardStream, make_loader, rank_pool_keys, resolve_shards_dir
+from .data import Collate, PlannedStream, ShardStream, make_loader, rank_pool_keys, resolve_shards_dir, rng_seed
 from .evaluate import compute_metrics, decode_loader, most_frequent_sentence
 from .losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from .models import SLTModel
@@ -301,7 +301,7 @@ class BatchSource:
         self.dir.mkdir(parents=True, exist_ok=True)      # the plan, for analysis and the tests
         (self.dir / f"plan_e{epoch:04d}_r{ctx.rank:05d}.json").write_text(json.dumps(batches))
         return PlannedStream(ctx.shards_dir, "train", batches, skip, ctx.cfg.data.max_frames,
-                             seed=_rng_seed(self.stream.seed, epoch))
+                             seed=rng_seed(self.stream.seed, epoch))
 
 
 def train_stream(cfg: Config, name: str, shards_dir: Path, rank: int, world: int) -> ShardStream:
