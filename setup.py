@@ -27,11 +27,15 @@ setup(
         "numpy>=1.26",
         "nvidia-ml-py>=12",
         "matplotlib>=3.7",
+        "tensorboard>=2.14",
+        "peft>=0.13",
+        "sentencepiece>=0.2",
         "av>=18",
         "pillow>=10",
         "zstandard>=0.22",
         "triton>=3.8; platform_system == 'Linux'",
     ],
+    entry_points={"console_scripts": ["sclslt=sclslt.cli:main"]},
     extras_require={"mpi": ["mpi4py>=4", "openmpi>=5"],        # clusters usually bring their own MPI
                     "test": ["pytest>=9,<10", "rouge-score==0.1.2", "mpi4py>=4", "openmpi>=5"]},
 )

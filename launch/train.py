@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 EXIT_PREEMPTED = 75     # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; run again with --resume
+EXIT_PEER_FAILED = 76   # another rank died or hung past train.dist_timeout_s; run again with --resume
 DEFAULT_DS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "zero2.json")
 
 
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from sclslt.engine import peer_failure
     try:
         run(cfg, args.ds_config, resume=args.resume)
     except Preempted as e:
@@ -50,6 +52,17 @@ def main(argv=None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not peer_failure(e):
+            raise
+        # another rank died or hung: say so and leave at once (a clean shutdown would wait on the dead
+        # peer); the last published checkpoint is intact and `--resume` continues from it
+        print(f"error: rank {os.environ.get('RANK', '?')}: a collective with the other ranks failed: another rank "
+              f"died or stopped answering within train.dist_timeout_s={cfg.train.dist_timeout_s} s "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); run again with --resume", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PEER_FAILED)
     return 0
 
 

@@ -82,6 +82,12 @@ class ModelConfig:
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0       # clamp of the multiplier, as CLIP
     temporal_downsample: bool = True      # two [Conv1d k5, BN, ReLU, MaxPool 2] blocks (GFSLT-VLP)
+    tokenizer_kind: str = "bpe"   # no model.tokenizer: "bpe" trained on the corpus, or "char" (Chinese)
+    trim_vocab: bool = True       # pretrained mBART: keep only the tokens the training texts use (GFSLT-VLP)
+    lang: str = ""                # mBART language code of the target text (de_DE, zh_CN, en_XX), pretrained only
+    lora_rank: int = 0            # > 0: LoRA adapters (peft) on the visual encoder and the decoder (paper: 16)
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
 
 
 @dataclass
@@ -112,6 +118,7 @@ class TrainConfig:
     max_nonfinite: int = 5        # consecutive non-finite losses (each skipped) before the run stops
     telemetry_every: int = 50     # GPU utilisation/memory/power/temperature per rank every N steps (0: off)
     precision: str = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
+    dist_timeout_s: int = 1800    # a collective waits this long for a stuck or dead rank, then every rank exits
 
 
 @dataclass
@@ -140,6 +147,8 @@ class EvalConfig:
     batch_size: int = 32
     bleu_tokenize: str = "13a"    # sacrebleu tokenizer: 13a (de/en), zh or char (Chinese)
     retrieval_split: str = "dev"  # video<->text R@1/5/10 after the contrastive stage (same sentence = hit)
+    select: str = "dev_bleu4"     # which stage-2 checkpoint is evaluated: best dev BLEU-4, or "last"
+    dev_every_epochs: int = 1     # dev decoding period during stage 2 (for select=dev_bleu4)
 
 
 @dataclass
@@ -159,6 +168,12 @@ class Config:
     def validate(self) -> "Config":
         if self.model.similarity not in ("pooled", "cico"):
             raise ConfigError(f"model.similarity={self.model.similarity!r}: use 'pooled' or 'cico'")
+        if self.model.tokenizer_kind not in ("bpe", "char"):
+            raise ConfigError(f"model.tokenizer_kind={self.model.tokenizer_kind!r}: use 'bpe' or 'char'")
+        if self.model.lora_rank < 0:
+            raise ConfigError("model.lora_rank must be >= 0 (0: no LoRA)")
+        if self.eval.select not in ("dev_bleu4", "last"):
+            raise ConfigError(f"eval.select={self.eval.select!r}: use 'dev_bleu4' or 'last'")
         if self.data.corpus not in ("synthetic", "shards"):
             raise ConfigError(f"data.corpus={self.data.corpus!r}: use 'synthetic' or 'shards'")
         if self.data.corpus == "shards" and not self.data.shards_dir:

@@ -9,9 +9,12 @@ clipping from `train.grad_clip` - DeepSpeed would otherwise clip at 1.0 silently
 bf16 on GPUs, fp32 on CPU unless `train.precision` says otherwise). A JSON that sets a batch size
 is an error rather than a silent conflict.
 
-Checkpoints are DeepSpeed's (ZeRO shards + module) plus our client state; DeepSpeed writes the
-`latest` pointer only after a complete save, so an interrupted save leaves the previous one loadable.
-Each rank also stores its RNG states next to its shard.
+Checkpoints are DeepSpeed's (ZeRO shards + module) plus our client state, a small `sclslt.json`
+(step, epoch, data position, world size) and each rank's RNG states. They are written under
+`<tag>.partial` and published by a rename plus an atomic `latest` update, so a crash while saving
+leaves the previous checkpoint loadable. Loading goes through torch's weights-only unpickler with
+DeepSpeed's few state classes allowed. A checkpoint written at another world size is converted
+once to DeepSpeed's universal format and re-partitioned for the current one.
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ def init_distributed(timeout_s: int = 1800) -> dict:
     from datetime import timedelta
     setup_accelerator()
     launched = "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
+    if not launched and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ.update(slurm_env(os.environ))          # `srun python launch/train.py`: one task per GPU
+        launched = True
     if not launched:   # plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -56,6 +62,45 @@ def init_distributed(timeout_s: int = 1800) -> dict:
         device = torch.device("cpu")
     return {"rank": rank, "world": world, "local_rank": local_rank, "device": device,
             "accelerator": acc.device_name()}
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether an exception means another rank died or hung (a collective failed or timed out)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
+        "NCCL communicator was aborted", "ProcessGroupGloo", "gloo"))
+
+
+def slurm_env(env) -> dict:
+    """torch.distributed's variables from a Slurm task's (deepspeed.init_distributed does not read them).
+
+    RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR is the first
+    host of the job (`scontrol show hostnames`) unless set; MASTER_PORT is derived from the job id
+    unless set, so two jobs sharing a node do not collide."""
+    import subprocess
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+    out["LOCAL_SIZE"] = per_node.split("(")[0].split(",")[0]        # "2(x3)" -> "2"
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        host = None
+        if nodes:
+            try:
+                host = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                      check=True, timeout=30).stdout.split()[0]
+            except (OSError, subprocess.SubprocessError, IndexError):
+                host = None
+        if host is None and int(env["SLURM_NTASKS"]) > 1:
+            raise RuntimeError(f"cannot find the master host of Slurm job {env.get('SLURM_JOB_ID')}: "
+                               f"`scontrol show hostnames {nodes}` failed; export MASTER_ADDR in the job script")
+        out["MASTER_ADDR"] = host or "127.0.0.1"
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return out
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -97,31 +142,75 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and ints only (loadable with weights_only=True)."""
+    py = random.getstate()
+    np_st = np.random.get_state()
+    st = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [np_st[0], torch.from_numpy(np_st[1].astype(np.int64)), *np_st[2:]],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _safe_globals() -> list:
+    """The DeepSpeed classes its checkpoints hold, allowed through torch's weights-only unpickler;
+    anything else in a checkpoint is refused rather than executed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu"):
+    """torch.load with weights_only=True (plus DeepSpeed's own state classes): no arbitrary code."""
+    import pickle
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            import re
+            what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise RuntimeError(f"{path}: refused to unpickle it: it holds {what.group(1) if what else 'an object'}, "
+                               f"outside the allow-list in sclslt/engine.py (_safe_globals); add the class there "
+                               f"only if you trust the file") from e
 
 
 class Engine:
     """A DeepSpeed engine around one model and one optimizer/LR schedule."""
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, lr_lambda,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, load_universal: bool = False):
+        """`load_universal`: the checkpoint to resume was written at another world size; it is read
+        from its universal form (see `to_universal`), which DeepSpeed re-partitions for this world."""
         import deepspeed
-        optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps)
+        if load_universal:
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload in ("cpu", "nvme"):      # the optimizer steps on the host: DeepSpeed's vectorised CPU AdamW
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        # every file DeepSpeed reads back goes through the weights-only unpickler
+        self.ds.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
         self.rank = torch.distributed.get_rank()
+        self.world = torch.distributed.get_world_size()
+        self.universal = load_universal
 
     @property
     def module(self) -> torch.nn.Module:
@@ -148,36 +237,96 @@ class Engine:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, ckpt_dir: str | os.PathLike, tag: str, client_state: dict, keep: int = 0) -> None:
+        """Write `<tag>.partial`, then publish: rename to `<tag>` and point `latest` at it (rank 0,
+        after every rank has written). A crash at any point leaves the previous checkpoint as `latest`."""
         ckpt_dir = Path(ckpt_dir)
-        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{self.rank:05d}.pt")
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+        partial = ckpt_dir / f"{tag}.partial"
+        if self.rank == 0 and partial.exists():
+            shutil.rmtree(partial)                    # debris of an earlier crash
         torch.distributed.barrier()
-        if self.rank == 0 and keep > 0:
-            # rotation applies to step tags (zero-padded: sortable); epoch tags of reference runs stay
-            tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-            for old in tags[:-keep]:
-                if old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
+        partial.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+        self.ds.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+        torch.distributed.barrier()
+        if self.rank == 0:
+            meta = {"tag": tag, "world": self.world, "zero_stage": self.ds.zero_optimization_stage(),
+                    **{k: v for k, v in client_state.get("sclslt", {}).items() if k != "config"}}
+            (partial / "sclslt.json").write_text(json.dumps(meta, indent=1))
+            publish(ckpt_dir, tag)
+            if keep > 0:
+                # rotation applies to step tags (zero-padded: sortable); epoch tags of reference runs stay
+                tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")
+                              and not p.name.endswith(".partial"))
+                for old in tags[:-keep]:
+                    if old.name != tag:
+                        shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
 
     def load(self, ckpt_dir: str | os.PathLike) -> dict | None:
-        """Load the latest checkpoint under `ckpt_dir`; returns its client state, or None if none."""
+        """Load the latest checkpoint under `ckpt_dir`; returns its client state, or None if none.
+        RNG states are restored only at the world size they were saved at."""
         tag = latest_tag(ckpt_dir)
         if tag is None:
             return None
-        path, client = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        load_dir = Path(ckpt_dir) / "universal" if self.universal else Path(ckpt_dir)
+        path, client = self.ds.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
         rng = Path(ckpt_dir) / tag / f"rng_rank{self.rank:05d}.pt"
-        if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
+        if rng.is_file() and not self.universal:
+            set_rng_state(safe_load(rng))
         return client
+
+
+def publish(ckpt_dir: Path, tag: str) -> None:
+    """`<tag>.partial` -> `<tag>`, then `latest` (written to a temporary file and renamed)."""
+    final, partial = ckpt_dir / tag, ckpt_dir / f"{tag}.partial"
+    if final.exists():                                # the same tag again (a resumed run re-saving it)
+        stale = ckpt_dir / f"{tag}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    tmp = ckpt_dir / "latest.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / "latest")
 
 
 def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
     f = Path(ckpt_dir) / "latest"
     return f.read_text().strip() if f.is_file() else None
+
+
+def checkpoint_meta(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict | None:
+    """The small JSON record of a published checkpoint (step, epoch, data position, world, ZeRO stage)."""
+    tag = tag or latest_tag(ckpt_dir)
+    f = Path(ckpt_dir) / str(tag) / "sclslt.json"
+    return json.loads(f.read_text()) if tag and f.is_file() else None
+
+
+def to_universal(ckpt_dir: str | os.PathLike, tag: str) -> Path:
+    """Convert checkpoint `tag` to DeepSpeed's universal format (once; under `<ckpt_dir>/universal/<tag>`),
+    from which a job of any world size can resume. Run on one rank; the others wait at a barrier."""
+    import subprocess
+    import sys
+    out = Path(ckpt_dir) / "universal" / tag
+    if (out / "zero").is_dir() and (out / "mp_rank_00_model_states.pt").is_file():
+        return out
+    tmp = out.with_name(tag + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(Path(ckpt_dir) / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1", "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {Path(ckpt_dir) / tag} to a universal checkpoint failed:\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
@@ -191,7 +340,7 @@ def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> di
     model_file = next((f for f in files if f.is_file()), None)
     if model_file is None:
         raise FileNotFoundError(f"checkpoint {d} has no model states file (looked for {[f.name for f in files]})")
-    states = torch.load(model_file, map_location="cpu", weights_only=False)
+    states = safe_load(model_file)
     zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     if zero_stage == 3:     # parameters live partitioned in the optimizer states: consolidate them
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

@@ -167,17 +167,23 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
     set_trainable(model, st)
     precision = eng.resolve_precision(cfg.train.precision, ctx.dist["device"])
     ds_config = eng.build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision)
+    tag = eng.latest_tag(ckpt_dir)
+    if tag is not None and not resume:
+        raise RunError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
+                       f"or choose another --train.run_dir")
+    saved_world = resume_world(ckpt_dir, tag, ctx.rank) if tag is not None else ctx.world
     engine = eng.Engine(model, ds_config, st.lr, st.weight_decay,
-                        lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio), eps=st.adam_eps)
+                        lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio), eps=st.adam_eps,
+                        load_universal=saved_world != ctx.world)
 
     step, epoch, pos = 0, 0, 0
-    if eng.latest_tag(ckpt_dir) is not None:
-        if not resume:
-            raise RunError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
-                           f"or choose another --train.run_dir")
+    if tag is not None:
         client = engine.load(ckpt_dir)["sclslt"]
         step, epoch, pos = client["step"], client["epoch"], client["batch_in_epoch"]
-        ctx.reporter.info(f"{name}: resumed at step {step} (epoch {epoch}, batch {pos}) from {ckpt_dir}")
+        ctx.reporter.info(f"{name}: resumed at step {step} (epoch {epoch}, batch {pos}) from {ckpt_dir}/{tag}"
+                          + (f", written by {saved_world} ranks, now {ctx.world}" if saved_world != ctx.world else ""))
+        if saved_world != ctx.world:       # RNG streams are per rank: new ones, a function of the position
+            seed_everything(cfg.train.seed * 7919 + step * 104729 + ctx.rank * 15485863)
         if step >= total:
             return engine.module
 
@@ -232,6 +238,21 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
     save()
     ctx.reporter.end_stage(name, step)
     return engine.module
+
+
+def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
+    """The world size checkpoint `tag` was written at; if it differs from this job's, rank 0 converts
+    it to the universal format (the data position is in global batches, so it carries over as is)."""
+    meta = eng.checkpoint_meta(ckpt_dir, tag)
+    if meta is None:
+        raise RunError(f"{ckpt_dir}/{tag} has no sclslt.json: not a complete checkpoint of this trainer")
+    world = dist.get_world_size()
+    if meta["world"] != world and rank == 0:
+        print(f"sclslt: {ckpt_dir}/{tag} was written by {meta['world']} ranks, this job has {world}: "
+              f"converting it to a universal checkpoint", flush=True)
+        eng.to_universal(ckpt_dir, tag)
+    dist.barrier()
+    return int(meta["world"])
 
 
 def stage_seed(cfg: Config, name: str) -> int:
@@ -354,7 +375,7 @@ def evaluate(ctx: Context, model: SLTModel, split: str) -> dict:
 
 def prepare(cfg: Config, ds_config: str) -> Context:
     """Distributed init, data, run dir, tokenizer: everything before the first stage."""
-    d = eng.init_distributed()
+    d = eng.init_distributed(cfg.train.dist_timeout_s)
     install_signal_handlers()
     reporter = Reporter(enabled=d["rank"] == 0, log_every=cfg.train.log_every)
     run_dir = Path(cfg.train.run_dir).resolve()
@@ -399,6 +420,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
                               cfg.eval.batch_size)
             retrieval[name] = {"split": cfg.eval.retrieval_split,
                                **retrieval_recall(emb["video"], emb["text"], emb["sentence_ids"])}
+            ctx.reporter.scalars(retrieval[name], f"retrieval_{cfg.eval.retrieval_split}")
             ctx.reporter.info(f"{name} {cfg.eval.retrieval_split} retrieval: " + " ".join(
                 f"{k} {v:.1f}" for k, v in retrieval[name].items() if k != "split"))
     if model is None:

@@ -1,6 +1,8 @@
 """Progress and summaries on rank 0 with `rich`: a live bar (step, loss, clips/s, ETA) on a terminal,
 plain log lines every `log_every` steps otherwise (CI logs, Slurm output files), and result tables.
-Other ranks stay quiet.
+Every step's values also go to `<stage>/metrics.csv` and to TensorBoard event files under
+`<run>/tensorboard/<stage>/` (`tensorboard --logdir <run>/tensorboard`); a resumed stage drops what
+was logged after its checkpoint from both. Other ranks stay quiet.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ class Reporter:
         self.console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
         self.log_every = log_every
         self.progress = None
+        self.tb = None
+        self.last_step = 0
         self.history: list[dict] = []
         self.stage_rows: list[list[str]] = []
 
@@ -26,6 +30,7 @@ class Reporter:
 
     def start_stage(self, name: str, total: int, start: int, global_batch: int, csv_path=None) -> None:
         self.name, self.total, self.start_step, self.global_batch = name, total, start, global_batch
+        self.last_step = start
         self.t0 = time.time()
         from pathlib import Path
         self.csv_path = Path(csv_path) if csv_path is not None else None
@@ -33,6 +38,12 @@ class Reporter:
             self._truncate_after(start)
         if not self.enabled:
             return
+        self.close_tensorboard()
+        if self.csv_path is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: events at or after the resumed step, from the interrupted run, are hidden
+            self.tb = SummaryWriter(str(self.csv_path.parent.parent / "tensorboard" / name),
+                                    purge_step=start + 1 if start else None, flush_secs=30)
         if self.console.is_terminal and not os.environ.get("SCLSLT_PLAIN_LOG"):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             self.progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
@@ -48,7 +59,12 @@ class Reporter:
         row = {k: float(v) for k, v in values.items()}
         row.update(step=step, lr=lr, epoch=epoch, stage=self.name)
         self.history.append(row)
+        self.last_step = step
         self._csv(row)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", float(v), step)
+            self.tb.add_scalar("train/lr", lr, step)
         done = step - self.start_step
         rate = done * self.global_batch / max(time.time() - self.t0, 1e-9)
         stats = " ".join(f"{k} {row[k]:.4f}" for k in values) + f" lr {lr:.2e} {rate:.1f} clips/s"
@@ -81,6 +97,23 @@ class Reporter:
             for r, t in enumerate(per_rank):
                 if t:
                     self._csv({"step": step, "rank": r, **t}, self.csv_path.with_name("telemetry.csv"))
+                    if self.tb is not None:
+                        for k, v in t.items():
+                            self.tb.add_scalar(f"gpu/rank{r}/{k}", float(v), step)
+
+    def scalars(self, values: dict, prefix: str) -> None:
+        """Evaluation numbers (retrieval recall, BLEU) into the current stage's event file, at its last step."""
+        step = self.last_step
+        if self.enabled and self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+            self.tb.flush()
+
+    def close_tensorboard(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def _csv(self, row: dict, path=None) -> None:
         """Append one row per step (a resumed stage appends to the same file)."""
@@ -106,6 +139,8 @@ class Reporter:
             last = [r for r in self.history if r["stage"] == name][-1:] or [{}]
             self.stage_rows.append([name, str(step), f"{wall:.1f}", f"{last[0].get('loss', float('nan')):.4f}"])
             self.info(f"{name}: done at step {step} in {wall:.1f}s")
+            if self.tb is not None:
+                self.tb.flush()
 
     def results(self, result: dict) -> None:
         if not self.enabled:
@@ -118,6 +153,8 @@ class Reporter:
             t.add_row(*r)
         self.console.print(t)
         m, b = result["model"], result["trivial_baseline"]
+        self.scalars(m, f"eval_{result['split']}")
+        self.close_tensorboard()
         t = Table(title=f"{result['split']} split ({m['n']} clips, beam {result['beam']})")
         for c in ("system", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
             t.add_column(c)

@@ -120,3 +120,91 @@ def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_pa
     resumed, clean = rows(killed), rows(tmp_path / "clean")
     assert [s for s, _ in resumed] == list(range(1, target + 1))     # lost steps redone once, not twice
     assert [x for _, x in resumed] == pytest.approx([x for _, x in clean], rel=1e-6)
+
+
+CRASH_IN_SAVE = """
+import os, runpy, signal, sys
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+save = TorchCheckpointEngine.save
+def crashing_save(self, state_dict, path):
+    save(self, state_dict, path)          # one file of the checkpoint is on disk, the rest is not
+    if os.environ["CRASH_TAG"] in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+TorchCheckpointEngine.save = crashing_save
+sys.argv = ["launch/train.py", *sys.argv[1:]]
+runpy.run_path("launch/train.py", run_name="__main__")
+"""
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(cfg_path, tmp_path):
+    import csv
+    run, clean = tmp_path / "run", tmp_path / "clean"
+    args = ["--config", str(cfg_path), "--stage1.epochs", "2", "--stage2.enabled", "false",
+            "--checkpoint.every_steps", "2"]
+    crashed = subprocess.run([sys.executable, "-c", CRASH_IN_SAVE, *args, "--train.run_dir", str(run)], cwd=ROOT,
+                             env={**_env(), "CRASH_TAG": "step00000004"}, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    ckpt = run / "stage1" / "checkpoints"
+    assert latest_tag(ckpt) == "step00000002"                 # not pointing at the half-written one
+    assert (ckpt / "step00000004.partial").is_dir() and not (ckpt / "step00000004").exists()
+    out = {}
+    for d, extra in ((run, ["--resume"]), (clean, [])):
+        proc = subprocess.run([sys.executable, "launch/train.py", *args, "--train.run_dir", str(d), *extra],
+                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        out[d] = proc.stdout
+    assert "resumed at step 2 " in out[run]
+
+    def rows(d):
+        with open(d / "stage1" / "metrics.csv") as f:
+            return [(int(float(r["step"])), float(r["loss"])) for r in csv.DictReader(f)]
+    assert rows(run) == pytest.approx(rows(clean), rel=1e-6)
+    assert not (ckpt / "step00000004.partial").exists() and latest_tag(ckpt) == latest_tag(clean / "stage1" / "checkpoints")
+
+
+def test_checkpoint_files_load_without_unpickling_arbitrary_objects(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from sclslt.engine import rng_state, safe_load, set_rng_state
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(safe_load(tmp_path / "rng.pt"))              # RNG states are plain tensors and ints
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+    import argparse
+    torch.save({"module": {"w": torch.ones(2)}, "args": argparse.Namespace(x=1)}, tmp_path / "evil.pt")
+    with pytest.raises(RuntimeError, match="evil.pt: refused to unpickle.*argparse.Namespace"):
+        safe_load(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_when_one_rank_dies_or_hangs_the_others_exit_in_bounded_time(cfg_path, tmp_path, fault):
+    """Ranks started by hand (as srun or a hand-rolled launcher would; no launcher to kill the rest):
+    rank 1 is killed (SIGKILL) or frozen (SIGSTOP) mid-run; rank 0 must exit with a clear message and
+    code 76, at once for a dead peer and within train.dist_timeout_s for a silent one."""
+    run = tmp_path / "run"
+    port = {"killed": "29651", "hung": "29652"}[fault]
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run),
+                               "--stage1.epochs", "60", "--stage2.enabled", "false", "--train.dist_timeout_s", "10"],
+                              cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        metrics = run / "stage1" / "metrics.csv"
+        deadline = time.time() + 300
+        while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        t0 = time.time()
+        out, _ = procs[0].communicate(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 76, out[-3000:]
+    assert "another rank died or stopped answering" in out and "--resume" in out
+    assert waited < (5 if fault == "killed" else 10 + 30)

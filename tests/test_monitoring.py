@@ -33,3 +33,28 @@ def test_plot_command_writes_a_png_from_the_run_csvs(tmp_path):
     bad = subprocess.run([sys.executable, "tools/plot_metrics.py", "--run", str(tmp_path / "nothing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "metrics.csv" in bad.stderr
+
+
+def test_tensorboard_events_follow_the_csv_across_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    rep = Reporter(enabled=True, log_every=1000)
+    rep.start_stage("stage1", 6, 0, 8, run / "stage1" / "metrics.csv")
+    for step in range(1, 6):                              # steps 4 and 5 come after the last checkpoint
+        rep.step(step, {"loss": 10.0 - step}, 1e-3, 0)
+    rep.close_tensorboard()                               # the job dies here
+    rep = Reporter(enabled=True, log_every=1000)
+    rep.start_stage("stage1", 6, 3, 8, run / "stage1" / "metrics.csv")      # resumed at step 3
+    for step in range(4, 7):
+        rep.step(step, {"loss": 100.0 + step}, 1e-3, 0)
+    rep.scalars({"v2t_r1": 42.0, "split": "dev"}, "retrieval_dev")
+    rep.end_stage("stage1", 6)
+    rep.close_tensorboard()
+    acc = EventAccumulator(str(run / "tensorboard" / "stage1"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 104.0), (5, 105.0), (6, 106.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("retrieval_dev/v2t_r1")] == [(6, 42.0)]
+    import csv
+    with open(run / "stage1" / "metrics.csv") as f:
+        assert [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)] == got
