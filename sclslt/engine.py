@@ -236,9 +236,11 @@ class Engine:
         return float(self.ds.get_lr()[0])
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save(self, ckpt_dir: str | os.PathLike, tag: str, client_state: dict, keep: int = 0) -> None:
+    def save(self, ckpt_dir: str | os.PathLike, tag: str, client_state: dict, keep: int = 0,
+             protect: set = frozenset()) -> None:
         """Write `<tag>.partial`, then publish: rename to `<tag>` and point `latest` at it (rank 0,
-        after every rank has written). A crash at any point leaves the previous checkpoint as `latest`."""
+        after every rank has written). A crash at any point leaves the previous checkpoint as `latest`.
+        Rotation keeps the newest `keep` step tags and the tags in `protect` (the selected one)."""
         ckpt_dir = Path(ckpt_dir)
         partial = ckpt_dir / f"{tag}.partial"
         if self.rank == 0 and partial.exists():
@@ -258,7 +260,7 @@ class Engine:
                 tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")
                               and not p.name.endswith(".partial"))
                 for old in tags[:-keep]:
-                    if old.name != tag:
+                    if old.name != tag and old.name not in protect:
                         shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
 

@@ -177,9 +177,11 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
                         load_universal=saved_world != ctx.world)
 
     step, epoch, pos = 0, 0, 0
+    selector = DevSelector(ctx, name)
     if tag is not None:
         client = engine.load(ckpt_dir)["sclslt"]
         step, epoch, pos = client["step"], client["epoch"], client["batch_in_epoch"]
+        selector.restore(client.get("selection"))
         ctx.reporter.info(f"{name}: resumed at step {step} (epoch {epoch}, batch {pos}) from {ckpt_dir}/{tag}"
                           + (f", written by {saved_world} ranks, now {ctx.world}" if saved_world != ctx.world else ""))
         if saved_world != ctx.world:       # RNG streams are per rank: new ones, a function of the position
@@ -189,8 +191,14 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
 
     def save(tag: str | None = None):
         client = {"sclslt": {"stage": name, "step": step, "epoch": epoch, "batch_in_epoch": pos,
-                             "config": to_dict(cfg), "world": ctx.world}}
-        engine.save(ckpt_dir, tag or f"step{step:08d}", client, keep=cfg.checkpoint.keep)
+                             "config": to_dict(cfg), "world": ctx.world, "selection": selector.state()}}
+        engine.save(ckpt_dir, tag or f"step{step:08d}", client, keep=cfg.checkpoint.keep,
+                    protect={selector.best["tag"]} if selector.best else set())
+
+    def measure_dev():
+        if selector.measure(engine.module, step, epoch):
+            save()                      # the new best: published now, never rotated away
+        engine.train()
 
     every_epochs = cfg.checkpoint.every_epochs
     if every_epochs and step == 0:
@@ -235,9 +243,60 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
             epoch, pos = epoch + 1, 0
             if every_epochs and epoch % every_epochs == 0:
                 save(f"epoch{epoch:04d}")
+            if selector.active and epoch % max(cfg.eval.dev_every_epochs, 1) == 0 and step < total:
+                measure_dev()
+    if selector.active and not selector.measured(step):
+        measure_dev()
     save()
     ctx.reporter.end_stage(name, step)
     return engine.module
+
+
+class DevSelector:
+    """The checkpoint-selection rule (eval.select=dev_bleu4): the last enabled stage that trains
+    translation decodes the dev split every `eval.dev_every_epochs` epochs and at its end; the
+    checkpoint with the best dev BLEU-4 (then chrF, ROUGE-L; the earliest on full ties) is kept out
+    of rotation, evaluated on the test split and used by `sclslt translate`. Its state travels in
+    the checkpoints, so a resumed run keeps its best."""
+
+    def __init__(self, ctx: Context, name: str):
+        cfg = ctx.cfg
+        enabled = [s for s in STAGES if getattr(cfg, s).enabled and getattr(cfg, s).epochs > 0]
+        self.ctx, self.name = ctx, name
+        self.active = (cfg.eval.select == "dev_bleu4" and bool(enabled) and enabled[-1] == name
+                       and getattr(cfg, name).translation_weight > 0)
+        self.best: dict | None = None
+        self.history: list[dict] = []
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        """BLEU-4, then chrF, then ROUGE-L (BLEU-4 ties at 0 early in training); strictly greater wins."""
+        return row["dev_bleu4"], row.get("dev_chrf") or 0.0, row["dev_rouge_l"]
+
+    def state(self) -> dict:
+        return {"best": self.best, "history": self.history}
+
+    def restore(self, state: dict | None) -> None:
+        if state:
+            self.best, self.history = state.get("best"), list(state.get("history", []))
+
+    def measured(self, step: int) -> bool:
+        return bool(self.history) and self.history[-1]["step"] == step
+
+    def measure(self, model, step: int, epoch: int) -> bool:
+        """Decode dev; True if this step is the new best."""
+        res = evaluate(self.ctx, model, "dev", write=False)["model"]
+        row = {"step": step, "epoch": epoch, "tag": f"step{step:08d}", "dev_bleu4": res["bleu4"],
+               "dev_chrf": res.get("chrf"), "dev_rouge_l": res["rouge_l"]}
+        self.history.append(row)
+        better = self.best is None or self.key(row) > self.key(self.best)
+        if better:
+            self.best = row
+        self.ctx.reporter.info(f"{self.name} step {step}: dev BLEU-4 {row['dev_bleu4']:.2f}"
+                               + (" (best so far)" if better else f" (best {self.best['dev_bleu4']:.2f} "
+                                                                  f"at step {self.best['step']})"))
+        self.ctx.reporter.scalars({"bleu4": row["dev_bleu4"], "rouge_l": row["dev_rouge_l"]}, "dev")
+        return better
 
 
 def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
@@ -351,7 +410,7 @@ def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> Non
     model.load_state_dict({k: state[k] for k in loaded}, strict=True)
 
 
-def evaluate(ctx: Context, model: SLTModel, split: str) -> dict:
+def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> dict:
     cfg = ctx.cfg
     stream = ShardStream(ctx.shards_dir, split, cfg.eval.batch_size, rank=ctx.rank, world=ctx.world, train=False)
     loader = make_loader(stream, Collate(ctx.tokenizer), cfg.data.num_workers, cfg.data.prefetch_factor)
@@ -366,7 +425,7 @@ def evaluate(ctx: Context, model: SLTModel, split: str) -> dict:
               "trivial_baseline": {"sentence": trivial,
                                    **compute_metrics([trivial] * len(refs), refs, cfg.eval.bleu_tokenize)},
               "beam": cfg.eval.beam}
-    if ctx.rank == 0:
+    if ctx.rank == 0 and write:
         with open(ctx.run_dir / f"hypotheses.{split}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -403,6 +462,27 @@ def build_model(ctx: Context) -> SLTModel:
     return SLTModel(ctx.cfg.model, ctx.tokenizer, ctx.cfg.data)
 
 
+def selected_model(ctx: Context, name: str, model: SLTModel) -> tuple[SLTModel, dict]:
+    """The model the run is evaluated with, and the record of why: the best dev BLEU-4 checkpoint of
+    the last stage (`DevSelector`), or its last one (eval.select=last, or no dev measurement)."""
+    ckpt_dir = ctx.run_dir / name / "checkpoints"
+    last = eng.latest_tag(ckpt_dir)
+    sel = (eng.checkpoint_meta(ckpt_dir, last) or {}).get("selection") or {}
+    best = sel.get("best")
+    record = {"stage": name, "tag": last, "rule": "last checkpoint of the last stage"}
+    if best:
+        record = {"stage": name, "tag": best["tag"], "step": best["step"], "dev_bleu4": best["dev_bleu4"],
+                  "rule": f"best dev BLEU-4 (ties: chrF, ROUGE-L, then the earliest) of the last stage, decoded "
+                          f"every {ctx.cfg.eval.dev_every_epochs} epoch(s) and at its end (eval.select=dev_bleu4)",
+                  "history": sel.get("history", [])}
+        if best["tag"] != last:
+            model = build_model(ctx)
+            model.load_state_dict(eng.load_module_state(ckpt_dir, best["tag"]), strict=True)
+            model.to(ctx.dist["device"])
+    ctx.reporter.info(f"evaluating {name}/{record['tag']}: {record['rule']}")
+    return model, record
+
+
 def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     ctx = prepare(cfg, ds_config)
     t0 = time.time()
@@ -425,7 +505,9 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
                 f"{k} {v:.1f}" for k, v in retrieval[name].items() if k != "split"))
     if model is None:
         raise RunError("no stage enabled: set stage1.enabled or stage2.enabled")
+    model, selected = selected_model(ctx, enabled[-1], model)
     result = evaluate(ctx, model, cfg.eval.split)
+    result["selected_checkpoint"] = selected
     result["retrieval"] = retrieval
     result["wall_s"] = time.time() - t0
     result["world"] = ctx.world
