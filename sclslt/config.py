@@ -301,17 +301,26 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
+def _read_experiment(p: Path, seen: tuple = ()) -> dict:
+    """An experiment file; `base: other.yaml` (relative to the file) is read first and overridden."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist" + (f" (base of {seen[-1]})" if seen else ""))
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {p}: circular base chain {[str(x) for x in seen]}")
+    loaded = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {p}: base must be a file name, got {base!r}")
+    return _deep_update(_read_experiment(p.parent / base, seen + (p.resolve(),)), loaded)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Defaults <- experiment file <- dotted overrides; validated."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping")
-        data = loaded
+    data: dict = _read_experiment(Path(path)) if path else {}
     if overrides:
         ov = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         data = _deep_update(data, ov)

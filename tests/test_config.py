@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from sclslt.config import ConfigError, Config, from_dict, load_config, parse_overrides, save_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_validate_and_stage_defaults_differ():
@@ -48,3 +52,29 @@ def test_saved_config_reloads_identically(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_base_files_chain_and_are_overridden(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {d_model: 48, heads: 4}\nstage1: {epochs: 3}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nmodel: {heads: 2}\n")
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\nstage1: {epochs: 7}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["--model.d_model", "64"])
+    assert (cfg.model.d_model, cfg.model.heads, cfg.stage1.epochs) == (64, 2, 7)
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_shipped_experiment_file_loads(path):
+    cfg = load_config(ROOT / path)
+    if "phoenix2014t" in path or "csl_daily" in path:       # the paper's recipe (PAPER.md "Model")
+        assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.eval.beam) == (16, 32, 8)
+        assert cfg.stage1.label_smoothing == cfg.stage2.label_smoothing == 0.2
+        assert cfg.model.similarity == "cico" and cfg.stage1.freeze_text_encoder
+        assert cfg.eval.bleu_tokenize == ("zh" if "csl_daily" in path else "13a")
