@@ -33,6 +33,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from sclslt.preempt import install_signal_handlers
+    install_signal_handlers()                 # before the heavy imports: an early SIGUSR1 is not fatal
     args, rest = parse_args(argv)
     from sclslt.engine import setup_accelerator
     setup_accelerator()                       # before anything imports deepspeed

@@ -42,7 +42,7 @@ def init_distributed(timeout_s: int = 1800) -> dict:
     from datetime import timedelta
     setup_accelerator()
     launched = "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
-    if not launched and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    if not launched and "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ:
         os.environ.update(slurm_env(os.environ))          # `srun python launch/train.py`: one task per GPU
         launched = True
     if not launched:   # plain `python launch/train.py`: a world of one
@@ -56,8 +56,10 @@ def init_distributed(timeout_s: int = 1800) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if acc.device_name() == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # a task bound to its own GPU (--gpus-per-task, --gpu-bind) sees one device: index 0
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     return {"rank": rank, "world": world, "local_rank": local_rank, "device": device,
@@ -74,17 +76,28 @@ def peer_failure(exc: BaseException) -> bool:
         "NCCL communicator was aborted", "ProcessGroupGloo", "gloo"))
 
 
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed tasks-per-node list: "2(x3),1" -> [2, 2, 2, 1]."""
+    out = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        out += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return out
+
+
 def slurm_env(env) -> dict:
-    """torch.distributed's variables from a Slurm task's (deepspeed.init_distributed does not read them).
+    """torch.distributed's variables from an srun task's (deepspeed.init_distributed does not read them;
+    a batch shell has no SLURM_STEP_ID and stays a world of one).
 
     RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR is the first
     host of the job (`scontrol show hostnames`) unless set; MASTER_PORT is derived from the job id
     unless set, so two jobs sharing a node do not collide."""
     import subprocess
-    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
-    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
-    out["LOCAL_SIZE"] = per_node.split("(")[0].split(",")[0]        # "2(x3)" -> "2"
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    per_node = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1"))
+    node = int(env.get("SLURM_NODEID", "0"))
+    out["LOCAL_SIZE"] = str(per_node[node] if node < len(per_node) else per_node[-1])
     if "MASTER_ADDR" not in env:
         nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         host = None

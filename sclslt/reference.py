@@ -2,7 +2,8 @@
 
 `embed_split` runs the model's pooled video and text heads over a split in eval mode; every rank
 embeds its own contiguous slice of the split (no clip is read twice) and the slices are gathered,
-so every rank ends with the whole split in split order. `load_run_model` rebuilds a run's model
+so every rank ends with the whole split in split order. `retrieval_recall` splits the scoring the
+same way (each rank its slice of the queries, hit counts summed). `load_run_model` rebuilds a run's model
 from its saved config and tokenizer and loads a checkpoint's weights (any ZeRO stage).
 """
 from __future__ import annotations
@@ -26,12 +27,14 @@ def pooled_embeddings(model: SLTModel, batch) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batch_size: int = 64,
-                num_workers: int = 0) -> dict:
-    """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order."""
+                num_workers: int = 0, max_frames: int = 0) -> dict:
+    """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order.
+    `max_frames` > 0: longer clips are subsampled to evenly spaced frames (pass `data.max_frames`)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
-    stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world, train=False)
+    stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world, train=False,
+                         max_frames=max_frames)
     keys, sids, vs, ts = [], [], [], []
     for batch in make_loader(stream, Collate(tokenizer), num_workers):
         batch = batch.to(device)
@@ -52,19 +55,41 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
 
 
 def retrieval_recall(video: torch.Tensor, text: torch.Tensor, sentence_ids: torch.Tensor,
-                     ks=(1, 5, 10), chunk: int = 4096) -> dict:
+                     ks=(1, 5, 10), chunk: int = 4096, distributed: bool | None = None) -> dict:
     """video->text and text->video R@k (%); a retrieved item with the query's sentence is a hit
-    (identical sentences are not errors). Scored in row chunks: no N x N matrix at once."""
+    (identical sentences are not errors).
+
+    Every caller holds all N embeddings (as `embed_split` returns them). Queries are scored against
+    all candidates in row chunks of `chunk`, so no N x N matrix exists at once. When torch.distributed
+    is initialised with world > 1 (and `distributed` is not False), the call is a collective: each rank
+    scores only its contiguous slice of the queries and the hit counts are summed with one all_reduce,
+    so every rank returns the same numbers as a single process would."""
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    n = video.shape[0]
+    if text.shape[0] != n or sentence_ids.shape[0] != n:
+        raise ValueError(f"retrieval_recall: {n} videos, {text.shape[0]} texts, {sentence_ids.shape[0]} ids")
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    directions = {"v2t": (video, text), "t2v": (text, video)}
+    ids = sentence_ids.to(video.device)
+    hits = torch.zeros(len(directions), len(ks), dtype=torch.long)
+    for d, (q, c) in enumerate(directions.values()):
+        top_n = min(max(ks), c.shape[0])
+        for start in range(lo, hi, chunk):
+            stop = min(start + chunk, hi)
+            top = (q[start:stop] @ c.t()).topk(top_n, dim=1).indices
+            same = ids[top] == ids[start:stop, None]
+            for j, k in enumerate(ks):
+                hits[d, j] += int(same[:, :k].any(1).sum())
+    if distributed:
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        hits = hits.to(dev)
+        dist.all_reduce(hits)            # one collective: both directions, every k
+        hits = hits.cpu()
     out = {}
-    for name, (q, c) in {"v2t": (video, text), "t2v": (text, video)}.items():
-        hits = {k: 0 for k in ks}
-        for start in range(0, len(q), chunk):
-            sims = q[start:start + chunk] @ c.t()
-            top = sims.topk(min(max(ks), c.shape[0]), dim=1).indices
-            same = sentence_ids[top] == sentence_ids[start:start + chunk, None]
-            for k in ks:
-                hits[k] += int(same[:, :k].any(1).sum())
-        out.update({f"{name}_r{k}": 100.0 * hits[k] / len(q) for k in ks})
+    for d, name in enumerate(directions):
+        out.update({f"{name}_r{k}": 100.0 * int(hits[d, j]) / max(n, 1) for j, k in enumerate(ks)})
     return out
 
 

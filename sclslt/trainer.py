@@ -18,8 +18,6 @@ import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,10 @@ import torch.distributed as dist
 from . import engine as eng
 from .config import Config, StageConfig, save_config, to_dict
 from .data import Collate, PlannedStream, ShardStream, make_loader, rank_pool_keys, resolve_shards_dir, rng_seed
-from .evaluate import compute_metrics, decode_loader, most_frequent_sentence
+from .evaluate import compute_metrics, decode_loader, most_frequent_sentence, write_report
 from .losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from .models import SLTModel
+from .preempt import PREEMPT, install_signal_handlers
 from .reference import embed_split, retrieval_recall
 from .selection import Planner, Table, load_snapshot, load_table, save_snapshot, table_from_snapshots
 from .shards import read_manifest
@@ -51,17 +50,6 @@ class RunError(RuntimeError):
 
 class Preempted(RunError):
     """SIGTERM/SIGUSR1 (a scheduler's warning): checkpointed at a step boundary; resume with --resume."""
-
-
-PREEMPT = threading.Event()
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM and SIGUSR1 ask for a checkpoint at the next step boundary, then a clean exit."""
-    def handler(signum, frame):
-        PREEMPT.set()
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, handler)
 
 
 class NonFiniteGuard:
@@ -358,7 +346,7 @@ class BatchSource:
             return None
         ctx = self.ctx
         emb = embed_split(model, ctx.shards_dir, "train", ctx.tokenizer, ctx.dist["device"],
-                          ctx.cfg.eval.batch_size)
+                          ctx.cfg.eval.batch_size, max_frames=ctx.cfg.data.max_frames)
         if ctx.rank == 0:
             save_snapshot(path, emb)
         dist.barrier()
@@ -412,7 +400,8 @@ def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> Non
 
 def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> dict:
     cfg = ctx.cfg
-    stream = ShardStream(ctx.shards_dir, split, cfg.eval.batch_size, rank=ctx.rank, world=ctx.world, train=False)
+    stream = ShardStream(ctx.shards_dir, split, cfg.eval.batch_size, rank=ctx.rank, world=ctx.world, train=False,
+                         max_frames=cfg.data.max_frames)
     loader = make_loader(stream, Collate(ctx.tokenizer), cfg.data.num_workers, cfg.data.prefetch_factor)
     rows = decode_loader(model, loader, ctx.tokenizer, ctx.dist["device"], cfg.eval.beam, cfg.eval.max_len)
     gathered = [None] * ctx.world
@@ -426,10 +415,21 @@ def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> d
                                    **compute_metrics([trivial] * len(refs), refs, cfg.eval.bleu_tokenize)},
               "beam": cfg.eval.beam}
     if ctx.rank == 0 and write:
+        write_report(ctx.run_dir / f"report.{split}.json", {**result, "tokenizer": tokenizer_record(ctx.run_dir)},
+                     rows)
         with open(ctx.run_dir / f"hypotheses.{split}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return result
+
+
+def tokenizer_record(run_dir: Path) -> dict:
+    """What the run's texts were tokenized with: the vocabulary hash when it was trimmed from a pretrained one."""
+    vocab = run_dir / "tokenizer" / "sclslt_vocab.json"
+    if vocab.is_file():
+        v = json.loads(vocab.read_text())
+        return {k: v[k] for k in ("source", "sha256", "size") if k in v} | {"trimmed": True}
+    return {"dir": str(run_dir / "tokenizer"), "trimmed": False}
 
 
 def prepare(cfg: Config, ds_config: str) -> Context:
@@ -497,7 +497,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
         model = train_stage(ctx, name, model, resume)
         if getattr(cfg, name).contrastive_weight > 0:      # the contrastive stage's own measure
             emb = embed_split(model, ctx.shards_dir, cfg.eval.retrieval_split, ctx.tokenizer, ctx.dist["device"],
-                              cfg.eval.batch_size)
+                              cfg.eval.batch_size, max_frames=cfg.data.max_frames)
             retrieval[name] = {"split": cfg.eval.retrieval_split,
                                **retrieval_recall(emb["video"], emb["text"], emb["sentence_ids"])}
             ctx.reporter.scalars(retrieval[name], f"retrieval_{cfg.eval.retrieval_split}")
@@ -508,6 +508,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     model, selected = selected_model(ctx, enabled[-1], model)
     result = evaluate(ctx, model, cfg.eval.split)
     result["selected_checkpoint"] = selected
+    result["tokenizer"] = tokenizer_record(ctx.run_dir)
     result["retrieval"] = retrieval
     result["wall_s"] = time.time() - t0
     result["world"] = ctx.world

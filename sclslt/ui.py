@@ -156,9 +156,12 @@ class Reporter:
         self.scalars(m, f"eval_{result['split']}")
         self.close_tensorboard()
         t = Table(title=f"{result['split']} split ({m['n']} clips, beam {result['beam']})")
-        for c in ("system", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
+        for c in ("system", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "chrF"):
             t.add_column(c)
         for label, r in (("model", m), ("trivial: most frequent train sentence", b)):
-            t.add_row(label, *(f"{r[k]:.2f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l")))
+            t.add_row(label, *(f"{r[k]:.2f}" for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "chrf")))
         self.console.print(t)
-        self.console.print(f"sacrebleu signature: {m['bleu_signature']}")
+        self.console.print(f"sacrebleu signatures: BLEU {m['bleu_signature']}  chrF {m['chrf_signature']}")
+        sel = result.get("selected_checkpoint")
+        if sel:
+            self.console.print(f"evaluated checkpoint: {sel['stage']}/{sel['tag']} ({sel['rule']})")

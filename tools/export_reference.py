@@ -48,7 +48,8 @@ def main(argv=None) -> int:
             return 2
         model, tok, cfg = load_run_model(args.run, ckpt, tag)
         model.to(d["device"])
-        views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d["device"], args.batch_size)
+        views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d["device"], args.batch_size,
+                             max_frames=cfg.data.max_frames)
     if d["rank"] == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_table(args.out, views["early"], views["late"],

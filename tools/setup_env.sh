@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up on a fresh machine: the README's two commands start with this.
 #   tools/setup_env.sh          runtime dependencies + the package (editable)
-#   tools/setup_env.sh --test   the same plus the test dependencies
+#   tools/setup_env.sh --test   the same plus the test dependencies, and (as root, with apt-get)
+#                               the Slurm packages tests/test_slurm.py stands a local cluster up with
 # torch: a machine without torch gets the CPU build torch==2.13.0; an existing torch (a GPU
 # cluster's CUDA build) is kept as it is.
 set -euo pipefail
@@ -15,3 +16,12 @@ fi
 "$PY" -m pip install --quiet -e ".${extra}"
 # pyenv installs console scripts (deepspeed) behind shims that need a rehash
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+# tests/test_slurm.py runs the launch/slurm/ templates on a local Slurm: install it where we can
+# (Debian/Ubuntu, as root). Best effort: if apt fails, the setup goes on and that test reports why.
+if [ -n "$extra" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1; then
+  echo "setup_env: installing slurmctld slurmd slurm-client munge (for tests/test_slurm.py)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      slurmctld slurmd slurm-client munge; } >/dev/null 2>&1 \
+    || echo "setup_env: could not install the Slurm packages; tests/test_slurm.py will say why" >&2
+fi

@@ -334,7 +334,8 @@ def main(argv=None) -> int:
         else:
             model, tok, cfg = load_run_model(args.run, ckpt, tag)
             model.to(d["device"])
-            emb = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d["device"], args.batch_size)
+            emb = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d["device"], args.batch_size,
+                                  max_frames=cfg.data.max_frames)
             del model
             if rank0 and not args.no_cache:
                 save_snapshot(path, emb)

@@ -1,0 +1,394 @@
+"""`sclslt translate`: a trained run's model on new sign videos or frame folders.
+
+An input is a video file (decoded with PyAV) or a folder of frame images (PNG/JPEG, in natural name
+order as in PHOENIX-2014T). It goes through the same path as the run's training data:
+
+1. decoding and resizing as the shards were made (`sclslt.corpora.decode_item`, the code of
+   tools/shard_videos.py): frames resized to the run's frame size (square `size` recorded in the
+   shards manifest's options, or the synthetic corpus's `frame_size`), and, for videos, the shard
+   tool's `--fps` resampling and `--max-frames` subsampling when the manifest records them;
+2. evenly spaced subsampling to `data.max_frames`, as evaluation does (`sclslt.data.subsample_frames`);
+3. the model of `reference.load_run_model` in eval mode (so `data.crop` is a centre crop), decoded
+   with the run's `eval.beam` and `eval.max_len` unless `--beam` / `--max-len` say otherwise.
+
+The checkpoint is, by default, the one the run selected and evaluated (`"selected_checkpoint"` in
+`<run>/results.json`: {"stage", "tag"} or a stage-2 tag), else stage 2's `latest` (stage 1's when the
+run has no stage 2). `--checkpoint stage1|stage2|<dir>` and `--tag` pick another.
+
+Every problem is a `TranslateError` whose message names the file: a run directory without config,
+tokenizer or checkpoints, a missing input, a folder without frames, a video that cannot be decoded.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("stage1", "stage2")
+MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+class TranslateError(RuntimeError):
+    """Translation cannot go on; the message says what is wrong and with which file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the run: config, tokenizer, checkpoint
+
+@dataclass
+class CheckpointChoice:
+    ckpt_dir: Path
+    tag: str
+    label: str          # e.g. "stage2/step00000072"
+    why: str            # how it was chosen
+
+
+def check_run(run_dir) -> Path:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise TranslateError(f"run directory {run} does not exist")
+    if not (run / "config.yaml").is_file():
+        raise TranslateError(f"{run} is not a run directory: it has no config.yaml (a training run writes "
+                             f"<run>/config.yaml, tokenizer/ and stage1|stage2/checkpoints/)")
+    tok = run / "tokenizer"
+    if not (tok.is_dir() and any((tok / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))):
+        raise TranslateError(f"run {run} has no tokenizer: {tok} is missing or holds no tokenizer files")
+    return run
+
+
+def _tags(ckpt_dir: Path) -> list[str]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and any((p / f).is_file() for f in MODEL_FILES))
+
+
+def _latest(ckpt_dir: Path) -> str | None:
+    f = ckpt_dir / "latest"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def _selected(run: Path) -> tuple[str, str] | None:
+    """(stage, tag) the run selected and evaluated, from results.json (None when not recorded)."""
+    f = run / "results.json"
+    if not f.is_file():
+        return None
+    try:
+        sel = json.loads(f.read_text()).get("selected_checkpoint")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise TranslateError(f"{f} is not a valid results file: {e}") from e
+    if isinstance(sel, str) and sel:
+        return "stage2", sel
+    if isinstance(sel, dict) and sel.get("tag"):
+        return str(sel.get("stage") or "stage2"), str(sel["tag"])
+    return None
+
+
+def _checked(ckpt_dir: Path, tag: str | None, label_stage: str, why: str) -> CheckpointChoice:
+    tag = tag or _latest(ckpt_dir)
+    if tag is None:
+        raise TranslateError(f"no checkpoint in {ckpt_dir} (no 'latest' file); available: "
+                             f"{_tags(ckpt_dir) or 'none'}")
+    if not any((ckpt_dir / tag / f).is_file() for f in MODEL_FILES):
+        raise TranslateError(f"checkpoint {ckpt_dir / tag} does not exist or has no model states "
+                             f"(available in {ckpt_dir}: {_tags(ckpt_dir) or 'none'})")
+    return CheckpointChoice(ckpt_dir, tag, f"{label_stage}/{tag}" if label_stage else str(ckpt_dir / tag), why)
+
+
+def resolve_checkpoint(run_dir, checkpoint: str | None = None, tag: str | None = None) -> CheckpointChoice:
+    """Which checkpoint to load: see the module docstring."""
+    run = Path(run_dir)
+    selected = _selected(run)
+    if checkpoint in (None, "", *STAGES):
+        stages = [checkpoint] if checkpoint else ["stage2", "stage1"]
+        for st in stages:
+            ckpt_dir = run / st / "checkpoints"
+            if not _tags(ckpt_dir) and not (checkpoint or tag):
+                continue                      # default: a run without stage 2 falls back to stage 1
+            if tag:
+                return _checked(ckpt_dir, tag, st, "--tag")
+            if selected and selected[0] == st:
+                return _checked(ckpt_dir, selected[1], st, "selected by the run, results.json")
+            return _checked(ckpt_dir, None, st, "latest")
+        raise TranslateError(f"run {run} has no checkpoints (looked in {run / 'stage2' / 'checkpoints'} and "
+                             f"{run / 'stage1' / 'checkpoints'})")
+    path = Path(checkpoint)
+    if not path.is_absolute() and not path.exists() and (run / path).exists():
+        path = run / path
+    if not path.is_dir():
+        raise TranslateError(f"--checkpoint {checkpoint}: use stage1, stage2, or a checkpoint directory "
+                             f"(no directory {path})")
+    if any((path / f).is_file() for f in MODEL_FILES) and not tag:     # one tag's directory
+        return _checked(path.parent, path.name, "", "--checkpoint")
+    return _checked(path, tag, "", "--checkpoint" + (" --tag" if tag else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs: decoded and resized as the run's training data was
+
+@dataclass
+class FrameSpec:
+    size: int               # square side for decode_item (0: keep the decoded size)
+    shape: tuple            # (H, W) the model was trained on
+    shard_max_frames: int   # the shard tool's --max-frames (0: none)
+    fps: float              # the shard tool's --fps (0: native frame rate)
+    max_frames: int         # data.max_frames (evenly spaced, as in evaluation)
+    source: str             # where the numbers come from
+
+
+def frame_spec(cfg, size_override: int = 0) -> FrameSpec:
+    """How the run's training frames were made: the synthetic corpus's frame size, or the shards
+    manifest (`frame_shape` and the shard tool's recorded `options`) of `data.shards_dir`."""
+    max_frames = int(cfg.data.max_frames)
+    if size_override > 0:
+        return FrameSpec(size_override, (size_override, size_override), 0, 0.0, max_frames, "--size")
+    if cfg.data.corpus == "synthetic":
+        fs = int(cfg.data.synthetic.frame_size)
+        return FrameSpec(fs, (fs, fs), 0, 0.0, max_frames, "data.synthetic.frame_size")
+    shards = Path(cfg.data.shards_dir)
+    for split in ("train", "dev", "test"):
+        f = shards / f"{split}.json"
+        if f.is_file():
+            break
+    else:
+        raise TranslateError(f"cannot find the frame size the run was trained on: no shards manifest "
+                             f"(train.json) in data.shards_dir={shards}; pass --size N")
+    try:
+        man = json.loads(f.read_text())
+        h, w = int(man["frame_shape"][0]), int(man["frame_shape"][1])
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as e:
+        raise TranslateError(f"{f}: not a shards manifest with a frame_shape ({e}); pass --size N") from e
+    opts = man.get("options") or {}
+    size = int(opts.get("size", h if h == w else 0) or 0)
+    if size and (size, size) != (h, w):
+        size = h if h == w else 0
+    return FrameSpec(size, (h, w), int(opts.get("max_frames", 0) or 0), float(opts.get("fps", 0.0) or 0.0),
+                     max_frames, str(f))
+
+
+def input_item(path):
+    """A `corpora.Item` for one input (video file or frame folder), checked; raises TranslateError."""
+    from .corpora import IMAGE_EXTS, Item, check_item
+    p = Path(path)
+    if not p.exists():
+        raise TranslateError(f"input {p} does not exist")
+    if p.is_dir():
+        kind = "frames"
+    elif p.suffix.lower() in IMAGE_EXTS:
+        raise TranslateError(f"input {p} is a single image: pass the folder that holds the clip's frames")
+    else:
+        kind = "video"
+    # the text is not used (decode_item's check wants one)
+    it = Item(key="input", text="-", source=str(p), path=str(p), kind=kind)
+    problem = check_item(it)
+    if problem:
+        raise TranslateError(f"input {p}: {problem}" + (" (PNG/JPEG files expected)" if "zero frames" in problem
+                                                         else ""))
+    return it
+
+
+def probe_video(path) -> None:
+    """Cheap check that PyAV can open a video and finds a video stream (nothing is decoded)."""
+    import av
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise TranslateError(f"input {path}: no video stream")
+    except TranslateError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise TranslateError(f"input {path}: cannot be decoded as a video ({type(e).__name__}: {e})") from e
+
+
+def load_clip(path, spec: FrameSpec) -> tuple[np.ndarray, int]:
+    """(frames uint8 T x H x W x 3 as the model sees them, frames in the source)."""
+    from .corpora import decode_item
+    from .data import subsample_frames
+    it = input_item(path)
+    status, *rest = decode_item(it, spec.size, spec.shard_max_frames, spec.fps)
+    if status != "ok":
+        raise TranslateError(f"input {path}: cannot be decoded: {rest[0]}")
+    frames, n_src = rest
+    if frames.shape[1:3] != tuple(spec.shape):      # shards kept at their original size (--size 0)
+        from PIL import Image
+        h, w = spec.shape
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
+    return subsample_frames(frames, spec.max_frames), int(n_src)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+def resolve_device(name: str | None):
+    import torch
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise TranslateError(f"--device {name}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TranslateError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise TranslateError(f"--device {name}: use cpu or cuda")
+    return dev
+
+
+class Translator:
+    """A run's model on one device, ready to translate clips one at a time."""
+
+    def __init__(self, run_dir, checkpoint: str | None = None, tag: str | None = None, device: str | None = None,
+                 beam: int | None = None, max_len: int | None = None, size: int = 0):
+        import torch
+
+        from .config import ConfigError, load_config
+        from .engine import setup_accelerator
+        self.run = check_run(run_dir)
+        try:
+            cfg = load_config(self.run / "config.yaml")
+        except ConfigError as e:
+            raise TranslateError(f"{self.run / 'config.yaml'}: {e}") from e
+        self.choice = resolve_checkpoint(self.run, checkpoint, tag)
+        self.spec = frame_spec(cfg, size)
+        self.device = resolve_device(device)
+        self.beam = int(beam if beam else cfg.eval.beam)
+        self.max_len = int(max_len if max_len else cfg.eval.max_len)
+        if self.beam < 1 or self.max_len < 1:
+            raise TranslateError("--beam and --max-len must be >= 1")
+        setup_accelerator()                  # before deepspeed is imported (checkpoint loading)
+        t0 = time.perf_counter()
+        # library chatter (DeepSpeed logs to stdout, also from loggers made at import) goes to stderr:
+        # stdout holds the translations only (`--json`: JSON lines)
+        with contextlib.redirect_stdout(sys.stderr):
+            from .reference import load_run_model
+            try:
+                model, self.tokenizer, self.cfg = load_run_model(self.run, self.choice.ckpt_dir, self.choice.tag)
+            except (FileNotFoundError, RuntimeError, OSError) as e:
+                raise TranslateError(f"cannot load {self.choice.ckpt_dir / self.choice.tag}: {e}") from e
+        self.model = model.to(self.device).eval()
+        self._sync()
+        self.load_s = time.perf_counter() - t0
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self._torch = torch
+        # one short decode first, so that the per-input latencies exclude one-time set-up (lazy
+        # initialisation in generate, CUDA kernels and allocator); reported as warmup_ms
+        h, w = self.spec.shape
+        _, self.warmup_ms = self.translate_frames(np.zeros((8, h, w, 3), dtype=np.uint8), max_len=2)
+
+    def _sync(self) -> None:
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def translate_frames(self, frames: np.ndarray, max_len: int | None = None) -> tuple[str, float]:
+        """(text, model milliseconds) for one clip of uint8 frames (T x H x W x 3)."""
+        torch = self._torch
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(frames))[None].to(self.device)
+            mask = torch.ones(1, frames.shape[0], dtype=torch.bool, device=self.device)
+            out = self.model.generate(x, mask, beam=self.beam, max_len=max_len or self.max_len)
+            text = self.tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
+        self._sync()
+        return text, 1000.0 * (time.perf_counter() - t0)
+
+    def translate(self, path) -> dict:
+        t0 = time.perf_counter()
+        frames, n_src = load_clip(path, self.spec)
+        decode_ms = 1000.0 * (time.perf_counter() - t0)
+        text, model_ms = self.translate_frames(frames)
+        return {"input": str(path), "text": text, "frames": int(frames.shape[0]), "source_frames": n_src,
+                "decode_ms": round(decode_ms, 3), "model_ms": round(model_ms, 3),
+                "latency_ms": round(decode_ms + model_ms, 3)}
+
+    def info(self) -> dict:
+        return {"run": str(self.run), "checkpoint": self.choice.label, "checkpoint_choice": self.choice.why,
+                "params": int(self.params), "load_s": round(self.load_s, 4), "warmup_ms": round(self.warmup_ms, 3),
+                "device": str(self.device),
+                "beam": self.beam, "max_len": self.max_len, "frame_shape": list(self.spec.shape),
+                "max_frames": self.spec.max_frames}
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+def add_arguments(p) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a video file (mp4, mkv, avi, ...; decoded with PyAV) or a folder of frame images "
+                        "(PNG/JPEG, in natural name order)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR",
+                   help="the training run directory (config.yaml, tokenizer/, stage1|stage2/checkpoints/)")
+    p.add_argument("--checkpoint", default=None, metavar="stage2|stage1|PATH",
+                   help="stage2 (the checkpoint the run selected and evaluated, recorded in results.json, "
+                        "else its latest), stage1 (its latest), or a checkpoint directory (a tag's folder, or a "
+                        "checkpoints folder with a 'latest' file). Default: what the run selected, else stage 2's "
+                        "latest, else stage 1's")
+    p.add_argument("--tag", default=None, help="a checkpoint tag inside the chosen stage (e.g. step00000072)")
+    p.add_argument("--beam", type=int, default=None, metavar="N",
+                   help="beam size (default: the run's eval.beam)")
+    p.add_argument("--max-len", type=int, default=None, metavar="N",
+                   help="new tokens at most (default: the run's eval.max_len)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda",
+                   help="cpu or cuda (cuda:N); default cuda when available")
+    p.add_argument("--size", type=int, default=0, metavar="N",
+                   help="frame size override (default: the run's training frame size, from its shards manifest "
+                        "or synthetic corpus config); needed only when the manifest is not available")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per input (input, text, frames, latency_ms, ..., params, load_s) "
+                        "instead of a table")
+
+
+def run_command(args) -> int:
+    from rich.console import Console
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+    try:
+        for x in args.inputs:                # every input is checked before the model is loaded
+            it = input_item(x)
+            if it.kind == "video":
+                probe_video(x)
+        tr = Translator(args.run, args.checkpoint, args.tag, args.device, args.beam, args.max_len, args.size)
+    except TranslateError as e:
+        err.print(f"[bold red]error:[/] {escape_text(str(e))}")
+        return 1
+    info = tr.info()
+    rows, failure = [], None
+    for x in args.inputs:
+        try:
+            row = tr.translate(x)
+        except TranslateError as e:
+            failure = e
+            break
+        rows.append(row)
+        if args.json:
+            print(json.dumps({**row, **info}, ensure_ascii=False), flush=True)
+    if not args.json:
+        from rich.markup import escape
+        from rich.table import Table
+        out.print(f"[bold cyan]sclslt[/] {escape(info['run'])}: checkpoint {escape(info['checkpoint'])} "
+                  f"({info['checkpoint_choice']}), {info['params']:,} parameters, loaded in "
+                  f"{info['load_s']:.2f} s on {info['device']} (warm-up decode {info['warmup_ms']:.0f} ms), "
+                  f"beam {info['beam']}, frames {info['frame_shape'][0]}x{info['frame_shape'][1]}")
+        t = Table(title="translations")
+        for c, kw in (("input", {}), ("frames", {"justify": "right"}), ("decode ms", {"justify": "right"}),
+                      ("model ms", {"justify": "right"}), ("text", {})):
+            t.add_column(c, **kw)
+        for r in rows:
+            t.add_row(escape(r["input"]), str(r["frames"]), f"{r['decode_ms']:.1f}", f"{r['model_ms']:.1f}",
+                      escape(r["text"]))
+        if rows:
+            out.print(t)
+    if failure is not None:
+        err.print(f"[bold red]error:[/] {escape_text(str(failure))}")
+        return 1
+    return 0
+
+
+def escape_text(s: str) -> str:
+    """`s` printed as is by rich (brackets in paths or lists are not markup)."""
+    from rich.markup import escape
+    return escape(s)
