@@ -170,6 +170,9 @@ class Config:
             raise ConfigError(f"model.similarity={self.model.similarity!r}: use 'pooled' or 'cico'")
         if self.model.tokenizer_kind not in ("bpe", "char"):
             raise ConfigError(f"model.tokenizer_kind={self.model.tokenizer_kind!r}: use 'bpe' or 'char'")
+        if self.model.lang and not self.model.tokenizer:
+            raise ConfigError(f"model.lang={self.model.lang!r} needs a pretrained model.tokenizer (mBART's "
+                              f"language codes); a tokenizer trained on the corpus has none")
         if self.model.lora_rank < 0:
             raise ConfigError("model.lora_rank must be >= 0 (0: no LoRA)")
         if self.eval.select not in ("dev_bleu4", "last"):

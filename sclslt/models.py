@@ -9,6 +9,22 @@
 - Contrastive heads: masked mean pooling + linear projection, L2-normalised; a learnable logit
   scale stored as its log, clamped as CLIP does.
 ImageNet normalisation happens here, on the device (the loader ships uint8).
+
+Pretrained mBART with the run's tokenizer (`text.make_run_tokenizer`, record in `vocab.py`):
+- trimmed vocabulary: the rows of the kept original ids are selected in `shared` (= encoder/decoder
+  `embed_tokens`, tied), `lm_head` (tied unless the checkpoint unties it) and `final_logits_bias`;
+  `config.vocab_size` and the special ids become the new ones. The text encoder copies the trimmed
+  encoder. A kept id beyond the checkpoint's vocabulary is an error naming both.
+- target language (`model.lang`, recorded with the tokenizer with its convention):
+  mBART-50 ("prefix": target `[lang] X </s>`): decoder start `</s>`, `forced_bos_token_id` = lang;
+  mBART-cc25 ("suffix": target `X </s> [lang]`): decoder start = lang, nothing forced.
+  In training, `shift_tokens_right` (mBART's: the last non-pad token starts the decoder input) gives
+  the same start tokens, so training and generation agree.
+LoRA (`model.lora_rank > 0`, peft): adapters on q/k/v/out projections of the visual encoder (the
+mBART encoder fed with video) and of the decoder (self- and cross-attention). In those two modules
+every other pretrained weight is frozen by design (`frozen_by_design`), except the token embeddings,
+which are tied to the LM head and stay trainable (PAPER.md is silent). Backbone, temporal blocks,
+heads and the text encoder are untouched by LoRA.
 """
 from __future__ import annotations
 
@@ -25,10 +41,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")   # attention projections (Hu et al.); not fc1/fc2
+LORA_MODULES = ("s2s.model.encoder.", "s2s.model.decoder.")   # visual encoder and decoder
+
+
 def _load_pretrained(cls, name: str, what: str):
+    from huggingface_hub.errors import HFValidationError
     try:
-        return cls.from_pretrained(name)
-    except OSError as e:
+        return cls.from_pretrained(name, dtype=torch.float32)   # fp32 master weights whatever the file holds
+    except (OSError, HFValidationError) as e:
         raise FileNotFoundError(
             f"cannot load {what} {name!r}: not a local directory with config + weights and not reachable "
             f"on the hub (offline?). Download it elsewhere and pass its local path. Cause: {e}") from e
@@ -43,12 +64,86 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     return ResNetModel(rc)
 
 
+def select_vocab(s2s, kept: list[int], pad_id: int | None = None) -> None:
+    """Keep only the rows `kept` (original ids, new id = position) of the token embeddings, the LM head and
+    `final_logits_bias`, in place; parameters tied before stay tied."""
+    n = len(kept)
+    idx = torch.as_tensor(kept, dtype=torch.long)
+    fresh: dict[int, nn.Parameter] = {}
+
+    def rows(p: nn.Parameter) -> nn.Parameter:
+        if id(p) not in fresh:
+            fresh[id(p)] = nn.Parameter(p.detach()[idx.to(p.device)].clone(), requires_grad=p.requires_grad)
+        return fresh[id(p)]
+
+    for emb in (s2s.model.shared, s2s.model.encoder.embed_tokens, s2s.model.decoder.embed_tokens):
+        emb.weight = rows(emb.weight)
+        emb.num_embeddings = n
+        emb.padding_idx = pad_id
+    s2s.lm_head.weight = rows(s2s.lm_head.weight)
+    s2s.lm_head.out_features = n
+    s2s.final_logits_bias = s2s.final_logits_bias[:, idx.to(s2s.final_logits_bias.device)].clone()
+    s2s.config.vocab_size = n
+
+
+def _special_ids(tokenizer, rec: dict | None, cfg: ModelConfig) -> dict:
+    """pad/bos/eos, decoder start and forced BOS for the tokenizer's ids and target-language convention."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    if pad is None or eos is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} needs a pad and an eos token")
+    ids = {"pad": pad, "bos": bos, "eos": eos, "start": eos, "forced_bos": None}
+    lang, style, lang_id = (rec or {}).get("lang"), (rec or {}).get("lang_style"), (rec or {}).get("lang_id")
+    if cfg.lang and lang and cfg.lang != lang:
+        raise ValueError(f"model.lang={cfg.lang!r} but the run's tokenizer was made for {lang!r}: "
+                         f"use the tokenizer's language or make a new run")
+    if style == "prefix":          # mBART-50: [lang] X </s>; generation starts with </s> and forces lang
+        ids["forced_bos"] = lang_id
+    elif style == "suffix":        # mBART-cc25: X </s> [lang]; generation starts with lang
+        ids["start"] = lang_id
+    return ids
+
+
+def _set_special_ids(s2s, ids: dict) -> None:
+    c = s2s.config
+    c.pad_token_id, c.bos_token_id, c.eos_token_id = ids["pad"], ids["bos"], ids["eos"]
+    c.decoder_start_token_id = ids["start"]
+    g = s2s.generation_config
+    g.pad_token_id, g.bos_token_id, g.eos_token_id = ids["pad"], ids["bos"], ids["eos"]
+    g.decoder_start_token_id = ids["start"]
+    g.forced_eos_token_id = ids["eos"]
+    g.forced_bos_token_id = ids["forced_bos"]
+
+
 def build_mbart(cfg: ModelConfig, tokenizer):
-    """(seq2seq model, text encoder), from config or pretrained."""
+    """(seq2seq model, text encoder), from config or pretrained (vocabulary remapped to the tokenizer's)."""
     from transformers import MBartConfig, MBartForConditionalGeneration
     from transformers.models.mbart.modeling_mbart import MBartEncoder
+
+    from .vocab import record_of
+    rec = record_of(tokenizer)
+    ids = _special_ids(tokenizer, rec, cfg)
     if cfg.mbart:
         s2s = _load_pretrained(MBartForConditionalGeneration, cfg.mbart, "mBART")
+        v = s2s.config.vocab_size
+        kept = (rec or {}).get("kept_ids")
+        if kept is not None:
+            src = rec.get("source") or getattr(tokenizer, "name_or_path", "?")
+            if len(kept) != len(tokenizer):
+                raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but its vocab "
+                                 f"record keeps {len(kept)} ids of {src!r}")
+            if max(kept) >= v:
+                raise ValueError(f"the trimmed vocabulary of tokenizer {src!r} keeps original ids up to {max(kept)}, "
+                                 f"beyond mBART {cfg.mbart!r}'s vocabulary of {v}: the tokenizer and the model "
+                                 f"do not belong together (set model.tokenizer to the model's own tokenizer)")
+            if rec.get("source_size") not in (None, v):
+                print(f"sclslt: warning: tokenizer {src!r} had {rec['source_size']} tokens, mBART {cfg.mbart!r} "
+                      f"has {v} embedding rows", flush=True)
+            select_vocab(s2s, kept, ids["pad"])
+        elif len(tokenizer) > v:
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has {len(tokenizer)} tokens, "
+                             f"more than mBART {cfg.mbart!r}'s vocabulary of {v}: they do not belong together")
+        _set_special_ids(s2s, ids)
         text = MBartEncoder(s2s.config)
         text.load_state_dict(s2s.model.encoder.state_dict())
         return s2s, text
@@ -57,10 +152,12 @@ def build_mbart(cfg: ModelConfig, tokenizer):
                      decoder_attention_heads=cfg.heads, encoder_ffn_dim=cfg.ffn, decoder_ffn_dim=cfg.ffn,
                      dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0,
                      max_position_embeddings=cfg.max_positions, scale_embedding=True,
-                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-                     forced_eos_token_id=tokenizer.eos_token_id)
-    return MBartForConditionalGeneration(mc), MBartEncoder(mc)
+                     pad_token_id=ids["pad"], bos_token_id=ids["bos"],
+                     eos_token_id=ids["eos"], decoder_start_token_id=ids["start"],
+                     forced_eos_token_id=ids["eos"])
+    s2s = MBartForConditionalGeneration(mc)
+    _set_special_ids(s2s, ids)
+    return s2s, MBartEncoder(mc)
 
 
 class TemporalBlock(nn.Module):
@@ -92,7 +189,7 @@ class SLTModel(nn.Module):
         self.backbone = build_backbone(cfg)
         self.s2s, self.text_encoder = build_mbart(cfg, tokenizer)
         d = self.s2s.config.d_model
-        feat = self.backbone.config.hidden_sizes[-1]
+        feat = self.backbone.config.hidden_sizes[-1]    # pooled channels, basic and bottleneck ResNets alike
         if cfg.temporal_downsample:
             self.temporal = nn.ModuleList([TemporalBlock(feat, d), TemporalBlock(d, d)])
             self.visual_in = nn.Identity()
@@ -105,6 +202,30 @@ class SLTModel(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor([math.log(cfg.logit_scale_init)]))
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if cfg.lora_rank > 0:
+            self._add_lora()
+
+    # -- LoRA -------------------------------------------------------------------------------
+    def _add_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+        lc = LoraConfig(r=int(self.cfg.lora_rank), lora_alpha=self.cfg.lora_alpha,
+                        lora_dropout=self.cfg.lora_dropout, target_modules=list(LORA_TARGETS), bias="none")
+        inject_adapter_in_model(lc, self.s2s.model.encoder)
+        inject_adapter_in_model(lc, self.s2s.model.decoder)
+        for name, p in self.named_parameters():   # peft froze the tied embeddings too: our rule decides
+            p.requires_grad_(not self.frozen_by_design(name))
+
+    def frozen_by_design(self, name: str) -> bool:
+        """True for a parameter that must stay frozen whatever the stage says: with LoRA, every weight of
+        the visual encoder and the decoder except the adapters and the (tied) token embeddings."""
+        if self.cfg.lora_rank <= 0:
+            return False
+        for prefix in ("module.", "_orig_mod."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        if not name.startswith(LORA_MODULES):
+            return False
+        return not (".lora_" in name or ".embed_tokens." in name)
 
     # -- pieces -----------------------------------------------------------------------------
     def logit_scale(self) -> torch.Tensor:

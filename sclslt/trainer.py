@@ -37,7 +37,7 @@ from .reference import embed_split, retrieval_recall
 from .selection import Planner, Table, load_snapshot, load_table, save_snapshot, table_from_snapshots
 from .shards import read_manifest
 from .telemetry import GpuTelemetry
-from .text import load_tokenizer, train_tokenizer
+from .text import load_tokenizer, make_run_tokenizer
 from .ui import Reporter
 
 STAGES = ("stage1", "stage2")
@@ -91,11 +91,12 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
 
 
 def set_trainable(model: SLTModel, st: StageConfig) -> None:
-    """Stage 2 (no contrastive loss) freezes the contrastive parts; stage 1 may freeze the text encoder."""
+    """Stage 2 (no contrastive loss) freezes the contrastive parts; stage 1 may freeze the text encoder;
+    LoRA's base weights stay frozen in both (`SLTModel.frozen_by_design`)."""
     for name, p in model.named_parameters():
         top = name.split(".")[0]
         frozen = (st.contrastive_weight == 0 and top in CONTRASTIVE_PARTS) or \
-                 (st.freeze_text_encoder and top == "text_encoder")
+                 (st.freeze_text_encoder and top == "text_encoder") or model.frozen_by_design(name)
         p.requires_grad_(not frozen)
 
 
@@ -424,12 +425,14 @@ def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> d
 
 
 def tokenizer_record(run_dir: Path) -> dict:
-    """What the run's texts were tokenized with: the vocabulary hash when it was trimmed from a pretrained one."""
+    """What the run's texts were tokenized with: kind, source, size, whether it was trimmed, the hash
+    of the kept ids (trimmed) and of the saved vocabulary, the language code, <unk> counts."""
     vocab = run_dir / "tokenizer" / "sclslt_vocab.json"
-    if vocab.is_file():
-        v = json.loads(vocab.read_text())
-        return {k: v[k] for k in ("source", "sha256", "size") if k in v} | {"trimmed": True}
-    return {"dir": str(run_dir / "tokenizer"), "trimmed": False}
+    if not vocab.is_file():
+        return {"dir": str(run_dir / "tokenizer")}
+    v = json.loads(vocab.read_text())
+    return {k: v[k] for k in ("kind", "source", "size", "trimmed", "sha256", "vocab_sha256", "lang",
+                              "heldout_unk") if k in v}
 
 
 def prepare(cfg: Config, ds_config: str) -> Context:
@@ -443,12 +446,9 @@ def prepare(cfg: Config, ds_config: str) -> Context:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         tok_dir = run_dir / "tokenizer"
-        if not (tok_dir / "tokenizer_config.json").is_file():
-            if cfg.model.tokenizer:
-                load_tokenizer(cfg.model.tokenizer).save_pretrained(str(tok_dir))
-            else:
-                texts = [s[4] for s in read_manifest(shards_dir, "train")["samples"]]
-                train_tokenizer(texts, tok_dir)
+        if not (tok_dir / "tokenizer_config.json").is_file():      # made once per run, published whole
+            texts = {sp: [s[4] for s in read_manifest(shards_dir, sp)["samples"]] for sp in ("train", "dev", "test")}
+            make_run_tokenizer(cfg.model, texts.pop("train"), tok_dir, heldout=texts)
     dist.barrier()
     shards_dir = resolve_shards_dir(cfg.data)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
