@@ -117,6 +117,7 @@ class TrainConfig:
     log_every: int = 10
     max_nonfinite: int = 5        # consecutive non-finite losses (each skipped) before the run stops
     telemetry_every: int = 50     # GPU utilisation/memory/power/temperature per rank every N steps (0: off)
+    timing_every: int = 0         # step-time breakdown (data, h2d, forward, loss, backward, optimizer) every N steps
     precision: str = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
     dist_timeout_s: int = 1800    # a collective waits this long for a stuck or dead rank, then every rank exits
 

@@ -36,7 +36,7 @@ from .preempt import PREEMPT, install_signal_handlers
 from .reference import embed_split, retrieval_recall
 from .selection import Planner, Table, load_snapshot, load_table, save_snapshot, table_from_snapshots
 from .shards import read_manifest
-from .telemetry import GpuTelemetry
+from .telemetry import GpuTelemetry, StepTimer
 from .text import load_tokenizer, make_run_tokenizer
 from .ui import Reporter
 
@@ -198,24 +198,35 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
     gpus = GpuTelemetry(ctx.dist["device"])       # the same kind of device on every rank: all or none gather
     engine.train()
     ctx.reporter.start_stage(name, total, step, st.global_batch, ctx.run_dir / name / "metrics.csv")
+    timer = StepTimer(engine.device, cfg.train.timing_every)
     while step < total and epoch < st.epochs:
         loader = make_loader(source.epoch_stream(epoch, pos, engine.module), collate, cfg.data.num_workers,
                              cfg.data.prefetch_factor)
+        timer.begin(step + 1)
         for batch in loader:
+            timer.mark("data")
             batch = batch.to(engine.device)
+            timer.mark("h2d")
             out = forward(engine, batch, st)
+            timer.mark("forward")
             loss, parts = step_loss(out, batch, st, ctx.world, cfg.model.similarity, cfg.model.cico_tau)
             # one small collective per step: the loss parts for the log, and every rank's verdicts
             # (finite loss, preemption signal), so all ranks skip or stop together
             flag = torch.tensor([float(PREEMPT.is_set())], device=loss.device)
             summed = all_reduce_sum(torch.cat([torch.stack([loss.detach(), *parts.values()]).float(), flag]))
             logged, preempted = summed[:-1] / ctx.world, bool(summed[-1] > 0)
+            timer.mark("loss")              # includes the step's one small all-reduce
             pos += 1
             if guard.check(bool(torch.isfinite(logged).all()), step, name):
                 engine.backward(loss)
+                timer.mark("backward")
                 engine.step()
+                timer.mark("optimizer")
                 step += 1
                 ctx.reporter.step(step, dict(zip(["loss", *parts], logged.tolist())), engine.lr(), epoch)
+                timed = timer.end()
+                if timed is not None:
+                    ctx.reporter.timing(step, timed)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
                     save()
                 if gpus.handle is not None and cfg.train.telemetry_every and step % cfg.train.telemetry_every == 0:
@@ -228,6 +239,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
                                 f"continue with --resume")
             if step >= total:
                 break
+            timer.begin(step + 1)
         if pos >= per_epoch:
             epoch, pos = epoch + 1, 0
             if every_epochs and epoch % every_epochs == 0:

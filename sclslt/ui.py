@@ -21,6 +21,7 @@ class Reporter:
         self.progress = None
         self.tb = None
         self.last_step = 0
+        self.timings: list[dict] = []
         self.history: list[dict] = []
         self.stage_rows: list[list[str]] = []
 
@@ -31,6 +32,7 @@ class Reporter:
     def start_stage(self, name: str, total: int, start: int, global_batch: int, csv_path=None) -> None:
         self.name, self.total, self.start_step, self.global_batch = name, total, start, global_batch
         self.last_step = start
+        self.timings = []
         self.t0 = time.time()
         from pathlib import Path
         self.csv_path = Path(csv_path) if csv_path is not None else None
@@ -57,7 +59,7 @@ class Reporter:
         if not self.enabled:
             return
         row = {k: float(v) for k, v in values.items()}
-        row.update(step=step, lr=lr, epoch=epoch, stage=self.name)
+        row.update(step=step, lr=lr, epoch=epoch, stage=self.name, wall_s=round(time.time() - self.t0, 3))
         self.history.append(row)
         self.last_step = step
         self._csv(row)
@@ -101,6 +103,17 @@ class Reporter:
                         for k, v in t.items():
                             self.tb.add_scalar(f"gpu/rank{r}/{k}", float(v), step)
 
+    def timing(self, step: int, row: dict) -> None:
+        """A sampled step's time breakdown: <stage>/timing.csv, TensorBoard, and the stage summary."""
+        if not self.enabled:
+            return
+        self.timings.append(row)
+        if self.csv_path is not None:
+            self._csv({"step": step, **row}, self.csv_path.with_name("timing.csv"))
+        if self.tb is not None:
+            for k, v in row.items():
+                self.tb.add_scalar(f"time/{k}", v, step)
+
     def scalars(self, values: dict, prefix: str) -> None:
         """Evaluation numbers (retrieval recall, BLEU) into the current stage's event file, at its last step."""
         step = self.last_step
@@ -139,6 +152,12 @@ class Reporter:
             last = [r for r in self.history if r["stage"] == name][-1:] or [{}]
             self.stage_rows.append([name, str(step), f"{wall:.1f}", f"{last[0].get('loss', float('nan')):.4f}"])
             self.info(f"{name}: done at step {step} in {wall:.1f}s")
+            if self.timings:                  # mean over the sampled steps
+                keys = [k for k in self.timings[0]]
+                mean = {k: sum(r[k] for r in self.timings) / len(self.timings) for k in keys}
+                self.info(f"{name}: step time over {len(self.timings)} sampled steps: " + ", ".join(
+                    f"{k.removesuffix('_ms')} {v:.1f} ms" if k.endswith("_ms") else f"{k} {v:.2f}"
+                    for k, v in mean.items()))
             if self.tb is not None:
                 self.tb.flush()
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sclslt.telemetry import GpuTelemetry
@@ -58,3 +59,43 @@ def test_tensorboard_events_follow_the_csv_across_a_resume(tmp_path):
     import csv
     with open(run / "stage1" / "metrics.csv") as f:
         assert [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)] == got
+
+
+def test_step_time_breakdown_is_sampled_into_a_csv_and_summarised(tiny_cfg_dict, tmp_path):
+    import csv
+    import os
+
+    import yaml
+    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
+    cfg["data"]["synthetic"]["n_train"] = 48
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "exp.yaml"), "--train.run_dir",
+                           str(run), "--stage2.enabled", "false", "--train.timing_every", "2", "--train.max_steps", "5"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(run / "stage1" / "timing.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4]                     # sampled steps only
+    phases = [f"{p}_ms" for p in ("data", "h2d", "forward", "loss", "backward", "optimizer")]
+    for r in rows:
+        parts = [float(r[p]) for p in phases]
+        assert all(x >= 0 for x in parts) and float(r["forward_ms"]) > 0 and float(r["backward_ms"]) > 0
+        assert float(r["step_ms"]) == pytest.approx(sum(parts))
+    assert "step time over 2 sampled steps: data" in proc.stdout
+
+
+def test_gpu_smoke_script_writes_tagged_rows_per_stage(tmp_path):
+    """benchmarks/gpu_smoke.py --quick: the script a GPU session runs, checked on whatever device is here."""
+    import json
+    import os
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SCLSLT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_smoke.py", "--quick", "--out", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(next((tmp_path / "out").glob("gpu_smoke-*.json")).read_text())
+    assert [r["stage"] for r in rows] == ["stage1", "stage2"]
+    for r in rows:
+        assert r["device"] and r["clips_per_s"] > 0 and r["steps"] == 6 and r["sampled_steps"] >= 2
+        assert r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["step_ms"] >= r["forward_ms"]

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     for col, d in enumerate(stages):
         m = read_csv(d / "metrics.csv")
         steps = [r["step"] for r in m]
-        for key in [k for k in m[0] if k not in ("step", "lr", "epoch", "stage")]:
+        for key in [k for k in m[0] if k not in ("step", "lr", "epoch", "stage", "wall_s")]:
             axes[0][col].plot(steps, [r.get(key, float("nan")) for r in m], label=key)
         axes[0][col].set_title(f"{d.name}: loss")
         axes[0][col].legend()
