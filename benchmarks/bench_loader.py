@@ -18,7 +18,6 @@ must deliver per core at that rate. The last column says how many cores one acce
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
