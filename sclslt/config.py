@@ -135,7 +135,7 @@ class SelectionConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0          # 0: only at the end of each epoch
+    every_steps: int = 0          # 0: only at the end of the stage (and when the dev score improves)
     keep: int = 2                 # newest step checkpoints kept per stage
     every_epochs: int = 0         # >0: also keep an `epochNNNN` checkpoint every N epochs (reference runs)
 

@@ -41,8 +41,10 @@ def init_distributed(timeout_s: int = 1800) -> dict:
     """Initialise torch.distributed through DeepSpeed (launcher env, MPI or a lone process)."""
     from datetime import timedelta
     setup_accelerator()
-    launched = "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
-    if not launched and "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ:
+    srun_task = "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ
+    launched = "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or \
+        ("PMI_SIZE" in os.environ and not srun_task)     # srun's pmi2 plugin sets PMI_SIZE too: Slurm's ranks win
+    if not launched and srun_task:
         os.environ.update(slurm_env(os.environ))          # `srun python launch/train.py`: one task per GPU
         launched = True
     if not launched:   # plain `python launch/train.py`: a world of one
@@ -54,6 +56,8 @@ def init_distributed(timeout_s: int = 1800) -> dict:
     acc = get_accelerator()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if acc.device_name() == "cpu":
+        release_shm_buffer(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if acc.device_name() == "cuda":
         # a task bound to its own GPU (--gpus-per-task, --gpu-bind) sees one device: index 0
@@ -66,14 +70,30 @@ def init_distributed(timeout_s: int = 1800) -> dict:
             "accelerator": acc.device_name()}
 
 
+def release_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU backend maps a 66 MiB /dev/shm buffer per rank for its shared-memory inference
+    all-reduce, which training never calls, and never unlinks it: every CPU run, killed or not, would
+    leave 66 MiB of RAM behind (hundreds of runs filled a 24 GiB machine). Once every rank has mapped
+    its peers' buffers (the barrier), the name is removed; the mappings stay valid."""
+    import glob
+    torch.distributed.barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{glob.escape(addr)}_{port}_{rank}"):
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
+
+
 def peer_failure(exc: BaseException) -> bool:
-    """Whether an exception means another rank died or hung (a collective failed or timed out)."""
-    if isinstance(exc, torch.distributed.DistError):
+    """Whether an exception means another rank died or hung (a collective failed or timed out).
+    With NCCL, torch's watchdog aborts the process itself on a timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING),
+    so a GPU job ends with SIGABRT rather than code 76 - bounded either way."""
+    if isinstance(exc, (torch.distributed.DistBackendError, torch.distributed.DistNetworkError)):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(s in text for s in (
-        "Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
-        "NCCL communicator was aborted", "ProcessGroupGloo", "gloo"))
+    text = str(exc)          # gloo reports a dead or silent peer as a plain RuntimeError
+    return isinstance(exc, RuntimeError) and "gloo" in text and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Timed out waiting"))
 
 
 def expand_tasks_per_node(spec: str) -> list[int]:
@@ -139,6 +159,10 @@ def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad
               gradient_accumulation_steps=1, gradient_clipping=float(grad_clip))
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds["fp16"] = {"enabled": precision == "fp16"}
+    if precision in ("bf16", "fp16"):
+        # DeepSpeed casts parameters only; BatchNorm's running statistics would stay fp32 next to its
+        # half-precision weight, and batch_norm refuses the mix: cast buffers with the parameters
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -162,7 +186,7 @@ def rng_state() -> dict:
           "numpy": [np_st[0], torch.from_numpy(np_st[1].astype(np.int64)), *np_st[2:]],
           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = torch.cuda.get_rng_state()           # this rank's own device, however GPUs are bound
     return st
 
 
@@ -172,8 +196,8 @@ def set_rng_state(st: dict) -> None:
     name, keys, *rest = st["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if "cuda" in st and torch.cuda.is_available() and torch.is_tensor(st["cuda"]):
+        torch.cuda.set_rng_state(st["cuda"])
 
 
 def _safe_globals() -> list:
@@ -235,6 +259,20 @@ class Engine:
 
     def __call__(self, *args, **kwargs):
         return self.ds(*args, **kwargs)
+
+    def eval_module(self, build) -> torch.nn.Module:
+        """The model for decoding and embedding passes. Under ZeRO-3 each forward all-gathers the
+        partitioned parameters, so ranks running different numbers of forwards (uneven evaluation
+        slices, beam searches ending at different lengths) would fall out of step: there every rank
+        gets a plain copy, built by `build()` and filled from the gathered parameters."""
+        if not self.ds.zero_optimization_partition_weights():
+            return self.module
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        plain = build()
+        plain.load_state_dict(state, strict=True)
+        return plain.to(self.device)
 
     def train(self, mode: bool = True):
         self.ds.train(mode)
@@ -311,7 +349,16 @@ def publish(ckpt_dir: Path, tag: str) -> None:
 
 def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
     f = Path(ckpt_dir) / "latest"
-    return f.read_text().strip() if f.is_file() else None
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    final, stale = Path(ckpt_dir) / tag, Path(ckpt_dir) / f"{tag}.stale"
+    if not final.is_dir() and stale.is_dir():         # a crash while re-publishing the same tag: the old one
+        try:
+            os.replace(stale, final)
+        except FileNotFoundError:                     # another rank recovered it first
+            pass
+    return tag
 
 
 def checkpoint_meta(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict | None:
@@ -327,7 +374,7 @@ def to_universal(ckpt_dir: str | os.PathLike, tag: str) -> Path:
     import subprocess
     import sys
     out = Path(ckpt_dir) / "universal" / tag
-    if (out / "zero").is_dir() and (out / "mp_rank_00_model_states.pt").is_file():
+    if (out / "zero").is_dir():                       # conversions are renamed into place only when complete
         return out
     tmp = out.with_name(tag + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -357,6 +404,9 @@ def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> di
         raise FileNotFoundError(f"checkpoint {d} has no model states file (looked for {[f.name for f in files]})")
     states = safe_load(model_file)
     zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-    if zero_stage == 3:     # parameters live partitioned in the optimizer states: consolidate them
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    half = any(v.is_floating_point() and v.dtype != torch.float32 for v in states["module"].values())
+    if zero_stage == 3 or (half and zero_stage > 0):
+        # ZeRO-3: parameters live partitioned in the optimizer states; bf16/fp16 training: the module file
+        # holds rounded weights and the fp32 masters are in the optimizer states. Consolidate those.
+        return {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items()}
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}

@@ -35,7 +35,8 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
     model.eval()
     stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world, train=False,
                          max_frames=max_frames)
-    keys, sids, vs, ts = [], [], [], []
+    e = model.video_proj.out_features       # a rank with no clip of the split contributes empty tensors
+    keys, sids, vs, ts = [], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, e)], [torch.zeros(0, e)]
     for batch in make_loader(stream, Collate(tokenizer), num_workers):
         batch = batch.to(device)
         v, t = pooled_embeddings(model, batch)

@@ -165,6 +165,11 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
                         lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio), eps=st.adam_eps,
                         load_universal=saved_world != ctx.world)
 
+    def eval_model():
+        """engine.module, or under ZeRO-3 a plain copy (see Engine.eval_module); RNG untouched."""
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if engine.device.type == "cuda" else []):
+            return engine.eval_module(lambda: SLTModel(cfg.model, ctx.tokenizer, cfg.data))
+
     step, epoch, pos = 0, 0, 0
     selector = DevSelector(ctx, name)
     if tag is not None:
@@ -176,16 +181,20 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
         if saved_world != ctx.world:       # RNG streams are per rank: new ones, a function of the position
             seed_everything(cfg.train.seed * 7919 + step * 104729 + ctx.rank * 15485863)
         if step >= total:
-            return engine.module
+            return eval_model()
 
     def save(tag: str | None = None):
-        client = {"sclslt": {"stage": name, "step": step, "epoch": epoch, "batch_in_epoch": pos,
-                             "config": to_dict(cfg), "world": ctx.world, "selection": selector.state()}}
+        record = {"stage": name, "step": step, "epoch": epoch, "batch_in_epoch": pos, "world": ctx.world,
+                  "selection": selector.state()}
+        meta = eng.checkpoint_meta(ckpt_dir)
+        if tag is None and meta is not None and all(meta.get(k) == v for k, v in record.items()):
+            return                      # this very state is published already (e.g. the new best at the end)
+        client = {"sclslt": {**record, "config": to_dict(cfg)}}
         engine.save(ckpt_dir, tag or f"step{step:08d}", client, keep=cfg.checkpoint.keep,
                     protect={selector.best["tag"]} if selector.best else set())
 
     def measure_dev():
-        if selector.measure(engine.module, step, epoch):
+        if selector.measure(eval_model(), step, epoch):
             save()                      # the new best: published now, never rotated away
         engine.train()
 
@@ -200,7 +209,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
     ctx.reporter.start_stage(name, total, step, st.global_batch, ctx.run_dir / name / "metrics.csv")
     timer = StepTimer(engine.device, cfg.train.timing_every)
     while step < total and epoch < st.epochs:
-        loader = make_loader(source.epoch_stream(epoch, pos, engine.module), collate, cfg.data.num_workers,
+        loader = make_loader(source.epoch_stream(epoch, pos, eval_model), collate, cfg.data.num_workers,
                              cfg.data.prefetch_factor)
         timer.begin(step + 1)
         for batch in loader:
@@ -229,11 +238,12 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
                     ctx.reporter.timing(step, timed)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
                     save()
-                if gpus.handle is not None and cfg.train.telemetry_every and step % cfg.train.telemetry_every == 0:
+                # every rank joins the gather on GPUs (a rank whose NVML failed sends {}), none on CPUs
+                if engine.device.type == "cuda" and cfg.train.telemetry_every and step % cfg.train.telemetry_every == 0:
                     per_rank = [None] * ctx.world
                     dist.all_gather_object(per_rank, gpus.sample())
                     ctx.reporter.telemetry(step, per_rank)
-            if preempted:
+            if preempted and step < total:      # at the stage's last step: finish it normally first
                 save()
                 raise Preempted(f"{name}: stopped by a signal at step {step}; checkpoint saved in {ckpt_dir}: "
                                 f"continue with --resume")
@@ -250,7 +260,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
         measure_dev()
     save()
     ctx.reporter.end_stage(name, step)
-    return engine.module
+    return eval_model()
 
 
 class DevSelector:
@@ -307,12 +317,28 @@ def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
     if meta is None:
         raise RunError(f"{ckpt_dir}/{tag} has no sclslt.json: not a complete checkpoint of this trainer")
     world = dist.get_world_size()
-    if meta["world"] != world and rank == 0:
-        print(f"sclslt: {ckpt_dir}/{tag} was written by {meta['world']} ranks, this job has {world}: "
-              f"converting it to a universal checkpoint", flush=True)
-        eng.to_universal(ckpt_dir, tag)
-    dist.barrier()
+    if meta["world"] != world:
+        def convert():
+            print(f"sclslt: {ckpt_dir}/{tag} was written by {meta['world']} ranks, this job has {world}: "
+                  f"converting it to a universal checkpoint", flush=True)
+            eng.to_universal(ckpt_dir, tag)
+        on_rank0(convert, f"converting {ckpt_dir}/{tag}")
     return int(meta["world"])
+
+
+def on_rank0(work, what: str) -> None:
+    """Run `work` on rank 0 while the others wait; a failure there stops every rank with its message
+    (instead of leaving them in a barrier until the collective timeout)."""
+    error, exc = None, None
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error, exc = f"{type(e).__name__}: {e}", e
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RunError(f"{what} failed on rank 0: {box[0]}") from exc
 
 
 def stage_seed(cfg: Config, name: str) -> int:
@@ -340,34 +366,34 @@ class BatchSource:
         return Planner(cfg.selection, table, st.global_batch // self.ctx.world, self.ctx.world,
                        stage_seed(cfg, self.name))
 
-    def _self_table(self, epoch: int, model) -> Table | None:
+    def _self_table(self, epoch: int, model_fn) -> Table | None:
         """self mode: early = embeddings at the stage's start, late = the latest refresh (every
         `selection.self_interval` epochs); saved in the run dir, so a resumed run reuses them."""
         interval = self.ctx.cfg.selection.self_interval
-        early = self._snapshot("early", model, compute=epoch == 0)
+        early = self._snapshot("early", model_fn, compute=epoch == 0)
         late_epoch = (epoch // interval) * interval
         if late_epoch == 0 or early is None:
             return None                               # no late view yet: random batches this epoch
-        late = self._snapshot(f"epoch{late_epoch:04d}", model, compute=epoch == late_epoch)
+        late = self._snapshot(f"epoch{late_epoch:04d}", model_fn, compute=epoch == late_epoch)
         return table_from_snapshots(early, late, self.ctx.dist["device"]) if late is not None else None
 
-    def _snapshot(self, tag: str, model, compute: bool):
+    def _snapshot(self, tag: str, model_fn, compute: bool):
         path = self.dir / f"{tag}.safetensors"
         if path.is_file():
             return load_snapshot(path)
         if not compute:
             return None
         ctx = self.ctx
-        emb = embed_split(model, ctx.shards_dir, "train", ctx.tokenizer, ctx.dist["device"],
+        emb = embed_split(model_fn(), ctx.shards_dir, "train", ctx.tokenizer, ctx.dist["device"],
                           ctx.cfg.eval.batch_size, max_frames=ctx.cfg.data.max_frames)
         if ctx.rank == 0:
             save_snapshot(path, emb)
         dist.barrier()
         return emb
 
-    def epoch_stream(self, epoch: int, skip: int, model):
+    def epoch_stream(self, epoch: int, skip: int, model_fn):
         ctx, st = self.ctx, getattr(self.ctx.cfg, self.name)
-        table = self.table if self.mode == "ps" else self._self_table(epoch, model) if self.mode == "self" else None
+        table = self.table if self.mode == "ps" else self._self_table(epoch, model_fn) if self.mode == "self" else None
         if table is None:
             self.stream.set_epoch(epoch, skip=skip)
             return self.stream
@@ -453,7 +479,7 @@ def prepare(cfg: Config, ds_config: str) -> Context:
     install_signal_handlers()
     reporter = Reporter(enabled=d["rank"] == 0, log_every=cfg.train.log_every)
     run_dir = Path(cfg.train.run_dir).resolve()
-    if d["rank"] == 0:
+    def make_run_dir():
         shards_dir = resolve_shards_dir(cfg.data)       # synthetic corpus made here on first use
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -461,7 +487,7 @@ def prepare(cfg: Config, ds_config: str) -> Context:
         if not (tok_dir / "tokenizer_config.json").is_file():      # made once per run, published whole
             texts = {sp: [s[4] for s in read_manifest(shards_dir, sp)["samples"]] for sp in ("train", "dev", "test")}
             make_run_tokenizer(cfg.model, texts.pop("train"), tok_dir, heldout=texts)
-    dist.barrier()
+    on_rank0(make_run_dir, "preparing the run")
     shards_dir = resolve_shards_dir(cfg.data)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     reporter.info(f"world {d['world']} x {d['accelerator']}, shards {shards_dir}, run {run_dir}")
@@ -480,7 +506,7 @@ def selected_model(ctx: Context, name: str, model: SLTModel) -> tuple[SLTModel, 
     ckpt_dir = ctx.run_dir / name / "checkpoints"
     last = eng.latest_tag(ckpt_dir)
     sel = (eng.checkpoint_meta(ckpt_dir, last) or {}).get("selection") or {}
-    best = sel.get("best")
+    best = sel.get("best") if ctx.cfg.eval.select == "dev_bleu4" else None
     record = {"stage": name, "tag": last, "rule": "last checkpoint of the last stage"}
     if best:
         record = {"stage": name, "tag": best["tag"], "step": best["step"], "dev_bleu4": best["dev_bleu4"],

@@ -36,8 +36,10 @@ class Reporter:
         self.t0 = time.time()
         from pathlib import Path
         self.csv_path = Path(csv_path) if csv_path is not None else None
-        if self.enabled and self.csv_path is not None and self.csv_path.is_file():
-            self._truncate_after(start)
+        if self.enabled and self.csv_path is not None:
+            for f in ("metrics.csv", "timing.csv", "telemetry.csv"):
+                if self.csv_path.with_name(f).is_file():
+                    self._truncate_after(start, self.csv_path.with_name(f))
         if not self.enabled:
             return
         self.close_tensorboard()
@@ -45,7 +47,7 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: events at or after the resumed step, from the interrupted run, are hidden
             self.tb = SummaryWriter(str(self.csv_path.parent.parent / "tensorboard" / name),
-                                    purge_step=start + 1 if start else None, flush_secs=30)
+                                    purge_step=start + 1, flush_secs=30)
         if self.console.is_terminal and not os.environ.get("SCLSLT_PLAIN_LOG"):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             self.progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
@@ -77,16 +79,16 @@ class Reporter:
             self.console.print(f"{self.name} step {step}/{self.total} epoch {epoch} {stats} eta {eta:.0f}s")
             self.console.file.flush()      # line by line in log files too
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, path) -> None:
         """A resumed stage drops the rows logged after its checkpoint (they will be logged again)."""
-        lines = self.csv_path.read_text().splitlines(keepends=True)
+        lines = path.read_text().splitlines(keepends=True)
         if not lines:
             return
         col = lines[0].rstrip("\r\n").split(",").index("step")
         kept = [lines[0]] + [ln for ln in lines[1:] if float(ln.split(",")[col]) <= step]
-        tmp = self.csv_path.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(kept))
-        tmp.replace(self.csv_path)
+        tmp.replace(path)
 
     def telemetry(self, step: int, per_rank: list[dict]) -> None:
         """One line per sample (every rank's GPU) and rows in <stage>/telemetry.csv."""

@@ -58,6 +58,8 @@ def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str, ds: str = "con
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    # DeepSpeed's CPU backend leaves a 66 MiB /dev/shm buffer per rank unless the trainer removes it
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
 
 
@@ -236,6 +238,10 @@ def test_other_zero_stages_equal_one_process(exp, zero, similarity):
     d, cfg_path = exp
     run = d / f"zero{zero}"
     extra = ("--train.max_steps", "4", "--model.similarity", similarity)
+    if zero.startswith("3"):
+        # 17 dev clips: the ranks decode 2 and 1 batches, which partitioned parameters cannot follow
+        # in lockstep (evaluation runs on a gathered plain copy instead)
+        extra += ("--data.synthetic.n_dev", "17")
     launch(cfg_path, run, 29620 + len(zero) + int(zero[0]), *extra, ds=f"configs/zero{zero}.json")
     ref_losses, ref_params = reference(cfg_path, run, *extra)
     for name in STAGES:

@@ -1,0 +1,43 @@
+"""bf16, the default on GPUs, on CPU ranks: BatchNorm buffers follow the parameters' dtype (DeepSpeed
+casts parameters only), the fp32 master weights are what a checkpoint hands to the next stage, and a
+bf16 run resumes at another world size."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from sclslt.engine import latest_tag, load_module_state, safe_load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bf16_trains_both_stages_hands_over_fp32_masters_and_resumes_elsewhere(tiny_cfg_dict, tmp_path):
+    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
+    cfg["data"]["synthetic"]["n_train"] = 48
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    args = ["launch/train.py", "--deepspeed", "configs/zero2.json", "--config", str(tmp_path / "exp.yaml"),
+            "--train.run_dir", str(run), "--train.precision", "bf16"]
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    two = subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2",
+                          "--master_port", "29661", *args, "--stage2.enabled", "false", "--train.max_steps", "3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert "written by 2 ranks, now 1" in one.stdout and (run / "results.json").is_file()
+
+    ckpt = run / "stage1" / "checkpoints"
+    module = safe_load(ckpt / latest_tag(ckpt) / "mp_rank_00_model_states.pt")["module"]
+    assert module["video_proj.weight"].dtype == torch.bfloat16
+    assert module["temporal.0.bn.running_var"].dtype == torch.bfloat16          # buffers cast with the params
+    masters = load_module_state(ckpt)
+    assert set(masters) == set(module) and masters["video_proj.weight"].dtype == torch.float32
+    gap = (masters["video_proj.weight"] - module["video_proj.weight"].float()).abs().max().item()
+    assert 0 < gap < 1e-2                        # the fp32 masters, not the bf16-rounded module weights
+    assert all(v.isfinite().all() for v in masters.values() if v.is_floating_point())
