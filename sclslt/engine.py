@@ -52,7 +52,11 @@ def init_distributed(timeout_s: int = 1800) -> dict:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     import deepspeed
+    import torch.distributed.distributed_c10d as c10d
     from deepspeed.accelerator import get_accelerator
+    # the process groups DeepSpeed creates later (ZeRO's data-parallel group) take torch's module
+    # defaults, not init's timeout: without this a silent peer blocks a gradient all-reduce for 30 min
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     acc = get_accelerator()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -92,7 +96,7 @@ def peer_failure(exc: BaseException) -> bool:
     if isinstance(exc, (torch.distributed.DistBackendError, torch.distributed.DistNetworkError)):
         return True
     text = str(exc)          # gloo reports a dead or silent peer as a plain RuntimeError
-    return isinstance(exc, RuntimeError) and "gloo" in text and any(s in text for s in (
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
         "Connection closed by peer", "Connection reset by peer", "Timed out waiting"))
 
 

@@ -38,6 +38,7 @@ from .selection import Planner, Table, load_snapshot, load_table, save_snapshot,
 from .shards import read_manifest
 from .telemetry import GpuTelemetry, StepTimer
 from .text import load_tokenizer, make_run_tokenizer
+from .vocab import record_of
 from .ui import Reporter
 
 STAGES = ("stage1", "stage2")
@@ -272,7 +273,7 @@ class DevSelector:
 
     def __init__(self, ctx: Context, name: str):
         cfg = ctx.cfg
-        enabled = [s for s in STAGES if getattr(cfg, s).enabled and getattr(cfg, s).epochs > 0]
+        enabled = enabled_stages(cfg)
         self.ctx, self.name = ctx, name
         self.active = (cfg.eval.select == "dev_bleu4" and bool(enabled) and enabled[-1] == name
                        and getattr(cfg, name).translation_weight > 0)
@@ -339,6 +340,10 @@ def on_rank0(work, what: str) -> None:
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise RunError(f"{what} failed on rank 0: {box[0]}") from exc
+
+
+def enabled_stages(cfg: Config) -> list[str]:
+    return [s for s in STAGES if getattr(cfg, s).enabled and getattr(cfg, s).epochs > 0]
 
 
 def stage_seed(cfg: Config, name: str) -> int:
@@ -454,7 +459,7 @@ def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> d
                                    **compute_metrics([trivial] * len(refs), refs, cfg.eval.bleu_tokenize)},
               "beam": cfg.eval.beam}
     if ctx.rank == 0 and write:
-        write_report(ctx.run_dir / f"report.{split}.json", {**result, "tokenizer": tokenizer_record(ctx.run_dir)},
+        write_report(ctx.run_dir / f"report.{split}.json", {**result, "tokenizer": tokenizer_record(ctx.tokenizer)},
                      rows)
         with open(ctx.run_dir / f"hypotheses.{split}.jsonl", "w") as f:
             for r in rows:
@@ -462,13 +467,12 @@ def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> d
     return result
 
 
-def tokenizer_record(run_dir: Path) -> dict:
+def tokenizer_record(tokenizer) -> dict:
     """What the run's texts were tokenized with: kind, source, size, whether it was trimmed, the hash
     of the kept ids (trimmed) and of the saved vocabulary, the language code, <unk> counts."""
-    vocab = run_dir / "tokenizer" / "sclslt_vocab.json"
-    if not vocab.is_file():
-        return {"dir": str(run_dir / "tokenizer")}
-    v = json.loads(vocab.read_text())
+    v = record_of(tokenizer)
+    if v is None:
+        return {"dir": str(getattr(tokenizer, "name_or_path", ""))}
     return {k: v[k] for k in ("kind", "source", "size", "trimmed", "sha256", "vocab_sha256", "lang",
                               "heldout_unk") if k in v}
 
@@ -526,7 +530,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     t0 = time.time()
     model = None
     retrieval = {}
-    enabled = [s for s in STAGES if getattr(cfg, s).enabled and getattr(cfg, s).epochs > 0]
+    enabled = enabled_stages(cfg)
     for i, name in enumerate(enabled):
         model = build_model(ctx)
         if i > 0 and eng.latest_tag(ctx.run_dir / name / "checkpoints") is None:
@@ -546,7 +550,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     model, selected = selected_model(ctx, enabled[-1], model)
     result = evaluate(ctx, model, cfg.eval.split)
     result["selected_checkpoint"] = selected
-    result["tokenizer"] = tokenizer_record(ctx.run_dir)
+    result["tokenizer"] = tokenizer_record(ctx.tokenizer)
     result["retrieval"] = retrieval
     result["wall_s"] = time.time() - t0
     result["world"] = ctx.world

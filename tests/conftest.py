@@ -54,3 +54,20 @@ def tiny_shards(tiny_cfg_dict) -> Path:
     from sclslt.config import from_dict
     from sclslt.data import synthetic_shards_dir
     return synthetic_shards_dir(from_dict(tiny_cfg_dict).data)
+
+
+@pytest.fixture
+def cfg_path(tiny_cfg_dict, tmp_path) -> Path:
+    """The tiny experiment with 48 training clips (6 global batches of 8), as a YAML file."""
+    import yaml
+    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
+    cfg["data"]["synthetic"]["n_train"] = 48
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture
+def train_env() -> dict:
+    """Environment for a trainer subprocess on CPU ranks: plain log lines, one thread per rank."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sclslt.engine import latest_tag, load_module_state
 from sclslt.trainer import NonFiniteGuard
@@ -25,24 +24,11 @@ def test_guard_skips_isolated_non_finite_steps_and_stops_after_k_in_a_row(tmp_pa
     assert g.skipped == 5
 
 
-@pytest.fixture
-def cfg_path(tiny_cfg_dict, tmp_path):
-    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
-    cfg["data"]["synthetic"]["n_train"] = 48
-    p = tmp_path / "exp.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
-
-
-def _env():
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-
-
-def test_a_diverging_run_stops_with_a_clear_error_and_its_checkpoint_intact(cfg_path, tmp_path):
+def test_a_diverging_run_stops_with_a_clear_error_and_its_checkpoint_intact(cfg_path, tmp_path, train_env):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run),
                            "--stage1.lr", "1e30", "--train.max_nonfinite", "3", "--checkpoint.every_epochs", "1",
-                           "--stage2.enabled", "false"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           "--stage2.enabled", "false"], cwd=ROOT, env=train_env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "3 non-finite losses in a row" in proc.stderr and "update skipped" in proc.stdout
@@ -52,13 +38,13 @@ def test_a_diverging_run_stops_with_a_clear_error_and_its_checkpoint_intact(cfg_
     assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
 
 
-def test_sigusr1_checkpoints_at_a_step_boundary_and_resume_continues(cfg_path, tmp_path):
+def test_sigusr1_checkpoints_at_a_step_boundary_and_resume_continues(cfg_path, tmp_path, train_env):
     run = tmp_path / "run"
     deepspeed = Path(sys.executable).with_name("deepspeed")
     args = ["--config", str(cfg_path), "--train.run_dir", str(run), "--stage1.epochs", "60", "--stage2.enabled", "false"]
     launcher = subprocess.Popen([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2",
                                  "--master_port", "29641", "launch/train.py", "--deepspeed", "configs/zero2.json",
-                                 *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 *args], cwd=ROOT, env=train_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     metrics = run / "stage1" / "metrics.csv"
     deadline = time.time() + 300
@@ -79,7 +65,7 @@ def test_sigusr1_checkpoints_at_a_step_boundary_and_resume_continues(cfg_path, t
     proc = subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2",
                            "--master_port", "29642", "launch/train.py", "--deepspeed", "configs/zero2.json", *args,
                            "--resume", "--train.max_steps", str(done + 2)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"resumed at step {done}" in proc.stdout
     import csv
@@ -88,7 +74,7 @@ def test_sigusr1_checkpoints_at_a_step_boundary_and_resume_continues(cfg_path, t
     assert steps == list(range(1, done + 3))          # continued, with nothing lost or repeated
 
 
-def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_path, tmp_path):
+def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_path, tmp_path, train_env):
     import csv
     deepspeed = Path(sys.executable).with_name("deepspeed")
     ds = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2"]
@@ -101,7 +87,7 @@ def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_pa
 
     killed = tmp_path / "killed"
     job = subprocess.Popen(ds + ["--master_port", "29643"] + args + ["--train.run_dir", str(killed)], cwd=ROOT,
-                           env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                           env=train_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = killed / "stage1" / "metrics.csv"
     deadline = time.time() + 300
     while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 6) and time.time() < deadline:
@@ -114,7 +100,7 @@ def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_pa
     target = done + 4
     for run, port, extra in ((killed, "29644", ["--resume"]), (tmp_path / "clean", "29645", [])):
         proc = subprocess.run(ds + ["--master_port", port] + args + ["--train.run_dir", str(run),
-                              "--train.max_steps", str(target), *extra], cwd=ROOT, env=_env(),
+                              "--train.max_steps", str(target), *extra], cwd=ROOT, env=train_env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:]
     resumed, clean = rows(killed), rows(tmp_path / "clean")
@@ -136,13 +122,13 @@ runpy.run_path("launch/train.py", run_name="__main__")
 """
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(cfg_path, tmp_path):
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(cfg_path, tmp_path, train_env):
     import csv
     run, clean = tmp_path / "run", tmp_path / "clean"
     args = ["--config", str(cfg_path), "--stage1.epochs", "2", "--stage2.enabled", "false",
             "--checkpoint.every_steps", "2"]
     crashed = subprocess.run([sys.executable, "-c", CRASH_IN_SAVE, *args, "--train.run_dir", str(run)], cwd=ROOT,
-                             env={**_env(), "CRASH_TAG": "step00000004"}, capture_output=True, text=True, timeout=600)
+                             env={**train_env, "CRASH_TAG": "step00000004"}, capture_output=True, text=True, timeout=600)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     ckpt = run / "stage1" / "checkpoints"
     assert latest_tag(ckpt) == "step00000002"                 # not pointing at the half-written one
@@ -150,7 +136,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(cfg_
     out = {}
     for d, extra in ((run, ["--resume"]), (clean, [])):
         proc = subprocess.run([sys.executable, "launch/train.py", *args, "--train.run_dir", str(d), *extra],
-                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                              cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         out[d] = proc.stdout
     assert "resumed at step 2 " in out[run]
@@ -183,13 +169,13 @@ def test_checkpoint_files_load_without_unpickling_arbitrary_objects(tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
-def test_when_one_rank_dies_or_hangs_the_others_exit_in_bounded_time(cfg_path, tmp_path, fault):
+def test_when_one_rank_dies_or_hangs_the_others_exit_in_bounded_time(cfg_path, tmp_path, fault, train_env):
     """Ranks started by hand (as srun or a hand-rolled launcher would; no launcher to kill the rest):
     rank 1 is killed (SIGKILL) or frozen (SIGSTOP) mid-run; rank 0 must exit with a clear message and
     code 76, at once for a dead peer and within train.dist_timeout_s for a silent one."""
     run = tmp_path / "run"
     port = {"killed": "29651", "hung": "29652"}[fault]
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}
+    env = {**train_env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}
     procs = [subprocess.Popen([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run),
                                "--stage1.epochs", "60", "--stage2.enabled", "false", "--train.dist_timeout_s", "10"],
                               cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,

@@ -61,19 +61,12 @@ def test_tensorboard_events_follow_the_csv_across_a_resume(tmp_path):
         assert [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)] == got
 
 
-def test_step_time_breakdown_is_sampled_into_a_csv_and_summarised(tiny_cfg_dict, tmp_path):
+def test_step_time_breakdown_is_sampled_into_a_csv_and_summarised(cfg_path, train_env, tmp_path):
     import csv
-    import os
-
-    import yaml
-    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
-    cfg["data"]["synthetic"]["n_train"] = 48
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "exp.yaml"), "--train.run_dir",
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir",
                            str(run), "--stage2.enabled", "false", "--train.timing_every", "2", "--train.max_steps", "5"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with open(run / "stage1" / "timing.csv") as f:
         rows = list(csv.DictReader(f))

@@ -1,26 +1,20 @@
 """bf16, the default on GPUs, on CPU ranks: BatchNorm buffers follow the parameters' dtype (DeepSpeed
 casts parameters only), the fp32 master weights are what a checkpoint hands to the next stage, and a
 bf16 run resumes at another world size."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from sclslt.engine import latest_tag, load_module_state, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bf16_trains_both_stages_hands_over_fp32_masters_and_resumes_elsewhere(tiny_cfg_dict, tmp_path):
-    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
-    cfg["data"]["synthetic"]["n_train"] = 48
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
-    run = tmp_path / "run"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-    args = ["launch/train.py", "--deepspeed", "configs/zero2.json", "--config", str(tmp_path / "exp.yaml"),
+def test_bf16_trains_both_stages_hands_over_fp32_masters_and_resumes_elsewhere(cfg_path, train_env, tmp_path):
+    run, env = tmp_path / "run", train_env
+    args = ["launch/train.py", "--deepspeed", "configs/zero2.json", "--config", str(cfg_path),
             "--train.run_dir", str(run), "--train.precision", "bf16"]
     deepspeed = Path(sys.executable).with_name("deepspeed")
     two = subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2",
