@@ -1,12 +1,22 @@
-"""Two CPU ranks through the real `deepspeed` launcher (ZeRO-2, gloo) against one plain-PyTorch process.
+"""Two CPU ranks through the real `deepspeed` launcher (ZeRO-1/2/3, offload, mpirun; gloo) against one
+plain-PyTorch process, step by step.
 
-The reference holds the whole global batch in one process: each rank's micro-batch is forwarded on
-its own (BatchNorm statistics are per micro-batch, as on the ranks), the contrastive loss of every
-rank's rows is taken against the concatenated columns, the translation loss is normalised by the
-global token count, and torch.optim.AdamW steps with the same clipping and LR schedule. Losses of
-every step and the parameters after both stages must agree: results may not depend on the number
-of ranks, and ZeRO-2 releases with wrong gradients would fail here. The run is then repeated as
-an interrupted run plus `--resume`, which must reproduce the same trajectory.
+The product saves a checkpoint after every step. For each step k the reference loads the product's
+state after step k-1 (parameters, buffers, both Adam moments, read through DeepSpeed's universal
+form, and the LR position) into one process and torch.optim.AdamW, rebuilds the global batch of step
+k, forwards each rank's micro-batch on its own (BatchNorm statistics are per micro-batch, as on the
+ranks), takes each rank's contrastive rows against the concatenated columns and normalises the
+translation loss by the global token count, clips, and steps. The product's loss, LR, parameters and
+moments after step k must equal that step's: results may not depend on the number of ranks, and a
+ZeRO release with wrong gradients fails here at the step where it goes wrong.
+
+Why step by step (issue 11): the model max-pools, so its gradient is discontinuous. Comparing whole
+trajectories let fp32 rounding differences (summation order: ranks vs one process; vector width:
+AVX2 vs the CPU's other kernels) compound until one max-pool argmax flipped and Adam turned that into
+an O(lr) move; the old test failed that way on some CPUs (reproduced with ATEN_CPU_CAPABILITY=default)
+although every single step was right to 1e-8. From identical states a step cannot flip a routing in
+the forward pass, and a mutation (per-GPU-only negatives at one step) shows the test still fails on
+a wrong gradient. An interrupted run plus `--resume` must reproduce the uninterrupted trajectory.
 """
 from __future__ import annotations
 
@@ -22,7 +32,7 @@ import yaml
 
 from sclslt.config import load_config
 from sclslt.data import Collate, resolve_shards_dir
-from sclslt.engine import load_module_state, param_groups
+from sclslt.engine import load_module_state, param_groups, to_universal
 from sclslt.losses import COLUMN_KEYS, contrastive_from_columns, pad_cat, translation_loss_sum
 from sclslt.models import SLTModel
 from sclslt.text import load_tokenizer
@@ -68,93 +78,176 @@ def metrics(run_dir: Path, stage: str) -> list[dict]:
         return [{k: float(v) for k, v in r.items() if k != "stage"} for r in csv.DictReader(f)]
 
 
-def reference(cfg_path: Path, run_dir: Path, *overrides: str, dtype=torch.float32, worlds=None,
-              optimizers: dict | None = None) -> tuple[dict, dict]:
-    """Single process, plain torch.optim.AdamW, the same global batches: losses per stage and final params.
+def global_batches(cfg, name: str, shards: Path, collate, step: int, world: int) -> list:
+    """Each rank's micro-batch of global batch `step` (0-based) at `world` ranks, rebuilt in this process."""
+    per_epoch = len(train_stream(cfg, name, shards, 0, world))
+    epoch, pos = divmod(step, per_epoch)
+    streams = [train_stream(cfg, name, shards, r, world) for r in range(world)]
+    for s in streams:
+        s.set_epoch(epoch, skip=pos)
+    return [collate(next(iter(s))) for s in streams]
 
-    `worlds(step)` gives the number of ranks whose micro-batches make global batch `step` (default
-    WORLD): a job resumed at another world size takes its batches from the new rank split. `optimizers`,
-    if given, receives each stage's (named parameters, AdamW) at the end."""
-    torch.set_num_threads(1)        # the ranks' summation order (OMP_NUM_THREADS=1); Adam amplifies the rest
+
+def global_loss(model, batches: list, st, cfg, local_negatives: bool = False) -> torch.Tensor:
+    """The global-batch loss in one process: each rank's micro-batch forwarded on its own (BatchNorm
+    statistics are per micro-batch, as on the ranks), the translation loss normalised by the global token
+    count, each rank's contrastive rows against the concatenated columns. `local_negatives`: each rank's
+    rows against its own columns only (the per-GPU-negatives bug; the tests' mutation check)."""
+    outs = [forward(model, b, st) for b in batches]
+    world = len(batches)
+    loss = torch.zeros(())
+    if st.translation_weight > 0:
+        n_tok = sum(int((b.labels != -100).sum()) for b in batches)
+        ce = sum(translation_loss_sum(o["logits"], b.labels, st.label_smoothing) for o, b in zip(outs, batches))
+        loss = loss + st.translation_weight * ce / n_tok
+    if st.contrastive_weight > 0:
+        sim = cfg.model.similarity
+        cat = torch.cat if sim == "pooled" else pad_cat
+        groups = [[o] for o in outs] if local_negatives else [outs] * world
+        nce = 0.0
+        for r, (o, bt) in enumerate(zip(outs, batches)):
+            cols = {k: cat([g[k] for g in groups[r]]) for k in COLUMN_KEYS[sim]}
+            cols["ids"] = bt.sentence_ids if local_negatives else torch.cat([b.sentence_ids for b in batches])
+            offset = 0 if local_negatives else r * len(bt)
+            nce = nce + contrastive_from_columns(o, bt.sentence_ids, cols, offset, sim, cfg.model.cico_tau)
+        loss = loss + st.contrastive_weight * nce / world
+    return loss
+
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def adam_state(ckpt_dir: Path, tag: str) -> dict:
+    """Per-parameter fp32 master and Adam moments of a checkpoint, whatever its ZeRO stage and world size,
+    read through DeepSpeed's universal form (the product's own conversion)."""
+    def read(f: Path) -> torch.Tensor:
+        x = torch.load(f, weights_only=False)
+        return x["param"] if isinstance(x, dict) else x       # ZeRO-1/2 files wrap the tensor, ZeRO-3 files do not
+    zero = to_universal(ckpt_dir, tag) / "zero"
+    return {p.name: {k: read(p / f"{k}.pt") for k in ("fp32", *ADAM_KEYS)}
+            for p in zero.iterdir() if (p / "exp_avg.pt").is_file()}       # parameters, not buffers
+
+
+def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, worlds=None, local_negatives_at: int = 0) -> dict:
+    """Every step of the product's run, retaken in one plain-PyTorch process from the product's own state.
+
+    The run must have saved a checkpoint after every step (`--checkpoint.every_steps 1 --checkpoint.keep
+    0`) and each stage's start (`--checkpoint.every_epochs 1`: tag epoch0000). For step k: the parameters,
+    buffers, both Adam moments and the LR position of checkpoint k-1 go into torch.optim.AdamW, which
+    takes step k on the global batch that `worlds(k - 1)` ranks (default WORLD) formed; its loss, its LR
+    and its parameters and moments afterwards are compared with the product's step k by the caller.
+    Rounding differences therefore cannot compound across steps into a discrete routing change
+    (a max-pool argmax, a ReLU boundary), which is what made whole-trajectory comparisons fail on some
+    CPUs (tests/README: issue 11). `local_negatives_at=k` retakes step k of stage 1 with per-GPU-only
+    negatives as well (the mutation the test must catch); returned under "mutated".
+
+    Returns {stage: [per step: {"loss", "lr", "param_err", "moment_err"}]} and "mutated" if asked."""
+    torch.set_num_threads(1)        # the ranks' summation order (OMP_NUM_THREADS=1)
     cfg = load_config(cfg_path, ["--train.run_dir", str(run_dir), *overrides])
     tok = load_tokenizer(run_dir / "tokenizer")
     shards = resolve_shards_dir(cfg.data)
     collate = Collate(tok)
-    seed_everything(cfg.train.seed)
-    model = SLTModel(cfg.model, tok).to(dtype).train()
+    model = SLTModel(cfg.model, tok).train()
     worlds = worlds or (lambda step: WORLD)
-    losses, params = {}, {}
-    for i, name in enumerate(STAGES):
+    out = {}
+    for name in STAGES:
         st = getattr(cfg, name)
         if not st.enabled:
             continue
-        if i > 0:
-            # like the product, stage 2 starts from stage 1's checkpoint: each stage is compared from the
-            # same start (max-pooling makes the gradient discontinuous, so 1e-5 differences at a stage's
-            # end can move a later stage's trajectory by much more than rounding)
-            model.load_state_dict(load_module_state(run_dir / STAGES[i - 1] / "checkpoints"))
+        ckpt = run_dir / name / "checkpoints"
         set_trainable(model, st)
-        per_epoch = len(train_stream(cfg, name, shards, 0, WORLD))
-        opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr, betas=(0.9, 0.999), eps=st.adam_eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(st.epochs * per_epoch, st.warmup_steps,
-                                                                 st.min_lr_ratio))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        losses[name] = []
-        for step in range(min(cfg.train.max_steps, st.epochs * per_epoch)):
-            world = worlds(step)
-            epoch, pos = divmod(step, per_epoch)
-            streams = [train_stream(cfg, name, shards, r, world) for r in range(world)]
-            for s in streams:
-                s.set_epoch(epoch, skip=pos)
-            batches = [collate(next(iter(s))) for s in streams]
-            outs = [forward(model, b, st) for b in batches]
-            loss = torch.zeros(())
-            if st.translation_weight > 0:
-                n_tok = sum(int((b.labels != -100).sum()) for b in batches)
-                ce = sum(translation_loss_sum(o["logits"], b.labels, st.label_smoothing)
-                         for o, b in zip(outs, batches)) / n_tok
-                loss = loss + st.translation_weight * ce
-            if st.contrastive_weight > 0:
-                sim = cfg.model.similarity
-                cat = torch.cat if sim == "pooled" else pad_cat
-                cols = {k: cat([o[k] for o in outs]) for k in COLUMN_KEYS[sim]}
-                cols["ids"] = torch.cat([b.sentence_ids for b in batches])
-                b = len(batches[0])
-                nce = sum(contrastive_from_columns(o, bt.sentence_ids, cols, r * b, sim, cfg.model.cico_tau)
-                          for r, (o, bt) in enumerate(zip(outs, batches))) / world
-                loss = loss + st.contrastive_weight * nce
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            losses[name].append(loss.item())
-        params[name] = {k: v.detach().clone() for k, v in model.named_parameters()}
-        if optimizers is not None:
-            optimizers[name] = (dict(model.named_parameters()), opt)
-    return losses, params
+        f = lr_lambda(st.epochs * len(train_stream(cfg, name, shards, 0, WORLD)), st.warmup_steps, st.min_lr_ratio)
+        out[name] = []
+        for step in range(1, len(metrics(run_dir, name)) + 1):
+            prev = "epoch0000" if step == 1 else f"step{step - 1:08d}"
+            batches = global_batches(cfg, name, shards, collate, step - 1, worlds(step - 1))
+            after = adam_state(ckpt, f"step{step:08d}")
+            res = one_step(model, st, cfg, ckpt, prev, step, st.lr * f(step - 1), batches, after)
+            out[name].append({**res, "lr_next": st.lr * f(step)})          # the product logs the LR after a step
+            if name == "stage1" and step == local_negatives_at:
+                out["mutated"] = one_step(model, st, cfg, ckpt, prev, step, st.lr * f(step - 1), batches, after,
+                                          local_negatives=True)
+    return out
 
 
-def assert_params_close(ckpt_dir: Path, want: dict, what: str, tol: float = 1e-4) -> None:
-    # tol: fp32 rounding amplified by Adam; a wrong gradient moves parameters by ~lr (3e-3) per step
+def one_step(model, st, cfg, ckpt: Path, prev: str, step: int, lr: float, batches: list, after: dict,
+             local_negatives: bool = False) -> dict:
+    """Load checkpoint `prev` (and its Adam state) into `model` and a fresh AdamW, take one step, and
+    measure it against the product's state `after` (each error relative to that quantity's scale)."""
+    model.load_state_dict(load_module_state(ckpt, prev))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=lr, betas=(0.9, 0.999), eps=st.adam_eps)
+    if step > 1:
+        before = adam_state(ckpt, prev)
+        for n, p in named.items():
+            assert torch.equal(before[n]["fp32"].view_as(p), p.detach()), f"{prev}: {n} master != module weight"
+            opt.state[p] = {"step": torch.tensor(float(step - 1)),
+                            **{k: before[n][k].view_as(p).clone() for k in ADAM_KEYS}}
+    loss = global_loss(model, batches, st, cfg, local_negatives)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.train.grad_clip)
+    opt.step()
+    errs = {}
+    for key, mine in (("fp32", lambda p: p.detach()), *((k, lambda p, k=k: opt.state[p][k]) for k in ADAM_KEYS)):
+        scale = max(after[n][key].abs().max().item() for n in named)
+        errs[key] = max((after[n][key].view_as(p) - mine(p)).abs().max().item() for n, p in named.items()) / scale
+    return {"loss": loss.item(), "lr": lr, "param_err": errs["fp32"],
+            "moment_err": max(errs[k] for k in ADAM_KEYS)}
+
+
+STEP_TOL = 1e-5     # of each quantity's scale; rounding gives ~1e-7, a wrong gradient ~1e-1 (the mutation)
+EVERY_STEP = ("--checkpoint.every_steps", "1", "--checkpoint.keep", "0", "--checkpoint.every_epochs", "1")
+
+
+def assert_stepwise(run: Path, got: dict, what: str, moment_tol: float = STEP_TOL) -> None:
+    """The product's logged loss and LR and its state after every step equal the one-process step."""
+    for name, steps in got.items():
+        if name == "mutated":
+            continue
+        rows = metrics(run, name)
+        assert len(rows) == len(steps) > 0, (what, name)
+        for k, (row, ref) in enumerate(zip(rows, steps), 1):
+            where = f"{what} {name} step {k}"
+            assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6), where
+            assert row["lr"] == pytest.approx(ref["lr_next"], rel=1e-9), where
+            assert ref["param_err"] < STEP_TOL, f"{where}: parameters differ by {ref['param_err']:.2e} of scale"
+            assert ref["moment_err"] < moment_tol, f"{where}: Adam moments differ by {ref['moment_err']:.2e} of scale"
+
+
+def assert_params_close(ckpt_dir: Path, want: dict, what: str, tol: float) -> None:
     got = load_module_state(ckpt_dir)
     assert set(want) <= set(got), f"{what}: missing {set(want) - set(got)}"
     worst = max((got[k] - v).abs().max().item() for k, v in want.items())
     assert worst < tol, f"{what}: parameters differ by up to {worst:.2e}"
 
 
+def assert_stage_starts(cfg_path: Path, run: Path, *overrides: str) -> None:
+    """Stage 1 starts from the seeded initialisation, stage 2 from stage 1's final weights."""
+    cfg = load_config(cfg_path, ["--train.run_dir", str(run), *overrides])
+    seed_everything(cfg.train.seed)
+    init = SLTModel(cfg.model, load_tokenizer(run / "tokenizer")).state_dict()
+    start = load_module_state(run / "stage1" / "checkpoints", "epoch0000")
+    assert all(torch.equal(start[k], v) for k, v in init.items() if v.is_floating_point()), "stage1 start"
+    if cfg.stage2.enabled:
+        end1 = load_module_state(run / "stage1" / "checkpoints")
+        start2 = load_module_state(run / "stage2" / "checkpoints", "epoch0000")
+        assert all(torch.equal(start2[k], v) for k, v in end1.items() if k in start2), "stage2 start"
+
+
 def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
     d, cfg_path = exp
     run = d / "run"
-    launch(cfg_path, run, 29611)
-    ref_losses, ref_params = reference(cfg_path, run)
-    for name in STAGES:
-        got = [r["loss"] for r in metrics(run, name)]
-        assert len(got) == STEPS == len(ref_losses[name])
-        assert got == pytest.approx(ref_losses[name], rel=2e-5, abs=1e-6), name
-        assert_params_close(run / name / "checkpoints", ref_params[name], name)
-    assert ref_losses["stage1"][-1] < ref_losses["stage1"][0]      # it learns, it is not a constant
+    launch(cfg_path, run, 29611, *EVERY_STEP)
+    assert_stage_starts(cfg_path, run)
+    got = stepwise(cfg_path, run, local_negatives_at=2)
+    assert [len(got[name]) for name in STAGES] == [STEPS, STEPS]
+    assert_stepwise(run, got, "zero2")
+    # the test can fail: per-GPU-only negatives at one step of stage 1 are seen at once
+    assert got["mutated"]["param_err"] > 100 * STEP_TOL and got["mutated"]["moment_err"] > 1e4 * STEP_TOL, got["mutated"]
+    losses = [r["loss"] for r in metrics(run, "stage1")]
+    assert losses[-1] < losses[0]                                      # it learns, it is not a constant
 
     # the same run, interrupted after 3 steps of stage 1, then resumed and extended
     part = d / "resumed"
@@ -175,31 +268,14 @@ def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
         launch(cfg_path, run, 29614)
 
 
-def assert_optimizer_state_equal(universal: Path, named: dict, opt, what: str, tol: float = 1e-5) -> None:
-    """DeepSpeed's universal form of a checkpoint (one file per parameter and state) against plain AdamW:
-    parameters and both Adam moments, each relative to that quantity's largest value over the model
-    (a lost or misplaced moment is off by ~1)."""
-    for key, ref in (("fp32", lambda p: p.detach()), ("exp_avg", lambda p: opt.state[p]["exp_avg"]),
-                     ("exp_avg_sq", lambda p: opt.state[p]["exp_avg_sq"])):
-        want = {n: ref(p) for n, p in named.items() if p.requires_grad}
-        scale = max(v.abs().max().item() for v in want.values())
-        worst, at = 0.0, ""
-        for n, v in want.items():
-            got = torch.load(universal / "zero" / n / f"{key}.pt", weights_only=False)["param"].view_as(v)
-            err = (got - v).abs().max().item() / scale
-            worst, at = max((worst, at), (err, n))
-        assert worst < tol, f"{what}: {key} differs by {worst:.2e} of its scale at {at}"
-
-
 def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     """2 ranks write the checkpoint, 1 rank resumes it (DeepSpeed universal checkpoint: parameters, Adam
-    moments, LR schedule re-partitioned), then 2 ranks resume the 1-rank checkpoint. At each change the
-    parameters and Adam moments equal plain AdamW's whose global batches come from the rank split in
-    force at each step; the losses and the LR follow the same trajectory: nothing of the optimizer state
-    or the data position is lost."""
+    moments, LR schedule re-partitioned), then 2 ranks resume the 1-rank checkpoint. Every step, the two
+    after each change included, equals plain AdamW's step from the checkpoint before it on the global
+    batch of the rank split in force: nothing of the optimizer state or the data position is lost."""
     d, cfg_path = exp
     run = d / "elastic"
-    args = ("--stage2.enabled", "false", "--checkpoint.every_steps", "0")
+    args = ("--stage2.enabled", "false", *EVERY_STEP)
     launch(cfg_path, run, 29650, *args, "--train.max_steps", "3")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run),
@@ -210,30 +286,16 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     back = launch(cfg_path, run, 29651, *args, "--train.max_steps", str(STEPS), "--resume")
     assert "written by 1 ranks, now 2" in back.stdout
 
-    worlds = lambda step: 1 if 3 <= step < 5 else WORLD        # noqa: E731
-    universal = run / "stage1" / "checkpoints" / "universal"
-    for steps in (3, 5):                 # the states each change started from: 2-rank, then 1-rank written
-        opts = {}
-        reference(cfg_path, run, "--stage2.enabled", "false", "--train.max_steps", str(steps), worlds=worlds,
-                  optimizers=opts)
-        assert_optimizer_state_equal(universal / f"step{steps:08d}", *opts["stage1"], f"after step {steps}")
-    ref_losses, _ = reference(cfg_path, run, "--stage2.enabled", "false", worlds=worlds)
-    got = metrics(run, "stage1")
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    # rel 1e-3 for the steps after the changes: max-pooling amplifies 1e-6 parameter differences (above)
-    # into 1e-4 loss differences on some paths; a lost data position or optimizer state moves far more
-    assert [r["loss"] for r in got] == pytest.approx(ref_losses["stage1"], rel=1e-3)
-    cfg = load_config(cfg_path, [])         # the LR follows the schedule across both changes, no jump
-    per_epoch = cfg.data.synthetic.n_train // cfg.stage1.global_batch
-    f = lr_lambda(cfg.stage1.epochs * per_epoch, cfg.stage1.warmup_steps, cfg.stage1.min_lr_ratio)
-    assert [r["lr"] for r in got] == pytest.approx([cfg.stage1.lr * f(s) for s in range(1, STEPS + 1)], rel=1e-9)
+    got = stepwise(cfg_path, run, "--stage2.enabled", "false", worlds=lambda step: 1 if 3 <= step < 5 else WORLD)
+    assert [r["step"] for r in metrics(run, "stage1")] == list(range(1, STEPS + 1))
+    assert_stepwise(run, got, "2 -> 1 -> 2")        # the LR too: it follows the schedule across both changes
 
 
 @pytest.mark.parametrize("zero,similarity", [("1", "cico"), ("3", "pooled"), ("3_offload", "pooled")])
 def test_other_zero_stages_equal_one_process(exp, zero, similarity):
     """ZeRO-1, ZeRO-3 (parameters partitioned; weights consolidated through zero_to_fp32 for the
     stage transfer; beam search with partitioned parameters) and ZeRO-3 with the optimizer offloaded to
-    the host (DeepSpeed's CPU AdamW) give the same trajectories as plain PyTorch, with CiCo similarity
+    the host (DeepSpeed's CPU AdamW) take the same steps as plain PyTorch, with CiCo similarity
     (token features gathered with padding) on one of them."""
     d, cfg_path = exp
     run = d / f"zero{zero}"
@@ -242,11 +304,12 @@ def test_other_zero_stages_equal_one_process(exp, zero, similarity):
         # 17 dev clips: the ranks decode 2 and 1 batches, which partitioned parameters cannot follow
         # in lockstep (evaluation runs on a gathered plain copy instead)
         extra += ("--data.synthetic.n_dev", "17")
-    launch(cfg_path, run, 29620 + len(zero) + int(zero[0]), *extra, ds=f"configs/zero{zero}.json")
-    ref_losses, ref_params = reference(cfg_path, run, *extra)
-    for name in STAGES:
-        assert [r["loss"] for r in metrics(run, name)] == pytest.approx(ref_losses[name], rel=2e-5), name
-        assert_params_close(run / name / "checkpoints", ref_params[name], f"zero{zero} {name}")
+    launch(cfg_path, run, 29620 + len(zero) + int(zero[0]), *extra, *EVERY_STEP, ds=f"configs/zero{zero}.json")
+    assert_stage_starts(cfg_path, run, *extra)
+    # offload: DeepSpeed's CPU Adam (its own SIMD kernel) rounds the moments differently, 1.3e-5 of their
+    # scale at step 1; 1e-4 still catches per-GPU negatives (0.35 in the main test) by 3,500x
+    assert_stepwise(run, stepwise(cfg_path, run, *extra), f"zero{zero}",
+                    moment_tol=1e-4 if zero.endswith("offload") else STEP_TOL)
     assert (run / "results.json").is_file()
 
 
@@ -339,10 +402,8 @@ def test_mpirun_launch_equals_one_process(exp):
         if var in env:
             cmd += ["-x", var]
     proc = subprocess.run(cmd + [sys.executable, "launch/train.py", "--deepspeed", "configs/zero2.json",
-                                 "--config", str(cfg_path), "--train.run_dir", str(run), *extra],
+                                 "--config", str(cfg_path), "--train.run_dir", str(run), *extra, *EVERY_STEP],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"world {WORLD} x cpu" in proc.stdout
-    ref_losses, ref_params = reference(cfg_path, run, *extra)
-    assert [r["loss"] for r in metrics(run, "stage1")] == pytest.approx(ref_losses["stage1"], rel=2e-5)
-    assert_params_close(run / "stage1" / "checkpoints", ref_params["stage1"], "mpirun")
+    assert_stepwise(run, stepwise(cfg_path, run, *extra), "mpirun")

@@ -3,17 +3,33 @@
 #   tools/setup_env.sh          runtime dependencies + the package (editable)
 #   tools/setup_env.sh --test   the same plus the test dependencies, and (as root, with apt-get)
 #                               the Slurm packages tests/test_slurm.py stands a local cluster up with
-# torch: a machine without torch gets the CPU build torch==2.13.0; an existing torch (a GPU
-# cluster's CUDA build) is kept as it is.
+# Versions: every install goes through constraints.txt, the exact versions the suite last passed with
+# (refresh it with tools/lock_deps.sh). setup.py keeps the loose ranges for `pip install` elsewhere.
+# torch: a machine without torch gets the locked CPU build; an existing torch (a GPU cluster's CUDA
+# build) is kept as it is, and so is the triton that came with it: both are pinned to what is
+# installed, in place of the lock's lines for them, so no other package can replace them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  "$PY" -m pip install --quiet "torch==2.13.0"
+cons=$(mktemp --suffix=.txt)
+trap 'rm -f "$cons"' EXIT
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  grep -vE '^(torch|triton|nvidia-[A-Za-z0-9_.-]+)==' constraints.txt > "$cons"
+  "$PY" - >> "$cons" <<'EOF'
+import importlib.metadata as md
+for name in ("torch", "triton"):
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        pass
+EOF
+else
+  cp constraints.txt "$cons"
+  "$PY" -m pip install --quiet -c "$cons" torch
 fi
-"$PY" -m pip install --quiet -e ".${extra}"
+"$PY" -m pip install --quiet -c "$cons" -e ".${extra}"
 # pyenv installs console scripts (deepspeed) behind shims that need a rehash
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 # tests/test_slurm.py runs the launch/slurm/ templates on a local Slurm: install it where we can
