@@ -51,27 +51,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 try:
-    import triton
-    import triton.language as tl
+    import triton  # noqa: F401
 except ImportError:
     triton = None
-
-if triton is not None:
-    @triton.jit
-    def accumulate_rows(OUT, out_rows, out_mask, d, G, SRC, src_rows, src_mask, src_stride,
-                        DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
-        """OUT[out_rows, :d] += G @ SRC[src_rows, :d] in fp32, d in BLOCK_K chunks (OUT's row stride is d).
-
-        The gradient step of every backward kernel here: the output rows belong to the calling program
-        alone, so the read-modify-write needs no atomics (deterministic), and it stays in L2.
-        """
-        for start in range(0, d, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            kmask = ks < d
-            src = tl.load(SRC + src_rows[:, None] * src_stride + ks[None, :], mask=src_mask[:, None] & kmask[None, :],
-                          other=0.0)
-            ptr = OUT + out_rows[:, None] * d + ks[None, :]
-            omask = out_mask[:, None] & kmask[None, :]
-            acc = tl.load(ptr, mask=omask, other=0.0)
-            acc += tl.dot(G, src.to(tl.float32), input_precision=DOT_PREC)
-            tl.store(ptr, acc, mask=omask)

@@ -9,21 +9,26 @@ both L2-normalised by the caller; boolean masks of valid tokens. For a pair (i, 
 Returns the (b, n) similarities in fp32, differentiable in v and t. A clip or sentence with no
 valid token has similarity 0 (no NaN).
 
-Kernels (never materialising b x n x T x L):
-- forward: one program per pair, the T x L tile accumulated in fp32 over d chunks, both softmaxes
-  and pooled sums in registers; T and L up to 256 tokens each.
-- backward: with x = dot / tau, p the row softmax and f_t = sum_l dot p,
-  d i2t / d dot[t, l] = p[t, l] (1 + (dot[t, l] - f_t) / tau) / n_valid_t   (and t2i alike over t);
-  dv_i = sum_j g_ij G_ij t_j and dt_j = sum_i g_ij G_ij^T v_i, each in a race-free kernel (a program
-  owns v_i's or t_j's gradient and loops over the other side, recomputing the tile), accumulated
-  in fp32 buffers; the loop can be split over programs with a fixed-order sum of the partial
-  buffers afterwards (more parallelism, still deterministic).
+Design (for the GPU; b x n x T x L never exists whole):
+- forward (`_cico_fwd`): one program per pair (i, j) walks the clip's tokens in blocks of BLOCK_T
+  rows (the dot tile BLOCK_T x L, fp32 accumulation over d on tensor cores). The row softmax over L
+  is complete inside a block; the column softmax over T is folded online (running max, sum of exp
+  and of exp * dot per text token), as flash attention does. Tiles are at most 4096 elements, so every
+  T, L up to MAX_TOKENS launches within registers and shared memory.
+- backward: d s / d dot = G (T x L per pair; with p the row softmax and f_t = sum_l dot p,
+  d i2t / d dot[t, l] = p[t, l] (1 + (dot[t, l] - f_t) / tau) / n_valid_t, and t2i alike over t).
+  For a chunk of J sentences (J * b * T * L <= CHUNK_ELEMS: memory bounded) `_cico_grad` recomputes
+  the column statistics, then writes g_ij G_ij into a (b, T, J, L) buffer in the input dtype; as a
+  (b T) x (J L) matrix that buffer gives both gradients as cuBLAS GEMMs: dV += G [t_j] and
+  dT_chunk = G^T V. No atomics: deterministic.
+Tile configurations come from `config()`; every one it can return is compiled for sm_80 and sm_90 by
+tests/test_kernel_compile.py (no spills, shared memory fits).
 """
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import dot_precision, fp32_dot, interpreting, use_triton
+from ._dispatch import dot_precision, fp32_dot, use_triton
 
 MAX_TOKENS = 256
 
@@ -77,41 +82,102 @@ try:
 except ImportError:
     triton = None
 
-if triton is not None:
-    from ._dispatch import accumulate_rows
+TILE_ELEMS = 2048           # BLOCK_T * BLOCK_L (16 x 256 where L needs it): measured to fit without spills
+CHUNK_ELEMS = 1 << 27       # the backward's G buffer, at most this many elements (256 MB in bf16)
 
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+def config(TT: int, LL: int, dtype: torch.dtype) -> dict:
+    """Tiles for T clip and L sentence tokens: the whole (padded) sentence in one tile, clip tokens in
+    blocks so that the tile holds at most TILE_ELEMS elements (16 rows at least: tl.dot's minimum);
+    the d chunk shrinks as L grows (its address tile is BLOCK_K x BLOCK_L registers). Chosen from the
+    sm_80/sm_90 resource table (benchmarks/kernel_resources.py), not from the interpreter."""
+    bl = _pow2(LL)
+    bt = min(_pow2(TT), max(16, TILE_ELEMS // bl))
+    tile = bt * bl
+    if dtype == torch.float32:          # fp32 multiplies on FMA units ("ieee"): smaller chunks, no pipelining
+        return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=16, num_warps=4 if tile < 512 else 8, num_stages=1)
+    return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=max(16, min(64, 4096 // bl)), num_warps=4 if tile <= 512 else 8,
+                num_stages=1 if tile >= 4096 else 2)
+
+
+def chunk_sentences(b: int, n: int, TT: int, LL: int, budget: int | None = None) -> int:
+    budget = CHUNK_ELEMS if budget is None else budget
+    return max(1, min(n, budget // max(1, b * TT * LL)))
+
+
+if triton is not None:
     @triton.jit
-    def _pair_tile(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                   FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-        """dot (fp32), masks, and both softmax-pooled sums of the pair (i, j)."""
-        ts = tl.arange(0, BLOCK_T)
+    def _dot_tile(V, T, i, j, t0, TT, LL, d, svb, svt, stn, stl,
+                  FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+        """v_i[t0:t0+BLOCK_T] . t_j^T in fp32, accumulated over d in BLOCK_K chunks (pointers advanced,
+        not recomputed; BLOCK_K * BLOCK_L is bounded by `config`: the address tiles live in registers)."""
+        ts = t0 + tl.arange(0, BLOCK_T)
         ls = tl.arange(0, BLOCK_L)
-        vm = tl.load(VM + i * TT + ts, mask=ts < TT, other=0) != 0
-        tm = tl.load(TM + j * LL + ls, mask=ls < LL, other=0) != 0
-        dot = tl.zeros([BLOCK_T, BLOCK_L], dtype=tl.float32)
+        ks = tl.arange(0, BLOCK_K)
+        v_ptr = V + i.to(tl.int64) * svb + ts[:, None] * svt + ks[None, :]
+        t_ptr = T + j.to(tl.int64) * stn + ls[None, :] * stl + ks[:, None]
+        acc = tl.zeros([BLOCK_T, BLOCK_L], dtype=tl.float32)
         for start in range(0, d, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            kmask = ks < d
-            a = tl.load(V + i * svb + ts[:, None] * svt + ks[None, :], mask=(ts < TT)[:, None] & kmask[None, :], other=0.0)
-            bt = tl.load(T + j * stn + ls[None, :] * stl + ks[:, None], mask=(ls < LL)[None, :] & kmask[:, None], other=0.0)
+            kmask = ks < d - start
+            a = tl.load(v_ptr, mask=(ts < TT)[:, None] & kmask[None, :], other=0.0)
+            bt = tl.load(t_ptr, mask=(ls < LL)[None, :] & kmask[:, None], other=0.0)
             if FP32_DOT:
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)
-            dot += tl.dot(a, bt, input_precision=DOT_PREC)
+            acc += tl.dot(a, bt, input_precision=DOT_PREC)
+            v_ptr += BLOCK_K
+            t_ptr += BLOCK_K
+        return acc
+
+    @triton.jit
+    def _token_block(V, VM, T, i, j, t0, tm, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                     FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Clip tokens t0.. of pair (i, j): their rows, validity, dot tile, masked logits x, the row
+        softmax over L and f_t = sum_l dot p (all complete within the block)."""
+        ts = t0 + tl.arange(0, BLOCK_T)
+        vm = tl.load(VM + i * TT + ts, mask=ts < TT, other=0) != 0
+        dot = _dot_tile(V, T, i, j, t0, TT, LL, d, svb, svt, stn, stl, FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
         valid = vm[:, None] & tm[None, :]
         x = tl.where(valid, dot * inv_tau, float("-inf"))
         mr = tl.max(x, axis=1)
         er = tl.exp(x - tl.where(mr == float("-inf"), 0.0, mr)[:, None])
         p_row = er / tl.maximum(tl.sum(er, axis=1), 1e-30)[:, None]
-        mc = tl.max(x, axis=0)
-        ec = tl.exp(x - tl.where(mc == float("-inf"), 0.0, mc)[None, :])
-        p_col = ec / tl.maximum(tl.sum(ec, axis=0), 1e-30)[None, :]
-        f = tl.sum(p_row * dot, axis=1)
-        h = tl.sum(p_col * dot, axis=0)
-        n_t = tl.maximum(tl.sum(vm.to(tl.float32), axis=0), 1.0)
+        return ts, vm, dot, x, p_row, tl.sum(p_row * dot, axis=1)
+
+    @triton.jit
+    def _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                    FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One pass over the clip's token blocks: sum_t f_t over valid t, the valid-token counts, and the
+        column softmax's max m_l, normaliser z_l and pooled h_l = sum_t dot p_col."""
+        ls = tl.arange(0, BLOCK_L)
+        tm = tl.load(TM + j * LL + ls, mask=ls < LL, other=0) != 0
+        m = tl.full([BLOCK_L], float("-inf"), dtype=tl.float32)
+        z = tl.zeros([BLOCK_L], dtype=tl.float32)
+        w = tl.zeros([BLOCK_L], dtype=tl.float32)
+        f_sum = 0.0
+        n_t = 0.0
+        for t0 in range(0, TT, BLOCK_T):
+            ts, vm, dot, x, p_row, f = _token_block(V, VM, T, i, j, t0, tm, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                                                    FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+            f_sum += tl.sum(tl.where(vm, f, 0.0), axis=0)
+            n_t += tl.sum(vm.to(tl.float32), axis=0)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            e = tl.exp(x - m_safe[None, :])
+            z = z * alpha + tl.sum(e, axis=0)
+            w = w * alpha + tl.sum(e * dot, axis=0)
+            m = m_new
+        h = w / tl.maximum(z, 1e-30)
         n_l = tl.maximum(tl.sum(tm.to(tl.float32), axis=0), 1.0)
-        return dot, vm, tm, p_row, p_col, f, h, n_t, n_l
+        return f_sum, tl.maximum(n_t, 1.0), tm, n_l, m, z, h
 
     @triton.jit
     def _cico_fwd(V, VM, T, TM, S, n, TT, LL, d, svb, svt, stn, stl, inv_tau,
@@ -119,71 +185,33 @@ if triton is not None:
                   BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
         i = tl.program_id(0)
         j = tl.program_id(1)
-        dot, vm, tm, p_row, p_col, f, h, n_t, n_l = _pair_tile(
-            V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau, FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
-        i2t = tl.sum(tl.where(vm, f, 0.0), axis=0) / n_t
+        f_sum, n_t, tm, n_l, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                                                   FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
         t2i = tl.sum(tl.where(tm, h, 0.0), axis=0) / n_l
-        tl.store(S + i * n + j, (i2t + t2i) * 0.5)
+        tl.store(S + i.to(tl.int64) * n + j, (f_sum / n_t + t2i) * 0.5)
 
     @triton.jit
-    def _pair_grad(dot, vm, tm, p_row, p_col, f, h, n_t, n_l, g, tau):
-        """d s(i, j) / d dot, times the upstream gradient g (T x L, fp32)."""
-        gi = tl.where(vm[:, None], p_row * (1.0 + (dot - f[:, None]) / tau), 0.0) / n_t
-        gt = tl.where(tm[None, :], p_col * (1.0 + (dot - h[None, :]) / tau), 0.0) / n_l
-        return (gi + gt) * (0.5 * g)
-
-    @triton.jit
-    def _cico_bwd_v(V, VM, T, TM, GUP, DV, b, n, TT, LL, d, svb, svt, stn, stl, inv_tau, tau, per_split,
-                    FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-        """DV[split, i] = sum over this split's j of g_ij G_ij t_j."""
+    def _cico_grad(V, VM, T, TM, GUP, G, n, j0, J, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                   FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+        """G[i, t, jl, l] = g_ij d s(i, j) / d dot[t, l] for sentence j = j0 + jl of the chunk."""
         i = tl.program_id(0)
-        split = tl.program_id(1)
-        ts = tl.arange(0, BLOCK_T)
+        jl = tl.program_id(1)
+        j = j0 + jl
+        f_sum, n_t, tm, n_l, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                                                   FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+        g = 0.5 * tl.load(GUP + i.to(tl.int64) * n + j)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        inv_z = 1.0 / tl.maximum(z, 1e-30)
         ls = tl.arange(0, BLOCK_L)
-        out = DV + (split * b + i) * TT * d
-        for j in range(split * per_split, tl.minimum(n, (split + 1) * per_split)):
-            dot, vm, tm, p_row, p_col, f, h, n_t, n_l = _pair_tile(
-                V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau, FP32_DOT, DOT_PREC,
-                BLOCK_T, BLOCK_L, BLOCK_K)
-            g = tl.load(GUP + i * n + j)
-            G = _pair_grad(dot, vm, tm, p_row, p_col, f, h, n_t, n_l, g, tau)
-            accumulate_rows(out, ts, ts < TT, d, G, T + j * stn, ls, ls < LL, stl, DOT_PREC, BLOCK_K)
-
-    @triton.jit
-    def _cico_bwd_t(V, VM, T, TM, GUP, DT, b, n, TT, LL, d, svb, svt, stn, stl, inv_tau, tau, per_split,
-                    FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-        """DT[split, j] = sum over this split's i of g_ij G_ij^T v_i."""
-        j = tl.program_id(0)
-        split = tl.program_id(1)
-        ts = tl.arange(0, BLOCK_T)
-        ls = tl.arange(0, BLOCK_L)
-        out = DT + (split * n + j) * LL * d
-        for i in range(split * per_split, tl.minimum(b, (split + 1) * per_split)):
-            dot, vm, tm, p_row, p_col, f, h, n_t, n_l = _pair_tile(
-                V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau, FP32_DOT, DOT_PREC,
-                BLOCK_T, BLOCK_L, BLOCK_K)
-            g = tl.load(GUP + i * n + j)
-            Gt = tl.trans(_pair_grad(dot, vm, tm, p_row, p_col, f, h, n_t, n_l, g, tau))
-            accumulate_rows(out, ls, ls < LL, d, Gt, V + i * svb, ts, ts < TT, svt, DOT_PREC, BLOCK_K)
-
-
-def _cfg(TT: int, LL: int, d: int) -> dict:
-    bt = max(16, triton.next_power_of_2(TT))
-    bl = max(16, triton.next_power_of_2(LL))
-    if interpreting():
-        return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=16, num_warps=1)
-    bk = 32 if bt * bl >= 128 * 64 else 64
-    return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, num_warps=4 if bt * bl <= 64 * 64 else 8)
-
-
-def _splits(programs: int, loop: int, device: torch.device) -> int:
-    """Split a backward loop over more programs when there are too few to fill the GPU."""
-    if interpreting() or device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(loop, (2 * sms + programs - 1) // programs, 16))
+        for t0 in range(0, TT, BLOCK_T):
+            ts, vm, dot, x, p_row, f = _token_block(V, VM, T, i, j, t0, tm, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                                                    FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+            gi = tl.where(vm[:, None], p_row * (1.0 + (dot - f[:, None]) * inv_tau), 0.0) / n_t
+            p_col = tl.exp(x - m_safe[None, :]) * inv_z[None, :]
+            gt = tl.where(tm[None, :], p_col * (1.0 + (dot - h[None, :]) * inv_tau), 0.0) / n_l
+            out = G + ((i.to(tl.int64) * TT + ts[:, None]) * J + jl) * LL + ls[None, :]
+            tl.store(out, ((gi + gt) * g).to(G.dtype.element_ty), mask=(ts < TT)[:, None] & (ls < LL)[None, :])
 
 
 class _CiCo(torch.autograd.Function):
@@ -196,9 +224,9 @@ class _CiCo(torch.autograd.Function):
         b, TT, d = v.shape
         n, LL, _ = t.shape
         s = torch.empty(b, n, device=v.device, dtype=torch.float32)
-        cfg = _cfg(TT, LL, d)
         _cico_fwd[(b, n)](v, vm, t, tm, s, n, TT, LL, d, v.stride(0), v.stride(1), t.stride(0), t.stride(1),
-                          1.0 / tau, FP32_DOT=fp32_dot(v.dtype), DOT_PREC=dot_precision(v.dtype), **cfg)
+                          1.0 / tau, FP32_DOT=fp32_dot(v.dtype), DOT_PREC=dot_precision(v.dtype),
+                          **config(TT, LL, v.dtype))
         ctx.save_for_backward(v, vm, t, tm)
         ctx.tau = tau
         return s
@@ -206,20 +234,42 @@ class _CiCo(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         v, vm, t, tm = ctx.saved_tensors
-        tau = ctx.tau
         b, TT, d = v.shape
         n, LL, _ = t.shape
-        g = grad.float().contiguous()
-        cfg = _cfg(TT, LL, d)
-        common = dict(FP32_DOT=fp32_dot(v.dtype), DOT_PREC=dot_precision(v.dtype), **cfg)
-        args = (b, n, TT, LL, d, v.stride(0), v.stride(1), t.stride(0), t.stride(1), 1.0 / tau, tau)
-        sv = _splits(b, n, v.device)
-        per_v = -(-n // sv)
-        dv = torch.zeros(sv, b, TT, d, device=v.device, dtype=torch.float32)
-        _cico_bwd_v[(b, sv)](v, vm, t, tm, g, dv, *args, per_v, **common)
-        st = _splits(n, b, v.device)
-        per_t = -(-b // st)
-        dt = torch.zeros(st, n, LL, d, device=v.device, dtype=torch.float32)
-        _cico_bwd_t[(n, st)](v, vm, t, tm, g, dt, *args, per_t, **common)
-        # fixed-order sums of the partial buffers: deterministic
-        return dv.sum(0).to(v.dtype), None, dt.sum(0).to(t.dtype), None, None
+        gup = grad.float().contiguous()
+        J = chunk_sentences(b, n, TT, LL)
+        buf = torch.empty(b * TT * J * LL, device=v.device, dtype=v.dtype)
+        v2 = v.reshape(b * TT, d)
+        dv = torch.zeros(b * TT, d, device=v.device, dtype=torch.float32)
+        dt = torch.empty(n, LL, d, device=v.device, dtype=torch.float32)
+        meta = dict(FP32_DOT=fp32_dot(v.dtype), DOT_PREC=dot_precision(v.dtype), **config(TT, LL, v.dtype))
+        for j0 in range(0, n, J):
+            w = min(J, n - j0)
+            g = buf[:b * TT * w * LL]
+            _cico_grad[(b, w)](v, vm, t, tm, gup, g, n, j0, w, TT, LL, d, v.stride(0), v.stride(1), t.stride(0),
+                               t.stride(1), 1.0 / ctx.tau, **meta)
+            gm = g.view(b * TT, w * LL)
+            dv += (gm @ t[j0:j0 + w].reshape(w * LL, d)).float()
+            dt[j0:j0 + w] = (gm.t() @ v2).float().view(w, LL, d)
+        return dv.view(b, TT, d).to(v.dtype), None, dt.to(t.dtype), None, None
+
+
+def launch_variants():
+    """(kernel, dtype, argument types, constexprs, options) for every configuration `config` can return
+    for T, L up to MAX_TOKENS (kernels/resources.py compiles each for sm_80/sm_90)."""
+    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    seen = set()
+    for dtype in ptr:
+        for LL in (16, 32, 64, 128, 256):
+            for TT in (16, 32, 64, 128, 256):
+                cfg = config(TT, LL, dtype)
+                key = (dtype, *cfg.values())
+                if key in seen:
+                    continue
+                seen.add(key)
+                blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+                const = dict(FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
+                opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
+                base = {"V": ptr[dtype], "VM": "*i8", "T": ptr[dtype], "TM": "*i8", "inv_tau": "fp32"}
+                yield "_cico_fwd", dtype, {**base, "S": "*fp32"}, const, opts
+                yield "_cico_grad", dtype, {**base, "GUP": "*fp32", "G": ptr[dtype]}, const, opts

@@ -8,22 +8,28 @@ of -log softmax(scale q k^T)[i, pos], in fp32 whatever the input dtype; differen
 logit_scale. The positive is never masked, so no row's softmax is empty (no NaN, even when every
 negative of a row is a duplicate).
 
-Kernels (never materialising the b x n logits):
-- forward, one program per block of rows: loop over column tiles, logits tile = scale * q k^T
-  accumulated in fp32 over d chunks, masked, folded into an online log-sum-exp; the positive's
-  logit is picked up in the same pass. Saves lse and the positive logit per row (O(b)).
-- backward recomputes the logits tile by tile (flash-attention style) in two race-free kernels:
-  row-parallel for dq and the per-row scale gradient, column-parallel for dk. Each program owns
-  its output rows and accumulates them over the tiles in an fp32 buffer in global memory (it stays
-  in L2): no atomics, so results are deterministic, and d is not limited by registers.
-Cost: forward 2bnd FLOPs, backward 8bnd (two recomputes + two gradient products), against 6bnd for
-the three plain matmuls; memory O((b + n) d).
+Design (for the GPU; the b x n logits never exist whole):
+- forward (`_infonce_fwd`): grid (row blocks, column splits). A program folds its split's column
+  tiles (logits tile = q k^T on tensor cores, fp32 accumulation over d) into an online log-sum-exp
+  and picks up the positive's logit. Splitting the columns (flash-decoding) fills the GPU when
+  b = n / world is small; the splits' (max, sum, positive) are combined in a fixed order (torch),
+  so the result is bitwise reproducible. Saves lse per row (O(b)).
+- backward: dS = p - onehot(pos) (masked) in column chunks of at most `CHUNK_ELEMS` elements
+  (memory O((b + n) d)): `_infonce_dlogits` recomputes the chunk's logits tile by tile and writes
+  dS in the input dtype (the constant factor coef * scale is applied after the products), then
+  two cuBLAS GEMMs give G += dS_c k_c (fp32) and dk_c = dS_c^T q. dq = coef scale G and
+  d scale = coef sum(q * G), since sum_ij dS_ij q_i.k_j = sum_i q_i.(dS k)_i. No atomics:
+  deterministic.
+Cost: forward 2bnd FLOPs, backward 6bnd (one recompute, two products), against 6bnd for the three
+plain matmuls; memory O((b + n) d) plus one chunk.
+Tile configurations come from `config()`, which only returns members of `CONFIGS`; every member is
+compiled for sm_80 and sm_90 by tests/test_kernel_compile.py (no spills, shared memory fits).
 """
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import dot_precision, fp32_dot, interpreting, use_triton
+from ._dispatch import dot_precision, fp32_dot, use_triton
 
 
 def masked_ce(logits: torch.Tensor, pos_offset: int = 0, q_ids: torch.Tensor | None = None,
@@ -82,24 +88,58 @@ try:
 except ImportError:          # the reference still works without Triton
     triton = None
 
-if triton is not None:
-    from ._dispatch import accumulate_rows
+# Tile configurations the launcher may choose (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by input
+# dtype; the last one is the fallback for small b. Each is compiled for sm_80/sm_90 in the test suite.
+CONFIGS = {
+    "16bit": [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+              dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)],
+    "fp32": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)],
+}
+CHUNK_ELEMS = 1 << 27          # the backward's dS chunk, at most this many elements (256 MB in bf16)
 
+
+def config(b: int, dtype: torch.dtype) -> dict:
+    """The tile configuration for b local rows of `dtype` (a member of CONFIGS)."""
+    if dtype == torch.float32:
+        return dict(CONFIGS["fp32"][0])
+    big, small = CONFIGS["16bit"]
+    return dict(big if b >= 4 * big["BLOCK_M"] else small)
+
+
+def column_splits(row_blocks: int, col_tiles: int, device: torch.device) -> int:
+    """Column splits of the forward: enough programs for two waves over the GPU's SMs."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(col_tiles, -(-2 * sms // row_blocks)))
+
+
+def chunk_columns(b: int, n: int, block_n: int, budget: int | None = None) -> int:
+    """Columns per backward chunk: a multiple of the tile width, b * chunk <= the element budget."""
+    budget = CHUNK_ELEMS if budget is None else budget
+    c = max(block_n, budget // max(b, 1) // block_n * block_n)
+    return min(c, -(-n // block_n) * block_n)
+
+
+if triton is not None:
     @triton.jit
     def _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
                      FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
-        """q[rows] . k[cols]^T in fp32, accumulated over d in BLOCK_K chunks."""
+        """q[rows] . k[cols]^T in fp32, accumulated over d in BLOCK_K chunks (pointers advanced, not
+        recomputed: the 64-bit address tiles are what made the first version spill)."""
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        ks = tl.arange(0, BLOCK_K)
+        q_ptr = Q + rows.to(tl.int64)[:, None] * stride_q + ks[None, :]
+        k_ptr = K + cols.to(tl.int64)[None, :] * stride_k + ks[:, None]
         for start in range(0, d, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            kmask = ks < d
-            q = tl.load(Q + rows[:, None] * stride_q + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            kt = tl.load(K + cols[None, :] * stride_k + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
+            kmask = ks < d - start
+            q = tl.load(q_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            kt = tl.load(k_ptr, mask=cmask[None, :] & kmask[:, None], other=0.0)
             if FP32_DOT:
                 q = q.to(tl.float32)
                 kt = kt.to(tl.float32)
             acc += tl.dot(q, kt, input_precision=DOT_PREC)
+            q_ptr += BLOCK_K
+            k_ptr += BLOCK_K
         return acc
 
     @triton.jit
@@ -114,81 +154,69 @@ if triton is not None:
         return valid, is_pos
 
     @triton.jit
-    def _infonce_fwd(Q, K, QID, KID, SCALE, LSE, POS, b, n, d, pos_offset, stride_q, stride_k,
+    def _infonce_fwd(Q, K, QID, KID, SCALE, MAX, SUM, POS, b, n, d, pos_offset, stride_q, stride_k, split_cols,
                      HAS_IDS: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row block against one split of the columns: the split's running max, sum of exp and positive."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(1)
         rmask = rows < b
         s = tl.load(SCALE).to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         p_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, n, BLOCK_N):
+        lo = split * split_cols
+        hi = tl.minimum(n, lo + split_cols)
+        for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
-            cmask = cols < n
+            cmask = cols < hi
             logits = s * _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
                                       FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
             valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS)
             logits = tl.where(valid, logits, float("-inf"))
             p_i += tl.sum(tl.where(is_pos & valid, logits, 0.0), axis=1)
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a tile with nothing valid yet
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing valid yet
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
             m_i = m_new
-        lse = tl.where(rmask, m_i + tl.log(tl.where(rmask, l_i, 1.0)), 0.0)
-        tl.store(LSE + rows, lse, mask=rmask)
-        tl.store(POS + rows, p_i, mask=rmask)
+        out = split * b + rows
+        tl.store(MAX + out, m_i, mask=rmask)
+        tl.store(SUM + out, l_i, mask=rmask)
+        tl.store(POS + out, p_i, mask=rmask)
 
     @triton.jit
-    def _infonce_bwd_rows(Q, K, QID, KID, SCALE, LSE, COEF, DQ, DSCALE, b, n, d, pos_offset, stride_q, stride_k,
-                          HAS_IDS: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """dq = scale * dS k and the per-row scale gradient sum_j dS_ij (q_i . k_j)."""
+    def _infonce_dlogits(Q, K, QID, KID, SCALE, LSE, DS, b, n, d, pos_offset, col0, stride_q, stride_k, stride_ds,
+                         HAS_IDS: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """DS[rows, cols - col0] = softmax - onehot(positive) over the valid columns (0 elsewhere)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = col0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < b
-        s = tl.load(SCALE).to(tl.float32)
-        coef = tl.load(COEF).to(tl.float32)
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-        ds_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, n, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            cmask = cols < n
-            dots = _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
-                                FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-            valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS)
-            p = tl.where(valid, tl.exp(s * dots - lse[:, None]), 0.0)
-            dlog = (p - tl.where(is_pos & valid, 1.0, 0.0)) * coef        # d loss / d logit
-            ds_row += tl.sum(dlog * dots, axis=1)
-            accumulate_rows(DQ, rows, rmask, d, dlog * s, K, cols, cmask, stride_k, DOT_PREC, BLOCK_K)
-        tl.store(DSCALE + rows, ds_row, mask=rmask)
-
-    @triton.jit
-    def _infonce_bwd_cols(Q, K, QID, KID, SCALE, LSE, COEF, DK, b, n, d, pos_offset, stride_q, stride_k,
-                          HAS_IDS: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """dk = scale * dS^T q, one program per block of columns."""
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < n
         s = tl.load(SCALE).to(tl.float32)
-        coef = tl.load(COEF).to(tl.float32)
-        for start_m in range(0, b, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            rmask = rows < b
-            lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-            dots = _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
-                                FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-            valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS)
-            p = tl.where(valid, tl.exp(s * dots - lse[:, None]), 0.0)
-            dlog_s = (p - tl.where(is_pos & valid, 1.0, 0.0)) * (coef * s)
-            accumulate_rows(DK, cols, cmask, d, tl.trans(dlog_s), Q, rows, rmask, stride_q, DOT_PREC, BLOCK_K)
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        dots = _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
+                            FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS)
+        p = tl.where(valid, tl.exp(s * dots - lse[:, None]), 0.0)
+        dlog = p - tl.where(is_pos & valid, 1.0, 0.0)
+        ptr = DS + rows.to(tl.int64)[:, None] * stride_ds + (cols - col0)[None, :]
+        tl.store(ptr, dlog.to(DS.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def _blocks(d: int) -> dict:
-    """Tile sizes: small under the interpreter (it runs programs one by one in Python)."""
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1)
-    bk = 64 if d >= 64 else max(16, triton.next_power_of_2(d))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, num_warps=4)
+def _dense_ids(q_ids: torch.Tensor | None, k_ids: torch.Tensor | None, like: torch.Tensor):
+    """Sentence ids renumbered densely as int32 for the kernels (half the registers of int64; the
+    product's ids are 63-bit hashes): equal ids stay equal, different ones different."""
+    if q_ids is None:
+        empty = like.new_empty(1, dtype=torch.int32)
+        return empty, empty
+    _, inv = torch.unique(torch.cat([q_ids.reshape(-1), k_ids.reshape(-1)]), return_inverse=True)
+    inv = inv.to(torch.int32)
+    return inv[:q_ids.numel()].contiguous(), inv[q_ids.numel():].contiguous()
+
+
+def _meta(q: torch.Tensor, has_ids: bool) -> dict:
+    return dict(HAS_IDS=has_ids, FP32_DOT=fp32_dot(q.dtype), DOT_PREC=dot_precision(q.dtype))
 
 
 class _InfoNCE(torch.autograd.Function):
@@ -200,15 +228,19 @@ class _InfoNCE(torch.autograd.Function):
         b, d = q.shape
         n = k.shape[0]
         has_ids = q_ids is not None
-        qid = q_ids.contiguous() if has_ids else q.new_empty(1, dtype=torch.long)
-        kid = k_ids.contiguous() if has_ids else q.new_empty(1, dtype=torch.long)
+        qid, kid = _dense_ids(q_ids, k_ids, q)
         scale32 = scale.detach().reshape(1).float().contiguous()
-        lse = torch.empty(b, device=q.device, dtype=torch.float32)
-        pos = torch.empty(b, device=q.device, dtype=torch.float32)
-        blk = _blocks(d)
-        _infonce_fwd[(triton.cdiv(b, blk["BLOCK_M"]),)](
-            q, k, qid, kid, scale32, lse, pos, b, n, d, pos_offset, q.stride(0), k.stride(0),
-            HAS_IDS=has_ids, FP32_DOT=fp32_dot(q.dtype), DOT_PREC=dot_precision(q.dtype), **blk)
+        cfg = config(b, q.dtype)
+        row_blocks, col_tiles = triton.cdiv(b, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+        splits = column_splits(row_blocks, col_tiles, q.device)
+        split_cols = triton.cdiv(col_tiles, splits) * cfg["BLOCK_N"]
+        splits = triton.cdiv(n, split_cols)
+        part = torch.empty(3, splits, b, device=q.device, dtype=torch.float32)
+        _infonce_fwd[(row_blocks, splits)](q, k, qid, kid, scale32, part[0], part[1], part[2], b, n, d, pos_offset,
+                                           q.stride(0), k.stride(0), split_cols, **_meta(q, has_ids), **cfg)
+        m = part[0].max(0).values                       # finite: every row's positive is in some split
+        lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
+        pos = part[2].sum(0)
         ctx.save_for_backward(q, k, qid, kid, scale32, lse)
         ctx.meta = (pos_offset, has_ids, scale.dtype, scale.shape)
         return (lse - pos).mean()
@@ -219,15 +251,36 @@ class _InfoNCE(torch.autograd.Function):
         pos_offset, has_ids, scale_dtype, scale_shape = ctx.meta
         b, d = q.shape
         n = k.shape[0]
-        coef = (grad.float() / b).reshape(1).contiguous()
-        dq = torch.zeros(b, d, device=q.device, dtype=torch.float32)
-        dk = torch.zeros(n, d, device=q.device, dtype=torch.float32)
-        ds_rows = torch.empty(b, device=q.device, dtype=torch.float32)
-        blk = _blocks(d)
-        common = dict(HAS_IDS=has_ids, FP32_DOT=fp32_dot(q.dtype), DOT_PREC=dot_precision(q.dtype), **blk)
-        _infonce_bwd_rows[(triton.cdiv(b, blk["BLOCK_M"]),)](
-            q, k, qid, kid, scale32, lse, coef, dq, ds_rows, b, n, d, pos_offset, q.stride(0), k.stride(0), **common)
-        _infonce_bwd_cols[(triton.cdiv(n, blk["BLOCK_N"]),)](
-            q, k, qid, kid, scale32, lse, coef, dk, b, n, d, pos_offset, q.stride(0), k.stride(0), **common)
-        dscale = ds_rows.sum().to(scale_dtype).reshape(scale_shape)
-        return dq.to(q.dtype), dk.to(k.dtype), dscale, None, None, None
+        coef = grad.float() / b
+        cfg = config(b, q.dtype)
+        c = chunk_columns(b, n, cfg["BLOCK_N"])
+        ds = torch.empty(b, c, device=q.device, dtype=q.dtype)
+        g = torch.zeros(b, d, device=q.device, dtype=torch.float32)      # dS k, accumulated over chunks
+        dk = torch.empty(n, d, device=q.device, dtype=torch.float32)
+        for col0 in range(0, n, c):
+            w = min(c, n - col0)
+            _infonce_dlogits[(triton.cdiv(b, cfg["BLOCK_M"]), triton.cdiv(w, cfg["BLOCK_N"]))](
+                q, k, qid, kid, scale32, lse, ds, b, n, d, pos_offset, col0, q.stride(0), k.stride(0), ds.stride(0),
+                **_meta(q, has_ids), **cfg)
+            part = ds[:, :w]
+            g += (part @ k[col0:col0 + w]).float()
+            dk[col0:col0 + w] = (part.t() @ q).float()
+        s = scale32[0]
+        dscale = (coef * (q.float() * g).sum()).to(scale_dtype).reshape(scale_shape)
+        return (coef * s * g).to(q.dtype), (coef * s * dk).to(k.dtype), dscale, None, None, None
+
+
+def launch_variants():
+    """(kernel, dtype, argument types, constexprs, options) for every configuration `config` can return
+    on a GPU, with and without id masking (kernels/resources.py compiles each for sm_80/sm_90)."""
+    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    for dtype in ptr:
+        cfgs = CONFIGS["fp32"] if dtype == torch.float32 else CONFIGS["16bit"]
+        for cfg in cfgs:
+            blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+            opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
+            for has_ids in (True, False):
+                const = dict(HAS_IDS=has_ids, FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
+                base = {"Q": ptr[dtype], "K": ptr[dtype], "QID": "*i32", "KID": "*i32", "SCALE": "*fp32"}
+                yield ("_infonce_fwd", dtype, {**base, "MAX": "*fp32", "SUM": "*fp32", "POS": "*fp32"}, const, opts)
+                yield ("_infonce_dlogits", dtype, {**base, "LSE": "*fp32", "DS": ptr[dtype]}, const, opts)

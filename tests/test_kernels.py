@@ -9,8 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import importlib
+
 from sclslt_kernels import cico_similarity, cico_similarity_reference, infonce, infonce_reference
 from sclslt_kernels._dispatch import use_triton
+
+INFONCE = importlib.import_module("sclslt_kernels.infonce")     # the modules (the package exports functions)
+CICO = importlib.import_module("sclslt_kernels.cico")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # dtype: (loss rtol, grad atol relative to the largest reference gradient)
@@ -53,6 +58,24 @@ def _infonce_case(b, world, d, dtype, ids_kind, scale_value, seed):
             None if q_ids is None else q_ids.to(**to), None if k_ids is None else k_ids.to(**to))
 
 
+def _check_infonce(q, k, s, off, qi, ki, dtype):
+    """Loss and the three gradients of the kernel path against the fp64 reference; returns the loss."""
+    rl, ga = TOL[dtype]
+    qa, ka, sa = (x.clone().requires_grad_() for x in (q, k, s))
+    got = infonce(qa, ka, sa, off, qi, ki)
+    gq, gk, gs = torch.autograd.grad(got, (qa, ka, sa))
+    qr, kr, sr = (x.double().requires_grad_() for x in (q, k, s))
+    want = infonce_reference(qr, kr, sr, off, qi, ki)
+    wq, wk, ws = torch.autograd.grad(want, (qr, kr, sr))
+    assert torch.isfinite(got) and got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= rl * max(1.0, abs(want.item())), (got.item(), want.item())
+    assert gq.dtype == dtype and gk.dtype == dtype
+    _close(gq, wq, rl, ga, "dq")
+    _close(gk, wk, rl, ga, "dk")
+    _close(gs.reshape(()), ws.reshape(()), rl, max(ga, 1e-4), "dscale")
+    return got
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,world,d,ids_kind,scale", [
     (5, 3, 20, "dups", 14.3),       # nothing a multiple of the tile
@@ -64,22 +87,26 @@ def _infonce_case(b, world, d, dtype, ids_kind, scale_value, seed):
 ])
 def test_infonce_matches_reference(dtype, b, world, d, ids_kind, scale):
     for seed in range(2):
-        q, k, s, off, qi, ki = _infonce_case(b, world, d, dtype, ids_kind, scale, seed)
-        rl, ga = TOL[dtype]
-        qa, ka, sa = (x.clone().requires_grad_() for x in (q, k, s))
-        got = infonce(qa, ka, sa, off, qi, ki)
-        gq, gk, gs = torch.autograd.grad(got, (qa, ka, sa))
-        qr, kr, sr = (x.double().requires_grad_() for x in (q, k, s))
-        want = infonce_reference(qr, kr, sr, off, qi, ki)
-        wq, wk, ws = torch.autograd.grad(want, (qr, kr, sr))
-        assert torch.isfinite(got) and got.dtype == torch.float32
-        assert abs(got.item() - want.item()) <= rl * max(1.0, abs(want.item())), (got.item(), want.item())
-        assert gq.dtype == dtype and gk.dtype == dtype
-        _close(gq, wq, rl, ga, "dq")
-        _close(gk, wk, rl, ga, "dk")
-        _close(gs.reshape(()), ws.reshape(()), rl, max(ga, 1e-4), "dscale")
+        got = _check_infonce(*_infonce_case(b, world, d, dtype, ids_kind, scale, seed), dtype)
         if ids_kind == "all":
             assert abs(got.item()) < 1e-6        # -log 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,world,d,ids_kind", [(300, 3, 200, "dups"), (150, 4, 100, "none")])
+def test_infonce_at_gpu_tiles_over_many_tiles_splits_and_chunks(dtype, b, world, d, ids_kind, monkeypatch):
+    """The GPU's own tile configuration (the interpreter runs the same one) at shapes spanning several
+    row blocks, column tiles, d chunks, forward column splits and backward column chunks, so online
+    rescaling across tiles and splits, edge masks and the chunked gradient products are all exercised."""
+    cfg = INFONCE.config(b, dtype)
+    n = b * world
+    chunk = 2 * cfg["BLOCK_N"]
+    monkeypatch.setattr(INFONCE, "CHUNK_ELEMS", b * chunk)
+    assert INFONCE.chunk_columns(b, n, cfg["BLOCK_N"]) == chunk
+    row_blocks, col_tiles = -(-b // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"])
+    assert row_blocks >= 2 and col_tiles >= 5 and -(-d // cfg["BLOCK_K"]) >= 2 and b % cfg["BLOCK_M"]
+    assert INFONCE.column_splits(row_blocks, col_tiles, torch.device(DEVICE)) >= 2 and -(-n // chunk) >= 3
+    _check_infonce(*_infonce_case(b, world, d, dtype, ids_kind, 14.3, 5), dtype)
 
 
 def test_infonce_is_deterministic_and_accepts_a_python_scale():
@@ -91,6 +118,15 @@ def test_infonce_is_deterministic_and_accepts_a_python_scale():
         runs.append((loss, *torch.autograd.grad(loss, (qa, ka))))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert torch.allclose(infonce(q, k, 20.0, off, qi, ki), runs[0][0])
+
+
+def test_infonce_takes_the_products_63_bit_sentence_ids():
+    """The trainer's sentence ids are 63-bit hashes: the kernels renumber them, equality is what counts."""
+    q, k, s, off, qi, ki = _infonce_case(9, 3, 24, torch.float32, "dups", 14.3, 2)
+    big = 2 ** 62 - 7919 * 2 ** 20
+    assert torch.equal(infonce(q, k, s, off, qi * 7919 * 2 ** 20 + big - 1, ki * 7919 * 2 ** 20 + big - 1),
+                       infonce(q, k, s, off, qi, ki))
+    assert not torch.equal(infonce(q, k, s, off, qi, ki), infonce(q, k, s, off, qi, ki + 1))
 
 
 def test_infonce_rejects_bad_shapes():
@@ -138,6 +174,50 @@ def test_cico_matches_reference(dtype, b, n, T, L, d, tau, empty):
     _close(gt, wt, rl, ga, "dt")
     if empty:
         assert torch.isfinite(gv).all() and torch.isfinite(gt).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,n,T,L,d", [(3, 7, 70, 20, 80), (2, 5, 40, 150, 48)])
+def test_cico_at_gpu_tiles_over_token_blocks_and_sentence_chunks(dtype, b, n, T, L, d, monkeypatch):
+    """GPU tile sizes, clip tokens over several blocks (the online column softmax), long sentences (the
+    L >= 128 tiles) and the backward over several sentence chunks."""
+    cfg = CICO.config(T, L, dtype)
+    assert -(-T // cfg["BLOCK_T"]) >= 2 and -(-d // cfg["BLOCK_K"]) >= 2
+    monkeypatch.setattr(CICO, "CHUNK_ELEMS", 2 * b * T * L)
+    assert CICO.chunk_sentences(b, n, T, L) == 2
+    v, vm, t, tm, up = _cico_case(b, n, T, L, d, dtype, 11, True)
+    rl, ga = TOL[dtype]
+    va, ta = v.clone().requires_grad_(), t.clone().requires_grad_()
+    got = cico_similarity(va, vm, ta, tm, 0.07)
+    gv, gt = torch.autograd.grad(got, (va, ta), up)
+    vr, tr = v.double().requires_grad_(), t.double().requires_grad_()
+    want = cico_similarity_reference(vr, vm, tr, tm, 0.07)
+    wv, wt = torch.autograd.grad(want, (vr, tr), up.double())
+    assert (got.double() - want).abs().max().item() <= 1e-5
+    _close(gv, wv, rl, ga, "dv")
+    _close(gt, wt, rl, ga, "dt")
+
+
+def test_every_token_count_up_to_the_limit_has_a_configuration():
+    """The launcher's choice for any T, L the kernel accepts is one the compile check covers."""
+    variants = {(dt, tuple(c.values()), tuple(o.values())) for _, dt, _, c, o in CICO.launch_variants()}
+    for dtype in DTYPES:
+        for T in range(1, CICO.MAX_TOKENS + 1, 7):
+            for L in (1, 16, 17, 33, 64, 100, 128, 129, 256):
+                cfg = CICO.config(T, L, dtype)
+                blocks = tuple(v for k, v in cfg.items() if k.startswith("BLOCK"))
+                opts = (cfg["num_warps"], cfg["num_stages"])
+                assert any(dt == dtype and c[-3:] == blocks and o == opts for dt, c, o in variants), (T, L, cfg)
+    for dtype in DTYPES:
+        for b in (1, 64, 255, 256, 100_000):
+            cfg = INFONCE.config(b, dtype)
+            assert any(dt == dtype and tuple(c.values())[-3:] == tuple(v for k, v in cfg.items() if k.startswith("BLOCK"))
+                       and tuple(o.values()) == (cfg["num_warps"], cfg["num_stages"])
+                       for _, dt, _, c, o in INFONCE.launch_variants())
+    v = torch.zeros(1, CICO.MAX_TOKENS + 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="at most"):
+        cico_similarity(v, torch.ones(1, CICO.MAX_TOKENS + 1, dtype=torch.bool, device=DEVICE), v[:, :3],
+                        torch.ones(1, 3, dtype=torch.bool, device=DEVICE))
 
 
 def test_cico_of_a_clip_with_itself_is_high_and_shapes_are_checked():

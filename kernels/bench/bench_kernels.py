@@ -85,7 +85,17 @@ def peak_mb(fn) -> float:
 # ---------------------------------------------------------------------------------------------
 # InfoNCE implementations: each returns a scalar loss from (q, k, scale, off, q_ids, k_ids)
 
+def one_process_group() -> None:
+    """inf-cl's loss runs its ring collectives even alone: a one-rank group for it (nothing else uses it)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="tcp://127.0.0.1:29581",
+                                rank=0, world_size=1)
+
+
 def impls(names: list[str]) -> dict:
+    """The implementations for one shape: torch.compile gets a fresh cache per shape (with dynamic=False it
+    would otherwise hit its recompile limit part-way through a sweep and quietly run eager)."""
     from sclslt_kernels import infonce, infonce_reference
     out = {}
     if "fused" in names:
@@ -93,6 +103,7 @@ def impls(names: list[str]) -> dict:
     if "eager" in names:
         out["eager"] = infonce_reference
     if "compile" in names:
+        torch._dynamo.reset()
         out["compile"] = torch.compile(infonce_reference, dynamic=False)
     if "openclip" in names:
         def openclip(q, k, s, off, qi, ki):
@@ -103,6 +114,7 @@ def impls(names: list[str]) -> dict:
     if "infcl" in names:
         try:
             from inf_cl import cal_inf_loss
+            one_process_group()
         except Exception as e:  # noqa: BLE001 - reported in the table
             print(f"infcl: not available ({type(e).__name__}: {e})")
         else:
@@ -113,14 +125,13 @@ def impls(names: list[str]) -> dict:
     return out
 
 
-def bench_infonce(args) -> list[dict]:
+def bench_infonce(args, emit) -> None:
     dtype = DTYPES[args.dtype]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    todo = impls(args.impl)
     for world in args.world:
         for d in args.d:
             for n in args.n:
+                todo = impls(args.impl)
                 b = max(1, n // world)
                 g = torch.Generator(device=dev).manual_seed(0)
                 q = F.normalize(torch.randn(b, d, device=dev, generator=g), dim=-1).to(dtype)
@@ -130,9 +141,15 @@ def bench_infonce(args) -> list[dict]:
                 qi = ids[off:off + b]
                 s = torch.tensor(1 / 0.07, device=dev)
                 # matmul floor of the same shapes: forward q k^T; backward the two gradient products
-                logit_buf = q @ k.t()
-                t_mm_f = timed(lambda: q @ k.t(), args.repeat, args.warmup)
-                t_mm_fb = t_mm_f + timed(lambda: (logit_buf @ k, logit_buf.t() @ q), args.repeat, args.warmup)
+                try:
+                    logit_buf = q @ k.t()
+                    t_mm_f = timed(lambda: q @ k.t(), args.repeat, args.warmup)
+                    t_mm_fb = t_mm_f + timed(lambda: (logit_buf @ k, logit_buf.t() @ q), args.repeat, args.warmup)
+                    logit_buf = None                     # free it before the implementations run
+                except Exception as e:  # noqa: BLE001 - the b x n product does not fit: no floor at this point
+                    t_mm_f = t_mm_fb = float("nan")
+                    print(f"matmul floor at n={n} b={b} d={d}: {type(e).__name__}", flush=True)
+                    release()
                 flops_f, flops_fb = 2 * b * n * d, 6 * b * n * d
                 for name, fn in todo.items():
                     row = dict(kind="infonce", impl=name, n=n, b=b, d=d, world=world, dtype=args.dtype)
@@ -150,22 +167,25 @@ def bench_infonce(args) -> list[dict]:
                         row["fwd_ms"] = timed(fwd, args.repeat, args.warmup)
                         row["fwdbwd_ms"] = timed(fwdbwd, args.repeat, args.warmup)
                         row["peak_mb"] = peak_mb(fwdbwd)
-                    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:   # OOM or unsupported
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
-                        rows.append(row)
+                    except Exception as e:  # noqa: BLE001 - OOM, Triton's OutOfResources/CompilationError, ...
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                        release()
+                        emit(row)
                         continue
                     row["tflops_fwdbwd"] = flops_fb / row["fwdbwd_ms"] / 1e9
                     row["mm_frac"] = t_mm_fb / row["fwdbwd_ms"]
                     row["mm_floor_fwd_ms"], row["mm_floor_fwdbwd_ms"] = t_mm_f, t_mm_fb
                     row["tflops_fwd"] = flops_f / row["fwd_ms"] / 1e9
-                    rows.append(row)
-                    print(fmt(row), flush=True)
-    return rows
+                    emit(row)
 
 
-def bench_cico(args) -> list[dict]:
+def release() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def bench_cico(args, emit) -> None:
     from sclslt_kernels import cico_similarity, cico_similarity_reference
     dtype = DTYPES[args.dtype]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,7 +196,6 @@ def bench_cico(args) -> list[dict]:
     vm = torch.rand(b, T, device=dev, generator=g) > 0.2
     tm = torch.rand(n, L, device=dev, generator=g) > 0.2
     up = torch.randn(b, n, device=dev, generator=g)
-    rows = []
     fns = {"fused": cico_similarity, "eager": cico_similarity_reference}
     if "compile" in args.impl:
         fns["compile"] = torch.compile(cico_similarity_reference, dynamic=False)
@@ -195,11 +214,12 @@ def bench_cico(args) -> list[dict]:
             row["fwd_ms"] = timed(fwd, args.repeat, args.warmup)
             row["fwdbwd_ms"] = timed(fwdbwd, args.repeat, args.warmup)
             row["peak_mb"] = peak_mb(fwdbwd)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        rows.append(row)
-        print(fmt(row), flush=True)
-    return rows
+            flops = 2 * b * n * T * L * d
+            row["tflops_fwdbwd"] = 3 * flops / row["fwdbwd_ms"] / 1e9        # the three GEMMs' floor
+        except Exception as e:  # noqa: BLE001 - OOM, Triton's OutOfResources/CompilationError, ...
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            release()
+        emit(row)
 
 
 def fmt(row: dict) -> str:
@@ -252,7 +272,14 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             args.dtype = "fp32"
     tag = run_tag(triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
-    rows = bench_cico(args) if args.cico else bench_infonce(args)
+    rows = []
+
+    def emit(row: dict) -> None:
+        """Print the row and rewrite the run's CSV/JSON with it: a crash later loses nothing measured."""
+        rows.append(row)
+        print(fmt(row), flush=True)
+        write_rows(rows, args.out, "bench", tag)
+    (bench_cico if args.cico else bench_infonce)(args, emit)
     write(rows, args.out, tag)
     return 0
 

@@ -1,0 +1,120 @@
+"""The kernels compiled for a GPU architecture without a GPU, and what they use of it.
+
+Triton's wheel carries the CUDA back end (ptxas, cuobjdump), so `triton.compile` builds the real cubin
+for sm_80 / sm_90 on a CPU machine. For every launch configuration the launchers can choose
+(`launch_specs()`: each kernel x dtype x tile configuration x id masking) this reports registers per
+thread, stack bytes per thread (spills: > 0 means the kernel spills registers to local memory) and
+shared memory per block, and whether that fits the architecture. What it cannot tell: speed, races,
+numerics on the device (tests/test_kernels.py and benchmarks/gpu_check.py do those).
+
+Must run with TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions):
+    python -m sclslt_kernels.resources [--arch 90 80] [--json]
+tests/test_kernel_compile.py runs it in a subprocess; benchmarks/kernel_resources.py prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# shared memory a block may use (opt-in maximum), by compute capability
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def signature(fn, types: dict, constexprs: dict) -> tuple[dict, dict]:
+    """Triton signature (every argument: constexpr, the given pointer/scalar type, else i32) and the
+    alignment attributes the JIT would specialise at run time (pointers and strides divisible by 16)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
+        if sig[name].startswith("*") or name.startswith("stride"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _cuobjdump() -> str:
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(tool) if tool.exists() else "cuobjdump"
+
+
+def _module(name: str):
+    """kernels/<name>.py (the package namespace holds the functions of the same names)."""
+    import importlib
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def compile_one(spec: dict) -> dict:
+    """Compile one launch spec for spec['arch']; registers, stack (spills) and shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(_module(spec["module"]), spec["kernel"])
+    sig, attrs = signature(fn, spec["types"], spec["constexprs"])
+    row = {k: spec[k] for k in ("module", "kernel", "dtype", "arch", "config")}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"], attrs=attrs),
+                           target=GPUTarget("cuda", spec["arch"], 32),
+                           options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    except Exception as e:                      # CompilationError, OutOfResources, ...: a row, not a crash
+        return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    shared = int(k.metadata.shared)
+    return {**row, "registers": int(usage["REG"]), "stack": int(usage["STACK"]), "shared": shared,
+            "fits": shared <= SHARED_LIMIT[spec["arch"]] and int(usage["STACK"]) == 0}
+
+
+def launch_specs(archs=(90, 80)) -> list[dict]:
+    """Every (kernel, dtype, configuration) the launchers of infonce.py and cico.py can choose."""
+    specs = []
+    for module in (_module(m) for m in ("infonce", "cico")):
+        if not hasattr(module, "launch_variants"):
+            continue
+        for kernel, dtype, types, constexprs, opts in module.launch_variants():
+            for arch in archs:
+                cfg = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK")) + \
+                    f", warps={opts['num_warps']}, stages={opts['num_stages']}"
+                cfg += "".join(f", {k}" for k, v in constexprs.items() if v is True)
+                specs.append({"module": module.__name__.rsplit(".", 1)[-1], "kernel": kernel,
+                              "dtype": TYPES[str(dtype).replace("torch.", "")], "arch": arch, "config": cfg,
+                              "types": types, "constexprs": constexprs, **opts})
+    return specs
+
+
+def measure(archs=(90, 80), workers: int | None = None) -> list[dict]:
+    specs = launch_specs(archs)
+    with ProcessPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(compile_one, specs))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter has no compiler to measure")
+    rows = measure(tuple(args.arch))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(r)
+    return 0 if all(r.get("fits") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
