@@ -7,13 +7,13 @@ torch, GPU clusters keep their own CUDA build and the triton it pins (torch 2.11
 3.6 .. 3.9). deepspeed is pinned to the release our gradient-equality test passes with (ZeRO-2 has
 shipped releases with wrong gradients).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="sclslt",
     version="0.1.0",
     description="Distributed trainer for gloss-free SLT with Selective Contrastive Learning",
-    packages=["sclslt", "sclslt_kernels"],
+    packages=find_packages(include=["sclslt", "sclslt.*"]) + ["sclslt_kernels"],
     package_dir={"sclslt": "sclslt", "sclslt_kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[

@@ -1,7 +1,7 @@
 """Loader throughput per on-disk form of a clip: clips/s, MB/s and bytes per clip, per CPU core.
 
 The same synthetic clips (`--clips` clips of `--frames` frames at `--size` px) are stored as
-  npy      WebDataset tar, raw uint8 (`sclslt.codec`)
+  npy      WebDataset tar, raw uint8 (`sclslt.data.codec`)
   npy.zst  the same, zstd-compressed (lossless)
   jpg      per-frame JPEG in one member, decoded with Pillow on the CPU
   png-dir  a folder of PNG files per clip, read one by one (the GFSLT-VLP way)
@@ -31,12 +31,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sclslt.benchio import run_tag, write_rows  # noqa: E402
-from sclslt.codec import FORMATS, decode, encode, member_name  # noqa: E402
+from sclslt.data.codec import FORMATS, decode, encode, member_name  # noqa: E402
 
 
 def make_clips(n: int, frames: int, size: int) -> list[np.ndarray]:
     from sclslt.config import SyntheticConfig
-    from sclslt.corpus import SyntheticCorpus
+    from sclslt.data.synthetic import SyntheticCorpus
     corpus = SyntheticCorpus(SyntheticConfig(frame_size=size, n_train=n, min_frames_per_sign=3,
                                              max_frames_per_sign=5))
     out = []

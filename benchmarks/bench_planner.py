@@ -1,4 +1,4 @@
-"""Benchmark of the Pair Selection planner (sclslt/selection.py): time per global batch.
+"""Benchmark of the Pair Selection planner (sclslt/selection/planner.py): time per global batch.
 
 Sweeps pool size N (rows of the reference table), global batch, simulated world size and chunk
 (members each rank adds per round) on synthetic tables: random L2-normalised early/late video and
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a che
 
 from sclslt.config import SelectionConfig  # noqa: E402
 from sclslt.benchio import run_tag, write_rows  # noqa: E402
-from sclslt.selection import Planner, Table  # noqa: E402
+from sclslt.selection.planner import Planner, Table  # noqa: E402
 
 
 def mem_available() -> int | None:

@@ -39,6 +39,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return possible
 
 
+def describe(device: torch.device) -> dict:
+    """Which path this job's kernel calls take on `device` (recorded in results.json): "triton" (native,
+    or the interpreter on CPU) or "reference", with the triton version and the SCLSLT_KERNELS mode."""
+    x = torch.empty(0, device=device)
+    return {"path": "triton" if use_triton(x) else "reference", "interpreter": interpreting() and x.device.type == "cpu",
+            "mode": os.environ.get("SCLSLT_KERNELS", "auto").lower(),
+            "triton": getattr(triton, "__version__", None) if triton is not None else None}
+
+
 def fp32_dot(dtype: torch.dtype) -> bool:
     """The interpreter's bf16 tl.dot returns garbage: up-cast to fp32 inside the kernel there."""
     return interpreting() and dtype == torch.bfloat16

@@ -1,9 +1,11 @@
 """The `sclslt` command (installed by setup.py; also `python -m sclslt.cli`).
 
+  sclslt train [--deepspeed configs/zeroN.json] [--config X.yaml] [--resume] [--section.key value ...]
+               (one process; under a launcher: deepspeed / mpirun / srun ... launch/train.py, README.md)
   sclslt translate --run RUN_DIR INPUT [INPUT ...] [--checkpoint stage2|stage1|PATH] [--tag TAG]
                    [--beam N] [--max-len N] [--device cpu|cuda] [--size N] [--json]
 
-Training itself starts from `launch/train.py` (see README.md). Exit codes: 0 done, 1 error (the
+`sclslt train --help` lists every config field with its comment. Exit codes: 0 done, 1 error (the
 message names the file and what to do), 2 wrong usage.
 """
 from __future__ import annotations
@@ -13,10 +15,12 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import translate
+    from sclslt.eval import translate
     p = argparse.ArgumentParser(prog="sclslt", description="Gloss-free sign language translation (SCL-SLT).",
-                                epilog="Training: python launch/train.py or deepspeed launch/train.py (README.md).")
+                                epilog="Multi-rank training: deepspeed / mpirun / srun ... launch/train.py (README.md).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("train", help="train a run (stage 1, stage 2, evaluation); --help lists every config field",
+                   add_help=False)
     t = sub.add_parser("translate", help="translate sign videos or frame folders with a trained run",
                        description="Translate sign videos or frame folders with a trained run. Frames are decoded, "
                                    "resized and subsampled as the run's training and evaluation data were; the "
@@ -29,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:                 # the trainer's own parser: config overrides pass through
+        from sclslt.train.main import main as train_main
+        return train_main(argv[1:], prog="sclslt train")
     args = build_parser().parse_args(argv)
     return args.func(args)
 

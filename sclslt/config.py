@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sclslt.atomic import write_text
 
 
 class ConfigError(ValueError):
@@ -331,9 +332,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     return from_dict(data)
 
 
+def field_help() -> list[str]:
+    """One line per config field, `--section.key (type, default): comment`, from the comments in this
+    file (what `sclslt train --help` and `launch/train.py --help` list)."""
+    import inspect
+    import re
+
+    def comments(cls) -> dict:
+        src = inspect.getsource(cls)
+        return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M)}
+
+    def walk(obj, prefix: str) -> list[str]:
+        out, notes = [], comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out += walk(value, f"{prefix}{f.name}.")
+            else:
+                note = notes.get(f.name, "")
+                out.append(f"  --{prefix}{f.name} (default {value!r})" + (f": {note}" if note else ""))
+        return out
+    return walk(Config(), "")
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -4,9 +4,9 @@ import random
 import numpy as np
 import torch
 
-from sclslt.augment import ClipAugment
+from sclslt.model.augment import ClipAugment
 from sclslt.config import DataConfig
-from sclslt.data import subsample_frames
+from sclslt.data.loader import subsample_frames
 
 
 def clips(b=3, t=4, h=10, w=10, seed=0):

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import yaml
+
+pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,10 +29,10 @@ def _train(cfg_path, run, *extra):
 def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, tmp_path):
     import torch
 
-    from sclslt.data import Collate, ShardStream, make_loader, resolve_shards_dir
-    from sclslt.evaluate import decode_loader
-    from sclslt.reference import load_run_model
-    from sclslt.trainer import DevSelector
+    from sclslt.data.loader import Collate, ShardStream, make_loader, resolve_shards_dir
+    from sclslt.eval.metrics import decode_loader
+    from sclslt.eval.retrieval import load_run_model
+    from sclslt.eval.evaluation import DevSelector
 
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
     cfg["data"]["synthetic"]["n_train"] = 48

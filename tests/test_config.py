@@ -78,3 +78,31 @@ def test_every_shipped_experiment_file_loads(path):
         assert cfg.stage1.label_smoothing == cfg.stage2.label_smoothing == 0.2
         assert cfg.model.similarity == "cico" and cfg.stage1.freeze_text_encoder
         assert cfg.eval.bleu_tokenize == ("zh" if "csl_daily" in path else "13a")
+
+
+def test_train_help_lists_every_config_field_with_its_comment(capsys):
+    """`sclslt train --help` (and launch/train.py --help) name every field; commented fields carry the comment."""
+    import dataclasses
+
+    import pytest as _pytest
+
+    from sclslt.cli import main
+    from sclslt.config import Config
+    with _pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+
+    def paths(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            yield from paths(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [f"{prefix}{f.name}"]
+    every = list(paths(Config()))
+    assert len(every) > 50 and all(f"--{p} (default" in out for p in every)
+    assert "--train.max_steps (default 0): cap on optimizer steps per stage" in out
+
+
+def test_sclslt_train_reports_a_config_error_with_exit_code_2(tmp_path, capsys):
+    from sclslt.cli import main
+    assert main(["train", "--train.max_stpes", "5", "--train.run_dir", str(tmp_path / "r")]) == 2
+    assert "train.max_stpes" in capsys.readouterr().err

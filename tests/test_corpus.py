@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sclslt.config import SyntheticConfig
-from sclslt.corpus import CATEGORIES, SyntheticCorpus
+from sclslt.data.synthetic import CATEGORIES, SyntheticCorpus
 
 
 def small_cfg(**kw) -> SyntheticConfig:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sclslt.data import Collate, ShardStream, make_loader
-from sclslt.shards import ShardError, iter_shard, read_manifest, write_split
-from sclslt.text import normalise_text, sentence_id, train_tokenizer
+from sclslt.data.loader import Collate, ShardStream, make_loader
+from sclslt.data.shards import ShardError, iter_shard, read_manifest, write_split
+from sclslt.data.text import normalise_text, sentence_id, train_tokenizer
 
 
 def _samples(n, seed=0, texts=None):
@@ -136,7 +136,7 @@ def test_synthetic_corpus_has_duplicates_in_the_shards(tiny_shards):
 
 
 def test_planned_stream_serves_the_plan_whatever_the_workers_and_resumes(tiny_shards, tmp_path):
-    from sclslt.data import PlannedStream
+    from sclslt.data.loader import PlannedStream
     tok = train_tokenizer([s[4] for s in read_manifest(tiny_shards, "train")["samples"]], tmp_path / "tok")
     keys = [s[0] for s in read_manifest(tiny_shards, "train")["samples"]]
     plan = [keys[i:i + 3] for i in range(40, 1, -7)][:6]        # an arbitrary order across shards
@@ -152,7 +152,7 @@ def test_planned_stream_serves_the_plan_whatever_the_workers_and_resumes(tiny_sh
 
 @pytest.mark.parametrize("fmt", ["npy.zst", "jpg"])
 def test_other_frame_formats_round_trip_through_stream_and_index(tmp_path, fmt):
-    from sclslt.data import PlannedStream
+    from sclslt.data.loader import PlannedStream
     src = list(_samples(7, seed=2))
     for s in src:                                   # smooth frames: JPEG keeps them close
         s["frames"] = np.repeat(np.linspace(0, 250, 5 * 6, dtype=np.uint8).reshape(1, 5, 6, 1), 3, -1).repeat(
@@ -188,7 +188,7 @@ def test_unreadable_samples_are_skipped_below_the_fraction_and_stop_above(tmp_pa
 
 
 def test_codecs_round_trip_and_refuse_pickled_payloads():
-    from sclslt.codec import CodecError, decode, encode
+    from sclslt.data.codec import CodecError, decode, encode
     x = np.random.default_rng(0).integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)
     for fmt in ("npy", "npy.zst"):
         assert np.array_equal(decode(encode(x, fmt), fmt), x)

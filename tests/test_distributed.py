@@ -31,12 +31,16 @@ import torch
 import yaml
 
 from sclslt.config import load_config
-from sclslt.data import Collate, resolve_shards_dir
-from sclslt.engine import load_module_state, param_groups, to_universal
-from sclslt.losses import COLUMN_KEYS, contrastive_from_columns, pad_cat, translation_loss_sum
-from sclslt.models import SLTModel
-from sclslt.text import load_tokenizer
-from sclslt.trainer import STAGES, forward, lr_lambda, seed_everything, set_trainable, train_stream
+from sclslt.data.loader import Collate, resolve_shards_dir
+from sclslt.train.engine import load_module_state, param_groups
+from sclslt.model.losses import COLUMN_KEYS, contrastive_from_columns, pad_cat, translation_loss_sum
+from sclslt.model.slt import SLTModel
+from sclslt.data.text import load_tokenizer
+from sclslt.selection.batches import train_stream
+from sclslt.train.context import STAGES
+from sclslt.train.loop import forward, lr_lambda, seed_everything, set_trainable
+
+pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -117,13 +121,31 @@ def global_loss(model, batches: list, st, cfg, local_negatives: bool = False) ->
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def universal(ckpt_dir: Path, tag: str) -> Path:
+    """DeepSpeed's universal form of checkpoint `tag` (made once, beside the product's own conversions):
+    DeepSpeed's converter called in this process (0.7 s a tag; a subprocess, as the product's
+    `to_universal` runs it, pays 3-4 s of imports each time)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+    out = ckpt_dir / "universal" / tag
+    if not (out / "zero").is_dir():
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            convert(argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(out), num_extract_workers=1,
+                                       num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                       inject_missing_state=True))
+    return out
+
+
 def adam_state(ckpt_dir: Path, tag: str) -> dict:
     """Per-parameter fp32 master and Adam moments of a checkpoint, whatever its ZeRO stage and world size,
     read through DeepSpeed's universal form (the product's own conversion)."""
     def read(f: Path) -> torch.Tensor:
         x = torch.load(f, weights_only=False)
         return x["param"] if isinstance(x, dict) else x       # ZeRO-1/2 files wrap the tensor, ZeRO-3 files do not
-    zero = to_universal(ckpt_dir, tag) / "zero"
+    zero = universal(Path(ckpt_dir), tag) / "zero"
     return {p.name: {k: read(p / f"{k}.pt") for k in ("fp32", *ADAM_KEYS)}
             for p in zero.iterdir() if (p / "exp_avg.pt").is_file()}       # parameters, not buffers
 
@@ -318,11 +340,11 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     batches equal the single-process planner's on the same pools; then the self-referenced mode."""
     import json
 
-    from sclslt.data import rank_pool_keys
-    from sclslt.reference import embed_split, load_run_model
-    from sclslt.selection import Planner, load_table
-    from sclslt.shards import read_manifest
-    from sclslt.trainer import stage_seed
+    from sclslt.data.loader import rank_pool_keys
+    from sclslt.eval.retrieval import embed_split, load_run_model
+    from sclslt.selection.planner import Planner, load_table
+    from sclslt.data.shards import read_manifest
+    from sclslt.train.context import stage_seed
 
     d, cfg_path = exp
     ref = d / "ref"

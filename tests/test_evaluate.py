@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sclslt.evaluate import compute_metrics, most_frequent_sentence, rouge_l, write_report
+from sclslt.eval.metrics import compute_metrics, most_frequent_sentence, rouge_l, write_report
 
 WORDS = "der die das abend morgen regen sonne wind nord sued heute morgen kalt warm wolken".split()
 HANZI = list("我你他是的不了在有人这中大为上个国和地到以说时要就出会可也天气明")
@@ -155,11 +155,11 @@ def test_write_report_is_complete_json_and_atomic(tmp_path, monkeypatch):
     assert "ünïcode 天气" in path.read_text(encoding="utf-8")           # written as UTF-8, not ASCII-escaped
 
     # a failure while writing leaves the previous report in place and no temporary file behind
-    import sclslt.evaluate as ev
+    import sclslt.atomic
 
-    def boom(*a, **k):
+    def boom(*a, **k):                  # the temporary file is written, then its fsync fails
         raise OSError("disk full")
-    monkeypatch.setattr(ev.json, "dump", boom)
+    monkeypatch.setattr(sclslt.atomic, "_fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         write_report(path, {"split": "test"}, rows[:1])
     monkeypatch.undo()

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

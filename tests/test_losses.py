@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sclslt.losses import contrastive_from_columns, pad_cat, translation_loss_sum
+from sclslt.model.losses import contrastive_from_columns, pad_cat, translation_loss_sum
 from sclslt_kernels import infonce
 
 
@@ -112,7 +112,7 @@ def _outputs(world, b, seed, similarity):
 
 def _gloo_worker(rank, world, init_file, b, seed, similarity, out_file):
     import torch.distributed as dist
-    from sclslt.losses import contrastive_loss
+    from sclslt.model.losses import contrastive_loss
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     outs, ids = _outputs(world, b, seed, similarity)
     out = {k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in outs[rank].items()}

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from sclslt.config import ModelConfig, from_dict
-from sclslt.data import Collate, ShardStream
-from sclslt.models import SLTModel
-from sclslt.shards import read_manifest
-from sclslt.text import load_tokenizer, train_tokenizer
+from sclslt.data.loader import Collate, ShardStream
+from sclslt.model.slt import SLTModel
+from sclslt.data.shards import read_manifest
+from sclslt.data.text import load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sclslt.telemetry import GpuTelemetry
-from sclslt.ui import Reporter
+from sclslt.train.telemetry import GpuTelemetry
+from sclslt.train.ui import Reporter
+
+pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[1]
 

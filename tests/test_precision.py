@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import torch
 
-from sclslt.engine import latest_tag, load_module_state, safe_load
+from sclslt.train.engine import latest_tag, load_module_state, safe_load
+
+pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[1]
 

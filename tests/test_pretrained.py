@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from sclslt.config import ModelConfig, from_dict
-from sclslt.data import Collate, ShardStream
-from sclslt.models import LORA_TARGETS, SLTModel
-from sclslt.shards import read_manifest
-from sclslt.text import load_tokenizer, make_run_tokenizer
-from sclslt.vocab import VOCAB_FILE
+from sclslt.data.loader import Collate, ShardStream
+from sclslt.model.slt import LORA_TARGETS, SLTModel
+from sclslt.data.shards import read_manifest
+from sclslt.data.text import load_tokenizer, make_run_tokenizer
+from sclslt.data.vocab import VOCAB_FILE
+
+pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +140,7 @@ def test_trimming_never_prefers_unk_over_kept_pieces():
     (lowest kept score - 10) can beat the original segmentation; the trimmer's guard prevents it."""
     from transformers import MBart50Tokenizer
     from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES as CODES50
-    from sclslt.vocab import trim_tokenizer
+    from sclslt.data.vocab import trim_tokenizer
     pieces = [("▁ab", -20.0), ("cd", -20.0), ("▁e", -1.0), ("bc", -2.0), ("d", -2.0), ("▁", -1.0), ("fg", -1.0)]
     pieces += [(c, -50.0) for c in "abcefg"]
     orig = MBart50Tokenizer(vocab=[("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces
@@ -347,7 +349,7 @@ def test_lora_state_dict_round_trips_with_stable_keys(lora_setup, tiny_cfg_dict,
 # -- pretrained ResNet ------------------------------------------------------------------------
 def test_resnet18_shaped_backbone_loads_and_runs(tmp_path, tiny_cfg_dict, tiny_shards):
     from transformers import ResNetConfig, ResNetModel
-    from sclslt.text import train_tokenizer
+    from sclslt.data.text import train_tokenizer
     torch.manual_seed(4)
     rn = ResNetModel(ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                                   layer_type="basic"))
@@ -387,7 +389,7 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
     from safetensors.torch import load_file
     from transformers import ResNetConfig, ResNetModel
 
-    from sclslt.engine import load_module_state
+    from sclslt.train.engine import load_module_state
 
     torch.manual_seed(5)
     ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")) \

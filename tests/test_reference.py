@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sclslt.reference import retrieval_recall
+from sclslt.eval.retrieval import retrieval_recall
 
 
 def _embeddings(n, d, seed, n_sentences):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sclslt.data import ShardStream
-from sclslt.shards import encode_frames, iter_shard, read_manifest, tar_bytes, write_split
-from sclslt.text import normalise_text, sentence_id
+from sclslt.data.loader import ShardStream
+from sclslt.data.shards import encode_frames, iter_shard, read_manifest, tar_bytes, write_split
+from sclslt.data.text import normalise_text, sentence_id
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("shard_videos", ROOT / "tools" / "shard_videos.py")

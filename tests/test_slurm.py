@@ -37,7 +37,8 @@ BINARIES = ("slurmctld", "slurmd", "munged", "munge", "sbatch", "srun", "scontro
 JOB_TIMEOUT = 480          # outer bound on one sbatch --wait (a first run may build DeepSpeed ops: ~3 min)
 REQUEUE_DELAY = 5          # AuthInfo cred_expire: a requeued job waits cred_expire + 1 s (default 120 s)
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Slurm daemons need Linux")
+pytestmark = [pytest.mark.slow,     # end to end: the fast lane is -m "not slow"
+              pytest.mark.skipif(sys.platform != "linux", reason="Slurm daemons need Linux")]
 
 
 def _which(name: str) -> str | None:
@@ -397,7 +398,7 @@ def test_two_nodes_one_task_each(slurm, exp_yaml, tmp_path):
 
 
 def test_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, exp_yaml, tmp_path):
-    from sclslt.engine import latest_tag
+    from sclslt.train.engine import latest_tag
     config = tmp_path / "exp.yaml"                    # edited between the two runs (max_steps)
     shutil.copy(exp_yaml, config)
     run, out, name = tmp_path / "run", tmp_path / "job.out", f"sclslt-preempt-{os.getpid()}"
@@ -452,7 +453,7 @@ def test_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, exp_yaml, tmp_pat
 
 
 def test_rank_mapping_from_slurm_task_variables():
-    from sclslt.engine import expand_tasks_per_node, slurm_env
+    from sclslt.train.engine import expand_tasks_per_node, slurm_env
     assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1] and expand_tasks_per_node("4") == [4]
     env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "6", "SLURM_NTASKS": "7", "SLURM_STEP_NUM_TASKS": "7",
            "SLURM_LOCALID": "0", "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1",

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("trajectories_tool", ROOT / "tools" / "trajectories.py")
 traj = importlib.util.module_from_spec(_spec)
@@ -139,7 +141,7 @@ def tool(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_tool_end_to_end(ref_run):
-    from sclslt.selection import load_snapshot
+    from sclslt.selection.planner import load_snapshot
 
     proc = tool("--run", str(ref_run), "--sample", "32", "--seed", "3")
     out = ref_run / "stage1" / "trajectories"

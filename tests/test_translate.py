@@ -18,8 +18,10 @@ import yaml
 from PIL import Image
 
 from sclslt.cli import main as cli_main
-from sclslt.shards import ShardIndex, read_manifest
-from sclslt.translate import TranslateError, frame_spec, load_clip, resolve_checkpoint
+from sclslt.data.shards import ShardIndex, read_manifest
+from sclslt.eval.translate import TranslateError, frame_spec, load_clip, resolve_checkpoint
+
+pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
@@ -178,8 +180,8 @@ def test_inputs_are_decoded_like_the_shard_tool(tmp_path):
     sv = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(sv)
     from sclslt.config import from_dict
-    from sclslt.data import subsample_frames
-    from sclslt.shards import iter_shard
+    from sclslt.data.loader import subsample_frames
+    from sclslt.data.shards import iter_shard
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (13, 30, 40, 3), dtype=np.uint8)        # 40 x 30, not square
     root = tmp_path / "corpus"

@@ -32,12 +32,12 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from sclslt.engine import init_distributed
+    from sclslt.train.engine import init_distributed
     d = init_distributed()
     import torch.distributed as dist
-    from sclslt.data import resolve_shards_dir
-    from sclslt.reference import embed_split, load_run_model
-    from sclslt.selection import save_table
+    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.eval.retrieval import embed_split, load_run_model
+    from sclslt.selection.planner import save_table
 
     ckpt = args.run / args.stage / "checkpoints"
     views = {}
@@ -47,10 +47,10 @@ def main(argv=None) -> int:
             print(f"error: no checkpoint {tag!r} under {ckpt} (have {have})", file=sys.stderr)
             return 2
         model, tok, cfg = load_run_model(args.run, ckpt, tag)
-        model.to(d["device"])
-        views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d["device"], args.batch_size,
+        model.to(d.device)
+        views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device, args.batch_size,
                              max_frames=cfg.data.max_frames)
-    if d["rank"] == 0:
+    if d.rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_table(args.out, views["early"], views["late"],
                    {"run": str(args.run), "stage": args.stage, "early": args.early, "late": args.late,

@@ -65,13 +65,13 @@ def batch_analysis(run: Path, table_path: Path) -> list[dict]:
 
     import torch
 
-    from sclslt.selection import load_table
+    from sclslt.selection.planner import load_table
     table = load_table(table_path)
     from sclslt.config import load_config
-    from sclslt.data import resolve_shards_dir
-    from sclslt.shards import read_manifest
+    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.data.shards import manifest_rows, read_manifest
     cfg = load_config(run / "config.yaml")
-    texts = {s[0]: s[4] for s in read_manifest(resolve_shards_dir(cfg.data), "train")["samples"]}
+    texts = {r.key: r.text for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))}
     out = []
     for plan_file in sorted((run / "stage1" / "selection").glob("plan_e*_r00000.json")):
         epoch = int(plan_file.name[6:10])

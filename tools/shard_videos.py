@@ -5,11 +5,11 @@
   python tools/shard_videos.py --layout how2sign --root /data/how2sign --out shards/h2s --fps 12.5
   python tools/shard_videos.py --layout manifest --root my_clips.csv --out shards/mine --split train
 
-Layouts (details and assumptions in sclslt/corpora.py): phoenix2014t (official corpus CSVs or
+Layouts (details and assumptions in sclslt/data/corpora.py): phoenix2014t (official corpus CSVs or
 GFSLT-VLP's labels.<split>), csl-daily (csl2020ct_v2.pkl + split_1.txt + frame folders), how2sign
 (realigned sentence CSVs + mp4), manifest (CSV/JSONL of path,text[,split,signer]).
 
-Output, per split, in --out (format: sclslt/shards.py):
+Output, per split, in --out (format: sclslt/data/shards.py):
   <split>-NNNNNN.tar      samples <key>.frames.npy (uint8 T x S x S x 3) + <key>.json
   <split>.json            manifest: counts, frame shape, sha256 of every shard, sample index, options
   <split>.bad.jsonl       with --skip-bad: the skipped samples {key, source, reason} (empty if none)
@@ -49,8 +49,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sclslt.corpora import DEFAULT_SPLITS, LAYOUTS, CorpusError, check_item, decode_item, read_items  # noqa: E402
-from sclslt.shards import ShardError, ShardWriter, _sha256, make_manifest, write_manifest  # noqa: E402
+from sclslt.atomic import write_text  # noqa: E402
+from sclslt.data.corpora import DEFAULT_SPLITS, LAYOUTS, CorpusError, check_item, decode_item, read_items  # noqa: E402
+from sclslt.data.shards import ShardError, ShardWriter, _sha256, make_manifest, write_manifest  # noqa: E402
 
 PROGRESS_VERSION = 1
 
@@ -110,6 +111,84 @@ def _verify(records: list[dict], items, dirs: list[Path]) -> list[dict]:
     return ok
 
 
+def _decoded(items: list, pos: int, workers: int, size: int, max_frames: int, fps: float):
+    """(index, decode_item result) for items[pos:], in order; decoded by `workers` spawned processes
+    (a bounded window ahead) or in this one."""
+    todo = range(pos, len(items))
+    if workers <= 1:
+        for i in todo:
+            yield i, decode_item(items[i], size, max_frames, fps)
+        return
+    window = 2 * workers + 2
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+        futs: dict[int, object] = {}
+        nxt = pos
+        for i in todo:
+            while nxt < len(items) and nxt < i + window:
+                futs[nxt] = ex.submit(decode_item, items[nxt], size, max_frames, fps)
+                nxt += 1
+            yield i, futs.pop(i).result()
+
+
+def _sample(it, frames, n_src: int) -> dict:
+    """The shard sample of a decoded corpus item."""
+    return {"key": it.key, "frames": frames, "text": it.text, "original_text": it.text, "signer": it.signer,
+            "source": it.source, "meta": {"source_frames": int(n_src),
+                                          **({"start": it.start, "end": it.end} if it.end is not None else {})}}
+
+
+def _publish(out: Path, split: str, work: Path, records: list, index: list, bad: list, options: dict,
+             lowercase: bool, frame_format: str, skip_bad: bool, log) -> dict:
+    """Move the finished shards from the work directory into `out` and write the manifest last."""
+    prog_path, published_progress = work / "progress.jsonl", out / f"{split}.progress.jsonl"
+    # publish: the old manifest goes first, so no reader ever sees it next to new shards
+    (out / f"{split}.json").unlink(missing_ok=True)
+    names = [r["name"] for r in records]
+    for r in records:
+        if Path(r["path"]).parent == work:
+            os.replace(work / r["name"], out / r["name"])
+    for old in out.glob(f"{split}-*.tar"):
+        if old.name not in names:
+            old.unlink()
+    if skip_bad or (out / f"{split}.bad.jsonl").exists():
+        write_text(out / f"{split}.bad.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
+    os.replace(prog_path, published_progress)
+    shards = [{"name": r["name"], "num_samples": r["num_samples"], "sha256": r["sha256"]} for r in records]
+    manifest = make_manifest(split, shards, index, records[0]["shape"], lowercase,
+                             {"options": {k: v for k, v in options.items() if k != "progress_version"},
+                              "num_bad": len(bad), "tool": "tools/shard_videos.py"}, frame_format)
+    write_manifest(out, split, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"{split}: {manifest['num_samples']} samples in {len(shards)} shard(s), {len(bad)} bad, "
+        f"frames {manifest['frame_shape']} -> {out}")
+    return manifest
+
+
+def _open_progress(out: Path, split: str, items: list, options: dict, skip_bad: bool, log):
+    """The split's verified finished shards from an earlier, interrupted run with the same options (their
+    sha256 and items checked), and the progress file reopened for appending:
+    (work dir, records, their bad entries, the item to resume at, the open progress file)."""
+    fingerprint = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+    work = out / f".{split}.work"
+    published_progress = out / f"{split}.progress.jsonl"
+    records = _verify(_load_progress([work / "progress.jsonl", published_progress], fingerprint),
+                      items, [work, out])
+    prior_bad = [b for r in records for _, b in r["bad"]]
+    if prior_bad and not skip_bad:
+        raise BadInput(_describe(split, prior_bad))
+    pos = records[-1]["hi"] if records else 0
+    if records:
+        log(f"{split}: {len(records)} finished shard(s) verified by sha256, resuming at item {pos}/{len(items)}")
+
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in work.glob("*.tmp"):
+        stale.unlink()
+    prog_path = work / "progress.jsonl"
+    write_text(prog_path, json.dumps({"fingerprint": fingerprint, "options": options}) + "\n" + "".join(
+        json.dumps({k: v for k, v in r.items() if k != "path"}, ensure_ascii=False) + "\n" for r in records))
+    return work, records, prior_bad, pos, open(prog_path, "a", encoding="utf-8")
+
+
 def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_frames: int = 300,
                 fps: float = 0.0, workers: int = 1, shard_size_mb: float = 512.0,
                 samples_per_shard: int = 0, skip_bad: bool = False, lowercase: bool = True,
@@ -130,29 +209,7 @@ def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_fram
                "shard_size_mb": shard_size_mb, "samples_per_shard": samples_per_shard,
                "lowercase": lowercase, "resize": "square", "format": frame_format,
                "progress_version": PROGRESS_VERSION}
-    fingerprint = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
-    work = out / f".{split}.work"
-    published_progress = out / f"{split}.progress.jsonl"
-    records = _verify(_load_progress([work / "progress.jsonl", published_progress], fingerprint),
-                      items, [work, out])
-    prior_bad = [b for r in records for _, b in r["bad"]]
-    if prior_bad and not skip_bad:
-        raise BadInput(_describe(split, prior_bad))
-    pos = records[-1]["hi"] if records else 0
-    if records:
-        log(f"{split}: {len(records)} finished shard(s) verified by sha256, resuming at item {pos}/{len(items)}")
-
-    work.mkdir(parents=True, exist_ok=True)
-    for stale in work.glob("*.tmp"):
-        stale.unlink()
-    prog_path = work / "progress.jsonl"
-    tmp = work / "progress.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"fingerprint": fingerprint, "options": options}) + "\n")
-        for r in records:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "path"}, ensure_ascii=False) + "\n")
-    os.replace(tmp, prog_path)
-    prog = open(prog_path, "a", encoding="utf-8")
+    work, records, prior_bad, pos, prog = _open_progress(out, split, items, options, skip_bad, log)
 
     writer = ShardWriter(work, split, samples_per_shard, max_bytes, lowercase, first_shard=len(records),
                          frame_shape=records[0]["shape"] if records else None, frame_format=frame_format)
@@ -172,22 +229,6 @@ def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_fram
         records.append({**r, "path": str(work / rec["name"])})
         state["lo"], state["rows"] = hi, len(writer.index)
 
-    def results():
-        todo = range(pos, len(items))
-        if workers <= 1:
-            for i in todo:
-                yield i, decode_item(items[i], size, max_frames, fps)
-            return
-        window = 2 * workers + 2
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
-            futs: dict[int, object] = {}
-            nxt = pos
-            for i in todo:
-                while nxt < len(items) and nxt < i + window:
-                    futs[nxt] = ex.submit(decode_item, items[nxt], size, max_frames, fps)
-                    nxt += 1
-                yield i, futs.pop(i).result()
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("bad {task.fields[bad]}"), TimeRemainingColumn(), disable=not progress,
@@ -196,15 +237,11 @@ def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_fram
         with bar:
             task = bar.add_task(f"{layout} {split}", total=len(items), completed=pos, bad=len(prior_bad))
             n_bad = len(prior_bad)
-            for i, (status, payload, n_src) in results():
+            for i, (status, payload, n_src) in _decoded(items, pos, workers, size, max_frames, fps):
                 it = items[i]
                 if status == "ok":
-                    sample = {"key": it.key, "frames": payload, "text": it.text, "original_text": it.text,
-                              "signer": it.signer, "source": it.source,
-                              "meta": {"source_frames": int(n_src),
-                                       **({"start": it.start, "end": it.end} if it.end is not None else {})}}
                     try:
-                        enc = writer.encode(sample)
+                        enc = writer.encode(_sample(it, payload, n_src))
                     except ShardError as e:
                         status, payload = "bad", str(e)
                 if status != "ok":
@@ -233,28 +270,7 @@ def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_fram
         raise ShardError(f"split {split}: no samples to write (all {len(items)} bad)")
     bad = [b for r in records for _, b in r["bad"]] + [b for i, b in pending_bad if i >= state["lo"]]
 
-    # publish: the old manifest goes first, so no reader ever sees it next to new shards
-    (out / f"{split}.json").unlink(missing_ok=True)
-    names = [r["name"] for r in records]
-    for r in records:
-        if Path(r["path"]).parent == work:
-            os.replace(work / r["name"], out / r["name"])
-    for old in out.glob(f"{split}-*.tar"):
-        if old.name not in names:
-            old.unlink()
-    if skip_bad or (out / f"{split}.bad.jsonl").exists():
-        tmpb = out / f".{split}.bad.jsonl.tmp"
-        tmpb.write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad), encoding="utf-8")
-        os.replace(tmpb, out / f"{split}.bad.jsonl")
-    os.replace(prog_path, published_progress)
-    shards = [{"name": r["name"], "num_samples": r["num_samples"], "sha256": r["sha256"]} for r in records]
-    manifest = make_manifest(split, shards, index, records[0]["shape"], lowercase,
-                             {"options": {k: v for k, v in options.items() if k != "progress_version"},
-                              "num_bad": len(bad), "tool": "tools/shard_videos.py"}, frame_format)
-    write_manifest(out, split, manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"{split}: {manifest['num_samples']} samples in {len(shards)} shard(s), {len(bad)} bad, "
-        f"frames {manifest['frame_shape']} -> {out}")
+    manifest = _publish(out, split, work, records, index, bad, options, lowercase, frame_format, skip_bad, log)
     return manifest
 
 
@@ -263,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--layout", required=True, choices=sorted(LAYOUTS),
-                   help="the corpus layout under --root (see sclslt/corpora.py for the exact files read)")
+                   help="the corpus layout under --root (see sclslt/data/corpora.py for the exact files read)")
     p.add_argument("--root", required=True,
                    help="the corpus directory (for 'manifest': the CSV/JSONL file or a directory with "
                         "manifest.csv / manifest.jsonl)")

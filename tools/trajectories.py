@@ -48,6 +48,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sclslt.atomic import write_text  # noqa: E402
+
 CLASSES = ("H->L", "H->H", "L->H", "L->L")
 COLORS = {"H->L": "tab:green", "H->H": "tab:orange", "L->H": "tab:red", "L->L": "tab:gray"}
 EPOCH_TAG = re.compile(r"^epoch(\d+)$")
@@ -271,7 +273,7 @@ def print_table(report: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="the reference run directory")
     p.add_argument("--stage", default="stage1", help="stage whose checkpoints to read (default stage1)")
@@ -293,36 +295,48 @@ def main(argv=None) -> int:
     p.add_argument("--recompute", action="store_true", help="embed again even where a cached embedding pass exists")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached embedding passes")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
 
-    ckpt = args.run / args.stage / "checkpoints"
+
+def checked_tags(args, ckpt: Path) -> list[str] | None:
+    """The checkpoint tags to embed, or None after printing why the arguments cannot work."""
     have = sorted(q.name for q in ckpt.iterdir() if q.is_dir()) if ckpt.is_dir() else []
     tags = args.tags if args.tags else find_tags(ckpt)
     missing = [t for t in tags if not (ckpt / t).is_dir()]
     if missing:
         print(f"error: no checkpoint {missing} under {ckpt} (have {have})", file=sys.stderr)
-        return 2
+        return None
     if len(tags) < 2:
         print(f"error: need at least 2 checkpoints, found {tags} under {ckpt} (have {have}); a reference run "
               f"saves epochNNNN tags with --checkpoint.every_epochs N", file=sys.stderr)
-        return 2
+        return None
     if args.sample < 2:
         print("error: --sample must be at least 2", file=sys.stderr)
-        return 2
+        return None
     if args.threshold_mode == "quantile" and not 0.0 <= args.high <= 1.0:
         print(f"error: --high {args.high} is not a quantile in [0, 1] (use --threshold-mode absolute for a "
               f"cosine threshold)", file=sys.stderr)
+        return None
+    return tags
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    ckpt = args.run / args.stage / "checkpoints"
+    tags = checked_tags(args, ckpt)
+    if tags is None:
         return 2
     out = args.out or args.run / args.stage / "trajectories"
 
-    from sclslt.engine import init_distributed
+    from sclslt.train.engine import init_distributed
     d = init_distributed()
     import torch.distributed as dist
-    from sclslt.data import resolve_shards_dir
-    from sclslt.reference import embed_split, load_run_model
-    from sclslt.selection import load_snapshot, save_snapshot
+    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.eval.retrieval import embed_split, load_run_model
+    from sclslt.selection.planner import load_snapshot, save_snapshot
 
-    rank0 = d["rank"] == 0
+    rank0 = d.rank == 0
     cache = args.cache or args.run / args.stage / "trajectories" / "embeddings"
     views, keys, sids, idx, n_total = [], None, None, None, None
     for tag in tags:
@@ -333,8 +347,8 @@ def main(argv=None) -> int:
             emb = load_snapshot(path) if rank0 else None
         else:
             model, tok, cfg = load_run_model(args.run, ckpt, tag)
-            model.to(d["device"])
-            emb = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d["device"], args.batch_size,
+            model.to(d.device)
+            emb = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device, args.batch_size,
                                   max_frames=cfg.data.max_frames)
             del model
             if rank0 and not args.no_cache:
@@ -364,10 +378,7 @@ def main(argv=None) -> int:
                   "run": str(args.run), "stage": args.stage, "split": args.split, "tags": list(tags),
                   "sample_requested": args.sample, "sample_size": len(idx), "split_size": n_total,
                   "seed": args.seed, "sample_keys": [keys[i] for i in idx.tolist()], **res}
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, out / "report.json")
+        write_text(out / "report.json", json.dumps(report, indent=1))
         plot(report, out / "trajectories.png")
         print_table(report)
         print(f"wrote {out / 'report.json'} and {out / 'trajectories.png'}", flush=True)

@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from .text import normalise_text, sentence_id
+from sclslt.data.text import normalise_text, sentence_id
+from sclslt.atomic import write_text
 
 FORMAT = "npy-uint8"
 MANIFEST_VERSION = 1
@@ -33,18 +34,18 @@ class ShardError(RuntimeError):
 
 def encode_frames(frames: np.ndarray) -> bytes:
     """The default (npy) encoding of a clip's frames."""
-    from .codec import encode
+    from sclslt.data.codec import encode
     return encode(frames, "npy")
 
 
 def frame_format(manifest: dict) -> str:
-    """The codec of a split's frames (`sclslt.codec`); manifests before formats existed say npy-uint8."""
+    """The codec of a split's frames (`sclslt.data.codec`); manifests before formats existed say npy-uint8."""
     fmt = manifest.get("format", FORMAT)
     return "npy" if fmt == FORMAT else fmt
 
 
 def decode_frames(data: bytes, where: str, fmt: str = "npy") -> np.ndarray:
-    from .codec import decode
+    from sclslt.data.codec import decode
     try:
         return decode(data, fmt)
     except Exception as e:  # noqa: BLE001 - re-raised with the sample named
@@ -74,6 +75,19 @@ def tar_bytes(member_sizes: list[int]) -> int:
     return -(-n // _TAR_RECORD) * _TAR_RECORD
 
 
+class ManifestRow(NamedTuple):
+    """One sample of a split's manifest (stored in the JSON as a list in this order)."""
+    key: str
+    shard: int          # index into the manifest's "shards"
+    sentence_id: int    # the false-negative identity (`text.sentence_id` of the normalised text)
+    num_frames: int
+    text: str           # normalised text
+
+
+def manifest_rows(manifest: dict) -> list[ManifestRow]:
+    return [ManifestRow(*row) for row in manifest["samples"]]
+
+
 class ShardWriter:
     """Writes samples into `<split>-NNNNNN.tar` shards under `out_dir`, in order, deterministically.
 
@@ -86,7 +100,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int = 64,
                  max_shard_bytes: int = 0, lowercase: bool = True, first_shard: int = 0,
                  frame_shape: list | None = None, frame_format: str = "npy"):
-        from .codec import FORMATS, member_name
+        from sclslt.data.codec import FORMATS, member_name
         if frame_format not in FORMATS:
             raise ShardError(f"frame format {frame_format!r}: use one of {FORMATS}")
         self.frame_format, self.member = frame_format, member_name(frame_format)
@@ -122,7 +136,7 @@ class ShardWriter:
                 "num_frames": int(frames.shape[0]), "source": s.get("source", "")}
         for k, v in (s.get("meta") or {}).items():     # extra fields never override the standard ones
             meta.setdefault(k, v)
-        from .codec import encode
+        from sclslt.data.codec import encode
         data = encode(frames, self.frame_format)
         js = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
         return {"key": key, "frames": data, "json": js, "meta": meta, "shape": list(frames.shape[1:]),
@@ -194,11 +208,7 @@ def make_manifest(split: str, shards: list[dict], index: list[list], frame_shape
 
 
 def write_manifest(out_dir: str | Path, split: str, manifest: dict) -> Path:
-    out = Path(out_dir)
-    tmpm = out / f".{split}.json.tmp"
-    tmpm.write_text(json.dumps(manifest, ensure_ascii=False))
-    os.replace(tmpm, out / f"{split}.json")
-    return out / f"{split}.json"
+    return write_text(Path(out_dir) / f"{split}.json", json.dumps(manifest, ensure_ascii=False))
 
 
 def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
@@ -251,7 +261,8 @@ def iter_shard(path: str | Path, fmt: str = "npy", on_error=None) -> Iterator[di
     import tarfile
 
     import webdataset as wds
-    from .codec import member_name
+
+    from sclslt.data.codec import member_name
 
     path, member = str(path), member_name(fmt)
     try:
@@ -286,7 +297,7 @@ class ShardIndex:
     def __init__(self, shards_dir: str | Path, manifest: dict):
         self.dir = Path(shards_dir)
         names = [sh["name"] for sh in manifest["shards"]]
-        self.shard_of = {s[0]: names[s[1]] for s in manifest["samples"]}
+        self.shard_of = {r.key: names[r.shard] for r in manifest_rows(manifest)}
         self.fmt = frame_format(manifest)
         self._members: dict[str, dict] = {}
 
@@ -307,7 +318,7 @@ class ShardIndex:
         name = self.shard_of[key]
         parts = self._index(name).get(key, {})
         where = f"{self.dir / name}:{key}"
-        from .codec import member_name
+        from sclslt.data.codec import member_name
         member = member_name(self.fmt)
         if member not in parts or "json" not in parts:
             raise ShardError(f"{where}: sample lacks {member} or json")

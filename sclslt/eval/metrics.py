@@ -19,11 +19,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import torch
+from sclslt.atomic import write_text
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -106,18 +106,7 @@ def write_report(path, result: dict, rows: list[dict]) -> Path:
     if "hypotheses" in result:
         raise ValueError("result already has a 'hypotheses' entry")
     doc = {**result, "hypotheses": hyps}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text(path, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
 
 
 def most_frequent_sentence(texts: list[str]) -> str:

@@ -22,10 +22,12 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from sclslt.atomic import write_text
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -37,7 +39,17 @@ def setup_accelerator() -> str:
     return os.environ.get("DS_ACCELERATOR", "cuda")
 
 
-def init_distributed(timeout_s: int = 1800) -> dict:
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job, as `init_distributed` found it."""
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    accelerator: str            # DeepSpeed's accelerator name: "cuda" or "cpu"
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (launcher env, MPI or a lone process)."""
     from datetime import timedelta
     setup_accelerator()
@@ -70,8 +82,7 @@ def init_distributed(timeout_s: int = 1800) -> dict:
         device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
-    return {"rank": rank, "world": world, "local_rank": local_rank, "device": device,
-            "accelerator": acc.device_name()}
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device, accelerator=acc.device_name())
 
 
 def release_shm_buffer(rank: int) -> None:
@@ -223,7 +234,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
             import re
             what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
             raise RuntimeError(f"{path}: refused to unpickle it: it holds {what.group(1) if what else 'an object'}, "
-                               f"outside the allow-list in sclslt/engine.py (_safe_globals); add the class there "
+                               f"outside the allow-list in sclslt/train/engine.py (_safe_globals); add the class there "
                                f"only if you trust the file") from e
 
 
@@ -346,9 +357,7 @@ def publish(ckpt_dir: Path, tag: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     else:
         os.replace(partial, final)
-    tmp = ckpt_dir / "latest.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, ckpt_dir / "latest")
+    write_text(ckpt_dir / "latest", tag)
 
 
 def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
@@ -395,6 +404,9 @@ def to_universal(ckpt_dir: str | os.PathLike, tag: str) -> Path:
     return out
 
 
+MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")   # ZeRO-1/2, ZeRO-3
+
+
 def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
     """The full fp32 module state dict of a checkpoint (any ZeRO stage), for stage transfer/inference."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -402,7 +414,7 @@ def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> di
     if tag is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt_dir} (no 'latest' file)")
     d = Path(ckpt_dir) / tag
-    files = [d / "mp_rank_00_model_states.pt", d / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    files = [d / f for f in MODEL_FILES]
     model_file = next((f for f in files if f.is_file()), None)
     if model_file is None:
         raise FileNotFoundError(f"checkpoint {d} has no model states file (looked for {[f.name for f in files]})")

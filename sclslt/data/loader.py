@@ -8,7 +8,9 @@ Guarantees the distributed loop relies on:
   shuffled per (seed, epoch), shards are split by rank then by worker, samples pass through a
   shuffle buffer seeded by (seed, epoch, rank, worker); workers' batches are interleaved in a
   fixed round-robin, which is what torch's DataLoader does;
-- resumable: `set_epoch(epoch, skip=k)` skips the first k micro-batches without decoding them.
+- resumable: `set_epoch(epoch, skip=k)` skips the first k micro-batches. Their samples are still read
+  and decoded (the seeded shuffle buffer must see the same sequence), but not subsampled, collated or
+  moved to the device; a resume costs reading up to one epoch of shards, not training on it.
 Frames stay uint8 until they reach the device (normalisation happens in the model).
 """
 from __future__ import annotations
@@ -25,8 +27,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import DataConfig, SyntheticConfig
-from .shards import ShardError, frame_format, iter_shard, read_manifest, write_split
+from sclslt.config import DataConfig, SyntheticConfig
+from sclslt.data.corpora import select as even_frames
+from sclslt.data.shards import (
+    ShardError, frame_format, iter_shard, manifest_rows, read_manifest, write_split,
+)
 
 SPLITS = ("train", "dev", "test")
 
@@ -57,7 +62,7 @@ def synthetic_shards_dir(cfg: DataConfig) -> Path:
 
 def make_synthetic_shards(syn: SyntheticConfig, out_dir: Path, samples_per_shard: int,
                           lowercase: bool = True) -> None:
-    from .corpus import SyntheticCorpus
+    from sclslt.data.synthetic import SyntheticCorpus
 
     corpus = SyntheticCorpus(syn)
     out_dir = Path(out_dir)
@@ -138,10 +143,8 @@ def subsample_frames(frames: np.ndarray, max_frames: int, rng: random.Random | N
     if max_frames <= 0 or frames.shape[0] <= max_frames:
         return frames
     if rng is not None:
-        idx = np.array(sorted(rng.sample(range(frames.shape[0]), max_frames)), dtype=np.int64)
-    else:
-        idx = np.linspace(0, frames.shape[0] - 1, max_frames).round().astype(np.int64)
-    return frames[idx]
+        return frames[np.array(sorted(rng.sample(range(frames.shape[0]), max_frames)), dtype=np.int64)]
+    return frames[even_frames(frames.shape[0], max_frames)]
 
 
 def rng_seed(*parts: int) -> int:
@@ -181,7 +184,7 @@ def rank_pool_keys(manifest: dict, seed: int, epoch: int, rank: int, world: int)
     """The sample keys in a rank's shards this epoch (its Pair Selection candidate pool)."""
     mine = set(rank_shards(manifest, seed, epoch, rank, world))
     names = [sh["name"] for sh in manifest["shards"]]
-    return [s[0] for s in manifest["samples"] if names[s[1]] in mine]
+    return [r.key for r in manifest_rows(manifest) if names[r.shard] in mine]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -310,7 +313,7 @@ class PlannedStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards_dir, split: str, batches: list[list[str]], skip: int = 0, max_frames: int = 0,
                  seed: int = 0):
-        from .shards import ShardIndex
+        from sclslt.data.shards import ShardIndex
         self.index = ShardIndex(shards_dir, read_manifest(shards_dir, split))
         self.batches, self.skip, self.max_frames, self.seed = batches, skip, max_frames, seed
 

@@ -42,7 +42,14 @@ def sentence_id(text: str, lowercase: bool = True) -> int:
 def train_char_tokenizer(texts: list[str], out_dir: str | Path):
     """A character-level tokenizer: every character of the (normalised) text is one token, spaces too,
     so decoding is exact; ids are the special tokens then the characters in code-point order."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set("".join(texts)) - set(SPECIAL_TOKENS))
@@ -60,7 +67,14 @@ def train_char_tokenizer(texts: list[str], out_dir: str | Path):
 
 def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 8000):
     """Train a BPE tokenizer on `texts` and save it (transformers format) to `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -79,11 +93,10 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 800
 def load_tokenizer(name_or_path: str | Path, **kwargs):
     """Load a tokenizer saved with the run, a local directory, or a hub name (offline errors are clear).
     A directory made by `make_run_tokenizer` brings its vocab record as `tokenizer.sclslt_vocab`."""
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoTokenizer
 
-    from huggingface_hub.errors import HFValidationError
-
-    from .vocab import read_record
+    from sclslt.data.vocab import read_record
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, HFValidationError) as e:
@@ -112,7 +125,7 @@ def make_run_tokenizer(model_cfg, train_texts: list[str], out_dir: str | Path,
     import os
     import shutil
 
-    from . import vocab as V
+    from sclslt.data import vocab as V
     final = Path(out_dir)
     out_dir = final.parent / f".{final.name}.tmp-{os.getpid()}"     # complete or absent: renamed at the end
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from sclslt.atomic import write_text
 
 VOCAB_FILE = "sclslt_vocab.json"
 FORMAT = "sclslt-vocab-1"
@@ -95,9 +96,6 @@ def _backend_spec(tok) -> dict:
 def trim_tokenizer(orig, train_texts: list[str], lang: str = "", source: str = "", unk_guard: bool = True):
     """(trimmed PreTrainedTokenizerFast, record dict). `orig` must already use `lang` (src_lang) if set.
     `unk_guard=False` (tests only) leaves the <unk> score as `tokenizers` derives it."""
-    from tokenizers import Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
     if not train_texts:
         raise ValueError("trim_vocab: no training texts to trim the vocabulary with")
     spec = _backend_spec(orig)
@@ -105,31 +103,43 @@ def trim_tokenizer(orig, train_texts: list[str], lang: str = "", source: str = "
     if mtype != "Unigram":
         raise ValueError(f"trim_vocab: tokenizer {source!r} has a {mtype} model; only Unigram (sentencepiece, "
                          f"e.g. mBART's) tokenizers can be trimmed. Set model.trim_vocab=false")
-    unk_id = orig.unk_token_id
     lang_id = None
     if lang:
         lang_id = orig.convert_tokens_to_ids(lang)
-        if lang_id is None or lang_id == unk_id:
+        if lang_id is None or lang_id == orig.unk_token_id:
             raise ValueError(f"model.lang={lang!r} is not a token of tokenizer {source!r}")
     enc = encode_all(orig, train_texts)
     used = set()
     for ids in enc:
         used.update(ids)
-    train_unk = sum(1 for ids in enc if unk_id in ids)
     keep = sorted(used | set(orig.all_special_ids) | ({lang_id} if lang_id is not None else set()))
-    n_orig = len(orig)
-    if keep[-1] >= n_orig:
-        raise ValueError(f"tokenizer {source!r} produced id {keep[-1]} >= its size {n_orig}")
+    if keep[-1] >= len(orig):
+        raise ValueError(f"tokenizer {source!r} produced id {keep[-1]} >= its size {len(orig)}")
     new_of = {old: new for new, old in enumerate(keep)}
+    backend = _trimmed_backend(spec, orig, keep, new_of, train_texts, unk_guard, source)
+    prefix, suffix = _add_post_processor(backend, orig, train_texts[0], new_of)
+    new = _fast_tokenizer(orig, backend, keep, new_of)
+    _check_exact(orig, new, train_texts, enc, new_of)
+    record = {"format": FORMAT, "kind": "pretrained", "source": source, "source_class": type(orig).__name__,
+              "source_size": len(orig), "trimmed": True, "size": len(keep), "kept_ids": keep,
+              "sha256": ids_sha256(keep), "lang": lang or None,
+              "lang_id": new_of[lang_id] if lang_id is not None else None,
+              "lang_style": lang_style(prefix, suffix, lang_id), "train_texts": len(train_texts),
+              "train_texts_with_unk": sum(1 for ids in enc if orig.unk_token_id in ids)}
+    return new, record
 
-    # -- the model: kept pieces in original id order; the added-only ids (>= model size) come last
+
+def _trimmed_backend(spec: dict, orig, keep: list[int], new_of: dict, train_texts: list[str], unk_guard: bool,
+                     source: str):
+    """The `tokenizers` backend of the kept pieces, in original id order (added-only ids, >= the model's
+    size, come last), with the <unk> path priced out of every segmentation (module docstring)."""
+    from tokenizers import Tokenizer
     vocab = spec["model"]["vocab"]
     n_model = len(vocab)
     pieces = [list(vocab[i]) for i in keep if i < n_model]
     special_ids = set(orig.all_special_ids)
     specials_in_model = [new_of[i] for i in keep if i < n_model and i in special_ids]
     if specials_in_model and unk_guard:
-        # the <unk> path must lose against any path of real pieces (module docstring)
         scores = [float(p[1]) for p in pieces]
         longest = max(len(t) for t in train_texts) + 16      # at most this many pieces in a path
         pieces[specials_in_model[0]][1] = (min(min(scores), 0.0) - max(max(scores), 0.0)) * longest - 1e4
@@ -139,25 +149,28 @@ def trim_tokenizer(orig, train_texts: list[str], lang: str = "", source: str = "
         if old_unk not in new_of:
             raise ValueError(f"tokenizer {source!r}: its model's unk id {old_unk} is not a special token")
         spec["model"]["unk_id"] = new_of[old_unk]
-    added = []
-    for a in spec.get("added_tokens") or []:
-        if a["id"] in new_of:
-            added.append({**a, "id": new_of[a["id"]]})
-    spec["added_tokens"] = added
-    spec["truncation"] = None
-    spec["padding"] = None
-    spec["post_processor"] = None
-    backend = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
+    spec["added_tokens"] = [{**a, "id": new_of[a["id"]]} for a in spec.get("added_tokens") or [] if a["id"] in new_of]
+    spec["truncation"] = spec["padding"] = spec["post_processor"] = None
+    return Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
 
-    # -- the post-processor: the same specials around the text as the original puts there
-    prefix, suffix = special_layout(orig, train_texts[0])
+
+def _add_post_processor(backend, orig, sample_text: str, new_of: dict) -> tuple[list[int], list[int]]:
+    """The same specials around the text as the original puts there; returns their (prefix, suffix) ids."""
+    from tokenizers import processors
+    prefix, suffix = special_layout(orig, sample_text)
     names = orig.convert_ids_to_tokens(prefix + suffix)
     p_names, s_names = names[:len(prefix)], names[len(prefix):]
     if prefix or suffix:
         backend.post_processor = processors.TemplateProcessing(
             single=p_names + ["$A"] + s_names, pair=p_names + ["$A", "$B"] + s_names,
             special_tokens=sorted({(n, new_of[i]) for n, i in zip(names, prefix + suffix)}))
+    return prefix, suffix
 
+
+def _fast_tokenizer(orig, backend, keep: list[int], new_of: dict):
+    """A PreTrainedTokenizerFast around the trimmed backend with the original's named specials."""
+    from transformers import PreTrainedTokenizerFast
+    special_ids = set(orig.all_special_ids)
     named = {k: getattr(orig, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
                                            "cls_token", "mask_token")}
     if named["bos_token"] is None:           # mBART-50's tokenizer names no bos; its config's bos is <s> = cls
@@ -174,8 +187,11 @@ def trim_tokenizer(orig, train_texts: list[str], lang: str = "", source: str = "
     for i in keep:   # every kept token keeps its string
         if new.convert_ids_to_tokens(new_of[i]) != orig.convert_ids_to_tokens(i):
             raise RuntimeError(f"trimmed tokenizer: id {i} ({orig.convert_ids_to_tokens(i)!r}) moved")
+    return new
 
-    # -- exactness on the training texts (module docstring): same ids, same decoded strings
+
+def _check_exact(orig, new, train_texts: list[str], enc: list[list[int]], new_of: dict) -> None:
+    """Exactness on the training texts (module docstring): the same ids, the same decoded strings."""
     got = encode_all(new, train_texts)
     for text, a, b in zip(train_texts, enc, got):
         if [new_of[i] for i in a] != b:
@@ -187,20 +203,9 @@ def trim_tokenizer(orig, train_texts: list[str], lang: str = "", source: str = "
     if bad:
         raise RuntimeError(f"trimmed tokenizer decodes {len(bad)} training texts differently, e.g. {bad[0]!r}")
 
-    style = lang_style(prefix, suffix, lang_id)
-    record = {"format": FORMAT, "kind": "pretrained", "source": source, "source_class": type(orig).__name__,
-              "source_size": n_orig, "trimmed": True, "size": len(keep), "kept_ids": keep,
-              "sha256": ids_sha256(keep), "lang": lang or None,
-              "lang_id": new_of[lang_id] if lang_id is not None else None, "lang_style": style,
-              "train_texts": len(train_texts), "train_texts_with_unk": train_unk}
-    return new, record
-
 
 def write_record(out_dir, record: dict) -> None:
-    p = Path(out_dir) / VOCAB_FILE
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1))
-    tmp.replace(p)
+    write_text(Path(out_dir) / VOCAB_FILE, json.dumps(record, ensure_ascii=False, indent=1))
 
 
 def read_record(path_or_dir) -> dict | None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import time
+from sclslt.atomic import write_text
 
 
 class Reporter:
     def __init__(self, enabled: bool = True, log_every: int = 10):
         import sys
+
         from rich.console import Console
         self.enabled = enabled
         # log files get unwrapped lines and 120-column tables (rich would assume 80 columns)
@@ -49,7 +51,13 @@ class Reporter:
             self.tb = SummaryWriter(str(self.csv_path.parent.parent / "tensorboard" / name),
                                     purge_step=start + 1, flush_secs=30)
         if self.console.is_terminal and not os.environ.get("SCLSLT_PLAIN_LOG"):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
             self.progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
                                      console=self.console, transient=False)
@@ -86,9 +94,7 @@ class Reporter:
             return
         col = lines[0].rstrip("\r\n").split(",").index("step")
         kept = [lines[0]] + [ln for ln in lines[1:] if float(ln.split(",")[col]) <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        write_text(path, "".join(kept))
 
     def telemetry(self, step: int, per_rank: list[dict]) -> None:
         """One line per sample (every rank's GPU) and rows in <stage>/telemetry.csv."""

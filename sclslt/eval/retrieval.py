@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .data import Collate, ShardStream, make_loader
-from .models import SLTModel
+from sclslt.data.loader import Collate, ShardStream, make_loader
+from sclslt.model.slt import SLTModel
 
 
 @torch.no_grad()
@@ -96,9 +96,9 @@ def retrieval_recall(video: torch.Tensor, text: torch.Tensor, sentence_ids: torc
 
 def load_run_model(run_dir, ckpt_dir, tag: str | None = None):
     """(model, tokenizer, config) of a run, with the weights of checkpoint `tag` (latest if None)."""
-    from .config import load_config
-    from .engine import load_module_state
-    from .text import load_tokenizer
+    from sclslt.config import load_config
+    from sclslt.data.text import load_tokenizer
+    from sclslt.train.engine import load_module_state
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     tok = load_tokenizer(run_dir / "tokenizer")

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DataConfig
+from sclslt.config import DataConfig
 
 
 class ClipAugment(nn.Module):

@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import ClipAugment
-from .config import DataConfig, ModelConfig
+from sclslt.config import DataConfig, ModelConfig
+from sclslt.model.augment import ClipAugment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,7 +120,7 @@ def build_mbart(cfg: ModelConfig, tokenizer):
     from transformers import MBartConfig, MBartForConditionalGeneration
     from transformers.models.mbart.modeling_mbart import MBartEncoder
 
-    from .vocab import record_of
+    from sclslt.data.vocab import record_of
     rec = record_of(tokenizer)
     ids = _special_ids(tokenizer, rec, cfg)
     if cfg.mbart:

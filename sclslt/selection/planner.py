@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SelectionConfig
+from sclslt.config import SelectionConfig
+from sclslt.data.loader import rng_seed
+from sclslt.atomic import atomic_path
 
 
 def curriculum_quantile(schedule: str, alpha: float, base: float = 10.0) -> float:
@@ -90,20 +92,20 @@ class Table:
 def save_table(path, early: dict, late: dict, meta: dict) -> None:
     """A reference table: two embedding passes (same samples) in one safetensors file."""
     import json
-    import os
+
     from safetensors.torch import save_file
     if early["keys"] != late["keys"]:
         raise ValueError("the early and late embedding passes cover different samples")
     tensors = {"sentence_ids": early["sentence_ids"].long().contiguous(),
                "v0": early["video"].float().contiguous(), "t0": early["text"].float().contiguous(),
                "v1": late["video"].float().contiguous(), "t1": late["text"].float().contiguous()}
-    tmp = str(path) + ".tmp"
-    save_file(tensors, tmp, metadata={"keys": json.dumps(early["keys"]), "meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"keys": json.dumps(early["keys"]), "meta": json.dumps(meta)})
 
 
 def load_table(path, device="cpu") -> Table:
     import json
+
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata()
@@ -115,18 +117,16 @@ def load_table(path, device="cpu") -> Table:
 def save_snapshot(path, emb: dict) -> None:
     """One embedding pass (keys, sentence ids, pooled video/text) as safetensors."""
     import json
-    import os
-    from pathlib import Path
+
     from safetensors.torch import save_file
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path) + ".tmp"
-    save_file({"sentence_ids": emb["sentence_ids"].long().contiguous(), "video": emb["video"].float().contiguous(),
-               "text": emb["text"].float().contiguous()}, tmp, metadata={"keys": json.dumps(emb["keys"])})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"sentence_ids": emb["sentence_ids"].long().contiguous(), "video": emb["video"].float().contiguous(),
+                   "text": emb["text"].float().contiguous()}, str(tmp), metadata={"keys": json.dumps(emb["keys"])})
 
 
 def load_snapshot(path) -> dict:
     import json
+
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         out = {k: f.get_tensor(k) for k in f.keys()}
@@ -194,7 +194,7 @@ class RankPool:
         if len(cand) == 0:
             return [], relaxed
         if not member_rows:                                  # seed: random
-            g = torch.Generator().manual_seed(hash_seed(*self.seed_parts, batch_no, round_no))
+            g = torch.Generator().manual_seed(rng_seed(*self.seed_parts, batch_no, round_no))
             order = cand[torch.randperm(len(cand), generator=g)]
         else:
             delta = (self.feat @ self.table.member_sums(member_rows)).cpu()[cand]
@@ -231,11 +231,6 @@ class RankPool:
             return order
         is_due = torch.isin(self.sids[order], due)
         return torch.cat([order[is_due], order[~is_due]])
-
-
-def hash_seed(*parts: int) -> int:
-    import numpy as np
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 class Planner:

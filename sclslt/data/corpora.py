@@ -330,7 +330,8 @@ def check_item(it: Item) -> str:
 
 
 def select(n: int, max_frames: int) -> np.ndarray:
-    """Indices of at most `max_frames` of `n` frames, evenly spaced (as sclslt.data.subsample_frames)."""
+    """Indices of at most `max_frames` of `n` frames, evenly spaced (shard time, `sclslt translate`, and
+    the loader's evaluation-time subsampling all use this one)."""
     if max_frames <= 0 or n <= max_frames:
         return np.arange(n)
     return np.linspace(0, n - 1, max_frames).round().astype(np.int64)

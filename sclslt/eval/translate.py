@@ -3,7 +3,7 @@
 An input is a video file (decoded with PyAV) or a folder of frame images (PNG/JPEG, in natural name
 order as in PHOENIX-2014T). It goes through the same path as the run's training data:
 
-1. decoding and resizing as the shards were made (`sclslt.corpora.decode_item`, the code of
+1. decoding and resizing as the shards were made (`sclslt.data.corpora.decode_item`, the code of
    tools/shard_videos.py): frames resized to the run's frame size (square `size` recorded in the
    shards manifest's options, or the synthetic corpus's `frame_size`), and, for videos, the shard
    tool's `--fps` resampling and `--max-frames` subsampling when the manifest records them;
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("stage1", "stage2")
-MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+from sclslt.train.context import STAGES
+from sclslt.train.engine import MODEL_FILES, latest_tag
 
 
 class TranslateError(RuntimeError):
@@ -67,11 +67,6 @@ def _tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and any((p / f).is_file() for f in MODEL_FILES))
 
 
-def _latest(ckpt_dir: Path) -> str | None:
-    f = ckpt_dir / "latest"
-    return f.read_text().strip() if f.is_file() else None
-
-
 def _selected(run: Path) -> tuple[str, str] | None:
     """(stage, tag) the run selected and evaluated, from results.json (None when not recorded)."""
     f = run / "results.json"
@@ -89,7 +84,7 @@ def _selected(run: Path) -> tuple[str, str] | None:
 
 
 def _checked(ckpt_dir: Path, tag: str | None, label_stage: str, why: str) -> CheckpointChoice:
-    tag = tag or _latest(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise TranslateError(f"no checkpoint in {ckpt_dir} (no 'latest' file); available: "
                              f"{_tags(ckpt_dir) or 'none'}")
@@ -172,7 +167,7 @@ def frame_spec(cfg, size_override: int = 0) -> FrameSpec:
 
 def input_item(path):
     """A `corpora.Item` for one input (video file or frame folder), checked; raises TranslateError."""
-    from .corpora import IMAGE_EXTS, Item, check_item
+    from sclslt.data.corpora import IMAGE_EXTS, Item, check_item
     p = Path(path)
     if not p.exists():
         raise TranslateError(f"input {p} does not exist")
@@ -206,8 +201,8 @@ def probe_video(path) -> None:
 
 def load_clip(path, spec: FrameSpec) -> tuple[np.ndarray, int]:
     """(frames uint8 T x H x W x 3 as the model sees them, frames in the source)."""
-    from .corpora import decode_item
-    from .data import subsample_frames
+    from sclslt.data.corpora import decode_item
+    from sclslt.data.loader import subsample_frames
     it = input_item(path)
     status, *rest = decode_item(it, spec.size, spec.shard_max_frames, spec.fps)
     if status != "ok":
@@ -245,8 +240,8 @@ class Translator:
                  beam: int | None = None, max_len: int | None = None, size: int = 0):
         import torch
 
-        from .config import ConfigError, load_config
-        from .engine import setup_accelerator
+        from sclslt.config import ConfigError, load_config
+        from sclslt.train.engine import setup_accelerator
         self.run = check_run(run_dir)
         try:
             cfg = load_config(self.run / "config.yaml")
@@ -264,7 +259,7 @@ class Translator:
         # library chatter (DeepSpeed logs to stdout, also from loggers made at import) goes to stderr:
         # stdout holds the translations only (`--json`: JSON lines)
         with contextlib.redirect_stdout(sys.stderr):
-            from .reference import load_run_model
+            from sclslt.eval.retrieval import load_run_model
             try:
                 model, self.tokenizer, self.cfg = load_run_model(self.run, self.choice.ckpt_dir, self.choice.tag)
             except (FileNotFoundError, RuntimeError, OSError) as e:

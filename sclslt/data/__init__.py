@@ -1,0 +1,10 @@
+"""Data: corpus -> shards -> loader.
+
+- `synthetic`  the deterministic synthetic sign language (the default corpus and the test bed)
+- `corpora`    readers of the real corpora's own layouts (PHOENIX-2014T, CSL-Daily, How2Sign, manifests)
+- `codec`      on-disk forms of a pre-decoded clip (npy, npy.zst, jpg, mp4)
+- `shards`     the WebDataset shard format and its manifest (written by tools/shard_videos.py)
+- `loader`     per-rank streams of micro-batches from shards, resume positions, collation
+- `text`       text normalisation, sentence ids (the false-negative identity), tokenizers
+- `vocab`      vocabulary trimming of a pretrained tokenizer and the run's vocabulary record
+"""

@@ -1,0 +1,65 @@
+"""What every part of a run shares: the stage names, the run's context (config, distributed facts,
+directories, tokenizer, reporter), its errors, and the rank-0 helper."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from sclslt.config import Config
+from sclslt.train.engine import DistInfo
+from sclslt.train.ui import Reporter
+
+STAGES = ("stage1", "stage2")
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says what to do."""
+
+
+class Preempted(RunError):
+    """SIGTERM/SIGUSR1 (a scheduler's warning): checkpointed at a step boundary; resume with --resume."""
+
+
+@dataclass
+class Context:
+    cfg: Config
+    ds_config_path: str
+    dist: DistInfo
+    run_dir: Path
+    shards_dir: Path
+    tokenizer: object
+    reporter: Reporter
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world(self) -> int:
+        return self.dist.world
+
+
+def enabled_stages(cfg: Config) -> list[str]:
+    return [s for s in STAGES if getattr(cfg, s).enabled and getattr(cfg, s).epochs > 0]
+
+
+def stage_seed(cfg: Config, name: str) -> int:
+    return cfg.train.seed * 1000 + STAGES.index(name)
+
+
+def on_rank0(work, what: str) -> None:
+    """Run `work` on rank 0 while the others wait; a failure there stops every rank with its message
+    (instead of leaving them in a barrier until the collective timeout)."""
+    error, exc = None, None
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error, exc = f"{type(e).__name__}: {e}", e
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RunError(f"{what} failed on rank 0: {box[0]}") from exc
+

@@ -1,0 +1,415 @@
+"""One training loop for both stages, and the run that chains them: stage 1 -> stage 2 -> evaluation.
+
+A stage is data (a `BatchSource`), an `Engine`, and a `StageConfig` saying which losses count:
+stage 1 = symmetric InfoNCE over gathered negatives + joint translation CE, stage 2 = translation
+only. The loop itself does not change between stages: `Stage.run` -> `train_epoch` -> `train_step`
+(-> `after_step`), with its position in a `StageState` and its saves in a `StageCheckpointer`.
+
+Run directory layout:
+  config.yaml                resolved config (also inside every checkpoint)
+  tokenizer/                 the tokenizer the run trained or loaded
+  stage1/checkpoints/<tag>   DeepSpeed checkpoints (+ client state: step, epoch, data position)
+  stage2/checkpoints/<tag>
+  results.json               metrics, BLEU signature, the trivial baseline, the kernel path taken
+  hypotheses.<split>.jsonl   key, hypothesis, reference
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sclslt.atomic import write_text
+from sclslt.config import Config, StageConfig, save_config, to_dict
+from sclslt.data.loader import Collate, make_loader, resolve_shards_dir
+from sclslt.data.shards import manifest_rows, read_manifest
+from sclslt.data.text import load_tokenizer, make_run_tokenizer
+from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
+from sclslt.eval.retrieval import embed_split, retrieval_recall
+from sclslt.model.losses import all_reduce_sum, contrastive_loss, translation_loss_sum
+from sclslt.model.slt import SLTModel
+from sclslt.selection.batches import BatchSource, train_stream
+from sclslt.train import engine as eng
+from sclslt.train.context import Context, Preempted, RunError, enabled_stages, on_rank0
+from sclslt.train.signals import PREEMPT, install_signal_handlers
+from sclslt.train.telemetry import GpuTelemetry, StepTimer
+from sclslt.train.ui import Reporter
+from sclslt_kernels._dispatch import describe as kernel_path
+
+CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale")
+
+
+class NonFiniteGuard:
+    """A step whose loss is not finite on some rank is skipped by all ranks and counted; after
+    `limit` in a row the run stops with an error (the last checkpoint stays as it was)."""
+
+    def __init__(self, limit: int, ckpt_dir: Path):
+        self.limit, self.ckpt_dir, self.in_a_row, self.skipped = limit, ckpt_dir, 0, 0
+
+    def check(self, finite: bool, step: int, stage: str) -> bool:
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        print(f"sclslt: {stage}: non-finite loss after step {step}: update skipped "
+              f"({self.in_a_row} in a row, {self.skipped} in this run)", flush=True)
+        if self.in_a_row >= self.limit:
+            raise RunError(f"{stage}: {self.in_a_row} non-finite losses in a row after step {step} "
+                           f"(train.max_nonfinite={self.limit}); the last good checkpoint is in {self.ckpt_dir} "
+                           f"({eng.latest_tag(self.ckpt_dir)}); lower the learning rate or check the data")
+        return False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
+    """Linear warm-up then cosine decay to `min_ratio`; a pure function of the step (resume-safe)."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def set_trainable(model: SLTModel, st: StageConfig) -> None:
+    """Stage 2 (no contrastive loss) freezes the contrastive parts; stage 1 may freeze the text encoder;
+    LoRA's base weights stay frozen in both (`SLTModel.frozen_by_design`)."""
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        frozen = (st.contrastive_weight == 0 and top in CONTRASTIVE_PARTS) or \
+                 (st.freeze_text_encoder and top == "text_encoder") or model.frozen_by_design(name)
+        p.requires_grad_(not frozen)
+
+
+def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "pooled",
+              tau: float = 0.07) -> tuple[torch.Tensor, dict]:
+    """This rank's share of the global-batch loss (the mean over ranks is the global loss)."""
+    loss = torch.zeros((), device=batch.frames.device)
+    parts = {}
+    if st.translation_weight > 0:
+        tok = (batch.labels != -100).sum()
+        n_global = all_reduce_sum(tok.float())
+        tl = translation_loss_sum(out["logits"], batch.labels, st.label_smoothing) * world / n_global
+        loss = loss + st.translation_weight * tl
+        parts["ce"] = tl.detach()
+    if st.contrastive_weight > 0:
+        cl = contrastive_loss(out, batch.sentence_ids, similarity, tau)
+        loss = loss + st.contrastive_weight * cl
+        parts["nce"] = cl.detach()
+    return loss, parts
+
+
+def forward(model_call, batch, st: StageConfig) -> dict:
+    return model_call(batch.frames, batch.frame_mask, batch.input_ids, batch.attention_mask, batch.labels,
+                      contrastive=st.contrastive_weight > 0, translation=st.translation_weight > 0)
+
+
+@dataclass
+class StageState:
+    """Where a stage is: optimizer steps taken, epoch, micro-batches consumed in the epoch (travels in
+    every checkpoint's client state, which a resume continues from)."""
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.epoch, self.pos = d["step"], d["epoch"], d["batch_in_epoch"]
+
+
+class StageCheckpointer:
+    """Saves a stage's checkpoints: the client record (state, world, dev selection, config), rotation,
+    and protection of the selected one; a save of a state already published is skipped."""
+
+    def __init__(self, ctx: Context, name: str, engine: eng.Engine, state: StageState, selector: DevSelector):
+        self.ctx, self.name, self.engine, self.state, self.selector = ctx, name, engine, state, selector
+        self.dir = ctx.run_dir / name / "checkpoints"
+
+    def save(self, tag: str | None = None) -> None:
+        record = {"stage": self.name, **self.state.state_dict(), "world": self.ctx.world,
+                  "selection": self.selector.state()}
+        meta = eng.checkpoint_meta(self.dir)
+        if tag is None and meta is not None and all(meta.get(k) == v for k, v in record.items()):
+            return                      # this very state is published already (e.g. the new best at the end)
+        client = {"sclslt": {**record, "config": to_dict(self.ctx.cfg)}}
+        best = self.selector.best
+        self.engine.save(self.dir, tag or f"step{self.state.step:08d}", client, keep=self.ctx.cfg.checkpoint.keep,
+                         protect={best["tag"]} if best else set())
+
+
+class Stage:
+    """One stage of training: its data, engine, state and checkpointer; `run` trains it to the end."""
+
+    def __init__(self, ctx: Context, name: str, model: SLTModel, resume: bool):
+        cfg, st = ctx.cfg, getattr(ctx.cfg, name)
+        self.ctx, self.name, self.st = ctx, name, st
+        self.ckpt_dir = ctx.run_dir / name / "checkpoints"
+        stream = train_stream(cfg, name, ctx.shards_dir, ctx.rank, ctx.world)
+        self.source = BatchSource(ctx, name, stream)
+        self.per_epoch = len(stream)
+        schedule_steps = st.epochs * self.per_epoch  # the LR schedule's length: max_steps only truncates it,
+        self.total = schedule_steps                  # so a run extended with --resume follows the same curve
+        if cfg.train.max_steps > 0:
+            self.total = min(self.total, cfg.train.max_steps)
+        set_trainable(model, st)
+        precision = eng.resolve_precision(cfg.train.precision, ctx.dist.device)
+        ds_config = eng.build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision)
+        tag = eng.latest_tag(self.ckpt_dir)
+        if tag is not None and not resume:
+            raise RunError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
+                           f"or choose another --train.run_dir")
+        saved_world = resume_world(self.ckpt_dir, tag, ctx.rank) if tag is not None else ctx.world
+        self.engine = eng.Engine(model, ds_config, st.lr, st.weight_decay,
+                                 lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio), eps=st.adam_eps,
+                                 load_universal=saved_world != ctx.world)
+        self.state = StageState()
+        self.selector = DevSelector(ctx, name)
+        self.checkpointer = StageCheckpointer(ctx, name, self.engine, self.state, self.selector)
+        if tag is not None:
+            self._resume(tag, saved_world)
+
+    def _resume(self, tag: str, saved_world: int) -> None:
+        ctx = self.ctx
+        client = self.engine.load(self.ckpt_dir)["sclslt"]
+        self.state.load_state_dict(client)
+        self.selector.restore(client.get("selection"))
+        s = self.state
+        ctx.reporter.info(f"{self.name}: resumed at step {s.step} (epoch {s.epoch}, batch {s.pos}) from "
+                          f"{self.ckpt_dir}/{tag}"
+                          + (f", written by {saved_world} ranks, now {ctx.world}" if saved_world != ctx.world else ""))
+        if saved_world != ctx.world:       # RNG streams are per rank: new ones, a function of the position
+            seed_everything(ctx.cfg.train.seed * 7919 + s.step * 104729 + ctx.rank * 15485863)
+
+    def eval_model(self) -> SLTModel:
+        """engine.module, or under ZeRO-3 a plain copy (see Engine.eval_module); RNG untouched."""
+        ctx, device = self.ctx, self.engine.device
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+            return self.engine.eval_module(lambda: SLTModel(ctx.cfg.model, ctx.tokenizer, ctx.cfg.data))
+
+    def measure_dev(self) -> None:
+        if self.selector.measure(self.eval_model(), self.state.step, self.state.epoch):
+            self.checkpointer.save()                # the new best: published now, never rotated away
+        self.engine.train()
+
+    def run(self) -> SLTModel:
+        """Train to the stage's last step (or return at once if a resumed stage is complete)."""
+        ctx, s, every_epochs = self.ctx, self.state, self.ctx.cfg.checkpoint.every_epochs
+        if s.step >= self.total:
+            return self.eval_model()
+        if every_epochs and s.step == 0:
+            self.checkpointer.save(f"epoch{0:04d}")     # the reference run's early view: the stage's start
+        self.collate = Collate(ctx.tokenizer)
+        self.guard = NonFiniteGuard(ctx.cfg.train.max_nonfinite, self.ckpt_dir)
+        self.gpus = GpuTelemetry(ctx.dist.device)     # the same kind of device on every rank: all or none gather
+        self.timer = StepTimer(self.engine.device, ctx.cfg.train.timing_every)
+        self.engine.train()
+        ctx.reporter.start_stage(self.name, self.total, s.step, self.st.global_batch,
+                                 ctx.run_dir / self.name / "metrics.csv")
+        while s.step < self.total and s.epoch < self.st.epochs:
+            self.train_epoch()
+            if s.pos >= self.per_epoch:
+                s.epoch, s.pos = s.epoch + 1, 0
+                if every_epochs and s.epoch % every_epochs == 0:
+                    self.checkpointer.save(f"epoch{s.epoch:04d}")
+                if self.selector.active and s.epoch % max(ctx.cfg.eval.dev_every_epochs, 1) == 0 \
+                        and s.step < self.total:
+                    self.measure_dev()
+        if self.selector.active and not self.selector.measured(s.step):
+            self.measure_dev()
+        self.checkpointer.save()
+        ctx.reporter.end_stage(self.name, s.step)
+        return self.eval_model()
+
+    def train_epoch(self) -> None:
+        """The rest of the current epoch, or up to the stage's last step."""
+        s = self.state
+        loader = make_loader(self.source.epoch_stream(s.epoch, s.pos, self.eval_model), self.collate,
+                             self.ctx.cfg.data.num_workers, self.ctx.cfg.data.prefetch_factor)
+        self.timer.begin(s.step + 1)
+        for batch in loader:
+            preempted = self.train_step(batch)
+            if preempted and s.step < self.total:      # at the stage's last step: finish it normally first
+                self.checkpointer.save()
+                raise Preempted(f"{self.name}: stopped by a signal at step {s.step}; checkpoint saved in "
+                                f"{self.ckpt_dir}: continue with --resume")
+            if s.step >= self.total:
+                return
+            self.timer.begin(s.step + 1)
+
+    def train_step(self, batch) -> bool:
+        """Forward, loss, and (when every rank's loss is finite) backward and optimizer step; returns
+        whether some rank was asked to stop (a preemption signal)."""
+        ctx, s, st, timer, engine = self.ctx, self.state, self.st, self.timer, self.engine
+        timer.mark("data")
+        batch = batch.to(engine.device)
+        timer.mark("h2d")
+        out = forward(engine, batch, st)
+        timer.mark("forward")
+        loss, parts = step_loss(out, batch, st, ctx.world, ctx.cfg.model.similarity, ctx.cfg.model.cico_tau)
+        # one small collective per step: the loss parts for the log, and every rank's verdicts (finite
+        # loss, preemption signal), so all ranks skip or stop together
+        flag = torch.tensor([float(PREEMPT.is_set())], device=loss.device)
+        summed = all_reduce_sum(torch.cat([torch.stack([loss.detach(), *parts.values()]).float(), flag]))
+        logged, preempted = summed[:-1] / ctx.world, bool(summed[-1] > 0)
+        timer.mark("loss")              # includes the step's one small all-reduce
+        s.pos += 1
+        if self.guard.check(bool(torch.isfinite(logged).all()), s.step, self.name):
+            engine.backward(loss)
+            timer.mark("backward")
+            engine.step()
+            timer.mark("optimizer")
+            s.step += 1
+            self.after_step(dict(zip(["loss", *parts], logged.tolist())))
+        return preempted
+
+    def after_step(self, logged: dict) -> None:
+        """Log, sample timings and telemetry, and save on the step period."""
+        ctx, s, cfg = self.ctx, self.state, self.ctx.cfg
+        ctx.reporter.step(s.step, logged, self.engine.lr(), s.epoch)
+        timed = self.timer.end()
+        if timed is not None:
+            ctx.reporter.timing(s.step, timed)
+        if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0 and s.step < self.total:
+            self.checkpointer.save()
+        # every rank joins the gather on GPUs (a rank whose NVML failed sends {}), none on CPUs
+        if self.engine.device.type == "cuda" and cfg.train.telemetry_every and s.step % cfg.train.telemetry_every == 0:
+            per_rank = [None] * ctx.world
+            dist.all_gather_object(per_rank, self.gpus.sample())
+            ctx.reporter.telemetry(s.step, per_rank)
+
+
+def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTModel:
+    """Train one stage to completion (or resume it); returns the trained module."""
+    return Stage(ctx, name, model, resume).run()
+
+
+def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
+    """The world size checkpoint `tag` was written at; if it differs from this job's, rank 0 converts
+    it to the universal format (the data position is in global batches, so it carries over as is)."""
+    meta = eng.checkpoint_meta(ckpt_dir, tag)
+    if meta is None:
+        raise RunError(f"{ckpt_dir}/{tag} has no sclslt.json: not a complete checkpoint of this trainer")
+    world = dist.get_world_size()
+    if meta["world"] != world:
+        def convert():
+            print(f"sclslt: {ckpt_dir}/{tag} was written by {meta['world']} ranks, this job has {world}: "
+                  f"converting it to a universal checkpoint", flush=True)
+            eng.to_universal(ckpt_dir, tag)
+        on_rank0(convert, f"converting {ckpt_dir}/{tag}")
+    return int(meta["world"])
+
+
+def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> None:
+    """Initialise from a previous stage: report loaded / new / ignored keys; fail on surprises."""
+    state = eng.load_module_state(src_ckpt)
+    own = model.state_dict()
+    loaded = [k for k in state if k in own and own[k].shape == state[k].shape]
+    shape_mismatch = [k for k in state if k in own and own[k].shape != state[k].shape]
+    missing = [k for k in own if k not in state]
+    ignored = [k for k in state if k not in own]
+    reporter.info(f"weights from {src_ckpt}: {len(loaded)} loaded, {len(missing)} newly initialised, "
+                  f"{len(ignored)} ignored, {len(shape_mismatch)} shape mismatches")
+    if shape_mismatch or missing or ignored:
+        raise RunError(f"stage transfer from {src_ckpt} does not match the model: missing {missing[:8]}, "
+                       f"unexpected {ignored[:8]}, shape mismatch {shape_mismatch[:8]}")
+    model.load_state_dict({k: state[k] for k in loaded}, strict=True)
+
+
+def prepare(cfg: Config, ds_config: str) -> Context:
+    """Distributed init, data, run dir, tokenizer: everything before the first stage."""
+    d = eng.init_distributed(cfg.train.dist_timeout_s)
+    install_signal_handlers()
+    reporter = Reporter(enabled=d.rank == 0, log_every=cfg.train.log_every)
+    run_dir = Path(cfg.train.run_dir).resolve()
+    def make_run_dir():
+        shards_dir = resolve_shards_dir(cfg.data)       # synthetic corpus made here on first use
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        tok_dir = run_dir / "tokenizer"
+        if not (tok_dir / "tokenizer_config.json").is_file():      # made once per run, published whole
+            texts = {sp: [r.text for r in manifest_rows(read_manifest(shards_dir, sp))] for sp in ("train", "dev", "test")}
+            make_run_tokenizer(cfg.model, texts.pop("train"), tok_dir, heldout=texts)
+    on_rank0(make_run_dir, "preparing the run")
+    shards_dir = resolve_shards_dir(cfg.data)
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    reporter.info(f"world {d.world} x {d.accelerator}, shards {shards_dir}, run {run_dir}")
+    return Context(cfg=cfg, ds_config_path=ds_config, dist=d, run_dir=run_dir,
+                   shards_dir=shards_dir, tokenizer=tokenizer, reporter=reporter)
+
+
+def build_model(ctx: Context) -> SLTModel:
+    seed_everything(ctx.cfg.train.seed)     # identical initial weights on every rank and every run
+    return SLTModel(ctx.cfg.model, ctx.tokenizer, ctx.cfg.data)
+
+
+def selected_model(ctx: Context, name: str, model: SLTModel) -> tuple[SLTModel, dict]:
+    """The model the run is evaluated with, and the record of why: the best dev BLEU-4 checkpoint of
+    the last stage (`DevSelector`), or its last one (eval.select=last, or no dev measurement)."""
+    ckpt_dir = ctx.run_dir / name / "checkpoints"
+    last = eng.latest_tag(ckpt_dir)
+    sel = (eng.checkpoint_meta(ckpt_dir, last) or {}).get("selection") or {}
+    best = sel.get("best") if ctx.cfg.eval.select == "dev_bleu4" else None
+    record = {"stage": name, "tag": last, "rule": "last checkpoint of the last stage"}
+    if best:
+        record = {"stage": name, "tag": best["tag"], "step": best["step"], "dev_bleu4": best["dev_bleu4"],
+                  "rule": f"best dev BLEU-4 (ties: chrF, ROUGE-L, then the earliest) of the last stage, decoded "
+                          f"every {ctx.cfg.eval.dev_every_epochs} epoch(s) and at its end (eval.select=dev_bleu4)",
+                  "history": sel.get("history", [])}
+        if best["tag"] != last:
+            model = build_model(ctx)
+            model.load_state_dict(eng.load_module_state(ckpt_dir, best["tag"]), strict=True)
+            model.to(ctx.dist.device)
+    ctx.reporter.info(f"evaluating {name}/{record['tag']}: {record['rule']}")
+    return model, record
+
+
+def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
+    ctx = prepare(cfg, ds_config)
+    t0 = time.time()
+    model = None
+    retrieval = {}
+    enabled = enabled_stages(cfg)
+    for i, name in enumerate(enabled):
+        model = build_model(ctx)
+        if i > 0 and eng.latest_tag(ctx.run_dir / name / "checkpoints") is None:
+            transfer_weights(model, ctx.run_dir / enabled[i - 1] / "checkpoints", ctx.reporter)
+        seed_everything(cfg.train.seed + 17 * (i + 1) + 7919 * ctx.rank)   # per-rank dropout/augmentation draws
+        model = train_stage(ctx, name, model, resume)
+        if getattr(cfg, name).contrastive_weight > 0:      # the contrastive stage's own measure
+            emb = embed_split(model, ctx.shards_dir, cfg.eval.retrieval_split, ctx.tokenizer, ctx.dist.device,
+                              cfg.eval.batch_size, max_frames=cfg.data.max_frames)
+            retrieval[name] = {"split": cfg.eval.retrieval_split,
+                               **retrieval_recall(emb["video"], emb["text"], emb["sentence_ids"])}
+            ctx.reporter.scalars(retrieval[name], f"retrieval_{cfg.eval.retrieval_split}")
+            ctx.reporter.info(f"{name} {cfg.eval.retrieval_split} retrieval: " + " ".join(
+                f"{k} {v:.1f}" for k, v in retrieval[name].items() if k != "split"))
+    if model is None:
+        raise RunError("no stage enabled: set stage1.enabled or stage2.enabled")
+    model, selected = selected_model(ctx, enabled[-1], model)
+    result = evaluate(ctx, model, cfg.eval.split)
+    result["selected_checkpoint"] = selected
+    result["tokenizer"] = tokenizer_record(ctx.tokenizer)
+    result["retrieval"] = retrieval
+    result["wall_s"] = time.time() - t0
+    result["world"] = ctx.world
+    result["kernels"] = kernel_path(ctx.dist.device)
+    if ctx.rank == 0:
+        write_text(ctx.run_dir / "results.json", json.dumps(result, indent=2))
+        ctx.reporter.results(result)
+    dist.barrier()
+    return result
