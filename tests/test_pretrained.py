@@ -18,7 +18,7 @@ from sclslt.data.loader import Collate, ShardStream
 from sclslt.model.slt import LORA_TARGETS, SLTModel
 from sclslt.data.shards import read_manifest
 from sclslt.data.text import load_tokenizer, make_run_tokenizer
-from sclslt.data.vocab import VOCAB_FILE
+from sclslt.data.vocab import VOCAB_FILE, record_of
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
@@ -100,7 +100,7 @@ def test_trim_keeps_exactly_the_used_ids_and_round_trips(style, pretrained, trim
     per_text = [orig(t)["input_ids"] for t in train]         # one by one: the brute-force reference
     expected = sorted(set().union(*map(set, per_text)) | set(orig.all_special_ids) | {lang_id})
     tok = load_tokenizer(trimmed[style])
-    rec = tok.sclslt_vocab
+    rec = record_of(tok)
     kept = rec["kept_ids"]
     assert kept == expected and len(tok) == len(kept) < len(orig)
     assert rec == json.loads((trimmed[style] / VOCAB_FILE).read_text())
@@ -127,9 +127,9 @@ def test_trim_is_deterministic_and_the_hash_follows_the_texts(pretrained, corpus
     train, _ = corpus
     tok_dir = pretrained["prefix"][0]
     cfg = ModelConfig(tokenizer=tok_dir, lang=LANG)
-    a = make_run_tokenizer(cfg, train, tmp_path / "a").sclslt_vocab
-    b = make_run_tokenizer(cfg, list(reversed(train)), tmp_path / "b").sclslt_vocab
-    c = make_run_tokenizer(cfg, train[:10], tmp_path / "c").sclslt_vocab
+    a = record_of(make_run_tokenizer(cfg, train, tmp_path / "a"))
+    b = record_of(make_run_tokenizer(cfg, list(reversed(train)), tmp_path / "b"))
+    c = record_of(make_run_tokenizer(cfg, train[:10], tmp_path / "c"))
     assert a["sha256"] == b["sha256"] and a["vocab_sha256"] == b["vocab_sha256"] and a["kept_ids"] == b["kept_ids"]
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
     assert c["sha256"] != a["sha256"] and set(c["kept_ids"]) < set(a["kept_ids"])
@@ -158,7 +158,7 @@ def test_untrimmed_pretrained_is_saved_as_is(pretrained, corpus, tmp_path):
     tok_dir = pretrained["suffix"][0]
     tok = make_run_tokenizer(ModelConfig(tokenizer=tok_dir, lang=LANG, trim_vocab=False), train, tmp_path / "t")
     orig = _orig(tok_dir)
-    rec = tok.sclslt_vocab
+    rec = record_of(tok)
     assert not rec["trimmed"] and rec["kept_ids"] is None and len(tok) == len(orig)
     assert rec["lang_style"] == "suffix" and rec["lang_id"] == orig.convert_tokens_to_ids(LANG)
     assert tok(train[:3])["input_ids"] == orig(train[:3])["input_ids"]
@@ -166,7 +166,7 @@ def test_untrimmed_pretrained_is_saved_as_is(pretrained, corpus, tmp_path):
         with pytest.raises(ValueError, match="model.lang='xx_YY' is not a token"):
             make_run_tokenizer(ModelConfig(tokenizer=d, lang="xx_YY"), train, tmp_path / "bad")
     # no model.lang: the tokenizer's own default code (en_XX) is recorded and followed
-    rec = make_run_tokenizer(ModelConfig(tokenizer=pretrained["prefix"][0]), train, tmp_path / "d").sclslt_vocab
+    rec = record_of(make_run_tokenizer(ModelConfig(tokenizer=pretrained["prefix"][0]), train, tmp_path / "d"))
     assert rec["lang"] == "en_XX" and rec["lang_style"] == "prefix"
 
 
@@ -176,7 +176,7 @@ def test_char_tokenizer_round_trips_chinese_and_is_deterministic(tmp_path):
     tok = make_run_tokenizer(cfg, texts, tmp_path / "a")
     tok2 = make_run_tokenizer(cfg, list(reversed(texts)), tmp_path / "b")
     assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<s>", "<pad>", "</s>", "<unk>"]
-    assert tok.sclslt_vocab["vocab_sha256"] == tok2.sclslt_vocab["vocab_sha256"]
+    assert record_of(tok)["vocab_sha256"] == record_of(tok2)["vocab_sha256"]
     assert len(tok) == 4 + len(set("".join(texts)))
     for t in texts:
         ids = tok(t)["input_ids"]
@@ -204,7 +204,7 @@ def test_trimmed_mbart_equals_the_full_one_on_the_kept_rows(style, pretrained, t
     from transformers.models.mbart.modeling_mbart import shift_tokens_right
     _, mbart_dir = pretrained[style]
     tok = load_tokenizer(trimmed[style])
-    rec = tok.sclslt_vocab
+    rec = record_of(tok)
     kept = torch.tensor(rec["kept_ids"])
     model = SLTModel(_tiny_model_cfg(tiny_cfg_dict, mbart=mbart_dir, lang=LANG), tok).eval()
     full = MBartForConditionalGeneration.from_pretrained(mbart_dir).eval()
@@ -250,7 +250,7 @@ def test_trimmed_mbart_equals_the_full_one_on_the_kept_rows(style, pretrained, t
 
 def test_map_and_checkpoint_mismatch_is_a_clear_error(pretrained, trimmed, tmp_path, tiny_cfg_dict):
     tok = load_tokenizer(trimmed["prefix"])
-    small = _mbart(max(tok.sclslt_vocab["kept_ids"]) - 5, str(tmp_path / "small-mbart"), seed=0)
+    small = _mbart(max(record_of(tok)["kept_ids"]) - 5, str(tmp_path / "small-mbart"), seed=0)
     with pytest.raises(ValueError, match=r"tok-prefix.*small-mbart|small-mbart.*tok-prefix"):
         SLTModel(_tiny_model_cfg(tiny_cfg_dict, mbart=small, lang=LANG), tok)
     with pytest.raises(ValueError, match="en_XX"):       # the run's tokenizer was made for another language

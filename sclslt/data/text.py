@@ -92,21 +92,51 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 800
 
 def load_tokenizer(name_or_path: str | Path, **kwargs):
     """Load a tokenizer saved with the run, a local directory, or a hub name (offline errors are clear).
-    A directory made by `make_run_tokenizer` brings its vocab record as `tokenizer.sclslt_vocab`."""
+    A directory made by `make_run_tokenizer` also holds its vocab record: `vocab.record_of(tokenizer)`."""
     from huggingface_hub.errors import HFValidationError
     from transformers import AutoTokenizer
 
     from sclslt.data.vocab import read_record
+    if Path(name_or_path).is_dir():
+        read_record(name_or_path)           # a damaged record fails here, at load, naming its file
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, HFValidationError) as e:
         raise FileNotFoundError(
             f"cannot load tokenizer {str(name_or_path)!r}: not a local directory with tokenizer files and not "
             f"reachable on the hub (offline?). Pass model.tokenizer=<local dir>. Cause: {e}") from e
-    rec = read_record(name_or_path) if Path(name_or_path).is_dir() else None
-    if rec is not None:
-        tok.sclslt_vocab = rec
     return tok
+
+
+def _pretrained_tokenizer(model_cfg, name: str, lang: str, texts: list[str]):
+    """(tokenizer, record) of a pretrained tokenizer: trimmed to `texts` (model.trim_vocab) or as is."""
+    from sclslt.data import vocab as V
+    orig = load_tokenizer(name)
+    if lang:
+        lang_id = orig.convert_tokens_to_ids(lang)
+        if lang_id is None or lang_id == orig.unk_token_id:
+            raise ValueError(f"model.lang={lang!r} is not a token of tokenizer {name!r}")
+        orig = load_tokenizer(name, src_lang=lang, tgt_lang=lang)   # mBART puts it around every text
+    else:       # an mBART tokenizer adds its default language code anyway: say so, and follow it
+        prefix, suffix = V.special_layout(orig, texts[0] if texts else "a")
+        codes = getattr(orig, "lang_code_to_id", None) or {}
+        found = [c for c, i in codes.items() if i in prefix + suffix]
+        if found:
+            lang = found[0]
+            print(f"sclslt: tokenizer: model.lang is not set; {name} adds its default language code {lang!r} "
+                  f"(set model.lang to the target language, e.g. de_DE or zh_CN)", flush=True)
+    if getattr(model_cfg, "trim_vocab", True):
+        tok, record = V.trim_tokenizer(orig, texts, lang, source=str(name))
+    else:
+        tok = orig
+        prefix, suffix = V.special_layout(orig, texts[0] if texts else "a")
+        lang_id = orig.convert_tokens_to_ids(lang) if lang else None
+        record = {"format": V.FORMAT, "kind": "pretrained", "source": str(name),
+                  "source_class": type(orig).__name__, "source_size": len(orig), "trimmed": False,
+                  "kept_ids": None, "sha256": None, "size": len(orig), "lang": lang or None,
+                  "lang_id": lang_id, "lang_style": V.lang_style(prefix, suffix, lang_id),
+                  "train_texts": len(texts), "train_texts_with_unk": V.unk_report(orig, texts)["texts_with_unk"]}
+    return tok, record
 
 
 def make_run_tokenizer(model_cfg, train_texts: list[str], out_dir: str | Path,
@@ -119,7 +149,7 @@ def make_run_tokenizer(model_cfg, train_texts: list[str], out_dir: str | Path,
     - pretrained without: save it as is (with `lang` as its source/target language when set).
     `train_texts` are the normalised training targets (as `Collate` tokenizes them). `heldout`
     ({"dev": [...], "test": [...]}) only adds <unk> counts to the record. The record
-    (`out_dir/sclslt_vocab.json`, also `tok.sclslt_vocab`) holds `vocab_sha256` (every kind) and, when
+    (`out_dir/sclslt_vocab.json`, `vocab.record_of(tok)`) holds `vocab_sha256` (every kind) and, when
     trimmed, `sha256` of the kept original ids: the numbers to put into results.
     """
     import os
@@ -146,31 +176,7 @@ def make_run_tokenizer(model_cfg, train_texts: list[str], out_dir: str | Path,
             print(f"sclslt: tokenizer: model.lang={lang!r} ignored: it applies to a pretrained tokenizer only",
                   flush=True)
     else:
-        orig = load_tokenizer(name)
-        if lang:
-            lang_id = orig.convert_tokens_to_ids(lang)
-            if lang_id is None or lang_id == orig.unk_token_id:
-                raise ValueError(f"model.lang={lang!r} is not a token of tokenizer {name!r}")
-            orig = load_tokenizer(name, src_lang=lang, tgt_lang=lang)   # mBART puts it around every text
-        else:       # an mBART tokenizer adds its default language code anyway: say so, and follow it
-            prefix, suffix = V.special_layout(orig, texts[0] if texts else "a")
-            codes = getattr(orig, "lang_code_to_id", None) or {}
-            found = [c for c, i in codes.items() if i in prefix + suffix]
-            if found:
-                lang = found[0]
-                print(f"sclslt: tokenizer: model.lang is not set; {name} adds its default language code {lang!r} "
-                      f"(set model.lang to the target language, e.g. de_DE or zh_CN)", flush=True)
-        if getattr(model_cfg, "trim_vocab", True):
-            tok, record = V.trim_tokenizer(orig, texts, lang, source=str(name))
-        else:
-            tok = orig
-            prefix, suffix = V.special_layout(orig, texts[0] if texts else "a")
-            lang_id = orig.convert_tokens_to_ids(lang) if lang else None
-            record = {"format": V.FORMAT, "kind": "pretrained", "source": str(name),
-                      "source_class": type(orig).__name__, "source_size": len(orig), "trimmed": False,
-                      "kept_ids": None, "sha256": None, "size": len(orig), "lang": lang or None,
-                      "lang_id": lang_id, "lang_style": V.lang_style(prefix, suffix, lang_id),
-                      "train_texts": len(texts), "train_texts_with_unk": V.unk_report(orig, texts)["texts_with_unk"]}
+        tok, record = _pretrained_tokenizer(model_cfg, name, lang, texts)
         tok.save_pretrained(str(out_dir))
     record["vocab_sha256"] = V.vocab_sha256(tok)
     record["heldout_unk"] = {k: V.unk_report(tok, list(v)) for k, v in (heldout or {}).items()}

@@ -224,9 +224,7 @@ def read_record(path_or_dir) -> dict | None:
 
 
 def record_of(tokenizer) -> dict | None:
-    """The vocab record of a tokenizer loaded by `text.load_tokenizer` (attribute, else its directory)."""
-    rec = getattr(tokenizer, "sclslt_vocab", None)
-    if rec is not None:
-        return rec
+    """The vocab record saved with the directory a tokenizer was loaded from (`text.load_tokenizer`),
+    or None (a hub name, or a directory sclslt did not make)."""
     name = getattr(tokenizer, "name_or_path", "") or ""
     return read_record(name) if name and Path(name).is_dir() else None
