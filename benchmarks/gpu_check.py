@@ -111,14 +111,12 @@ def determinism_part(quick: bool) -> dict:
 
 def script_part(cmd: list[str], timeout: int, out: Path) -> dict:
     """Run a benchmark script; its own rows land in `out`; the tail of its output is kept."""
-    t0 = time.time()
     try:
         proc = subprocess.run([sys.executable, *cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired as e:
         return {"ok": False, "error": f"timed out after {timeout} s", "tail": str(e.stdout or "")[-3000:]}
-    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "seconds": round(time.time() - t0, 1),
-            "tail": (proc.stdout + proc.stderr)[-3000:]}
+    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-3000:]}
 
 
 def parts(quick: bool, out: Path) -> dict:

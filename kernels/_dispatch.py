@@ -48,6 +48,14 @@ def describe(device: torch.device) -> dict:
             "triton": getattr(triton, "__version__", None) if triton is not None else None}
 
 
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}   # Triton's names
+
+
+def dot_meta(dtype: torch.dtype) -> dict:
+    """The constexprs every kernel here takes for how its tl.dot multiplies inputs of `dtype`."""
+    return dict(FP32_DOT=fp32_dot(dtype), DOT_PREC=dot_precision(dtype))
+
+
 def fp32_dot(dtype: torch.dtype) -> bool:
     """The interpreter's bf16 tl.dot returns garbage: up-cast to fp32 inside the kernel there."""
     return interpreting() and dtype == torch.bfloat16

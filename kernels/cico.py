@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import dot_precision, fp32_dot, use_triton
+from ._dispatch import TRITON_TYPES, dot_meta, dot_precision, use_triton
 
 MAX_TOKENS = 256
 
@@ -225,8 +225,7 @@ class _CiCo(torch.autograd.Function):
         n, LL, _ = t.shape
         s = torch.empty(b, n, device=v.device, dtype=torch.float32)
         _cico_fwd[(b, n)](v, vm, t, tm, s, n, TT, LL, d, v.stride(0), v.stride(1), t.stride(0), t.stride(1),
-                          1.0 / tau, FP32_DOT=fp32_dot(v.dtype), DOT_PREC=dot_precision(v.dtype),
-                          **config(TT, LL, v.dtype))
+                          1.0 / tau, **dot_meta(v.dtype), **config(TT, LL, v.dtype))
         ctx.save_for_backward(v, vm, t, tm)
         ctx.tau = tau
         return s
@@ -241,8 +240,8 @@ class _CiCo(torch.autograd.Function):
         buf = torch.empty(b * TT * J * LL, device=v.device, dtype=v.dtype)
         v2 = v.reshape(b * TT, d)
         dv = torch.zeros(b * TT, d, device=v.device, dtype=torch.float32)
-        dt = torch.empty(n, LL, d, device=v.device, dtype=torch.float32)
-        meta = dict(FP32_DOT=fp32_dot(v.dtype), DOT_PREC=dot_precision(v.dtype), **config(TT, LL, v.dtype))
+        dt = torch.empty(n, LL, d, device=v.device, dtype=t.dtype)
+        meta = dict(**dot_meta(v.dtype), **config(TT, LL, v.dtype))
         for j0 in range(0, n, J):
             w = min(J, n - j0)
             g = buf[:b * TT * w * LL]
@@ -250,14 +249,14 @@ class _CiCo(torch.autograd.Function):
                                t.stride(1), 1.0 / ctx.tau, **meta)
             gm = g.view(b * TT, w * LL)
             dv += (gm @ t[j0:j0 + w].reshape(w * LL, d)).float()
-            dt[j0:j0 + w] = (gm.t() @ v2).float().view(w, LL, d)
-        return dv.view(b, TT, d).to(v.dtype), None, dt.to(t.dtype), None, None
+            dt[j0:j0 + w] = (gm.t() @ v2).view(w, LL, d)
+        return dv.view(b, TT, d).to(v.dtype), None, dt, None, None
 
 
 def launch_variants():
     """(kernel, dtype, argument types, constexprs, options) for every configuration `config` can return
     for T, L up to MAX_TOKENS (kernels/resources.py compiles each for sm_80/sm_90)."""
-    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    ptr = {dt: "*" + name for dt, name in TRITON_TYPES.items()}
     seen = set()
     for dtype in ptr:
         for LL in (16, 32, 64, 128, 256):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import dot_precision, fp32_dot, use_triton
+from ._dispatch import TRITON_TYPES, dot_meta, dot_precision, use_triton
 
 
 def masked_ce(logits: torch.Tensor, pos_offset: int = 0, q_ids: torch.Tensor | None = None,
@@ -93,7 +93,7 @@ except ImportError:          # the reference still works without Triton
 CONFIGS = {
     "16bit": [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)],
-    "fp32": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)],
+    "fp32": [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)],
 }
 CHUNK_ELEMS = 1 << 27          # the backward's dS chunk, at most this many elements (256 MB in bf16)
 
@@ -147,10 +147,13 @@ if triton is not None:
         """(valid, is_pos): columns in the row's softmax, and the row's positive."""
         is_pos = cols[None, :] == (rows + pos_offset)[:, None]
         valid = rmask[:, None] & cmask[None, :]
-        if HAS_IDS:
-            qid = tl.load(QID + rows, mask=rmask, other=-1)
-            kid = tl.load(KID + cols, mask=cmask, other=-2)
-            valid = valid & ((kid[None, :] != qid[:, None]) | is_pos)
+        if HAS_IDS:     # int64 ids as (low, high) int32 words: exact, half the width of an int64 tile
+            q_lo = tl.load(QID + 2 * rows, mask=rmask, other=0)
+            q_hi = tl.load(QID + 2 * rows + 1, mask=rmask, other=0)
+            k_lo = tl.load(KID + 2 * cols, mask=cmask, other=0)
+            k_hi = tl.load(KID + 2 * cols + 1, mask=cmask, other=0)
+            same = (k_lo[None, :] == q_lo[:, None]) & (k_hi[None, :] == q_hi[:, None])
+            valid = valid & (~same | is_pos)
         return valid, is_pos
 
     @triton.jit
@@ -204,19 +207,12 @@ if triton is not None:
         tl.store(ptr, dlog.to(DS.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def _dense_ids(q_ids: torch.Tensor | None, k_ids: torch.Tensor | None, like: torch.Tensor):
-    """Sentence ids renumbered densely as int32 for the kernels (half the registers of int64; the
-    product's ids are 63-bit hashes): equal ids stay equal, different ones different."""
-    if q_ids is None:
-        empty = like.new_empty(1, dtype=torch.int32)
-        return empty, empty
-    _, inv = torch.unique(torch.cat([q_ids.reshape(-1), k_ids.reshape(-1)]), return_inverse=True)
-    inv = inv.to(torch.int32)
-    return inv[:q_ids.numel()].contiguous(), inv[q_ids.numel():].contiguous()
-
-
-def _meta(q: torch.Tensor, has_ids: bool) -> dict:
-    return dict(HAS_IDS=has_ids, FP32_DOT=fp32_dot(q.dtype), DOT_PREC=dot_precision(q.dtype))
+def _words(ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Sentence ids (the product's are 63-bit hashes) as int32 word pairs for the kernels: a view, no
+    copy of int64 ids and no host synchronisation; a placeholder without ids."""
+    if ids is None:
+        return like.new_empty(2, dtype=torch.int32)
+    return ids.to(torch.int64).contiguous().view(torch.int32)
 
 
 class _InfoNCE(torch.autograd.Function):
@@ -228,7 +224,7 @@ class _InfoNCE(torch.autograd.Function):
         b, d = q.shape
         n = k.shape[0]
         has_ids = q_ids is not None
-        qid, kid = _dense_ids(q_ids, k_ids, q)
+        qid, kid = _words(q_ids, q), _words(k_ids, q)
         scale32 = scale.detach().reshape(1).float().contiguous()
         cfg = config(b, q.dtype)
         row_blocks, col_tiles = triton.cdiv(b, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
@@ -237,7 +233,7 @@ class _InfoNCE(torch.autograd.Function):
         splits = triton.cdiv(n, split_cols)
         part = torch.empty(3, splits, b, device=q.device, dtype=torch.float32)
         _infonce_fwd[(row_blocks, splits)](q, k, qid, kid, scale32, part[0], part[1], part[2], b, n, d, pos_offset,
-                                           q.stride(0), k.stride(0), split_cols, **_meta(q, has_ids), **cfg)
+                                           q.stride(0), k.stride(0), split_cols, HAS_IDS=has_ids, **dot_meta(q.dtype), **cfg)
         m = part[0].max(0).values                       # finite: every row's positive is in some split
         lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
         pos = part[2].sum(0)
@@ -256,24 +252,24 @@ class _InfoNCE(torch.autograd.Function):
         c = chunk_columns(b, n, cfg["BLOCK_N"])
         ds = torch.empty(b, c, device=q.device, dtype=q.dtype)
         g = torch.zeros(b, d, device=q.device, dtype=torch.float32)      # dS k, accumulated over chunks
-        dk = torch.empty(n, d, device=q.device, dtype=torch.float32)
+        dk = torch.empty(n, d, device=q.device, dtype=k.dtype)
+        s = scale32[0]
         for col0 in range(0, n, c):
             w = min(c, n - col0)
             _infonce_dlogits[(triton.cdiv(b, cfg["BLOCK_M"]), triton.cdiv(w, cfg["BLOCK_N"]))](
                 q, k, qid, kid, scale32, lse, ds, b, n, d, pos_offset, col0, q.stride(0), k.stride(0), ds.stride(0),
-                **_meta(q, has_ids), **cfg)
+                HAS_IDS=has_ids, **dot_meta(q.dtype), **cfg)
             part = ds[:, :w]
             g += (part @ k[col0:col0 + w]).float()
-            dk[col0:col0 + w] = (part.t() @ q).float()
-        s = scale32[0]
+            dk[col0:col0 + w] = coef * s * (part.t() @ q).float()
         dscale = (coef * (q.float() * g).sum()).to(scale_dtype).reshape(scale_shape)
-        return (coef * s * g).to(q.dtype), (coef * s * dk).to(k.dtype), dscale, None, None, None
+        return (coef * s * g).to(q.dtype), dk, dscale, None, None, None
 
 
 def launch_variants():
     """(kernel, dtype, argument types, constexprs, options) for every configuration `config` can return
     on a GPU, with and without id masking (kernels/resources.py compiles each for sm_80/sm_90)."""
-    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    ptr = {dt: "*" + name for dt, name in TRITON_TYPES.items()}
     for dtype in ptr:
         cfgs = CONFIGS["fp32"] if dtype == torch.float32 else CONFIGS["16bit"]
         for cfg in cfgs:
@@ -281,6 +277,6 @@ def launch_variants():
             opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
             for has_ids in (True, False):
                 const = dict(HAS_IDS=has_ids, FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
-                base = {"Q": ptr[dtype], "K": ptr[dtype], "QID": "*i32", "KID": "*i32", "SCALE": "*fp32"}
+                base = {"Q": ptr[dtype], "K": ptr[dtype], "QID": "*i32", "KID": "*i32", "SCALE": "*fp32"}   # id words
                 yield ("_infonce_fwd", dtype, {**base, "MAX": "*fp32", "SUM": "*fp32", "POS": "*fp32"}, const, opts)
                 yield ("_infonce_dlogits", dtype, {**base, "LSE": "*fp32", "DS": ptr[dtype]}, const, opts)

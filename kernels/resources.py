@@ -25,7 +25,6 @@ from pathlib import Path
 
 # shared memory a block may use (opt-in maximum), by compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def signature(fn, types: dict, constexprs: dict) -> tuple[dict, dict]:
@@ -79,6 +78,7 @@ def compile_one(spec: dict) -> dict:
 
 def launch_specs(archs=(90, 80)) -> list[dict]:
     """Every (kernel, dtype, configuration) the launchers of infonce.py and cico.py can choose."""
+    from ._dispatch import TRITON_TYPES
     specs = []
     for module in (_module(m) for m in ("infonce", "cico")):
         if not hasattr(module, "launch_variants"):
@@ -89,7 +89,7 @@ def launch_specs(archs=(90, 80)) -> list[dict]:
                     f", warps={opts['num_warps']}, stages={opts['num_stages']}"
                 cfg += "".join(f", {k}" for k, v in constexprs.items() if v is True)
                 specs.append({"module": module.__name__.rsplit(".", 1)[-1], "kernel": kernel,
-                              "dtype": TYPES[str(dtype).replace("torch.", "")], "arch": arch, "config": cfg,
+                              "dtype": TRITON_TYPES[dtype], "arch": arch, "config": cfg,
                               "types": types, "constexprs": constexprs, **opts})
     return specs
 

@@ -163,7 +163,7 @@ def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, worlds=None, local_
     CPUs (tests/README: issue 11). `local_negatives_at=k` retakes step k of stage 1 with per-GPU-only
     negatives as well (the mutation the test must catch); returned under "mutated".
 
-    Returns {stage: [per step: {"loss", "lr", "param_err", "moment_err"}]} and "mutated" if asked."""
+    Returns {stage: [per step: {"loss", "lr_next", "param_err", "moment_err"}]} and "mutated" if asked."""
     torch.set_num_threads(1)        # the ranks' summation order (OMP_NUM_THREADS=1)
     cfg = load_config(cfg_path, ["--train.run_dir", str(run_dir), *overrides])
     tok = load_tokenizer(run_dir / "tokenizer")
@@ -179,28 +179,27 @@ def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, worlds=None, local_
         ckpt = run_dir / name / "checkpoints"
         set_trainable(model, st)
         f = lr_lambda(st.epochs * len(train_stream(cfg, name, shards, 0, WORLD)), st.warmup_steps, st.min_lr_ratio)
-        out[name] = []
+        out[name], before = [], None            # no Adam state before a stage's first step
         for step in range(1, len(metrics(run_dir, name)) + 1):
             prev = "epoch0000" if step == 1 else f"step{step - 1:08d}"
             batches = global_batches(cfg, name, shards, collate, step - 1, worlds(step - 1))
             after = adam_state(ckpt, f"step{step:08d}")
-            res = one_step(model, st, cfg, ckpt, prev, step, st.lr * f(step - 1), batches, after)
-            out[name].append({**res, "lr_next": st.lr * f(step)})          # the product logs the LR after a step
+            args = (model, st, cfg, ckpt, prev, step, st.lr * f(step - 1), batches, before, after)
+            out[name].append({**one_step(*args), "lr_next": st.lr * f(step)})   # the product logs the LR after a step
             if name == "stage1" and step == local_negatives_at:
-                out["mutated"] = one_step(model, st, cfg, ckpt, prev, step, st.lr * f(step - 1), batches, after,
-                                          local_negatives=True)
+                out["mutated"] = one_step(*args, local_negatives=True)
+            before = after
     return out
 
 
-def one_step(model, st, cfg, ckpt: Path, prev: str, step: int, lr: float, batches: list, after: dict,
-             local_negatives: bool = False) -> dict:
-    """Load checkpoint `prev` (and its Adam state) into `model` and a fresh AdamW, take one step, and
-    measure it against the product's state `after` (each error relative to that quantity's scale)."""
+def one_step(model, st, cfg, ckpt: Path, prev: str, step: int, lr: float, batches: list, before: dict | None,
+             after: dict, local_negatives: bool = False) -> dict:
+    """Load checkpoint `prev` and its Adam state `before` (None: a fresh optimizer) into `model` and AdamW,
+    take one step, and measure it against the product's state `after` (errors relative to each scale)."""
     model.load_state_dict(load_module_state(ckpt, prev))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=lr, betas=(0.9, 0.999), eps=st.adam_eps)
-    if step > 1:
-        before = adam_state(ckpt, prev)
+    if before is not None:
         for n, p in named.items():
             assert torch.equal(before[n]["fp32"].view_as(p), p.detach()), f"{prev}: {n} master != module weight"
             opt.state[p] = {"step": torch.tensor(float(step - 1)),
@@ -215,8 +214,7 @@ def one_step(model, st, cfg, ckpt: Path, prev: str, step: int, lr: float, batche
     for key, mine in (("fp32", lambda p: p.detach()), *((k, lambda p, k=k: opt.state[p][k]) for k in ADAM_KEYS)):
         scale = max(after[n][key].abs().max().item() for n in named)
         errs[key] = max((after[n][key].view_as(p) - mine(p)).abs().max().item() for n, p in named.items()) / scale
-    return {"loss": loss.item(), "lr": lr, "param_err": errs["fp32"],
-            "moment_err": max(errs[k] for k in ADAM_KEYS)}
+    return {"loss": loss.item(), "param_err": errs["fp32"], "moment_err": max(errs[k] for k in ADAM_KEYS)}
 
 
 STEP_TOL = 1e-5     # of each quantity's scale; rounding gives ~1e-7, a wrong gradient ~1e-1 (the mutation)

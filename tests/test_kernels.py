@@ -121,7 +121,7 @@ def test_infonce_is_deterministic_and_accepts_a_python_scale():
 
 
 def test_infonce_takes_the_products_63_bit_sentence_ids():
-    """The trainer's sentence ids are 63-bit hashes: the kernels renumber them, equality is what counts."""
+    """The trainer's sentence ids are 63-bit hashes: the kernels compare all 64 bits (as two int32 words)."""
     q, k, s, off, qi, ki = _infonce_case(9, 3, 24, torch.float32, "dups", 14.3, 2)
     big = 2 ** 62 - 7919 * 2 ** 20
     assert torch.equal(infonce(q, k, s, off, qi * 7919 * 2 ** 20 + big - 1, ki * 7919 * 2 ** 20 + big - 1),

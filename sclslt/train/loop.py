@@ -41,7 +41,7 @@ from sclslt.train.context import Context, Preempted, RunError, enabled_stages, o
 from sclslt.train.signals import PREEMPT, install_signal_handlers
 from sclslt.train.telemetry import GpuTelemetry, StepTimer
 from sclslt.train.ui import Reporter
-from sclslt_kernels._dispatch import describe as kernel_path
+from sclslt_kernels import kernel_path
 
 CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale")
 
