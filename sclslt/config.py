@@ -36,6 +36,8 @@ class SyntheticConfig:
     n_templates: int = 300        # distinct sentences in the pool (sampled with Zipf frequencies)
     zipf_a: float = 0.7           # Zipf exponent of sentence frequencies (exact duplicates)
     near_dup_frac: float = 0.3    # fraction of pool sentences that are one-word variants of another
+    paraphrase_frac: float = 0.0  # fraction of pool sentences that reword another's meaning (same signs)
+    paraphrases_per_meaning: int = 2  # paraphrases of each meaning that has any (family size - 1)
     min_frames_per_sign: int = 3
     max_frames_per_sign: int = 5
 
@@ -105,6 +107,7 @@ class StageConfig:
     contrastive_weight: float = 1.0
     translation_weight: float = 1.0
     label_smoothing: float = 0.2
+    mask_same_sentence: bool = True  # drop same-sentence columns from the softmax (false: GFSLT-VLP's loss)
     freeze_text_encoder: bool = False
 
 

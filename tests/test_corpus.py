@@ -203,3 +203,82 @@ def test_generation_is_fast():
     for i in range(200):
         c.sample("train", i)
     assert time.perf_counter() - t < 5.0   # ~0.3 s expected; 1450 clips must take well under 20 s
+
+
+# -- paraphrase families (issue 14) ---------------------------------------------------------------
+
+def _fingerprint(c: SyntheticCorpus) -> str:
+    import hashlib
+    import json
+    texts = [c.sample("train", i)["text"] for i in range(50)]
+    return hashlib.sha256(json.dumps([c.pool_texts, texts]).encode() + c.sample("train", 5)["frames"].tobytes()
+                          ).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kw,want", [({}, "f8b26ede6b9594c4"),
+                                     ({"near_dup_frac": 0.6, "frame_size": 24}, "1a813ef49637553d")])
+def test_settings_without_paraphrases_are_the_corpora_made_before_them(kw, want):
+    # fingerprints of the default and of configs/ps_synthetic.yaml's corpus, taken with the generator
+    # as it was before paraphrase families existed (git 49a3ba2): old results stay reproducible
+    assert _fingerprint(SyntheticCorpus(SyntheticConfig(**kw))) == want
+
+
+def test_paraphrases_are_other_words_for_the_same_signs():
+    cfg = small_cfg(n_templates=120, near_dup_frac=0.3, paraphrase_frac=0.4, paraphrases_per_meaning=3)
+    c = SyntheticCorpus(cfg)
+    assert len(set(c.pool_texts)) == cfg.n_templates
+    paraphrases = [i for i, m in enumerate(c.pool_meaning) if m != i]
+    assert len(paraphrases) == round(cfg.paraphrase_frac * cfg.n_templates)
+    families = collections.Counter(c.pool_meaning[i] for i in paraphrases)
+    assert max(families.values()) >= 2 and len(families) <= len(paraphrases)
+    seen = set()
+    for i in paraphrases:
+        m = c.pool_meaning[i]
+        assert c.pool_meaning[m] == m and c.pool_near_dup_of[i] is None      # a root meaning, not a near-dup
+        assert c.pool_glosses[i] == c.pool_glosses[m] and c.pool_texts[i] != c.pool_texts[m]
+        a, b = c.pool_texts[i].split(), c.pool_texts[m].split()
+        content = [w for w in a if w != "the"]
+        if "the" in a and "the" not in b:
+            seen.add("article")
+        if sorted(content) != sorted(w for w in b if w != "the"):
+            seen.add("synonym")
+        elif content != [w for w in b if w != "the"]:
+            seen.add("front_time")
+    assert seen == {"article", "synonym", "front_time"}
+    # a clip of a paraphrase is signed as its meaning: same glosses, its own words
+    for i in range(cfg.n_train):
+        sid = c.pool_index("train", i)
+        if c.pool_meaning[sid] != sid:
+            s = c.sample("train", i)
+            assert s["text"] == c.pool_texts[sid] and s["glosses"] == c.pool_glosses[c.pool_meaning[sid]]
+            break
+    else:
+        pytest.fail("no paraphrase drawn in the training split")
+
+
+def test_paraphrase_settings_are_checked():
+    with pytest.raises(ValueError, match="paraphrase_frac"):
+        SyntheticCorpus(small_cfg(near_dup_frac=0.5, paraphrase_frac=0.5))
+    with pytest.raises(ValueError, match="paraphrases_per_meaning"):
+        SyntheticCorpus(small_cfg(paraphrase_frac=0.2, paraphrases_per_meaning=0))
+
+
+def test_partner_statistics_count_each_kind():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "corpus_partners", Path(__file__).resolve().parents[1] / "tools" / "corpus_partners.py")
+    cp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp)
+    texts = ["a b c d", "a b c d", "a b c e", "the a b c d", "x y z"]
+    meanings = [0, 0, 1, 0, 2]
+    st = cp.partner_stats(texts, meanings, jaccard=0.6, batch=3)
+    # identical: 0<->1 (2 ordered pairs); near (Jaccard >= 0.6): {0,1}<->2 (3/5: yes), {0,1}<->3 (4/5),
+    # 2<->3 (3/6 = 0.5: no) -> 8 ordered pairs, 4 of them paraphrases (same meaning 0)
+    assert st["per_clip"]["exact"] == pytest.approx(2 / 5)
+    assert st["per_clip"]["near"] == pytest.approx(8 / 5)
+    assert st["per_clip"]["near_paraphrase"] == pytest.approx(4 / 5)
+    assert st["per_clip"]["near_other_meaning"] == pytest.approx(4 / 5)
+    assert st["per_batch_row"]["near"] == pytest.approx(8 / 5 * 2 / 4)
+    with pytest.raises(ValueError, match="two meanings"):
+        cp.partner_stats(["a", "a"], [0, 1])

@@ -151,3 +151,20 @@ def test_gathered_loss_across_gloo_ranks_equals_one_process(tmp_path, world, b, 
             if v.is_floating_point():
                 assert torch.allclose(got[r][k], v.grad, atol=1e-12), (r, k)
     assert torch.allclose(sum(g["scale_grad"] for g in got), s.grad, atol=1e-10)
+
+
+def test_stage_switch_mask_same_sentence_drops_the_id_mask():
+    # the paper's GFSLT-VLP baseline does not mask same-sentence columns (issue 14's random_nomask arm)
+    from types import SimpleNamespace
+
+    from sclslt.config import StageConfig
+    from sclslt.train.loop import step_loss
+    q, k, s, ids = _inputs(6, 6, 5, True, 11)
+    assert len(set(ids.tolist())) < 6                                  # duplicates that a mask removes
+    out = {"video_emb": q, "text_emb": k, "logit_scale": s}
+    batch = SimpleNamespace(frames=q, sentence_ids=ids, labels=None)
+    masked, _ = step_loss(out, batch, StageConfig(translation_weight=0.0), world=1)
+    plain, _ = step_loss(out, batch, StageConfig(translation_weight=0.0, mask_same_sentence=False), world=1)
+    assert torch.allclose(masked, 0.5 * (naive_infonce(q, k, s, 0, ids, ids) + naive_infonce(k, q, s, 0, ids, ids)))
+    assert torch.allclose(plain, 0.5 * (naive_infonce(q, k, s, 0, None, None) + naive_infonce(k, q, s, 0, None, None)))
+    assert plain.item() > masked.item() + 1e-3

@@ -59,6 +59,12 @@ def test_classify_quantile_mode():
     ex = r["examples"]["H->H"]
     assert sorted((e["video"], e["text"]) for e in ex) == [(0, 2), (1, 0)]
     assert [e["similarity"] for e in ex if e["video"] == 0][0] == pytest.approx([0.8, 0.0, 0.9])
+    assert "paraphrase" not in r
+    # ground-truth meanings: samples 0 and 2 say one meaning in other words (a paraphrase pair);
+    # (0,2) is H->H, (2,0) L->L; the same-sentence pairs (0,1), (1,0) are not paraphrases
+    pp = traj.classify([FIRST, MIDDLE, LAST], SIDS, high=0.5, mode="quantile", meanings=[1, 2, 1])["paraphrase"]
+    assert pp["hh_count"] == 1 and pp["hh_fraction"] == pytest.approx(0.5)
+    assert pp["negatives_count"] == 2 and pp["counts_by_class"] == {"H->L": 0, "H->H": 1, "L->H": 0, "L->L": 1}
     # a higher quantile: only the top 1 (> 5/6 quantile) is High; classes use first and last only
     r = traj.classify([FIRST, LAST], SIDS, high=0.9, mode="quantile")
     assert r["counts"] == {"H->L": 1, "H->H": 0, "L->H": 1, "L->L": 4}
@@ -156,6 +162,7 @@ def test_tool_end_to_end(ref_run):
     assert ss["hh_count"] <= rep["counts"]["H->H"] and ss["negatives_count"] == sum(ss["counts_by_class"].values())
     assert (out / "trajectories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "H->L" in proc.stdout and "known false negatives" in proc.stdout
+    assert rep["paraphrase"]["negatives_count"] == sum(rep["paraphrase"]["counts_by_class"].values())   # synthetic
 
     # the report is the classification of the sample's embeddings (the saved embedding passes)
     snaps = [load_snapshot(out / "embeddings" / f"train.{t}.safetensors") for t in rep["tags"]]

@@ -91,14 +91,26 @@ def _nan_to_none(x):
     return x
 
 
+def pair_share(flat: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor) -> dict:
+    """How the negative pairs in `mask` (n x n bool, diagonal False) fall into the classes: their share of
+    H->H next to their share of all negatives (the paper's evidence when the pairs are false negatives)."""
+    by_class = torch.bincount(flat[mask.reshape(-1)], minlength=5)[:4]
+    hh, negatives = int(counts[1]), int(counts.sum())
+    return {"hh_count": int(by_class[1]), "hh_fraction": int(by_class[1]) / hh if hh else float("nan"),
+            "negatives_count": int(mask.sum()), "negatives_fraction": int(mask.sum()) / negatives,
+            "counts_by_class": {name: int(by_class[c]) for c, name in enumerate(CLASSES)}}
+
+
 def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "quantile", examples: int = 5,
-             seed: int = 0) -> dict:
+             seed: int = 0, meanings=None) -> dict:
     """Trajectory classes of the negative pairs of one sample.
 
     sims: one (n x n) similarity matrix per checkpoint, in checkpoint order (row i = video i,
     column j = text j); any sequence works: a lazy one computing each matrix on access keeps the
     memory at a few n x n (sims[0] and sims[-1] are read twice, every other matrix once).
-    sids: (n,) sentence ids. The diagonal (positives) is ignored; every ordered pair i != j is a
+    sids: (n,) sentence ids; meanings: optional (n,) ground-truth meanings (a synthetic corpus knows
+    them), which adds the pairs of one meaning and different sentences (paraphrases: false negatives
+    no id mask catches). The diagonal (positives) is ignored; every ordered pair i != j is a
     negative. High at a checkpoint: similarity > threshold (see `threshold`); classes from the
     first and the last checkpoint. Empty classes have mean None.
     """
@@ -129,7 +141,6 @@ def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "quantile", ex
     del label
     counts = torch.bincount(flat, minlength=5)[:4]
     same = (sids[:, None] == sids[None, :]) & off
-    same_counts = torch.bincount(flat[same.reshape(-1)], minlength=5)[:4]
     negatives = n * (n - 1)
 
     g = torch.Generator().manual_seed(seed)
@@ -158,17 +169,14 @@ def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "quantile", ex
         "thresholds": thresholds, "high_fraction": high_frac,
         "counts": {name: int(counts[c]) for c, name in enumerate(CLASSES)},
         "fractions": {name: int(counts[c]) / negatives for c, name in enumerate(CLASSES)},
-        "same_sentence": {
-            "hh_count": int(same_counts[1]),
-            "hh_fraction": int(same_counts[1]) / hh if hh else float("nan"),
-            "negatives_count": int(same.sum()),
-            "negatives_fraction": int(same.sum()) / negatives,
-            "counts_by_class": {name: int(same_counts[c]) for c, name in enumerate(CLASSES)},
-        },
+        "same_sentence": pair_share(flat, same, counts),
         "mean_similarity": means,
         "examples": {name: [{"video": p // n, "text": p % n, "similarity": traj[name][e]}
                             for e, p in enumerate(picks[name].tolist())] for name in CLASSES},
     }
+    if meanings is not None:
+        m = torch.as_tensor(meanings).reshape(-1)
+        out["paraphrase"] = pair_share(flat, (m[:, None] == m[None, :]) & ~same & off, counts)
     return _nan_to_none(out)
 
 
@@ -265,13 +273,27 @@ def print_table(report: dict) -> None:
         t.add_row(c, str(report["counts"][c]), f"{100 * report['fractions'][c]:.1f}%", fmt(m[0]), fmt(m[-1]),
                   str(report["same_sentence"]["counts_by_class"][c]))
     console.print(t)
-    ss = report["same_sentence"]
-    hh = "-" if ss["hh_fraction"] is None else f"{100 * ss['hh_fraction']:.2f}%"
-    console.print(f"H->H pairs with the same sentence (known false negatives): {ss['hh_count']} ({hh} of H->H; "
-                  f"{100 * ss['negatives_fraction']:.2f}% of all negatives)")
+    for key, what in (("same_sentence", "the same sentence (known false negatives)"),
+                      ("paraphrase", "one meaning in other words (paraphrases: unmasked false negatives)")):
+        if key in report:
+            ss = report[key]
+            hh = "-" if ss["hh_fraction"] is None else f"{100 * ss['hh_fraction']:.2f}%"
+            console.print(f"H->H pairs with {what}: {ss['hh_count']} ({hh} of H->H; "
+                          f"{100 * ss['negatives_fraction']:.2f}% of all negatives)")
 
 
 # ---------------------------------------------------------------------------------------------
+
+def synthetic_meanings(run: Path, keys: list[str], split: str) -> list[int] | None:
+    """Ground-truth meanings of the sampled clips when the run's corpus is the synthetic one (else None)."""
+    from sclslt.config import load_config
+    cfg = load_config(run / "config.yaml")
+    if cfg.data.corpus != "synthetic":
+        return None
+    from sclslt.data.synthetic import SyntheticCorpus
+    corpus = SyntheticCorpus(cfg.data.synthetic)
+    return [corpus.pool_meaning[corpus.pool_index(split, int(k.rsplit("_", 1)[1]))] for k in keys]
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,7 +394,8 @@ def main(argv=None) -> int:
                 print(f"error: {error[0]}", file=sys.stderr)
             return 1
     if rank0:
-        res = classify(PairSims(views), sids, args.high, args.threshold_mode, args.examples, args.seed)
+        meanings = synthetic_meanings(args.run, [keys[i] for i in idx.tolist()], args.split)
+        res = classify(PairSims(views), sids, args.high, args.threshold_mode, args.examples, args.seed, meanings)
         report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                            if k != "local_rank"},
                   "run": str(args.run), "stage": args.stage, "split": args.split, "tags": list(tags),

@@ -9,8 +9,13 @@ depends on:
   differs from the text order ("[adj] subject [never] verb [adj] object [manner] [time]"), with
   adjectives after their noun in sign;
 * frequent exact duplicates (sentences drawn from a fixed pool with Zipf frequencies) and
-  near-duplicates (pool sentences that differ from another by one word): the known false
-  negatives of a contrastive loss;
+  near-duplicates (pool sentences that differ from another by one word: a different meaning,
+  signed differently): the known false negatives and the hard negatives of a contrastive loss;
+* paraphrase families (`paraphrase_frac` of the pool): another text for the meaning of an earlier
+  pool sentence (text-only synonyms, the optional article "the", the time clause moved to the
+  front), signed exactly like it. Their texts differ, so no sentence-id mask catches them: the
+  false negatives that real corpora have and that only Pair Selection can keep apart. Every pool
+  sentence knows its meaning (`pool_meaning`), the ground truth that analyses compare against;
 * signer variation: speed, spatial offset, hand size, pixel noise and background per signer,
   plus per-clip jitter and optional rest frames.
 
@@ -67,6 +72,12 @@ SLOT_PROB = {
 TEXT_ORDER = ("subj_adj", "subj", "neg", "verb", "obj_adj", "obj", "manner", "time")
 # sign order: topic-first time, SOV, adjective after its noun, negation last
 SIGN_ORDER = ("time", "subj", "subj_adj", "obj", "obj_adj", "verb", "manner", "neg")
+
+# how a paraphrase may word a meaning differently (text only; the signs do not change)
+SYNONYMS = {"sees": "watches", "likes": "enjoys", "buys": "purchases", "takes": "grabs",
+            "big": "large", "small": "little", "child": "kid", "house": "home",
+            "doctor": "physician", "quickly": "fast", "later": "afterwards", "cup": "mug"}
+REWORDINGS = ("synonym", "article", "front_time")
 
 SPLITS = {"train": 0, "dev": 1, "test": 2}
 
@@ -165,49 +176,96 @@ def _random_sentence(rng: np.random.Generator) -> dict[str, str]:
     return sent
 
 
-def _text_key(sent: dict[str, str]) -> tuple[str, ...]:
-    return tuple(sent[s] for s in TEXT_ORDER if s in sent)
+def _text_key(sent: dict) -> tuple[str, ...]:
+    """The words of a sentence: its slots in text order, as reworded by its "_syn" (slots said with
+    a synonym), "_the" (the article before both noun phrases) and "_front" (time first) entries."""
+    order = TEXT_ORDER
+    if sent.get("_front") and "time" in sent:
+        order = ("time",) + tuple(s for s in TEXT_ORDER if s != "time")
+    words: list[str] = []
+    for slot in order:
+        if slot not in sent:
+            continue
+        if sent.get("_the") and (slot in ("subj_adj", "obj_adj") or (slot in ("subj", "obj")
+                                                                       and f"{slot}_adj" not in sent)):
+            words.append("the")
+        words.append(SYNONYMS[sent[slot]] if slot in sent.get("_syn", ()) else sent[slot])
+    return tuple(words)
 
 
-def _make_pool(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[list[dict], list[int | None]]:
-    """`n_templates` distinct sentences; a `near_dup_frac` of them one-word variants of another.
+def _reword(sent: dict, rng: np.random.Generator) -> dict:
+    """A paraphrase of `sent`: the same slots (the same signs), reworded by a non-empty random subset
+    of the rewordings that apply to it."""
+    slots = {k: v for k, v in sent.items() if not k.startswith("_")}
+    with_synonym = [s for s in TEXT_ORDER if s in slots and slots[s] in SYNONYMS]
+    usable = [r for r in REWORDINGS if (r != "synonym" or with_synonym) and (r != "front_time" or "time" in slots)]
+    chosen = [r for r in usable if rng.random() < 0.5] or [usable[int(rng.integers(len(usable)))]]
+    out = dict(slots)
+    if "synonym" in chosen:
+        k = int(rng.integers(1, min(2, len(with_synonym)) + 1))
+        out["_syn"] = tuple(sorted(rng.choice(with_synonym, size=k, replace=False).tolist()))
+    out["_the"] = "article" in chosen
+    out["_front"] = "front_time" in chosen
+    return out
 
-    Returns the pool in Zipf rank order (index 0 is the most frequent) and, per sentence, the
-    pool index of the sentence it is a near-duplicate of (None for base sentences).
+
+def _make_pool(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[list[dict], list[int | None], list[int]]:
+    """`n_templates` distinct sentences: base sentences, then a `near_dup_frac` of one-word variants
+    of another (a different meaning), then a `paraphrase_frac` of paraphrases of non-paraphrases
+    (the same meaning and signs, other words), `paraphrases_per_meaning` for each meaning chosen.
+
+    Returns the pool in Zipf rank order (index 0 is the most frequent), per sentence the pool index
+    of the sentence it is a near-duplicate of (None otherwise), and per sentence its meaning: the
+    pool index of the sentence whose signs it has (itself unless it is a paraphrase). With
+    `paraphrase_frac` = 0 the pool is the one earlier versions made, draw for draw.
     """
     n = cfg.n_templates
     n_near = int(round(cfg.near_dup_frac * n)) if n > 1 else 0
-    n_base = max(1, n - n_near)
+    n_para = int(round(cfg.paraphrase_frac * n)) if n > 1 else 0
+    n_base = max(1, n - n_near - n_para)
     pool: list[dict] = []
     parent: list[int | None] = []
+    meaning: list[int] = []
     seen: set[tuple[str, ...]] = set()
+    families, tries = None, 0
     attempts = 0
     while len(pool) < n:
         attempts += 1
         if attempts > 1000 * n + 10_000:  # pragma: no cover - the grammar has ~2.6e6 sentences
             raise ValueError(f"cannot build {n} distinct sentences (n_templates too large)")
         if len(pool) < n_base:
-            sent, par = _random_sentence(rng), None
-        else:
+            sent, par, mean = _random_sentence(rng), None, len(pool)
+        elif len(pool) < n_base + n_near:
             par = int(rng.integers(len(pool)))
             sent = dict(pool[par])
             slots = [s for s in sent if len(CATEGORIES[SLOT_CATEGORY[s]]) > 1]
             slot = slots[int(rng.integers(len(slots)))]
             choices = [w for w in CATEGORIES[SLOT_CATEGORY[slot]] if w != sent[slot]]
             sent[slot] = choices[int(rng.integers(len(choices)))]
+            mean = len(pool)
+        else:
+            if families is None:   # the meanings that get paraphrases, `paraphrases_per_meaning` each
+                n_fam = -(-n_para // cfg.paraphrases_per_meaning)
+                families = rng.choice(n_base + n_near, size=min(n_fam, n_base + n_near), replace=False)
+            par = None   # a rewording that exists already still uses up its family's turn
+            mean = int(families[tries // cfg.paraphrases_per_meaning % len(families)])
+            tries += 1
+            sent = _reword(pool[mean], rng)
         key = _text_key(sent)
         if key in seen:
             continue
         seen.add(key)
         pool.append(sent)
         parent.append(par)
-    # shuffle so that Zipf ranks mix base sentences and near-duplicates
+        meaning.append(mean)
+    # shuffle so that Zipf ranks mix base sentences, near-duplicates and paraphrases
     perm = rng.permutation(n)
     new_index = np.empty(n, dtype=np.int64)
     new_index[perm] = np.arange(n)
     pool = [pool[i] for i in perm]
     parent = [None if parent[i] is None else int(new_index[parent[i]]) for i in perm]
-    return pool, parent
+    meaning = [int(new_index[meaning[i]]) for i in perm]
+    return pool, parent, meaning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +281,15 @@ class SyntheticCorpus:
         if not 1 <= cfg.min_frames_per_sign <= cfg.max_frames_per_sign:
             raise ValueError("synthetic.min_frames_per_sign must be >= 1 and <= max_frames_per_sign "
                              f"(got {cfg.min_frames_per_sign}, {cfg.max_frames_per_sign})")
+        if cfg.paraphrases_per_meaning < 1:
+            raise ValueError(f"synthetic.paraphrases_per_meaning={cfg.paraphrases_per_meaning}: use at least 1")
         if cfg.n_signers < 1 or cfg.n_templates < 1:
             raise ValueError("synthetic.n_signers and synthetic.n_templates must be >= 1")
         if not 0.0 <= cfg.near_dup_frac < 1.0:
             raise ValueError(f"synthetic.near_dup_frac={cfg.near_dup_frac}: use a value in [0, 1)")
+        if not 0.0 <= cfg.paraphrase_frac or cfg.near_dup_frac + cfg.paraphrase_frac >= 1.0:
+            raise ValueError(f"synthetic.paraphrase_frac={cfg.paraphrase_frac}: use a value >= 0 with "
+                             f"near_dup_frac + paraphrase_frac < 1 (near_dup_frac={cfg.near_dup_frac})")
         for split in SPLITS:
             if self.split_size(split) < 0:
                 raise ValueError(f"synthetic.n_{split} must be >= 0")
@@ -235,10 +298,11 @@ class SyntheticCorpus:
         self.vocabulary: list[str] = [w for words in CATEGORIES.values() for w in words]
         self.category: dict[str, str] = {w: c for c, words in CATEGORIES.items() for w in words}
         self.signs: dict[str, Sign] = _make_signs(self.vocabulary, np.random.default_rng([self._seed, 1]))
-        pool, parent = _make_pool(cfg, np.random.default_rng([self._seed, 2]))
+        pool, parent, meaning = _make_pool(cfg, np.random.default_rng([self._seed, 2]))
         self.pool_texts: list[str] = [" ".join(_text_key(s)) for s in pool]
         self.pool_glosses: list[list[str]] = [[s[k].upper() for k in SIGN_ORDER if k in s] for s in pool]
         self.pool_near_dup_of: list[int | None] = parent
+        self.pool_meaning: list[int] = meaning      # ground truth: same value = same meaning and signs
         self.signers: list[Signer] = _make_signers(cfg, np.random.default_rng([self._seed, 3]))
 
         ranks = np.arange(1, cfg.n_templates + 1, dtype=np.float64)
@@ -265,13 +329,21 @@ class SyntheticCorpus:
         n = self.split_size(split)
         if not 0 <= index < n:
             raise IndexError(f"{split} index {index} out of range (split has {n} clips)")
-        rng = np.random.default_rng([self._seed, 10, SPLITS[split], int(index)])
-        sid = int(min(np.searchsorted(self._cdf, rng.random(), side="right"), len(self._cdf) - 1))
+        sid, rng = self._draw_sentence(split, index)
         signer = self.signers[int(rng.integers(len(self.signers)))]
         glosses = self.pool_glosses[sid]
         frames = self._render_clip([g.lower() for g in glosses], signer, rng)
         return {"key": f"{split}_{index:06d}", "frames": frames, "text": self.pool_texts[sid],
                 "signer": signer.name, "glosses": list(glosses)}
+
+    def pool_index(self, split: str, index: int) -> int:
+        """The pool sentence of sample (split, index), without rendering it."""
+        return self._draw_sentence(split, index)[0]
+
+    def _draw_sentence(self, split: str, index: int) -> tuple[int, np.random.Generator]:
+        rng = np.random.default_rng([self._seed, 10, SPLITS[split], int(index)])
+        sid = int(min(np.searchsorted(self._cdf, rng.random(), side="right"), len(self._cdf) - 1))
+        return sid, rng
 
     # -- rendering ------------------------------------------------------------------------------
     def render_sign(self, word: str, n_frames: int | None = None) -> np.ndarray:

@@ -106,7 +106,7 @@ def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "
         loss = loss + st.translation_weight * tl
         parts["ce"] = tl.detach()
     if st.contrastive_weight > 0:
-        cl = contrastive_loss(out, batch.sentence_ids, similarity, tau)
+        cl = contrastive_loss(out, batch.sentence_ids if st.mask_same_sentence else None, similarity, tau)
         loss = loss + st.contrastive_weight * cl
         parts["nce"] = cl.detach()
     return loss, parts

@@ -1,0 +1,303 @@
+"""What Pair Selection adds: every ablation arm on one test bed, paired seeds, one table.
+
+An arm is a training recipe (ARMS below); every arm runs the same seeds, and seed s of every arm
+shares the corpus, the initialisation and the stage-2 recipe, so arms are compared seed by seed:
+the table gives each arm's mean and the mean paired difference to the baseline arm `random`
+(id-masked random batches) with its 95% confidence interval (Student t over seeds). A difference
+whose interval excludes 0 is resolved; one whose interval includes 0 is not, whatever its mean.
+
+Reference runs and tables come from the arms themselves: `random` (and `random_cico` for CiCo)
+saves a checkpoint every epoch and is the reference run; a table (early tag, late tag) is exported
+from it once per seed (tools/export_reference.py). Runs are resumed/skipped when their results.json
+exists, so the table grows arm by arm:
+
+  python tools/ps_ablation.py --arms random --seeds 0 1 2 3 4 5        # the baseline, and its spread
+  python tools/ps_ablation.py --arms ps self --seeds 0 1 2 3 4 5        # one command per ablation
+  python tools/ps_ablation.py --report --seeds 0 1 2 3 4 5              # the table from what exists
+
+The table is written to --table (Markdown) with a JSON beside it: per arm and seed the metrics,
+the paired differences, the seeds needed for 80% power at a 2-point gap (from the measured paired
+spread), the corpus's partner statistics (tools/corpus_partners.py) and, for the first seed, how
+many paraphrase / identical / one-meaning-apart pairs the planned batches hold against random batches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One recipe: stage-1 overrides, and the table (reference arm, early tag, late tag) it plans with."""
+    help: str
+    args: tuple[str, ...] = ()
+    table: tuple[str, str, str] | None = None
+    reference: bool = field(default=False)      # saves epoch checkpoints: other arms' reference run
+
+
+PS = ("--selection.mode", "ps")
+CICO = ("--model.similarity", "cico")
+ARMS: dict[str, Arm] = {
+    "random": Arm("random batches, same-sentence columns masked (our baseline; the reference run)",
+                  reference=True),
+    "random_nomask": Arm("random batches, no id mask (the paper's GFSLT-VLP baseline)",
+                         ("--stage1.mask_same_sentence", "false")),
+    "ps": Arm("Pair Selection, log schedule, table epoch 0 -> 2 (medium interval)", PS,
+              ("random", "epoch0000", "epoch0002")),
+    "self": Arm("self mode: the job's own embeddings, refreshed every 2 epochs",
+                ("--selection.mode", "self", "--selection.self_interval", "2")),
+    **{f"ps_{s}": Arm(f"Pair Selection, {s} schedule (table 0 -> 2)", PS + ("--selection.schedule", s),
+                      ("random", "epoch0000", "epoch0002")) for s in ("easy", "hard", "linear", "sqrt")},
+    "ps_short": Arm("Pair Selection, table epoch 0 -> 1 (short interval)", PS, ("random", "epoch0000", "epoch0001")),
+    "ps_long": Arm("Pair Selection, table epoch 0 -> 4 (long: the whole reference stage)", PS,
+                   ("random", "epoch0000", "epoch0004")),
+    "ps_early1": Arm("Pair Selection, table epoch 1 -> 3 (a trained early view)", PS,
+                     ("random", "epoch0001", "epoch0003")),
+    "random_cico": Arm("random batches, CiCo similarity (the CiCo reference run)", CICO, reference=True),
+    "ps_cico": Arm("Pair Selection with CiCo training, pooled table of the CiCo reference run (0 -> 2)",
+                   CICO + PS, ("random_cico", "epoch0000", "epoch0002")),
+}
+METRICS = {"dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"), "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
+           "test_bleu4": ("model", "bleu4"), "test_rouge_l": ("model", "rouge_l")}
+# two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+        18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        return math.inf
+    return T975.get(df) or T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
+
+
+def paired(diffs: list[float]) -> dict:
+    """Mean of paired differences and its 95% confidence interval."""
+    n = len(diffs)
+    mean = statistics.mean(diffs) if diffs else math.nan
+    sd = statistics.stdev(diffs) if n > 1 else math.nan
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else math.inf
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half],
+            "resolved": n > 1 and (mean - half > 0 or mean + half < 0), "values": diffs}
+
+
+def seeds_for_gap(sd: float, gap: float = 2.0) -> int | None:
+    """Paired seeds for 80% power to find a true `gap` at 5% (normal approximation), given the paired sd."""
+    if not sd or math.isnan(sd):
+        return None
+    return max(2, math.ceil(((1.96 + 0.8416) * sd / gap) ** 2))
+
+
+def metric(res: dict, path: tuple[str, ...]) -> float:
+    for k in path:
+        res = res[k]
+    return float(res)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+def sh(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "SCLSLT_PLAIN_LOG": "1"})
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): see {log}")
+
+
+def launcher(args, port: int) -> list[str]:
+    ds = Path(sys.executable).with_name("deepspeed")
+    return [str(ds) if ds.exists() else "deepspeed", "--master_port", str(port), "--num_accelerators", str(args.nproc)]
+
+
+def table_for(args, seed: int, spec: tuple[str, str, str], port: int) -> Path:
+    ref, early, late = spec
+    out = args.out / f"seed{seed}" / "tables" / f"{ref}.{early}.{late}.safetensors"
+    if not out.is_file():
+        run_arm(args, ref, seed, port)
+        sh(launcher(args, port + 1) + ["tools/export_reference.py", "--run", str(args.out / f"seed{seed}" / ref),
+                                       "--early", early, "--late", late, "--out", str(out)], out.with_suffix(".log"))
+    return out
+
+
+def run_arm(args, name: str, seed: int, port: int) -> dict:
+    arm, run = ARMS[name], args.out / f"seed{seed}" / name
+    if not (run / "results.json").is_file():
+        extra = list(arm.args)
+        if arm.table:
+            extra += ["--selection.table", str(table_for(args, seed, arm.table, port + 2))]
+        if arm.reference:
+            extra += ["--checkpoint.every_epochs", "1"]
+        print(f"seed {seed}: {name}", flush=True)
+        sh(launcher(args, port) + ["launch/train.py", "--deepspeed", args.deepspeed, "--config", str(args.config),
+                                   "--train.seed", str(seed), "--train.run_dir", str(run), *extra],
+           run.with_suffix(".log"))
+    return json.loads((run / "results.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis
+
+def corpus_truth(cfg) -> tuple[dict[str, str], dict[str, int] | None]:
+    """key -> text of the training split, and key -> meaning where the corpus knows meanings (synthetic)."""
+    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.data.shards import manifest_rows, read_manifest
+    texts = {r.key: r.text for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))}
+    if cfg.data.corpus != "synthetic":
+        return texts, None
+    from sclslt.data.synthetic import SyntheticCorpus
+    corpus = SyntheticCorpus(cfg.data.synthetic)
+    return texts, {k: corpus.pool_meaning[corpus.pool_index("train", int(k.rsplit("_", 1)[1]))] for k in texts}
+
+
+def batch_pairs(run: Path) -> list[dict]:
+    """Per epoch of a planned run: the share of member pairs that are identical texts, paraphrases (same
+    meaning, other text) and near texts of another meaning, against random batches of the same samples."""
+    import itertools
+    import random
+
+    from sclslt.config import load_config
+    texts, meaning = corpus_truth(load_config(run / "config.yaml"))
+    sets = {k: frozenset(t.split()) for k, t in texts.items()}
+
+    def kinds(batches):
+        c = {"pairs": 0, "identical": 0, "paraphrase": 0, "near_other_meaning": 0}
+        for b in batches:
+            for x, y in itertools.combinations(b, 2):
+                c["pairs"] += 1
+                if texts[x] == texts[y]:
+                    c["identical"] += 1
+                elif meaning and meaning[x] == meaning[y]:
+                    c["paraphrase"] += 1
+                elif len(sets[x] & sets[y]) / len(sets[x] | sets[y]) >= 0.6:
+                    c["near_other_meaning"] += 1
+        return {k: v / c["pairs"] for k, v in c.items() if k != "pairs"}
+
+    out = []
+    sel = run / "stage1" / "selection"
+    for first in sorted(sel.glob("plan_e*_r00000.json")):
+        epoch = int(first.name[6:10])
+        plans = [json.loads(f.read_text()) for f in sorted(sel.glob(f"plan_e{epoch:04d}_r*.json"))]
+        batches = [sum((p[b] for p in plans), []) for b in range(len(plans[0]))]
+        flat = [k for b in batches for k in b]
+        random.Random(epoch).shuffle(flat)
+        size = len(batches[0])
+        shuffled = [flat[i:i + size] for i in range(0, len(flat), size)]
+        out.append({"epoch": epoch, "planned": kinds(batches), "random_same_samples": kinds(shuffled)})
+    return out
+
+
+def report(args) -> dict:
+    results: dict[str, dict[int, dict]] = {}
+    for name in ARMS:
+        for seed in args.seeds:
+            f = args.out / f"seed{seed}" / name / "results.json"
+            if f.is_file():
+                results.setdefault(name, {})[seed] = json.loads(f.read_text())
+    if "random" not in results:
+        raise SystemExit(f"no results of the baseline arm `random` under {args.out}: run it first")
+    base = results["random"]
+    rows = {}
+    for name, per_seed in results.items():
+        row = {"help": ARMS[name].help, "seeds": sorted(per_seed)}
+        for m, path in METRICS.items():
+            vals = [metric(per_seed[s], path) for s in sorted(per_seed)]
+            row[m] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else math.nan,
+                      "values": vals}
+            if name != "random":
+                common = [s for s in sorted(per_seed) if s in base]
+                row[m]["vs_random"] = paired([metric(per_seed[s], path) - metric(base[s], path) for s in common])
+        rows[name] = row
+    power = {}
+    for m in METRICS:
+        sds = [r[m]["vs_random"]["sd"] for r in rows.values() if "vs_random" in r[m] and r[m]["vs_random"]["n"] > 1]
+        sd = statistics.median(sds) if sds else math.sqrt(2) * rows["random"][m]["sd"]
+        power[m] = {"paired_sd": sd, "seeds_for_2_points": seeds_for_gap(sd),
+                    "from": "median paired sd over arms" if sds else "sqrt(2) x the random arm's sd"}
+    first = args.out / f"seed{args.seeds[0]}"
+    from sclslt.config import load_config
+    texts, meaning = corpus_truth(load_config(first / "random" / "config.yaml"))
+    sys.path.insert(0, str(ROOT / "tools"))
+    from corpus_partners import partner_stats
+    keys = sorted(texts)
+    partners = partner_stats([texts[k] for k in keys], [meaning[k] for k in keys] if meaning else None)
+    batches = batch_pairs(first / "ps") if (first / "ps" / "results.json").is_file() else None
+    return {"config": str(args.config), "seeds": args.seeds, "arms": rows, "power": power,
+            "partners": partners, "ps_batches_first_seed": batches,
+            "bleu_signature": base[sorted(base)[0]]["model"]["bleu_signature"]}
+
+
+def fmt(v: dict) -> str:
+    d = v.get("vs_random")
+    s = f"{v['mean']:.2f}"
+    if d and d["n"] > 1:
+        lo, hi = d["ci95"]
+        s += f" ({d['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]{' *' if d['resolved'] else ''})"
+    return s
+
+
+def markdown(out: dict, cmd: str) -> str:
+    lines = ["# What Pair Selection adds: ablations on the paraphrase test bed", "",
+             f"Command: `{cmd}` (config `{Path(out['config']).name}`, seeds {out['seeds']}).", "",
+             "Each cell: mean over seeds (mean paired difference to `random` [95% CI]; * = the interval "
+             "excludes 0).", "",
+             "| arm | seeds | dev v->t R@1 | dev t->v R@1 | test BLEU-4 | test ROUGE-L |", "|---|---|---|---|---|---|"]
+    for name, r in out["arms"].items():
+        lines.append(f"| {name} | {len(r['seeds'])} | " + " | ".join(fmt(r[m]) for m in METRICS) + " |")
+    lines += ["", "Arms:", ""] + [f"- `{n}`: {r['help']}" for n, r in out["arms"].items()]
+    lines += ["", "Seeds needed for 80% power at a 2-point paired gap (5% two-sided): " + ", ".join(
+        f"{m} {p['seeds_for_2_points']} (paired sd {p['paired_sd']:.2f}, {p['from']})" for m, p in out["power"].items()),
+        "", f"BLEU: sacrebleu `{out['bleu_signature']}`.", ""]
+    pc = out["partners"]["per_clip"]
+    lines += ["Partners per training clip: " + ", ".join(f"{k} {v:.2f}" for k, v in pc.items()) + "."]
+    if out["ps_batches_first_seed"]:
+        lines += ["", f"Pairs inside the `ps` arm's batches (seed {out['seeds'][0]}) vs random batches of the same samples:",
+                  "", "| epoch | identical | paraphrase | near, other meaning |", "|---|---|---|---|"]
+        for e in out["ps_batches_first_seed"]:
+            p, r = e["planned"], e["random_same_samples"]
+            lines.append(f"| {e['epoch']} | " + " | ".join(f"{p[k]:.2%} / {r[k]:.2%}" for k in
+                                                          ("identical", "paraphrase", "near_other_meaning")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", nargs="+", default=[], choices=sorted(ARMS), help="arms to run (then report)")
+    p.add_argument("--report", action="store_true", help="only write the table from the runs that exist")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "ps_paraphrase.yaml")
+    p.add_argument("--deepspeed", default="configs/zero2.json")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per run")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "ps_ablation")
+    p.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "results" / "ps_ablation.md")
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    for i, seed in enumerate(args.seeds):
+        for j, name in enumerate(args.arms):
+            run_arm(args, name, seed, 29600 + 40 * (i % 10) + 4 * j)
+    out = report(args)
+    cmd = "python tools/ps_ablation.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    out["command"] = cmd
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    args.table.write_text(markdown(out, cmd))
+    print(args.table.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
