@@ -29,6 +29,7 @@ class SyntheticConfig:
     """The synthetic sign corpus (the embedded default and the test bed)."""
     seed: int = 1234              # corpus generator seed (corpus is a pure function of this config)
     n_train: int = 1200           # number of training clips
+    train_offset: int = 0         # first training clip's sample index (>= another corpus's n_train: disjoint clips)
     n_dev: int = 100
     n_test: int = 150
     frame_size: int = 32          # frames are frame_size x frame_size x 3, uint8

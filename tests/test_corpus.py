@@ -282,3 +282,15 @@ def test_partner_statistics_count_each_kind():
     assert st["per_batch_row"]["near"] == pytest.approx(8 / 5 * 2 / 4)
     with pytest.raises(ValueError, match="two meanings"):
         cp.partner_stats(["a", "a"], [0, 1])
+
+
+def test_train_offset_gives_the_later_clips_of_the_same_language():
+    # a pretraining corpus of clips the test bed never trains on: same signs, pool and signers
+    bed, pre = SyntheticCorpus(small_cfg(n_train=60)), SyntheticCorpus(small_cfg(n_train=20, train_offset=60))
+    assert pre.indices("train") == range(60, 80) and not set(pre.indices("train")) & set(bed.indices("train"))
+    longer = SyntheticCorpus(small_cfg(n_train=80))
+    a, b = pre.sample("train", 65), longer.sample("train", 65)
+    assert a["key"] == b["key"] == "train_000065" and np.array_equal(a["frames"], b["frames"])
+    assert [s["key"] for s in pre.samples("dev")] == [s["key"] for s in bed.samples("dev")]
+    with pytest.raises(IndexError):
+        pre.sample("train", 10)

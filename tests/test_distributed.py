@@ -370,6 +370,23 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert torch.allclose(table.t1, one["text"].double(), atol=1e-5)
     assert not torch.allclose(table.v0, table.v1)
 
+    # CiCo-scored table (2 ranks): its dense delta is the one-process CiCo similarity of the token
+    # features at the late checkpoint minus at the early one; its pooled views are the pooled table's
+    cico_path = d / "ref_cico.safetensors"
+    proc = subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
+                           "--master_port", "29637", "tools/export_reference.py", "--run", str(ref), "--early",
+                           "epoch0000", "--late", "epoch0002", "--score", "cico", "--out", str(cico_path)],
+                          cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert "Spearman" in proc.stdout
+    cico = load_table(cico_path)
+    early_model, _, _ = load_run_model(ref, ref / "stage1" / "checkpoints", "epoch0000")
+    views = [embed_split(m, shards, "train", tok, "cpu", tokens=True) for m in (early_model, model)]
+    from sclslt_kernels import cico_similarity_reference
+    want = [cico_similarity_reference(e["video_tokens"], e["video_mask"], e["text_tokens"], e["text_mask"],
+                                      cfg.model.cico_tau).double() for e in views]
+    assert cico.delta is not None and torch.allclose(cico.delta, want[1] - want[0], atol=1e-5)
+    assert torch.allclose(cico.v1, table.v1) and cico.keys == table.keys
+
     ps = d / "ps"
     launch(cfg_path, ps, 29633, "--stage2.enabled", "false", "--train.max_steps", "0", "--selection.mode", "ps",
            "--selection.table", str(table_path), "--selection.chunk", "2")

@@ -427,3 +427,36 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
     te = "text_encoder.layers.0.self_attn.k_proj.weight"
     assert torch.equal(s1[te], base["model.encoder.layers.0.self_attn.k_proj.weight"].float())
     assert torch.equal(s2[te], s1[te])                        # frozen in stage 1, contrastive part in stage 2
+
+
+def test_a_run_exports_as_pretrained_encoders_that_the_recipe_loads(tmp_path):
+    """tools/export_pretrained.py on a real (tiny) run: backbone, mBART whose encoder is the run's text
+    encoder, and tokenizer, written with save_pretrained; a model configured with them starts from exactly
+    those weights (issue 14's pretrained start), through the loading path of a real recipe."""
+    import importlib.util
+
+    from sclslt.config import load_config
+    from sclslt.eval.retrieval import load_run_model
+    fixture = ROOT / "tests" / "fixtures" / "run_before_layout_move"
+    spec = importlib.util.spec_from_file_location("export_pretrained", ROOT / "tools" / "export_pretrained.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    info = tool.export(fixture, tmp_path / "pre", stage="stage1")
+    assert info["tag"] == "step00000002" and not list(tmp_path.glob(".pre.tmp-*"))
+    src, tok, cfg = load_run_model(fixture, fixture / "stage1" / "checkpoints")
+    cfg = load_config(fixture / "config.yaml", ["--model.backbone", str(tmp_path / "pre" / "backbone"),
+                                                "--model.mbart", str(tmp_path / "pre" / "mbart"),
+                                                "--model.tokenizer", str(tmp_path / "pre" / "tokenizer"),
+                                                "--model.trim_vocab", "false"])
+    model = SLTModel(cfg.model, load_tokenizer(tmp_path / "pre" / "tokenizer"), cfg.data)
+    for name, want in src.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[name], want), name
+    text = {k: v for k, v in src.text_encoder.state_dict().items() if not k.startswith("embed_tokens.")}
+    for name, want in text.items():           # both encoders start from the run's text encoder
+        assert torch.equal(model.s2s.model.encoder.state_dict()[name], want), name
+        assert torch.equal(model.text_encoder.state_dict()[name], want), name
+    assert not torch.equal(src.s2s.model.encoder.layers[0].fc1.weight, src.text_encoder.layers[0].fc1.weight)
+    for name, want in src.s2s.model.decoder.state_dict().items():
+        assert torch.equal(model.s2s.model.decoder.state_dict()[name], want), name
+    assert torch.equal(model.s2s.lm_head.weight, src.s2s.lm_head.weight)
+    assert len(load_tokenizer(tmp_path / "pre" / "tokenizer")) == len(tok)

@@ -49,7 +49,8 @@ def test_every_arm_is_a_valid_recipe_of_the_test_bed(name):
     table = ["--selection.table", "reference.safetensors"] if arm.table else []
     cfg = load_config(ROOT / "configs" / "ps_paraphrase.yaml", list(arm.args) + table)
     if arm.table:
-        ref, early, late = arm.table
+        ref, early, late, score = arm.table
+        assert score in ("pooled", "cico")
         assert abl.ARMS[ref].reference and int(early[5:]) < int(late[5:]) <= cfg.stage1.epochs
         assert cfg.selection.mode == "ps"
         assert load_config(ROOT / "configs" / "ps_paraphrase.yaml", list(abl.ARMS[ref].args)).model.similarity \

@@ -141,3 +141,33 @@ def test_frequent_sentences_are_spread_over_the_epoch_not_piled_at_its_end():
         for b in plan:
             assert len(set(t.sentence_ids[b].tolist())) == 8, (schedule, b)
         assert planner.stats.relaxed == 0
+
+
+def test_a_dense_delta_table_plans_by_its_matrix(tmp_path):
+    # a table carrying the pooled delta as a dense matrix plans exactly as the factorised one; any other
+    # matrix (here CiCo-like: a non-factorising perturbation) changes the plans; the file round-trips it
+    t = make_table(seed=3)
+    dense_pooled = t.v1 @ t.t1.t() - t.v0 @ t.t0.t()
+    args = dict(keys=t.keys, sentence_ids=t.sentence_ids, v0=t.v0, t0=t.t0, v1=t.v1, t1=t.t1)
+    cfg = SelectionConfig(mode="ps", chunk=1)
+    pools = split_pools(96, 2)
+    want = Planner(cfg, t, 4, 2, seed=1).plan_epoch_local(pools, epoch=3, epochs=5, n_batches=12)
+    same = Planner(cfg, Table(**args, delta=dense_pooled), 4, 2, seed=1).plan_epoch_local(pools, 3, 5, 12)
+    assert same == want
+    g = torch.Generator().manual_seed(9)
+    other = dense_pooled + 0.5 * torch.rand(96, 96, generator=g, dtype=torch.float64) ** 3
+    got = Planner(cfg, Table(**args, delta=other), 4, 2, seed=1).plan_epoch_local(pools, 3, 5, 12)
+    assert got != want
+    # the dense planner's picks are the brute-force Delta order of its matrix: check one round by hand
+    tab = Table(**args, delta=other)
+    members, cand = [3, 17, 40], torch.tensor([5, 6, 7, 50, 60])
+    by_hand = torch.tensor([sum(float(other[u, c] + other[c, u]) for c in members) for u in cand.tolist()],
+                           dtype=torch.float64)
+    assert torch.allclose(tab.candidate_delta(tab.pool_side(cand), members), by_hand)
+    save_table(tmp_path / "t.safetensors", {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v0,
+                                            "text": t.t0}, {"keys": t.keys, "sentence_ids": t.sentence_ids,
+                                                            "video": t.v1, "text": t.t1}, {}, delta=other)
+    back = load_table(tmp_path / "t.safetensors")
+    assert back.delta is not None and torch.allclose(back.delta, other.float().double())
+    with pytest.raises(ValueError, match="delta is"):
+        Table(**args, delta=other[:5])

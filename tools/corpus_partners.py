@@ -69,7 +69,7 @@ def synthetic_texts(config_path: str, split: str) -> tuple[list[str], list[int]]
     from sclslt.config import load_config
     from sclslt.data.synthetic import SyntheticCorpus
     corpus = SyntheticCorpus(load_config(config_path).data.synthetic)
-    sids = [corpus.pool_index(split, i) for i in range(corpus.split_size(split))]
+    sids = [corpus.pool_index(split, i) for i in corpus.indices(split)]
     return [corpus.pool_texts[s] for s in sids], [corpus.pool_meaning[s] for s in sids]
 
 

@@ -4,6 +4,12 @@ Every rank embeds its own slice of the training split (pooled video and text emb
 early and the late checkpoint); rank 0 writes one safetensors file with the sample keys and
 sentence ids. Use it as `selection.table` with `selection.mode: ps`.
 
+--score pooled (default): delta(i, j) is the change of the pooled cosine, factorised in the table.
+--score cico: delta(i, j) is the change of CiCo's token-level similarity (what a CiCo run trains),
+which does not factorise: the table carries the dense N x N matrix (4 N^2 bytes: 0.2 GB at PHOENIX's
+7,096 clips; use pooled scoring beyond some ten thousand clips). The export also reports how well
+pooled delta ranks the pairs against CiCo delta (Spearman over a sample of pairs) in the table's meta.
+
   python tools/export_reference.py --run runs/ref --early epoch0000 --late epoch0005 --out ref.safetensors
   deepspeed --num_gpus 8 tools/export_reference.py --run runs/ref --early epoch0000 --late epoch0005 --out ref.safetensors
 
@@ -20,6 +26,27 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def cico_delta(views: dict, tau: float) -> "torch.Tensor":
+    """CiCo similarity at the late checkpoint minus at the early one, every video against every text."""
+    from sclslt.eval.retrieval import cico_matrix
+    return cico_matrix(views["late"], tau) - cico_matrix(views["early"], tau)
+
+
+def spearman_pooled_vs(delta, views: dict, pairs: int, seed: int = 0) -> float:
+    """Spearman correlation of pooled delta against `delta` over a seeded sample of off-diagonal pairs."""
+    import torch
+    n = delta.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    i, j = torch.randint(0, n, (pairs,), generator=g), torch.randint(0, n, (pairs,), generator=g)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    e, la = views["early"], views["late"]
+    pooled = (la["video"][i] * la["text"][j]).sum(1).double() - (e["video"][i] * e["text"][j]).sum(1).double()
+    ranks = [torch.empty(len(x), dtype=torch.float64).index_put_((x.argsort(),), torch.arange(len(x), dtype=torch.float64))
+             for x in (pooled, delta[i, j].double())]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="the reference run directory")
@@ -29,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage", default="stage1")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--score", choices=("pooled", "cico"), default="pooled", help="similarity that delta is of")
+    p.add_argument("--pairs", type=int, default=1_000_000, help="pairs sampled for the rank correlation")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -49,14 +78,20 @@ def main(argv=None) -> int:
         model, tok, cfg = load_run_model(args.run, ckpt, tag)
         model.to(d.device)
         views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device, args.batch_size,
-                             max_frames=cfg.data.max_frames)
+                                  max_frames=cfg.data.max_frames, tokens=args.score == "cico")
     if d.rank == 0:
+        meta = {"run": str(args.run), "stage": args.stage, "early": args.early, "late": args.late,
+                "split": args.split, "score": args.score}
+        delta = None
+        if args.score == "cico":
+            delta = cico_delta(views, cfg.model.cico_tau)
+            meta["spearman_pooled_vs_cico"] = spearman_pooled_vs(delta, views, args.pairs)
+            print(f"delta: Spearman rank correlation of pooled vs CiCo scoring over "
+                  f"{min(args.pairs, delta.numel() - len(delta))} pairs: {meta['spearman_pooled_vs_cico']:.4f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        save_table(args.out, views["early"], views["late"],
-                   {"run": str(args.run), "stage": args.stage, "early": args.early, "late": args.late,
-                    "split": args.split})
+        save_table(args.out, views["early"], views["late"], meta, delta)
         print(f"wrote {args.out}: {len(views['early']['keys'])} samples, "
-              f"dim {views['early']['video'].shape[1]}")
+              f"dim {views['early']['video'].shape[1]}, {args.score} scoring")
     dist.barrier()
     return 0
 

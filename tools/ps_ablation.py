@@ -30,6 +30,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 @dataclass(frozen=True)
 class Arm:
-    """One recipe: stage-1 overrides, and the table (reference arm, early tag, late tag) it plans with."""
+    """One recipe: stage-1 overrides, and the table (reference arm, early tag, late tag, scoring) it plans with."""
     help: str
     args: tuple[str, ...] = ()
-    table: tuple[str, str, str] | None = None
+    table: tuple[str, str, str, str] | None = None
     reference: bool = field(default=False)      # saves epoch checkpoints: other arms' reference run
+    pretrained: bool = False                    # starts from the encoders of --pretrain-config (see `pretrained`)
 
 
 PS = ("--selection.mode", "ps")
@@ -54,19 +56,27 @@ ARMS: dict[str, Arm] = {
     "random_nomask": Arm("random batches, no id mask (the paper's GFSLT-VLP baseline)",
                          ("--stage1.mask_same_sentence", "false")),
     "ps": Arm("Pair Selection, log schedule, table epoch 0 -> 2 (medium interval)", PS,
-              ("random", "epoch0000", "epoch0002")),
+              ("random", "epoch0000", "epoch0002", "pooled")),
     "self": Arm("self mode: the job's own embeddings, refreshed every 2 epochs",
                 ("--selection.mode", "self", "--selection.self_interval", "2")),
     **{f"ps_{s}": Arm(f"Pair Selection, {s} schedule (table 0 -> 2)", PS + ("--selection.schedule", s),
-                      ("random", "epoch0000", "epoch0002")) for s in ("easy", "hard", "linear", "sqrt")},
-    "ps_short": Arm("Pair Selection, table epoch 0 -> 1 (short interval)", PS, ("random", "epoch0000", "epoch0001")),
-    "ps_long": Arm("Pair Selection, table epoch 0 -> 4 (long: the whole reference stage)", PS,
-                   ("random", "epoch0000", "epoch0004")),
-    "ps_early1": Arm("Pair Selection, table epoch 1 -> 3 (a trained early view)", PS,
-                     ("random", "epoch0001", "epoch0003")),
+                      ("random", "epoch0000", "epoch0002", "pooled")) for s in ("easy", "hard", "linear", "sqrt")},
+    "ps_short": Arm("Pair Selection, table epoch 0 -> 1 (short interval)", PS, ("random", "epoch0000", "epoch0001", "pooled")),
+    "ps_long": Arm("Pair Selection, table epoch 0 -> 4 (long interval)", PS,
+                   ("random", "epoch0000", "epoch0004", "pooled")),
+    "ps_early2": Arm("Pair Selection, table epoch 2 -> 4 (a trained early view)", PS,
+                     ("random", "epoch0002", "epoch0004", "pooled")),
+    "random_pre": Arm("random batches from pretrained encoders (the pretrained reference run)", pretrained=True,
+                      reference=True),
+    "ps_pre": Arm("Pair Selection from pretrained encoders, table epoch 0 -> 2 of the pretrained reference run", PS,
+                  ("random_pre", "epoch0000", "epoch0002", "pooled"), pretrained=True),
+    "ps_pre_early2": Arm("Pair Selection from pretrained encoders, table epoch 2 -> 4", PS,
+                         ("random_pre", "epoch0002", "epoch0004", "pooled"), pretrained=True),
     "random_cico": Arm("random batches, CiCo similarity (the CiCo reference run)", CICO, reference=True),
-    "ps_cico": Arm("Pair Selection with CiCo training, pooled table of the CiCo reference run (0 -> 2)",
-                   CICO + PS, ("random_cico", "epoch0000", "epoch0002")),
+    "ps_cico": Arm("Pair Selection with CiCo training, pooled-scored table of the CiCo reference run (0 -> 2)",
+                   CICO + PS, ("random_cico", "epoch0000", "epoch0002", "pooled")),
+    "ps_cico_table": Arm("Pair Selection with CiCo training, CiCo-scored table of the CiCo reference run (0 -> 2)",
+                         CICO + PS, ("random_cico", "epoch0000", "epoch0002", "cico")),
 }
 METRICS = {"dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"), "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
            "test_bleu4": ("model", "bleu4"), "test_rouge_l": ("model", "rouge_l")}
@@ -124,20 +134,43 @@ def launcher(args, port: int) -> list[str]:
     return [str(ds) if ds.exists() else "deepspeed", "--master_port", str(port), "--num_accelerators", str(args.nproc)]
 
 
-def table_for(args, seed: int, spec: tuple[str, str, str], port: int) -> Path:
-    ref, early, late = spec
-    out = args.out / f"seed{seed}" / "tables" / f"{ref}.{early}.{late}.safetensors"
+def table_for(args, seed: int, spec: tuple[str, str, str, str], port: int) -> Path:
+    ref, early, late, score = spec
+    out = args.out / f"seed{seed}" / "tables" / f"{ref}.{early}.{late}.{score}.safetensors"
     if not out.is_file():
         run_arm(args, ref, seed, port)
         sh(launcher(args, port + 1) + ["tools/export_reference.py", "--run", str(args.out / f"seed{seed}" / ref),
-                                       "--early", early, "--late", late, "--out", str(out)], out.with_suffix(".log"))
+                                       "--early", early, "--late", late, "--score", score, "--out", str(out)],
+           out.with_suffix(".log"))
     return out
+
+
+_PRETRAIN_LOCK = threading.Lock()
+
+
+def pretrained(args) -> list[str]:
+    """The pretrained encoders every `pretrained` arm starts from, made once for all seeds (a fixed artifact,
+    as ImageNet/mBART weights are): --pretrain-config (the test bed's language, clips it never trains on)
+    trained with seed 1000, exported by tools/export_pretrained.py."""
+    out = args.out / "pretrained"
+    with _PRETRAIN_LOCK:
+        if not (out / "export" / "export.json").is_file():
+            run = out / "run"
+            if not (run / "results.json").is_file():
+                sh(launcher(args, 30990) + ["launch/train.py", "--deepspeed", args.deepspeed, "--config",
+                                            str(args.pretrain_config), "--train.seed", "1000", "--train.run_dir",
+                                            str(run)], out / "run.log")
+            sh([sys.executable, "tools/export_pretrained.py", "--run", str(run), "--out", str(out / "export")],
+               out / "export.log")
+    e = out / "export"
+    return ["--model.backbone", str(e / "backbone"), "--model.mbart", str(e / "mbart"),
+            "--model.tokenizer", str(e / "tokenizer"), "--model.trim_vocab", "false"]
 
 
 def run_arm(args, name: str, seed: int, port: int) -> dict:
     arm, run = ARMS[name], args.out / f"seed{seed}" / name
     if not (run / "results.json").is_file():
-        extra = list(arm.args)
+        extra = list(arm.args) + (pretrained(args) if arm.pretrained else [])
         if arm.table:
             extra += ["--selection.table", str(table_for(args, seed, arm.table, port + 2))]
         if arm.reference:
@@ -147,6 +180,20 @@ def run_arm(args, name: str, seed: int, port: int) -> dict:
                                    "--train.seed", str(seed), "--train.run_dir", str(run), *extra],
            run.with_suffix(".log"))
     return json.loads((run / "results.json").read_text())
+
+
+def run_seeds(args) -> None:
+    """Every requested arm for every seed; --jobs seeds at a time (a seed's arms in order: tables first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i_seed):
+        i, seed = i_seed
+        for j, name in enumerate(args.arms):
+            run_arm(args, name, seed, 31000 + 100 * (i % 10) + 5 * j)
+    if args.jobs > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(one, enumerate(args.seeds)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +284,26 @@ def report(args) -> dict:
     partners = partner_stats([texts[k] for k in keys], [meaning[k] for k in keys] if meaning else None)
     batches = batch_pairs(first / "ps") if (first / "ps" / "results.json").is_file() else None
     return {"config": str(args.config), "seeds": args.seeds, "arms": rows, "power": power,
-            "partners": partners, "ps_batches_first_seed": batches,
+            "partners": partners, "ps_batches_first_seed": batches, "trajectories": trajectories(first),
             "bleu_signature": base[sorted(base)[0]]["model"]["bleu_signature"]}
+
+
+def trajectories(seed_dir: Path) -> dict:
+    """The paper's trajectory analysis (tools/trajectories.py, all epoch checkpoints, 1024 clips) of the
+    first seed's reference runs, from scratch and from the pretrained start: class shares, and where
+    the known false negatives (identical texts) and the paraphrases fall."""
+    out = {}
+    for ref in ("random", "random_pre"):
+        run = seed_dir / ref
+        if not (run / "results.json").is_file():
+            continue
+        rep = run / "stage1" / "trajectories" / "report.json"
+        if not rep.is_file():
+            sh([sys.executable, "tools/trajectories.py", "--run", str(run), "--sample", "1024"],
+               run.with_suffix(".trajectories.log"))
+        r = json.loads(rep.read_text())
+        out[ref] = {k: r.get(k) for k in ("tags", "fractions", "same_sentence", "paraphrase")}
+    return out
 
 
 def fmt(v: dict) -> str:
@@ -264,6 +329,13 @@ def markdown(out: dict, cmd: str) -> str:
         "", f"BLEU: sacrebleu `{out['bleu_signature']}`.", ""]
     pc = out["partners"]["per_clip"]
     lines += ["Partners per training clip: " + ", ".join(f"{k} {v:.2f}" for k, v in pc.items()) + "."]
+    for ref, r in out.get("trajectories", {}).items():
+        pp, ss = r.get("paraphrase") or {}, r["same_sentence"]
+        lines += ["", f"Trajectories of `{ref}` (seed {out['seeds'][0]}, {r['tags'][0]} -> {r['tags'][-1]}): " + ", ".join(
+            f"{k} {v:.1%}" for k, v in r["fractions"].items()) + f". Identical-text pairs: {ss['hh_fraction'] or 0:.2%} "
+            f"of H->H vs {ss['negatives_fraction']:.2%} of negatives" + (
+                f"; paraphrase pairs: {pp['hh_fraction'] or 0:.2%} of H->H vs {pp['negatives_fraction']:.2%} of "
+                f"negatives ({pp['counts_by_class']})." if pp else ".")]
     if out["ps_batches_first_seed"]:
         lines += ["", f"Pairs inside the `ps` arm's batches (seed {out['seeds'][0]}) vs random batches of the same samples:",
                   "", "| epoch | identical | paraphrase | near, other meaning |", "|---|---|---|---|"]
@@ -280,15 +352,15 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="only write the table from the runs that exist")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "ps_paraphrase.yaml")
+    p.add_argument("--pretrain-config", type=Path, default=ROOT / "configs" / "ps_pretrain.yaml")
     p.add_argument("--deepspeed", default="configs/zero2.json")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run side by side (each with cores / jobs threads)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "ps_ablation")
     p.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "results" / "ps_ablation.md")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
-    for i, seed in enumerate(args.seeds):
-        for j, name in enumerate(args.arms):
-            run_arm(args, name, seed, 29600 + 40 * (i % 10) + 4 * j)
+    run_seeds(args)
     out = report(args)
     cmd = "python tools/ps_ablation.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     out["command"] = cmd

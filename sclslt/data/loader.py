@@ -69,7 +69,8 @@ def make_synthetic_shards(syn: SyntheticConfig, out_dir: Path, samples_per_shard
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         for split in SPLITS:
-            samples = ({**s, "source": f"synthetic:{split}:{i}"} for i, s in enumerate(corpus.samples(split)))
+            samples = ({**s, "source": f"synthetic:{split}:{i}"}
+                       for i, s in zip(corpus.indices(split), corpus.samples(split)))
             write_split(samples, tmp, split, samples_per_shard, lowercase)
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -281,6 +281,8 @@ class SyntheticCorpus:
         if not 1 <= cfg.min_frames_per_sign <= cfg.max_frames_per_sign:
             raise ValueError("synthetic.min_frames_per_sign must be >= 1 and <= max_frames_per_sign "
                              f"(got {cfg.min_frames_per_sign}, {cfg.max_frames_per_sign})")
+        if cfg.train_offset < 0:
+            raise ValueError(f"synthetic.train_offset={cfg.train_offset}: use a value >= 0")
         if cfg.paraphrases_per_meaning < 1:
             raise ValueError(f"synthetic.paraphrases_per_meaning={cfg.paraphrases_per_meaning}: use at least 1")
         if cfg.n_signers < 1 or cfg.n_templates < 1:
@@ -321,14 +323,19 @@ class SyntheticCorpus:
             raise ValueError(f"unknown split {split!r}: use one of {sorted(SPLITS)}")
         return int(getattr(self.cfg, f"n_{split}"))
 
+    def indices(self, split: str) -> range:
+        """Sample indices of a split: 0..n-1, for train from `train_offset` (a disjoint training set of the
+        same language, e.g. to pretrain encoders on clips the test bed never trains on)."""
+        start = self.cfg.train_offset if split == "train" else 0
+        return range(start, start + self.split_size(split))
+
     def samples(self, split: str) -> Iterator[dict]:
-        for i in range(self.split_size(split)):
+        for i in self.indices(split):
             yield self.sample(split, i)
 
     def sample(self, split: str, index: int) -> dict:
-        n = self.split_size(split)
-        if not 0 <= index < n:
-            raise IndexError(f"{split} index {index} out of range (split has {n} clips)")
+        if index not in self.indices(split):
+            raise IndexError(f"{split} index {index} out of range (split has indices {self.indices(split)})")
         sid, rng = self._draw_sentence(split, index)
         signer = self.signers[int(rng.integers(len(self.signers)))]
         glosses = self.pool_glosses[sid]

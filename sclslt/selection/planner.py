@@ -57,6 +57,10 @@ def curriculum_quantile(schedule: str, alpha: float, base: float = 10.0) -> floa
 class Table:
     """Reference embeddings: rows aligned with `keys`; v0/t0 early, v1/t1 late (float64 for exact ties).
 
+    delta(u, c) is v1_u . t1_c - v0_u . t0_c (pooled scoring, factorised: a round is one
+    matrix-vector product), or, when the table carries `delta` (N x N, video row, text column), that
+    matrix: any similarity, e.g. CiCo's, which does not factorise (tools/export_reference.py
+    --score cico; N^2 memory, so for corpora up to some ten thousand clips).
     The embeddings live on `device` (the training GPU when there is one), where the candidates are
     scored; ids and the selection logic stay on the CPU.
     """
@@ -67,6 +71,7 @@ class Table:
     v1: torch.Tensor
     t1: torch.Tensor
     device: torch.device | str = "cpu"
+    delta: torch.Tensor | None = None
     index: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -74,6 +79,25 @@ class Table:
         self.sentence_ids = self.sentence_ids.cpu()
         for name in ("v0", "t0", "v1", "t1"):
             setattr(self, name, getattr(self, name).to(self.device, torch.float64))
+        if self.delta is not None:
+            n = len(self.keys)
+            if tuple(self.delta.shape) != (n, n):
+                raise ValueError(f"reference table: delta is {tuple(self.delta.shape)}, expected ({n}, {n})")
+            self.delta = self.delta.to(self.device, torch.float64)
+
+    def pool_side(self, rows: torch.Tensor) -> torch.Tensor:
+        """What a pool keeps for an epoch to score its candidates `rows` (see `candidate_delta`)."""
+        r = rows.to(self.v1.device)
+        if self.delta is not None:
+            return r
+        return torch.cat([self.v1[r], -self.v0[r], self.t1[r], -self.t0[r]], dim=1)
+
+    def candidate_delta(self, side: torch.Tensor, members: list[int]) -> torch.Tensor:
+        """Delta(u; C) = sum over members c of delta(u, c) + delta(c, u), for every candidate of `side`."""
+        if self.delta is not None:
+            m = torch.tensor(members, dtype=torch.long, device=self.delta.device)
+            return self.delta[side][:, m].sum(1) + self.delta[m][:, side].sum(0)
+        return side @ self.member_sums(members)
 
     def rows(self, keys: list[str]) -> torch.Tensor:
         missing = [k for k in keys if k not in self.index]
@@ -89,8 +113,9 @@ class Table:
 
 
 
-def save_table(path, early: dict, late: dict, meta: dict) -> None:
-    """A reference table: two embedding passes (same samples) in one safetensors file."""
+def save_table(path, early: dict, late: dict, meta: dict, delta: torch.Tensor | None = None) -> None:
+    """A reference table: two embedding passes (same samples) in one safetensors file, and the dense
+    delta matrix where the scoring similarity does not factorise (`Table.delta`)."""
     import json
 
     from safetensors.torch import save_file
@@ -99,6 +124,8 @@ def save_table(path, early: dict, late: dict, meta: dict) -> None:
     tensors = {"sentence_ids": early["sentence_ids"].long().contiguous(),
                "v0": early["video"].float().contiguous(), "t0": early["text"].float().contiguous(),
                "v1": late["video"].float().contiguous(), "t1": late["text"].float().contiguous()}
+    if delta is not None:
+        tensors["delta"] = delta.float().contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"keys": json.dumps(early["keys"]), "meta": json.dumps(meta)})
 
@@ -111,7 +138,7 @@ def load_table(path, device="cpu") -> Table:
         md = f.metadata()
         t = {k: f.get_tensor(k) for k in f.keys()}
     return Table(keys=json.loads(md["keys"]), sentence_ids=t["sentence_ids"], v0=t["v0"], t0=t["t0"],
-                 v1=t["v1"], t1=t["t1"], device=device)
+                 v1=t["v1"], t1=t["t1"], device=device, delta=t.get("delta"))
 
 
 def save_snapshot(path, emb: dict) -> None:
@@ -156,10 +183,9 @@ class RankPool:
         self.n_batches = n_batches
         self.table = table
         self.sids = table.sentence_ids[rows]
-        # Delta(u; C) = [v1_u, -v0_u, t1_u, -t0_u] . [sum t1_c, sum t0_c, sum v1_c, sum v0_c]: the pool's
-        # side is gathered once per epoch, contiguous; a round is one matrix-vector product
-        r = rows.to(table.v1.device)
-        self.feat = torch.cat([table.v1[r], -table.v0[r], table.t1[r], -table.t0[r]], dim=1)
+        # pooled: Delta(u; C) = [v1_u, -v0_u, t1_u, -t0_u] . [sum t1_c, sum t0_c, sum v1_c, sum v0_c]: the
+        # pool's side is gathered once per epoch, contiguous; a round is one matrix-vector product
+        self.side = table.pool_side(rows)
         self.used = torch.zeros(len(rows), dtype=torch.bool)
         self.cycles = 0
         self.seed_parts = seed_parts
@@ -197,7 +223,7 @@ class RankPool:
             g = torch.Generator().manual_seed(rng_seed(*self.seed_parts, batch_no, round_no))
             order = cand[torch.randperm(len(cand), generator=g)]
         else:
-            delta = (self.feat @ self.table.member_sums(member_rows)).cpu()[cand]
+            delta = self.table.candidate_delta(self.side, member_rows).cpu()[cand]
             by_delta = torch.argsort(delta, stable=True)     # ascending: easy first; ties in pool order
             dist = (torch.arange(len(cand), dtype=torch.float64) - q * (len(cand) - 1)).abs()
             order = cand[by_delta[torch.argsort(dist, stable=True)]]   # nearest the quantile first
