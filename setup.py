@@ -33,6 +33,8 @@ setup(
         "peft>=0.13",
         "sentencepiece>=0.2",
         "av>=18",
+        "fsspec>=2024.2",                # remote shards (http(s), s3, gs, ...): sclslt/data/storage.py
+        "aiohttp>=3.9",                  # fsspec's http(s) filesystem
         "pillow>=10",
         "zstandard>=0.22",
         "triton>=3.6; platform_system == 'Linux'",   # the kernels compile on 3.6 .. 3.9 (tests/test_kernel_compile.py)

@@ -80,8 +80,12 @@ def make_synthetic_shards(syn: SyntheticConfig, out_dir: Path, samples_per_shard
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_shards_dir(cfg: DataConfig) -> Path:
-    return synthetic_shards_dir(cfg) if cfg.corpus == "synthetic" else Path(cfg.shards_dir)
+def resolve_shards_dir(cfg: DataConfig) -> Path | str:
+    """The shard location: a local directory (Path) or a remote prefix (URL string, `storage.Store`)."""
+    from sclslt.data.storage import is_url
+    if cfg.corpus == "synthetic":
+        return synthetic_shards_dir(cfg)
+    return cfg.shards_dir.rstrip("/") if is_url(cfg.shards_dir) else Path(cfg.shards_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +198,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards_dir, split: str, micro_batch: int, *, rank: int = 0, world: int = 1,
                  train: bool = True, seed: int = 0, shuffle_buffer: int = 256, max_frames: int = 0,
                  max_bad_fraction: float = 0.01):
-        self.dir = Path(shards_dir)
-        self.manifest = read_manifest(self.dir, split)
+        from sclslt.data.storage import Store
+        self.store = Store(shards_dir)
+        self.manifest = read_manifest(shards_dir, split)
         self.fmt = frame_format(self.manifest)
         self.bad = BadSamples(max_bad_fraction)
         self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
@@ -219,11 +224,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self.batches_per_epoch
 
     # -- the sample streams ------------------------------------------------------------------
-    def _shard_paths(self, names: list[str]) -> list[Path]:
-        return [self.dir / n for n in names]
-
-    def _shard_size(self, path: Path) -> int:
-        return next(sh["num_samples"] for sh in self.manifest["shards"] if sh["name"] == path.name)
+    def _shard_size(self, name: str) -> int:
+        return next(sh["num_samples"] for sh in self.manifest["shards"] if sh["name"] == name)
 
     def _samples(self, shard_names: list[str], worker: int) -> Iterator[dict]:
         """Training: this worker's shards, cycled, through a seeded shuffle buffer."""
@@ -237,9 +239,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             order = list(shard_names)
             if cycle:
                 random.Random(rng_seed(self.seed, self.epoch, self.rank, worker, 2, cycle)).shuffle(order)
-            for path in self._shard_paths(order):
-                self.bad.expect(self._shard_size(path))
-                for s in iter_shard(path, self.fmt, self.bad):
+            for name in order:
+                self.bad.expect(self._shard_size(name))
+                for s in iter_shard(name, self.fmt, self.bad, self.store):
                     buf.append(s)
                     if len(buf) >= self.shuffle_buffer:
                         yield buf.pop(rng.randrange(len(buf)))
@@ -258,7 +260,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 i += sh["num_samples"]
                 continue
             self.bad.expect(sh["num_samples"])
-            for s in iter_shard(self.dir / sh["name"], self.fmt, self.bad):
+            for s in iter_shard(sh["name"], self.fmt, self.bad, self.store):
                 if lo <= i < hi:
                     yield s
                 i += 1

@@ -82,6 +82,7 @@ class ManifestRow(NamedTuple):
     sentence_id: int    # the false-negative identity (`text.sentence_id` of the normalised text)
     num_frames: int
     text: str           # normalised text
+    offsets: list | None = None   # [frames offset, frames size, json offset, json size] in the shard (bytes)
 
 
 def manifest_rows(manifest: dict) -> list[ManifestRow]:
@@ -111,7 +112,7 @@ class ShardWriter:
         self.next_shard, self.shape = first_shard, (list(frame_shape) if frame_shape else None)
         self.shards: list[dict] = []      # closed by this writer
         self.index: list[list] = []       # manifest rows of the samples written by this writer
-        self._writer, self._tmp, self._count, self._members = None, None, 0, []
+        self._writer, self._tmp, self._count, self._members, self._rows = None, None, 0, [], []
 
     @property
     def open_count(self) -> int:
@@ -166,6 +167,7 @@ class ShardWriter:
         self._members += enc["sizes"]
         self._count += 1
         self.index.append([enc["row"][0], self.next_shard] + enc["row"][2:])
+        self._rows.append(self.index[-1])
         if self.samples_per_shard and self._count >= self.samples_per_shard:
             closed.append(self.close_shard())
         return closed
@@ -178,6 +180,11 @@ class ShardWriter:
             return None
         self._writer.close()
         self._writer = None
+        offsets = member_offsets(self._tmp)
+        for row in self._rows:      # where each sample's members lie: random access without the tar headers
+            o = offsets[row[0]]
+            row.append([*o[self.member], *o["json"]])
+        self._rows = []
         name = f"{self.split}-{self.next_shard:06d}.tar"
         os.replace(self._tmp, self.out / name)
         rec = {"name": name, "num_samples": self._count, "sha256": _sha256(self.out / name)}
@@ -192,7 +199,7 @@ class ShardWriter:
             try:
                 self._writer.close()
             finally:
-                self._writer = None
+                self._writer, self._rows = None, []
                 Path(self._tmp).unlink(missing_ok=True)
 
 
@@ -235,38 +242,59 @@ def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
     return manifest
 
 
-def read_manifest(shards_dir: str | Path, split: str) -> dict:
-    path = Path(shards_dir) / f"{split}.json"
-    if not path.is_file():
-        raise ShardError(f"no manifest {path}: make shards with tools/shard_videos.py (split {split!r})")
+def read_manifest(shards_dir, split: str) -> dict:
+    """A split's manifest from a local directory or a remote prefix (`storage.Store`)."""
+    from sclslt.data.storage import Store
+    store = Store(shards_dir)
+    where = store.url(f"{split}.json")
+    if not store.exists(f"{split}.json"):
+        raise ShardError(f"no manifest {where}: make shards with tools/shard_videos.py (split {split!r})")
     try:
-        man = json.loads(path.read_text())
+        man = json.loads(store.read_text(f"{split}.json"))
     except json.JSONDecodeError as e:
-        raise ShardError(f"manifest {path} is not valid JSON: {e}") from e
+        raise ShardError(f"manifest {where} is not valid JSON: {e}") from e
     for key in ("num_samples", "shards", "samples", "frame_shape"):
         if key not in man:
-            raise ShardError(f"manifest {path} lacks '{key}'")
-    for sh in man["shards"]:
-        if not (Path(shards_dir) / sh["name"]).is_file():
-            raise ShardError(f"manifest {path} lists {sh['name']}, which is missing")
+            raise ShardError(f"manifest {where} lacks '{key}'")
+    if not store.remote:      # remote shards are named by the first read that fails (one request fewer each)
+        for sh in man["shards"]:
+            if not store.exists(sh["name"]):
+                raise ShardError(f"manifest {where} lists {sh['name']}, which is missing")
     return man
 
 
-def iter_shard(path: str | Path, fmt: str = "npy", on_error=None) -> Iterator[dict]:
+def member_offsets(path) -> dict[str, dict[str, tuple[int, int]]]:
+    """{key: {member suffix: (data offset, size)}} of a local tar, from its headers."""
+    import tarfile
+    members: dict[str, dict] = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    return members
+
+
+def iter_shard(path, fmt: str = "npy", on_error=None, store=None) -> Iterator[dict]:
     """Decoded samples of one shard: {key, frames (np.uint8), meta (dict)}; errors name shard and key.
 
+    `path`: a local tar, or with `store` (`storage.Store`) a shard name in it (local or remote).
     With `on_error(where, exc)` a bad sample is reported and skipped, and a corrupt tar ends the
     shard after reporting it; without it, the first error is raised.
     """
     import tarfile
 
-    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     from sclslt.data.codec import member_name
+    from sclslt.data.storage import Store
 
-    path, member = str(path), member_name(fmt)
+    if store is None:
+        store, path = Store(Path(path).parent), Path(path).name
+    name, member = str(path), member_name(fmt)
+    path, stream = store.url(name), None
     try:
-        for raw in wds.tarfile_samples([{"url": path}]):
+        stream = store.open_stream(name)
+        for raw in group_by_keys(tar_file_expander([{"url": path, "stream": stream}])):
             key = raw.get("__key__", "?")
             where = f"{path}:{key}"
             try:
@@ -285,50 +313,62 @@ def iter_shard(path: str | Path, fmt: str = "npy", on_error=None) -> Iterator[di
         if on_error is None:
             raise ShardError(f"{path}: corrupt shard ({type(e).__name__}: {e})") from e
         on_error(path, e)
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 class ShardIndex:
-    """Random access to samples by key: byte offsets of each member, from the tar headers.
+    """Random access to samples by key (planned order: Pair Selection), local or remote.
 
-    Used where the sample order is planned (Pair Selection) rather than streamed: a rank reads
-    exactly the clips it was assigned, with one seek each. Indexes are built lazily per shard.
+    A rank reads exactly the clips it was assigned: two byte ranges each (frames, json), at the
+    offsets the shard writer recorded in the manifest. Manifests written before offsets existed are
+    indexed from the tar headers, lazily per shard (a whole read of each remote shard).
     """
 
-    def __init__(self, shards_dir: str | Path, manifest: dict):
-        self.dir = Path(shards_dir)
+    def __init__(self, shards_dir, manifest: dict):
+        from sclslt.data.codec import member_name
+        from sclslt.data.storage import Store
+        self.store = Store(shards_dir)
         names = [sh["name"] for sh in manifest["shards"]]
-        self.shard_of = {r.key: names[r.shard] for r in manifest_rows(manifest)}
+        rows = manifest_rows(manifest)
+        self.shard_of = {r.key: names[r.shard] for r in rows}
+        self.offsets = {r.key: r.offsets for r in rows if r.offsets}
         self.fmt = frame_format(manifest)
+        self.member = member_name(self.fmt)
         self._members: dict[str, dict] = {}
 
-    def _index(self, name: str) -> dict:
+    def _from_headers(self, name: str, key: str) -> list | None:
         if name not in self._members:
-            import tarfile
-            members = {}
-            with tarfile.open(self.dir / name) as tf:
-                for m in tf.getmembers():
-                    key, _, ext = m.name.partition(".")
-                    members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-            self._members[name] = members
-        return self._members[name]
+            if self.store.remote:
+                import tarfile
+                members = {}
+                with tarfile.open(fileobj=self.store.open_stream(name), mode="r|") as tf:
+                    for m in tf:
+                        k, _, ext = m.name.partition(".")
+                        members.setdefault(k, {})[ext] = (m.offset_data, m.size)
+                self._members[name] = members
+            else:
+                self._members[name] = member_offsets(self.store.url(name))
+        parts = self._members[name].get(key, {})
+        if self.member not in parts or "json" not in parts:
+            return None
+        return [*parts[self.member], *parts["json"]]
 
     def read(self, key: str) -> dict:
         if key not in self.shard_of:
-            raise ShardError(f"sample {key!r} is not in the manifest of {self.dir}")
+            raise ShardError(f"sample {key!r} is not in the manifest of {self.store}")
         name = self.shard_of[key]
-        parts = self._index(name).get(key, {})
-        where = f"{self.dir / name}:{key}"
-        from sclslt.data.codec import member_name
-        member = member_name(self.fmt)
-        if member not in parts or "json" not in parts:
-            raise ShardError(f"{where}: sample lacks {member} or json")
-        with open(self.dir / name, "rb") as f:
-            f.seek(parts[member][0])
-            frames = f.read(parts[member][1])
-            f.seek(parts["json"][0])
-            meta = f.read(parts["json"][1])
+        where = f"{self.store.url(name)}:{key}"
+        off = self.offsets.get(key) or self._from_headers(name, key)
+        if off is None:
+            raise ShardError(f"{where}: sample lacks {self.member} or json")
+        frames = self.store.read_range(name, off[0], off[1])
+        meta = self.store.read_range(name, off[2], off[3])
         try:
             meta = json.loads(meta)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ShardError(f"{where}: bad json metadata ({e})") from e
+        if meta.get("key", key) != key:
+            raise ShardError(f"{where}: the manifest's offsets point at sample {meta.get('key')!r}: stale manifest")
         return {"key": key, "frames": decode_frames(frames, where, self.fmt), "meta": meta}

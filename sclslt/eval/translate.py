@@ -144,16 +144,17 @@ def frame_spec(cfg, size_override: int = 0) -> FrameSpec:
     if cfg.data.corpus == "synthetic":
         fs = int(cfg.data.synthetic.frame_size)
         return FrameSpec(fs, (fs, fs), 0, 0.0, max_frames, "data.synthetic.frame_size")
-    shards = Path(cfg.data.shards_dir)
+    from sclslt.data.storage import Store
+    shards = Store(cfg.data.shards_dir)
     for split in ("train", "dev", "test"):
-        f = shards / f"{split}.json"
-        if f.is_file():
+        f = shards.url(f"{split}.json")
+        if shards.exists(f"{split}.json"):
             break
     else:
         raise TranslateError(f"cannot find the frame size the run was trained on: no shards manifest "
                              f"(train.json) in data.shards_dir={shards}; pass --size N")
     try:
-        man = json.loads(f.read_text())
+        man = json.loads(shards.read_text(f"{split}.json"))
         h, w = int(man["frame_shape"][0]), int(man["frame_shape"][1])
     except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as e:
         raise TranslateError(f"{f}: not a shards manifest with a frame_shape ({e}); pass --size N") from e

@@ -28,7 +28,7 @@ class Context:
     ds_config_path: str
     dist: DistInfo
     run_dir: Path
-    shards_dir: Path
+    shards_dir: Path | str      # a local directory or a remote prefix (data/storage.py)
     tokenizer: object
     reporter: Reporter
 
