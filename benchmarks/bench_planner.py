@@ -2,8 +2,9 @@
 
 Sweeps pool size N (rows of the reference table), global batch, simulated world size and chunk
 (members each rank adds per round) on synthetic tables: random L2-normalised early/late video and
-text embeddings of dimension --dim (float64, as `Table` stores them) and random sentence ids with
-duplicates (about 0.7 N distinct sentences). The N rows are split at random over the `world` ranks
+text embeddings of dimension --dim, stored in --dtype (`Table.dtype`: float64 by default; float16
+is the setting for millions of clips), and random sentence ids with duplicates (about 0.7 N
+distinct sentences). The N rows are split at random over the `world` ranks
 and the epoch is planned with
     Planner(SelectionConfig(mode="ps", chunk=c, schedule="log"), table, micro=batch // world,
             world=world, seed=0).plan_epoch_local(pools, epoch=1, epochs=4, n_batches=K)
@@ -18,6 +19,11 @@ Columns:
                  pool and the ranks run in parallel (plus one all_gather_object per round, not
                  included here: add rounds_batch x the gather latency of the cluster)
   rounds_batch   planner rounds per global batch (1 seed round + ceil(micro / chunk))
+  table_mb_rank  a rank's table in memory: its pool's rows (N / world) in --dtype, plus the pool's
+                 contiguous scoring copy (`RankPool.side`): 2 x 4 x dim x bytes per row
+  comm_kb_batch  bytes one rank receives per global batch through the per-round all_gather_object:
+                 every member once (its pickled pick: row, sentence id, position, the member-side
+                 vector of 4 x dim values in --dtype); sent: its own micro-batch's share
   step_frac      ms_batch_rank / --step-ms: the planner's overhead relative to one training step
                  (an epoch is planned before it starts, n_batches x ms_batch_rank, against
                  n_batches x step_ms of training). Empty without --step-ms; the README's measured
@@ -69,26 +75,29 @@ def mem_available() -> int | None:
     return None
 
 
-def table_bytes(n: int, dim: int) -> int:
-    """Four float64 (n, dim) matrices, and as much again for the pools' contiguous (P, 4 dim) copies."""
-    return 4 * n * dim * 8
+def table_bytes(n: int, dim: int, dtype: torch.dtype = torch.float64) -> int:
+    """Four (n, dim) matrices in `dtype`, and as much again for the pools' contiguous (P, 4 dim) copies."""
+    return 4 * n * dim * torch.finfo(dtype).bits // 8
 
 
-def synthetic_table(n: int, dim: int, seed: int = 0) -> Table:
+def synthetic_table(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Table:
     g = torch.Generator().manual_seed(seed)
 
-    def unit():
-        x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-        return x / x.norm(dim=1, keepdim=True)
+    def unit(base=None):      # built in blocks of rows, so a million rows never need float64 copies
+        out = torch.empty(n, dim, dtype=dtype)
+        for i in range(0, n, 65536):
+            x = torch.randn(min(65536, n - i), dim, generator=g, dtype=torch.float64)
+            x /= x.norm(dim=1, keepdim=True)
+            if base is not None:      # late = early moved a little, as between two checkpoints of one run
+                x = base[i:i + len(x)].double() + 0.3 * x
+                x /= x.norm(dim=1, keepdim=True)
+            out[i:i + len(x)] = x.to(dtype)
+        return out
     v0, t0 = unit(), unit()
-    # late = early moved a little: deltas are small, as between two checkpoints of one run
-    v1 = v0 + 0.3 * unit()
-    v1 /= v1.norm(dim=1, keepdim=True)
-    t1 = t0 + 0.3 * unit()
-    t1 /= t1.norm(dim=1, keepdim=True)
+    v1, t1 = unit(v0), unit(t0)
     sids = torch.randint(0, max(1, int(0.7 * n)), (n,), generator=g)
     return Table(keys=[f"s{i:07d}" for i in range(n)], sentence_ids=sids, v0=v0, t0=t0, v1=v1, t1=t1,
-                 device="cuda" if torch.cuda.is_available() else "cpu")   # scored where a run scores
+                 device="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)   # scored where a run scores
 
 
 def split_pools(n: int, world: int, seed: int = 0) -> dict[int, torch.Tensor]:
@@ -103,6 +112,12 @@ def plan(table: Table, pools: dict, batch: int, world: int, chunk: int, k: int) 
     t0 = time.perf_counter()
     plans = planner.plan_epoch_local(pools, epoch=1, epochs=4, n_batches=k)
     return time.perf_counter() - t0, planner, plans
+
+
+def pick_bytes(table: Table) -> int:
+    """Pickled size of one pick as the planner's gather sends it (row, sid, position, relaxed, vector)."""
+    import pickle
+    return len(pickle.dumps((123456, 2**62, 1234, False, table.member_vec(0).cpu())))
 
 
 def rounds_per_batch(micro: int, chunk: int) -> int:
@@ -134,7 +149,7 @@ def bench(args) -> list[dict]:
         if not valid:
             continue
         avail = mem_available()
-        need = int(2.5 * table_bytes(n, args.dim))
+        need = int(2.5 * table_bytes(n, args.dim, args.dtype))
         if avail is not None and need > 0.8 * avail:
             reason = f"memory: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
             for w, c, b in valid:
@@ -142,12 +157,12 @@ def bench(args) -> list[dict]:
             print(f"N={n}: skipped ({reason})", flush=True)
             continue
         t0 = time.perf_counter()
-        table = synthetic_table(n, args.dim)
+        table = synthetic_table(n, args.dim, dtype=args.dtype)
         print(f"N={n}: table built in {time.perf_counter() - t0:.1f} s", flush=True)
         pools_by_world = {}
         for w, c, b in valid:
             micro = b // w
-            row = dict(n=n, batch=b, world=w, chunk=c, micro=micro, dim=args.dim)
+            row = dict(n=n, batch=b, world=w, chunk=c, micro=micro, dim=args.dim, dtype=str(args.dtype)[6:])
             stop = [o for o in over if (o["world"], o["chunk"]) == (w, c) and o["n"] <= n and o["batch"] <= b]
             pred = predict_s(row, measured)
             if stop:
@@ -181,6 +196,8 @@ def bench(args) -> list[dict]:
             row["ms_batch"] = secs / k * 1e3
             row["ms_batch_rank"] = row["ms_batch"] / w
             row["rounds_batch"] = planner.stats.rounds / k
+            row["table_mb_rank"] = 2 * table_bytes(-(-n // w), args.dim, args.dtype) / 2**20
+            row["comm_kb_batch"] = b * pick_bytes(table) / 1024
             row["rejected_batch"] = planner.stats.rejected / k
             row["relaxed_batch"] = planner.stats.relaxed / k
             if args.step_ms:
@@ -196,7 +213,7 @@ def bench(args) -> list[dict]:
 
 def fmt(row: dict) -> str:
     keys = ("n", "batch", "world", "chunk", "micro", "k_batches", "ms_batch", "ms_batch_rank", "rounds_batch",
-            "step_frac", "skipped")
+            "table_mb_rank", "comm_kb_batch", "step_frac", "skipped")
     return " ".join(f"{k}={row[k]:.3f}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row)
 
 
@@ -210,8 +227,8 @@ def write(rows: list[dict], out: Path, tag: dict) -> Path:
              f"{'s' if threads != 1 else ''} | dim {rows[0]['dim'] if rows else ''} | step_ms {tag['step_ms']}")
     table = RichTable(title=title, caption="ms_batch: all ranks simulated in one process (total work); "
                       "ms_batch_rank = ms_batch / world: ranks plan in parallel (gather latency not included)")
-    cols = ["n", "batch", "world", "chunk", "micro", "k_batches", "rounds_batch", "ms_batch", "ms_batch_rank",
-            "step_frac", "note", "skipped"]
+    cols = ["n", "batch", "world", "chunk", "micro", "dtype", "k_batches", "rounds_batch", "ms_batch", "ms_batch_rank",
+            "table_mb_rank", "comm_kb_batch", "step_frac", "note", "skipped"]
     cols = [c for c in cols if any(c in r for r in rows)]
     for c in cols:
         table.add_column(c, justify="left" if c in ("note", "skipped") else "right")
@@ -231,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--world", type=int, nargs="+", default=[1, 8, 64], help="simulated world size")
     p.add_argument("--chunk", type=int, nargs="+", default=[1, 4, 16], help="members each rank adds per round")
     p.add_argument("--dim", type=int, default=256, help="embedding dimension of the synthetic table")
+    p.add_argument("--dtype", default="float64", choices=("float64", "float32", "float16", "bfloat16"),
+                   help="table storage dtype (selection.table_dtype)")
     p.add_argument("--budget-s", type=float, default=30.0,
                    help="skip a configuration whose single cold batch takes (or is predicted to take) longer")
     p.add_argument("--target-s", type=float, default=2.0, help="about this many seconds of timing per configuration")
@@ -243,6 +262,7 @@ def main(argv=None) -> int:
                    help="tiny sweep (N 1k/4k, batch 16/64, world 1/8, chunk 1/4): checks the script on a CPU")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
     if args.quick:
         args.n, args.batch, args.world, args.chunk = [1000, 4000], [16, 64], [1, 8], [1, 4]
         args.target_s = min(args.target_s, 0.2)

@@ -136,6 +136,7 @@ class SelectionConfig:
     log_base: float = 10.0        # b of the log schedule: q = log(1 + (b - 1) alpha) / log(b)
     chunk: int = 1                # members each rank adds per round (1 = exact greedy)
     self_interval: int = 1        # self: epochs between refreshes of the late table (early = stage start)
+    table_dtype: str = "float64"  # ps: a rank's table rows (its pool only) in float64/float32/float16/bfloat16
 
 
 @dataclass
@@ -194,6 +195,8 @@ class Config:
             raise ConfigError("selection.mode=ps needs selection.table (make one with tools/export_reference.py)")
         if sel.schedule not in ("easy", "hard", "linear", "sqrt", "log"):
             raise ConfigError(f"selection.schedule={sel.schedule!r}: use easy, hard, linear, sqrt or log")
+        if sel.table_dtype not in ("float64", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"selection.table_dtype={sel.table_dtype!r}: use float64, float32, float16 or bfloat16")
         if sel.chunk < 1 or sel.self_interval < 1 or sel.log_base <= 1:
             raise ConfigError("selection.chunk and selection.self_interval must be >= 1, selection.log_base > 1")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):

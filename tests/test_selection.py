@@ -171,3 +171,47 @@ def test_a_dense_delta_table_plans_by_its_matrix(tmp_path):
     assert back.delta is not None and torch.allclose(back.delta, other.float().double())
     with pytest.raises(ValueError, match="delta is"):
         Table(**args, delta=other[:5])
+
+
+def _save(t: Table, path):
+    save_table(path, {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v0, "text": t.t0},
+               {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v1, "text": t.t1}, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_per_rank_tables_in_a_compact_dtype_plan_as_the_float64_planner_on_the_rounded_table(tmp_path, dtype):
+    # at scale every rank holds its own pool's rows only, in float16: the plans equal the float64 planner's
+    # on the whole table rounded to that dtype (exact: scores are float64 sums of the stored values)
+    n, world = 120, 3
+    t = make_table(n=n, e=16, n_sent=70, seed=5)
+    _save(t, tmp_path / "t.safetensors")
+    rounded = Table(keys=t.keys, sentence_ids=t.sentence_ids,
+                    **{k: getattr(t, k).to(dtype).double() for k in ("v0", "t0", "v1", "t1")})
+    pools = split_pools(n, world, seed=2)
+    cfg = SelectionConfig(mode="ps", chunk=2)
+    for epoch in (0, 2, 4):
+        want = Planner(cfg, rounded, 4, world, seed=7).plan_epoch_local(pools, epoch, 5, 10)
+        tables = {r: load_table(tmp_path / "t.safetensors", keys=[t.keys[i] for i in pools[r].tolist()], dtype=dtype)
+                  for r in range(world)}
+        assert all(len(tables[r].keys) == len(pools[r]) and tables[r].v1.dtype == dtype for r in range(world))
+        local = {r: torch.arange(len(pools[r])) for r in range(world)}
+        got = Planner(cfg, tables[0], 4, world, seed=7).plan_epoch_local(local, epoch, 5, 10, tables=tables)
+        assert {r: [[tables[r].keys[i] for i in b] for b in got[r]] for r in range(world)} == \
+               {r: [[t.keys[i] for i in b] for b in want[r]] for r in range(world)}
+    # rounding only reorders near-ties: most batch members agree with the unrounded planner's
+    full = Planner(cfg, t, 4, world, seed=7).plan_epoch_local(pools, 4, 5, 10)
+    rnd = Planner(cfg, rounded, 4, world, seed=7).plan_epoch_local(pools, 4, 5, 10)
+    same = sum(set(a) == set(b) for r in range(world) for a, b in zip(full[r], rnd[r]))
+    assert same >= 0.5 * world * 10
+
+
+def test_a_rank_table_reads_only_its_rows_in_the_order_asked(tmp_path):
+    t = make_table(n=50, e=4, seed=1)
+    _save(t, tmp_path / "t.safetensors")
+    keys = [t.keys[i] for i in (40, 3, 4, 5, 17, 41)]
+    part = load_table(tmp_path / "t.safetensors", keys=keys, dtype=torch.float32)
+    idx = torch.tensor([40, 3, 4, 5, 17, 41])
+    assert part.keys == keys and torch.equal(part.sentence_ids, t.sentence_ids[idx])
+    assert torch.allclose(part.v1.double(), t.v1[idx].float().double()) and part.v1.dtype == torch.float32
+    with pytest.raises(KeyError, match="not in the reference table"):
+        load_table(tmp_path / "t.safetensors", keys=["nope"])

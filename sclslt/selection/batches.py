@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from sclslt.config import Config, StageConfig
@@ -16,6 +17,7 @@ from sclslt.selection.planner import (
     load_snapshot,
     load_table,
     save_snapshot,
+    table_info,
     table_from_snapshots,
 )
 from sclslt.train.context import Context, RunError, stage_seed
@@ -31,11 +33,13 @@ class BatchSource:
         sel = ctx.cfg.selection
         self.mode = sel.mode if st.contrastive_weight > 0 else "random"
         self.dir = ctx.run_dir / name / "selection"
-        self.planner = None
+        self.planner, self.table = None, None
         if self.mode == "ps":
-            self.table = load_table(sel.table, ctx.dist.device)
-            ctx.reporter.info(f"{name}: Pair Selection from {sel.table} ({len(self.table.keys)} samples), "
+            n, dense = table_info(sel.table)
+            rows = "dense CiCo-scored, whole on every rank" if dense else f"{sel.table_dtype} rows of each rank's pool"
+            ctx.reporter.info(f"{name}: Pair Selection from {sel.table} ({n} samples, {rows}), "
                               f"schedule {sel.schedule}, chunk {sel.chunk}")
+            self.table = load_table(sel.table, ctx.dist.device) if dense else None
 
     def _planner(self, table: Table) -> Planner:
         cfg, st = self.ctx.cfg, getattr(self.ctx.cfg, self.name)
@@ -69,11 +73,15 @@ class BatchSource:
 
     def epoch_stream(self, epoch: int, skip: int, model_fn):
         ctx, st = self.ctx, getattr(self.ctx.cfg, self.name)
-        table = self.table if self.mode == "ps" else self._self_table(epoch, model_fn) if self.mode == "self" else None
+        keys = rank_pool_keys(self.stream.manifest, self.stream.seed, epoch, ctx.rank, ctx.world)
+        if self.mode == "ps":      # this rank's pool only (the planner never reads another rank's rows)
+            table = self.table or load_table(ctx.cfg.selection.table, ctx.dist.device, keys=keys,
+                                             dtype=getattr(torch, ctx.cfg.selection.table_dtype))
+        else:
+            table = self._self_table(epoch, model_fn) if self.mode == "self" else None
         if table is None:
             self.stream.set_epoch(epoch, skip=skip)
             return self.stream
-        keys = rank_pool_keys(self.stream.manifest, self.stream.seed, epoch, ctx.rank, ctx.world)
         planner = self._planner(table)
         plan = planner.plan_epoch(table.rows(keys), ctx.rank, epoch, st.epochs, len(self.stream),
                                   dist.all_gather_object)

@@ -63,6 +63,12 @@ class Table:
     --score cico; N^2 memory, so for corpora up to some ten thousand clips).
     The embeddings live on `device` (the training GPU when there is one), where the candidates are
     scored; ids and the selection logic stay on the CPU.
+
+    Scale: the planner never needs another rank's rows (a pick travels with its member-side vector,
+    `member_vec`), so a rank's table may hold its own pool's rows only (`load_table(keys=...)`), and
+    in a compact `dtype` (float16: 8 e bytes a clip). Scores are float64 sums of the stored values, so
+    a plan is exactly the float64 planner's plan on the table rounded to `dtype` (tests/test_selection.py);
+    rounding can only reorder candidates whose Delta differ by less than the rounding (~1e-3 relative).
     """
     keys: list
     sentence_ids: torch.Tensor      # (N,) long, CPU
@@ -72,13 +78,14 @@ class Table:
     t1: torch.Tensor
     device: torch.device | str = "cpu"
     delta: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float64
     index: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.index = {k: i for i, k in enumerate(self.keys)}
         self.sentence_ids = self.sentence_ids.cpu()
         for name in ("v0", "t0", "v1", "t1"):
-            setattr(self, name, getattr(self, name).to(self.device, torch.float64))
+            setattr(self, name, getattr(self, name).to(self.device, self.dtype))
         if self.delta is not None:
             n = len(self.keys)
             if tuple(self.delta.shape) != (n, n):
@@ -92,12 +99,25 @@ class Table:
             return r
         return torch.cat([self.v1[r], -self.v0[r], self.t1[r], -self.t0[r]], dim=1)
 
-    def candidate_delta(self, side: torch.Tensor, members: list[int]) -> torch.Tensor:
-        """Delta(u; C) = sum over members c of delta(u, c) + delta(c, u), for every candidate of `side`."""
+    def candidate_delta(self, side: torch.Tensor, members: list[int], sums: torch.Tensor | None = None,
+                        block: int = 16384) -> torch.Tensor:
+        """Delta(u; C) = sum over members c of delta(u, c) + delta(c, u), for every candidate of `side`.
+
+        Factorised tables take the members' summed vectors `sums` (`member_vec`, float64; from the rows
+        `members` of this table when not given); dense ones take the member rows."""
         if self.delta is not None:
             m = torch.tensor(members, dtype=torch.long, device=self.delta.device)
             return self.delta[side][:, m].sum(1) + self.delta[m][:, side].sum(0)
-        return side @ self.member_sums(members)
+        if sums is None:
+            sums = self.member_sums(members)
+        sums = sums.to(side.device, torch.float64)
+        if side.dtype == torch.float64:
+            return side @ sums
+        return torch.cat([side[i:i + block].double() @ sums for i in range(0, len(side), block)])
+
+    def member_vec(self, row: int) -> torch.Tensor:
+        """[t1, t0, v1, v0] of one row (stored dtype): what a pick contributes to Delta's batch side."""
+        return torch.cat([self.t1[row], self.t0[row], self.v1[row], self.v0[row]])
 
     def rows(self, keys: list[str]) -> torch.Tensor:
         missing = [k for k in keys if k not in self.index]
@@ -109,7 +129,8 @@ class Table:
     def member_sums(self, members: list[int]) -> torch.Tensor:
         """[sum t1_c, sum t0_c, sum v1_c, sum v0_c] over the members: Delta's batch side."""
         m = torch.tensor(members, dtype=torch.long, device=self.v1.device)
-        return torch.cat([self.t1[m].sum(0), self.t0[m].sum(0), self.v1[m].sum(0), self.v0[m].sum(0)])
+        return torch.cat([self.t1[m].double().sum(0), self.t0[m].double().sum(0), self.v1[m].double().sum(0),
+                          self.v0[m].double().sum(0)])
 
 
 
@@ -130,15 +151,49 @@ def save_table(path, early: dict, late: dict, meta: dict, delta: torch.Tensor | 
         save_file(tensors, str(tmp), metadata={"keys": json.dumps(early["keys"]), "meta": json.dumps(meta)})
 
 
-def load_table(path, device="cpu") -> Table:
+def table_info(path) -> tuple[int, bool]:
+    """(samples, whether the table is dense: CiCo-scored) of a table file, without reading its tensors."""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return len(json.loads(f.metadata()["keys"])), "delta" in f.keys()
+
+
+def load_table(path, device="cpu", keys: list[str] | None = None, dtype: torch.dtype = torch.float64) -> Table:
+    """A reference table; with `keys`, only those rows (a rank's pool: the file is read in contiguous
+    slices, never whole), stored in `dtype` (see `Table`: float16 for corpora of millions of clips)."""
     import json
 
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata()
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    return Table(keys=json.loads(md["keys"]), sentence_ids=t["sentence_ids"], v0=t["v0"], t0=t["t0"],
-                 v1=t["v1"], t1=t["t1"], device=device, delta=t.get("delta"))
+        all_keys = json.loads(md["keys"])
+        if keys is None:
+            t = {k: f.get_tensor(k) for k in f.keys()}
+            return Table(keys=all_keys, sentence_ids=t["sentence_ids"], v0=t["v0"], t0=t["t0"], v1=t["v1"],
+                         t1=t["t1"], device=device, delta=t.get("delta"), dtype=dtype)
+        if "delta" in f.keys():
+            raise ValueError(f"{path}: a dense (CiCo-scored) table is whole on every rank; load it without keys")
+        pos = {k: i for i, k in enumerate(all_keys)}
+        missing = [k for k in keys if k not in pos]
+        if missing:
+            raise KeyError(f"{len(missing)} training samples are not in the reference table {path} "
+                           f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
+        want = torch.tensor([pos[k] for k in keys], dtype=torch.long)
+        order = torch.sort(want)
+        idx = order.values
+        runs = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1       # starts of contiguous runs
+        bounds = list(zip([0] + runs.tolist(), runs.tolist() + [len(idx)]))
+        t = {}
+        for name in ("sentence_ids", "v0", "t0", "v1", "t1"):
+            sl = f.get_slice(name)
+            parts = [sl[int(idx[a]):int(idx[b - 1]) + 1] for a, b in bounds]
+            x = torch.cat(parts) if parts else sl[0:0]
+            x = x if name == "sentence_ids" else x.to(dtype)
+            t[name] = torch.empty_like(x).index_copy_(0, order.indices, x)   # back to the order of `keys`
+    return Table(keys=list(keys), sentence_ids=t["sentence_ids"], v0=t["v0"], t0=t["t0"], v1=t["v1"],
+                 t1=t["t1"], device=device, dtype=dtype)
 
 
 def save_snapshot(path, emb: dict) -> None:
@@ -203,10 +258,12 @@ class RankPool:
         return avail
 
     def pick(self, k: int, member_rows: list, member_sids: set, q: float, batch_no: int,
-             round_no: int, blocked: set) -> tuple[list[int], bool]:
+             round_no: int, blocked: set, sums: torch.Tensor | None = None,
+             own: list | None = None) -> tuple[list[int], bool]:
         """Up to k positions in this pool (round 0 random, later at quantile q of Delta), and whether
-        they had to be duplicates of members' sentences (nothing else left: relaxed)."""
-        avail = self.available(member_rows)
+        they had to be duplicates of members' sentences (nothing else left: relaxed). `sums`: the
+        members' summed `member_vec`s; `own`: this pool's rows already in the batch."""
+        avail = self.available(member_rows if own is None else own)
         free = avail.clone()
         if blocked:                       # rejected this batch for a clash; back only if nothing else
             free[torch.tensor(sorted(blocked), dtype=torch.long)] = False
@@ -223,7 +280,7 @@ class RankPool:
             g = torch.Generator().manual_seed(rng_seed(*self.seed_parts, batch_no, round_no))
             order = cand[torch.randperm(len(cand), generator=g)]
         else:
-            delta = self.table.candidate_delta(self.side, member_rows).cpu()[cand]
+            delta = self.table.candidate_delta(self.side, member_rows, sums).cpu()[cand]
             by_delta = torch.argsort(delta, stable=True)     # ascending: easy first; ties in pool order
             dist = (torch.arange(len(cand), dtype=torch.float64) - q * (len(cand) - 1)).abs()
             order = cand[by_delta[torch.argsort(dist, stable=True)]]   # nearest the quantile first
@@ -273,8 +330,9 @@ class Planner:
         """The rounds for the ranks in `pools` (all of them, or this rank's alone with a real gather)."""
         plans = {r: [] for r in pools}
         for batch_no in range(n_batches):
-            member_rows: list[int] = []
+            member_rows: list[int] = []        # rows of this table (meaningful where it is whole: dense scoring)
             member_sids: set[int] = set()
+            sums = torch.zeros(4 * self.table.v1.shape[1], dtype=torch.float64)   # the members' member_vecs
             mine = {r: [] for r in pools}
             quota = {r: self.micro for r in range(self.world)}
             blocked = {r: set() for r in pools}
@@ -285,20 +343,22 @@ class Planner:
                 for r, pool in pools.items():
                     k = min(k_round, quota[r])
                     picked, relaxed = pool.pick(k, member_rows, member_sids, q, batch_no, round_no,
-                                                blocked[r]) if k else ([], False)
-                    proposals[r] = [(int(pool.rows[p]), int(pool.sids[p]), p, relaxed) for p in picked]
+                                                blocked[r], sums, mine[r]) if k else ([], False)
+                    proposals[r] = [(int(pool.rows[p]), int(pool.sids[p]), p, relaxed,
+                                     pool.table.member_vec(int(pool.rows[p])).cpu()) for p in picked]
                 everyone = gather(proposals)
                 if not any(everyone[r] for r in range(self.world)):
                     raise RuntimeError(f"Pair Selection: no rank could offer a candidate in batch {batch_no} "
                                        f"(quotas {quota}): pools too small for the global batch")
                 for r in range(self.world):                   # rank order: the same verdicts everywhere
-                    for row, sid, pos, relaxed in everyone[r]:
+                    for row, sid, pos, relaxed, vec in everyone[r]:
                         if sid in member_sids and not relaxed:
                             self.stats.rejected += 1          # a same-round clash: the rank picks again
                             if r in pools:
                                 blocked[r].add(pos)
                             continue
                         self.stats.relaxed += int(sid in member_sids)
+                        sums += vec.double()
                         member_rows.append(row)
                         member_sids.add(sid)
                         quota[r] -= 1
@@ -311,8 +371,10 @@ class Planner:
                 plans[r].append(mine[r])
         return plans
 
-    def _pools(self, rank_rows: dict[int, torch.Tensor], epoch: int, n_batches: int) -> dict[int, RankPool]:
-        return {r: RankPool(rows, self.table, (self.seed, epoch, r), n_batches) for r, rows in rank_rows.items()}
+    def _pools(self, rank_rows: dict[int, torch.Tensor], epoch: int, n_batches: int,
+               tables: dict[int, Table] | None = None) -> dict[int, RankPool]:
+        return {r: RankPool(rows, (tables or {}).get(r, self.table), (self.seed, epoch, r), n_batches)
+                for r, rows in rank_rows.items()}
 
     def plan_epoch(self, rows: torch.Tensor, rank: int, epoch: int, epochs: int, n_batches: int,
                    all_gather_object) -> list[list[int]]:
@@ -326,7 +388,8 @@ class Planner:
         return self._run(pools, n_batches, self.quantile(epoch, epochs), gather)[rank]
 
     def plan_epoch_local(self, rank_rows: dict[int, torch.Tensor], epoch: int, epochs: int,
-                         n_batches: int) -> dict[int, list[list[int]]]:
-        """All ranks' plans in one process: the reference for the distributed planner."""
-        return self._run(self._pools(rank_rows, epoch, n_batches), n_batches, self.quantile(epoch, epochs),
-                         lambda x: x)
+                         n_batches: int, tables: dict[int, Table] | None = None) -> dict[int, list[list[int]]]:
+        """All ranks' plans in one process: the reference for the distributed planner. `tables`: each
+        rank's own table (rows of its pool only, as at scale); `rank_rows` then index those."""
+        return self._run(self._pools(rank_rows, epoch, n_batches, tables), n_batches,
+                         self.quantile(epoch, epochs), lambda x: x)
