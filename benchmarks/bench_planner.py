@@ -19,6 +19,7 @@ Columns:
                  pool and the ranks run in parallel (plus one all_gather_object per round, not
                  included here: add rounds_batch x the gather latency of the cluster)
   rounds_batch   planner rounds per global batch (1 seed round + ceil(micro / chunk))
+  setup_s        the epoch's pool set-up (all ranks), once per epoch: excluded from ms_batch
   table_mb_rank  a rank's table in memory: its pool's rows (N / world) in --dtype, plus the pool's
                  contiguous scoring copy (`RankPool.side`): 2 x 4 x dim x bytes per row
   comm_kb_batch  bytes one rank receives per global batch through the per-round all_gather_object:
@@ -107,11 +108,16 @@ def split_pools(n: int, world: int, seed: int = 0) -> dict[int, torch.Tensor]:
 
 
 def plan(table: Table, pools: dict, batch: int, world: int, chunk: int, k: int) -> tuple[float, Planner, dict]:
+    """Seconds for k batches, the epoch's pool set-up (once per epoch: the pools' scoring copies) excluded;
+    the set-up's seconds are in planner.setup_s."""
     cfg = SelectionConfig(mode="ps", chunk=chunk, schedule="log")
     planner = Planner(cfg, table, micro=batch // world, world=world, seed=0)
     t0 = time.perf_counter()
-    plans = planner.plan_epoch_local(pools, epoch=1, epochs=4, n_batches=k)
-    return time.perf_counter() - t0, planner, plans
+    built = planner._pools(pools, 1, k)
+    t1 = time.perf_counter()
+    plans = planner._run(built, k, planner.quantile(1, 4), lambda x: x)
+    planner.setup_s = t1 - t0
+    return time.perf_counter() - t1, planner, plans
 
 
 def pick_bytes(table: Table) -> int:
@@ -196,6 +202,7 @@ def bench(args) -> list[dict]:
             row["ms_batch"] = secs / k * 1e3
             row["ms_batch_rank"] = row["ms_batch"] / w
             row["rounds_batch"] = planner.stats.rounds / k
+            row["setup_s"] = planner.setup_s
             row["table_mb_rank"] = 2 * table_bytes(-(-n // w), args.dim, args.dtype) / 2**20
             row["comm_kb_batch"] = b * pick_bytes(table) / 1024
             row["rejected_batch"] = planner.stats.rejected / k
@@ -227,7 +234,8 @@ def write(rows: list[dict], out: Path, tag: dict) -> Path:
              f"{'s' if threads != 1 else ''} | dim {rows[0]['dim'] if rows else ''} | step_ms {tag['step_ms']}")
     table = RichTable(title=title, caption="ms_batch: all ranks simulated in one process (total work); "
                       "ms_batch_rank = ms_batch / world: ranks plan in parallel (gather latency not included)")
-    cols = ["n", "batch", "world", "chunk", "micro", "dtype", "k_batches", "rounds_batch", "ms_batch", "ms_batch_rank",
+    cols = ["n", "batch", "world", "chunk", "micro", "dtype", "k_batches", "rounds_batch", "setup_s", "ms_batch",
+            "ms_batch_rank",
             "table_mb_rank", "comm_kb_batch", "step_frac", "note", "skipped"]
     cols = [c for c in cols if any(c in r for r in rows)]
     for c in cols:

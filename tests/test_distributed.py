@@ -387,6 +387,25 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert cico.delta is not None and torch.allclose(cico.delta, want[1] - want[0], atol=1e-5)
     assert torch.allclose(cico.v1, table.v1) and cico.keys == table.keys
 
+    # the sharded, resumable export (one part per rank, nothing gathered) holds the same table
+    sharded = d / "ref_sharded"
+
+    def export_sharded(*extra):
+        return subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators",
+                               str(WORLD), "--master_port", "29638", "tools/export_reference.py", "--run", str(ref),
+                               "--early", "epoch0000", "--late", "epoch0002", "--out", str(sharded), *extra],
+                              cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600).stdout
+    export_sharded()
+    whole = load_table(sharded)
+    assert whole.keys == table.keys and all(torch.allclose(getattr(whole, v), getattr(table, v))
+                                            for v in ("v0", "t0", "v1", "t1"))
+    parts = sorted(sharded.glob("part-*.safetensors"))
+    assert len(parts) == WORLD
+    parts[1].unlink()                                   # an interrupted export: rank 1's part is missing
+    out = export_sharded("--resume")
+    assert "rank 0: kept" in out and "rank 1: wrote" in out
+    assert torch.equal(load_table(sharded).v1, whole.v1)
+
     ps = d / "ps"
     launch(cfg_path, ps, 29633, "--stage2.enabled", "false", "--train.max_steps", "0", "--selection.mode", "ps",
            "--selection.table", str(table_path), "--selection.chunk", "2")
@@ -404,8 +423,8 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert [r["step"] for r in metrics(ps, "stage1")] == list(range(1, 13))
 
     # interrupted mid-epoch (step 3 of 6) and resumed: the same planned batches, the same losses
-    part = d / "ps_resumed"
-    ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(table_path),
+    part = d / "ps_resumed"                            # planned from the sharded table: the same plans
+    ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(sharded),
                "--selection.chunk", "2")
     launch(cfg_path, part, 29635, *ps_args, "--train.max_steps", "3")
     launch(cfg_path, part, 29636, *ps_args, "--train.max_steps", "0", "--resume")

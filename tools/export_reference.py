@@ -13,6 +13,12 @@ pooled delta ranks the pairs against CiCo delta (Spearman over a sample of pairs
   python tools/export_reference.py --run runs/ref --early epoch0000 --late epoch0005 --out ref.safetensors
   deepspeed --num_gpus 8 tools/export_reference.py --run runs/ref --early epoch0000 --late epoch0005 --out ref.safetensors
 
+--out DIR (no .safetensors suffix): a sharded table for corpora of millions of clips. Every rank embeds
+its contiguous slice and writes it as DIR/part-RRRRR-of-WWWWW.safetensors (nothing is gathered);
+rank 0 writes DIR/index.json last. With --resume, a part that exists for the same slice (its keys)
+is kept, so an interrupted export continues where it stopped. Training ranks then read only the
+rows of their own pools (`selection.table_dtype`). Pooled scoring only.
+
 Checkpoint tags are the directory names under <run>/<stage>/checkpoints (a reference run saves
 `epochNNNN` tags every `checkpoint.every_epochs` epochs, `epoch0000` being the stage's start).
 """
@@ -47,6 +53,57 @@ def spearman_pooled_vs(delta, views: dict, pairs: int, seed: int = 0) -> float:
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
+def export_sharded(args, d, ckpt: Path) -> int:
+    """Each rank writes its slice as one part (resumable); rank 0 writes index.json when all are done."""
+    import hashlib
+    import json
+
+    import torch.distributed as dist
+
+    from sclslt.atomic import write_text
+    from sclslt.config import load_config
+    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.data.shards import manifest_rows, read_manifest
+    from sclslt.eval.retrieval import embed_split, load_run_model
+    from sclslt.selection.planner import TABLE_INDEX, save_table
+    cfg = load_config(args.run / "config.yaml")
+    shards = resolve_shards_dir(cfg.data)
+    keys = [r.key for r in manifest_rows(read_manifest(shards, args.split))]
+    lo, hi = len(keys) * d.rank // d.world, len(keys) * (d.rank + 1) // d.world
+    mine = keys[lo:hi]
+    digest = hashlib.sha256(json.dumps(mine).encode()).hexdigest()
+    name = f"part-{d.rank:05d}-of-{d.world:05d}.safetensors"
+    part = args.out / name
+    done = False
+    if args.resume and part.is_file():
+        from safetensors import safe_open
+        with safe_open(str(part), framework="pt") as f:
+            done = json.loads(f.metadata().get("meta", "{}")).get("keys_sha256") == digest
+    if not done:
+        views = {}
+        for view, tag in (("early", args.early), ("late", args.late)):
+            model, tok, _ = load_run_model(args.run, ckpt, tag)
+            model.to(d.device)
+            views[view] = embed_split(model, shards, args.split, tok, d.device, args.batch_size,
+                                      max_frames=cfg.data.max_frames, gather=False)
+            if views[view]["keys"] != mine:
+                raise RuntimeError(f"rank {d.rank}: embedded {len(views[view]['keys'])} samples, not the slice "
+                                   f"{lo}..{hi} of the manifest")
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_table(part, views["early"], views["late"],
+                   {"run": str(args.run), "early": args.early, "late": args.late, "split": args.split,
+                    "rows": [lo, hi], "keys_sha256": digest})
+    print(f"rank {d.rank}: {'kept' if done else 'wrote'} {part} ({len(mine)} samples)", flush=True)
+    parts = [None] * d.world
+    dist.all_gather_object(parts, {"name": name, "rows": len(mine)})
+    if d.rank == 0:
+        write_text(args.out / TABLE_INDEX, json.dumps({"parts": parts, "split": args.split, "run": str(args.run),
+                                                       "early": args.early, "late": args.late}, indent=1))
+        print(f"wrote {args.out / TABLE_INDEX}: {len(keys)} samples in {d.world} parts")
+    dist.barrier()
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="the reference run directory")
@@ -58,6 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--score", choices=("pooled", "cico"), default="pooled", help="similarity that delta is of")
     p.add_argument("--pairs", type=int, default=1_000_000, help="pairs sampled for the rank correlation")
+    p.add_argument("--resume", action="store_true", help="sharded --out: keep the parts already written")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -69,6 +127,12 @@ def main(argv=None) -> int:
     from sclslt.selection.planner import save_table
 
     ckpt = args.run / args.stage / "checkpoints"
+    if args.out.suffix != ".safetensors":
+        if args.score != "pooled":
+            print("error: a sharded table (--out DIR) holds pooled scoring only; CiCo scoring needs one file",
+                  file=sys.stderr)
+            return 2
+        return export_sharded(args, d, ckpt)
     views = {}
     for name, tag in (("early", args.early), ("late", args.late)):
         if not (ckpt / tag).is_dir():

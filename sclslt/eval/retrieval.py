@@ -48,8 +48,9 @@ TOKEN_KEYS = ("video_tokens", "video_mask", "text_tokens", "text_mask")
 
 @torch.no_grad()
 def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batch_size: int = 64,
-                num_workers: int = 0, max_frames: int = 0, tokens: bool = False) -> dict:
-    """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order;
+                num_workers: int = 0, max_frames: int = 0, tokens: bool = False, gather: bool = True) -> dict:
+    """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order
+    (with `gather` False: this rank's contiguous slice of it);
     with `tokens`, CiCo's token features too (`TOKEN_KEYS`, padded to the split's longest).
     `max_frames` > 0: longer clips are subsampled to evenly spaced frames (pass `data.max_frames`)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -75,7 +76,7 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
     if tokens:
         mine.update({k: _cat_padded(v) for k, v in toks.items()})
     model.train(was_training)
-    if world == 1:
+    if world == 1 or not gather:      # gather=False: this rank's contiguous slice only (sharded tables)
         return mine
     parts = [None] * world
     dist.all_gather_object(parts, mine)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -151,13 +152,55 @@ def save_table(path, early: dict, late: dict, meta: dict, delta: torch.Tensor | 
         save_file(tensors, str(tmp), metadata={"keys": json.dumps(early["keys"]), "meta": json.dumps(meta)})
 
 
+TABLE_INDEX = "index.json"
+
+
 def table_info(path) -> tuple[int, bool]:
-    """(samples, whether the table is dense: CiCo-scored) of a table file, without reading its tensors."""
+    """(samples, whether the table is dense: CiCo-scored) of a table file or sharded table directory,
+    without reading its tensors."""
     import json
 
     from safetensors import safe_open
+    if Path(path).is_dir():
+        return sum(p["rows"] for p in _table_index(path)["parts"]), False
     with safe_open(str(path), framework="pt") as f:
         return len(json.loads(f.metadata()["keys"])), "delta" in f.keys()
+
+
+def _table_index(path) -> dict:
+    import json
+    f = Path(path) / TABLE_INDEX
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: a sharded reference table needs {TABLE_INDEX} (an export that did not "
+                                f"finish? run tools/export_reference.py again with --resume)")
+    return json.loads(f.read_text())
+
+
+def _load_sharded(path, device, keys, dtype) -> Table:
+    """A table written as one part per exporting rank (tools/export_reference.py --out DIR)."""
+    import json
+
+    from safetensors import safe_open
+    parts = _table_index(path)["parts"]
+    if keys is None:
+        tabs = [load_table(Path(path) / p["name"], "cpu", None, dtype) for p in parts]
+    else:
+        want, tabs = set(keys), []
+        for p in parts:
+            with safe_open(str(Path(path) / p["name"]), framework="pt") as f:
+                mine = [k for k in json.loads(f.metadata()["keys"]) if k in want]
+            if mine:
+                tabs.append(load_table(Path(path) / p["name"], "cpu", mine, dtype))
+    all_keys = [k for tb in tabs for k in tb.keys]
+    whole = Table(keys=all_keys, sentence_ids=torch.cat([tb.sentence_ids for tb in tabs]),
+                  **{v: torch.cat([getattr(tb, v) for tb in tabs]) for v in ("v0", "t0", "v1", "t1")},
+                  dtype=dtype)
+    if keys is None:
+        return Table(**{f: getattr(whole, f) for f in ("keys", "sentence_ids", "v0", "t0", "v1", "t1")},
+                     device=device, dtype=dtype)
+    r = whole.rows(list(keys))
+    return Table(keys=list(keys), sentence_ids=whole.sentence_ids[r], v0=whole.v0[r], t0=whole.t0[r],
+                 v1=whole.v1[r], t1=whole.t1[r], device=device, dtype=dtype)
 
 
 def load_table(path, device="cpu", keys: list[str] | None = None, dtype: torch.dtype = torch.float64) -> Table:
@@ -166,6 +209,8 @@ def load_table(path, device="cpu", keys: list[str] | None = None, dtype: torch.d
     import json
 
     from safetensors import safe_open
+    if Path(path).is_dir():
+        return _load_sharded(path, device, keys, dtype)
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata()
         all_keys = json.loads(md["keys"])
