@@ -189,7 +189,7 @@ def run_seeds(args) -> None:
     def one(i_seed):
         i, seed = i_seed
         for j, name in enumerate(args.arms):
-            run_arm(args, name, seed, 31000 + 100 * (i % 10) + 5 * j)
+            run_arm(args, name, seed, args.port + 100 * (i % 10) + 5 * j)
     if args.jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
@@ -355,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-config", type=Path, default=ROOT / "configs" / "ps_pretrain.yaml")
     p.add_argument("--deepspeed", default="configs/zero2.json")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run")
+    p.add_argument("--port", type=int, default=31000, help="first master port (two commands side by side: "
+                   "give them ports 1000 apart)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run side by side (each with cores / jobs threads)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "ps_ablation")
     p.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "results" / "ps_ablation.md")
