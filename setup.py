@@ -35,6 +35,7 @@ setup(
         "av>=18",
         "fsspec>=2024.2",                # remote shards (http(s), s3, gs, ...): sclslt/data/storage.py
         "aiohttp>=3.9",                  # fsspec's http(s) filesystem
+        "webvtt-py>=0.5",                # the captions layout (YouTube-ASL style): WebVTT / SRT cues
         "pillow>=10",
         "zstandard>=0.22",
         "triton>=3.6; platform_system == 'Linux'",   # the kernels compile on 3.6 .. 3.9 (tests/test_kernel_compile.py)

@@ -379,3 +379,32 @@ def test_format_option_is_recorded_and_read_back(tmp_path):
     z = [b[0] for b in ShardStream(zst, "train", 1, train=False)]
     assert [s["key"] for s in a] == [s["key"] for s in z]
     assert all(np.array_equal(x["frames"], y["frames"]) for x, y in zip(a, z))     # lossless
+
+
+def make_captions(root: Path) -> Path:
+    """YouTube-ASL style: long videos with WebVTT / SRT captions beside them, and a splits file."""
+    _mp4(root / "channel1" / "vidA.mp4", 30)                      # 3 s at 10 fps: frame i has grey 12 i
+    _mp4(root / "channel2" / "vidB.mp4", 20)
+    (root / "channel1" / "vidA.en.vtt").write_text(
+        "WEBVTT\n\n00:00:00.500 --> 00:00:01.500\nHello there,\nfriends.\n\n"
+        "00:00:01.500 --> 00:00:02.500\nHow are you?\n\n00:00:02.500 --> 00:00:02.000\nbackwards\n", encoding="utf-8")
+    (root / "channel2" / "vidB.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nGood morning.\n", encoding="utf-8")
+    (root / "orphan.vtt").write_text("WEBVTT\n\n00:00:00.000 --> 00:00:01.000\nno video\n", encoding="utf-8")
+    (root / "splits.json").write_text(json.dumps({"train": ["vidA", "orphan"], "dev": ["vidB"]}))
+    return root
+
+
+def test_captions_layout_cuts_clips_by_time(tmp_path):
+    root, out = make_captions(tmp_path / "yt"), tmp_path / "out"
+    assert run("--layout", "captions", "--root", root, "--out", out, "--split", "train", "--skip-bad") == 0
+    a, b = _all(out, "train")
+    assert [a["key"], b["key"]] == ["vidA_00001", "vidA_00002"]
+    assert a["meta"]["original_text"] == "Hello there, friends." and b["meta"]["original_text"] == "How are you?"
+    assert len(a["frames"]) == 10 and len(b["frames"]) == 10                  # 0.5-1.5 s and 1.5-2.5 s at 10 fps
+    assert abs(int(a["frames"][0].mean()) - 60) <= 6 and abs(int(b["frames"][0].mean()) - 180) <= 6
+    bad = {x["key"]: x["reason"] for x in map(json.loads, (out / "train.bad.jsonl").read_text().splitlines())}
+    assert "bad times" in bad["vidA_00003"] and "vidA.en.vtt" in bad["vidA_00003"]
+    assert "no video orphan" in bad["orphan_00001"]
+    assert run("--layout", "captions", "--root", root, "--out", out, "--split", "dev") == 0
+    (c,) = _all(out, "dev")
+    assert c["key"] == "vidB_00001" and c["meta"]["original_text"] == "Good morning." and len(c["frames"]) == 10
