@@ -8,6 +8,8 @@ Parts (each records its own failure; the rest goes on):
   sweep        kernels/bench/bench_kernels.py, short (InfoNCE n 16k/64k, world 8/64, d 512; CiCo)
   smoke        benchmarks/gpu_smoke.py, short (stages 1 and 2 at a realistic size)
   loader       benchmarks/bench_loader.py, short
+  planner      benchmarks/bench_planner.py at a rank's share of a 1M-clip pool at world 64 (16k rows,
+               micro-batch 16, chunk 16, embed_dim 512, float16), scored on the GPU
 On a machine without a GPU, `--quick` runs every part at toy sizes (kernels in the Triton interpreter)
 to check the script itself; its numbers mean nothing there.
 
@@ -133,6 +135,10 @@ def parts(quick: bool, out: Path) -> dict:
                                       *(["--quick"] if quick else ["--steps", "40", "--warmup", "10"])], 200, out),
         "loader": lambda: script_part(["benchmarks/bench_loader.py",
                                        *(["--quick"] if quick else ["--clips", "8", "--repeat", "1"])], 90, out),
+        # per-rank work as at pool 1M / world 64 / batch 1024 (15,625 rows, 2 rounds), 4x cheaper to build
+        "planner": lambda: script_part(["benchmarks/bench_planner.py", *(["--quick"] if quick else [
+            "--n", "262144", "--batch", "256", "--world", "16", "--chunk", "16", "--dim", "512",
+            "--dtype", "float16", "--step-ms", "300", "--budget-s", "60"])], 120, out),
     }
 
 
