@@ -89,6 +89,8 @@ class ModelConfig:
     tokenizer_kind: str = "bpe"   # no model.tokenizer: "bpe" trained on the corpus, or "char" (Chinese)
     trim_vocab: bool = True       # pretrained mBART: keep only the tokens the training texts use (GFSLT-VLP)
     lang: str = ""                # mBART language code of the target text (de_DE, zh_CN, en_XX), pretrained only
+    init_from: str = ""           # a checkpoint dir (<run>/<stage>/checkpoints, latest tag) whose weights start the
+                                  # first stage: a pretrained VLP model (use its run's tokenizer as model.tokenizer)
     lora_rank: int = 0            # > 0: LoRA adapters (peft) on the visual encoder and the decoder (paper: 16)
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0

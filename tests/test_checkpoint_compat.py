@@ -38,3 +38,27 @@ def test_a_run_from_before_the_layout_move_resumes_and_loads(tmp_path, tiny_cfg_
     import json
     kernels = json.loads((run / "results.json").read_text())["kernels"]      # the path the run took is recorded
     assert kernels["path"] == "triton" and kernels["interpreter"] is True and kernels["triton"]
+
+
+def test_model_init_from_starts_the_first_stage_from_another_runs_weights(tmp_path, tiny_cfg_dict, train_env):
+    """model.init_from (a pretrained VLP model: issue 14's whole-model pretrained start): the first stage's
+    epoch-0 checkpoint is exactly the source run's weights; a missing source is a clear error."""
+    import torch
+
+    from sclslt.train.engine import load_module_state
+    run = tmp_path / "run"
+    common = ["--config", str(FIXTURE / "config.yaml"), "--data.cache_dir", tiny_cfg_dict["data"]["cache_dir"],
+              "--model.tokenizer", str(FIXTURE / "tokenizer"), "--model.trim_vocab", "false",
+              "--train.max_steps", "1", "--stage2.enabled", "false", "--checkpoint.every_epochs", "1"]
+    proc = subprocess.run([sys.executable, "launch/train.py", *common, "--train.run_dir", str(run),
+                           "--model.init_from", str(FIXTURE / "stage1" / "checkpoints")], cwd=ROOT, env=train_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 newly initialised, 0 ignored, 0 shape mismatches" in proc.stdout
+    want = load_module_state(FIXTURE / "stage1" / "checkpoints")
+    got = load_module_state(run / "stage1" / "checkpoints", "epoch0000")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    proc = subprocess.run([sys.executable, "launch/train.py", *common, "--train.run_dir", str(tmp_path / "r2"),
+                           "--model.init_from", str(tmp_path / "nowhere")], cwd=ROOT, env=train_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "no checkpoint to start from in" in proc.stdout + proc.stderr

@@ -55,6 +55,9 @@ def test_every_arm_is_a_valid_recipe_of_the_test_bed(name):
         assert cfg.selection.mode == "ps"
         assert load_config(ROOT / "configs" / "ps_paraphrase.yaml", list(abl.ARMS[ref].args)).model.similarity \
             == cfg.model.similarity
+    assert arm.baseline in abl.ARMS and (arm.baseline != name or name == "random")
+    if arm.table:                    # planned arms are compared with their own reference run
+        assert arm.baseline == arm.table[0]
     if name == "random_nomask":
         assert not cfg.stage1.mask_same_sentence
 
@@ -64,10 +67,12 @@ def test_markdown_table_shows_means_and_paired_intervals():
     arm = {m: {"mean": 12.0, "sd": 1.0, "values": [11.0, 13.0],
                "vs_random": abl.paired([2.0, 2.1, 1.9])} for m in abl.METRICS}
     out = {"config": "configs/ps_paraphrase.yaml", "seeds": [0, 1, 2], "bleu_signature": "sig",
-           "arms": {"random": {"help": "h", "seeds": [0, 1, 2], **base}, "ps": {"help": "h", "seeds": [0, 1, 2], **arm}},
+           "arms": {"random": {"help": "h", "seeds": [0, 1, 2], **base},
+                    "ps": {"help": "h", "seeds": [0, 1, 2], "baseline": "random", **arm}},
            "power": {m: {"paired_sd": 0.1, "seeds_for_2_points": 2, "from": "x"} for m in abl.METRICS},
            "partners": {"per_clip": {"exact": 1.0}}, "ps_batches_first_seed": None}
     md = abl.markdown(out, "python tools/ps_ablation.py --report")
     row = [line for line in md.splitlines() if line.startswith("| ps |")][0]
+    assert row.startswith("| ps | random | 3 |")
     assert row.count("12.00 (+2.00 [") == 4 and row.count("] *") == 4
-    assert "| random | 3 | 10.00 | 10.00 | 10.00 | 10.00 |" in md
+    assert "| random |  | 3 | 10.00 | 10.00 | 10.00 | 10.00 |" in md

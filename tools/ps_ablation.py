@@ -45,7 +45,9 @@ class Arm:
     args: tuple[str, ...] = ()
     table: tuple[str, str, str, str] | None = None
     reference: bool = field(default=False)      # saves epoch checkpoints: other arms' reference run
-    pretrained: bool = False                    # starts from the encoders of --pretrain-config (see `pretrained`)
+    pretrained: str = ""                        # "encoders" (backbone + mBART + tokenizer, as a real recipe) or
+                                                # "vlp" (the whole pretraining run's stage 1): see `pretrained`
+    baseline: str = "random"                    # the arm it is compared with, seed by seed
 
 
 PS = ("--selection.mode", "ps")
@@ -66,17 +68,22 @@ ARMS: dict[str, Arm] = {
                    ("random", "epoch0000", "epoch0004", "pooled")),
     "ps_early2": Arm("Pair Selection, table epoch 2 -> 4 (a trained early view)", PS,
                      ("random", "epoch0002", "epoch0004", "pooled")),
-    "random_pre": Arm("random batches from pretrained encoders (the pretrained reference run)", pretrained=True,
-                      reference=True),
+    "random_pre": Arm("random batches from pretrained encoders (the pretrained reference run)",
+                      pretrained="encoders", reference=True),
     "ps_pre": Arm("Pair Selection from pretrained encoders, table epoch 0 -> 2 of the pretrained reference run", PS,
-                  ("random_pre", "epoch0000", "epoch0002", "pooled"), pretrained=True),
+                  ("random_pre", "epoch0000", "epoch0002", "pooled"), pretrained="encoders", baseline="random_pre"),
     "ps_pre_early2": Arm("Pair Selection from pretrained encoders, table epoch 2 -> 4", PS,
-                         ("random_pre", "epoch0002", "epoch0004", "pooled"), pretrained=True),
+                         ("random_pre", "epoch0002", "epoch0004", "pooled"), pretrained="encoders",
+                         baseline="random_pre"),
+    "random_vlp": Arm("random batches from a whole pretrained VLP model (heads included: epoch 0 already orders "
+                      "pairs; the VLP reference run)", pretrained="vlp", reference=True),
+    "ps_vlp": Arm("Pair Selection from the pretrained VLP model, table epoch 0 -> 2 of the VLP reference run", PS,
+                  ("random_vlp", "epoch0000", "epoch0002", "pooled"), pretrained="vlp", baseline="random_vlp"),
     "random_cico": Arm("random batches, CiCo similarity (the CiCo reference run)", CICO, reference=True),
     "ps_cico": Arm("Pair Selection with CiCo training, pooled-scored table of the CiCo reference run (0 -> 2)",
-                   CICO + PS, ("random_cico", "epoch0000", "epoch0002", "pooled")),
+                   CICO + PS, ("random_cico", "epoch0000", "epoch0002", "pooled"), baseline="random_cico"),
     "ps_cico_table": Arm("Pair Selection with CiCo training, CiCo-scored table of the CiCo reference run (0 -> 2)",
-                         CICO + PS, ("random_cico", "epoch0000", "epoch0002", "cico")),
+                         CICO + PS, ("random_cico", "epoch0000", "epoch0002", "cico"), baseline="random_cico"),
 }
 METRICS = {"dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"), "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
            "test_bleu4": ("model", "bleu4"), "test_rouge_l": ("model", "rouge_l")}
@@ -148,10 +155,11 @@ def table_for(args, seed: int, spec: tuple[str, str, str, str], port: int) -> Pa
 _PRETRAIN_LOCK = threading.Lock()
 
 
-def pretrained(args) -> list[str]:
-    """The pretrained encoders every `pretrained` arm starts from, made once for all seeds (a fixed artifact,
-    as ImageNet/mBART weights are): --pretrain-config (the test bed's language, clips it never trains on)
-    trained with seed 1000, exported by tools/export_pretrained.py."""
+def pretrained(args, kind: str) -> list[str]:
+    """The overrides of a pretrained start, made once for all seeds (a fixed artifact, as ImageNet/mBART
+    weights are): --pretrain-config (the test bed's language, clips it never trains on) trained with seed
+    1000; "encoders": its backbone, text encoder and decoder exported by tools/export_pretrained.py;
+    "vlp": its whole stage-1 model (model.init_from), contrastive heads included."""
     out = args.out / "pretrained"
     with _PRETRAIN_LOCK:
         if not (out / "export" / "export.json").is_file():
@@ -162,6 +170,9 @@ def pretrained(args) -> list[str]:
                                             str(run)], out / "run.log")
             sh([sys.executable, "tools/export_pretrained.py", "--run", str(run), "--out", str(out / "export")],
                out / "export.log")
+    if kind == "vlp":
+        return ["--model.init_from", str(out / "run" / "stage1" / "checkpoints"),
+                "--model.tokenizer", str(out / "run" / "tokenizer"), "--model.trim_vocab", "false"]
     e = out / "export"
     return ["--model.backbone", str(e / "backbone"), "--model.mbart", str(e / "mbart"),
             "--model.tokenizer", str(e / "tokenizer"), "--model.trim_vocab", "false"]
@@ -170,7 +181,7 @@ def pretrained(args) -> list[str]:
 def run_arm(args, name: str, seed: int, port: int) -> dict:
     arm, run = ARMS[name], args.out / f"seed{seed}" / name
     if not (run / "results.json").is_file():
-        extra = list(arm.args) + (pretrained(args) if arm.pretrained else [])
+        extra = list(arm.args) + (pretrained(args, arm.pretrained) if arm.pretrained else [])
         if arm.table:
             extra += ["--selection.table", str(table_for(args, seed, arm.table, port + 2))]
         if arm.reference:
@@ -265,9 +276,11 @@ def report(args) -> dict:
             vals = [metric(per_seed[s], path) for s in sorted(per_seed)]
             row[m] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else math.nan,
                       "values": vals}
-            if name != "random":
-                common = [s for s in sorted(per_seed) if s in base]
-                row[m]["vs_random"] = paired([metric(per_seed[s], path) - metric(base[s], path) for s in common])
+            ref = results.get(ARMS[name].baseline, {})
+            if name != "random" and ref:
+                common = [s for s in sorted(per_seed) if s in ref]
+                row[m]["vs_random"] = paired([metric(per_seed[s], path) - metric(ref[s], path) for s in common])
+        row["baseline"] = ARMS[name].baseline
         rows[name] = row
     power = {}
     for m in METRICS:
@@ -282,27 +295,34 @@ def report(args) -> dict:
     from corpus_partners import partner_stats
     keys = sorted(texts)
     partners = partner_stats([texts[k] for k in keys], [meaning[k] for k in keys] if meaning else None)
-    batches = batch_pairs(first / "ps") if (first / "ps" / "results.json").is_file() else None
+    batches = {arm: batch_pairs(first / arm) for arm in ARMS
+               if ARMS[arm].table and (first / arm / "results.json").is_file()} or None
     return {"config": str(args.config), "seeds": args.seeds, "arms": rows, "power": power,
             "partners": partners, "ps_batches_first_seed": batches, "trajectories": trajectories(first),
             "bleu_signature": base[sorted(base)[0]]["model"]["bleu_signature"]}
 
 
+TRAJECTORIES = {"random": None, "random_from_epoch2": ("random", 2), "random_pre": None, "random_vlp": None}
+
+
 def trajectories(seed_dir: Path) -> dict:
-    """The paper's trajectory analysis (tools/trajectories.py, all epoch checkpoints, 1024 clips) of the
-    first seed's reference runs, from scratch and from the pretrained start: class shares, and where
-    the known false negatives (identical texts) and the paraphrases fall."""
+    """The paper's trajectory analysis (tools/trajectories.py, 1024 clips) of the first seed's reference runs:
+    from scratch, from scratch with a trained early view (epoch 2), from pretrained encoders and from a
+    pretrained VLP model; class shares, and where identical texts and paraphrases fall."""
     out = {}
-    for ref in ("random", "random_pre"):
+    for name, spec in TRAJECTORIES.items():
+        ref, first = spec or (name, 0)
         run = seed_dir / ref
         if not (run / "results.json").is_file():
             continue
-        rep = run / "stage1" / "trajectories" / "report.json"
-        if not rep.is_file():
-            sh([sys.executable, "tools/trajectories.py", "--run", str(run), "--sample", "1024"],
-               run.with_suffix(".trajectories.log"))
-        r = json.loads(rep.read_text())
-        out[ref] = {k: r.get(k) for k in ("tags", "fractions", "same_sentence", "paraphrase")}
+        dest = run / "stage1" / ("trajectories" if not first else f"trajectories_from_epoch{first}")
+        if not (dest / "report.json").is_file():
+            tags = sorted(p.name for p in (run / "stage1" / "checkpoints").glob("epoch*"))
+            tags = [t for t in tags if int(t[5:]) >= first]
+            sh([sys.executable, "tools/trajectories.py", "--run", str(run), "--sample", "1024", "--tags", *tags,
+                "--out", str(dest)], run.with_suffix(f".{dest.name}.log"))
+        r = json.loads((dest / "report.json").read_text())
+        out[name] = {k: r.get(k) for k in ("tags", "fractions", "same_sentence", "paraphrase")}
     return out
 
 
@@ -318,11 +338,13 @@ def fmt(v: dict) -> str:
 def markdown(out: dict, cmd: str) -> str:
     lines = ["# What Pair Selection adds: ablations on the paraphrase test bed", "",
              f"Command: `{cmd}` (config `{Path(out['config']).name}`, seeds {out['seeds']}).", "",
-             "Each cell: mean over seeds (mean paired difference to `random` [95% CI]; * = the interval "
-             "excludes 0).", "",
-             "| arm | seeds | dev v->t R@1 | dev t->v R@1 | test BLEU-4 | test ROUGE-L |", "|---|---|---|---|---|---|"]
+             "Each cell: mean over seeds (mean paired difference to the arm's baseline [95% CI]; * = the "
+             "interval excludes 0).", "",
+             "| arm | vs | seeds | dev v->t R@1 | dev t->v R@1 | test BLEU-4 | test ROUGE-L |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in out["arms"].items():
-        lines.append(f"| {name} | {len(r['seeds'])} | " + " | ".join(fmt(r[m]) for m in METRICS) + " |")
+        vs = "" if name == "random" else r.get("baseline", "random")
+        lines.append(f"| {name} | {vs} | {len(r['seeds'])} | " + " | ".join(fmt(r[m]) for m in METRICS) + " |")
     lines += ["", "Arms:", ""] + [f"- `{n}`: {r['help']}" for n, r in out["arms"].items()]
     lines += ["", "Seeds needed for 80% power at a 2-point paired gap (5% two-sided): " + ", ".join(
         f"{m} {p['seeds_for_2_points']} (paired sd {p['paired_sd']:.2f}, {p['from']})" for m, p in out["power"].items()),
@@ -337,12 +359,14 @@ def markdown(out: dict, cmd: str) -> str:
                 f"; paraphrase pairs: {pp['hh_fraction'] or 0:.2%} of H->H vs {pp['negatives_fraction']:.2%} of "
                 f"negatives ({pp['counts_by_class']})." if pp else ".")]
     if out["ps_batches_first_seed"]:
-        lines += ["", f"Pairs inside the `ps` arm's batches (seed {out['seeds'][0]}) vs random batches of the same samples:",
-                  "", "| epoch | identical | paraphrase | near, other meaning |", "|---|---|---|---|"]
-        for e in out["ps_batches_first_seed"]:
-            p, r = e["planned"], e["random_same_samples"]
-            lines.append(f"| {e['epoch']} | " + " | ".join(f"{p[k]:.2%} / {r[k]:.2%}" for k in
-                                                          ("identical", "paraphrase", "near_other_meaning")) + " |")
+        lines += ["", f"Pairs inside planned batches (seed {out['seeds'][0]}) / inside random batches of the same "
+                  "samples, as a share of all member pairs:", "",
+                  "| arm | epoch | identical | paraphrase | near, other meaning |", "|---|---|---|---|---|"]
+        for arm, epochs in out["ps_batches_first_seed"].items():
+            for e in epochs:
+                p, r = e["planned"], e["random_same_samples"]
+                lines.append(f"| {arm} | {e['epoch']} | " + " | ".join(
+                    f"{p[k]:.2%} / {r[k]:.2%}" for k in ("identical", "paraphrase", "near_other_meaning")) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -315,7 +315,10 @@ def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
 
 
 def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> None:
-    """Initialise from a previous stage: report loaded / new / ignored keys; fail on surprises."""
+    """Initialise from a previous stage (or model.init_from): report loaded / new / ignored keys; fail on
+    surprises."""
+    if not Path(src_ckpt).is_dir() or eng.latest_tag(src_ckpt) is None:
+        raise RunError(f"no checkpoint to start from in {src_ckpt} (model.init_from or the previous stage)")
     state = eng.load_module_state(src_ckpt)
     own = model.state_dict()
     loaded = [k for k in state if k in own and own[k].shape == state[k].shape]
@@ -386,8 +389,11 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     enabled = enabled_stages(cfg)
     for i, name in enumerate(enabled):
         model = build_model(ctx)
-        if i > 0 and eng.latest_tag(ctx.run_dir / name / "checkpoints") is None:
-            transfer_weights(model, ctx.run_dir / enabled[i - 1] / "checkpoints", ctx.reporter)
+        if eng.latest_tag(ctx.run_dir / name / "checkpoints") is None:     # a fresh stage
+            if i > 0:
+                transfer_weights(model, ctx.run_dir / enabled[i - 1] / "checkpoints", ctx.reporter)
+            elif cfg.model.init_from:
+                transfer_weights(model, Path(cfg.model.init_from), ctx.reporter)
         seed_everything(cfg.train.seed + 17 * (i + 1) + 7919 * ctx.rank)   # per-rank dropout/augmentation draws
         model = train_stage(ctx, name, model, resume)
         if getattr(cfg, name).contrastive_weight > 0:      # the contrastive stage's own measure
