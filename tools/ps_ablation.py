@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ class Arm:
     help: str
     args: tuple[str, ...] = ()
     table: tuple[str, str, str, str] | None = None
-    reference: bool = field(default=False)      # saves epoch checkpoints: other arms' reference run
+    reference: bool = False                     # saves epoch checkpoints: other arms' reference run
     pretrained: str = ""                        # "encoders" (backbone + mBART + tokenizer, as a real recipe) or
                                                 # "vlp" (the whole pretraining run's stage 1): see `pretrained`
     baseline: str = "random"                    # the arm it is compared with, seed by seed
@@ -219,7 +219,7 @@ def corpus_truth(cfg) -> tuple[dict[str, str], dict[str, int] | None]:
         return texts, None
     from sclslt.data.synthetic import SyntheticCorpus
     corpus = SyntheticCorpus(cfg.data.synthetic)
-    return texts, {k: corpus.pool_meaning[corpus.pool_index("train", int(k.rsplit("_", 1)[1]))] for k in texts}
+    return texts, {k: corpus.meaning_of_key(k) for k in texts}
 
 
 def batch_pairs(run: Path) -> list[dict]:

@@ -284,7 +284,7 @@ def print_table(report: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def synthetic_meanings(run: Path, keys: list[str], split: str) -> list[int] | None:
+def synthetic_meanings(run: Path, keys: list[str]) -> list[int] | None:
     """Ground-truth meanings of the sampled clips when the run's corpus is the synthetic one (else None)."""
     from sclslt.config import load_config
     cfg = load_config(run / "config.yaml")
@@ -292,7 +292,7 @@ def synthetic_meanings(run: Path, keys: list[str], split: str) -> list[int] | No
         return None
     from sclslt.data.synthetic import SyntheticCorpus
     corpus = SyntheticCorpus(cfg.data.synthetic)
-    return [corpus.pool_meaning[corpus.pool_index(split, int(k.rsplit("_", 1)[1]))] for k in keys]
+    return [corpus.meaning_of_key(k) for k in keys]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,7 +394,7 @@ def main(argv=None) -> int:
                 print(f"error: {error[0]}", file=sys.stderr)
             return 1
     if rank0:
-        meanings = synthetic_meanings(args.run, [keys[i] for i in idx.tolist()], args.split)
+        meanings = synthetic_meanings(args.run, [keys[i] for i in idx.tolist()])
         res = classify(PairSims(views), sids, args.high, args.threshold_mode, args.examples, args.seed, meanings)
         report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                            if k != "local_rank"},

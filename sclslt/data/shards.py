@@ -263,12 +263,13 @@ def read_manifest(shards_dir, split: str) -> dict:
     return man
 
 
-def member_offsets(path) -> dict[str, dict[str, tuple[int, int]]]:
-    """{key: {member suffix: (data offset, size)}} of a local tar, from its headers."""
+def member_offsets(path=None, fileobj=None) -> dict[str, dict[str, tuple[int, int]]]:
+    """{key: {member suffix: (data offset, size)}} of a tar, from its headers: a local `path`, or a
+    `fileobj` read front to back (a remote shard)."""
     import tarfile
     members: dict[str, dict] = {}
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
+    with (tarfile.open(path) if fileobj is None else tarfile.open(fileobj=fileobj, mode="r|")) as tf:
+        for m in tf:
             key, _, ext = m.name.partition(".")
             members.setdefault(key, {})[ext] = (m.offset_data, m.size)
     return members
@@ -341,13 +342,8 @@ class ShardIndex:
     def _from_headers(self, name: str, key: str) -> list | None:
         if name not in self._members:
             if self.store.remote:
-                import tarfile
-                members = {}
-                with tarfile.open(fileobj=self.store.open_stream(name), mode="r|") as tf:
-                    for m in tf:
-                        k, _, ext = m.name.partition(".")
-                        members.setdefault(k, {})[ext] = (m.offset_data, m.size)
-                self._members[name] = members
+                with self.store.open_stream(name) as stream:
+                    self._members[name] = member_offsets(fileobj=stream)
             else:
                 self._members[name] = member_offsets(self.store.url(name))
         parts = self._members[name].get(key, {})

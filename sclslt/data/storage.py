@@ -84,11 +84,8 @@ class Store:
                 f.seek(offset)
                 return f.read(size)
         url = self.url(name)
-        data = self._retry(f"read {url} bytes {offset}..{offset + size}",
-                           lambda: self.fs.cat_file(url, start=offset, end=offset + size))
-        if len(data) != size:
-            raise StorageError(f"read {url} bytes {offset}..{offset + size}: got {len(data)} bytes")
-        return data
+        return self._retry(f"read {url} bytes {offset}..{offset + size}",
+                           lambda: _exact(self.fs.cat_file(url, start=offset, end=offset + size), size))
 
     def open_stream(self, name: str):
         if not self.remote:

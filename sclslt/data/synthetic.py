@@ -347,6 +347,11 @@ class SyntheticCorpus:
         """The pool sentence of sample (split, index), without rendering it."""
         return self._draw_sentence(split, index)[0]
 
+    def meaning_of_key(self, key: str) -> int:
+        """Ground-truth meaning (`pool_meaning`) of the clip with sample key `<split>_<index>`."""
+        split, index = key.rsplit("_", 1)
+        return self.pool_meaning[self.pool_index(split, int(index))]
+
     def _draw_sentence(self, split: str, index: int) -> tuple[int, np.random.Generator]:
         rng = np.random.default_rng([self._seed, 10, SPLITS[split], int(index)])
         sid = int(min(np.searchsorted(self._cdf, rng.random(), side="right"), len(self._cdf) - 1))

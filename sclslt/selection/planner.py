@@ -192,15 +192,16 @@ def _load_sharded(path, device, keys, dtype) -> Table:
             if mine:
                 tabs.append(load_table(Path(path) / p["name"], "cpu", mine, dtype))
     all_keys = [k for tb in tabs for k in tb.keys]
-    whole = Table(keys=all_keys, sentence_ids=torch.cat([tb.sentence_ids for tb in tabs]),
-                  **{v: torch.cat([getattr(tb, v) for tb in tabs]) for v in ("v0", "t0", "v1", "t1")},
-                  dtype=dtype)
-    if keys is None:
-        return Table(**{f: getattr(whole, f) for f in ("keys", "sentence_ids", "v0", "t0", "v1", "t1")},
-                     device=device, dtype=dtype)
-    r = whole.rows(list(keys))
-    return Table(keys=list(keys), sentence_ids=whole.sentence_ids[r], v0=whole.v0[r], t0=whole.t0[r],
-                 v1=whole.v1[r], t1=whole.t1[r], device=device, dtype=dtype)
+    cols = {v: torch.cat([getattr(tb, v) for tb in tabs]) for v in ("sentence_ids", "v0", "t0", "v1", "t1")}
+    if keys is not None:                   # back to the order asked for
+        pos = {k: i for i, k in enumerate(all_keys)}
+        missing = [k for k in keys if k not in pos]
+        if missing:
+            raise KeyError(f"{len(missing)} training samples are not in the reference table {path} "
+                           f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
+        r = torch.tensor([pos[k] for k in keys], dtype=torch.long)
+        cols, all_keys = {v: x[r] for v, x in cols.items()}, list(keys)
+    return Table(keys=all_keys, **cols, device=device, dtype=dtype)
 
 
 def load_table(path, device="cpu", keys: list[str] | None = None, dtype: torch.dtype = torch.float64) -> Table:
