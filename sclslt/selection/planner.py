@@ -176,6 +176,16 @@ def _table_index(path) -> dict:
     return json.loads(f.read_text())
 
 
+def _positions(all_keys: list[str], keys: list[str], path) -> torch.Tensor:
+    """Row positions of `keys` among a table's `all_keys`; a key that is not there is an error naming it."""
+    pos = {k: i for i, k in enumerate(all_keys)}
+    missing = [k for k in keys if k not in pos]
+    if missing:
+        raise KeyError(f"{len(missing)} training samples are not in the reference table {path} "
+                       f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
+    return torch.tensor([pos[k] for k in keys], dtype=torch.long)
+
+
 def _load_sharded(path, device, keys, dtype) -> Table:
     """A table written as one part per exporting rank (tools/export_reference.py --out DIR)."""
     import json
@@ -194,12 +204,7 @@ def _load_sharded(path, device, keys, dtype) -> Table:
     all_keys = [k for tb in tabs for k in tb.keys]
     cols = {v: torch.cat([getattr(tb, v) for tb in tabs]) for v in ("sentence_ids", "v0", "t0", "v1", "t1")}
     if keys is not None:                   # back to the order asked for
-        pos = {k: i for i, k in enumerate(all_keys)}
-        missing = [k for k in keys if k not in pos]
-        if missing:
-            raise KeyError(f"{len(missing)} training samples are not in the reference table {path} "
-                           f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
-        r = torch.tensor([pos[k] for k in keys], dtype=torch.long)
+        r = _positions(all_keys, keys, path)
         cols, all_keys = {v: x[r] for v, x in cols.items()}, list(keys)
     return Table(keys=all_keys, **cols, device=device, dtype=dtype)
 
@@ -221,12 +226,7 @@ def load_table(path, device="cpu", keys: list[str] | None = None, dtype: torch.d
                          t1=t["t1"], device=device, delta=t.get("delta"), dtype=dtype)
         if "delta" in f.keys():
             raise ValueError(f"{path}: a dense (CiCo-scored) table is whole on every rank; load it without keys")
-        pos = {k: i for i, k in enumerate(all_keys)}
-        missing = [k for k in keys if k not in pos]
-        if missing:
-            raise KeyError(f"{len(missing)} training samples are not in the reference table {path} "
-                           f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
-        want = torch.tensor([pos[k] for k in keys], dtype=torch.long)
+        want = _positions(all_keys, keys, path)
         order = torch.sort(want)
         idx = order.values
         runs = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1       # starts of contiguous runs
