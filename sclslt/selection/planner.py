@@ -202,9 +202,9 @@ def _load_sharded(path, device, keys, dtype) -> Table:
             if mine:
                 tabs.append(load_table(Path(path) / p["name"], "cpu", mine, dtype))
     all_keys = [k for tb in tabs for k in tb.keys]
+    r = None if keys is None else _positions(all_keys, keys, path)      # back to the order asked for
     cols = {v: torch.cat([getattr(tb, v) for tb in tabs]) for v in ("sentence_ids", "v0", "t0", "v1", "t1")}
-    if keys is not None:                   # back to the order asked for
-        r = _positions(all_keys, keys, path)
+    if r is not None:
         cols, all_keys = {v: x[r] for v, x in cols.items()}, list(keys)
     return Table(keys=all_keys, **cols, device=device, dtype=dtype)
 
