@@ -38,6 +38,9 @@ setup(
         "webvtt-py>=0.5",                # the captions layout (YouTube-ASL style): WebVTT / SRT cues
         "pillow>=10",
         "zstandard>=0.22",
+        # jpg shards decoded on the GPU (nvJPEG) or CPU (libjpeg-turbo) in batches: sclslt/data/devdecode.py;
+        # CUDA 12 libraries of their own, whatever CUDA the cluster's torch was built with
+        "nvidia-nvimgcodec-cu12[nvjpeg]>=0.9,<1; platform_system == 'Linux'",
         "triton>=3.6; platform_system == 'Linux'",   # the kernels compile on 3.6 .. 3.9 (tests/test_kernel_compile.py)
     ],
     entry_points={"console_scripts": ["sclslt=sclslt.cli:main"]},

@@ -55,6 +55,7 @@ class DataConfig:
     prefetch_factor: int = 2
     shuffle_buffer: int = 256     # in-shard sample shuffle buffer (deterministic per seed, epoch, rank, worker)
     max_frames: int = 0           # 0: keep all; else subsample longer clips (random sorted subset in training)
+    decode: str = "auto"          # jpg shards: "auto" (on a CUDA device with nvImageCodec, else CPU), "cpu", "device"
     max_bad_fraction: float = 0.01  # unreadable samples are reported and skipped up to this fraction, then an error
     lowercase: bool = True        # text normalisation for training targets and sentence ids
     crop: int = 0                 # square crop fed to the model (GFSLT-VLP: 224 of 256); 0 = whole frame
@@ -186,6 +187,8 @@ class Config:
             raise ConfigError("model.lora_rank must be >= 0 (0: no LoRA)")
         if self.eval.select not in ("dev_bleu4", "last"):
             raise ConfigError(f"eval.select={self.eval.select!r}: use 'dev_bleu4' or 'last'")
+        if self.data.decode not in ("auto", "cpu", "device"):
+            raise ConfigError(f"data.decode={self.data.decode!r}: use 'auto', 'cpu' or 'device'")
         if self.data.corpus not in ("synthetic", "shards"):
             raise ConfigError(f"data.corpus={self.data.corpus!r}: use 'synthetic' or 'shards'")
         if self.data.corpus == "shards" and not self.data.shards_dir:

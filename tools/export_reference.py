@@ -62,6 +62,7 @@ def export_sharded(args, d, ckpt: Path) -> int:
 
     from sclslt.atomic import write_text
     from sclslt.config import load_config
+    from sclslt.data.devdecode import resolve
     from sclslt.data.loader import resolve_shards_dir
     from sclslt.data.shards import manifest_rows, read_manifest
     from sclslt.eval.retrieval import embed_split, load_run_model
@@ -85,7 +86,8 @@ def export_sharded(args, d, ckpt: Path) -> int:
             model, tok, _ = load_run_model(args.run, ckpt, tag)
             model.to(d.device)
             views[view] = embed_split(model, shards, args.split, tok, d.device, args.batch_size,
-                                      max_frames=cfg.data.max_frames, gather=False)
+                                      max_frames=cfg.data.max_frames, gather=False,
+                                      decode=resolve(cfg.data.decode, d.device))
             if views[view]["keys"] != mine:
                 raise RuntimeError(f"rank {d.rank}: embedded {len(views[view]['keys'])} samples, not the slice "
                                    f"{lo}..{hi} of the manifest")
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
     from sclslt.train.engine import init_distributed
     d = init_distributed()
     import torch.distributed as dist
+    from sclslt.data.devdecode import resolve
     from sclslt.data.loader import resolve_shards_dir
     from sclslt.eval.retrieval import embed_split, load_run_model
     from sclslt.selection.planner import save_table
@@ -142,7 +145,8 @@ def main(argv=None) -> int:
         model, tok, cfg = load_run_model(args.run, ckpt, tag)
         model.to(d.device)
         views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device, args.batch_size,
-                                  max_frames=cfg.data.max_frames, tokens=args.score == "cico")
+                                  max_frames=cfg.data.max_frames, tokens=args.score == "cico",
+                                  decode=resolve(cfg.data.decode, d.device))
     if d.rank == 0:
         meta = {"run": str(args.run), "stage": args.stage, "early": args.early, "late": args.late,
                 "split": args.split, "score": args.score}

@@ -351,6 +351,7 @@ def main(argv=None) -> int:
         return 2
     out = args.out or args.run / args.stage / "trajectories"
 
+    from sclslt.data.devdecode import resolve
     from sclslt.train.engine import init_distributed
     d = init_distributed()
     import torch.distributed as dist
@@ -371,7 +372,7 @@ def main(argv=None) -> int:
             model, tok, cfg = load_run_model(args.run, ckpt, tag)
             model.to(d.device)
             emb = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device, args.batch_size,
-                                  max_frames=cfg.data.max_frames)
+                              max_frames=cfg.data.max_frames, decode=resolve(cfg.data.decode, d.device))
             del model
             if rank0 and not args.no_cache:
                 save_snapshot(path, emb)

@@ -3,7 +3,8 @@
 - `npy`     raw uint8 T x H x W x 3 (`np.save`, allow_pickle=False): no decode cost, largest.
 - `npy.zst` the same bytes compressed with zstd (lossless): smaller, one fast decompress.
 - `jpg`     per-frame JPEG (lossy, quality 90) concatenated in one member with a length index:
-            smallest; decoded on the CPU with Pillow here (on a GPU, nvJPEG could take it).
+            smallest; decoded on the CPU with Pillow (`decode`), or carried undecoded as a `JpegClip`
+            to the training device and decoded there in batches (`sclslt.data.devdecode`, nvJPEG).
 Every form decodes to the same array type, without unpickling anything. `benchmarks/bench_loader.py`
 measures clips/s, MB/s and bytes per clip of each against a PNG-folder loader and mp4 decoding.
 """
@@ -58,6 +59,48 @@ def _npy_view(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=buf.tell()).reshape(shape)
 
 
+class JpegClip:
+    """A `jpg` clip's frames, still compressed: one JPEG bytestring per frame, checked for framing
+    (index sizes, start/end markers) but not decoded. Indexing selects frames (temporal subsampling
+    happens before any decode); `sclslt.data.devdecode` decodes a batch of them on the device."""
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    @classmethod
+    def parse(cls, data: bytes) -> "JpegClip":
+        view = memoryview(data)
+        if len(view) < 4:
+            raise CodecError(f"jpg payload of {len(view)} bytes has no frame index")
+        (n,) = struct.unpack_from("<I", view)
+        head = 4 + 4 * n
+        if n == 0 or head > len(view):
+            raise CodecError(f"jpg frame index says {n} frames, payload is {len(view)} bytes")
+        sizes = struct.unpack_from(f"<{n}I", view, 4)
+        if head + sum(sizes) != len(view):
+            raise CodecError(f"jpg frame sizes sum to {sum(sizes)} bytes, payload holds {len(view) - head}")
+        parts, pos = [], head
+        for i, size in enumerate(sizes):
+            part = view[pos:pos + size]
+            if size < 4 or bytes(part[:2]) != b"\xff\xd8" or bytes(part[-2:]) != b"\xff\xd9":
+                raise CodecError(f"jpg frame {i} of {n} is not a whole JPEG (no start/end marker)")
+            parts.append(part)
+            pos += size
+        return cls(parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, idx) -> "JpegClip":
+        return JpegClip([self.parts[int(i)] for i in np.asarray(idx).reshape(-1)])
+
+    def decode(self) -> np.ndarray:
+        """The frames decoded on the CPU (Pillow): uint8 T x H x W x 3."""
+        from PIL import Image
+        return np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in self.parts])
+
+
 def decode(data: bytes, fmt: str = "npy") -> np.ndarray:
     if fmt == "npy":
         arr = _npy_view(data)
@@ -65,14 +108,7 @@ def decode(data: bytes, fmt: str = "npy") -> np.ndarray:
         import zstandard
         arr = _npy_view(zstandard.ZstdDecompressor().decompress(data))
     elif fmt == "jpg":
-        from PIL import Image
-        (n,) = struct.unpack_from("<I", data)
-        sizes = struct.unpack_from(f"<{n}I", data, 4)
-        pos, frames = 4 + 4 * n, []
-        for size in sizes:
-            frames.append(np.asarray(Image.open(io.BytesIO(data[pos:pos + size])).convert("RGB")))
-            pos += size
-        arr = np.stack(frames)
+        arr = JpegClip.parse(data).decode()
     else:
         raise CodecError(f"unknown frame format {fmt!r}: use one of {FORMATS}")
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:

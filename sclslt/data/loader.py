@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sclslt.config import DataConfig, SyntheticConfig
+from sclslt.data.codec import JpegClip
 from sclslt.data.corpora import select as even_frames
 from sclslt.data.shards import (
     ShardError, frame_format, iter_shard, manifest_rows, read_manifest, write_split,
@@ -93,7 +94,7 @@ def resolve_shards_dir(cfg: DataConfig) -> Path | str:
 
 @dataclass
 class Batch:
-    frames: torch.Tensor          # uint8 (B, T, H, W, 3), zero-padded in time
+    frames: torch.Tensor          # uint8 (B, T, H, W, 3), zero-padded in time (before `to`: or EncodedFrames)
     frame_mask: torch.Tensor      # bool (B, T)
     input_ids: torch.Tensor       # long (B, L): text tokens ending in </s>, padded with pad id
     attention_mask: torch.Tensor  # long (B, L)
@@ -104,7 +105,7 @@ class Batch:
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
         return Batch(**{f.name: (getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                 if torch.is_tensor(getattr(self, f.name)) else getattr(self, f.name))
+                                 if hasattr(getattr(self, f.name), "to") else getattr(self, f.name))
                         for f in fields(self)})
 
     def __len__(self) -> int:
@@ -121,35 +122,46 @@ class Collate:
     def __call__(self, samples: list[dict]) -> Batch:
         if not samples:
             raise ValueError("empty batch")
-        t_max = max(s["frames"].shape[0] for s in samples)
-        h, w, c = samples[0]["frames"].shape[1:]
-        frames = np.zeros((len(samples), t_max, h, w, c), dtype=np.uint8)
-        mask = np.zeros((len(samples), t_max), dtype=bool)
-        for i, s in enumerate(samples):
-            if s["frames"].shape[1:] != (h, w, c):
-                raise ShardError(f"sample {s['key']}: frame shape {s['frames'].shape[1:]} != {(h, w, c)} "
-                                 f"of the rest of the batch")
-            n = s["frames"].shape[0]
-            frames[i, :n] = s["frames"]
-            mask[i, :n] = True
         texts = [s["meta"]["text"] for s in samples]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_len,
                              return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        return Batch(frames=torch.from_numpy(frames), frame_mask=torch.from_numpy(mask),
+        frames, mask = self.frames(samples)
+        return Batch(frames=frames, frame_mask=mask,
                      input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels,
                      sentence_ids=torch.tensor([int(s["meta"]["sentence_id"]) for s in samples],
                                                dtype=torch.long),
                      keys=[s["key"] for s in samples], texts=texts)
 
+    @staticmethod
+    def frames(samples: list[dict]):
+        """(frames, frame mask): decoded clips padded into one uint8 tensor, or compressed clips
+        (`JpegClip`, decoded on the device) packed into `devdecode.EncodedFrames`."""
+        t_max = max(len(s["frames"]) for s in samples)
+        mask = torch.zeros((len(samples), t_max), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            mask[i, :len(s["frames"])] = True
+        if isinstance(samples[0]["frames"], JpegClip):
+            from sclslt.data.devdecode import EncodedFrames
+            return EncodedFrames.from_clips([s["frames"] for s in samples], [s["key"] for s in samples]), mask
+        h, w, c = samples[0]["frames"].shape[1:]
+        frames = np.zeros((len(samples), t_max, h, w, c), dtype=np.uint8)
+        for i, s in enumerate(samples):
+            if s["frames"].shape[1:] != (h, w, c):
+                raise ShardError(f"sample {s['key']}: frame shape {s['frames'].shape[1:]} != {(h, w, c)} "
+                                 f"of the rest of the batch")
+            frames[i, :len(s["frames"])] = s["frames"]
+        return torch.from_numpy(frames), mask
 
-def subsample_frames(frames: np.ndarray, max_frames: int, rng: random.Random | None = None) -> np.ndarray:
-    """At most `max_frames` frames: uniformly spaced, or (training, `rng` given) a random sorted subset."""
-    if max_frames <= 0 or frames.shape[0] <= max_frames:
+
+def subsample_frames(frames, max_frames: int, rng: random.Random | None = None):
+    """At most `max_frames` frames (an array, or a `JpegClip` before decoding): uniformly spaced, or
+    (training, `rng` given) a random sorted subset."""
+    if max_frames <= 0 or len(frames) <= max_frames:
         return frames
     if rng is not None:
-        return frames[np.array(sorted(rng.sample(range(frames.shape[0]), max_frames)), dtype=np.int64)]
-    return frames[even_frames(frames.shape[0], max_frames)]
+        return frames[np.array(sorted(rng.sample(range(len(frames)), max_frames)), dtype=np.int64)]
+    return frames[even_frames(len(frames), max_frames)]
 
 
 def rng_seed(*parts: int) -> int:
@@ -193,15 +205,18 @@ def rank_pool_keys(manifest: dict, seed: int, epoch: int, rank: int, world: int)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """One rank's micro-batches of one split (see the module docstring for the guarantees)."""
+    """One rank's micro-batches of one split (see the module docstring for the guarantees).
+    `decode`: "cpu" decodes frames in the loader; "device" leaves `jpg` frames compressed for the
+    training device (`sclslt.data.devdecode.resolve` says which a run uses)."""
 
     def __init__(self, shards_dir, split: str, micro_batch: int, *, rank: int = 0, world: int = 1,
                  train: bool = True, seed: int = 0, shuffle_buffer: int = 256, max_frames: int = 0,
-                 max_bad_fraction: float = 0.01):
+                 max_bad_fraction: float = 0.01, decode: str = "cpu"):
         from sclslt.data.storage import Store
         self.store = Store(shards_dir)
         self.manifest = read_manifest(shards_dir, split)
         self.fmt = frame_format(self.manifest)
+        self.defer = decode == "device"       # `jpg` frames cross compressed, decoded on the device
         self.bad = BadSamples(max_bad_fraction)
         self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
         self.train, self.seed, self.shuffle_buffer, self.max_frames = train, seed, shuffle_buffer, max_frames
@@ -241,7 +256,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 random.Random(rng_seed(self.seed, self.epoch, self.rank, worker, 2, cycle)).shuffle(order)
             for name in order:
                 self.bad.expect(self._shard_size(name))
-                for s in iter_shard(name, self.fmt, self.bad, self.store):
+                for s in iter_shard(name, self.fmt, self.bad, self.store, self.defer):
                     buf.append(s)
                     if len(buf) >= self.shuffle_buffer:
                         yield buf.pop(rng.randrange(len(buf)))
@@ -260,7 +275,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 i += sh["num_samples"]
                 continue
             self.bad.expect(sh["num_samples"])
-            for s in iter_shard(sh["name"], self.fmt, self.bad, self.store):
+            for s in iter_shard(sh["name"], self.fmt, self.bad, self.store, self.defer):
                 if lo <= i < hi:
                     yield s
                 i += 1
@@ -311,13 +326,13 @@ class PlannedStream(torch.utils.data.IterableDataset):
     """A rank's planned micro-batches (lists of sample keys), read by random access from its shards.
 
     The plan is made before the epoch (Pair Selection); workers take batches round-robin, so the
-    order does not depend on the number of workers; `skip` resumes mid-epoch.
+    order does not depend on the number of workers; `skip` resumes mid-epoch. `decode` as `ShardStream`.
     """
 
     def __init__(self, shards_dir, split: str, batches: list[list[str]], skip: int = 0, max_frames: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, decode: str = "cpu"):
         from sclslt.data.shards import ShardIndex
-        self.index = ShardIndex(shards_dir, read_manifest(shards_dir, split))
+        self.index = ShardIndex(shards_dir, read_manifest(shards_dir, split), defer=decode == "device")
         self.batches, self.skip, self.max_frames, self.seed = batches, skip, max_frames, seed
 
     def __len__(self) -> int:

@@ -44,10 +44,12 @@ def frame_format(manifest: dict) -> str:
     return "npy" if fmt == FORMAT else fmt
 
 
-def decode_frames(data: bytes, where: str, fmt: str = "npy") -> np.ndarray:
-    from sclslt.data.codec import decode
+def decode_frames(data: bytes, where: str, fmt: str = "npy", defer: bool = False):
+    """A sample's frames as uint8 T x H x W x 3; with `defer`, a `jpg` clip stays compressed
+    (`codec.JpegClip`, framing checked) for decoding on the device (`sclslt.data.devdecode`)."""
+    from sclslt.data.codec import JpegClip, decode
     try:
-        return decode(data, fmt)
+        return JpegClip.parse(data) if defer and fmt == "jpg" else decode(data, fmt)
     except Exception as e:  # noqa: BLE001 - re-raised with the sample named
         raise ShardError(f"{where}: cannot decode frames ({fmt}): {e}") from e
 
@@ -275,8 +277,9 @@ def member_offsets(path=None, fileobj=None) -> dict[str, dict[str, tuple[int, in
     return members
 
 
-def iter_shard(path, fmt: str = "npy", on_error=None, store=None) -> Iterator[dict]:
+def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = False) -> Iterator[dict]:
     """Decoded samples of one shard: {key, frames (np.uint8), meta (dict)}; errors name shard and key.
+    `defer`: `jpg` frames stay compressed for the device (`decode_frames`).
 
     `path`: a local tar, or with `store` (`storage.Store`) a shard name in it (local or remote).
     With `on_error(where, exc)` a bad sample is reported and skipped, and a corrupt tar ends the
@@ -305,7 +308,7 @@ def iter_shard(path, fmt: str = "npy", on_error=None, store=None) -> Iterator[di
                     meta = json.loads(raw["json"])
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     raise ShardError(f"{where}: bad json metadata ({e})") from e
-                yield {"key": key, "frames": decode_frames(raw[member], where, fmt), "meta": meta}
+                yield {"key": key, "frames": decode_frames(raw[member], where, fmt, defer), "meta": meta}
             except ShardError as e:
                 if on_error is None:
                     raise
@@ -327,7 +330,7 @@ class ShardIndex:
     indexed from the tar headers, lazily per shard (a whole read of each remote shard).
     """
 
-    def __init__(self, shards_dir, manifest: dict):
+    def __init__(self, shards_dir, manifest: dict, defer: bool = False):
         from sclslt.data.codec import member_name
         from sclslt.data.storage import Store
         self.store = Store(shards_dir)
@@ -335,7 +338,7 @@ class ShardIndex:
         rows = manifest_rows(manifest)
         self.shard_of = {r.key: names[r.shard] for r in rows}
         self.offsets = {r.key: r.offsets for r in rows if r.offsets}
-        self.fmt = frame_format(manifest)
+        self.fmt, self.defer = frame_format(manifest), defer
         self.member = member_name(self.fmt)
         self._members: dict[str, dict] = {}
 
@@ -367,4 +370,4 @@ class ShardIndex:
             raise ShardError(f"{where}: bad json metadata ({e})") from e
         if meta.get("key", key) != key:
             raise ShardError(f"{where}: the manifest's offsets point at sample {meta.get('key')!r}: stale manifest")
-        return {"key": key, "frames": decode_frames(frames, where, self.fmt), "meta": meta}
+        return {"key": key, "frames": decode_frames(frames, where, self.fmt, self.defer), "meta": meta}

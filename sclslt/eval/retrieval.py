@@ -48,16 +48,18 @@ TOKEN_KEYS = ("video_tokens", "video_mask", "text_tokens", "text_mask")
 
 @torch.no_grad()
 def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batch_size: int = 64,
-                num_workers: int = 0, max_frames: int = 0, tokens: bool = False, gather: bool = True) -> dict:
+                num_workers: int = 0, max_frames: int = 0, tokens: bool = False, gather: bool = True,
+                decode: str = "cpu") -> dict:
     """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order
     (with `gather` False: this rank's contiguous slice of it);
     with `tokens`, CiCo's token features too (`TOKEN_KEYS`, padded to the split's longest).
-    `max_frames` > 0: longer clips are subsampled to evenly spaced frames (pass `data.max_frames`)."""
+    `max_frames` > 0: longer clips are subsampled to evenly spaced frames (pass `data.max_frames`);
+    `decode`: where `jpg` frames are decoded (`sclslt.data.devdecode.resolve`)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
     stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world, train=False,
-                         max_frames=max_frames)
+                         max_frames=max_frames, decode=decode)
     e = model.video_proj.out_features       # a rank with no clip of the split contributes empty tensors
     keys, sids, vs, ts = [], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, e)], [torch.zeros(0, e)]
     toks = {"video_tokens": [torch.zeros(0, 1, e)], "video_mask": [torch.zeros(0, 1, dtype=torch.bool)],

@@ -65,7 +65,7 @@ class BatchSource:
             return None
         ctx = self.ctx
         emb = embed_split(model_fn(), ctx.shards_dir, "train", ctx.tokenizer, ctx.dist.device,
-                          ctx.cfg.eval.batch_size, max_frames=ctx.cfg.data.max_frames)
+                          ctx.cfg.eval.batch_size, max_frames=ctx.cfg.data.max_frames, decode=ctx.decode)
         if ctx.rank == 0:
             save_snapshot(path, emb)
         dist.barrier()
@@ -92,15 +92,17 @@ class BatchSource:
         self.dir.mkdir(parents=True, exist_ok=True)      # the plan, for analysis and the tests
         (self.dir / f"plan_e{epoch:04d}_r{ctx.rank:05d}.json").write_text(json.dumps(batches))
         return PlannedStream(ctx.shards_dir, "train", batches, skip, ctx.cfg.data.max_frames,
-                             seed=rng_seed(self.stream.seed, epoch))
+                             seed=rng_seed(self.stream.seed, epoch), decode=ctx.decode)
 
 
-def train_stream(cfg: Config, name: str, shards_dir: Path, rank: int, world: int) -> ShardStream:
+def train_stream(cfg: Config, name: str, shards_dir: Path, rank: int, world: int,
+                 decode: str = "cpu") -> ShardStream:
     """The training micro-batches of one rank for a stage (the tests rebuild them through this)."""
     st: StageConfig = getattr(cfg, name)
     if st.global_batch % world:
         raise RunError(f"{name}.global_batch={st.global_batch} is not divisible by world size {world}")
     return ShardStream(shards_dir, "train", st.global_batch // world, rank=rank, world=world, train=True,
                        seed=stage_seed(cfg, name), shuffle_buffer=cfg.data.shuffle_buffer,
-                       max_frames=cfg.data.max_frames, max_bad_fraction=cfg.data.max_bad_fraction)
+                       max_frames=cfg.data.max_frames, max_bad_fraction=cfg.data.max_bad_fraction,
+                       decode=decode)
 

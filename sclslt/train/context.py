@@ -40,6 +40,12 @@ class Context:
     def world(self) -> int:
         return self.dist.world
 
+    @property
+    def decode(self) -> str:
+        """Where `jpg` frames are decoded: "cpu" (loader workers) or "device" (`data.devdecode`)."""
+        from sclslt.data.devdecode import resolve
+        return resolve(self.cfg.data.decode, self.dist.device)
+
 
 def enabled_stages(cfg: Config) -> list[str]:
     return [s for s in STAGES if getattr(cfg, s).enabled and getattr(cfg, s).epochs > 0]

@@ -1,0 +1,129 @@
+"""Decoding `jpg` shards on the training device: a batch's JPEG frames cross to the device compressed
+and are decoded there in one batched call (nvJPEG through NVIDIA's nvImageCodec), so the loader's
+CPU workers only read bytes.
+
+Data flow with `data.decode` resolved to "device" (see `resolve`): the loader yields `codec.JpegClip`s
+(framing checked, temporal subsampling already applied, nothing decoded); `Collate` packs a batch's
+frames into an `EncodedFrames` (one uint8 buffer, offsets, and each frame's slot in the padded
+B x T batch); `Batch.to(device)` calls `EncodedFrames.to`, which decodes all frames at once and
+scatters them into the zero-padded uint8 (B, T, H, W, 3) tensor the CPU path would have produced.
+
+Fidelity: on a CPU device nvImageCodec's libjpeg-turbo backend returns exactly Pillow's pixels (the
+tests compare bit for bit); nvJPEG on a GPU differs from libjpeg-turbo by rounding in the inverse
+DCT and colour conversion, within a few levels (`benchmarks/gpu_check.py` measures it).
+Why nvImageCodec and not `torchvision.io.decode_jpeg`: it does not pin a torch version (a cluster's
+torch stays as it is), it uses the hardware JPEG engines of A100/H100/H200 when present, and its CPU
+backend lets the same path run and be tested on machines without a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sclslt.data.codec import JpegClip
+
+MODES = ("auto", "cpu", "device")
+_DECODERS: dict = {}
+
+
+class DecodeError(RuntimeError):
+    """Frames could not be decoded on the device; the message names the samples."""
+
+
+def _nvimgcodec():
+    import importlib
+    try:
+        return importlib.import_module("nvidia.nvimgcodec")
+    except ImportError as e:
+        raise DecodeError("data.decode=device needs nvImageCodec: pip install 'nvidia-nvimgcodec-cu12[nvjpeg]' "
+                          f"({e})") from e
+
+
+def resolve(mode: str, device) -> str:
+    """"device" or "cpu": where a run's `jpg` frames are decoded. "auto" decodes on a CUDA device when
+    nvImageCodec is installed and in the loader workers otherwise; "device" insists (an error says
+    what is missing); shards of other formats have nothing to decode and ignore the choice."""
+    if mode not in MODES:
+        raise ValueError(f"data.decode={mode!r}: use one of {MODES}")
+    if mode == "cpu":
+        return "cpu"
+    if mode == "device":
+        _nvimgcodec()
+        return "device"
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    try:
+        _nvimgcodec()
+    except DecodeError:
+        return "cpu"
+    return "device"
+
+
+def decoder(device: torch.device):
+    """One nvImageCodec decoder per device and process: nvJPEG (hardware engine where the GPU has one)
+    on CUDA, libjpeg-turbo on the CPU."""
+    device = torch.device(device)
+    key = (device.type, device.index)
+    if key not in _DECODERS:
+        nv = _nvimgcodec()
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            _DECODERS[key] = nv.Decoder(device_id=index, options=":fancy_upsampling=1")
+        else:
+            _DECODERS[key] = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                        backends=[nv.Backend(nv.CPU_ONLY)], options=":fancy_upsampling=1")
+    return _DECODERS[key]
+
+
+class EncodedFrames:
+    """A batch's frames, compressed: `data` holds every JPEG back to back (frame i is
+    data[offsets[i]:offsets[i + 1]]), `slots[i]` is frame i's flat index in the padded B x T batch."""
+
+    def __init__(self, data: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, batch_time: tuple,
+                 keys: list):
+        self.data, self.offsets, self.slots, self.batch_time, self.keys = data, offsets, slots, batch_time, keys
+
+    @classmethod
+    def from_clips(cls, clips: list[JpegClip], keys: list) -> "EncodedFrames":
+        t_max = max(len(c) for c in clips)
+        sizes = [len(p) for c in clips for p in c.parts]
+        data = np.empty(sum(sizes), dtype=np.uint8)
+        pos = 0
+        for c in clips:
+            for p in c.parts:
+                data[pos:pos + len(p)] = np.frombuffer(p, dtype=np.uint8)
+                pos += len(p)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        slots = np.concatenate([b * t_max + np.arange(len(c)) for b, c in enumerate(clips)]).astype(np.int64)
+        return cls(torch.from_numpy(data), torch.from_numpy(offsets), torch.from_numpy(slots),
+                   (len(clips), t_max), list(keys))
+
+    def _key_of(self, frame: int) -> str:
+        return self.keys[int(self.slots[frame]) // self.batch_time[1]]
+
+    def decode(self, device) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3) on `device`, zero where a clip is shorter than T."""
+        device = torch.device(device)
+        buf, off = self.data.numpy(), self.offsets.tolist()
+        streams = [buf[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+        try:
+            images = decoder(device).decode(streams)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the batch's samples
+            raise DecodeError(f"decoding the frames of samples {self.keys} on {device} failed: {e}") from e
+        frames = []
+        for i, img in enumerate(images):
+            if img is None:
+                raise DecodeError(f"sample {self._key_of(i)}: a frame could not be decoded on {device}")
+            t = torch.from_dlpack(img) if device.type == "cuda" else torch.from_numpy(np.asarray(img))
+            if t.dim() != 3 or t.shape[-1] != 3 or (frames and t.shape != frames[0].shape):
+                raise DecodeError(f"sample {self._key_of(i)}: frame shape {tuple(t.shape)} != "
+                                  f"{tuple(frames[0].shape) if frames else 'H x W x 3'} of the rest of the batch")
+            frames.append(t)
+        h, w, c = frames[0].shape
+        b, t_max = self.batch_time
+        out = torch.zeros(b * t_max, h, w, c, dtype=torch.uint8, device=device)
+        out[self.slots.to(device)] = torch.stack(frames).to(device)
+        return out.view(b, t_max, h, w, c)
+
+    def to(self, device, non_blocking: bool = True) -> torch.Tensor:
+        return self.decode(device)
