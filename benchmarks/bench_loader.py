@@ -3,7 +3,11 @@
 The same synthetic clips (`--clips` clips of `--frames` frames at `--size` px) are stored as
   npy      WebDataset tar, raw uint8 (`sclslt.data.codec`)
   npy.zst  the same, zstd-compressed (lossless)
-  jpg      per-frame JPEG in one member, decoded with Pillow on the CPU
+  jpg      per-frame JPEG in one member, decoded with Pillow on the CPU (the loader's CPU decoder)
+  jpg-nvimgcodec   the same shards decoded by nvImageCodec's CPU backend (libjpeg-turbo, one thread,
+           all of a clip's frames in one call; the same pixels as Pillow)
+  jpg-feed the same shards as the loader reads them when the device decodes (data.decode=device):
+           read, framing checked, packed into the batch's buffer; no decode on the CPU
   png-dir  a folder of PNG files per clip, read one by one (the GFSLT-VLP way)
   mp4      an H.264 file per clip, decoded with PyAV
 and read back with 1, 2 and all cores (one process per core, each reading its share of the clips),
@@ -105,7 +109,34 @@ def read_one(kind: str, path: str) -> int:
         with av.open(str(p)) as c:
             np.stack([fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)])
         return p.stat().st_size
+    if kind in ("jpg-feed", "jpg-nvimgcodec"):
+        import tarfile
+
+        from sclslt.data.codec import JpegClip
+        from sclslt.data.devdecode import EncodedFrames
+        with tarfile.open(p) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(member_name("jpg")):
+                    clip = JpegClip.parse(tf.extractfile(m).read())
+                    if kind == "jpg-feed":
+                        EncodedFrames.from_clips([clip], [m.name])
+                    else:
+                        np.stack([np.asarray(im) for im in _cpu_decoder().decode(
+                            [np.frombuffer(q, dtype=np.uint8) for q in clip.parts])])
+        return p.stat().st_size
     raise ValueError(kind)
+
+
+_DECODER = []
+
+
+def _cpu_decoder():
+    """nvImageCodec on the CPU with one thread (the figures are per core)."""
+    if not _DECODER:
+        from nvidia import nvimgcodec as nv
+        _DECODER.append(nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)],
+                                   max_num_cpu_threads=1, options=":fancy_upsampling=1"))
+    return _DECODER[0]
 
 
 def _worker(args):
@@ -148,6 +179,7 @@ def main(argv=None) -> int:
     try:
         clips = make_clips(args.clips, args.frames, args.size)
         paths = write_all(clips, root)
+        paths["jpg-nvimgcodec"] = paths["jpg-feed"] = paths["jpg"]
         raw = clips[0].nbytes
         rows = []
         for kind, ps in paths.items():

@@ -8,6 +8,10 @@ Parts (each records its own failure; the rest goes on):
   sweep        kernels/bench/bench_kernels.py, short (InfoNCE n 16k/64k, world 8/64, d 512; CiCo)
   smoke        benchmarks/gpu_smoke.py, short (stages 1 and 2 at a realistic size)
   loader       benchmarks/bench_loader.py, short
+  decode       jpg clips (224 px, 64 frames) decoded on the device in batches by the loader's path
+               (sclslt.data.devdecode: nvImageCodec / nvJPEG) against Pillow on one CPU core: clips/s,
+               the pixel difference, the CPU cores per GPU left for feeding it (reading and packing the
+               compressed clips), and torchvision.io.decode_jpeg(device="cuda") beside it when installed
   planner      benchmarks/bench_planner.py at a rank's share of a 1M-clip pool at world 64 (16k rows,
                micro-batch 16, chunk 16, embed_dim 512, float16), scored on the GPU
 On a machine without a GPU, `--quick` runs every part at toy sizes (kernels in the Triton interpreter)
@@ -111,6 +115,48 @@ def determinism_part(quick: bool) -> dict:
     return {"ok": all(same), "bitwise_equal": dict(zip(["loss", "dq", "dk", "cico", "dv", "dt"], same))}
 
 
+def decode_part(quick: bool) -> dict:
+    import numpy as np
+    import torch
+
+    from benchmarks.bench_loader import make_clips
+    from sclslt.data.codec import JpegClip, encode
+    from sclslt.data.devdecode import EncodedFrames
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n, frames, size, batch = (4, 8, 32, 2) if quick else (16, 64, 224, 8)
+    clips = make_clips(n, frames, size)
+    data = [encode(c, "jpg") for c in clips]
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def rate(fn, reps):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return reps * n / (time.perf_counter() - t0)
+    parsed = [JpegClip.parse(d) for d in data]
+    packs = [EncodedFrames.from_clips(parsed[i:i + batch], list(range(i, i + batch))) for i in range(0, n, batch)]
+    out = {"device": dev, "clips": n, "frames": frames, "size": size, "batch": batch,
+           "device_clips_s": rate(lambda: [p.to(dev) for p in packs], 3),
+           "pillow_clips_s_1core": rate(lambda: [JpegClip.parse(d).decode() for d in data], 1),
+           "feed_clips_s_1core": rate(lambda: [EncodedFrames.from_clips([JpegClip.parse(d)], [0]) for d in data], 3)}
+    got = torch.cat([p.to(dev).flatten(0, 1) for p in packs]).cpu().int()
+    want = torch.from_numpy(np.concatenate([JpegClip.parse(d).decode() for d in data])).int()
+    diff = (got - want).abs()
+    out.update(max_abs_diff=int(diff.max()), mean_abs_diff=float(diff.float().mean()),
+               cores_per_gpu_at_300_clips_s=300.0 / out["feed_clips_s_1core"])
+    try:
+        from torchvision.io import decode_jpeg
+        parts = [torch.frombuffer(bytearray(bytes(q)), dtype=torch.uint8) for c in parsed for q in c.parts]
+        out["torchvision_clips_s"] = rate(lambda: decode_jpeg(parts, device=dev), 3)
+    except Exception as e:  # noqa: BLE001 - torchvision is optional: say why there is no figure
+        out["torchvision"] = f"{type(e).__name__}: {e}"[:300]
+    out["ok"] = out["max_abs_diff"] <= 8 and out["mean_abs_diff"] < 1.0
+    return out
+
+
 def script_part(cmd: list[str], timeout: int, out: Path) -> dict:
     """Run a benchmark script; its own rows land in `out`; the tail of its output is kept."""
     try:
@@ -133,6 +179,7 @@ def parts(quick: bool, out: Path) -> dict:
                                            *(["--quick"] if quick else ["--repeat", "5"])], 90, out),
         "smoke": lambda: script_part(["benchmarks/gpu_smoke.py",
                                       *(["--quick"] if quick else ["--steps", "40", "--warmup", "10"])], 200, out),
+        "decode": lambda: decode_part(quick),
         "loader": lambda: script_part(["benchmarks/bench_loader.py",
                                        *(["--quick"] if quick else ["--clips", "8", "--repeat", "1"])], 90, out),
         # per-rank work as at pool 1M / world 64 / batch 1024 (15,625 rows, 2 rounds), 4x cheaper to build

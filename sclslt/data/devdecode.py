@@ -24,6 +24,7 @@ from sclslt.data.codec import JpegClip
 
 MODES = ("auto", "cpu", "device")
 _DECODERS: dict = {}
+_LOADER_NOTES: list = []     # what nvImageCodec printed while loading its codec libraries
 
 
 class DecodeError(RuntimeError):
@@ -32,8 +33,13 @@ class DecodeError(RuntimeError):
 
 def _nvimgcodec():
     import importlib
+    import sys
+    if sys.modules.get("nvidia.nvimgcodec") is not None:
+        return sys.modules["nvidia.nvimgcodec"]
     try:
-        return importlib.import_module("nvidia.nvimgcodec")
+        module, said = _capturing_stderr(lambda: importlib.import_module("nvidia.nvimgcodec"))
+        _LOADER_NOTES.append(said)
+        return module
     except ImportError as e:
         raise DecodeError("data.decode=device needs nvImageCodec: pip install 'nvidia-nvimgcodec-cu12[nvjpeg]' "
                           f"({e})") from e
@@ -59,6 +65,27 @@ def resolve(mode: str, device) -> str:
     return "device"
 
 
+def _capturing_stderr(make):
+    """(make(), what it wrote to the process's stderr): nvImageCodec's extension loader prints a note
+    for every codec library it cannot find (JPEG 2000, TIFF, which this trainer does not use; and
+    nvJPEG, which `decoder` turns into an error on a GPU)."""
+    import os
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            made = make()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            said = tmp.read().decode(errors="replace")
+    return made, said
+
+
 def decoder(device: torch.device):
     """One nvImageCodec decoder per device and process: nvJPEG (hardware engine where the GPU has one)
     on CUDA, libjpeg-turbo on the CPU."""
@@ -68,10 +95,16 @@ def decoder(device: torch.device):
         nv = _nvimgcodec()
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
-            _DECODERS[key] = nv.Decoder(device_id=index, options=":fancy_upsampling=1")
+            made, said = _capturing_stderr(lambda: nv.Decoder(device_id=index, options=":fancy_upsampling=1"))
+            said = "".join(_LOADER_NOTES) + said
+            if "nvjpeg library" in said.lower():      # it would silently decode on the CPU instead
+                raise DecodeError(f"nvImageCodec cannot load nvJPEG on {device}: pip install nvidia-nvjpeg-cu12 "
+                                  f"(or set data.decode=cpu). It said: {said.strip()[:400]}")
         else:
-            _DECODERS[key] = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY,
-                                        backends=[nv.Backend(nv.CPU_ONLY)], options=":fancy_upsampling=1")
+            made, _ = _capturing_stderr(lambda: nv.Decoder(
+                device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)],
+                options=":fancy_upsampling=1"))
+        _DECODERS[key] = made
     return _DECODERS[key]
 
 
@@ -106,8 +139,9 @@ class EncodedFrames:
         device = torch.device(device)
         buf, off = self.data.numpy(), self.offsets.tolist()
         streams = [buf[off[i]:off[i + 1]] for i in range(len(off) - 1)]
-        try:
-            images = decoder(device).decode(streams)
+        stream = {"cuda_stream": torch.cuda.current_stream(device).cuda_stream} if device.type == "cuda" else {}
+        try:       # on a GPU: on torch's current stream, so the frames are ready for what follows on it
+            images = decoder(device).decode(streams, **stream)
         except Exception as e:  # noqa: BLE001 - re-raised naming the batch's samples
             raise DecodeError(f"decoding the frames of samples {self.keys} on {device} failed: {e}") from e
         frames = []
