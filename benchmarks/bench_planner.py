@@ -21,7 +21,8 @@ Columns:
   rounds_batch   planner rounds per global batch (1 seed round + ceil(micro / chunk))
   setup_s        the epoch's pool set-up (all ranks), once per epoch: excluded from ms_batch
   table_mb_rank  a rank's table in memory: its pool's rows (N / world) in --dtype, plus the pool's
-                 contiguous scoring copy (`RankPool.side`): 2 x 4 x dim x bytes per row
+                 contiguous scoring copy (`RankPool.side`: 4 x dim values per row, in --dtype on a GPU,
+                 widened to float64 on the CPU, where widening every round would cost more than scoring)
   comm_kb_batch  bytes one rank receives per global batch through the per-round all_gather_object:
                  every member once (its pickled pick: row, sentence id, position, the member-side
                  vector of 4 x dim values in --dtype); sent: its own micro-batch's share
@@ -77,8 +78,14 @@ def mem_available() -> int | None:
 
 
 def table_bytes(n: int, dim: int, dtype: torch.dtype = torch.float64) -> int:
-    """Four (n, dim) matrices in `dtype`, and as much again for the pools' contiguous (P, 4 dim) copies."""
+    """Four (n, dim) matrices in `dtype`."""
     return 4 * n * dim * torch.finfo(dtype).bits // 8
+
+
+def rank_bytes(n: int, dim: int, dtype: torch.dtype) -> int:
+    """A pool's rows in `dtype` and its scoring copy (`Table.pool_side`: float64 on the CPU)."""
+    side = dtype if torch.cuda.is_available() else torch.float64
+    return table_bytes(n, dim, dtype) + table_bytes(n, dim, side)
 
 
 def synthetic_table(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Table:
@@ -155,7 +162,7 @@ def bench(args) -> list[dict]:
         if not valid:
             continue
         avail = mem_available()
-        need = int(2.5 * table_bytes(n, args.dim, args.dtype))
+        need = int(1.25 * rank_bytes(n, args.dim, args.dtype))
         if avail is not None and need > 0.8 * avail:
             reason = f"memory: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
             for w, c, b in valid:
@@ -203,7 +210,7 @@ def bench(args) -> list[dict]:
             row["ms_batch_rank"] = row["ms_batch"] / w
             row["rounds_batch"] = planner.stats.rounds / k
             row["setup_s"] = planner.setup_s
-            row["table_mb_rank"] = 2 * table_bytes(-(-n // w), args.dim, args.dtype) / 2**20
+            row["table_mb_rank"] = rank_bytes(-(-n // w), args.dim, args.dtype) / 2**20
             row["comm_kb_batch"] = b * pick_bytes(table) / 1024
             row["rejected_batch"] = planner.stats.rejected / k
             row["relaxed_batch"] = planner.stats.relaxed / k

@@ -67,7 +67,8 @@ class Table:
 
     Scale: the planner never needs another rank's rows (a pick travels with its member-side vector,
     `member_vec`), so a rank's table may hold its own pool's rows only (`load_table(keys=...)`), and
-    in a compact `dtype` (float16: 8 e bytes a clip). Scores are float64 sums of the stored values, so
+    in a compact `dtype` (float16: 8 e bytes a clip; the epoch's scoring copy of the pool, `pool_side`,
+    as much again on a GPU, 32 e bytes on the CPU). Scores are float64 sums of the stored values, so
     a plan is exactly the float64 planner's plan on the table rounded to `dtype` (tests/test_selection.py);
     rounding can only reorder candidates whose Delta differ by less than the rounding (~1e-3 relative).
     """
@@ -94,11 +95,14 @@ class Table:
             self.delta = self.delta.to(self.device, torch.float64)
 
     def pool_side(self, rows: torch.Tensor) -> torch.Tensor:
-        """What a pool keeps for an epoch to score its candidates `rows` (see `candidate_delta`)."""
+        """What a pool keeps for an epoch to score its candidates `rows` (see `candidate_delta`).
+        On the CPU it is widened to float64 once here: widening a compact dtype there costs ~14x the
+        product itself, and every round would pay it (on a GPU it is cheap and memory is not)."""
         r = rows.to(self.v1.device)
         if self.delta is not None:
             return r
-        return torch.cat([self.v1[r], -self.v0[r], self.t1[r], -self.t0[r]], dim=1)
+        side = torch.cat([self.v1[r], -self.v0[r], self.t1[r], -self.t0[r]], dim=1)
+        return side.double() if side.device.type == "cpu" else side
 
     def candidate_delta(self, side: torch.Tensor, members: list[int], sums: torch.Tensor | None = None,
                         block: int = 16384) -> torch.Tensor:
