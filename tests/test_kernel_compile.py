@@ -43,8 +43,9 @@ def test_gpu_check_runs_every_part_and_writes_one_json(tmp_path):
     files = list(tmp_path.glob("gpu-check-*.json"))
     assert len(files) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(files[0].read_text())
-    assert set(report["parts"]) == {"kernels", "determinism", "sweep_infonce", "sweep_cico", "smoke", "loader",
-                                    "planner"}
+    assert set(report["parts"]) == {"kernels", "determinism", "sweep_infonce", "sweep_cico", "smoke", "decode",
+                                    "loader", "planner"}
     failed = {k: v for k, v in report["parts"].items() if not v["ok"]}
     assert not failed and proc.returncode == 0, json.dumps(failed, indent=1)[-4000:]
     assert report["parts"]["kernels"]["cases"]["infonce_bf16"]["ok"] and "triton" in report["versions"]
+    assert report["parts"]["decode"]["max_abs_diff"] == 0          # the CPU backend: Pillow's pixels
