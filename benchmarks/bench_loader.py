@@ -113,7 +113,7 @@ def read_one(kind: str, path: str) -> int:
         import tarfile
 
         from sclslt.data.codec import JpegClip
-        from sclslt.data.devdecode import EncodedFrames
+        from sclslt.data.devdecode import EncodedFrames, decoder
         with tarfile.open(p) as tf:
             for m in tf.getmembers():
                 if m.name.endswith(member_name("jpg")):
@@ -121,22 +121,10 @@ def read_one(kind: str, path: str) -> int:
                     if kind == "jpg-feed":
                         EncodedFrames.from_clips([clip], [m.name])
                     else:
-                        np.stack([np.asarray(im) for im in _cpu_decoder().decode(
-                            [np.frombuffer(q, dtype=np.uint8) for q in clip.parts])])
+                        parts = [np.frombuffer(q, dtype=np.uint8) for q in clip.parts]
+                        np.stack([np.asarray(im) for im in decoder("cpu", threads=1).decode(parts)])
         return p.stat().st_size
     raise ValueError(kind)
-
-
-_DECODER = []
-
-
-def _cpu_decoder():
-    """nvImageCodec on the CPU with one thread (the figures are per core)."""
-    if not _DECODER:
-        from nvidia import nvimgcodec as nv
-        _DECODER.append(nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)],
-                                   max_num_cpu_threads=1, options=":fancy_upsampling=1"))
-    return _DECODER[0]
 
 
 def _worker(args):

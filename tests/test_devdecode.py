@@ -148,16 +148,16 @@ def test_training_on_jpg_shards_is_the_same_decoded_on_the_device(tiny_cfg_dict,
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
     out = {}
-    for decode in ("cpu", "device"):
-        run = tmp_path / decode
+    for where in ("cpu", "device"):
+        run = tmp_path / where
         proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir",
-                               str(run), "--data.decode", decode], cwd=Path(__file__).resolve().parents[1],
+                               str(run), "--data.decode", where], cwd=Path(__file__).resolve().parents[1],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert ("jpg frames decoded on cpu (nvImageCodec)" in proc.stdout) == (decode == "device")
+        assert ("jpg frames decoded on cpu (nvImageCodec)" in proc.stdout) == (where == "device")
         losses = [line.split(" loss ")[1].split()[0] for line in proc.stdout.splitlines() if " loss " in line]
         res = json.loads((run / "results.json").read_text())
-        out[decode] = (losses, (run / "hypotheses.test.jsonl").read_text(), res["model"], res["retrieval"],
-                       res["selected_checkpoint"].get("history"))
+        out[where] = (losses, (run / "hypotheses.test.jsonl").read_text(), res["model"], res["retrieval"],
+                      res["selected_checkpoint"].get("history"))
     assert len(out["cpu"][0]) >= 6
     assert out["cpu"] == out["device"]

@@ -86,16 +86,17 @@ def _capturing_stderr(make):
     return made, said
 
 
-def decoder(device: torch.device):
-    """One nvImageCodec decoder per device and process: nvJPEG (hardware engine where the GPU has one)
-    on CUDA, libjpeg-turbo on the CPU."""
+def decoder(device: torch.device, threads: int = 0):
+    """One nvImageCodec decoder per device, thread count and process: nvJPEG (hardware engine where the
+    GPU has one) on CUDA, libjpeg-turbo on the CPU; `threads` CPU threads (0: one per core)."""
     device = torch.device(device)
-    key = (device.type, device.index)
+    key = (device.type, device.index, threads)
     if key not in _DECODERS:
         nv = _nvimgcodec()
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
-            made, said = _capturing_stderr(lambda: nv.Decoder(device_id=index, options=":fancy_upsampling=1"))
+            made, said = _capturing_stderr(lambda: nv.Decoder(device_id=index, max_num_cpu_threads=threads,
+                                                              options=":fancy_upsampling=1"))
             said = "".join(_LOADER_NOTES) + said
             if "nvjpeg library" in said.lower():      # it would silently decode on the CPU instead
                 raise DecodeError(f"nvImageCodec cannot load nvJPEG on {device}: pip install nvidia-nvjpeg-cu12 "
@@ -103,7 +104,7 @@ def decoder(device: torch.device):
         else:
             made, _ = _capturing_stderr(lambda: nv.Decoder(
                 device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)],
-                options=":fancy_upsampling=1"))
+                max_num_cpu_threads=threads, options=":fancy_upsampling=1"))
         _DECODERS[key] = made
     return _DECODERS[key]
 

@@ -84,7 +84,7 @@ class Table:
     index: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.index = _key_rows(self.keys)
         self.sentence_ids = self.sentence_ids.cpu()
         for name in ("v0", "t0", "v1", "t1"):
             setattr(self, name, getattr(self, name).to(self.device, self.dtype))
@@ -125,11 +125,7 @@ class Table:
         return torch.cat([self.t1[row], self.t0[row], self.v1[row], self.v0[row]])
 
     def rows(self, keys: list[str]) -> torch.Tensor:
-        missing = [k for k in keys if k not in self.index]
-        if missing:
-            raise KeyError(f"{len(missing)} training samples are not in the reference table "
-                           f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
-        return torch.tensor([self.index[k] for k in keys], dtype=torch.long)
+        return _positions(self.index, keys)
 
     def member_sums(self, members: list[int]) -> torch.Tensor:
         """[sum t1_c, sum t0_c, sum v1_c, sum v0_c] over the members: Delta's batch side."""
@@ -180,14 +176,18 @@ def _table_index(path) -> dict:
     return json.loads(f.read_text())
 
 
-def _positions(all_keys: list[str], keys: list[str], path) -> torch.Tensor:
-    """Row positions of `keys` among a table's `all_keys`; a key that is not there is an error naming it."""
-    pos = {k: i for i, k in enumerate(all_keys)}
+def _positions(pos: dict, keys: list[str], path="") -> torch.Tensor:
+    """Row positions of `keys` in a table whose key -> row map is `pos`; a key that is not there is
+    an error naming it."""
     missing = [k for k in keys if k not in pos]
     if missing:
-        raise KeyError(f"{len(missing)} training samples are not in the reference table {path} "
+        raise KeyError(f"{len(missing)} training samples are not in the reference table{f' {path}' if path else ''} "
                        f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
     return torch.tensor([pos[k] for k in keys], dtype=torch.long)
+
+
+def _key_rows(all_keys: list[str]) -> dict:
+    return {k: i for i, k in enumerate(all_keys)}
 
 
 def _load_sharded(path, device, keys, dtype) -> Table:
@@ -206,7 +206,7 @@ def _load_sharded(path, device, keys, dtype) -> Table:
             if mine:
                 tabs.append(load_table(Path(path) / p["name"], "cpu", mine, dtype))
     all_keys = [k for tb in tabs for k in tb.keys]
-    r = None if keys is None else _positions(all_keys, keys, path)      # back to the order asked for
+    r = None if keys is None else _positions(_key_rows(all_keys), keys, path)   # back to the order asked for
     cols = {v: torch.cat([getattr(tb, v) for tb in tabs]) for v in ("sentence_ids", "v0", "t0", "v1", "t1")}
     if r is not None:
         cols, all_keys = {v: x[r] for v, x in cols.items()}, list(keys)
@@ -230,7 +230,7 @@ def load_table(path, device="cpu", keys: list[str] | None = None, dtype: torch.d
                          t1=t["t1"], device=device, delta=t.get("delta"), dtype=dtype)
         if "delta" in f.keys():
             raise ValueError(f"{path}: a dense (CiCo-scored) table is whole on every rank; load it without keys")
-        want = _positions(all_keys, keys, path)
+        want = _positions(_key_rows(all_keys), keys, path)
         order = torch.sort(want)
         idx = order.values
         runs = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1       # starts of contiguous runs

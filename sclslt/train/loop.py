@@ -29,7 +29,7 @@ import torch.distributed as dist
 from sclslt.atomic import write_text
 from sclslt.config import Config, StageConfig, save_config, to_dict
 from sclslt.data.loader import Collate, make_loader, resolve_shards_dir
-from sclslt.data.shards import frame_format, manifest_rows, read_manifest
+from sclslt.data.shards import manifest_rows, read_manifest
 from sclslt.data.text import load_tokenizer, make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
@@ -160,6 +160,8 @@ class Stage:
         self.ctx, self.name, self.st = ctx, name, st
         self.ckpt_dir = ctx.run_dir / name / "checkpoints"
         stream = train_stream(cfg, name, ctx.shards_dir, ctx.rank, ctx.world, ctx.decode)
+        where = f"on {ctx.dist.device} (nvImageCodec)" if stream.fmt == "jpg" and stream.defer else "in the loader"
+        ctx.reporter.info(f"{name}: {stream.fmt} frames decoded {where}")
         self.source = BatchSource(ctx, name, stream)
         self.per_epoch = len(stream)
         schedule_steps = st.epochs * self.per_epoch  # the LR schedule's length: max_steps only truncates it,
@@ -350,13 +352,9 @@ def prepare(cfg: Config, ds_config: str) -> Context:
     on_rank0(make_run_dir, "preparing the run")
     shards_dir = resolve_shards_dir(cfg.data)
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    ctx = Context(cfg=cfg, ds_config_path=ds_config, dist=d, run_dir=run_dir,
-                  shards_dir=shards_dir, tokenizer=tokenizer, reporter=reporter)
-    fmt = frame_format(read_manifest(shards_dir, "train"))
-    where = f"on {d.device} (nvImageCodec)" if fmt == "jpg" and ctx.decode == "device" else "in the loader"
-    reporter.info(f"world {d.world} x {d.accelerator}, shards {shards_dir} ({fmt} frames decoded {where}), "
-                  f"run {run_dir}")
-    return ctx
+    reporter.info(f"world {d.world} x {d.accelerator}, shards {shards_dir}, run {run_dir}")
+    return Context(cfg=cfg, ds_config_path=ds_config, dist=d, run_dir=run_dir,
+                   shards_dir=shards_dir, tokenizer=tokenizer, reporter=reporter)
 
 
 def build_model(ctx: Context) -> SLTModel:
