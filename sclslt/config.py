@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class DataConfig:
     samples_per_shard: int = 64   # synthetic corpus shard size (uneven last shard on purpose)
     num_workers: int = 0          # data-loader worker processes per rank
     prefetch_factor: int = 2
-    shuffle_buffer: int = 256     # in-shard sample shuffle buffer (deterministic per seed, epoch, rank, worker)
+    read_threads: int = 8         # concurrent clip reads per loader process (random access; hides remote latency)
     max_frames: int = 0           # 0: keep all; else subsample longer clips (random sorted subset in training)
     decode: str = "auto"          # jpg shards: "auto" (on a CUDA device with nvImageCodec, else CPU), "cpu", "device"
     max_bad_fraction: float = 0.01  # unreadable samples are reported and skipped up to this fraction, then an error
@@ -137,7 +138,8 @@ class SelectionConfig:
     table: str = ""               # ps: reference table made by tools/export_reference.py
     schedule: str = "log"         # curriculum: easy | hard | linear | sqrt | log (quantile of Delta vs alpha)
     log_base: float = 10.0        # b of the log schedule: q = log(1 + (b - 1) alpha) / log(b)
-    chunk: int = 1                # members each rank adds per round (1 = exact greedy)
+    pools: int = 1                # canonical pools an epoch is planned in (1: exact greedy over the whole epoch;
+                                  # more: each pool exact on its own, for millions of clips; never the GPU count)
     self_interval: int = 1        # self: epochs between refreshes of the late table (early = stage start)
     table_dtype: str = "float64"  # ps: a rank's table rows (its pool only) in float64/float32/float16/bfloat16
 
@@ -202,8 +204,10 @@ class Config:
             raise ConfigError(f"selection.schedule={sel.schedule!r}: use easy, hard, linear, sqrt or log")
         if sel.table_dtype not in ("float64", "float32", "float16", "bfloat16"):
             raise ConfigError(f"selection.table_dtype={sel.table_dtype!r}: use float64, float32, float16 or bfloat16")
-        if sel.chunk < 1 or sel.self_interval < 1 or sel.log_base <= 1:
-            raise ConfigError("selection.chunk and selection.self_interval must be >= 1, selection.log_base > 1")
+        if sel.pools < 1 or sel.self_interval < 1 or sel.log_base <= 1:
+            raise ConfigError("selection.pools and selection.self_interval must be >= 1, selection.log_base > 1")
+        if self.data.read_threads < 1:
+            raise ConfigError("data.read_threads must be >= 1")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.train.precision!r}: use auto, fp32, bf16 or fp16")
         for name in ("stage1", "stage2"):
@@ -256,9 +260,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+# keys earlier versions wrote into run configs: read (a run's saved config.yaml must load) and dropped
+RETIRED = {
+    "data.shuffle_buffer": "training batches are global now (sclslt/data/loader.py): no per-rank shuffle buffer",
+    "selection.chunk": "Pair Selection adds one member at a time (the paper's greedy); selection.pools bounds its cost",
+}
+
+
 def _from_dict(cls, data: dict, prefix: str = ""):
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for k in [k for k in data if f"{prefix}{k}" in RETIRED]:
+        print(f"sclslt: config key {prefix}{k} is retired and ignored: {RETIRED[prefix + k]}", file=sys.stderr)
+        data = {kk: v for kk, v in data.items() if kk != k}
     for k in data:
         if k not in names:
             raise ConfigError(f"unknown config key '{prefix}{k}' (known in this section: {sorted(names)})")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 TINY = {
     "data": {"synthetic": {"n_train": 96, "n_dev": 16, "n_test": 16, "frame_size": 16, "n_templates": 40,
                            "n_signers": 3},
-             "samples_per_shard": 20, "shuffle_buffer": 16},
+             "samples_per_shard": 20},
     "model": {"backbone_embedding": 8, "backbone_hidden": [8, 16], "backbone_depths": [1, 1], "d_model": 32,
               "layers": 1, "heads": 2, "ffn": 64, "dropout": 0.0, "embed_dim": 16, "max_positions": 64},
     "stage1": {"epochs": 1, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},

@@ -38,6 +38,12 @@ def test_training_draws_one_transform_per_clip_deterministically():
     same = x[:, :1].repeat(1, 3, 1, 1, 1)
     out = aug(same)
     assert torch.allclose(out[:, 0], out[:, 2])
+    # the clips' own uniforms (Batch.draws, seeded per clip in the loader) decide: a clip's transform does
+    # not depend on which other clips share its batch
+    u = torch.rand(4, 9, generator=torch.Generator().manual_seed(1))
+    whole = aug(x, u)
+    assert torch.equal(aug(x, u), whole) and not torch.equal(whole, a)
+    assert torch.allclose(aug(x[2:], u[2:]), whole[2:]) and torch.allclose(aug(x[:1], u[:1]), whole[:1])
     # a crop as large as the frame, without augmentation, leaves the clip as it is
     assert ClipAugment(DataConfig(crop=16)).train()(x) is x
 

@@ -57,7 +57,7 @@ def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, t
 
     model, tok, rcfg = load_run_model(run, ckpt, sel["tag"])
     shards = resolve_shards_dir(rcfg.data)
-    loader = make_loader(ShardStream(shards, "test", 8, train=False), Collate(tok), 0)
+    loader = make_loader(ShardStream(shards, "test", 8), Collate(tok), 0)
     rows = decode_loader(model, loader, tok, torch.device("cpu"), rcfg.eval.beam, rcfg.eval.max_len)
     got = [json.loads(line) for line in (run / "hypotheses.test.jsonl").read_text().splitlines()]
     assert [(r["key"], r["hyp"]) for r in rows] == [(r["key"], r["hyp"]) for r in got]

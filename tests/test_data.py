@@ -1,4 +1,5 @@
-"""Shards round trip, manifests, and the per-rank stream guarantees (equal batches, determinism, resume)."""
+"""Shards round trip, manifests, and the training stream's guarantees: the same global batches and clip draws at
+any world size and worker count, every clip once an epoch, resume."""
 import hashlib
 import io
 from collections import Counter
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sclslt.data.loader import Collate, ShardStream, make_loader
+from sclslt.data.loader import Collate, GlobalStream, ShardStream, epoch_order, make_loader
 from sclslt.data.shards import ShardError, iter_shard, read_manifest, write_split
 from sclslt.data.text import normalise_text, sentence_id, train_tokenizer
 
@@ -62,52 +63,94 @@ def test_bad_samples_are_named(tmp_path):
         read_manifest(tmp_path / "nowhere", "train")
 
 
-def _keys(stream, epoch, skip=0):
-    stream.set_epoch(epoch, skip)
-    return [[s["key"] for s in b] for b in stream]
+def assembled(shards, batches, world, workers, tok, epoch=0, skip=0, stream_cls=None, max_frames=3):
+    """Every global batch as the ranks together train on it: their micro-batches (collated, with frames,
+    masks and augmentation draws) concatenated in rank order."""
+    cls = stream_cls or GlobalStream
+    per_rank = [[b for b in make_loader(cls(shards, "train", batches, rank=r, world=world, seed=5, epoch=epoch,
+                                            skip=skip, max_frames=max_frames), Collate(tok), num_workers=workers)]
+                for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1            # every rank the same number of micro-batches
+    out = []
+    for parts in zip(*per_rank):
+        t = max(p.frames.shape[1] for p in parts)
+        pad = [torch.nn.functional.pad(p.frames, (0, 0, 0, 0, 0, 0, 0, t - p.frames.shape[1])) for p in parts]
+        out.append({"keys": [k for p in parts for k in p.keys], "frames": torch.cat(pad),
+                    "draws": torch.cat([p.draws for p in parts]),
+                    "n_frames": torch.cat([p.frame_mask.sum(1) for p in parts])})
+    return out
 
 
-def test_uneven_shards_give_equal_batches_per_rank(tiny_shards):
-    man = read_manifest(tiny_shards, "train")
-    sizes = [s["num_samples"] for s in man["shards"]]
-    assert len(set(sizes)) > 1, "the fixture must have uneven shards"
-    for world in (1, 2, 3):
-        streams = [ShardStream(tiny_shards, "train", 4, rank=r, world=world, seed=1, shuffle_buffer=8)
-                   for r in range(world)]
-        counts = [len(_keys(s, 0)) for s in streams]
-        assert len(set(counts)) == 1 and counts[0] == man["num_samples"] // (4 * world)
-        keys = [k for s in streams for b in _keys(s, 0) for k in b]
-        # each rank reads its own shards: no sample is read by two ranks in one epoch
-        by_rank = [set(k for b in _keys(s, 0) for k in b) for s in streams]
-        for i in range(world):
-            for j in range(i + 1, world):
-                assert not by_rank[i] & by_rank[j]
-        assert len(keys) == counts[0] * 4 * world
+def same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x["keys"] == y["keys"] and torch.equal(x["frames"], y["frames"])
+                                    and torch.equal(x["draws"], y["draws"]) and torch.equal(x["n_frames"], y["n_frames"])
+                                    for x, y in zip(a, b))
 
 
-def test_order_is_deterministic_per_seed_epoch_and_resumable(tiny_shards):
-    mk = lambda seed: ShardStream(tiny_shards, "train", 4, rank=1, world=2, seed=seed, shuffle_buffer=8)
-    a, b = _keys(mk(3), 0), _keys(mk(3), 0)
-    assert a == b
-    assert _keys(mk(3), 1) != a and _keys(mk(4), 0) != a
-    assert _keys(mk(3), 0, skip=5) == a[5:]
+def uneven_shards(tmp_path, sizes=(5, 9, 3, 7, 4, 8, 2)):
+    """7 shards of different sizes (38 clips), written one shard per call into one split."""
+    from sclslt.data.shards import write_manifest
+    src, shards, index, i = list(_samples(sum(sizes), seed=7)), [], [], 0
+    for n, size in enumerate(sizes):
+        part = write_split(iter(src[i:i + size]), tmp_path / f"p{n}", "train", samples_per_shard=size)
+        name = f"train-{n:06d}.tar"
+        (tmp_path / f"p{n}" / part["shards"][0]["name"]).rename(tmp_path / name)
+        shards.append({**part["shards"][0], "name": name})
+        index += [[r[0], n, *r[2:]] for r in part["samples"]]
+        i += size
+    write_manifest(tmp_path, "train", {**part, "shards": shards, "samples": index, "num_samples": len(index)})
+    return tmp_path, [s["key"] for s in src]
 
 
-def test_worker_processes_reproduce(tiny_shards, tmp_path):
+def test_an_epoch_visits_every_clip_once_with_uneven_shards_at_any_world(tmp_path):
+    shards, keys = uneven_shards(tmp_path)
+    sizes = [s["num_samples"] for s in read_manifest(shards, "train")["shards"]]
+    assert len(sizes) == 7 and len(set(sizes)) > 4
+    tok = train_tokenizer(["guten abend", "hallo welt", "es regnet"], tmp_path / "tok")
+    for epoch in (0, 1):
+        batches = epoch_order(keys, 5, epoch, 8)
+        flat = [k for b in batches for k in b]
+        assert len(batches) == 38 // 8 and len(set(flat)) == len(flat) == 32 and set(flat) <= set(keys)
+        for world in (1, 2, 4):
+            got = assembled(shards, batches, world, 0, tok, epoch)
+            assert [g["keys"] for g in got] == batches, (epoch, world)
+    # the clips that sit an epoch out (38 % 8 = 6) are not always the same ones
+    left = [set(keys) - {k for b in epoch_order(keys, 5, e, 8) for k in b} for e in range(4)]
+    assert len({frozenset(x) for x in left}) > 1 and all(len(x) == 6 for x in left)
+
+
+def test_global_batches_and_every_clip_draw_are_the_same_at_any_world_and_worker_count(tiny_shards, tmp_path,
+                                                                                        monkeypatch):
+    import sclslt.data.loader as loader
     tok = train_tokenizer([s[4] for s in read_manifest(tiny_shards, "train")["samples"]], tmp_path / "tok")
-    stream = ShardStream(tiny_shards, "train", 4, rank=0, world=1, seed=0, shuffle_buffer=8)
+    keys = [s[0] for s in read_manifest(tiny_shards, "train")["samples"]]
+    batches = epoch_order(keys, 5, 2, 8)[:5]
+    want = assembled(tiny_shards, batches, 1, 0, tok, epoch=2)
+    assert any(bool((w["n_frames"] == 3).any()) for w in want)        # subsampling is exercised
+    for world, workers in ((2, 2), (4, 0), (4, 3)):
+        assert same_batches(assembled(tiny_shards, batches, world, workers, tok, epoch=2), want), (world, workers)
+    assert same_batches(assembled(tiny_shards, batches, 2, 1, tok, epoch=2, skip=3), want[3:])   # resume
+    assert not same_batches(assembled(tiny_shards, batches, 1, 0, tok, epoch=3), want)          # draws move on
 
-    def run():
-        stream.set_epoch(2)
-        return [b.keys for b in make_loader(stream, Collate(tok), num_workers=2)]
-    first = run()
-    assert first == run() and len(first) == len(stream)
-    assert len({k for b in first for k in b}) > len(first)   # not one repeated batch
+    # the test can fail: a rank-dependent draw put back into temporal subsampling is caught
+    class RankDraws(loader.GlobalStream):
+        def _draw(self, s):
+            super()._draw(s)
+            s["frames"] = loader.subsample_frames(s["frames"], 2, loader.random.Random(self.rank))
+    assert not same_batches(assembled(tiny_shards, batches, 2, 0, tok, 2, stream_cls=RankDraws),
+                            assembled(tiny_shards, batches, 1, 0, tok, 2, stream_cls=RankDraws))
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    keys = [f"k{i}" for i in range(50)]
+    a = epoch_order(keys, 3, 0, 8)
+    assert a == epoch_order(list(keys), 3, 0, 8) and a != epoch_order(keys, 3, 1, 8) and a != epoch_order(keys, 4, 0, 8)
+    assert sorted(k for b in a for k in b) != sorted(keys) and all(len(b) == 8 for b in a)
 
 
 def test_collate_pads_and_masks(tiny_shards, tmp_path):
     tok = train_tokenizer([s[4] for s in read_manifest(tiny_shards, "train")["samples"]], tmp_path / "tok")
-    samples = next(iter(ShardStream(tiny_shards, "dev", 5, train=False)))
+    samples = next(iter(ShardStream(tiny_shards, "dev", 5)))
     batch = Collate(tok)(samples)
     lens = [s["frames"].shape[0] for s in samples]
     assert batch.frames.shape[:2] == (5, max(lens)) and batch.frames.dtype == torch.uint8
@@ -125,7 +168,7 @@ def test_eval_stream_covers_split_once_across_ranks(tiny_shards):
     man = read_manifest(tiny_shards, "test")
     keys = []
     for r in range(3):
-        for b in ShardStream(tiny_shards, "test", 4, rank=r, world=3, train=False):
+        for b in ShardStream(tiny_shards, "test", 4, rank=r, world=3):
             keys += [s["key"] for s in b]
     assert keys == [s[0] for s in man["samples"]]
 
@@ -135,32 +178,32 @@ def test_synthetic_corpus_has_duplicates_in_the_shards(tiny_shards):
     assert max(ids.values()) > 1
 
 
-def test_planned_stream_serves_the_plan_whatever_the_workers_and_resumes(tiny_shards, tmp_path):
-    from sclslt.data.loader import PlannedStream
+def test_global_stream_serves_any_order_whatever_the_workers_and_resumes(tiny_shards, tmp_path):
     tok = train_tokenizer([s[4] for s in read_manifest(tiny_shards, "train")["samples"]], tmp_path / "tok")
     keys = [s[0] for s in read_manifest(tiny_shards, "train")["samples"]]
     plan = [keys[i:i + 3] for i in range(40, 1, -7)][:6]        # an arbitrary order across shards
     for workers in (0, 2):
-        got = [b.keys for b in make_loader(PlannedStream(tiny_shards, "train", plan), Collate(tok), workers)]
+        got = [b.keys for b in make_loader(GlobalStream(tiny_shards, "train", plan), Collate(tok), workers)]
         assert got == plan
-    assert [b.keys for b in make_loader(PlannedStream(tiny_shards, "train", plan, skip=4), Collate(tok))] == plan[4:]
+    assert [b.keys for b in make_loader(GlobalStream(tiny_shards, "train", plan, skip=4), Collate(tok))] == plan[4:]
     # random access returns the same clip as streaming the shard
-    first = next(iter(ShardStream(tiny_shards, "train", 1, train=False)))[0]
-    again = next(iter(PlannedStream(tiny_shards, "train", [[first["key"]]])))[0]
+    first = next(iter(ShardStream(tiny_shards, "train", 1)))[0]
+    again = next(iter(GlobalStream(tiny_shards, "train", [[first["key"]]])))[0]
     assert np.array_equal(first["frames"], again["frames"]) and first["meta"] == again["meta"]
+    with pytest.raises(ShardError, match="cannot be split over 2 ranks"):
+        GlobalStream(tiny_shards, "train", plan, world=2)
 
 
 @pytest.mark.parametrize("fmt", ["npy.zst", "jpg"])
 def test_other_frame_formats_round_trip_through_stream_and_index(tmp_path, fmt):
-    from sclslt.data.loader import PlannedStream
     src = list(_samples(7, seed=2))
     for s in src:                                   # smooth frames: JPEG keeps them close
         s["frames"] = np.repeat(np.linspace(0, 250, 5 * 6, dtype=np.uint8).reshape(1, 5, 6, 1), 3, -1).repeat(
             len(s["frames"]), 0)
     man = write_split(iter(src), tmp_path, "train", samples_per_shard=3, frame_format=fmt)
     assert read_manifest(tmp_path, "train")["format"] == fmt
-    got = {s["key"]: s["frames"] for b in ShardStream(tmp_path, "train", 2, train=False) for s in b}
-    again = next(iter(PlannedStream(tmp_path, "train", [[src[4]["key"]]])))[0]["frames"]
+    got = {s["key"]: s["frames"] for b in ShardStream(tmp_path, "train", 2) for s in b}
+    again = next(iter(GlobalStream(tmp_path, "train", [[src[4]["key"]]])))[0]["frames"]
     for s in src:
         tol = 0 if fmt == "npy.zst" else 8
         assert got[s["key"]].shape == s["frames"].shape
@@ -178,13 +221,20 @@ def test_unreadable_samples_are_skipped_below_the_fraction_and_stop_above(tmp_pa
     data = bytearray(shard.read_bytes())
     data[m.offset_data:m.offset_data + 8] = b"garbage!"
     shard.write_bytes(bytes(data))
-    ok = ShardStream(tmp_path, "train", 4, seed=0, shuffle_buffer=4, max_bad_fraction=0.1)
-    keys = [s["key"] for b in ok for s in b]
-    assert len(keys) == 20 // 4 * 4 and m.name.split(".")[0] not in keys
-    assert len(ok.bad.errors) >= 1 and "train-000000.tar" in ok.bad.errors[0]
-    strict = ShardStream(tmp_path, "train", 4, seed=0, shuffle_buffer=4, max_bad_fraction=0.0)
+    bad_key = m.name.split(".")[0]
+    keys = [f"s{i:04d}" for i in range(20)]
+    batches = [keys[i:i + 4] for i in range(0, 20, 4)]
+    ok = GlobalStream(tmp_path, "train", batches, max_bad_fraction=0.1)
+    got = [[s["key"] for s in b] for b in ok]
+    assert all(len(b) == 4 for b in got) and bad_key not in {k for b in got for k in b}
+    b = next(i for i, keys in enumerate(batches) if bad_key in keys)     # its place: the batch's first good clip
+    assert got[b] == [k if k != bad_key else next(x for x in batches[b] if x != bad_key) for k in batches[b]]
+    assert len(ok.bad.errors) == 1 and "train-000000.tar" in ok.bad.errors[0] and bad_key in ok.bad.errors[0]
+    strict = GlobalStream(tmp_path, "train", batches, max_bad_fraction=0.0)
     with pytest.raises(ShardError, match="unreadable samples.*max_bad_fraction"):
         list(strict)
+    streamed = ShardStream(tmp_path, "train", 4, max_bad_fraction=0.1)        # evaluation: skipped
+    assert [s["key"] for b in streamed for s in b] == [k for k in keys if k != bad_key]
 
 
 def test_codecs_round_trip_and_refuse_pickled_payloads():

@@ -9,7 +9,7 @@ import torch
 
 from sclslt.data.codec import CodecError, JpegClip, decode, encode
 from sclslt.data.devdecode import DecodeError, EncodedFrames, resolve
-from sclslt.data.loader import Collate, PlannedStream, ShardStream, make_loader
+from sclslt.data.loader import Collate, GlobalStream, ShardStream, make_loader
 from sclslt.data.shards import read_manifest, write_split
 from sclslt.data.text import train_tokenizer
 
@@ -63,21 +63,16 @@ def test_encoded_frames_decode_bit_for_bit_like_pillow_with_padding():
 
 def test_device_decode_gives_the_same_batches_as_loader_decode(tmp_path):
     shards, tok = _shards(tmp_path)
-    for train in (True, False):
-        kw = dict(train=train, seed=3, shuffle_buffer=4, max_frames=4)
-        cpu = [b for b in make_loader(ShardStream(shards, "train", 3, **kw), Collate(tok), num_workers=2)]
-        dev = [b.to("cpu") for b in make_loader(ShardStream(shards, "train", 3, decode="device", **kw),
-                                                 Collate(tok), num_workers=2)]
+    keys = [r[0] for r in read_manifest(shards, "train")["samples"]]
+    train = [keys[i:i + 4] for i in range(0, 12, 4)][::-1]
+    for make in (lambda **kw: ShardStream(shards, "train", 3, max_frames=4, **kw),
+                 lambda **kw: GlobalStream(shards, "train", train, world=2, rank=1, seed=3, max_frames=4, **kw)):
+        cpu = [b for b in make_loader(make(), Collate(tok), num_workers=2)]
+        dev = [b.to("cpu") for b in make_loader(make(decode="device"), Collate(tok), num_workers=2)]
         assert len(cpu) == len(dev) > 1
         for a, b in zip(cpu, dev):
             assert a.keys == b.keys
             assert torch.equal(a.frame_mask, b.frame_mask) and torch.equal(a.frames, b.frames)
-    keys = [r[0] for r in read_manifest(shards, "train")["samples"]]
-    plan = [keys[i:i + 3] for i in (9, 0, 5)]
-    cpu = [b.frames for b in make_loader(PlannedStream(shards, "train", plan, max_frames=4), Collate(tok))]
-    dev = [b.to("cpu").frames for b in make_loader(
-        PlannedStream(shards, "train", plan, max_frames=4, decode="device"), Collate(tok))]
-    assert all(torch.equal(a, b) for a, b in zip(cpu, dev))
 
 
 def test_a_frame_that_does_not_decode_is_named(tmp_path):

@@ -21,6 +21,7 @@ a wrong gradient. An interrupted run plus `--resume` must reproduce the uninterr
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -36,8 +37,8 @@ from sclslt.train.engine import load_module_state, param_groups
 from sclslt.model.losses import COLUMN_KEYS, contrastive_from_columns, pad_cat, translation_loss_sum
 from sclslt.model.slt import SLTModel
 from sclslt.data.text import load_tokenizer
-from sclslt.selection.batches import train_stream
-from sclslt.train.context import STAGES
+from sclslt.selection.batches import global_stream, random_batches
+from sclslt.train.context import STAGES, stage_seed
 from sclslt.train.loop import forward, lr_lambda, seed_everything, set_trainable
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
@@ -52,6 +53,9 @@ def exp(tiny_cfg_dict, tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
     cfg["data"]["synthetic"]["n_train"] = 48
+    # every per-clip draw in play: temporal subsampling, random crops and augmentation (drawn per clip, so
+    # the same at any world size)
+    cfg["data"].update(max_frames=12, crop=14, augment=True)
     cfg["train"]["max_steps"] = STEPS
     for st in ("stage1", "stage2"):
         # Adam's eps well above fp32 noise: elements whose true gradient is ~0 (a dead GELU unit) would
@@ -63,9 +67,9 @@ def exp(tiny_cfg_dict, tmp_path_factory):
     return d, path
 
 
-def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str, ds: str = "configs/zero2.json"):
+def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str, ds: str = "configs/zero2.json", world: int = WORLD):
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
+    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(world),
            "--master_port", str(port), "launch/train.py", "--deepspeed", ds,
            "--config", str(cfg_path), "--train.run_dir", str(run_dir), *extra]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
@@ -82,14 +86,26 @@ def metrics(run_dir: Path, stage: str) -> list[dict]:
         return [{k: float(v) for k, v in r.items() if k != "stage"} for r in csv.DictReader(f)]
 
 
-def global_batches(cfg, name: str, shards: Path, collate, step: int, world: int) -> list:
-    """Each rank's micro-batch of global batch `step` (0-based) at `world` ranks, rebuilt in this process."""
-    per_epoch = len(train_stream(cfg, name, shards, 0, world))
+def global_batches(cfg, name: str, shards: Path, collate, step: int, world: int = 1) -> list:
+    """Each rank's micro-batch of global batch `step` (0-based) at `world` ranks, rebuilt in this process
+    (world 1: the whole global batch as one)."""
+    per_epoch = len(random_batches(cfg, name, shards, 0))
     epoch, pos = divmod(step, per_epoch)
-    streams = [train_stream(cfg, name, shards, r, world) for r in range(world)]
-    for s in streams:
-        s.set_epoch(epoch, skip=pos)
-    return [collate(next(iter(s))) for s in streams]
+    batches = random_batches(cfg, name, shards, epoch)
+    seed = stage_seed(cfg, name)
+    return [collate(next(iter(global_stream(cfg, shards, batches, r, world, seed, epoch, skip=pos))))
+            for r in range(world)]
+
+
+def batch_log(run_dir: Path, stage: str) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / stage / "batches.jsonl").read_text().splitlines()]
+
+
+def expected_log(cfg, name: str, shards: Path, steps: int) -> list[dict]:
+    """The audit trail an uninterrupted random-batch run must write: epoch_order's batches, step by step."""
+    per_epoch = len(random_batches(cfg, name, shards, 0))
+    return [{"step": k + 1, "epoch": k // per_epoch,
+             "keys": random_batches(cfg, name, shards, k // per_epoch)[k % per_epoch]} for k in range(steps)]
 
 
 def global_loss(model, batches: list, st, cfg, local_negatives: bool = False) -> torch.Tensor:
@@ -150,14 +166,15 @@ def adam_state(ckpt_dir: Path, tag: str) -> dict:
             for p in zero.iterdir() if (p / "exp_avg.pt").is_file()}       # parameters, not buffers
 
 
-def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, worlds=None, local_negatives_at: int = 0) -> dict:
+def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, local_negatives_at: int = 0) -> dict:
     """Every step of the product's run, retaken in one plain-PyTorch process from the product's own state.
 
     The run must have saved a checkpoint after every step (`--checkpoint.every_steps 1 --checkpoint.keep
     0`) and each stage's start (`--checkpoint.every_epochs 1`: tag epoch0000). For step k: the parameters,
     buffers, both Adam moments and the LR position of checkpoint k-1 go into torch.optim.AdamW, which
-    takes step k on the global batch that `worlds(k - 1)` ranks (default WORLD) formed; its loss, its LR
-    and its parameters and moments afterwards are compared with the product's step k by the caller.
+    takes step k on global batch k as ONE process forms it (world 1: the whole batch in one forward); its
+    loss, its LR and its parameters and moments afterwards are compared with the product's step k by the
+    caller: a step at WORLD ranks is world 1's step, global BatchNorm statistics and clip draws included.
     Rounding differences therefore cannot compound across steps into a discrete routing change
     (a max-pool argmax, a ReLU boundary), which is what made whole-trajectory comparisons fail on some
     CPUs (tests/README: issue 11). `local_negatives_at=k` retakes step k of stage 1 with per-GPU-only
@@ -169,8 +186,7 @@ def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, worlds=None, local_
     tok = load_tokenizer(run_dir / "tokenizer")
     shards = resolve_shards_dir(cfg.data)
     collate = Collate(tok)
-    model = SLTModel(cfg.model, tok).train()
-    worlds = worlds or (lambda step: WORLD)
+    model = SLTModel(cfg.model, tok, cfg.data).train()
     out = {}
     for name in STAGES:
         st = getattr(cfg, name)
@@ -178,16 +194,17 @@ def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, worlds=None, local_
             continue
         ckpt = run_dir / name / "checkpoints"
         set_trainable(model, st)
-        f = lr_lambda(st.epochs * len(train_stream(cfg, name, shards, 0, WORLD)), st.warmup_steps, st.min_lr_ratio)
+        f = lr_lambda(st.epochs * len(random_batches(cfg, name, shards, 0)), st.warmup_steps, st.min_lr_ratio)
         out[name], before = [], None            # no Adam state before a stage's first step
         for step in range(1, len(metrics(run_dir, name)) + 1):
             prev = "epoch0000" if step == 1 else f"step{step - 1:08d}"
-            batches = global_batches(cfg, name, shards, collate, step - 1, worlds(step - 1))
             after = adam_state(ckpt, f"step{step:08d}")
-            args = (model, st, cfg, ckpt, prev, step, st.lr * f(step - 1), batches, before, after)
-            out[name].append({**one_step(*args), "lr_next": st.lr * f(step)})   # the product logs the LR after a step
+            args = (model, st, cfg, ckpt, prev, step, st.lr * f(step - 1))
+            whole = global_batches(cfg, name, shards, collate, step - 1)
+            out[name].append({**one_step(*args, whole, before, after), "lr_next": st.lr * f(step)})   # LR after a step
             if name == "stage1" and step == local_negatives_at:
-                out["mutated"] = one_step(*args, local_negatives=True)
+                split = global_batches(cfg, name, shards, collate, step - 1, WORLD)
+                out["mutated"] = one_step(*args, split, before, after, local_negatives=True)
             before = after
     return out
 
@@ -259,8 +276,11 @@ def assert_stage_starts(cfg_path: Path, run: Path, *overrides: str) -> None:
 def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
     d, cfg_path = exp
     run = d / "run"
-    launch(cfg_path, run, 29611, *EVERY_STEP)
+    launch(cfg_path, run, 29611, *EVERY_STEP, "--data.num_workers", "2")
     assert_stage_starts(cfg_path, run)
+    cfg = load_config(cfg_path)
+    for name in STAGES:       # the audit trail: epoch_order's global batches, whatever the ranks and workers
+        assert batch_log(run, name) == expected_log(cfg, name, resolve_shards_dir(cfg.data), STEPS), name
     got = stepwise(cfg_path, run, local_negatives_at=2)
     assert [len(got[name]) for name in STAGES] == [STEPS, STEPS]
     assert_stepwise(run, got, "zero2")
@@ -291,8 +311,8 @@ def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
 def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     """2 ranks write the checkpoint, 1 rank resumes it (DeepSpeed universal checkpoint: parameters, Adam
     moments, LR schedule re-partitioned), then 2 ranks resume the 1-rank checkpoint. Every step, the two
-    after each change included, equals plain AdamW's step from the checkpoint before it on the global
-    batch of the rank split in force: nothing of the optimizer state or the data position is lost."""
+    after each change included, equals plain AdamW's step from the checkpoint before it on the same
+    global batch: nothing of the optimizer state, the data position or the batch sequence is lost."""
     d, cfg_path = exp
     run = d / "elastic"
     args = ("--stage2.enabled", "false", *EVERY_STEP)
@@ -306,9 +326,31 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     back = launch(cfg_path, run, 29651, *args, "--train.max_steps", str(STEPS), "--resume")
     assert "written by 1 ranks, now 2" in back.stdout
 
-    got = stepwise(cfg_path, run, "--stage2.enabled", "false", worlds=lambda step: 1 if 3 <= step < 5 else WORLD)
+    got = stepwise(cfg_path, run, "--stage2.enabled", "false")
     assert [r["step"] for r in metrics(run, "stage1")] == list(range(1, STEPS + 1))
     assert_stepwise(run, got, "2 -> 1 -> 2")        # the LR too: it follows the schedule across both changes
+    # resumed in the middle of epoch 0 (step 3 of 6) at another world size, and back in epoch 1: the very
+    # global batches of the uninterrupted run, one audit line per step
+    cfg = load_config(cfg_path)
+    assert batch_log(run, "stage1") == expected_log(cfg, "stage1", resolve_shards_dir(cfg.data), STEPS)
+
+
+def test_one_and_four_ranks_train_on_the_same_batches_and_take_world_ones_steps(exp, train_env):
+    """World 1 with no loader workers and world 4 (global batch 8: micro-batches of 2) write the audit trail
+    of the world-2 run (the main test), and every step at 4 ranks is world 1's step from the same state."""
+    d, cfg_path = exp
+    args = ("--stage2.enabled", "false", "--train.max_steps", "7")
+    one = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir",
+                          str(d / "w1"), *args, "--data.num_workers", "0"], cwd=ROOT, env=train_env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    launch(cfg_path, d / "w4", 29640, *args, *EVERY_STEP, "--data.num_workers", "1", world=4)
+    cfg = load_config(cfg_path)
+    want = expected_log(cfg, "stage1", resolve_shards_dir(cfg.data), 7)
+    assert batch_log(d / "w1", "stage1") == want and batch_log(d / "w4", "stage1") == want
+    assert_stepwise(d / "w4", stepwise(cfg_path, d / "w4", *args), "world 4")
+    # and the first step (same initial weights, same batch) gives world 1's loss at 4 ranks
+    assert metrics(d / "w4", "stage1")[0]["loss"] == pytest.approx(metrics(d / "w1", "stage1")[0]["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("zero,similarity", [("1", "cico"), ("3", "pooled"), ("3_offload", "pooled")])
@@ -338,11 +380,9 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     batches equal the single-process planner's on the same pools; then the self-referenced mode."""
     import json
 
-    from sclslt.data.loader import rank_pool_keys
     from sclslt.eval.retrieval import embed_split, load_run_model
     from sclslt.selection.planner import Planner, load_table
     from sclslt.data.shards import read_manifest
-    from sclslt.train.context import stage_seed
 
     d, cfg_path = exp
     ref = d / "ref"
@@ -407,25 +447,34 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert torch.equal(load_table(sharded).v1, whole.v1)
 
     ps = d / "ps"
-    launch(cfg_path, ps, 29633, "--stage2.enabled", "false", "--train.max_steps", "0", "--selection.mode", "ps",
-           "--selection.table", str(table_path), "--selection.chunk", "2")
-    ps_cfg = load_config(cfg_path, ["--selection.mode", "ps", "--selection.table", str(table_path),
-                                    "--selection.chunk", "2"])
-    micro = ps_cfg.stage1.global_batch // WORLD
+    ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(table_path))
+    launch(cfg_path, ps, 29633, *ps_args, "--train.max_steps", "0")
+    ps_cfg = load_config(cfg_path, list(ps_args[2:]))
+    keys = [s[0] for s in manifest["samples"]]
     for epoch in range(ps_cfg.stage1.epochs):
-        pools = {r: table.rows(rank_pool_keys(manifest, stage_seed(ps_cfg, "stage1"), epoch, r, WORLD))
-                 for r in range(WORLD)}
-        want = Planner(ps_cfg.selection, table, micro, WORLD, stage_seed(ps_cfg, "stage1")).plan_epoch_local(
-            pools, epoch, ps_cfg.stage1.epochs, manifest["num_samples"] // ps_cfg.stage1.global_batch)
-        for r in range(WORLD):
-            got = json.loads((ps / "stage1" / "selection" / f"plan_e{epoch:04d}_r{r:05d}.json").read_text())
-            assert got == [[table.keys[i] for i in mb] for mb in want[r]], (epoch, r)
+        want = Planner(ps_cfg.selection, ps_cfg.stage1.global_batch, stage_seed(ps_cfg, "stage1")).plan_epoch(
+            keys, epoch, ps_cfg.stage1.epochs, lambda k: table)
+        got = json.loads((ps / "stage1" / "selection" / f"plan_e{epoch:04d}.json").read_text())
+        assert got == want, epoch
     assert [r["step"] for r in metrics(ps, "stage1")] == list(range(1, 13))
+    assert [r["keys"] for r in batch_log(ps, "stage1")] == [b for e in range(2) for b in json.loads(
+        (ps / "stage1" / "selection" / f"plan_e{e:04d}.json").read_text())]
+    # the same plans at 1 and 4 ranks (into epoch 1, whose quantile differs from epoch 0's)
+    env1 = {**env, "SCLSLT_PLAIN_LOG": "1"}
+    one = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir",
+                          str(d / "ps1"), *ps_args, "--train.max_steps", "7"], cwd=ROOT, env=env1,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    launch(cfg_path, d / "ps4", 29639, *ps_args, "--train.max_steps", "7", world=4)
+    for other in ("ps1", "ps4"):
+        for epoch in (0, 1):
+            f = f"plan_e{epoch:04d}.json"
+            assert (d / other / "stage1" / "selection" / f).read_text() == (ps / "stage1" / "selection" / f).read_text()
+        assert batch_log(d / other, "stage1") == batch_log(ps, "stage1")[:7], other
 
     # interrupted mid-epoch (step 3 of 6) and resumed: the same planned batches, the same losses
     part = d / "ps_resumed"                            # planned from the sharded table: the same plans
-    ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(sharded),
-               "--selection.chunk", "2")
+    ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(sharded))
     launch(cfg_path, part, 29635, *ps_args, "--train.max_steps", "3")
     launch(cfg_path, part, 29636, *ps_args, "--train.max_steps", "0", "--resume")
     for f in sorted((ps / "stage1" / "selection").glob("plan_*.json")):
@@ -438,8 +487,8 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
                   "--selection.mode", "self")
     sel = selfrun / "stage1" / "selection"
     assert (sel / "early.safetensors").is_file() and (sel / "epoch0001.safetensors").is_file()
-    assert not (sel / "plan_e0000_r00000.json").exists()          # no late view yet: random batches
-    assert (sel / "plan_e0001_r00001.json").is_file() and "planned" in proc.stdout
+    assert not (sel / "plan_e0000.json").exists()          # no late view yet: random batches
+    assert (sel / "plan_e0001.json").is_file() and "planned" in proc.stdout
 
 
 def test_mpirun_launch_equals_one_process(exp):

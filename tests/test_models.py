@@ -17,7 +17,7 @@ def tok(tiny_shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(tiny_shards, tok):
-    return Collate(tok)(next(iter(ShardStream(tiny_shards, "dev", 3, train=False))))
+    return Collate(tok)(next(iter(ShardStream(tiny_shards, "dev", 3))))
 
 
 def test_forward_shapes_and_normalised_embeddings(tiny_cfg_dict, tok, batch):

@@ -194,7 +194,7 @@ def _tiny_model_cfg(tiny_cfg_dict, **kw):
 
 @pytest.fixture(scope="module")
 def batches(tiny_shards, trimmed):
-    samples = next(iter(ShardStream(tiny_shards, "dev", 3, train=False)))
+    samples = next(iter(ShardStream(tiny_shards, "dev", 3)))
     return {s: Collate(load_tokenizer(d))(samples) for s, d in trimmed.items()}
 
 
@@ -359,7 +359,7 @@ def test_resnet18_shaped_backbone_loads_and_runs(tmp_path, tiny_cfg_dict, tiny_s
     model = SLTModel(_tiny_model_cfg(tiny_cfg_dict, backbone=str(tmp_path / "resnet18")), tok).eval()
     assert model.temporal[0].conv.in_channels == 512
     assert torch.equal(model.backbone.embedder.embedder.convolution.weight, rn.embedder.embedder.convolution.weight)
-    b = Collate(tok)(next(iter(ShardStream(tiny_shards, "dev", 2, train=False))))
+    b = Collate(tok)(next(iter(ShardStream(tiny_shards, "dev", 2))))
     with torch.no_grad():
         out = _run(model, b)
     assert out["logits"].shape[:2] == b.labels.shape and torch.isfinite(out["logits"]).all()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sclslt.data.loader import PlannedStream, ShardStream
+from sclslt.data.loader import GlobalStream, ShardStream
 from sclslt.data.shards import ShardError, ShardIndex, iter_shard, read_manifest, write_split
 from sclslt.data.storage import Store, StorageError
 
@@ -125,12 +125,12 @@ def test_manifest_offsets_give_the_streamed_samples(shards, tmp_path):
 
 
 def test_streamed_reads_over_http_equal_local_despite_a_dropped_connection(shards):
-    local = ShardStream(shards, "dev", 4, train=False)
+    local = ShardStream(shards, "dev", 4)
     want = [s for b in local for s in b]
     with Server(shards) as srv:
         names = [sh["name"] for sh in read_manifest(shards, "dev")["shards"]]
         srv.drop = {names[1]: 700}                    # inside the first sample's frames of shard 1
-        remote = ShardStream(srv.url, "dev", 4, train=False)
+        remote = ShardStream(srv.url, "dev", 4)
         remote.store.block_size = 1024                # several ranges per shard
         got = [s for b in remote for s in b]
         assert srv.dropped and srv.dropped[0][0] == names[1]
@@ -144,11 +144,11 @@ def test_planned_reads_over_http_use_byte_ranges_and_retry(shards):
     man = read_manifest(shards, "train")
     keys = [row[0] for row in man["samples"]]
     plan = [keys[i:i + 5] for i in (3, 17, 30)]
-    want = [[s["frames"] for s in b] for b in PlannedStream(shards, "train", plan)]
+    want = [[s["frames"] for s in b] for b in GlobalStream(shards, "train", plan)]
     with Server(shards) as srv:
         first = read_manifest(shards, "train")["samples"][17]
         srv.drop = {man["shards"][first[1]]["name"]: first[5][0] + 10}     # cut inside a planned clip
-        got = [[s["frames"] for s in b] for b in PlannedStream(srv.url, "train", plan)]
+        got = [[s["frames"] for s in b] for b in GlobalStream(srv.url, "train", plan)]
         assert srv.dropped
         tar_gets = [g for g in srv.gets if g[0].endswith(".tar")]
     assert all(np.array_equal(a, b) for ga, gb in zip(got, want) for a, b in zip(ga, gb))

@@ -1,4 +1,5 @@
-"""Pair Selection planner: invariants, the curriculum, exact greedy against a brute force, determinism."""
+"""Pair Selection planner: invariants, the curriculum, exact greedy against a brute force, the same plan at any
+world size, determinism."""
 import itertools
 import math
 
@@ -17,9 +18,36 @@ def make_table(n=96, e=8, n_sent=40, seed=0) -> Table:
     return Table(keys=[f"k{i:04d}" for i in range(n)], sentence_ids=sids, **emb)
 
 
-def split_pools(n, world, seed=0):
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return {r: perm[r::world].sort().values for r in range(world)}
+def plan(t: Table, batch: int, epoch: int = 2, epochs: int = 5, seed: int = 1, world: int = 1, **sel):
+    """An epoch's global batches (keys) planned over `world` ranks, simulated with one thread per rank
+    and a real exchange of their pools' plans (what `dist.all_gather_object` does across processes)."""
+    import threading
+    cfg = SelectionConfig(mode="ps", **sel)
+    if world == 1:
+        p = Planner(cfg, batch, seed)
+        return p.plan_epoch(t.keys, epoch, epochs, lambda keys: t), p
+    barrier, box, out = threading.Barrier(world), [None] * world, [None] * world
+
+    def gather(dst, obj, rank):
+        box[rank] = obj
+        barrier.wait()
+        dst[:] = list(box)
+        barrier.wait()
+
+    def run(r):
+        p = Planner(cfg, batch, seed)
+        out[r] = p.plan_epoch(t.keys, epoch, epochs, lambda keys: t, r, world, lambda dst, obj: gather(dst, obj, r)), p
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(o[0] == out[0][0] for o in out), "ranks disagree on the plan"
+    return out[0]
+
+
+def rows_of(t: Table, batch_keys):
+    return t.rows(batch_keys).tolist()
 
 
 def delta(t: Table, i, j):
@@ -38,69 +66,69 @@ def test_curriculum_quantiles():
     assert curriculum_quantile("easy", 0.7) == 0 and curriculum_quantile("hard", 0.2) == 1
 
 
-@pytest.mark.parametrize("world,micro,chunk", [(1, 8, 1), (2, 4, 1), (3, 3, 2), (4, 2, 3)])
-def test_plan_invariants(world, micro, chunk):
+@pytest.mark.parametrize("batch,pools", [(8, 1), (6, 1), (8, 3), (4, 5)])
+def test_plan_invariants_and_the_same_plan_at_any_world_size(batch, pools):
     t = make_table()
-    n_batches = 96 // (world * micro)
-    planner = Planner(SelectionConfig(mode="ps", chunk=chunk), t, micro, world, seed=1)
-    plans = planner.plan_epoch_local(split_pools(96, world), epoch=2, epochs=5, n_batches=n_batches)
-    seen = []
-    for b in range(n_batches):
-        members = [row for r in range(world) for row in plans[r][b]]
-        assert all(len(plans[r][b]) == micro for r in range(world))            # exact per-rank quotas
-        sids = t.sentence_ids[members].tolist()
-        assert len(set(sids)) == len(sids) or planner.stats.relaxed > 0       # no known false negatives
-        seen += members
-    pools = split_pools(96, world)
-    for r in range(world):                   # a rank only ever gets its own pool's samples
-        assert set(x for b in plans[r] for x in b) <= set(pools[r].tolist())
-    assert len(set(seen)) == len(seen)       # no sample twice in one epoch (pools are large enough)
-    again = Planner(SelectionConfig(mode="ps", chunk=chunk), t, micro, world, seed=1).plan_epoch_local(
-        split_pools(96, world), epoch=2, epochs=5, n_batches=n_batches)
-    assert again == plans
-    other = Planner(SelectionConfig(mode="ps", chunk=chunk), t, micro, world, seed=1).plan_epoch_local(
-        split_pools(96, world), epoch=3, epochs=5, n_batches=n_batches)
-    assert other != plans
+    batches, planner = plan(t, batch, pools=pools)
+    assert len(batches) == 96 // batch and all(len(b) == batch for b in batches)
+    seen = [k for b in batches for k in b]
+    assert len(set(seen)) == len(seen)                 # every clip at most once; all but the remainder
+    assert len(seen) == 96 - 96 % batch
+    for b in batches:                                  # no known false negatives unless counted
+        sids = t.sentence_ids[rows_of(t, b)].tolist()
+        assert len(set(sids)) == len(sids) or planner.stats.relaxed > 0
+    for world in (2, 4):                               # the plan does not depend on the world size
+        assert plan(t, batch, pools=pools, world=world)[0] == batches, world
+    assert plan(t, batch, pools=pools)[0] == batches
+    assert plan(t, batch, epoch=3, pools=pools)[0] != batches
+    assert plan(t, batch, seed=2, pools=pools)[0] != batches
 
 
-def brute_force_greedy(t: Table, pool, micro, n_batches, q, first_rows):
+def test_the_epoch_holds_the_clips_of_random_mode():
+    # Pair Selection reorders the clips random mode's epoch holds: the same remainder sits the epoch out
+    from sclslt.data.loader import epoch_order
+    t = make_table(n=90)
+    batches, _ = plan(t, 8, epoch=1)
+    want = {k for b in epoch_order(t.keys, 1, 1, 8) for k in b}
+    assert {k for b in batches for k in b} == want and len(want) == 88
+
+
+def brute_force_greedy(t: Table, pool, batch, n_batches, q, first_rows):
     """Exact greedy from the definitions: Delta(u; C) by explicit loops, sort, quantile position."""
-    used, plan = set(), []
+    used, out = set(), []
     for b in range(n_batches):
-        batch = [first_rows[b]]
+        members = [first_rows[b]]
         used.add(first_rows[b])
-        while len(batch) < micro:
-            sids = {int(t.sentence_ids[c]) for c in batch}
+        while len(members) < batch:
+            sids = {int(t.sentence_ids[c]) for c in members}
             cands = [u for u in pool if u not in used and int(t.sentence_ids[u]) not in sids]
-            scores = [sum(delta(t, u, c) + delta(t, c, u) for c in batch) for u in cands]
+            scores = [sum(delta(t, u, c) + delta(t, c, u) for c in members) for u in cands]
             order = [c for _, c in sorted(zip(scores, cands), key=lambda x: x[0])]
             pos = math.ceil(q * (len(order) - 1) - 0.5)      # nearest; an exact half goes to the lower
-            batch.append(order[pos])
+            members.append(order[pos])
             used.add(order[pos])
-        plan.append(batch)
-    return plan
+        out.append(members)
+    return out
 
 
-@pytest.mark.parametrize("schedule,epoch", [("easy", 0), ("hard", 1), ("linear", 1), ("log", 1), ("sqrt", 3)])
-def test_exact_greedy_equals_brute_force(schedule, epoch):
+@pytest.mark.parametrize("schedule,epoch,world", [("easy", 0, 1), ("hard", 1, 2), ("linear", 1, 1), ("log", 1, 2),
+                                                  ("sqrt", 3, 4)])
+def test_exact_greedy_equals_brute_force_at_any_world(schedule, epoch, world):
     t = make_table(n=48, n_sent=48, seed=3)         # all sentences distinct: no relaxations
-    pool = torch.arange(48)
-    planner = Planner(SelectionConfig(mode="ps", chunk=1, schedule=schedule), t, 6, 1, seed=4)
-    plan = planner.plan_epoch_local({0: pool}, epoch=epoch, epochs=4, n_batches=8)[0]
+    batches, planner = plan(t, 6, epoch=epoch, epochs=4, seed=4, world=world, schedule=schedule)
     q = planner.quantile(epoch, 4)
-    # the quantile picks the candidate nearest position q (M - 1), M shrinking as the epoch goes on
-    want = brute_force_greedy(t, pool.tolist(), 6, 8, q, [b[0] for b in plan])
-    assert plan == want
+    pool = rows_of(t, planner.pools(t.keys, epoch)[0])     # one pool: the whole epoch, in its candidate order
+    got = [rows_of(t, b) for b in batches]
+    # every pick is the candidate nearest position q (M - 1) of the whole pool, M shrinking over the epoch
+    assert got == brute_force_greedy(t, pool, 6, 8, q, [b[0] for b in got])
 
 
 def test_curriculum_moves_from_low_to_high_delta():
     t = make_table(n=200, n_sent=150, seed=5)
-    pools = split_pools(200, 2)
 
     def mean_score(schedule, epoch):
-        planner = Planner(SelectionConfig(mode="ps", schedule=schedule), t, 4, 2, seed=0)
-        plans = planner.plan_epoch_local(pools, epoch=epoch, epochs=10, n_batches=10)
-        return sum(batch_score(t, plans[0][b] + plans[1][b]) for b in range(10)) / 10
+        batches, _ = plan(t, 8, epoch=epoch, epochs=10, seed=0, schedule=schedule)
+        return sum(batch_score(t, rows_of(t, b)) for b in batches) / len(batches)
     easy, hard = mean_score("easy", 0), mean_score("hard", 0)
     early, late = mean_score("linear", 1), mean_score("linear", 9)
     assert easy < early < late < hard
@@ -108,11 +136,9 @@ def test_curriculum_moves_from_low_to_high_delta():
 
 def test_duplicate_sentences_are_kept_apart_until_nothing_else_is_left():
     t = make_table(n=32, n_sent=4, seed=6)           # 4 sentences only: at most 4 distinct per batch
-    planner = Planner(SelectionConfig(mode="ps"), t, 4, 2, seed=0)
-    plans = planner.plan_epoch_local(split_pools(32, 2), epoch=0, epochs=2, n_batches=4)
-    first = plans[0][0] + plans[1][0]
-    assert len(set(t.sentence_ids[first].tolist())) == 4          # as many distinct as exist
-    assert planner.stats.relaxed > 0                              # and the rest admitted, counted
+    batches, planner = plan(t, 8, epoch=0, epochs=2, seed=0)
+    assert len(set(t.sentence_ids[rows_of(t, batches[0])].tolist())) == 4     # as many distinct as exist
+    assert planner.stats.relaxed > 0                                           # the rest admitted, counted
 
 
 def test_table_round_trip(tmp_path):
@@ -136,10 +162,9 @@ def test_frequent_sentences_are_spread_over_the_epoch_not_piled_at_its_end():
     emb = {k: F.normalize(torch.randn(96, 8, generator=g), dim=-1) for k in ("v0", "t0", "v1", "t1")}
     t = Table(keys=[f"k{i:04d}" for i in range(96)], sentence_ids=sids[torch.randperm(96, generator=g)], **emb)
     for schedule in ("easy", "hard", "log"):
-        planner = Planner(SelectionConfig(mode="ps", schedule=schedule), t, 8, 1, seed=2)
-        plan = planner.plan_epoch_local({0: torch.arange(96)}, epoch=1, epochs=3, n_batches=12)[0]
-        for b in plan:
-            assert len(set(t.sentence_ids[b].tolist())) == 8, (schedule, b)
+        batches, planner = plan(t, 8, epoch=1, epochs=3, seed=2, schedule=schedule)
+        for b in batches:
+            assert len(set(t.sentence_ids[rows_of(t, b)].tolist())) == 8, (schedule, b)
         assert planner.stats.relaxed == 0
 
 
@@ -149,15 +174,11 @@ def test_a_dense_delta_table_plans_by_its_matrix(tmp_path):
     t = make_table(seed=3)
     dense_pooled = t.v1 @ t.t1.t() - t.v0 @ t.t0.t()
     args = dict(keys=t.keys, sentence_ids=t.sentence_ids, v0=t.v0, t0=t.t0, v1=t.v1, t1=t.t1)
-    cfg = SelectionConfig(mode="ps", chunk=1)
-    pools = split_pools(96, 2)
-    want = Planner(cfg, t, 4, 2, seed=1).plan_epoch_local(pools, epoch=3, epochs=5, n_batches=12)
-    same = Planner(cfg, Table(**args, delta=dense_pooled), 4, 2, seed=1).plan_epoch_local(pools, 3, 5, 12)
-    assert same == want
+    want = plan(t, 8, epoch=3)[0]
+    assert plan(Table(**args, delta=dense_pooled), 8, epoch=3, world=2)[0] == want
     g = torch.Generator().manual_seed(9)
     other = dense_pooled + 0.5 * torch.rand(96, 96, generator=g, dtype=torch.float64) ** 3
-    got = Planner(cfg, Table(**args, delta=other), 4, 2, seed=1).plan_epoch_local(pools, 3, 5, 12)
-    assert got != want
+    assert plan(Table(**args, delta=other), 8, epoch=3)[0] != want
     # the dense planner's picks are the brute-force Delta order of its matrix: check one round by hand
     tab = Table(**args, delta=other)
     members, cand = [3, 17, 40], torch.tensor([5, 6, 7, 50, 60])
@@ -179,30 +200,29 @@ def _save(t: Table, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_per_rank_tables_in_a_compact_dtype_plan_as_the_float64_planner_on_the_rounded_table(tmp_path, dtype):
-    # at scale every rank holds its own pool's rows only, in float16: the plans equal the float64 planner's
-    # on the whole table rounded to that dtype (exact: scores are float64 sums of the stored values)
-    n, world = 120, 3
+def test_pool_tables_in_a_compact_dtype_plan_as_the_float64_planner_on_the_rounded_table(tmp_path, dtype):
+    # at scale a rank holds its pools' rows only, in float16: the plans equal the float64 planner's on the
+    # whole table rounded to that dtype (exact: scores are float64 sums of the stored values)
+    n = 120
     t = make_table(n=n, e=16, n_sent=70, seed=5)
     _save(t, tmp_path / "t.safetensors")
     rounded = Table(keys=t.keys, sentence_ids=t.sentence_ids,
                     **{k: getattr(t, k).to(dtype).double() for k in ("v0", "t0", "v1", "t1")})
-    pools = split_pools(n, world, seed=2)
-    cfg = SelectionConfig(mode="ps", chunk=2)
+    cfg = SelectionConfig(mode="ps", pools=3)
     for epoch in (0, 2, 4):
-        want = Planner(cfg, rounded, 4, world, seed=7).plan_epoch_local(pools, epoch, 5, 10)
-        tables = {r: load_table(tmp_path / "t.safetensors", keys=[t.keys[i] for i in pools[r].tolist()], dtype=dtype)
-                  for r in range(world)}
-        assert all(len(tables[r].keys) == len(pools[r]) and tables[r].v1.dtype == dtype for r in range(world))
-        local = {r: torch.arange(len(pools[r])) for r in range(world)}
-        got = Planner(cfg, tables[0], 4, world, seed=7).plan_epoch_local(local, epoch, 5, 10, tables=tables)
-        assert {r: [[tables[r].keys[i] for i in b] for b in got[r]] for r in range(world)} == \
-               {r: [[t.keys[i] for i in b] for b in want[r]] for r in range(world)}
-    # rounding only reorders near-ties: most batch members agree with the unrounded planner's
-    full = Planner(cfg, t, 4, world, seed=7).plan_epoch_local(pools, 4, 5, 10)
-    rnd = Planner(cfg, rounded, 4, world, seed=7).plan_epoch_local(pools, 4, 5, 10)
-    same = sum(set(a) == set(b) for r in range(world) for a, b in zip(full[r], rnd[r]))
-    assert same >= 0.5 * world * 10
+        want = Planner(cfg, 8, 7).plan_epoch(t.keys, epoch, 5, lambda keys: rounded)
+        loaded = []
+
+        def part(keys):
+            loaded.append(load_table(tmp_path / "t.safetensors", keys=keys, dtype=dtype))
+            return loaded[-1]
+        got = Planner(cfg, 8, 7).plan_epoch(t.keys, epoch, 5, part)
+        assert got == want
+        assert len(loaded) == 3 and all(len(p.keys) == 40 and p.v1.dtype == dtype for p in loaded)
+    # rounding only reorders near-ties: most batches agree with the unrounded planner's
+    full = Planner(cfg, 8, 7).plan_epoch(t.keys, 4, 5, lambda keys: t)
+    same = sum(set(a) == set(b) for a, b in zip(full, want))
+    assert same >= 0.5 * len(full)
 
 
 def test_a_rank_table_reads_only_its_rows_in_the_order_asked(tmp_path):

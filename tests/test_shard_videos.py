@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sclslt.data.loader import ShardStream
+from sclslt.data.loader import GlobalStream, ShardStream
 from sclslt.data.shards import encode_frames, iter_shard, read_manifest, tar_bytes, write_split
 from sclslt.data.text import normalise_text, sentence_id
 
@@ -164,9 +164,10 @@ def test_phoenix_csv_round_trip(tmp_path):
     # identical sentences (modulo spacing) share a sentence id
     assert got[0]["meta"]["sentence_id"] == got[2]["meta"]["sentence_id"]
     # the training loader reads them
-    batches = list(ShardStream(out, "dev", 1, train=False))
+    batches = list(ShardStream(out, "dev", 1))
     assert [b[0]["key"] for b in batches] == [n for n, _, _ in PHX[:2]]
-    assert len(list(ShardStream(out, "train", 2, train=True, shuffle_buffer=2))) == 2
+    keys = [r[0] for r in read_manifest(out, "train")["samples"]]
+    assert [[s["key"] for s in b] for b in GlobalStream(out, "train", [keys[:2], keys[2:4]])] == [keys[:2], keys[2:4]]
     assert (out / "train.progress.jsonl").is_file() and not (out / ".train.work").exists()
 
 
@@ -375,8 +376,8 @@ def test_format_option_is_recorded_and_read_back(tmp_path):
     assert run("--layout", "phoenix2014t", "--root", root, "--out", zst, "--split", "train", "--format", "npy.zst") == 0
     man = read_manifest(zst, "train")
     assert man["format"] == "npy.zst" and man["options"]["format"] == "npy.zst"
-    a = [b[0] for b in ShardStream(raw, "train", 1, train=False)]
-    z = [b[0] for b in ShardStream(zst, "train", 1, train=False)]
+    a = [b[0] for b in ShardStream(raw, "train", 1)]
+    z = [b[0] for b in ShardStream(zst, "train", 1)]
     assert [s["key"] for s in a] == [s["key"] for s in z]
     assert all(np.array_equal(x["frames"], y["frames"]) for x, y in zip(a, z))     # lossless
 

@@ -1,21 +1,23 @@
-"""Streaming training/eval data: shards -> per-rank micro-batches.
+"""Training and evaluation data: shards -> micro-batches.
 
-Guarantees the distributed loop relies on:
-- every rank yields exactly the same number of micro-batches per epoch (uneven shards cannot hang
-  a collective): `batches_per_epoch = num_samples // global_batch`; a rank whose shards run out
-  early cycles over its own shards again, a rank with more stops early;
-- the order is a pure function of (seed, epoch, rank, world, num_workers): the shard order is
-  shuffled per (seed, epoch), shards are split by rank then by worker, samples pass through a
-  shuffle buffer seeded by (seed, epoch, rank, worker); workers' batches are interleaved in a
-  fixed round-robin, which is what torch's DataLoader does;
-- resumable: `set_epoch(epoch, skip=k)` skips the first k micro-batches. Their samples are still read
-  and decoded (the seeded shuffle buffer must see the same sequence), but not subsampled, collated or
-  moved to the device; a resume costs reading up to one epoch of shards, not training on it.
+Training (`GlobalStream`): the epoch is a list of global batches of sample keys, made before the epoch
+from the config and the seed alone (`epoch_order` in random mode, the Pair Selection plan otherwise);
+each rank trains on its slice of each global batch, read by random access at the manifest's offsets.
+What that guarantees, at any world size (any divisor of the global batch) and any number of workers:
+- global batch k of epoch e holds the same clips in the same order, and every random draw that touches
+  a clip (temporal subsampling, the augmentation uniforms) is seeded by (seed, epoch, clip key);
+- an epoch visits every training clip exactly once, but for the `clips % global_batch` that the
+  epoch's shuffle puts last (stated, deterministic, different clips each epoch);
+- every rank yields the same number of micro-batches (a collective cannot hang on uneven shards);
+- resumable anywhere, at another world size too: `skip=k` starts at global batch k, reading nothing
+  before it.
+Evaluation (`ShardStream`): every sample once, a contiguous slice per rank, streamed shard by shard.
 Frames stay uint8 until they reach the device (normalisation happens in the model).
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import random
 import shutil
@@ -102,6 +104,7 @@ class Batch:
     sentence_ids: torch.Tensor    # long (B,)
     keys: list
     texts: list
+    draws: torch.Tensor | None = None   # float (B, AUG_DRAWS): each clip's augmentation uniforms (training)
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
         return Batch(**{f.name: (getattr(self, f.name).to(device, non_blocking=non_blocking)
@@ -131,7 +134,8 @@ class Collate:
                      input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels,
                      sentence_ids=torch.tensor([int(s["meta"]["sentence_id"]) for s in samples],
                                                dtype=torch.long),
-                     keys=[s["key"] for s in samples], texts=texts)
+                     keys=[s["key"] for s in samples], texts=texts,
+                     draws=torch.from_numpy(np.stack([s["draws"] for s in samples])) if "draws" in samples[0] else None)
 
     @staticmethod
     def frames(samples: list[dict]):
@@ -190,28 +194,37 @@ class BadSamples:
                              + "; ".join(self.errors[:5]))
 
 
-def rank_shards(manifest: dict, seed: int, epoch: int, rank: int, world: int) -> list[str]:
-    """The shards a rank reads in an epoch: the shard list shuffled per (seed, epoch), split by rank."""
-    names = [sh["name"] for sh in manifest["shards"]]
-    random.Random(rng_seed(seed, epoch, 0)).shuffle(names)
-    return names[rank::world] or names[rank % len(names)::len(names)]
+def clip_seed(seed: int, epoch: int, key: str, purpose: int) -> int:
+    """The seed of one clip's random draws in an epoch: a function of (seed, epoch, clip key, purpose),
+    never of the rank, the world size or the loader worker that happens to read the clip."""
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    return rng_seed(seed, epoch, h & 0xFFFFFFFF, h >> 32, purpose)
 
 
-def rank_pool_keys(manifest: dict, seed: int, epoch: int, rank: int, world: int) -> list[str]:
-    """The sample keys in a rank's shards this epoch (its Pair Selection candidate pool)."""
-    mine = set(rank_shards(manifest, seed, epoch, rank, world))
-    names = [sh["name"] for sh in manifest["shards"]]
-    return [r.key for r in manifest_rows(manifest) if names[r.shard] in mine]
+AUG_DRAWS = 9        # uniforms per clip that `ClipAugment` turns into its affine transform
+
+
+def clip_draws(seed: int, epoch: int, key: str) -> np.ndarray:
+    """The clip's augmentation uniforms in [0, 1) for this epoch (float32, `AUG_DRAWS`)."""
+    return np.random.default_rng(clip_seed(seed, epoch, key, 4)).random(AUG_DRAWS, dtype=np.float32)
+
+
+def epoch_order(keys: list[str], seed: int, epoch: int, global_batch: int) -> list[list[str]]:
+    """The epoch's global batches in random mode: the split's keys (manifest order) shuffled per (seed,
+    epoch) and cut into global batches. Every clip is in exactly one batch; the last
+    `len(keys) % global_batch` keys of the shuffle sit this epoch out (others the next epoch)."""
+    order = list(keys)
+    random.Random(rng_seed(seed, epoch, 5)).shuffle(order)
+    return [order[b * global_batch:(b + 1) * global_batch] for b in range(len(order) // global_batch)]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """One rank's micro-batches of one split (see the module docstring for the guarantees).
-    `decode`: "cpu" decodes frames in the loader; "device" leaves `jpg` frames compressed for the
-    training device (`sclslt.data.devdecode.resolve` says which a run uses)."""
+    """Evaluation micro-batches of one split: every sample once, in manifest order, a contiguous slice
+    per rank (the last batch may be short), streamed shard by shard. `decode`: "cpu" decodes frames in
+    the loader; "device" leaves `jpg` frames compressed for the training device (`devdecode.resolve`)."""
 
     def __init__(self, shards_dir, split: str, micro_batch: int, *, rank: int = 0, world: int = 1,
-                 train: bool = True, seed: int = 0, shuffle_buffer: int = 256, max_frames: int = 0,
-                 max_bad_fraction: float = 0.01, decode: str = "cpu"):
+                 max_frames: int = 0, max_bad_fraction: float = 0.01, decode: str = "cpu"):
         from sclslt.data.storage import Store
         self.store = Store(shards_dir)
         self.manifest = read_manifest(shards_dir, split)
@@ -219,100 +232,118 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.defer = decode == "device"       # `jpg` frames cross compressed, decoded on the device
         self.bad = BadSamples(max_bad_fraction)
         self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
-        self.train, self.seed, self.shuffle_buffer, self.max_frames = train, seed, shuffle_buffer, max_frames
-        self.epoch, self.skip = 0, 0
+        self.max_frames = max_frames
         n = self.manifest["num_samples"]
-        if train:
-            if n < micro_batch * world:
-                raise ShardError(f"split {split} has {n} samples, fewer than one global batch "
-                                 f"({micro_batch} x {world} ranks): lower stageN.global_batch")
-            self.batches_per_epoch = n // (micro_batch * world)
-        else:
-            # evaluation: every sample exactly once, contiguous slice per rank, last batch may be short
-            lo, hi = n * rank // world, n * (rank + 1) // world
-            self.batches_per_epoch = -(-(hi - lo) // micro_batch)
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+        self.lo, self.hi = n * rank // world, n * (rank + 1) // world
+        self.batches_per_epoch = -(-(self.hi - self.lo) // micro_batch)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    # -- the sample streams ------------------------------------------------------------------
-    def _shard_size(self, name: str) -> int:
-        return next(sh["num_samples"] for sh in self.manifest["shards"] if sh["name"] == name)
-
-    def _samples(self, shard_names: list[str], worker: int) -> Iterator[dict]:
-        """Training: this worker's shards, cycled, through a seeded shuffle buffer."""
-        if not shard_names:
-            raise ShardError(f"rank {self.rank} worker {worker} got no shard of {self.split}: use fewer "
-                             f"workers or more shards (split has {len(self.manifest['shards'])})")
-        rng = random.Random(rng_seed(self.seed, self.epoch, self.rank, worker, 1))
-        buf: list[dict] = []
-        cycle = 0
-        while True:
-            order = list(shard_names)
-            if cycle:
-                random.Random(rng_seed(self.seed, self.epoch, self.rank, worker, 2, cycle)).shuffle(order)
-            for name in order:
-                self.bad.expect(self._shard_size(name))
-                for s in iter_shard(name, self.fmt, self.bad, self.store, self.defer):
-                    buf.append(s)
-                    if len(buf) >= self.shuffle_buffer:
-                        yield buf.pop(rng.randrange(len(buf)))
-            cycle += 1
-            if cycle > 1 and not buf:
-                raise ShardError(f"shards {shard_names} yielded no samples")
-            while len(buf) > self.shuffle_buffer // 2:    # drain part; keep mixing across passes
-                yield buf.pop(rng.randrange(len(buf)))
-
-    def _eval_samples(self) -> Iterator[dict]:
-        n = self.manifest["num_samples"]
-        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+    def _samples(self) -> Iterator[dict]:
         i = 0
         for sh in self.manifest["shards"]:
-            if i + sh["num_samples"] <= lo:
+            if i + sh["num_samples"] <= self.lo:
                 i += sh["num_samples"]
                 continue
             self.bad.expect(sh["num_samples"])
             for s in iter_shard(sh["name"], self.fmt, self.bad, self.store, self.defer):
-                if lo <= i < hi:
+                if self.lo <= i < self.hi:
                     yield s
                 i += 1
-                if i >= hi:
+                if i >= self.hi:
                     return
 
     def __iter__(self) -> Iterator[list[dict]]:
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        # this worker produces global batch indices b with b % n_workers == worker (round-robin)
-        mine = range(worker, self.batches_per_epoch, n_workers)
-        if not self.train:
-            batch: list[dict] = []
-            b = 0
-            for s in self._eval_samples():
-                batch.append(s)
-                if len(batch) == self.micro_batch:
-                    if b in mine and b >= self.skip:
-                        yield self._finish(batch, b)
-                    batch, b = [], b + 1
-            if batch and b in mine and b >= self.skip:
-                yield self._finish(batch, b)
-            return
-        rank_names = rank_shards(self.manifest, self.seed, self.epoch, self.rank, self.world)
-        worker_names = rank_names[worker::n_workers]
-        stream = self._samples(worker_names, worker)
-        for b in mine:
-            batch = [next(stream) for _ in range(self.micro_batch)]
-            if b >= self.skip:
-                yield self._finish(batch, b)
+        batch: list[dict] = []
+        b = 0
+        for s in self._samples():
+            s["frames"] = subsample_frames(s["frames"], self.max_frames)
+            batch.append(s)
+            if len(batch) == self.micro_batch:
+                if b % n_workers == worker:
+                    yield batch
+                batch, b = [], b + 1
+        if batch and b % n_workers == worker:
+            yield batch
 
-    def _finish(self, batch: list[dict], b: int) -> list[dict]:
-        # temporal subsampling: random in training, drawn per (seed, epoch, rank, batch): worker-independent
-        rng = random.Random(rng_seed(self.seed, self.epoch, self.rank, b, 3)) if self.train else None
-        for s in batch:
-            s["frames"] = subsample_frames(s["frames"], self.max_frames, rng)
-        return batch
+
+class GlobalStream(torch.utils.data.IterableDataset):
+    """A rank's slice of each of an epoch's global batches (training), read by random access.
+
+    `batches` are the epoch's global batches (sample keys, in global order: `epoch_order` or a Pair
+    Selection plan); rank r of `world` trains on members [r m, (r + 1) m) of each, m = batch / world.
+    Each clip is read as two byte ranges at the manifest's offsets (`ShardIndex`), `read_threads` at
+    a time (remote stores: latency hidden by concurrency), and its random draws (temporal subsampling,
+    augmentation uniforms) are seeded by (seed, epoch, clip key): the concatenation of the ranks'
+    micro-batches of global batch k is the same at any world size and any number of loader workers.
+    Workers take batches round-robin; `skip` resumes mid-epoch (nothing before it is read).
+    An unreadable clip is reported and counted (`BadSamples`); its place in the micro-batch is taken by
+    a copy of the micro-batch's first readable clip (same sentence: masked as a known false negative),
+    so every rank still trains on m clips.
+    """
+
+    def __init__(self, shards_dir, split: str, batches: list[list[str]], *, rank: int = 0, world: int = 1,
+                 seed: int = 0, epoch: int = 0, skip: int = 0, max_frames: int = 0, decode: str = "cpu",
+                 read_threads: int = 8, max_bad_fraction: float = 0.01):
+        from sclslt.data.shards import ShardIndex
+        size = {len(b) for b in batches}
+        if len(size) > 1 or (size and next(iter(size)) % world):
+            raise ShardError(f"global batches of sizes {sorted(size)} cannot be split over {world} ranks")
+        self.index = ShardIndex(shards_dir, read_manifest(shards_dir, split), defer=decode == "device")
+        self.batches, self.rank, self.world, self.skip = batches, rank, world, skip
+        self.seed, self.epoch, self.max_frames, self.read_threads = seed, epoch, max_frames, max(1, read_threads)
+        self.bad = BadSamples(max_bad_fraction)
+        self._pool, self._pool_pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def micro(self, b: int) -> list[str]:
+        m = len(self.batches[b]) // self.world
+        return self.batches[b][self.rank * m:(self.rank + 1) * m]
+
+    def _read_all(self, keys: list[str]) -> list[dict]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def read(key):
+            try:
+                return self.index.read(key)
+            except Exception as e:  # noqa: BLE001 - reported and counted by BadSamples
+                return e
+        if self._pool is None or self._pool_pid != os.getpid():     # a forked worker makes its own
+            self._pool, self._pool_pid = ThreadPoolExecutor(self.read_threads), os.getpid()
+        got = list(self._pool.map(read, keys)) if self.read_threads > 1 else [read(k) for k in keys]
+        good = next((s for s in got if not isinstance(s, Exception)), None)
+        out = []
+        for key, s in zip(keys, got):
+            if isinstance(s, Exception):
+                where = self.index.where(key)
+                self.bad(where if where not in str(s) else "clip", s)
+                if good is None:
+                    raise ShardError(f"no readable clip in micro-batch {keys}: first error {s}") from s
+                s = {**good, "meta": dict(good["meta"])}
+            out.append(s)
+        return out
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = [b for b in range(worker, len(self.batches), n_workers) if b >= self.skip]
+        self.bad.expect(sum(len(self.micro(b)) for b in mine))    # the bad fraction is of this worker's clips
+        for b in mine:
+            batch = self._read_all(self.micro(b))
+            for s in batch:
+                self._draw(s)
+            yield batch
+
+    def _draw(self, s: dict) -> None:
+        """The clip's random draws: temporal subsampling and augmentation uniforms, per (seed, epoch, key)."""
+        rng = random.Random(clip_seed(self.seed, self.epoch, s["key"], 3))
+        s["frames"] = subsample_frames(s["frames"], self.max_frames, rng)
+        s["draws"] = clip_draws(self.seed, self.epoch, s["key"])
 
 
 def make_loader(stream: ShardStream, collate: Collate, num_workers: int = 0, prefetch_factor: int = 2):
@@ -320,32 +351,3 @@ def make_loader(stream: ShardStream, collate: Collate, num_workers: int = 0, pre
     if num_workers > 0:
         kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
     return torch.utils.data.DataLoader(stream, **kw)
-
-
-class PlannedStream(torch.utils.data.IterableDataset):
-    """A rank's planned micro-batches (lists of sample keys), read by random access from its shards.
-
-    The plan is made before the epoch (Pair Selection); workers take batches round-robin, so the
-    order does not depend on the number of workers; `skip` resumes mid-epoch. `decode` as `ShardStream`.
-    """
-
-    def __init__(self, shards_dir, split: str, batches: list[list[str]], skip: int = 0, max_frames: int = 0,
-                 seed: int = 0, decode: str = "cpu"):
-        from sclslt.data.shards import ShardIndex
-        self.index = ShardIndex(shards_dir, read_manifest(shards_dir, split), defer=decode == "device")
-        self.batches, self.skip, self.max_frames, self.seed = batches, skip, max_frames, seed
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        for b in range(worker, len(self.batches), n_workers):
-            if b < self.skip:
-                continue
-            batch = [self.index.read(k) for k in self.batches[b]]
-            rng = random.Random(rng_seed(self.seed, b, 3))
-            for s in batch:
-                s["frames"] = subsample_frames(s["frames"], self.max_frames, rng)
-            yield batch

@@ -354,6 +354,10 @@ class ShardIndex:
             return None
         return [*parts[self.member], *parts["json"]]
 
+    def where(self, key: str) -> str:
+        """The sample's location for messages: shard URL and key."""
+        return f"{self.store.url(self.shard_of[key])}:{key}" if key in self.shard_of else f"{self.store}:{key}"
+
     def read(self, key: str) -> dict:
         if key not in self.shard_of:
             raise ShardError(f"sample {key!r} is not in the manifest of {self.store}")

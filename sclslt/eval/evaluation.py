@@ -21,7 +21,7 @@ from sclslt.train.context import Context, enabled_stages
 
 def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> dict:
     cfg = ctx.cfg
-    stream = ShardStream(ctx.shards_dir, split, cfg.eval.batch_size, rank=ctx.rank, world=ctx.world, train=False,
+    stream = ShardStream(ctx.shards_dir, split, cfg.eval.batch_size, rank=ctx.rank, world=ctx.world,
                          max_frames=cfg.data.max_frames, decode=ctx.decode)
     loader = make_loader(stream, Collate(ctx.tokenizer), cfg.data.num_workers, cfg.data.prefetch_factor)
     rows = decode_loader(model, loader, ctx.tokenizer, ctx.dist.device, cfg.eval.beam, cfg.eval.max_len)

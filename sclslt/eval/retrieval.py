@@ -58,7 +58,7 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
-    stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world, train=False,
+    stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world,
                          max_frames=max_frames, decode=decode)
     e = model.video_proj.out_features       # a rank with no clip of the split contributes empty tensors
     keys, sids, vs, ts = [], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, e)], [torch.zeros(0, e)]

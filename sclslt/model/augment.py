@@ -2,8 +2,10 @@
 one affine transform per clip applied to all its frames, in training only; a centre crop otherwise.
 
 Runs where the frames already are (the GPU in a real run), as one `grid_sample` over the batch, so
-the loader's CPU cores only read and decode. Randomness comes from torch's global generator, which
-the trainer seeds per rank and the checkpoint saves, so a resumed run draws the same transforms.
+the loader's CPU cores only read and decode. Randomness: training batches carry each clip's own
+uniforms (`Batch.draws`, seeded by (seed, epoch, clip key) in the loader), so a clip gets the same
+transform at any world size, worker count or resume; called without them (a direct call), the
+uniforms come from torch's global generator.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ class ClipAugment(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, H, W, 3) uint8/float -> (B, T, c, c, 3) float in [0, 255] (c = crop, or H x W unchanged)."""
+    def forward(self, frames: torch.Tensor, draws: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, H, W, 3) uint8/float -> (B, T, c, c, 3) float in [0, 255] (c = crop, or H x W unchanged).
+        `draws`: (B, 9) uniforms in [0, 1) per clip (crop offset x/y, three on/off, angle, zoom, shift x/y)."""
         cfg = self.cfg
         b, t, h, w, _ = frames.shape
         if not (self.training and cfg.augment) and (cfg.crop <= 0 or (cfg.crop == h and cfg.crop == w)):
@@ -36,13 +39,14 @@ class ClipAugment(nn.Module):
         zoom = torch.ones(b, device=dev)
         shift = torch.zeros(b, 2, device=dev)
         if self.training:
-            offset = (torch.rand(b, 2, device=dev) * 2 - 1) * torch.tensor([1 - sx, 1 - sy], device=dev)
+            u = torch.rand(b, 9, device=dev) if draws is None else draws.to(dev, torch.float32)
+            offset = (u[:, 0:2] * 2 - 1) * torch.tensor([1 - sx, 1 - sy], device=dev)
             if cfg.augment:
-                on = lambda: (torch.rand(b, device=dev) < cfg.aug_prob).float()   # noqa: E731
-                angle = on() * (torch.rand(b, device=dev) * 2 - 1) * math.radians(cfg.aug_rotate)
+                on = (u[:, 2:5] < cfg.aug_prob).float()
+                angle = on[:, 0] * (u[:, 5] * 2 - 1) * math.radians(cfg.aug_rotate)
                 lo, hi = cfg.aug_scale
-                zoom = 1 + on() * (lo + torch.rand(b, device=dev) * (hi - lo) - 1)
-                shift = on()[:, None] * (torch.rand(b, 2, device=dev) * 2 - 1) * 2 * cfg.aug_translate
+                zoom = 1 + on[:, 1] * (lo + u[:, 6] * (hi - lo) - 1)
+                shift = on[:, 2:3] * (u[:, 7:9] * 2 - 1) * 2 * cfg.aug_translate
         else:
             offset = torch.zeros(b, 2, device=dev)    # centre crop
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from sclslt.config import DataConfig, ModelConfig
 from sclslt.model.augment import ClipAugment
+from sclslt.model.batchnorm import GlobalBatchNorm1d, globalise
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,13 +165,13 @@ class TemporalBlock(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.conv = nn.Conv1d(dim_in, dim_out, kernel_size=5, padding=2, bias=False)  # BN follows
-        self.bn = nn.BatchNorm1d(dim_out)
+        self.bn = GlobalBatchNorm1d(dim_out)     # global-batch statistics over valid steps (batchnorm.py)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
         # x (B, C, T), mask (B, T): padded steps are zeroed before the convolution and after the
         # activation (>= 0), so they can reach neither a valid step's convolution nor its max-pool
         m = mask[:, None].to(x.dtype)
-        x = F.relu(self.bn(self.conv(x * m))) * m
+        x = F.relu(self.bn(self.conv(x * m), mask)) * m
         x = F.max_pool1d(x, 2, ceil_mode=True)
         mask = F.max_pool1d(mask[:, None].float(), 2, ceil_mode=True)[:, 0] > 0
         return x, mask
@@ -186,7 +187,7 @@ class SLTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.frame_view = ClipAugment(frames or DataConfig())    # crop / training augmentation, on device
-        self.backbone = build_backbone(cfg)
+        self.backbone = globalise(build_backbone(cfg))     # its BatchNorms: global-batch statistics
         self.s2s, self.text_encoder = build_mbart(cfg, tokenizer)
         d = self.s2s.config.d_model
         feat = self.backbone.config.hidden_sizes[-1]    # pooled channels, basic and bottleneck ResNets alike
@@ -231,11 +232,12 @@ class SLTModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp().clamp(max=self.cfg.logit_scale_max).squeeze(0)
 
-    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor):
-        """uint8 (B, T, H, W, 3) -> visual tokens (B, T', d) and their mask (B, T')."""
+    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor, draws: torch.Tensor | None = None):
+        """uint8 (B, T, H, W, 3) -> visual tokens (B, T', d) and their mask (B, T'); `draws`: the clips'
+        augmentation uniforms (`Batch.draws`)."""
         b, t = frame_mask.shape
         dtype = self.video_proj.weight.dtype
-        frames = self.frame_view(frames)
+        frames = self.frame_view(frames, draws)
         valid = frames[frame_mask]                                   # (N, H, W, 3) valid frames only
         x = valid.permute(0, 3, 1, 2).to(dtype).div_(255.0)
         x = (x - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
@@ -267,8 +269,8 @@ class SLTModel(nn.Module):
 
     # -- what a training step needs -----------------------------------------------------------
     def forward(self, frames, frame_mask, input_ids, attention_mask, labels,
-                contrastive: bool = True, translation: bool = True) -> dict:
-        enc, mask = self.encode_video(frames, frame_mask)
+                contrastive: bool = True, translation: bool = True, draws: torch.Tensor | None = None) -> dict:
+        enc, mask = self.encode_video(frames, frame_mask, draws)
         out = {}
         if translation:
             out["logits"] = self.decode_logits(enc, mask, labels)

@@ -1,15 +1,17 @@
-"""Where a stage's micro-batches come from each epoch: the shuffled stream (random), or batches planned
-by Pair Selection from a reference table (ps) or from embeddings the job takes of itself (self)."""
+"""Where a stage's global batches come from each epoch: the seeded shuffle (random), or batches planned
+by Pair Selection from a reference table (ps) or from embeddings the job takes of itself (self); and
+each rank's stream of its slice of them."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from sclslt.config import Config, StageConfig
-from sclslt.data.loader import PlannedStream, ShardStream, rank_pool_keys, rng_seed
+from sclslt.atomic import write_text
+from sclslt.data.loader import GlobalStream, epoch_order
+from sclslt.data.shards import manifest_rows, read_manifest
 from sclslt.eval.retrieval import embed_split
 from sclslt.selection.planner import (
     Planner,
@@ -24,27 +26,33 @@ from sclslt.train.context import Context, RunError, stage_seed
 
 
 class BatchSource:
-    """Where a stage's micro-batches come from each epoch: streamed in shuffled order (random), or
-    planned by Pair Selection (ps: a reference table; self: embeddings the job takes of itself)."""
+    """A stage's global batches, epoch by epoch, and each rank's stream of its slice of them.
 
-    def __init__(self, ctx: Context, name: str, stream: ShardStream):
-        self.ctx, self.name, self.stream = ctx, name, stream
+    random: `epoch_order` (the shuffle of (seed, epoch)); ps: the Pair Selection plan from a reference
+    table; self: the plan from embeddings the job takes of itself (random until it has a late view).
+    Global batches are a function of the config and the seed only (sclslt/data/loader.py): a run at any
+    world size and worker count, and a resume at another world size, train on the same sequence."""
+
+    def __init__(self, ctx: Context, name: str):
+        self.ctx, self.name = ctx, name
         st: StageConfig = getattr(ctx.cfg, name)
+        check_world(st, name, ctx.world)
+        self.keys = train_keys(ctx.shards_dir)
+        if len(self.keys) < st.global_batch:
+            raise RunError(f"the training split has {len(self.keys)} samples, fewer than one global batch "
+                           f"({name}.global_batch={st.global_batch}): lower it")
+        self.global_batch, self.seed = st.global_batch, stage_seed(ctx.cfg, name)
+        self.per_epoch = len(self.keys) // st.global_batch
         sel = ctx.cfg.selection
         self.mode = sel.mode if st.contrastive_weight > 0 else "random"
         self.dir = ctx.run_dir / name / "selection"
-        self.planner, self.table = None, None
+        self.table = None
         if self.mode == "ps":
             n, dense = table_info(sel.table)
-            rows = "dense CiCo-scored, whole on every rank" if dense else f"{sel.table_dtype} rows of each rank's pool"
+            rows = "dense CiCo-scored, whole on every rank" if dense else f"{sel.table_dtype} rows of each pool"
             ctx.reporter.info(f"{name}: Pair Selection from {sel.table} ({n} samples, {rows}), "
-                              f"schedule {sel.schedule}, chunk {sel.chunk}")
+                              f"schedule {sel.schedule}, {sel.pools} pool(s)")
             self.table = load_table(sel.table, ctx.dist.device) if dense else None
-
-    def _planner(self, table: Table) -> Planner:
-        cfg, st = self.ctx.cfg, getattr(self.ctx.cfg, self.name)
-        return Planner(cfg.selection, table, st.global_batch // self.ctx.world, self.ctx.world,
-                       stage_seed(cfg, self.name))
 
     def _self_table(self, epoch: int, model_fn) -> Table | None:
         """self mode: early = embeddings at the stage's start, late = the latest refresh (every
@@ -71,38 +79,56 @@ class BatchSource:
         dist.barrier()
         return emb
 
-    def epoch_stream(self, epoch: int, skip: int, model_fn):
-        ctx, st = self.ctx, getattr(self.ctx.cfg, self.name)
-        keys = rank_pool_keys(self.stream.manifest, self.stream.seed, epoch, ctx.rank, ctx.world)
-        if self.mode == "ps":      # this rank's pool only (the planner never reads another rank's rows)
-            table = self.table or load_table(ctx.cfg.selection.table, ctx.dist.device, keys=keys,
-                                             dtype=getattr(torch, ctx.cfg.selection.table_dtype))
+    def epoch_batches(self, epoch: int, model_fn) -> list[list[str]]:
+        """The epoch's global batches (sample keys in global order)."""
+        ctx, st, sel = self.ctx, getattr(self.ctx.cfg, self.name), self.ctx.cfg.selection
+        if self.mode == "ps":
+            whole = self.table
+            table_for = (lambda keys: whole) if whole is not None else (
+                lambda keys: load_table(sel.table, ctx.dist.device, keys=keys, dtype=getattr(torch, sel.table_dtype)))
+        elif self.mode == "self":
+            table = self._self_table(epoch, model_fn)
+            table_for = (lambda keys: table) if table is not None else None
         else:
-            table = self._self_table(epoch, model_fn) if self.mode == "self" else None
-        if table is None:
-            self.stream.set_epoch(epoch, skip=skip)
-            return self.stream
-        planner = self._planner(table)
-        plan = planner.plan_epoch(table.rows(keys), ctx.rank, epoch, st.epochs, len(self.stream),
-                                  dist.all_gather_object)
-        ctx.reporter.info(f"{self.name} epoch {epoch}: planned {len(plan)} batches at quantile "
-                          f"{planner.quantile(epoch, st.epochs):.3f} ({planner.stats.rejected} re-picks, "
-                          f"{planner.stats.relaxed} duplicate sentences admitted)")
-        batches = [[table.keys[r] for r in mb] for mb in plan]
-        self.dir.mkdir(parents=True, exist_ok=True)      # the plan, for analysis and the tests
-        (self.dir / f"plan_e{epoch:04d}_r{ctx.rank:05d}.json").write_text(json.dumps(batches))
-        return PlannedStream(ctx.shards_dir, "train", batches, skip, ctx.cfg.data.max_frames,
-                             seed=rng_seed(self.stream.seed, epoch), decode=ctx.decode)
+            table_for = None
+        if table_for is None:
+            return epoch_order(self.keys, self.seed, epoch, self.global_batch)
+        planner = Planner(sel, self.global_batch, self.seed)
+        batches = planner.plan_epoch(self.keys, epoch, st.epochs, table_for, ctx.rank, ctx.world,
+                                     dist.all_gather_object)
+        ctx.reporter.info(f"{self.name} epoch {epoch}: planned {len(batches)} batches at quantile "
+                          f"{planner.quantile(epoch, st.epochs):.3f} ({planner.stats.relaxed} duplicate sentences "
+                          f"admitted)")
+        if ctx.rank == 0:                                # the plan, for analysis and the tests
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.dir / f"plan_e{epoch:04d}.json", json.dumps(batches))
+        return batches
+
+    def stream(self, batches: list[list[str]], epoch: int, skip: int) -> GlobalStream:
+        ctx = self.ctx
+        return global_stream(ctx.cfg, ctx.shards_dir, batches, ctx.rank, ctx.world, self.seed, epoch, skip, ctx.decode)
 
 
-def train_stream(cfg: Config, name: str, shards_dir: Path, rank: int, world: int,
-                 decode: str = "cpu") -> ShardStream:
-    """The training micro-batches of one rank for a stage (the tests rebuild them through this)."""
-    st: StageConfig = getattr(cfg, name)
+def check_world(st: StageConfig, name: str, world: int) -> None:
     if st.global_batch % world:
-        raise RunError(f"{name}.global_batch={st.global_batch} is not divisible by world size {world}")
-    return ShardStream(shards_dir, "train", st.global_batch // world, rank=rank, world=world, train=True,
-                       seed=stage_seed(cfg, name), shuffle_buffer=cfg.data.shuffle_buffer,
-                       max_frames=cfg.data.max_frames, max_bad_fraction=cfg.data.max_bad_fraction,
-                       decode=decode)
+        raise RunError(f"{name}.global_batch={st.global_batch} is not divisible by world size {world}: "
+                       f"use a world size that divides it (the global batch never changes with the GPU count)")
 
+
+def train_keys(shards_dir) -> list[str]:
+    """The training split's sample keys in manifest order."""
+    return [r.key for r in manifest_rows(read_manifest(shards_dir, "train"))]
+
+
+def global_stream(cfg: Config, shards_dir, batches: list[list[str]], rank: int, world: int, seed: int, epoch: int,
+                  skip: int = 0, decode: str = "cpu") -> GlobalStream:
+    """One rank's training stream over an epoch's global batches (the tests rebuild batches through this)."""
+    d = cfg.data
+    return GlobalStream(shards_dir, "train", batches, rank=rank, world=world, seed=seed, epoch=epoch, skip=skip,
+                        max_frames=d.max_frames, decode=decode, read_threads=d.read_threads,
+                        max_bad_fraction=d.max_bad_fraction)
+
+
+def random_batches(cfg: Config, name: str, shards_dir, epoch: int) -> list[list[str]]:
+    """Random mode's global batches of a stage's epoch (what `BatchSource` trains on without a plan)."""
+    return epoch_order(train_keys(shards_dir), stage_seed(cfg, name), epoch, getattr(cfg, name).global_batch)

@@ -9,22 +9,19 @@ high Delta = it rose (hard, confusable). The curriculum takes candidates at the 
 q(alpha) of the sorted Delta, alpha = epoch / epochs, by schedule:
     easy 0 | hard 1 | linear alpha | sqrt sqrt(alpha) | log log(1 + (b - 1) alpha) / log(b).
 
-One global pool across ranks (DESIGN.md): a rank's candidates are the samples of the shards it
-reads this epoch; the global batch is built jointly in rounds. Each round every rank (with quota
-left) scores its own candidates against the whole global batch so far, picks `chunk` of them at
-the quantile, and the picks are all-gathered as (table index, sentence id) - a few bytes per
-member; every rank holds the table, so embeddings need not travel and pixels never do. A pick
-whose sentence id equals an earlier member's (or an earlier pick of the same round, in rank order)
-is rejected and its rank picks again: known false negatives never enter a batch together unless a
-rank has nothing else left (then they are allowed, counted, and masked in the loss anyway).
-Round 0 seeds the batch with one random pick per rank. A sentence with as many unused copies in a
-pool as batches left in the epoch is taken first, one copy per batch (otherwise its copies pile up
-at the epoch's end and meet; see `RankPool._due_first`).
+One sequence of global batches per (config, seed), whatever the world size (issue 20): the paper's
+greedy, run over the epoch's pool of clips: a batch starts from ONE random seed and grows one candidate
+at a time, each the candidate at the curriculum quantile of the whole pool's Delta against the members
+so far. A candidate whose sentence id equals a member's is passed over (known false negatives never
+share a batch unless nothing else is left: counted, and masked in the loss anyway). At corpora of
+thousands of clips every pool is the whole epoch (`selection.pools` = 1); at millions, the epoch is cut
+into a fixed number of canonical pools, each planned exactly and on its own, the ranks sharing the
+pools out: the approximation is a property of the config, never of the machine
+(benchmarks/bench_planner.py measures its cost and how far its batches are from exact greedy's).
 
-Every decision is a pure function of (seed, epoch, batch, rank, the table and the pools), computed
-in the main process before the epoch starts: the plan does not depend on the number of loader
-workers, and a resumed run re-plans the epoch and skips the batches it had done. `plan_epoch_local`
-runs the same rounds for all ranks in one process (the reference the distributed plan must equal).
+Every decision is a pure function of (seed, epoch, pool, batch, the table), computed before the epoch
+starts: the plan depends neither on the number of ranks nor on the loader's workers, and a resumed run
+(at any world size) re-plans the epoch and skips the batches it had done.
 """
 from __future__ import annotations
 
@@ -35,7 +32,7 @@ from pathlib import Path
 import torch
 
 from sclslt.config import SelectionConfig
-from sclslt.data.loader import rng_seed
+from sclslt.data.loader import epoch_order, rng_seed
 from sclslt.atomic import atomic_path
 
 
@@ -275,171 +272,112 @@ def table_from_snapshots(early: dict, late: dict, device="cpu") -> Table:
 
 @dataclass
 class PlanStats:
-    relaxed: int = 0                 # members admitted despite a duplicate sentence id (nothing else left)
-    rejected: int = 0                # picks rejected for a duplicate sentence id and re-picked
-    rounds: int = 0
+    relaxed: int = 0                 # members admitted despite a member's sentence id (nothing else left)
+    picks: int = 0
 
 
-class RankPool:
-    """One rank's candidates for an epoch (table rows), with per-epoch use and cycling."""
-
-    def __init__(self, rows: torch.Tensor, table: Table, seed_parts: tuple, n_batches: int):
-        self.rows = rows
-        self.n_batches = n_batches
-        self.table = table
-        self.sids = table.sentence_ids[rows]
-        # pooled: Delta(u; C) = [v1_u, -v0_u, t1_u, -t0_u] . [sum t1_c, sum t0_c, sum v1_c, sum v0_c]: the
-        # pool's side is gathered once per epoch, contiguous; a round is one matrix-vector product
-        self.side = table.pool_side(rows)
-        self.used = torch.zeros(len(rows), dtype=torch.bool)
-        self.cycles = 0
-        self.seed_parts = seed_parts
-
-    def available(self, member_rows: list) -> torch.Tensor:
-        """Unused candidates not already in the batch; when none is left the pool starts over (a rank
-        with fewer samples than its share reuses its own, as in random mode)."""
-        in_batch = (torch.isin(self.rows, torch.tensor(member_rows, dtype=torch.long)) if member_rows
-                    else torch.zeros(len(self.rows), dtype=torch.bool))
-        avail = ~self.used & ~in_batch
-        if not bool(avail.any()):
-            self.used.zero_()
-            self.cycles += 1
-            avail = ~in_batch
-        return avail
-
-    def pick(self, k: int, member_rows: list, member_sids: set, q: float, batch_no: int,
-             round_no: int, blocked: set, sums: torch.Tensor | None = None,
-             own: list | None = None) -> tuple[list[int], bool]:
-        """Up to k positions in this pool (round 0 random, later at quantile q of Delta), and whether
-        they had to be duplicates of members' sentences (nothing else left: relaxed). `sums`: the
-        members' summed `member_vec`s; `own`: this pool's rows already in the batch."""
-        avail = self.available(member_rows if own is None else own)
-        free = avail.clone()
-        if blocked:                       # rejected this batch for a clash; back only if nothing else
-            free[torch.tensor(sorted(blocked), dtype=torch.long)] = False
-        if not bool(free.any()):
-            free = avail
-        ok = free
-        if member_sids:
-            ok = free & ~torch.isin(self.sids, torch.tensor(sorted(member_sids), dtype=torch.long))
-        relaxed = not bool(ok.any())
-        cand = (free if relaxed else ok).nonzero().flatten()
-        if len(cand) == 0:
-            return [], relaxed
-        if not member_rows:                                  # seed: random
-            g = torch.Generator().manual_seed(rng_seed(*self.seed_parts, batch_no, round_no))
-            order = cand[torch.randperm(len(cand), generator=g)]
-        else:
-            delta = self.table.candidate_delta(self.side, member_rows, sums).cpu()[cand]
-            by_delta = torch.argsort(delta, stable=True)     # ascending: easy first; ties in pool order
-            dist = (torch.arange(len(cand), dtype=torch.float64) - q * (len(cand) - 1)).abs()
-            order = cand[by_delta[torch.argsort(dist, stable=True)]]   # nearest the quantile first
-        order = self._due_first(order, batch_no, member_sids)
-        picked, sids = [], set()
-        for pos in order.tolist():
-            sid = int(self.sids[pos])
-            if sid in sids and not relaxed:
-                continue                                     # no two same sentences within one pick
-            picked.append(pos)
-            sids.add(sid)
-            if len(picked) == k:
-                break
-        return picked, relaxed
-
-
-    def _due_first(self, order: torch.Tensor, batch_no: int, member_sids: set) -> torch.Tensor:
-        """Candidates of a sentence with as many unused copies as there are batches left come first.
-
-        Without this, keeping identical sentences apart defers a frequent sentence's copies to the end
-        of the epoch, where they can only share batches (measured: 3.4% vs 1.0% exact-duplicate pairs,
-        benchmarks/results/ps_experiment.md). Taking one copy per batch once a sentence is due spreads
-        them, so duplicates meet only when a sentence has more copies than the epoch has batches.
-        """
-        left = self.n_batches - batch_no
-        sids, counts = torch.unique(self.sids[~self.used], return_counts=True)
-        due = sids[counts >= left]
-        if member_sids:
-            due = due[~torch.isin(due, torch.tensor(sorted(member_sids), dtype=torch.long))]
-        if len(due) == 0:
-            return order
-        is_due = torch.isin(self.sids[order], due)
-        return torch.cat([order[is_due], order[~is_due]])
+def nearest_rank(q: float, n: int) -> int:
+    """The position nearest q (n - 1) in a sorted list of n (a tie goes to the lower position)."""
+    return max(0, math.ceil(q * (n - 1) - 0.5))
 
 
 class Planner:
-    """Builds an epoch of global batches; `gather(picks)` exchanges one round's picks across ranks."""
+    """An epoch of curriculum global batches: the paper's greedy, world-independent (module docstring).
 
-    def __init__(self, cfg: SelectionConfig, table: Table, micro: int, world: int, seed: int):
-        self.cfg, self.table, self.micro, self.world, self.seed = cfg, table, micro, world, seed
+    The epoch's clips are those of `epoch_order` (random mode's shuffle, the same remainder left out),
+    split into `selection.pools` canonical pools of whole batches; each pool is planned on its own by
+    exact greedy (`plan_pool`), the ranks share the pools out (pool p on rank p % world) and exchange
+    the plans (a few KB of keys); the epoch interleaves the pools' batches round-robin. Every batch is
+    a function of (seed, epoch, pool, the table): the same at any world size. pools = 1 is the
+    paper's algorithm over the whole epoch; more pools bound the cost for corpora of millions of clips.
+    """
+
+    def __init__(self, cfg: SelectionConfig, global_batch: int, seed: int):
+        self.cfg, self.batch, self.seed = cfg, global_batch, seed
         self.stats = PlanStats()
 
     def quantile(self, epoch: int, epochs: int) -> float:
         return curriculum_quantile(self.cfg.schedule, epoch / max(1, epochs), self.cfg.log_base)
 
-    def _run(self, pools: dict[int, RankPool], n_batches: int, q: float, gather) -> dict[int, list]:
-        """The rounds for the ranks in `pools` (all of them, or this rank's alone with a real gather)."""
-        plans = {r: [] for r in pools}
-        for batch_no in range(n_batches):
-            member_rows: list[int] = []        # rows of this table (meaningful where it is whole: dense scoring)
-            member_sids: set[int] = set()
-            sums = torch.zeros(4 * self.table.v1.shape[1], dtype=torch.float64)   # the members' member_vecs
-            mine = {r: [] for r in pools}
-            quota = {r: self.micro for r in range(self.world)}
-            blocked = {r: set() for r in pools}
-            round_no = 0
-            while any(quota.values()):
-                k_round = 1 if round_no == 0 else self.cfg.chunk
-                proposals = {}
-                for r, pool in pools.items():
-                    k = min(k_round, quota[r])
-                    picked, relaxed = pool.pick(k, member_rows, member_sids, q, batch_no, round_no,
-                                                blocked[r], sums, mine[r]) if k else ([], False)
-                    proposals[r] = [(int(pool.rows[p]), int(pool.sids[p]), p, relaxed,
-                                     pool.table.member_vec(int(pool.rows[p])).cpu()) for p in picked]
-                everyone = gather(proposals)
-                if not any(everyone[r] for r in range(self.world)):
-                    raise RuntimeError(f"Pair Selection: no rank could offer a candidate in batch {batch_no} "
-                                       f"(quotas {quota}): pools too small for the global batch")
-                for r in range(self.world):                   # rank order: the same verdicts everywhere
-                    for row, sid, pos, relaxed, vec in everyone[r]:
-                        if sid in member_sids and not relaxed:
-                            self.stats.rejected += 1          # a same-round clash: the rank picks again
-                            if r in pools:
-                                blocked[r].add(pos)
-                            continue
-                        self.stats.relaxed += int(sid in member_sids)
-                        sums += vec.double()
-                        member_rows.append(row)
-                        member_sids.add(sid)
-                        quota[r] -= 1
-                        if r in pools:
-                            pools[r].used[pos] = True
-                            mine[r].append(row)
-                round_no += 1
-            self.stats.rounds += round_no
-            for r in pools:
-                plans[r].append(mine[r])
-        return plans
+    def pools(self, keys: list[str], epoch: int) -> list[list[str]]:
+        """The epoch's canonical pools: `epoch_order`'s batches, flattened, cut into whole-batch pools."""
+        order = epoch_order(keys, self.seed, epoch, self.batch)
+        n, p = len(order), min(self.cfg.pools, max(1, len(order)))
+        cuts = [n * i // p for i in range(p + 1)]
+        return [[k for b in order[cuts[i]:cuts[i + 1]] for k in b] for i in range(p)]
 
-    def _pools(self, rank_rows: dict[int, torch.Tensor], epoch: int, n_batches: int,
-               tables: dict[int, Table] | None = None) -> dict[int, RankPool]:
-        return {r: RankPool(rows, (tables or {}).get(r, self.table), (self.seed, epoch, r), n_batches)
-                for r, rows in rank_rows.items()}
+    def plan_epoch(self, keys: list[str], epoch: int, epochs: int, table_for, rank: int = 0, world: int = 1,
+                   all_gather_object=None) -> list[list[str]]:
+        """The epoch's global batches (keys, in global order). `table_for(pool_keys)` gives a table that
+        holds at least those keys' rows; with world > 1, `all_gather_object` exchanges the pools' plans."""
+        pools, q = self.pools(keys, epoch), self.quantile(epoch, epochs)
+        mine = {p: self.plan_pool(table_for(pk), pk, epoch, p, q) for p, pk in enumerate(pools) if p % world == rank}
+        if world > 1:
+            out = [None] * world
+            all_gather_object(out, (mine, self.stats.relaxed, self.stats.picks))
+            mine, self.stats = {}, PlanStats()
+            for plans, relaxed, picks in out:
+                mine.update(plans)
+                self.stats.relaxed += relaxed
+                self.stats.picks += picks
+        longest = max(len(b) for b in mine.values())
+        return [mine[p][j] for j in range(longest) for p in range(len(pools)) if j < len(mine[p])]
 
-    def plan_epoch(self, rows: torch.Tensor, rank: int, epoch: int, epochs: int, n_batches: int,
-                   all_gather_object) -> list[list[int]]:
-        """This rank's micro-batches (table rows) for the epoch, planned jointly with the other ranks."""
-        pools = self._pools({rank: rows}, epoch, n_batches)
+    def plan_pool(self, table: Table, keys: list[str], epoch: int, pool: int, q: float) -> list[list[str]]:
+        """Exact greedy over one pool: batches of `global_batch` keys, every key of the pool in one batch.
 
-        def gather(local: dict) -> dict:
-            out = [None] * self.world
-            all_gather_object(out, local[rank])
-            return dict(enumerate(out))
-        return self._run(pools, n_batches, self.quantile(epoch, epochs), gather)[rank]
+        Batch j: a random seed, then one member at a time, the candidate at quantile q of Delta(u; C)
+        against the members so far, among the pool's unused candidates whose sentence no member has
+        (all unused ones if none is left: counted as relaxed). A sentence with as many unused copies as
+        batches left is due: its copies go first, one per batch (otherwise keeping copies apart piles
+        them up at the epoch's end, where they must meet; measured in benchmarks/results/ps_experiment.md).
+        Delta is kept per candidate and grows by one matrix-vector product per pick."""
+        rows = table.rows(keys)
+        n_batches = len(keys) // self.batch
+        sids = table.sentence_ids[rows]
+        _, sidx = torch.unique(sids, return_inverse=True)
+        unused_copies = torch.bincount(sidx)
+        side = table.pool_side(rows)
+        used = torch.zeros(len(keys), dtype=torch.bool)
+        plan = []
+        for b in range(n_batches):
+            live = (~used).nonzero().flatten()
+            members = self._one_batch(table, rows, side, live, sids[live], unused_copies[sidx[live]] >= n_batches - b,
+                                      q, torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6)))
+            used[members] = True
+            unused_copies -= torch.bincount(sidx[members], minlength=len(unused_copies))
+            plan.append([keys[i] for i in members])
+        return plan
 
-    def plan_epoch_local(self, rank_rows: dict[int, torch.Tensor], epoch: int, epochs: int,
-                         n_batches: int, tables: dict[int, Table] | None = None) -> dict[int, list[list[int]]]:
-        """All ranks' plans in one process: the reference for the distributed planner. `tables`: each
-        rank's own table (rows of its pool only, as at scale); `rank_rows` then index those."""
-        return self._run(self._pools(rank_rows, epoch, n_batches, tables), n_batches,
-                         self.quantile(epoch, epochs), lambda x: x)
+    def _one_batch(self, table: Table, rows, side, live, sids, due, q: float, gen) -> list[int]:
+        """One global batch's pool positions (see `plan_pool`); `live`: the unused positions."""
+        dense = table.delta is not None
+        live_side = None if dense else side[live.to(side.device)]
+        live_rows = rows[live].to(table.v1.device)
+        acc = torch.zeros(len(live), dtype=torch.float64, device=table.v1.device)
+        taken = torch.zeros(len(live), dtype=torch.bool)
+        clash = torch.zeros(len(live), dtype=torch.bool)
+        picked = []
+        for j in range(self.batch):
+            free = ~taken
+            ok = free & ~clash
+            if not bool(ok.any()):
+                ok = free
+                self.stats.relaxed += 1
+            cand = (ok & due) if bool((ok & due).any()) else ok
+            cand = cand.nonzero().flatten()
+            if j == 0:
+                i = int(cand[torch.randint(len(cand), (1,), generator=gen)])
+            else:
+                by_delta = torch.argsort(acc[cand.to(acc.device)].cpu(), stable=True)   # ties: pool order
+                i = int(cand[by_delta[nearest_rank(q, len(cand))]])
+            taken[i] = True
+            clash |= sids == sids[i]
+            picked.append(i)
+            r = int(rows[live[i]])
+            if dense:
+                acc += table.delta[live_rows, r] + table.delta[r, live_rows]
+            else:
+                acc += table.candidate_delta(live_side, [], table.member_vec(r).double())
+        self.stats.picks += len(picked)
+        return [int(live[i]) for i in picked]

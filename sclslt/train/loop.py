@@ -9,6 +9,7 @@ Run directory layout:
   config.yaml                resolved config (also inside every checkpoint)
   tokenizer/                 the tokenizer the run trained or loaded
   stage1/checkpoints/<tag>   DeepSpeed checkpoints (+ client state: step, epoch, data position)
+  stage1/batches.jsonl       the audit trail: each optimizer step's global batch (sample keys, global order)
   stage2/checkpoints/<tag>
   results.json               metrics, BLEU signature, the trivial baseline, the kernel path taken
   hypotheses.<split>.jsonl   key, hypothesis, reference
@@ -29,13 +30,13 @@ import torch.distributed as dist
 from sclslt.atomic import write_text
 from sclslt.config import Config, StageConfig, save_config, to_dict
 from sclslt.data.loader import Collate, make_loader, resolve_shards_dir
-from sclslt.data.shards import manifest_rows, read_manifest
+from sclslt.data.shards import frame_format, manifest_rows, read_manifest
 from sclslt.data.text import load_tokenizer, make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
 from sclslt.model.losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from sclslt.model.slt import SLTModel
-from sclslt.selection.batches import BatchSource, train_stream
+from sclslt.selection.batches import BatchSource
 from sclslt.train import engine as eng
 from sclslt.train.context import Context, Preempted, RunError, enabled_stages, on_rank0
 from sclslt.train.signals import PREEMPT, install_signal_handlers
@@ -114,7 +115,8 @@ def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "
 
 def forward(model_call, batch, st: StageConfig) -> dict:
     return model_call(batch.frames, batch.frame_mask, batch.input_ids, batch.attention_mask, batch.labels,
-                      contrastive=st.contrastive_weight > 0, translation=st.translation_weight > 0)
+                      contrastive=st.contrastive_weight > 0, translation=st.translation_weight > 0,
+                      draws=batch.draws)
 
 
 @dataclass
@@ -130,6 +132,32 @@ class StageState:
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.epoch, self.pos = d["step"], d["epoch"], d["batch_in_epoch"]
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf                 # a line cut short by a crash: dropped with the rest after the step
+
+
+class BatchLog:
+    """The audit trail `<run_dir>/<stage>/batches.jsonl`: one JSON line per optimizer step,
+    {"step", "epoch", "keys"} with the sample keys of the whole global batch in global order (rank 0
+    writes it). A resume first drops the lines after the step it continues from (written after the last
+    checkpoint by a job that then died), so the file has one line per step, none twice: two runs that
+    should be the same compare with `diff`."""
+
+    def __init__(self, path: Path, enabled: bool, step: int):
+        self.path, self.enabled = path, enabled
+        if enabled and path.is_file():
+            write_text(path, "".join(ln + "\n" for ln in path.read_text().splitlines() if _step_of(ln) <= step))
+
+    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys)}) + "\n")
 
 
 class StageCheckpointer:
@@ -159,11 +187,11 @@ class Stage:
         cfg, st = ctx.cfg, getattr(ctx.cfg, name)
         self.ctx, self.name, self.st = ctx, name, st
         self.ckpt_dir = ctx.run_dir / name / "checkpoints"
-        stream = train_stream(cfg, name, ctx.shards_dir, ctx.rank, ctx.world, ctx.decode)
-        where = f"on {ctx.dist.device} (nvImageCodec)" if stream.fmt == "jpg" and stream.defer else "in the loader"
-        ctx.reporter.info(f"{name}: {stream.fmt} frames decoded {where}")
-        self.source = BatchSource(ctx, name, stream)
-        self.per_epoch = len(stream)
+        fmt = frame_format(read_manifest(ctx.shards_dir, "train"))
+        where = f"on {ctx.dist.device} (nvImageCodec)" if fmt == "jpg" and ctx.decode == "device" else "in the loader"
+        ctx.reporter.info(f"{name}: {fmt} frames decoded {where}")
+        self.source = BatchSource(ctx, name)
+        self.per_epoch = self.source.per_epoch
         schedule_steps = st.epochs * self.per_epoch  # the LR schedule's length: max_steps only truncates it,
         self.total = schedule_steps                  # so a run extended with --resume follows the same curve
         if cfg.train.max_steps > 0:
@@ -184,6 +212,7 @@ class Stage:
         self.checkpointer = StageCheckpointer(ctx, name, self.engine, self.state, self.selector)
         if tag is not None:
             self._resume(tag, saved_world)
+        self.audit = BatchLog(ctx.run_dir / name / "batches.jsonl", ctx.rank == 0, self.state.step)
 
     def _resume(self, tag: str, saved_world: int) -> None:
         ctx = self.ctx
@@ -240,7 +269,8 @@ class Stage:
     def train_epoch(self) -> None:
         """The rest of the current epoch, or up to the stage's last step."""
         s = self.state
-        loader = make_loader(self.source.epoch_stream(s.epoch, s.pos, self.eval_model), self.collate,
+        self.batches = self.source.epoch_batches(s.epoch, self.eval_model)
+        loader = make_loader(self.source.stream(self.batches, s.epoch, s.pos), self.collate,
                              self.ctx.cfg.data.num_workers, self.ctx.cfg.data.prefetch_factor)
         self.timer.begin(s.step + 1)
         for batch in loader:
@@ -269,6 +299,7 @@ class Stage:
         summed = all_reduce_sum(torch.cat([torch.stack([loss.detach(), *parts.values()]).float(), flag]))
         logged, preempted = summed[:-1] / ctx.world, bool(summed[-1] > 0)
         timer.mark("loss")              # includes the step's one small all-reduce
+        keys = self.batches[s.pos]
         s.pos += 1
         if self.guard.check(bool(torch.isfinite(logged).all()), s.step, self.name):
             engine.backward(loss)
@@ -276,6 +307,7 @@ class Stage:
             engine.step()
             timer.mark("optimizer")
             s.step += 1
+            self.audit.write(s.step, s.epoch, keys)
             self.after_step(dict(zip(["loss", *parts], logged.tolist())))
         return preempted
 
@@ -396,7 +428,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
                 transfer_weights(model, ctx.run_dir / enabled[i - 1] / "checkpoints", ctx.reporter)
             elif cfg.model.init_from:
                 transfer_weights(model, Path(cfg.model.init_from), ctx.reporter)
-        seed_everything(cfg.train.seed + 17 * (i + 1) + 7919 * ctx.rank)   # per-rank dropout/augmentation draws
+        seed_everything(cfg.train.seed + 17 * (i + 1) + 7919 * ctx.rank)   # per-rank dropout draws (clip draws: per clip)
         model = train_stage(ctx, name, model, resume)
         if getattr(cfg, name).contrastive_weight > 0:      # the contrastive stage's own measure
             emb = embed_split(model, ctx.shards_dir, cfg.eval.retrieval_split, ctx.tokenizer, ctx.dist.device,
