@@ -18,6 +18,21 @@ must deliver per core at that rate. The last column says how many cores one acce
 
   python benchmarks/bench_loader.py                    # 224 px, 64-frame clips
   python benchmarks/bench_loader.py --quick            # tiny: checks the script
+
+--stream measures the training stream instead, one process (one core), one epoch of --clips clips in
+shards of --per-shard, micro-batches of 8, per shard source: the local directory, and the same
+directory over HTTP on the loopback address (tools/shard_server.py) with --latency-ms added to every
+response, as a remote object store adds a round trip:
+  sequential   every shard read front to back (the per-rank streaming of the loader before issue 20,
+               which could not give the same global batches at every world size; evaluation reads so)
+  global-tN    the training stream now (`GlobalStream`): epoch_order's global batches, each clip one
+               byte range at the manifest's offsets, N reads in flight (data.read_threads)
+Rows give clips/s (wall) and clips per CPU second of the process, bytes read per clip and the bytes a
+loader process holds in flight (`cache_mb`: the remote reader's block buffer for sequential reads,
+read_threads clips for the global stream; the page cache not counted). jpg shards are read as with
+data.decode=device (framing checked, no CPU decode), so the read path is what is measured.
+
+  python benchmarks/bench_loader.py --stream --clips 256 --frames 64 --size 224 --latency-ms 0 5 20
 """
 from __future__ import annotations
 
@@ -149,6 +164,79 @@ def measure(kind: str, paths: list[Path], cores: int, repeat: int) -> dict:
     return {"clips_s": n / dt, "clips_s_per_core": n / dt / cores, "mb_s": nbytes / dt / 2 ** 20}
 
 
+def stream_epoch(make, n_clips: int) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    stream = make()
+    list(zip(range(1), stream))                                     # warm-up: connections, first shard
+    t0, c0 = time.perf_counter(), time.process_time()
+    got = sum(len(b) for b in make())
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert got >= n_clips - n_clips % 8 > 0, (got, n_clips)
+    return {"clips_s": got / wall, "clips_per_cpu_s": got / max(cpu, 1e-9)}
+
+
+def stream_rows(args, root: Path) -> list[dict]:
+    from sclslt.data.loader import GlobalStream, ShardStream, epoch_order
+    from sclslt.data.shards import manifest_rows, read_manifest, write_split
+    from sclslt.data.storage import Store
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from shard_server import Server
+    clips = make_clips(args.clips, args.frames, args.size)
+    rows = []
+    for fmt in args.stream_formats:
+        d = root / f"stream-{fmt}"
+        write_split(({"key": f"c{i:05d}", "frames": c, "text": f"sentence {i % 7}", "signer": "s0"}
+                     for i, c in enumerate(clips)), d, "train", samples_per_shard=args.per_shard, frame_format=fmt)
+        man = read_manifest(d, "train")
+        keys = [r.key for r in manifest_rows(man)]
+        tar_bytes = sum((d / sh["name"]).stat().st_size for sh in man["shards"])
+        clip_bytes = sum(r.offsets[1] + r.offsets[3] for r in manifest_rows(man)) / len(keys)
+        decode = "device" if fmt == "jpg" else "cpu"
+        batches = epoch_order(keys, 0, 0, 8)
+        for latency in [None, *args.latency_ms]:
+            server = Server(d, latency or 0.0) if latency is not None else None
+            src = d if server is None else None
+            with server or _null():
+                src = src or server.url
+                kinds = {"sequential": (lambda: ShardStream(src, "train", 8, decode=decode),
+                                        tar_bytes / len(keys), Store(src).block_size if server else 0)}
+                for t in args.read_threads:
+                    kinds[f"global-t{t}"] = (lambda t=t: GlobalStream(src, "train", batches, read_threads=t,
+                                                                      decode=decode),
+                                             clip_bytes + 512, t * clip_bytes)
+                for kind, (make, per_clip, cache) in kinds.items():
+                    r = {"mode": "stream", "format": fmt, "source": "local" if server is None else f"http+{latency:g}ms",
+                         "loader": kind, "clips": len(keys), "frames": args.frames, "size": args.size,
+                         "per_shard": args.per_shard, "read_bytes_per_clip": per_clip, "cache_mb": cache / 2 ** 20,
+                         **stream_epoch(make, len(keys))}
+                    rows.append(r)
+                    print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+                          flush=True)
+    return rows
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def print_stream(rows: list[dict], args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"training stream: {args.clips} clips x {args.frames} frames x {args.size}px, "
+                    f"{args.per_shard} a shard, 1 process")
+    cols = ("format", "source", "loader", "clips_s", "clips_per_cpu_s", "read_bytes_per_clip", "cache_mb")
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    Console(width=160).print(t)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=16)
@@ -158,10 +246,27 @@ def main(argv=None) -> int:
     p.add_argument("--cores", type=int, nargs="+", default=None, help="default: 1, 2 and all")
     p.add_argument("--gpu-clips-per-s", type=float, default=300.0)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--stream", action="store_true", help="measure the training stream (see above)")
+    p.add_argument("--stream-formats", nargs="+", default=["npy", "jpg"])
+    p.add_argument("--per-shard", type=int, default=32, help="--stream: clips a shard")
+    p.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 5.0, 20.0], help="--stream: HTTP sources")
+    p.add_argument("--read-threads", type=int, nargs="+", default=[1, 8], help="--stream: data.read_threads")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     if args.quick:
         args.clips, args.frames, args.size, args.repeat = 4, 8, 32, 1
+        args.latency_ms, args.per_shard = [5.0], 4
+        args.clips = 24 if args.stream else args.clips
+    if args.stream:
+        root = Path(tempfile.mkdtemp(prefix="bench_stream."))
+        try:
+            rows = stream_rows(args, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        base = write_rows(rows, args.out, "loader-stream", run_tag())
+        print_stream(rows, args)
+        print(f"wrote {base}.csv and {base}.json")
+        return 0
     cores = args.cores or sorted({1, min(2, os.cpu_count() or 1), os.cpu_count() or 1})
     root = Path(tempfile.mkdtemp(prefix="bench_loader."))
     try:

@@ -1,53 +1,37 @@
-"""Benchmark of the Pair Selection planner (sclslt/selection/planner.py): time per global batch.
+"""Benchmark of the Pair Selection planner (sclslt/selection/planner.py): cost, and distance from exact greedy.
 
-Sweeps pool size N (rows of the reference table), global batch, simulated world size and chunk
-(members each rank adds per round) on synthetic tables: random L2-normalised early/late video and
-text embeddings of dimension --dim, stored in --dtype (`Table.dtype`: float64 by default; float16
-is the setting for millions of clips), and random sentence ids with duplicates (about 0.7 N
-distinct sentences). The N rows are split at random over the `world` ranks
-and the epoch is planned with
-    Planner(SelectionConfig(mode="ps", chunk=c, schedule="log"), table, micro=batch // world,
-            world=world, seed=0).plan_epoch_local(pools, epoch=1, epochs=4, n_batches=K)
-A first call with K=1 (cold; also the budget probe) sets K so that one configuration takes about
---target-s seconds (K <= N / batch: within one epoch); the reported time is the second call's / K,
-or the probe itself where one batch already takes --target-s or more (note "cold single batch").
+Cost rows sweep the epoch's clips N, the global batch and `selection.pools` P on synthetic tables
+(random L2-normalised early/late video and text embeddings of dimension --dim, stored in --dtype;
+random sentence ids, about 0.7 N distinct). A pool of m = N / P clips is planned by exact greedy:
+one random seed a batch, then batch - 1 picks, each one matrix-vector product over the pool's live
+candidates (m x 4 dim) and one sort. Timed: the pool's first k batches (the pool still full, so the
+epoch's most expensive batches: later ones score fewer live candidates, about half on average), k
+set so a configuration takes about --target-s seconds.
 
 Columns:
-  ms_batch       planner time per global batch, all ranks together: `plan_epoch_local` simulates
-                 every rank in one process, so this is the total work of the cluster
-  ms_batch_rank  per-rank estimate ms_batch / world: in a real run each rank scores only its own
-                 pool and the ranks run in parallel (plus one all_gather_object per round, not
-                 included here: add rounds_batch x the gather latency of the cluster)
-  rounds_batch   planner rounds per global batch (1 seed round + ceil(micro / chunk))
-  setup_s        the epoch's pool set-up (all ranks), once per epoch: excluded from ms_batch
-  table_mb_rank  a rank's table in memory: its pool's rows (N / world) in --dtype, plus the pool's
-                 contiguous scoring copy (`RankPool.side`: 4 x dim values per row, in --dtype on a GPU,
-                 widened to float64 on the CPU, where widening every round would cost more than scoring)
-  comm_kb_batch  bytes one rank receives per global batch through the per-round all_gather_object:
-                 every member once (its pickled pick: row, sentence id, position, the member-side
-                 vector of 4 x dim values in --dtype); sent: its own micro-batch's share
-  step_frac      ms_batch_rank / --step-ms: the planner's overhead relative to one training step
-                 (an epoch is planned before it starts, n_batches x ms_batch_rank, against
-                 n_batches x step_ms of training). Empty without --step-ms; the README's measured
-                 main job (stage 1, tiny model, 1 CPU rank) runs at ~80 ms per step on this
-                 project's 2-core CPU machine, so quote it with `--step-ms 80` there.
+  ms_pool_batch      milliseconds per global batch of exact greedy in one pool of m clips
+  ms_batch_rank_wW   a rank's planning time per global batch of the epoch at world W: it plans
+                     ceil(P / W) pools of the P, each P-th of the epoch's batches
+                     (= ms_pool_batch x ceil(P / W) / P), plus one all_gather_object of the plans
+                     per epoch (a few KB of keys per batch), not included
+  step_frac_wW       ms_batch_rank_wW / --step-ms: the planner's overhead against one training step
+  table_mb_rank      the table a rank holds: its pools' rows in --dtype plus their scoring copy
+                     (float64 on the CPU), at the largest --world
 
-Configurations with batch > N or batch // world < 1 are not run (not valid). A configuration
-whose cold probe would exceed --budget-s (predicted from the measured smaller N / smaller batch of
-the same world and chunk: time ~ N x rounds), or whose table would not fit in memory, is recorded
-as skipped with the reason; one that exceeds it when measured stops its sweep (larger N and batch).
+Fidelity rows (--fidelity-n N): whole epochs of N clips planned with P = 1 (exact greedy over the
+epoch) and every other --pools, at two curriculum quantiles; per plan the distribution of each batch's
+mean Delta per ordered pair (mean, quartiles), its Kolmogorov-Smirnov distance to exact greedy's, and
+the share of exact greedy's same-batch pairs the pooled plan also puts together (random batches:
+(batch - 1) / (N - 1)).
 
 Torch runs on one thread (torch.set_num_threads(1)) unless --threads is given, so numbers are
-comparable across machines and runs; the thread count is in every row.
-
-Results are printed as a table and written as CSV and JSON rows tagged with device, versions,
-date and threads under --out (planner-<date>.csv/json).
+comparable across machines and runs; the thread count is in every row. Results are printed as tables
+and written as CSV and JSON rows tagged with device, versions, date and threads under --out.
 
 Examples:
-  python benchmarks/bench_planner.py --quick                         # CPU smoke run (seconds)
-  python benchmarks/bench_planner.py --n 1000 4000 16000 64000 --batch 16 64 256 --world 1 8 \\
-      --chunk 1 16 --budget-s 20 --step-ms 80                        # medium sweep (minutes)
-  python benchmarks/bench_planner.py                                 # full sweep, N up to 1M
+  python benchmarks/bench_planner.py --quick                                   # CPU smoke run (seconds)
+  python benchmarks/bench_planner.py --n 8000 20000 1000000 --batch 16 256 --pools 1 16 64 256 \
+      --world 1 8 64 --step-ms 80 --fidelity-n 4096                            # the README's rows
 """
 from __future__ import annotations
 
@@ -60,6 +44,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a checkout
+
+import dataclasses  # noqa: E402
 
 from sclslt.config import SelectionConfig  # noqa: E402
 from sclslt.benchio import run_tag, write_rows  # noqa: E402
@@ -108,149 +94,134 @@ def synthetic_table(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.
                  device="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)   # scored where a run scores
 
 
-def split_pools(n: int, world: int, seed: int = 0) -> dict[int, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed + 1)
-    perm = torch.randperm(n, generator=g)
-    return {r: rows for r, rows in enumerate(torch.tensor_split(perm, world))}
-
-
-def plan(table: Table, pools: dict, batch: int, world: int, chunk: int, k: int) -> tuple[float, Planner, dict]:
-    """Seconds for k batches, the epoch's pool set-up (once per epoch: the pools' scoring copies) excluded;
-    the set-up's seconds are in planner.setup_s."""
-    cfg = SelectionConfig(mode="ps", chunk=chunk, schedule="log")
-    planner = Planner(cfg, table, micro=batch // world, world=world, seed=0)
+def pool_cost(table: Table, n_pool: int, batch: int, k: int) -> float:
+    """Seconds per global batch of exact greedy in one canonical pool of `n_pool` clips: the pool's first
+    k batches (`Planner.plan_pool`'s loop stopped after k; the pool still full, so the epoch's most
+    expensive batches), the pool's scoring copy (`Table.pool_side`) included."""
+    planner = Planner(SelectionConfig(mode="ps", schedule="log"), batch, seed=0)
     t0 = time.perf_counter()
-    built = planner._pools(pools, 1, k)
-    t1 = time.perf_counter()
-    plans = planner._run(built, k, planner.quantile(1, 4), lambda x: x)
-    planner.setup_s = t1 - t0
-    return time.perf_counter() - t1, planner, plans
+    rows = table.rows(table.keys[:n_pool])
+    sids, side = table.sentence_ids[rows], table.pool_side(rows)
+    used = torch.zeros(n_pool, dtype=torch.bool)
+    k = min(k, n_pool // batch)
+    for b in range(k):
+        live = (~used).nonzero().flatten()
+        none_due = torch.zeros(len(live), dtype=torch.bool)
+        used[planner._one_batch(table, rows, side, live, sids[live], none_due, planner.quantile(1, 4),
+                                torch.Generator().manual_seed(b))] = True
+    return (time.perf_counter() - t0) / k
 
 
-def pick_bytes(table: Table) -> int:
-    """Pickled size of one pick as the planner's gather sends it (row, sid, position, relaxed, vector)."""
-    import pickle
-    return len(pickle.dumps((123456, 2**62, 1234, False, table.member_vec(0).cpu())))
-
-
-def rounds_per_batch(micro: int, chunk: int) -> int:
-    return 1 + math.ceil(max(0, micro - 1) / chunk)
-
-
-def predict_s(cfg: dict, measured: list[dict]) -> float:
-    """Cold-probe seconds of cfg from measured rows of the same world and chunk with N' <= N and
-    batch' <= batch, scaled by N / N' x rounds / rounds' (a lower bound: sorting is N log N)."""
-    best = 0.0
-    r = rounds_per_batch(cfg["batch"] // cfg["world"], cfg["chunk"])
-    for m in measured:
-        if (m["world"], m["chunk"]) != (cfg["world"], cfg["chunk"]) or m["n"] > cfg["n"] or m["batch"] > cfg["batch"]:
-            continue
-        rm = rounds_per_batch(m["micro"], m["chunk"])
-        best = max(best, m["probe_s"] * cfg["n"] / m["n"] * r / rm)
-    return best
+def rank_ms(ms_pool_batch: float, pools: int, world: int) -> float:
+    """A rank's planning time per global batch of the epoch: it plans ceil(pools / world) of the pools,
+    each pools-th of the epoch's batches."""
+    return ms_pool_batch * math.ceil(pools / world) / pools
 
 
 def bench(args) -> list[dict]:
     rows: list[dict] = []
-    measured: list[dict] = []
-    over: list[dict] = []             # configurations that exceeded the budget when measured
-    invalid = 0
     for n in sorted(args.n):
-        valid = [(w, c, b) for w in args.world for c in args.chunk for b in sorted(args.batch)
-                 if b <= n and b // w >= 1]
-        invalid += len(args.world) * len(args.chunk) * len(args.batch) - len(valid)
-        if not valid:
-            continue
         avail = mem_available()
         need = int(1.25 * rank_bytes(n, args.dim, args.dtype))
         if avail is not None and need > 0.8 * avail:
             reason = f"memory: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
-            for w, c, b in valid:
-                rows.append(dict(n=n, batch=b, world=w, chunk=c, micro=b // w, dim=args.dim, skipped=reason))
-            print(f"N={n}: skipped ({reason})", flush=True)
+            rows += [dict(kind="cost", n=n, batch=b, pools=p, dim=args.dim, skipped=reason)
+                     for b in args.batch for p in args.pools]
             continue
-        t0 = time.perf_counter()
-        table = synthetic_table(n, args.dim, dtype=args.dtype)
-        print(f"N={n}: table built in {time.perf_counter() - t0:.1f} s", flush=True)
-        pools_by_world = {}
-        for w, c, b in valid:
-            micro = b // w
-            row = dict(n=n, batch=b, world=w, chunk=c, micro=micro, dim=args.dim, dtype=str(args.dtype)[6:])
-            stop = [o for o in over if (o["world"], o["chunk"]) == (w, c) and o["n"] <= n and o["batch"] <= b]
-            pred = predict_s(row, measured)
-            if stop:
-                o = stop[0]
-                row["skipped"] = (f"budget: N={o['n']} batch={o['batch']} took {o['probe_s']:.1f} s "
-                                  f"> {args.budget_s:g} s")
-            elif pred > args.budget_s:
-                row["skipped"] = f"budget: predicted {pred:.1f} s > {args.budget_s:g} s"
-            if "skipped" in row:
+        table = None
+        for p in sorted(args.pools):
+            m = n // p
+            for b in sorted(args.batch):
+                row = dict(kind="cost", n=n, batch=b, pools=p, pool_size=m, dim=args.dim, dtype=str(args.dtype)[6:])
+                if b > m:
+                    continue                                   # not valid: a pool smaller than a batch
+                pred = b * m * 4 * args.dim * 1.5e-9 * 8       # ~ seconds for one batch at ~1.5 GFLOP/s float64
+                if pred > args.budget_s:
+                    row["skipped"] = f"budget: predicted {pred:.1f} s a batch > {args.budget_s:g} s"
+                    rows.append(row)
+                    print(fmt(row), flush=True)
+                    continue
+                if table is None or len(table.keys) < m:
+                    table = synthetic_table(m, args.dim, dtype=args.dtype)
+                probe = pool_cost(table, m, b, 1)
+                k = max(1, min(args.max_k, m // b, int(args.target_s / max(probe, 1e-6))))
+                secs = pool_cost(table, m, b, k) if k > 1 else probe
+                row.update(k_batches=k, ms_pool_batch=secs * 1e3,
+                           table_mb_rank=rank_bytes(m * math.ceil(p / max(args.world)), args.dim, args.dtype) / 2**20)
+                for w in args.world:
+                    row[f"ms_batch_rank_w{w}"] = rank_ms(row["ms_pool_batch"], p, w)
+                    if args.step_ms:
+                        row[f"step_frac_w{w}"] = row[f"ms_batch_rank_w{w}"] / args.step_ms
                 rows.append(row)
                 print(fmt(row), flush=True)
-                continue
-            if w not in pools_by_world:
-                pools_by_world[w] = split_pools(n, w)
-            pools = pools_by_world[w]
-            probe_s, probe, _ = plan(table, pools, b, w, c, 1)          # cold; also the budget probe
-            row["probe_s"] = probe_s
-            if probe_s > args.budget_s:                                # report it, stop the sweep
-                secs, planner, k = probe_s, probe, 1
-                over.append(row)
-                row["note"] = "over budget: cold single batch; larger N / batch skipped"
-            elif probe_s >= args.target_s:                             # slow enough: the probe is the measurement
-                secs, planner, k = probe_s, probe, 1
-                row["note"] = "cold single batch"
-            else:
-                k = max(1, min(args.max_k, n // b, int(args.target_s / max(probe_s, 1e-6))))
-                secs, planner, plans = plan(table, pools, b, w, c, k)
-                for r in pools:                                        # sanity: full micro-batches
-                    assert all(len(mb) == micro for mb in plans[r]), "planner returned a short micro-batch"
-            row["k_batches"] = k
-            row["ms_batch"] = secs / k * 1e3
-            row["ms_batch_rank"] = row["ms_batch"] / w
-            row["rounds_batch"] = planner.stats.rounds / k
-            row["setup_s"] = planner.setup_s
-            row["table_mb_rank"] = rank_bytes(-(-n // w), args.dim, args.dtype) / 2**20
-            row["comm_kb_batch"] = b * pick_bytes(table) / 1024
-            row["rejected_batch"] = planner.stats.rejected / k
-            row["relaxed_batch"] = planner.stats.relaxed / k
-            if args.step_ms:
-                row["step_frac"] = row["ms_batch_rank"] / args.step_ms
-            rows.append(row)
-            measured.append(row)
-            print(fmt(row), flush=True)
-        del table, pools_by_world
-    if invalid:
-        print(f"{invalid} configurations not valid (batch > N or batch // world < 1): not run")
+        del table
+    return rows
+
+
+def fidelity(args) -> list[dict]:
+    """How far canonical pools' batches are from exact greedy's over one epoch of --fidelity-n clips:
+    each batch's mean Delta per ordered pair, their distribution over the epoch (mean, quartiles) and
+    the Kolmogorov-Smirnov distance to exact greedy's; the share of exact greedy's same-batch pairs that
+    the pooled plan also puts together (random batches: (batch - 1) / (N - 1))."""
+    n, b = args.fidelity_n, args.fidelity_batch
+    table = synthetic_table(n, args.dim, dtype=args.dtype)
+    cfg = SelectionConfig(mode="ps", schedule="log")
+    delta = table.v1 @ table.t1.T - table.v0 @ table.t0.T
+
+    def scores(plan):
+        out = []
+        for batch in plan:
+            r = table.rows(batch)
+            d = delta[r][:, r]
+            out.append(float((d.sum() - d.diagonal().sum()) / (len(r) * (len(r) - 1))))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def pairs(plan):
+        return {(min(x, y), max(x, y)) for batch in plan for i, x in enumerate(batch) for y in batch[i + 1:]}
+    rows, exact, exact_pairs = [], None, None
+    for epoch in (1, 3):
+        for p in sorted(set([1, *args.pools])):
+            t0 = time.perf_counter()
+            plan = Planner(dataclasses.replace(cfg, pools=p), b, 0).plan_epoch(
+                table.keys, epoch, 4, lambda keys: table)
+            secs = time.perf_counter() - t0
+            sc = scores(plan)
+            if p == 1:
+                exact, exact_pairs = sc, pairs(plan)
+            grid = torch.sort(torch.cat([exact, sc])).values
+            ks = float((torch.searchsorted(torch.sort(exact).values, grid, right=True) / len(exact)
+                        - torch.searchsorted(torch.sort(sc).values, grid, right=True) / len(sc)).abs().max())
+            q = torch.quantile(sc, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+            rows.append(dict(kind="fidelity", n=n, batch=b, pools=p, epoch=epoch, quantile=Planner(cfg, b, 0).quantile(epoch, 4),
+                             plan_s=secs, mean_delta=float(sc.mean()), q25=q[0], q50=q[1], q75=q[2], ks_vs_exact=ks,
+                             pair_overlap=len(pairs(plan) & exact_pairs) / len(exact_pairs),
+                             pair_overlap_random=(b - 1) / (n - 1)))
+            print(fmt(rows[-1]), flush=True)
     return rows
 
 
 def fmt(row: dict) -> str:
-    keys = ("n", "batch", "world", "chunk", "micro", "k_batches", "ms_batch", "ms_batch_rank", "rounds_batch",
-            "table_mb_rank", "comm_kb_batch", "step_frac", "skipped")
-    return " ".join(f"{k}={row[k]:.3f}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row)
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
 
 
 def write(rows: list[dict], out: Path, tag: dict) -> Path:
     from rich.console import Console
     from rich.table import Table as RichTable
     base = write_rows(rows, out, "planner", tag)
-    rows = [{**tag, **r} for r in rows]
     threads = tag["threads"]
-    title = (f"Pair Selection planner | {tag['device']} | torch {tag['versions']['torch']} | {threads} thread"
-             f"{'s' if threads != 1 else ''} | dim {rows[0]['dim'] if rows else ''} | step_ms {tag['step_ms']}")
-    table = RichTable(title=title, caption="ms_batch: all ranks simulated in one process (total work); "
-                      "ms_batch_rank = ms_batch / world: ranks plan in parallel (gather latency not included)")
-    cols = ["n", "batch", "world", "chunk", "micro", "dtype", "k_batches", "rounds_batch", "setup_s", "ms_batch",
-            "ms_batch_rank",
-            "table_mb_rank", "comm_kb_batch", "step_frac", "note", "skipped"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("note", "skipped") else "right")
-    for r in rows:
-        table.add_row(*[(f"{r[c]:.3g}" if c == "step_frac" and c in r else f"{r[c]:.2f}" if isinstance(r.get(c), float)
-                         else str(r.get(c, ""))) for c in cols])
-    Console(width=200).print(table)
+    for kind in ("cost", "fidelity"):
+        part = [r for r in rows if r.get("kind", "cost") == kind]
+        if not part:
+            continue
+        title = (f"Pair Selection planner ({kind}) | {tag['device']} | torch {tag['versions']['torch']} | {threads} "
+                 f"thread{'s' if threads != 1 else ''} | dim {part[0].get('dim', '')} | step_ms {tag['step_ms']}")
+        table = RichTable(title=title)
+        cols = [c for c in dict.fromkeys(k for r in part for k in r) if c not in ("kind", "dim", "dtype")]
+        for c in cols:
+            table.add_column(c, justify="left" if c == "skipped" else "right")
+        for r in part:
+            table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+        Console(width=220).print(table)
     print(f"wrote {base}.csv and {base}.json")
     return base
 
@@ -259,14 +230,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[1000, 4000, 16000, 64000, 256000, 1000000],
                    help="pool size N: rows of the table, split over the ranks (default 1k..1M)")
-    p.add_argument("--batch", type=int, nargs="+", default=[16, 64, 256, 1024, 4096], help="global batch")
-    p.add_argument("--world", type=int, nargs="+", default=[1, 8, 64], help="simulated world size")
-    p.add_argument("--chunk", type=int, nargs="+", default=[1, 4, 16], help="members each rank adds per round")
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 64, 256], help="global batch")
+    p.add_argument("--pools", type=int, nargs="+", default=[1, 16, 64, 256], help="selection.pools")
+    p.add_argument("--world", type=int, nargs="+", default=[1, 8, 64],
+                   help="world sizes the per-rank cost is given for (ranks share the pools out)")
+    p.add_argument("--fidelity-n", type=int, default=0,
+                   help="also plan whole epochs of this many clips with every --pools against exact greedy (pools 1)")
+    p.add_argument("--fidelity-batch", type=int, default=16, help="global batch of the fidelity epochs")
     p.add_argument("--dim", type=int, default=256, help="embedding dimension of the synthetic table")
     p.add_argument("--dtype", default="float64", choices=("float64", "float32", "float16", "bfloat16"),
                    help="table storage dtype (selection.table_dtype)")
     p.add_argument("--budget-s", type=float, default=30.0,
-                   help="skip a configuration whose single cold batch takes (or is predicted to take) longer")
+                   help="skip a configuration whose single batch is predicted to take longer")
     p.add_argument("--target-s", type=float, default=2.0, help="about this many seconds of timing per configuration")
     p.add_argument("--max-k", type=int, default=50, help="at most this many batches timed per configuration")
     p.add_argument("--step-ms", type=float, default=None,
@@ -274,18 +249,18 @@ def main(argv=None) -> int:
                         "without it step_frac is left empty")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1, for comparable numbers)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sweep (N 1k/4k, batch 16/64, world 1/8, chunk 1/4): checks the script on a CPU")
+                   help="tiny sweep (N 1k/4k, batch 16/64, pools 1/4, fidelity at N 512): checks the script on a CPU")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     if args.quick:
-        args.n, args.batch, args.world, args.chunk = [1000, 4000], [16, 64], [1, 8], [1, 4]
-        args.target_s = min(args.target_s, 0.2)
+        args.n, args.batch, args.pools, args.world = [1000, 4000], [16, 64], [1, 4], [1, 8]
+        args.target_s, args.fidelity_n = min(args.target_s, 0.2), 512
     torch.set_num_threads(args.threads or 1)
     threads = torch.get_num_threads()
     print(f"torch threads: {threads}" + ("" if args.threads else " (default; --threads to change)"))
     tag = run_tag(threads=threads, step_ms=args.step_ms, bench="planner")
-    rows = bench(args)
+    rows = bench(args) + (fidelity(args) if args.fidelity_n else [])
     write(rows, args.out, tag)
     return 0
 

@@ -27,30 +27,31 @@ def run(tmp_path, *args) -> list[dict]:
 
 def test_quick_sweep_rows(tmp_path):
     rows = run(tmp_path, "--quick")
-    expected = {(n, b, w, c) for n, b, w, c in itertools.product([1000, 4000], [16, 64], [1, 8], [1, 4])}
-    got = [(r["n"], r["batch"], r["world"], r["chunk"]) for r in rows]
-    assert sorted(got) == sorted(expected)              # one row per valid configuration, no duplicates
-    for r in rows:
+    cost = [r for r in rows if r.get("kind", "cost") == "cost"]
+    expected = set(itertools.product([1000, 4000], [16, 64], [1, 4]))
+    assert sorted((r["n"], r["batch"], r["pools"]) for r in cost) == sorted(expected)   # one row each, no duplicates
+    for r in cost:
         assert r["device"].startswith("cpu") and r["versions"]["torch"] and r["date"] and r["threads"] == 1
-        assert r["bench"] == "planner" and r["dim"] == 256
+        assert r["bench"] == "planner" and r["dim"] == 256 and r["pool_size"] == r["n"] // r["pools"]
         assert "skipped" not in r, r                     # the default budget is ample for the quick sweep
-        assert r["micro"] == r["batch"] // r["world"] and r["k_batches"] >= 1
-        assert r["ms_batch"] > 0 and r["ms_batch_rank"] > 0
-        assert abs(r["ms_batch_rank"] * r["world"] - r["ms_batch"]) < 1e-6 * r["ms_batch"]
-        assert r["rounds_batch"] >= 1 + (r["micro"] - 1) / r["chunk"] - 1e-9
-        assert r["step_ms"] is None and "step_frac" not in r     # no --step-ms: column left empty
+        assert r["k_batches"] >= 1 and r["ms_pool_batch"] > 0
+        for w in (1, 8):                                 # ranks share the pools out
+            assert r[f"ms_batch_rank_w{w}"] == pytest.approx(r["ms_pool_batch"] * -(-r["pools"] // w) / r["pools"])
+        assert r["step_ms"] is None and "step_frac_w1" not in r     # no --step-ms: column left empty
+    fid = [r for r in rows if r.get("kind") == "fidelity"]
+    assert sorted((r["pools"], r["epoch"]) for r in fid) == [(1, 1), (1, 3), (4, 1), (4, 3)]
+    for r in fid:
+        exact = r["pools"] == 1                          # exact greedy against itself: the metrics' zero
+        assert (r["ks_vs_exact"] == 0 and r["pair_overlap"] == 1) if exact else r["pair_overlap"] < 1
+        assert r["q25"] <= r["q50"] <= r["q75"] and r["pair_overlap_random"] == pytest.approx(15 / 511)
 
 
-def test_invalid_configurations_not_run_and_budget_skips_recorded(tmp_path):
-    # batch 2000 > N and batch 16 // world 32 < 1: not valid; a zero budget skips everything after the first
-    rows = run(tmp_path, "--n", "1000", "--batch", "16", "64", "2000", "--world", "1", "32", "--chunk", "4",
-               "--dim", "16", "--budget-s", "0", "--target-s", "0.05", "--step-ms", "80")
-    assert sorted((r["batch"], r["world"]) for r in rows) == [(16, 1), (64, 1), (64, 32)]
-    first = rows[0]
-    assert (first["batch"], first["world"]) == (16, 1) and first["ms_batch"] > 0 and "over budget" in first["note"]
-    skipped = [r for r in rows if "skipped" in r]
-    assert [(r["batch"], r["world"]) for r in skipped] == [(64, 1)]   # same world and chunk, larger batch
-    assert all("budget" in r["skipped"] and "ms_batch" not in r for r in skipped)
+def test_budget_skips_are_recorded(tmp_path):
+    rows = run(tmp_path, "--n", "1000", "--batch", "16", "64", "--pools", "1", "--dim", "16", "--budget-s", "0",
+               "--step-ms", "80")
+    assert sorted(r["batch"] for r in rows) == [16, 64]
+    assert all("budget" in r["skipped"] and "ms_pool_batch" not in r for r in rows)
     assert all(r["step_ms"] == 80 for r in rows)
-    assert all(abs(r["step_frac"] - r["ms_batch_rank"] / 80) < 1e-9 for r in rows if "ms_batch" in r)
-    assert all("step_frac" not in r for r in skipped)
+    ok = run(tmp_path / "ok", "--n", "1000", "--batch", "16", "--pools", "2", "--dim", "16", "--step-ms", "80",
+             "--world", "2")
+    assert ok[0]["step_frac_w2"] == pytest.approx(ok[0]["ms_batch_rank_w2"] / 80)

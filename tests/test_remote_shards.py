@@ -3,8 +3,7 @@ and planned (byte ranges at the manifest's offsets) reads equal the local ones, 
 mid-shard is retried with nothing lost or duplicated, and a server that keeps failing is a clear error."""
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,76 +13,8 @@ from sclslt.data.loader import GlobalStream, ShardStream
 from sclslt.data.shards import ShardError, ShardIndex, iter_shard, read_manifest, write_split
 from sclslt.data.storage import Store, StorageError
 
-
-class Server:
-    """A directory over HTTP/1.1 with byte ranges; `drop` = {file name: bytes} cuts the first GET of that
-    file that reaches past those bytes after sending them (once), `always_drop` cuts every GET."""
-
-    def __init__(self, root: Path):
-        self.root, self.drop, self.always_drop, self.dropped, self.gets = root, {}, False, [], []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _file(self):
-                path = server.root / self.path.lstrip("/")
-                return path if path.is_file() else None
-
-            def do_HEAD(self):
-                path = self._file()
-                if path is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(path.stat().st_size))
-                self.send_header("Accept-Ranges", "bytes")
-                self.end_headers()
-
-            def do_GET(self):
-                path = self._file()
-                if path is None:
-                    self.send_error(404)
-                    return
-                data = path.read_bytes()
-                start, end = 0, len(data)
-                rng = self.headers.get("Range")
-                server.gets.append((path.name, rng))
-                if rng:
-                    a, b = rng.split("=")[1].split("-")
-                    start, end = int(a), (int(b) + 1 if b else len(data))
-                body = data[start:end]
-                self.send_response(206 if rng else 200)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Accept-Ranges", "bytes")
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-                self.end_headers()
-                cut = server.drop.get(path.name)
-                if server.always_drop or (cut is not None and start <= cut < end):
-                    server.drop.pop(path.name, None)
-                    server.dropped.append((path.name, start))
-                    self.wfile.write(body[:max(1, (cut or start) - start)][: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from shard_server import Server  # noqa: E402
 
 
 def _samples(n: int, seed: int = 0):
@@ -152,8 +83,8 @@ def test_planned_reads_over_http_use_byte_ranges_and_retry(shards):
         assert srv.dropped
         tar_gets = [g for g in srv.gets if g[0].endswith(".tar")]
     assert all(np.array_equal(a, b) for ga, gb in zip(got, want) for a, b in zip(ga, gb))
-    # two ranges a clip (frames, json) and the one retried: no shard is read whole, no header parsed
-    assert all(rng for _, rng in tar_gets) and len(tar_gets) == 2 * 15 + len(srv.dropped)
+    # one range a clip (frames and json together) and the one retried: no shard read whole, no header parsed
+    assert all(rng for _, rng in tar_gets) and len(tar_gets) == 15 + len(srv.dropped)
 
 
 def test_a_server_that_keeps_failing_is_a_clear_error(shards):

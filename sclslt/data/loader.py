@@ -305,17 +305,14 @@ class GlobalStream(torch.utils.data.IterableDataset):
         m = len(self.batches[b]) // self.world
         return self.batches[b][self.rank * m:(self.rank + 1) * m]
 
-    def _read_all(self, keys: list[str]) -> list[dict]:
-        from concurrent.futures import ThreadPoolExecutor
+    def _read(self, key: str):
+        try:
+            return self.index.read(key)
+        except Exception as e:  # noqa: BLE001 - reported and counted by BadSamples
+            return e
 
-        def read(key):
-            try:
-                return self.index.read(key)
-            except Exception as e:  # noqa: BLE001 - reported and counted by BadSamples
-                return e
-        if self._pool is None or self._pool_pid != os.getpid():     # a forked worker makes its own
-            self._pool, self._pool_pid = ThreadPoolExecutor(self.read_threads), os.getpid()
-        got = list(self._pool.map(read, keys)) if self.read_threads > 1 else [read(k) for k in keys]
+    def _complete(self, keys: list[str], got: list) -> list[dict]:
+        """The micro-batch from its reads: an unreadable clip reported, counted, and replaced."""
         good = next((s for s in got if not isinstance(s, Exception)), None)
         out = []
         for key, s in zip(keys, got):
@@ -329,15 +326,29 @@ class GlobalStream(torch.utils.data.IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[list[dict]]:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         mine = [b for b in range(worker, len(self.batches), n_workers) if b >= self.skip]
         self.bad.expect(sum(len(self.micro(b)) for b in mine))    # the bad fraction is of this worker's clips
+        if self._pool is None or self._pool_pid != os.getpid():     # a forked worker makes its own
+            self._pool, self._pool_pid = ThreadPoolExecutor(self.read_threads), os.getpid()
+        # reads run ahead of the batch being yielded, so that about read_threads clips are in flight
+        ahead = -(-self.read_threads // max(1, len(self.micro(mine[0])))) if mine else 0
+        pending: deque = deque()
         for b in mine:
-            batch = self._read_all(self.micro(b))
-            for s in batch:
-                self._draw(s)
-            yield batch
+            pending.append((b, [self._pool.submit(self._read, k) for k in self.micro(b)]))
+            if len(pending) > ahead:
+                yield self._ready(*pending.popleft())
+        while pending:
+            yield self._ready(*pending.popleft())
+
+    def _ready(self, b: int, futures: list) -> list[dict]:
+        batch = self._complete(self.micro(b), [f.result() for f in futures])
+        for s in batch:
+            self._draw(s)
+        return batch
 
     def _draw(self, s: dict) -> None:
         """The clip's random draws: temporal subsampling and augmentation uniforms, per (seed, epoch, key)."""

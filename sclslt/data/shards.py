@@ -325,8 +325,8 @@ def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = 
 class ShardIndex:
     """Random access to samples by key (planned order: Pair Selection), local or remote.
 
-    A rank reads exactly the clips it was assigned: two byte ranges each (frames, json), at the
-    offsets the shard writer recorded in the manifest. Manifests written before offsets existed are
+    A rank reads exactly the clips it was assigned: one byte range each (frames and json, neighbours
+    in the tar), at the offsets the shard writer recorded in the manifest. Manifests written before offsets existed are
     indexed from the tar headers, lazily per shard (a whole read of each remote shard).
     """
 
@@ -354,6 +354,15 @@ class ShardIndex:
             return None
         return [*parts[self.member], *parts["json"]]
 
+    def _read_pair(self, name: str, off: list) -> tuple[bytes, bytes]:
+        """The frames and json members: one byte range when they are neighbours in the tar (as the shard
+        writer puts them: one request a clip to a remote store), else two."""
+        lo, hi = min(off[0], off[2]), max(off[0] + off[1], off[2] + off[3])
+        if hi - lo > off[1] + off[3] + 4096:
+            return self.store.read_range(name, off[0], off[1]), self.store.read_range(name, off[2], off[3])
+        span = self.store.read_range(name, lo, hi - lo)
+        return span[off[0] - lo:off[0] - lo + off[1]], span[off[2] - lo:off[2] - lo + off[3]]
+
     def where(self, key: str) -> str:
         """The sample's location for messages: shard URL and key."""
         return f"{self.store.url(self.shard_of[key])}:{key}" if key in self.shard_of else f"{self.store}:{key}"
@@ -366,8 +375,7 @@ class ShardIndex:
         off = self.offsets.get(key) or self._from_headers(name, key)
         if off is None:
             raise ShardError(f"{where}: sample lacks {self.member} or json")
-        frames = self.store.read_range(name, off[0], off[1])
-        meta = self.store.read_range(name, off[2], off[3])
+        frames, meta = self._read_pair(name, off)
         try:
             meta = json.loads(meta)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
