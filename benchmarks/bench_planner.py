@@ -1,10 +1,10 @@
 """Benchmark of the Pair Selection planner (sclslt/selection/planner.py): cost, and distance from exact greedy.
 
-Cost rows sweep the epoch's clips N, the global batch and `selection.pools` P on synthetic tables
+Cost rows sweep the epoch's clips N, the global batch, `selection.pools` P and `selection.chunk` on synthetic tables
 (random L2-normalised early/late video and text embeddings of dimension --dim, stored in --dtype;
 random sentence ids, about 0.7 N distinct). A pool of m = N / P clips is planned by exact greedy:
-one random seed a batch, then batch - 1 picks, each one matrix-vector product over the pool's live
-candidates (m x 4 dim) and one sort. Timed: the pool's first k batches (the pool still full, so the
+one random seed a batch, then (batch - 1) / chunk steps, each one sort and one matrix-vector product
+over the pool's live candidates (m x 4 dim). Timed: the pool's first k batches (the pool still full, so the
 epoch's most expensive batches: later ones score fewer live candidates, about half on average), k
 set so a configuration takes about --target-s seconds.
 
@@ -94,11 +94,11 @@ def synthetic_table(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.
                  device="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)   # scored where a run scores
 
 
-def pool_cost(table: Table, n_pool: int, batch: int, k: int) -> float:
+def pool_cost(table: Table, n_pool: int, batch: int, k: int, chunk: int = 1) -> float:
     """Seconds per global batch of exact greedy in one canonical pool of `n_pool` clips: the pool's first
     k batches (`Planner.plan_pool`'s loop stopped after k; the pool still full, so the epoch's most
     expensive batches), the pool's scoring copy (`Table.pool_side`) included."""
-    planner = Planner(SelectionConfig(mode="ps", schedule="log"), batch, seed=0)
+    planner = Planner(SelectionConfig(mode="ps", schedule="log", chunk=chunk), batch, seed=0)
     t0 = time.perf_counter()
     rows = table.rows(table.keys[:n_pool])
     sids, side = table.sentence_ids[rows], table.pool_side(rows)
@@ -125,17 +125,18 @@ def bench(args) -> list[dict]:
         need = int(1.25 * rank_bytes(n, args.dim, args.dtype))
         if avail is not None and need > 0.8 * avail:
             reason = f"memory: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
-            rows += [dict(kind="cost", n=n, batch=b, pools=p, dim=args.dim, skipped=reason)
-                     for b in args.batch for p in args.pools]
+            rows += [dict(kind="cost", n=n, batch=b, pools=p, chunk=c, dim=args.dim, skipped=reason)
+                     for b in args.batch for p in args.pools for c in args.chunk]
             continue
         table = None
         for p in sorted(args.pools):
             m = n // p
-            for b in sorted(args.batch):
-                row = dict(kind="cost", n=n, batch=b, pools=p, pool_size=m, dim=args.dim, dtype=str(args.dtype)[6:])
+            for b, c in [(b, c) for b in sorted(args.batch) for c in sorted(args.chunk)]:
+                row = dict(kind="cost", n=n, batch=b, pools=p, chunk=c, pool_size=m, dim=args.dim,
+                           dtype=str(args.dtype)[6:])
                 if b > m:
                     continue                                   # not valid: a pool smaller than a batch
-                pred = b * m * 4 * args.dim * 1.5e-9 * 8       # ~ seconds for one batch at ~1.5 GFLOP/s float64
+                pred = b / c * m * 4 * args.dim * 8 / 1e9      # ~ seconds for one batch: b / c products at ~1 GB/s
                 if pred > args.budget_s:
                     row["skipped"] = f"budget: predicted {pred:.1f} s a batch > {args.budget_s:g} s"
                     rows.append(row)
@@ -143,9 +144,9 @@ def bench(args) -> list[dict]:
                     continue
                 if table is None or len(table.keys) < m:
                     table = synthetic_table(m, args.dim, dtype=args.dtype)
-                probe = pool_cost(table, m, b, 1)
+                probe = pool_cost(table, m, b, 1, c)
                 k = max(1, min(args.max_k, m // b, int(args.target_s / max(probe, 1e-6))))
-                secs = pool_cost(table, m, b, k) if k > 1 else probe
+                secs = pool_cost(table, m, b, k, c) if k > 1 else probe
                 row.update(k_batches=k, ms_pool_batch=secs * 1e3,
                            table_mb_rank=rank_bytes(m * math.ceil(p / max(args.world)), args.dim, args.dtype) / 2**20)
                 for w in args.world:
@@ -232,6 +233,7 @@ def main(argv=None) -> int:
                    help="pool size N: rows of the table, split over the ranks (default 1k..1M)")
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64, 256], help="global batch")
     p.add_argument("--pools", type=int, nargs="+", default=[1, 16, 64, 256], help="selection.pools")
+    p.add_argument("--chunk", type=int, nargs="+", default=[1], help="selection.chunk")
     p.add_argument("--world", type=int, nargs="+", default=[1, 8, 64],
                    help="world sizes the per-rank cost is given for (ranks share the pools out)")
     p.add_argument("--fidelity-n", type=int, default=0,
@@ -249,12 +251,12 @@ def main(argv=None) -> int:
                         "without it step_frac is left empty")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1, for comparable numbers)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sweep (N 1k/4k, batch 16/64, pools 1/4, fidelity at N 512): checks the script on a CPU")
+                   help="tiny sweep (N 1k/4k, batch 16/64, pools 1/4, chunk 1/4, fidelity at N 512): checks the script")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     if args.quick:
-        args.n, args.batch, args.pools, args.world = [1000, 4000], [16, 64], [1, 4], [1, 8]
+        args.n, args.batch, args.pools, args.world, args.chunk = [1000, 4000], [16, 64], [1, 4], [1, 8], [1, 4]
         args.target_s, args.fidelity_n = min(args.target_s, 0.2), 512
     torch.set_num_threads(args.threads or 1)
     threads = torch.get_num_threads()

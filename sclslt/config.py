@@ -138,8 +138,9 @@ class SelectionConfig:
     table: str = ""               # ps: reference table made by tools/export_reference.py
     schedule: str = "log"         # curriculum: easy | hard | linear | sqrt | log (quantile of Delta vs alpha)
     log_base: float = 10.0        # b of the log schedule: q = log(1 + (b - 1) alpha) / log(b)
-    pools: int = 1                # canonical pools an epoch is planned in (1: exact greedy over the whole epoch;
-                                  # more: each pool exact on its own, for millions of clips; never the GPU count)
+    pools: int = 1                # canonical pools an epoch is planned in (1: the whole epoch; more: each pool on
+                                  # its own, ranks share them out: for millions of clips; never the GPU count)
+    chunk: int = 1                # members added per step at the quantile (1: the paper's exact greedy)
     self_interval: int = 1        # self: epochs between refreshes of the late table (early = stage start)
     table_dtype: str = "float64"  # ps: a rank's table rows (its pool only) in float64/float32/float16/bfloat16
 
@@ -204,8 +205,9 @@ class Config:
             raise ConfigError(f"selection.schedule={sel.schedule!r}: use easy, hard, linear, sqrt or log")
         if sel.table_dtype not in ("float64", "float32", "float16", "bfloat16"):
             raise ConfigError(f"selection.table_dtype={sel.table_dtype!r}: use float64, float32, float16 or bfloat16")
-        if sel.pools < 1 or sel.self_interval < 1 or sel.log_base <= 1:
-            raise ConfigError("selection.pools and selection.self_interval must be >= 1, selection.log_base > 1")
+        if sel.pools < 1 or sel.chunk < 1 or sel.self_interval < 1 or sel.log_base <= 1:
+            raise ConfigError("selection.pools, selection.chunk and selection.self_interval must be >= 1, "
+                              "selection.log_base > 1")
         if self.data.read_threads < 1:
             raise ConfigError("data.read_threads must be >= 1")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -263,7 +265,6 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 # keys earlier versions wrote into run configs: read (a run's saved config.yaml must load) and dropped
 RETIRED = {
     "data.shuffle_buffer": "training batches are global now (sclslt/data/loader.py): no per-rank shuffle buffer",
-    "selection.chunk": "Pair Selection adds one member at a time (the paper's greedy); selection.pools bounds its cost",
 }
 
 

@@ -28,8 +28,8 @@ def run(tmp_path, *args) -> list[dict]:
 def test_quick_sweep_rows(tmp_path):
     rows = run(tmp_path, "--quick")
     cost = [r for r in rows if r.get("kind", "cost") == "cost"]
-    expected = set(itertools.product([1000, 4000], [16, 64], [1, 4]))
-    assert sorted((r["n"], r["batch"], r["pools"]) for r in cost) == sorted(expected)   # one row each, no duplicates
+    expected = set(itertools.product([1000, 4000], [16, 64], [1, 4], [1, 4]))
+    assert sorted((r["n"], r["batch"], r["pools"], r["chunk"]) for r in cost) == sorted(expected)   # one row each
     for r in cost:
         assert r["device"].startswith("cpu") and r["versions"]["torch"] and r["date"] and r["threads"] == 1
         assert r["bench"] == "planner" and r["dim"] == 256 and r["pool_size"] == r["n"] // r["pools"]

@@ -405,7 +405,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert table.keys == [s[0] for s in manifest["samples"]]
     # the exported late view is what the late checkpoint's model gives in one process
     model, tok, _ = load_run_model(ref, ref / "stage1" / "checkpoints", "epoch0002")
-    one = embed_split(model, shards, "train", tok, "cpu")
+    one = embed_split(model, shards, "train", tok, "cpu", max_frames=cfg.data.max_frames)
     assert torch.allclose(table.v1, one["video"].double(), atol=1e-5)
     assert torch.allclose(table.t1, one["text"].double(), atol=1e-5)
     assert not torch.allclose(table.v0, table.v1)
@@ -420,7 +420,8 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert "Spearman" in proc.stdout
     cico = load_table(cico_path)
     early_model, _, _ = load_run_model(ref, ref / "stage1" / "checkpoints", "epoch0000")
-    views = [embed_split(m, shards, "train", tok, "cpu", tokens=True) for m in (early_model, model)]
+    views = [embed_split(m, shards, "train", tok, "cpu", tokens=True, max_frames=cfg.data.max_frames)
+             for m in (early_model, model)]
     from sclslt_kernels import cico_similarity_reference
     want = [cico_similarity_reference(e["video_tokens"], e["video_mask"], e["text_tokens"], e["text_mask"],
                                       cfg.model.cico_tau).double() for e in views]

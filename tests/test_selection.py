@@ -66,10 +66,10 @@ def test_curriculum_quantiles():
     assert curriculum_quantile("easy", 0.7) == 0 and curriculum_quantile("hard", 0.2) == 1
 
 
-@pytest.mark.parametrize("batch,pools", [(8, 1), (6, 1), (8, 3), (4, 5)])
-def test_plan_invariants_and_the_same_plan_at_any_world_size(batch, pools):
+@pytest.mark.parametrize("batch,pools,chunk", [(8, 1, 1), (6, 1, 1), (8, 3, 1), (4, 5, 1), (8, 1, 3), (8, 2, 4)])
+def test_plan_invariants_and_the_same_plan_at_any_world_size(batch, pools, chunk):
     t = make_table()
-    batches, planner = plan(t, batch, pools=pools)
+    batches, planner = plan(t, batch, pools=pools, chunk=chunk)
     assert len(batches) == 96 // batch and all(len(b) == batch for b in batches)
     seen = [k for b in batches for k in b]
     assert len(set(seen)) == len(seen)                 # every clip at most once; all but the remainder
@@ -78,10 +78,12 @@ def test_plan_invariants_and_the_same_plan_at_any_world_size(batch, pools):
         sids = t.sentence_ids[rows_of(t, b)].tolist()
         assert len(set(sids)) == len(sids) or planner.stats.relaxed > 0
     for world in (2, 4):                               # the plan does not depend on the world size
-        assert plan(t, batch, pools=pools, world=world)[0] == batches, world
-    assert plan(t, batch, pools=pools)[0] == batches
-    assert plan(t, batch, epoch=3, pools=pools)[0] != batches
-    assert plan(t, batch, seed=2, pools=pools)[0] != batches
+        assert plan(t, batch, pools=pools, chunk=chunk, world=world)[0] == batches, world
+    assert plan(t, batch, pools=pools, chunk=chunk)[0] == batches
+    assert plan(t, batch, epoch=3, pools=pools, chunk=chunk)[0] != batches
+    assert plan(t, batch, seed=2, pools=pools, chunk=chunk)[0] != batches
+    if chunk > 1:                                      # a config property: it changes the plan
+        assert plan(t, batch, pools=pools)[0] != batches
 
 
 def test_the_epoch_holds_the_clips_of_random_mode():
