@@ -136,7 +136,8 @@ def bench(args) -> list[dict]:
                            dtype=str(args.dtype)[6:])
                 if b > m:
                     continue                                   # not valid: a pool smaller than a batch
-                pred = b / c * m * 4 * args.dim * 8 / 1e9      # ~ seconds for one batch: b / c products at ~1 GB/s
+                rate = 1e12 if torch.cuda.is_available() else 1e9   # bytes/s a product reads, roughly
+                pred = b / c * m * 4 * args.dim * 8 / rate          # ~ seconds for one batch: b / c products
                 if pred > args.budget_s:
                     row["skipped"] = f"budget: predicted {pred:.1f} s a batch > {args.budget_s:g} s"
                     rows.append(row)

@@ -12,8 +12,9 @@ Parts (each records its own failure; the rest goes on):
                (sclslt.data.devdecode: nvImageCodec / nvJPEG) against Pillow on one CPU core: clips/s,
                the pixel difference, the CPU cores per GPU left for feeding it (reading and packing the
                compressed clips), and torchvision.io.decode_jpeg(device="cuda") beside it when installed
-  planner      benchmarks/bench_planner.py at a rank's share of a 1M-clip pool at world 64 (16k rows,
-               micro-batch 16, chunk 16, embed_dim 512, float16), scored on the GPU
+  planner      benchmarks/bench_planner.py at a rank's share of a 1M-clip epoch in 64 canonical pools at
+               world 64 (one pool of 15,625 clips a rank, global batch 1024, chunk 1 and 16, embed_dim
+               512, float16), scored on the GPU
 On a machine without a GPU, `--quick` runs every part at toy sizes (kernels in the Triton interpreter)
 to check the script itself; its numbers mean nothing there.
 
@@ -182,10 +183,10 @@ def parts(quick: bool, out: Path) -> dict:
         "decode": lambda: decode_part(quick),
         "loader": lambda: script_part(["benchmarks/bench_loader.py",
                                        *(["--quick"] if quick else ["--clips", "8", "--repeat", "1"])], 90, out),
-        # per-rank work as at pool 1M / world 64 / batch 1024 (15,625 rows, 2 rounds), 4x cheaper to build
+        # per-rank work at 1M clips / 64 pools / world 64 / batch 1024: one pool of 15,625 clips a rank
         "planner": lambda: script_part(["benchmarks/bench_planner.py", *(["--quick"] if quick else [
-            "--n", "262144", "--batch", "256", "--world", "16", "--chunk", "16", "--dim", "512",
-            "--dtype", "float16", "--step-ms", "300", "--budget-s", "60"])], 120, out),
+            "--n", "1000000", "--batch", "1024", "--pools", "64", "--world", "64", "--chunk", "1", "16",
+            "--dim", "512", "--dtype", "float16", "--step-ms", "300", "--budget-s", "60"])], 120, out),
     }
 
 

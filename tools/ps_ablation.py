@@ -247,10 +247,13 @@ def batch_pairs(run: Path) -> list[dict]:
 
     out = []
     sel = run / "stage1" / "selection"
-    for first in sorted(sel.glob("plan_e*_r00000.json")):
+    for first in sorted(sel.glob("plan_e????.json")) or sorted(sel.glob("plan_e*_r00000.json")):
         epoch = int(first.name[6:10])
-        plans = [json.loads(f.read_text()) for f in sorted(sel.glob(f"plan_e{epoch:04d}_r*.json"))]
-        batches = [sum((p[b] for p in plans), []) for b in range(len(plans[0]))]
+        if first.name == f"plan_e{epoch:04d}.json":          # the epoch's global batches
+            batches = json.loads(first.read_text())
+        else:                                                # runs from before issue 20: one file per rank
+            plans = [json.loads(f.read_text()) for f in sorted(sel.glob(f"plan_e{epoch:04d}_r*.json"))]
+            batches = [sum((p[b] for p in plans), []) for b in range(len(plans[0]))]
         flat = [k for b in batches for k in b]
         random.Random(epoch).shuffle(flat)
         size = len(batches[0])
