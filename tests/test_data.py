@@ -249,3 +249,19 @@ def test_codecs_round_trip_and_refuse_pickled_payloads():
         decode(buf.getvalue(), "npy")
     with pytest.raises(CodecError, match="unknown frame format"):
         encode(x, "gif")
+
+
+def test_the_audit_trail_keeps_one_line_per_step_across_a_resume(tmp_path):
+    import json
+
+    from sclslt.train.loop import BatchLog
+    path = tmp_path / "stage1" / "batches.jsonl"
+    log = BatchLog(path, True, 0)
+    for step in range(1, 5):
+        log.write(step, 0, [f"k{step}", f"k{step + 10}"])
+    with open(path, "a") as f:
+        f.write('{"step": 5, "epo')                       # a line cut short by a crash
+    BatchLog(path, True, 2)                               # resumed from the step-2 checkpoint
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2]
+    BatchLog(path, False, 0)                              # ranks other than 0 neither read nor write
+    assert len(path.read_text().splitlines()) == 2

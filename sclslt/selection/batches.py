@@ -51,7 +51,7 @@ class BatchSource:
             n, dense = table_info(sel.table)
             rows = "dense CiCo-scored, whole on every rank" if dense else f"{sel.table_dtype} rows of each pool"
             ctx.reporter.info(f"{name}: Pair Selection from {sel.table} ({n} samples, {rows}), "
-                              f"schedule {sel.schedule}, {sel.pools} pool(s)")
+                              f"schedule {sel.schedule}, {sel.pools} pool(s), chunk {sel.chunk}")
             self.table = load_table(sel.table, ctx.dist.device) if dense else None
 
     def _self_table(self, epoch: int, model_fn) -> Table | None:
