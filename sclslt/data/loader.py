@@ -194,11 +194,11 @@ class BadSamples:
                              + "; ".join(self.errors[:5]))
 
 
-def clip_seed(seed: int, epoch: int, key: str, purpose: int) -> int:
-    """The seed of one clip's random draws in an epoch: a function of (seed, epoch, clip key, purpose),
-    never of the rank, the world size or the loader worker that happens to read the clip."""
-    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
-    return rng_seed(seed, epoch, h & 0xFFFFFFFF, h >> 32, purpose)
+def clip_rng(seed: int, epoch: int, key: str, purpose: int) -> random.Random:
+    """The generator of one clip's random draws in an epoch: a function of (seed, epoch, clip key,
+    purpose), never of the rank, the world size or the loader worker that happens to read the clip."""
+    h = hashlib.blake2b(f"{seed}/{epoch}/{purpose}/{key}".encode("utf-8"), digest_size=8).digest()
+    return random.Random(int.from_bytes(h, "little"))
 
 
 AUG_DRAWS = 9        # uniforms per clip that `ClipAugment` turns into its affine transform
@@ -206,7 +206,8 @@ AUG_DRAWS = 9        # uniforms per clip that `ClipAugment` turns into its affin
 
 def clip_draws(seed: int, epoch: int, key: str) -> np.ndarray:
     """The clip's augmentation uniforms in [0, 1) for this epoch (float32, `AUG_DRAWS`)."""
-    return np.random.default_rng(clip_seed(seed, epoch, key, 4)).random(AUG_DRAWS, dtype=np.float32)
+    rng = clip_rng(seed, epoch, key, 4)
+    return np.array([rng.random() for _ in range(AUG_DRAWS)], dtype=np.float32)
 
 
 def epoch_order(keys: list[str], seed: int, epoch: int, global_batch: int) -> list[list[str]]:
@@ -352,8 +353,7 @@ class GlobalStream(torch.utils.data.IterableDataset):
 
     def _draw(self, s: dict) -> None:
         """The clip's random draws: temporal subsampling and augmentation uniforms, per (seed, epoch, key)."""
-        rng = random.Random(clip_seed(self.seed, self.epoch, s["key"], 3))
-        s["frames"] = subsample_frames(s["frames"], self.max_frames, rng)
+        s["frames"] = subsample_frames(s["frames"], self.max_frames, clip_rng(self.seed, self.epoch, s["key"], 3))
         s["draws"] = clip_draws(self.seed, self.epoch, s["key"])
 
 
