@@ -96,20 +96,13 @@ def synthetic_table(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.
 
 def pool_cost(table: Table, n_pool: int, batch: int, k: int, chunk: int = 1) -> float:
     """Seconds per global batch of exact greedy in one canonical pool of `n_pool` clips: the pool's first
-    k batches (`Planner.plan_pool`'s loop stopped after k; the pool still full, so the epoch's most
-    expensive batches), the pool's scoring copy (`Table.pool_side`) included."""
+    k batches (`Planner.plan_pool` stopped after k; the pool still full, so the epoch's most expensive
+    batches), the pool's scoring copy (`Table.pool_side`) included."""
     planner = Planner(SelectionConfig(mode="ps", schedule="log", chunk=chunk), batch, seed=0)
+    keys = table.keys[:n_pool]
     t0 = time.perf_counter()
-    rows = table.rows(table.keys[:n_pool])
-    sids, side = table.sentence_ids[rows], table.pool_side(rows)
-    used = torch.zeros(n_pool, dtype=torch.bool)
-    k = min(k, n_pool // batch)
-    for b in range(k):
-        live = (~used).nonzero().flatten()
-        none_due = torch.zeros(len(live), dtype=torch.bool)
-        used[planner._one_batch(table, rows, side, live, sids[live], none_due, planner.quantile(1, 4),
-                                torch.Generator().manual_seed(b))] = True
-    return (time.perf_counter() - t0) / k
+    got = planner.plan_pool(table, keys, 1, 0, planner.quantile(1, 4), max_batches=k)
+    return (time.perf_counter() - t0) / len(got)
 
 
 def rank_ms(ms_pool_batch: float, pools: int, world: int) -> float:
@@ -121,16 +114,15 @@ def rank_ms(ms_pool_batch: float, pools: int, world: int) -> float:
 def bench(args) -> list[dict]:
     rows: list[dict] = []
     for n in sorted(args.n):
-        avail = mem_available()
-        need = int(1.25 * rank_bytes(n, args.dim, args.dtype))
-        if avail is not None and need > 0.8 * avail:
-            reason = f"memory: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
-            rows += [dict(kind="cost", n=n, batch=b, pools=p, chunk=c, dim=args.dim, skipped=reason)
-                     for b in args.batch for p in args.pools for c in args.chunk]
-            continue
         table = None
         for p in sorted(args.pools):
             m = n // p
+            avail, need = mem_available(), int(1.25 * rank_bytes(m, args.dim, args.dtype))   # one pool's table
+            if avail is not None and need > 0.8 * avail:
+                reason = f"memory: a pool needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+                rows += [dict(kind="cost", n=n, batch=b, pools=p, chunk=c, pool_size=m, dim=args.dim, skipped=reason)
+                         for b in args.batch for c in args.chunk if b <= m]
+                continue
             for b, c in [(b, c) for b in sorted(args.batch) for c in sorted(args.chunk)]:
                 row = dict(kind="cost", n=n, batch=b, pools=p, chunk=c, pool_size=m, dim=args.dim,
                            dtype=str(args.dtype)[6:])

@@ -4,7 +4,8 @@
 - `corpora`    readers of the real corpora's own layouts (PHOENIX-2014T, CSL-Daily, How2Sign, manifests)
 - `codec`      on-disk forms of a pre-decoded clip (npy, npy.zst, jpg, mp4)
 - `shards`     the WebDataset shard format and its manifest (written by tools/shard_videos.py)
-- `loader`     per-rank streams of micro-batches from shards, resume positions, collation
+- `loader`     an epoch's global batches (`epoch_order`), each rank's slice of them by random access with
+               per-clip draws (`GlobalStream`), evaluation streams, collation
 - `text`       text normalisation, sentence ids (the false-negative identity), tokenizers
 - `vocab`      vocabulary trimming of a pretrained tokenizer and the run's vocabulary record
 """

@@ -1,6 +1,7 @@
 """The model and what it is trained against.
 
 - `slt`      frames -> visual encoder -> contrastive head and mBART decoder (`SLTModel`)
-- `augment`  clip augmentation on the device
+- `augment`  clip augmentation on the device (each clip's uniforms drawn in the loader)
+- `batchnorm` BatchNorm with the global batch's statistics over valid steps (world-independent steps)
 - `losses`   symmetric InfoNCE over negatives gathered from all ranks (kernels in `sclslt_kernels`), CE
 """

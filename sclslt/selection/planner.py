@@ -324,15 +324,19 @@ class Planner:
         longest = max(len(b) for b in mine.values())
         return [mine[p][j] for j in range(longest) for p in range(len(pools)) if j < len(mine[p])]
 
-    def plan_pool(self, table: Table, keys: list[str], epoch: int, pool: int, q: float) -> list[list[str]]:
-        """Exact greedy over one pool: batches of `global_batch` keys, every key of the pool in one batch.
+    def plan_pool(self, table: Table, keys: list[str], epoch: int, pool: int, q: float,
+                  max_batches: int | None = None) -> list[list[str]]:
+        """Exact greedy over one pool: batches of `global_batch` keys, every key of the pool in one batch
+        (the first `max_batches` only, if given: the benchmark's timing).
 
         Batch j: a random seed, then one member at a time (`selection.chunk` at a time: `_one_batch`),
-        the candidate at quantile q of Delta(u; C) against the members so far, among the pool's unused candidates whose sentence no member has
-        (all unused ones if none is left: counted as relaxed). A sentence with as many unused copies as
-        batches left is due: its copies go first, one per batch (otherwise keeping copies apart piles
-        them up at the epoch's end, where they must meet; measured in benchmarks/results/ps_experiment.md).
-        Delta is kept per candidate and grows by one matrix-vector product per pick."""
+        the candidate at quantile q of Delta(u; C) against the members so far, among the pool's unused
+        candidates whose sentence no member has (all unused ones if none is left: counted as relaxed).
+        A sentence with as many unused copies as batches left is due: its copies go first, one per batch
+        (otherwise keeping copies apart piles them up at the epoch's end, where they must meet; measured
+        in benchmarks/results/ps_experiment.md). Delta is kept per candidate and grows by one
+        matrix-vector product per step, over the scoring copy of the pool's rows, which is compacted to
+        the unused ones whenever they fall below 3/4 of it (so a batch costs its steps' products only)."""
         rows = table.rows(keys)
         n_batches = len(keys) // self.batch
         sids = table.sentence_ids[rows]
@@ -340,26 +344,31 @@ class Planner:
         unused_copies = torch.bincount(sidx)
         side = table.pool_side(rows)
         used = torch.zeros(len(keys), dtype=torch.bool)
+        pos, cur = torch.arange(len(keys)), side            # pool positions of the scoring copy's rows
         plan = []
-        for b in range(n_batches):
-            live = (~used).nonzero().flatten()
-            members = self._one_batch(table, rows, side, live, sids[live], unused_copies[sidx[live]] >= n_batches - b,
-                                      q, torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6)))
+        for b in range(n_batches if max_batches is None else min(n_batches, max_batches)):
+            avail = ~used[pos]
+            if float(avail.float().mean()) < 0.75:
+                pos = pos[avail]
+                cur, avail = side[pos.to(side.device)], avail[avail]
+            members = self._one_batch(table, rows[pos], cur, avail, sids[pos],
+                                      unused_copies[sidx[pos]] >= n_batches - b, q,
+                                      torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6)))
+            members = pos[members]
             used[members] = True
             unused_copies -= torch.bincount(sidx[members], minlength=len(unused_copies))
-            plan.append([keys[i] for i in members])
+            plan.append([keys[i] for i in members.tolist()])
         return plan
 
-    def _one_batch(self, table: Table, rows, side, live, sids, due, q: float, gen) -> list[int]:
-        """One global batch's pool positions (see `plan_pool`); `live`: the unused positions. With
-        `selection.chunk` c > 1, each step after the seed takes the c candidates nearest the quantile
+    def _one_batch(self, table: Table, rows, side, avail, sids, due, q: float, gen) -> torch.Tensor:
+        """One global batch, as positions in `rows` (the scoring copy `side`'s rows; `avail`: unused).
+        With `selection.chunk` c > 1, each step after the seed takes the c candidates nearest the quantile
         (distinct sentences), all scored against the same members: c times fewer steps and products."""
         dense = table.delta is not None
-        live_side = None if dense else side[live.to(side.device)]
-        live_rows = rows[live].to(table.v1.device)
-        acc = torch.zeros(len(live), dtype=torch.float64, device=table.v1.device)
-        taken = torch.zeros(len(live), dtype=torch.bool)
-        clash = torch.zeros(len(live), dtype=torch.bool)
+        rows_dev = rows.to(table.v1.device)
+        acc = torch.zeros(len(rows), dtype=torch.float64, device=table.v1.device)
+        taken = ~avail
+        clash = torch.zeros(len(rows), dtype=torch.bool)
         picked: list[int] = []
         while len(picked) < self.batch:
             free = ~taken
@@ -378,14 +387,14 @@ class Planner:
                 taken[i] = True
                 clash |= sids == sids[i]
                 picked.append(i)
-            r = rows[live[torch.tensor(new)]].to(live_rows.device)      # one product per step, whatever chunk
+            r = rows_dev[torch.tensor(new, device=rows_dev.device)]      # one product per step, whatever chunk
             if dense:
-                acc += table.delta[:, r][live_rows].sum(1) + table.delta[r][:, live_rows].sum(0)
+                acc += table.delta[:, r][rows_dev].sum(1) + table.delta[r][:, rows_dev].sum(0)
             else:
-                acc += table.candidate_delta(live_side, [], table.member_sums(r.tolist()))
+                acc += table.candidate_delta(side, [], table.member_sums(r.tolist()))
             self.stats.relaxed += len(new) if relaxed else 0
         self.stats.picks += len(picked)
-        return [int(live[i]) for i in picked]
+        return torch.tensor(picked, dtype=torch.long)
 
     @staticmethod
     def _nearest(delta: torch.Tensor, cand: torch.Tensor, sids: torch.Tensor, q: float, k: int,
