@@ -18,8 +18,8 @@ Columns:
   table_mb_rank      the table a rank holds: its pools' rows in --dtype plus their scoring copy
                      (float64 on the CPU), at the largest --world
 
-Fidelity rows (--fidelity-n N): whole epochs of N clips planned with P = 1 (exact greedy over the
-epoch) and every other --pools, at two curriculum quantiles; per plan the distribution of each batch's
+Fidelity rows (--fidelity-n N): whole epochs of N clips planned with P = 1, chunk 1 (exact greedy over
+the epoch) and every other --pools x --chunk, at two curriculum quantiles; per plan the distribution of each batch's
 mean Delta per ordered pair (mean, quartiles), its Kolmogorov-Smirnov distance to exact greedy's, and
 the share of exact greedy's same-batch pairs the pooled plan also puts together (random batches:
 (batch - 1) / (N - 1)).
@@ -174,19 +174,19 @@ def fidelity(args) -> list[dict]:
         return {(min(x, y), max(x, y)) for batch in plan for i, x in enumerate(batch) for y in batch[i + 1:]}
     rows, exact, exact_pairs = [], None, None
     for epoch in (1, 3):
-        for p in sorted(set([1, *args.pools])):
+        for p, c in sorted({(1, 1), *((p, c) for p in args.pools for c in args.chunk)}):
             t0 = time.perf_counter()
-            plan = Planner(dataclasses.replace(cfg, pools=p), b, 0).plan_epoch(
+            plan = Planner(dataclasses.replace(cfg, pools=p, chunk=c), b, 0).plan_epoch(
                 table.keys, epoch, 4, lambda keys: table)
             secs = time.perf_counter() - t0
             sc = scores(plan)
-            if p == 1:
+            if (p, c) == (1, 1):
                 exact, exact_pairs = sc, pairs(plan)
             grid = torch.sort(torch.cat([exact, sc])).values
             ks = float((torch.searchsorted(torch.sort(exact).values, grid, right=True) / len(exact)
                         - torch.searchsorted(torch.sort(sc).values, grid, right=True) / len(sc)).abs().max())
             q = torch.quantile(sc, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-            rows.append(dict(kind="fidelity", n=n, batch=b, pools=p, epoch=epoch, quantile=Planner(cfg, b, 0).quantile(epoch, 4),
+            rows.append(dict(kind="fidelity", n=n, batch=b, pools=p, chunk=c, epoch=epoch, quantile=Planner(cfg, b, 0).quantile(epoch, 4),
                              plan_s=secs, mean_delta=float(sc.mean()), q25=q[0], q50=q[1], q75=q[2], ks_vs_exact=ks,
                              pair_overlap=len(pairs(plan) & exact_pairs) / len(exact_pairs),
                              pair_overlap_random=(b - 1) / (n - 1)))

@@ -39,9 +39,10 @@ def test_quick_sweep_rows(tmp_path):
             assert r[f"ms_batch_rank_w{w}"] == pytest.approx(r["ms_pool_batch"] * -(-r["pools"] // w) / r["pools"])
         assert r["step_ms"] is None and "step_frac_w1" not in r     # no --step-ms: column left empty
     fid = [r for r in rows if r.get("kind") == "fidelity"]
-    assert sorted((r["pools"], r["epoch"]) for r in fid) == [(1, 1), (1, 3), (4, 1), (4, 3)]
+    assert sorted((r["pools"], r["chunk"], r["epoch"]) for r in fid) == sorted(
+        (p, c, e) for p in (1, 4) for c in (1, 4) for e in (1, 3))
     for r in fid:
-        exact = r["pools"] == 1                          # exact greedy against itself: the metrics' zero
+        exact = (r["pools"], r["chunk"]) == (1, 1)       # exact greedy against itself: the metrics' zero
         assert (r["ks_vs_exact"] == 0 and r["pair_overlap"] == 1) if exact else r["pair_overlap"] < 1
         assert r["q25"] <= r["q50"] <= r["q75"] and r["pair_overlap_random"] == pytest.approx(15 / 511)
 
