@@ -288,12 +288,13 @@ class GlobalStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards_dir, split: str, batches: list[list[str]], *, rank: int = 0, world: int = 1,
                  seed: int = 0, epoch: int = 0, skip: int = 0, max_frames: int = 0, decode: str = "cpu",
-                 read_threads: int = 8, max_bad_fraction: float = 0.01):
+                 read_threads: int = 8, max_bad_fraction: float = 0.01, manifest: dict | None = None):
         from sclslt.data.shards import ShardIndex
         size = {len(b) for b in batches}
         if len(size) > 1 or (size and next(iter(size)) % world):
             raise ShardError(f"global batches of sizes {sorted(size)} cannot be split over {world} ranks")
-        self.index = ShardIndex(shards_dir, read_manifest(shards_dir, split), defer=decode == "device")
+        manifest = manifest if manifest is not None else read_manifest(shards_dir, split)   # a caller's, read once
+        self.index = ShardIndex(shards_dir, manifest, defer=decode == "device")
         self.batches, self.rank, self.world, self.skip = batches, rank, world, skip
         self.seed, self.epoch, self.max_frames, self.read_threads = seed, epoch, max_frames, max(1, read_threads)
         self.bad = BadSamples(max_bad_fraction)

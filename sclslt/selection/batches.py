@@ -11,7 +11,7 @@ import torch.distributed as dist
 from sclslt.config import Config, StageConfig
 from sclslt.atomic import write_text
 from sclslt.data.loader import GlobalStream, epoch_order
-from sclslt.data.shards import manifest_rows, read_manifest
+from sclslt.data.shards import frame_format, manifest_rows, read_manifest
 from sclslt.eval.retrieval import embed_split
 from sclslt.selection.planner import (
     Planner,
@@ -37,7 +37,9 @@ class BatchSource:
         self.ctx, self.name = ctx, name
         st: StageConfig = getattr(ctx.cfg, name)
         check_world(st, name, ctx.world)
-        self.keys = train_keys(ctx.shards_dir)
+        self.manifest = read_manifest(ctx.shards_dir, "train")     # read once a stage, not once an epoch
+        self.keys = [r.key for r in manifest_rows(self.manifest)]
+        self.fmt = frame_format(self.manifest)
         if len(self.keys) < st.global_batch:
             raise RunError(f"the training split has {len(self.keys)} samples, fewer than one global batch "
                            f"({name}.global_batch={st.global_batch}): lower it")
@@ -106,7 +108,8 @@ class BatchSource:
 
     def stream(self, batches: list[list[str]], epoch: int, skip: int) -> GlobalStream:
         ctx = self.ctx
-        return global_stream(ctx.cfg, ctx.shards_dir, batches, ctx.rank, ctx.world, self.seed, epoch, skip, ctx.decode)
+        return global_stream(ctx.cfg, ctx.shards_dir, batches, ctx.rank, ctx.world, self.seed, epoch, skip, ctx.decode,
+                             self.manifest)
 
 
 def check_world(st: StageConfig, name: str, world: int) -> None:
@@ -121,12 +124,12 @@ def train_keys(shards_dir) -> list[str]:
 
 
 def global_stream(cfg: Config, shards_dir, batches: list[list[str]], rank: int, world: int, seed: int, epoch: int,
-                  skip: int = 0, decode: str = "cpu") -> GlobalStream:
+                  skip: int = 0, decode: str = "cpu", manifest: dict | None = None) -> GlobalStream:
     """One rank's training stream over an epoch's global batches (the tests rebuild batches through this)."""
     d = cfg.data
     return GlobalStream(shards_dir, "train", batches, rank=rank, world=world, seed=seed, epoch=epoch, skip=skip,
                         max_frames=d.max_frames, decode=decode, read_threads=d.read_threads,
-                        max_bad_fraction=d.max_bad_fraction)
+                        max_bad_fraction=d.max_bad_fraction, manifest=manifest)
 
 
 def random_batches(cfg: Config, name: str, shards_dir, epoch: int) -> list[list[str]]:

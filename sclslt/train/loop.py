@@ -30,7 +30,7 @@ import torch.distributed as dist
 from sclslt.atomic import write_text
 from sclslt.config import Config, StageConfig, save_config, to_dict
 from sclslt.data.loader import Collate, make_loader, resolve_shards_dir
-from sclslt.data.shards import frame_format, manifest_rows, read_manifest
+from sclslt.data.shards import manifest_rows, read_manifest
 from sclslt.data.text import load_tokenizer, make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
@@ -187,10 +187,10 @@ class Stage:
         cfg, st = ctx.cfg, getattr(ctx.cfg, name)
         self.ctx, self.name, self.st = ctx, name, st
         self.ckpt_dir = ctx.run_dir / name / "checkpoints"
-        fmt = frame_format(read_manifest(ctx.shards_dir, "train"))
+        self.source = BatchSource(ctx, name)
+        fmt = self.source.fmt
         where = f"on {ctx.dist.device} (nvImageCodec)" if fmt == "jpg" and ctx.decode == "device" else "in the loader"
         ctx.reporter.info(f"{name}: {fmt} frames decoded {where}")
-        self.source = BatchSource(ctx, name)
         self.per_epoch = self.source.per_epoch
         schedule_steps = st.epochs * self.per_epoch  # the LR schedule's length: max_steps only truncates it,
         self.total = schedule_steps                  # so a run extended with --resume follows the same curve
