@@ -81,6 +81,19 @@ def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str, ds: str = "con
     return proc
 
 
+def ds_tool(port: int, *args: str) -> str:
+    """A tool under the real `deepspeed` launcher on WORLD CPU ranks; its stdout, or a failure that shows
+    what the ranks printed (the launcher's exit code alone says only which signal ended a rank)."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
+           "--master_port", str(port), *args]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout
+
+
 def metrics(run_dir: Path, stage: str) -> list[dict]:
     with open(run_dir / stage / "metrics.csv") as f:
         return [{k: float(v) for k, v in r.items() if k != "stage"} for r in csv.DictReader(f)]
@@ -404,12 +417,8 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert tags == ["epoch0000", "epoch0001", "epoch0002"]
 
     table_path = d / "ref.safetensors"
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
-                    "--master_port", "29632", "tools/export_reference.py", "--run", str(ref), "--early", "epoch0000",
-                    "--late", "epoch0002", "--out", str(table_path)], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=600)
+    ds_tool(29632, "tools/export_reference.py", "--run", str(ref), "--early", "epoch0000", "--late", "epoch0002",
+            "--out", str(table_path))
     table = load_table(table_path)
     cfg = load_config(cfg_path, ["--train.run_dir", str(ref)])
     shards = resolve_shards_dir(cfg.data)
@@ -425,11 +434,9 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     # CiCo-scored table (2 ranks): its dense delta is the one-process CiCo similarity of the token
     # features at the late checkpoint minus at the early one; its pooled views are the pooled table's
     cico_path = d / "ref_cico.safetensors"
-    proc = subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
-                           "--master_port", "29637", "tools/export_reference.py", "--run", str(ref), "--early",
-                           "epoch0000", "--late", "epoch0002", "--score", "cico", "--out", str(cico_path)],
-                          cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
-    assert "Spearman" in proc.stdout
+    out = ds_tool(29637, "tools/export_reference.py", "--run", str(ref), "--early", "epoch0000", "--late",
+                  "epoch0002", "--score", "cico", "--out", str(cico_path))
+    assert "Spearman" in out
     cico = load_table(cico_path)
     early_model, _, _ = load_run_model(ref, ref / "stage1" / "checkpoints", "epoch0000")
     views = [embed_split(m, shards, "train", tok, "cpu", tokens=True, max_frames=cfg.data.max_frames)
@@ -444,10 +451,8 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     sharded = d / "ref_sharded"
 
     def export_sharded(*extra):
-        return subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators",
-                               str(WORLD), "--master_port", "29638", "tools/export_reference.py", "--run", str(ref),
-                               "--early", "epoch0000", "--late", "epoch0002", "--out", str(sharded), *extra],
-                              cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600).stdout
+        return ds_tool(29638, "tools/export_reference.py", "--run", str(ref), "--early", "epoch0000", "--late",
+                       "epoch0002", "--out", str(sharded), *extra)
     export_sharded()
     whole = load_table(sharded)
     assert whole.keys == table.keys and all(torch.allclose(getattr(whole, v), getattr(table, v))
@@ -473,7 +478,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert [r["keys"] for r in batch_log(ps, "stage1")] == [b for e in range(2) for b in json.loads(
         (ps / "stage1" / "selection" / f"plan_e{e:04d}.json").read_text())]
     # the same plans at 1 and 4 ranks (into epoch 1, whose quantile differs from epoch 0's)
-    env1 = {**env, "SCLSLT_PLAIN_LOG": "1"}
+    env1 = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SCLSLT_PLAIN_LOG": "1"}
     one = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir",
                           str(d / "ps1"), *ps_args, "--train.max_steps", "7"], cwd=ROOT, env=env1,
                          capture_output=True, text=True, timeout=600)

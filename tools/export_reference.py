@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from sclslt.train.engine import init_distributed
+    from sclslt.train.engine import finish_distributed, init_distributed
     d = init_distributed()
     import torch.distributed as dist
     from sclslt.data.devdecode import resolve
@@ -135,7 +135,9 @@ def main(argv=None) -> int:
             print("error: a sharded table (--out DIR) holds pooled scoring only; CiCo scoring needs one file",
                   file=sys.stderr)
             return 2
-        return export_sharded(args, d, ckpt)
+        code = export_sharded(args, d, ckpt)
+        finish_distributed()
+        return code
     views = {}
     for name, tag in (("early", args.early), ("late", args.late)):
         if not (ckpt / tag).is_dir():
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
         save_table(args.out, views["early"], views["late"], meta, delta)
         print(f"wrote {args.out}: {len(views['early']['keys'])} samples, "
               f"dim {views['early']['video'].shape[1]}, {args.score} scoring")
-    dist.barrier()
+    finish_distributed()
     return 0
 
 

@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     out = args.out or args.run / args.stage / "trajectories"
 
     from sclslt.data.devdecode import resolve
-    from sclslt.train.engine import init_distributed
+    from sclslt.train.engine import finish_distributed, init_distributed
     d = init_distributed()
     import torch.distributed as dist
     from sclslt.data.loader import resolve_shards_dir
@@ -406,7 +406,7 @@ def main(argv=None) -> int:
         plot(report, out / "trajectories.png")
         print_table(report)
         print(f"wrote {out / 'report.json'} and {out / 'trajectories.png'}", flush=True)
-    dist.barrier()
+    finish_distributed()
     return 0
 
 

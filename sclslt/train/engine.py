@@ -85,6 +85,15 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device, accelerator=acc.device_name())
 
 
+def finish_distributed() -> None:
+    """End a job's process group in step: every rank reaches the barrier, then the group is destroyed
+    before the interpreter tears down (exiting with a live gloo group lets one rank's teardown close
+    sockets a peer still holds, and torch warns that the group leaks)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def release_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU backend maps a 66 MiB /dev/shm buffer per rank for its shared-memory inference
     all-reduce, which training never calls, and never unlinks it: every CPU run, killed or not, would

@@ -451,5 +451,5 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     if ctx.rank == 0:
         write_text(ctx.run_dir / "results.json", json.dumps(result, indent=2))
         ctx.reporter.results(result)
-    dist.barrier()
+    eng.finish_distributed()
     return result
