@@ -4,7 +4,7 @@
 file system); when the block ends without an error the temporary file is fsync'd and renamed over
 `path`, then the directory entry is fsync'd; on an error it is removed. `write_text` is the common case.
 Every file the trainer and its tools publish goes through here (directories are published by renaming
-a complete `.partial` directory, see train/engine.py).
+a complete `.partial` directory, see runtime/checkpoints.py).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def test_a_run_from_before_the_layout_move_resumes_and_loads(tmp_path, tiny_cfg_
     from sclslt.config import load_config
     from sclslt.data.text import load_tokenizer
     from sclslt.model.slt import SLTModel
-    from sclslt.train.engine import load_module_state
+    from sclslt.runtime.checkpoints import load_module_state
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
     model = SLTModel(load_config(run / "config.yaml").model, load_tokenizer(run / "tokenizer"))
@@ -45,7 +45,7 @@ def test_model_init_from_starts_the_first_stage_from_another_runs_weights(tmp_pa
     epoch-0 checkpoint is exactly the source run's weights; a missing source is a clear error."""
     import torch
 
-    from sclslt.train.engine import load_module_state
+    from sclslt.runtime.checkpoints import load_module_state
     run = tmp_path / "run"
     common = ["--config", str(FIXTURE / "config.yaml"), "--data.cache_dir", tiny_cfg_dict["data"]["cache_dir"],
               "--model.tokenizer", str(FIXTURE / "tokenizer"), "--model.trim_vocab", "false",

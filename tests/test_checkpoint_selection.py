@@ -31,7 +31,7 @@ def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, t
 
     from sclslt.data.loader import Collate, ShardStream, make_loader, resolve_shards_dir
     from sclslt.eval.metrics import decode_loader
-    from sclslt.eval.retrieval import load_run_model
+    from sclslt.runtime.rundir import load_run_model
     from sclslt.eval.evaluation import DevSelector
 
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))

@@ -33,12 +33,13 @@ import yaml
 
 from sclslt.config import load_config
 from sclslt.data.loader import Collate, resolve_shards_dir
-from sclslt.train.engine import load_module_state, param_groups
+from sclslt.runtime.checkpoints import load_module_state
+from sclslt.runtime.engine import param_groups
 from sclslt.model.losses import COLUMN_KEYS, contrastive_from_columns, pad_cat, translation_loss_sum
 from sclslt.model.slt import SLTModel
 from sclslt.data.text import load_tokenizer
 from sclslt.selection.batches import global_stream, random_batches
-from sclslt.train.context import STAGES, stage_seed
+from sclslt.runtime.context import STAGES, stage_seed
 from sclslt.train.loop import forward, lr_lambda, seed_everything, set_trainable
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
@@ -405,7 +406,9 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     batches equal the single-process planner's on the same pools; then the self-referenced mode."""
     import json
 
-    from sclslt.eval.retrieval import embed_split, load_run_model
+    from sclslt.eval.retrieval import embed_split
+
+    from sclslt.runtime.rundir import load_run_model
     from sclslt.selection.planner import Planner, load_table
     from sclslt.data.shards import read_manifest
 

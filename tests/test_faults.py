@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sclslt.train.engine import latest_tag, load_module_state
+from sclslt.runtime.checkpoints import latest_tag, load_module_state
 from sclslt.train.loop import NonFiniteGuard
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
@@ -158,7 +158,7 @@ def test_checkpoint_files_load_without_unpickling_arbitrary_objects(tmp_path):
     import numpy as np
     import torch
 
-    from sclslt.train.engine import rng_state, safe_load, set_rng_state
+    from sclslt.runtime.checkpoints import rng_state, safe_load, set_rng_state
     torch.save(rng_state(), tmp_path / "rng.pt")
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(safe_load(tmp_path / "rng.pt"))              # RNG states are plain tensors and ints

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sclslt.train.telemetry import GpuTelemetry
-from sclslt.train.ui import Reporter
+from sclslt.runtime.telemetry import GpuTelemetry
+from sclslt.runtime.ui import Reporter
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 

@@ -9,7 +9,7 @@ import pytest
 
 import torch
 
-from sclslt.train.engine import latest_tag, load_module_state, safe_load
+from sclslt.runtime.checkpoints import latest_tag, load_module_state, safe_load
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 

@@ -389,7 +389,7 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
     from safetensors.torch import load_file
     from transformers import ResNetConfig, ResNetModel
 
-    from sclslt.train.engine import load_module_state
+    from sclslt.runtime.checkpoints import load_module_state
 
     torch.manual_seed(5)
     ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")) \
@@ -436,7 +436,7 @@ def test_a_run_exports_as_pretrained_encoders_that_the_recipe_loads(tmp_path):
     import importlib.util
 
     from sclslt.config import load_config
-    from sclslt.eval.retrieval import load_run_model
+    from sclslt.runtime.rundir import load_run_model
     fixture = ROOT / "tests" / "fixtures" / "run_before_layout_move"
     spec = importlib.util.spec_from_file_location("export_pretrained", ROOT / "tools" / "export_pretrained.py")
     tool = importlib.util.module_from_spec(spec)

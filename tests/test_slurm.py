@@ -398,7 +398,7 @@ def test_two_nodes_one_task_each(slurm, exp_yaml, tmp_path):
 
 
 def test_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, exp_yaml, tmp_path):
-    from sclslt.train.engine import latest_tag
+    from sclslt.runtime.checkpoints import latest_tag
     config = tmp_path / "exp.yaml"                    # edited between the two runs (max_steps)
     shutil.copy(exp_yaml, config)
     run, out, name = tmp_path / "run", tmp_path / "job.out", f"sclslt-preempt-{os.getpid()}"
@@ -453,7 +453,7 @@ def test_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, exp_yaml, tmp_pat
 
 
 def test_rank_mapping_from_slurm_task_variables():
-    from sclslt.train.engine import expand_tasks_per_node, slurm_env
+    from sclslt.runtime.distributed import expand_tasks_per_node, slurm_env
     assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1] and expand_tasks_per_node("4") == [4]
     env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "6", "SLURM_NTASKS": "7", "SLURM_STEP_NUM_TASKS": "7",
            "SLURM_LOCALID": "0", "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1",

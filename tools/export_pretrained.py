@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def export(run: Path, out: Path, stage: str = "stage2", tag: str | None = None) -> dict:
     """Write backbone/, mbart/ and tokenizer/ under `out` from checkpoint `tag` (latest if None) of `stage`."""
-    from sclslt.eval.retrieval import load_run_model
-    model, _, cfg = load_run_model(run, run / stage / "checkpoints", tag)
+    from sclslt.runtime.rundir import RunDir, load_run_model
+    model, _, cfg = load_run_model(run, RunDir(run).checkpoints(stage), tag)
     if cfg.model.lora_rank:
         raise ValueError(f"{run} trains LoRA adapters (model.lora_rank={cfg.model.lora_rank}): export a run "
                          f"without LoRA, whose weights are whole")
@@ -45,8 +45,8 @@ def export(run: Path, out: Path, stage: str = "stage2", tag: str | None = None) 
     if unexpected or any(not k.startswith("embed_tokens.") for k in missing):
         raise RuntimeError(f"text encoder and mBART encoder differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.s2s.save_pretrained(tmp / "mbart")
-    shutil.copytree(run / "tokenizer", tmp / "tokenizer")
-    info = {"run": str(run), "stage": stage, "tag": tag or (run / stage / "checkpoints" / "latest").read_text().strip(),
+    shutil.copytree(RunDir(run).tokenizer_dir, tmp / "tokenizer")
+    info = {"run": str(run), "stage": stage, "tag": tag or RunDir(run).latest(stage),
             "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
             "mbart_params": sum(p.numel() for p in model.s2s.parameters())}
     (tmp / "export.json").write_text(json.dumps(info, indent=1))

@@ -61,13 +61,13 @@ def export_sharded(args, d, ckpt: Path) -> int:
     import torch.distributed as dist
 
     from sclslt.atomic import write_text
-    from sclslt.config import load_config
     from sclslt.data.devdecode import resolve
     from sclslt.data.loader import resolve_shards_dir
     from sclslt.data.shards import manifest_rows, read_manifest
-    from sclslt.eval.retrieval import embed_split, load_run_model
+    from sclslt.eval.retrieval import embed_split
+    from sclslt.runtime.rundir import RunDir, load_run_model
     from sclslt.selection.planner import TABLE_INDEX, save_table
-    cfg = load_config(args.run / "config.yaml")
+    cfg = RunDir(args.run).config()
     shards = resolve_shards_dir(cfg.data)
     keys = [r.key for r in manifest_rows(read_manifest(shards, args.split))]
     lo, hi = len(keys) * d.rank // d.world, len(keys) * (d.rank + 1) // d.world
@@ -121,15 +121,15 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from sclslt.train.engine import finish_distributed, init_distributed
+    from sclslt.runtime.distributed import finish_distributed, init_distributed
     d = init_distributed()
-    import torch.distributed as dist
     from sclslt.data.devdecode import resolve
     from sclslt.data.loader import resolve_shards_dir
-    from sclslt.eval.retrieval import embed_split, load_run_model
+    from sclslt.eval.retrieval import embed_split
+    from sclslt.runtime.rundir import RunDir, load_run_model
     from sclslt.selection.planner import save_table
 
-    ckpt = args.run / args.stage / "checkpoints"
+    ckpt = RunDir(args.run).checkpoints(args.stage)
     if args.out.suffix != ".safetensors":
         if args.score != "pooled":
             print("error: a sharded table (--out DIR) holds pooled scoring only; CiCo scoring needs one file",

@@ -286,8 +286,8 @@ def print_table(report: dict) -> None:
 
 def synthetic_meanings(run: Path, keys: list[str]) -> list[int] | None:
     """Ground-truth meanings of the sampled clips when the run's corpus is the synthetic one (else None)."""
-    from sclslt.config import load_config
-    cfg = load_config(run / "config.yaml")
+    from sclslt.runtime.rundir import RunDir
+    cfg = RunDir(run).config()
     if cfg.data.corpus != "synthetic":
         return None
     from sclslt.data.synthetic import SyntheticCorpus
@@ -344,19 +344,20 @@ def checked_tags(args, ckpt: Path) -> list[str] | None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-
-    ckpt = args.run / args.stage / "checkpoints"
+    from sclslt.runtime.rundir import RunDir
+    ckpt = RunDir(args.run).checkpoints(args.stage)
     tags = checked_tags(args, ckpt)
     if tags is None:
         return 2
     out = args.out or args.run / args.stage / "trajectories"
 
     from sclslt.data.devdecode import resolve
-    from sclslt.train.engine import finish_distributed, init_distributed
+    from sclslt.runtime.distributed import finish_distributed, init_distributed
     d = init_distributed()
     import torch.distributed as dist
     from sclslt.data.loader import resolve_shards_dir
-    from sclslt.eval.retrieval import embed_split, load_run_model
+    from sclslt.eval.retrieval import embed_split
+    from sclslt.runtime.rundir import load_run_model
     from sclslt.selection.planner import load_snapshot, save_snapshot
 
     rank0 = d.rank == 0

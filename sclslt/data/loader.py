@@ -33,7 +33,7 @@ from sclslt.config import DataConfig, SyntheticConfig
 from sclslt.data.codec import JpegClip
 from sclslt.data.corpora import select as even_frames
 from sclslt.data.shards import (
-    ShardError, frame_format, iter_shard, manifest_rows, read_manifest, write_split,
+    ShardError, frame_format, iter_shard, read_manifest, write_split,
 )
 
 SPLITS = ("train", "dev", "test")

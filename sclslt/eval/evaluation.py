@@ -16,7 +16,8 @@ from sclslt.eval.metrics import (
     write_report,
 )
 from sclslt.model.slt import SLTModel
-from sclslt.train.context import Context, enabled_stages
+from sclslt.runtime.checkpointer import step_tag
+from sclslt.runtime.context import Context, enabled_stages
 
 
 def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> dict:
@@ -38,7 +39,7 @@ def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> d
     if ctx.rank == 0 and write:
         write_report(ctx.run_dir / f"report.{split}.json", {**result, "tokenizer": tokenizer_record(ctx.tokenizer)},
                      rows)
-        with open(ctx.run_dir / f"hypotheses.{split}.jsonl", "w") as f:
+        with open(ctx.run.hypotheses(split), "w") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return result
@@ -88,7 +89,7 @@ class DevSelector:
     def measure(self, model, step: int, epoch: int) -> bool:
         """Decode dev; True if this step is the new best."""
         res = evaluate(self.ctx, model, "dev", write=False)["model"]
-        row = {"step": step, "epoch": epoch, "tag": f"step{step:08d}", "dev_bleu4": res["bleu4"],
+        row = {"step": step, "epoch": epoch, "tag": step_tag(step), "dev_bleu4": res["bleu4"],
                "dev_chrf": res.get("chrf"), "dev_rouge_l": res["rouge_l"]}
         self.history.append(row)
         better = self.best is None or self.key(row) > self.key(self.best)

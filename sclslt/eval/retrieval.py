@@ -3,12 +3,10 @@
 `embed_split` runs the model's pooled video and text heads over a split in eval mode; every rank
 embeds its own contiguous slice of the split (no clip is read twice) and the slices are gathered,
 so every rank ends with the whole split in split order. `retrieval_recall` splits the scoring the
-same way (each rank its slice of the queries, hit counts summed). `load_run_model` rebuilds a run's model
-from its saved config and tokenizer and loads a checkpoint's weights (any ZeRO stage).
+same way (each rank its slice of the queries, hit counts summed).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -136,20 +134,3 @@ def retrieval_recall(video: torch.Tensor, text: torch.Tensor, sentence_ids: torc
     for d, name in enumerate(directions):
         out.update({f"{name}_r{k}": 100.0 * int(hits[d, j]) / max(n, 1) for j, k in enumerate(ks)})
     return out
-
-
-def load_run_model(run_dir, ckpt_dir, tag: str | None = None):
-    """(model, tokenizer, config) of a run, with the weights of checkpoint `tag` (latest if None)."""
-    from sclslt.config import load_config
-    from sclslt.data.text import load_tokenizer
-    from sclslt.train.engine import load_module_state
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    tok = load_tokenizer(run_dir / "tokenizer")
-    model = SLTModel(cfg.model, tok, cfg.data)
-    state = load_module_state(ckpt_dir, tag)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} does not match the run's model: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model, tok, cfg

@@ -8,7 +8,7 @@ order as in PHOENIX-2014T). It goes through the same path as the run's training 
    shards manifest's options, or the synthetic corpus's `frame_size`), and, for videos, the shard
    tool's `--fps` resampling and `--max-frames` subsampling when the manifest records them;
 2. evenly spaced subsampling to `data.max_frames`, as evaluation does (`sclslt.data.subsample_frames`);
-3. the model of `reference.load_run_model` in eval mode (so `data.crop` is a centre crop), decoded
+3. the model of `sclslt.runtime.rundir.load_run_model` in eval mode (so `data.crop` is a centre crop), decoded
    with the run's `eval.beam` and `eval.max_len` unless `--beam` / `--max-len` say otherwise.
 
 The checkpoint is, by default, the one the run selected and evaluated (`"selected_checkpoint"` in
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sclslt.train.context import STAGES
-from sclslt.train.engine import MODEL_FILES, latest_tag
+from sclslt.runtime.checkpoints import MODEL_FILES, latest_tag
+from sclslt.runtime.context import STAGES, RunError
+from sclslt.runtime.rundir import RunDir, checkpoint_tags, load_run_model
 
 
 class TranslateError(RuntimeError):
@@ -52,45 +53,30 @@ def check_run(run_dir) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise TranslateError(f"run directory {run} does not exist")
-    if not (run / "config.yaml").is_file():
+    if not RunDir(run).config_file.is_file():
         raise TranslateError(f"{run} is not a run directory: it has no config.yaml (a training run writes "
                              f"<run>/config.yaml, tokenizer/ and stage1|stage2/checkpoints/)")
-    tok = run / "tokenizer"
+    tok = RunDir(run).tokenizer_dir
     if not (tok.is_dir() and any((tok / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))):
         raise TranslateError(f"run {run} has no tokenizer: {tok} is missing or holds no tokenizer files")
     return run
 
 
-def _tags(ckpt_dir: Path) -> list[str]:
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and any((p / f).is_file() for f in MODEL_FILES))
-
-
 def _selected(run: Path) -> tuple[str, str] | None:
-    """(stage, tag) the run selected and evaluated, from results.json (None when not recorded)."""
-    f = run / "results.json"
-    if not f.is_file():
-        return None
     try:
-        sel = json.loads(f.read_text()).get("selected_checkpoint")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise TranslateError(f"{f} is not a valid results file: {e}") from e
-    if isinstance(sel, str) and sel:
-        return "stage2", sel
-    if isinstance(sel, dict) and sel.get("tag"):
-        return str(sel.get("stage") or "stage2"), str(sel["tag"])
-    return None
+        return RunDir(run).selected()
+    except RunError as e:
+        raise TranslateError(str(e)) from e
 
 
 def _checked(ckpt_dir: Path, tag: str | None, label_stage: str, why: str) -> CheckpointChoice:
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise TranslateError(f"no checkpoint in {ckpt_dir} (no 'latest' file); available: "
-                             f"{_tags(ckpt_dir) or 'none'}")
+                             f"{checkpoint_tags(ckpt_dir) or 'none'}")
     if not any((ckpt_dir / tag / f).is_file() for f in MODEL_FILES):
         raise TranslateError(f"checkpoint {ckpt_dir / tag} does not exist or has no model states "
-                             f"(available in {ckpt_dir}: {_tags(ckpt_dir) or 'none'})")
+                             f"(available in {ckpt_dir}: {checkpoint_tags(ckpt_dir) or 'none'})")
     return CheckpointChoice(ckpt_dir, tag, f"{label_stage}/{tag}" if label_stage else str(ckpt_dir / tag), why)
 
 
@@ -101,16 +87,16 @@ def resolve_checkpoint(run_dir, checkpoint: str | None = None, tag: str | None =
     if checkpoint in (None, "", *STAGES):
         stages = [checkpoint] if checkpoint else ["stage2", "stage1"]
         for st in stages:
-            ckpt_dir = run / st / "checkpoints"
-            if not _tags(ckpt_dir) and not (checkpoint or tag):
+            ckpt_dir = RunDir(run).checkpoints(st)
+            if not checkpoint_tags(ckpt_dir) and not (checkpoint or tag):
                 continue                      # default: a run without stage 2 falls back to stage 1
             if tag:
                 return _checked(ckpt_dir, tag, st, "--tag")
             if selected and selected[0] == st:
                 return _checked(ckpt_dir, selected[1], st, "selected by the run, results.json")
             return _checked(ckpt_dir, None, st, "latest")
-        raise TranslateError(f"run {run} has no checkpoints (looked in {run / 'stage2' / 'checkpoints'} and "
-                             f"{run / 'stage1' / 'checkpoints'})")
+        raise TranslateError(f"run {run} has no checkpoints (looked in {RunDir(run).checkpoints('stage2')} and "
+                             f"{RunDir(run).checkpoints('stage1')})")
     path = Path(checkpoint)
     if not path.is_absolute() and not path.exists() and (run / path).exists():
         path = run / path
@@ -241,11 +227,11 @@ class Translator:
                  beam: int | None = None, max_len: int | None = None, size: int = 0):
         import torch
 
-        from sclslt.config import ConfigError, load_config
-        from sclslt.train.engine import setup_accelerator
+        from sclslt.config import ConfigError
+        from sclslt.runtime.distributed import setup_accelerator
         self.run = check_run(run_dir)
         try:
-            cfg = load_config(self.run / "config.yaml")
+            cfg = RunDir(self.run).config()
         except ConfigError as e:
             raise TranslateError(f"{self.run / 'config.yaml'}: {e}") from e
         self.choice = resolve_checkpoint(self.run, checkpoint, tag)
@@ -260,7 +246,6 @@ class Translator:
         # library chatter (DeepSpeed logs to stdout, also from loggers made at import) goes to stderr:
         # stdout holds the translations only (`--json`: JSON lines)
         with contextlib.redirect_stdout(sys.stderr):
-            from sclslt.eval.retrieval import load_run_model
             try:
                 model, self.tokenizer, self.cfg = load_run_model(self.run, self.choice.ckpt_dir, self.choice.tag)
             except (FileNotFoundError, RuntimeError, OSError) as e:

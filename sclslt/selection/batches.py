@@ -22,7 +22,7 @@ from sclslt.selection.planner import (
     table_info,
     table_from_snapshots,
 )
-from sclslt.train.context import Context, RunError, stage_seed
+from sclslt.runtime.context import Context, RunError, stage_seed
 
 
 class BatchSource:
@@ -47,7 +47,7 @@ class BatchSource:
         self.per_epoch = len(self.keys) // st.global_batch
         sel = ctx.cfg.selection
         self.mode = sel.mode if st.contrastive_weight > 0 else "random"
-        self.dir = ctx.run_dir / name / "selection"
+        self.dir = ctx.run.selection(name)
         self.table = None
         if self.mode == "ps":
             n, dense = table_info(sel.table)

@@ -3,16 +3,10 @@
 A stage is data (a `BatchSource`), an `Engine`, and a `StageConfig` saying which losses count:
 stage 1 = symmetric InfoNCE over gathered negatives + joint translation CE, stage 2 = translation
 only. The loop itself does not change between stages: `Stage.run` -> `train_epoch` -> `train_step`
-(-> `after_step`), with its position in a `StageState` and its saves in a `StageCheckpointer`.
+(-> `after_step`), with its position in a `StageState`; it reports its boundaries to a `Checkpointer`
+(`sclslt.runtime.checkpointer`), which decides the saves.
 
-Run directory layout:
-  config.yaml                resolved config (also inside every checkpoint)
-  tokenizer/                 the tokenizer the run trained or loaded
-  stage1/checkpoints/<tag>   DeepSpeed checkpoints (+ client state: step, epoch, data position)
-  stage1/batches.jsonl       the audit trail: each optimizer step's global batch (sample keys, global order)
-  stage2/checkpoints/<tag>
-  results.json               metrics, BLEU signature, the trivial baseline, the kernel path taken
-  hypotheses.<split>.jsonl   key, hypothesis, reference
+The run directory it writes: `sclslt.runtime.rundir`.
 """
 from __future__ import annotations
 
@@ -31,17 +25,21 @@ from sclslt.atomic import write_text
 from sclslt.config import Config, StageConfig, save_config, to_dict
 from sclslt.data.loader import Collate, make_loader, resolve_shards_dir
 from sclslt.data.shards import manifest_rows, read_manifest
-from sclslt.data.text import load_tokenizer, make_run_tokenizer
+from sclslt.data.text import make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
 from sclslt.model.losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from sclslt.model.slt import SLTModel
 from sclslt.selection.batches import BatchSource
-from sclslt.train import engine as eng
-from sclslt.train.context import Context, Preempted, RunError, enabled_stages, on_rank0
-from sclslt.train.signals import PREEMPT, install_signal_handlers
-from sclslt.train.telemetry import GpuTelemetry, StepTimer
-from sclslt.train.ui import Reporter
+from sclslt.runtime.checkpointer import Checkpointer
+from sclslt.runtime.checkpoints import checkpoint_meta, latest_tag, load_module_state, to_universal
+from sclslt.runtime.distributed import finish_distributed, init_distributed
+from sclslt.runtime.engine import Engine, build_ds_config, resolve_precision
+from sclslt.runtime.context import Context, Preempted, RunError, enabled_stages, on_rank0
+from sclslt.runtime.signals import PREEMPT, install_signal_handlers
+from sclslt.runtime.telemetry import GpuTelemetry, StepTimer
+from sclslt.runtime.rundir import RunDir
+from sclslt.runtime.ui import Reporter
 from sclslt_kernels import kernel_path
 
 CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale")
@@ -65,7 +63,7 @@ class NonFiniteGuard:
         if self.in_a_row >= self.limit:
             raise RunError(f"{stage}: {self.in_a_row} non-finite losses in a row after step {step} "
                            f"(train.max_nonfinite={self.limit}); the last good checkpoint is in {self.ckpt_dir} "
-                           f"({eng.latest_tag(self.ckpt_dir)}); lower the learning rate or check the data")
+                           f"({latest_tag(self.ckpt_dir)}); lower the learning rate or check the data")
         return False
 
 
@@ -160,33 +158,13 @@ class BatchLog:
                 f.write(json.dumps({"step": step, "epoch": epoch, "keys": list(keys)}) + "\n")
 
 
-class StageCheckpointer:
-    """Saves a stage's checkpoints: the client record (state, world, dev selection, config), rotation,
-    and protection of the selected one; a save of a state already published is skipped."""
-
-    def __init__(self, ctx: Context, name: str, engine: eng.Engine, state: StageState, selector: DevSelector):
-        self.ctx, self.name, self.engine, self.state, self.selector = ctx, name, engine, state, selector
-        self.dir = ctx.run_dir / name / "checkpoints"
-
-    def save(self, tag: str | None = None) -> None:
-        record = {"stage": self.name, **self.state.state_dict(), "world": self.ctx.world,
-                  "selection": self.selector.state()}
-        meta = eng.checkpoint_meta(self.dir)
-        if tag is None and meta is not None and all(meta.get(k) == v for k, v in record.items()):
-            return                      # this very state is published already (e.g. the new best at the end)
-        client = {"sclslt": {**record, "config": to_dict(self.ctx.cfg)}}
-        best = self.selector.best
-        self.engine.save(self.dir, tag or f"step{self.state.step:08d}", client, keep=self.ctx.cfg.checkpoint.keep,
-                         protect={best["tag"]} if best else set())
-
-
 class Stage:
     """One stage of training: its data, engine, state and checkpointer; `run` trains it to the end."""
 
     def __init__(self, ctx: Context, name: str, model: SLTModel, resume: bool):
         cfg, st = ctx.cfg, getattr(ctx.cfg, name)
         self.ctx, self.name, self.st = ctx, name, st
-        self.ckpt_dir = ctx.run_dir / name / "checkpoints"
+        self.ckpt_dir = ctx.run.checkpoints(name)
         self.source = BatchSource(ctx, name)
         fmt = self.source.fmt
         where = f"on {ctx.dist.device} (nvImageCodec)" if fmt == "jpg" and ctx.decode == "device" else "in the loader"
@@ -197,22 +175,27 @@ class Stage:
         if cfg.train.max_steps > 0:
             self.total = min(self.total, cfg.train.max_steps)
         set_trainable(model, st)
-        precision = eng.resolve_precision(cfg.train.precision, ctx.dist.device)
-        ds_config = eng.build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision)
-        tag = eng.latest_tag(self.ckpt_dir)
+        precision = resolve_precision(cfg.train.precision, ctx.dist.device)
+        ds_config = build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision)
+        tag = latest_tag(self.ckpt_dir)
         if tag is not None and not resume:
             raise RunError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
                            f"or choose another --train.run_dir")
         saved_world = resume_world(self.ckpt_dir, tag, ctx.rank) if tag is not None else ctx.world
-        self.engine = eng.Engine(model, ds_config, st.lr, st.weight_decay,
+        self.engine = Engine(model, ds_config, st.lr, st.weight_decay,
                                  lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio), eps=st.adam_eps,
                                  load_universal=saved_world != ctx.world)
         self.state = StageState()
         self.selector = DevSelector(ctx, name)
-        self.checkpointer = StageCheckpointer(ctx, name, self.engine, self.state, self.selector)
+        ck = cfg.checkpoint
+        self.checkpointer = Checkpointer(
+            self.engine, self.ckpt_dir, ck.every_steps, ck.every_epochs, ck.keep,
+            record=lambda: {"stage": name, **self.state.state_dict(), "world": ctx.world,
+                            "selection": self.selector.state()},
+            protect=lambda: {self.selector.best["tag"]} if self.selector.best else set(), config=to_dict(cfg))
         if tag is not None:
             self._resume(tag, saved_world)
-        self.audit = BatchLog(ctx.run_dir / name / "batches.jsonl", ctx.rank == 0, self.state.step)
+        self.audit = BatchLog(ctx.run.batches(name), ctx.rank == 0, self.state.step)
 
     def _resume(self, tag: str, saved_world: int) -> None:
         ctx = self.ctx
@@ -234,35 +217,33 @@ class Stage:
 
     def measure_dev(self) -> None:
         if self.selector.measure(self.eval_model(), self.state.step, self.state.epoch):
-            self.checkpointer.save()                # the new best: published now, never rotated away
+            self.checkpointer.at("best", self.state.step)     # published now, kept while it is the best
         self.engine.train()
 
     def run(self) -> SLTModel:
         """Train to the stage's last step (or return at once if a resumed stage is complete)."""
-        ctx, s, every_epochs = self.ctx, self.state, self.ctx.cfg.checkpoint.every_epochs
+        ctx, s = self.ctx, self.state
         if s.step >= self.total:
             return self.eval_model()
-        if every_epochs and s.step == 0:
-            self.checkpointer.save(f"epoch{0:04d}")     # the reference run's early view: the stage's start
+        self.checkpointer.at("start", s.step)
         self.collate = Collate(ctx.tokenizer)
         self.guard = NonFiniteGuard(ctx.cfg.train.max_nonfinite, self.ckpt_dir)
         self.gpus = GpuTelemetry(ctx.dist.device)     # the same kind of device on every rank: all or none gather
         self.timer = StepTimer(self.engine.device, ctx.cfg.train.timing_every)
         self.engine.train()
         ctx.reporter.start_stage(self.name, self.total, s.step, self.st.global_batch,
-                                 ctx.run_dir / self.name / "metrics.csv")
+                                 ctx.run.metrics(self.name))
         while s.step < self.total and s.epoch < self.st.epochs:
             self.train_epoch()
             if s.pos >= self.per_epoch:
                 s.epoch, s.pos = s.epoch + 1, 0
-                if every_epochs and s.epoch % every_epochs == 0:
-                    self.checkpointer.save(f"epoch{s.epoch:04d}")
+                self.checkpointer.at("epoch", s.step, s.epoch)
                 if self.selector.active and s.epoch % max(ctx.cfg.eval.dev_every_epochs, 1) == 0 \
                         and s.step < self.total:
                     self.measure_dev()
         if self.selector.active and not self.selector.measured(s.step):
             self.measure_dev()
-        self.checkpointer.save()
+        self.checkpointer.at("end", s.step)
         ctx.reporter.end_stage(self.name, s.step)
         return self.eval_model()
 
@@ -276,7 +257,7 @@ class Stage:
         for batch in loader:
             preempted = self.train_step(batch)
             if preempted and s.step < self.total:      # at the stage's last step: finish it normally first
-                self.checkpointer.save()
+                self.checkpointer.at("stop", s.step)
                 raise Preempted(f"{self.name}: stopped by a signal at step {s.step}; checkpoint saved in "
                                 f"{self.ckpt_dir}: continue with --resume")
             if s.step >= self.total:
@@ -318,8 +299,7 @@ class Stage:
         timed = self.timer.end()
         if timed is not None:
             ctx.reporter.timing(s.step, timed)
-        if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0 and s.step < self.total:
-            self.checkpointer.save()
+        self.checkpointer.at("step", s.step, s.epoch, self.total)
         # every rank joins the gather on GPUs (a rank whose NVML failed sends {}), none on CPUs
         if self.engine.device.type == "cuda" and cfg.train.telemetry_every and s.step % cfg.train.telemetry_every == 0:
             per_rank = [None] * ctx.world
@@ -335,7 +315,7 @@ def train_stage(ctx: Context, name: str, model: SLTModel, resume: bool) -> SLTMo
 def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
     """The world size checkpoint `tag` was written at; if it differs from this job's, rank 0 converts
     it to the universal format (the data position is in global batches, so it carries over as is)."""
-    meta = eng.checkpoint_meta(ckpt_dir, tag)
+    meta = checkpoint_meta(ckpt_dir, tag)
     if meta is None:
         raise RunError(f"{ckpt_dir}/{tag} has no sclslt.json: not a complete checkpoint of this trainer")
     world = dist.get_world_size()
@@ -343,7 +323,7 @@ def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
         def convert():
             print(f"sclslt: {ckpt_dir}/{tag} was written by {meta['world']} ranks, this job has {world}: "
                   f"converting it to a universal checkpoint", flush=True)
-            eng.to_universal(ckpt_dir, tag)
+            to_universal(ckpt_dir, tag)
         on_rank0(convert, f"converting {ckpt_dir}/{tag}")
     return int(meta["world"])
 
@@ -351,9 +331,9 @@ def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
 def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> None:
     """Initialise from a previous stage (or model.init_from): report loaded / new / ignored keys; fail on
     surprises."""
-    if not Path(src_ckpt).is_dir() or eng.latest_tag(src_ckpt) is None:
+    if not Path(src_ckpt).is_dir() or latest_tag(src_ckpt) is None:
         raise RunError(f"no checkpoint to start from in {src_ckpt} (model.init_from or the previous stage)")
-    state = eng.load_module_state(src_ckpt)
+    state = load_module_state(src_ckpt)
     own = model.state_dict()
     loaded = [k for k in state if k in own and own[k].shape == state[k].shape]
     shape_mismatch = [k for k in state if k in own and own[k].shape != state[k].shape]
@@ -369,21 +349,21 @@ def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> Non
 
 def prepare(cfg: Config, ds_config: str) -> Context:
     """Distributed init, data, run dir, tokenizer: everything before the first stage."""
-    d = eng.init_distributed(cfg.train.dist_timeout_s)
+    d = init_distributed(cfg.train.dist_timeout_s)
     install_signal_handlers()
     reporter = Reporter(enabled=d.rank == 0, log_every=cfg.train.log_every)
     run_dir = Path(cfg.train.run_dir).resolve()
     def make_run_dir():
         shards_dir = resolve_shards_dir(cfg.data)       # synthetic corpus made here on first use
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        tok_dir = run_dir / "tokenizer"
+        save_config(cfg, RunDir(run_dir).config_file)
+        tok_dir = RunDir(run_dir).tokenizer_dir
         if not (tok_dir / "tokenizer_config.json").is_file():      # made once per run, published whole
             texts = {sp: [r.text for r in manifest_rows(read_manifest(shards_dir, sp))] for sp in ("train", "dev", "test")}
             make_run_tokenizer(cfg.model, texts.pop("train"), tok_dir, heldout=texts)
     on_rank0(make_run_dir, "preparing the run")
     shards_dir = resolve_shards_dir(cfg.data)
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    tokenizer = RunDir(run_dir).tokenizer()
     reporter.info(f"world {d.world} x {d.accelerator}, shards {shards_dir}, run {run_dir}")
     return Context(cfg=cfg, ds_config_path=ds_config, dist=d, run_dir=run_dir,
                    shards_dir=shards_dir, tokenizer=tokenizer, reporter=reporter)
@@ -397,9 +377,9 @@ def build_model(ctx: Context) -> SLTModel:
 def selected_model(ctx: Context, name: str, model: SLTModel) -> tuple[SLTModel, dict]:
     """The model the run is evaluated with, and the record of why: the best dev BLEU-4 checkpoint of
     the last stage (`DevSelector`), or its last one (eval.select=last, or no dev measurement)."""
-    ckpt_dir = ctx.run_dir / name / "checkpoints"
-    last = eng.latest_tag(ckpt_dir)
-    sel = (eng.checkpoint_meta(ckpt_dir, last) or {}).get("selection") or {}
+    ckpt_dir = ctx.run.checkpoints(name)
+    last = latest_tag(ckpt_dir)
+    sel = (checkpoint_meta(ckpt_dir, last) or {}).get("selection") or {}
     best = sel.get("best") if ctx.cfg.eval.select == "dev_bleu4" else None
     record = {"stage": name, "tag": last, "rule": "last checkpoint of the last stage"}
     if best:
@@ -409,7 +389,7 @@ def selected_model(ctx: Context, name: str, model: SLTModel) -> tuple[SLTModel, 
                   "history": sel.get("history", [])}
         if best["tag"] != last:
             model = build_model(ctx)
-            model.load_state_dict(eng.load_module_state(ckpt_dir, best["tag"]), strict=True)
+            model.load_state_dict(load_module_state(ckpt_dir, best["tag"]), strict=True)
             model.to(ctx.dist.device)
     ctx.reporter.info(f"evaluating {name}/{record['tag']}: {record['rule']}")
     return model, record
@@ -423,9 +403,9 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     enabled = enabled_stages(cfg)
     for i, name in enumerate(enabled):
         model = build_model(ctx)
-        if eng.latest_tag(ctx.run_dir / name / "checkpoints") is None:     # a fresh stage
+        if ctx.run.latest(name) is None:     # a fresh stage
             if i > 0:
-                transfer_weights(model, ctx.run_dir / enabled[i - 1] / "checkpoints", ctx.reporter)
+                transfer_weights(model, ctx.run.checkpoints(enabled[i - 1]), ctx.reporter)
             elif cfg.model.init_from:
                 transfer_weights(model, Path(cfg.model.init_from), ctx.reporter)
         seed_everything(cfg.train.seed + 17 * (i + 1) + 7919 * ctx.rank)   # per-rank dropout draws (clip draws: per clip)
@@ -449,7 +429,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     result["world"] = ctx.world
     result["kernels"] = kernel_path(ctx.dist.device)
     if ctx.rank == 0:
-        write_text(ctx.run_dir / "results.json", json.dumps(result, indent=2))
+        write_text(ctx.run.results_file, json.dumps(result, indent=2))
         ctx.reporter.results(result)
-    eng.finish_distributed()
+    finish_distributed()
     return result

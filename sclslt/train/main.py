@@ -35,20 +35,20 @@ def parse_args(argv=None, prog: str | None = None):
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    from sclslt.train.signals import install_signal_handlers
+    from sclslt.runtime.signals import install_signal_handlers
     install_signal_handlers()                 # before the heavy imports: an early SIGUSR1 is not fatal
     args, rest = parse_args(argv, prog)
-    from sclslt.train.engine import setup_accelerator
+    from sclslt.runtime.distributed import setup_accelerator
     setup_accelerator()                       # before anything imports deepspeed
     from sclslt.config import ConfigError, load_config
-    from sclslt.train.context import Preempted, RunError
+    from sclslt.runtime.context import Preempted, RunError
     from sclslt.train.loop import run
     try:
         cfg = load_config(args.config, rest)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from sclslt.train.engine import peer_failure
+    from sclslt.runtime.distributed import peer_failure
     try:
         run(cfg, args.ds_config, resume=args.resume)
     except Preempted as e:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from sclslt.config import Config
-from sclslt.train.engine import DistInfo
-from sclslt.train.ui import Reporter
+from sclslt.runtime.distributed import DistInfo
+from sclslt.runtime.ui import Reporter
 
 STAGES = ("stage1", "stage2")
 
@@ -31,6 +31,12 @@ class Context:
     shards_dir: Path | str      # a local directory or a remote prefix (data/storage.py)
     tokenizer: object
     reporter: Reporter
+
+    @property
+    def run(self) -> "RunDir":  # noqa: F821 (imported on use: rundir imports this module)
+        """The run directory's paths."""
+        from sclslt.runtime.rundir import RunDir
+        return RunDir(self.run_dir)
 
     @property
     def rank(self) -> int:

@@ -1,0 +1,147 @@
+"""Checkpoint files: what a published checkpoint holds and how it is read without running code.
+
+Checkpoints are DeepSpeed's (ZeRO shards + module) plus our client state, a small `sclslt.json`
+(step, epoch, data position, world size) and each rank's RNG states. They are written under
+`<tag>.partial` and published by a rename plus an atomic `latest` update (`publish`), so a crash while
+saving leaves the previous checkpoint loadable. Loading goes through torch's weights-only unpickler
+with DeepSpeed's few state classes allowed (`safe_load`). A checkpoint written at another world size
+is converted once to DeepSpeed's universal format (`to_universal`). `load_module_state` gives the fp32
+module weights of any ZeRO stage. When to save, what to call it and what to keep: `checkpointer`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from sclslt.atomic import write_text
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and ints only (loadable with weights_only=True)."""
+    py = random.getstate()
+    np_st = np.random.get_state()
+    st = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [np_st[0], torch.from_numpy(np_st[1].astype(np.int64)), *np_st[2:]],
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()           # this rank's own device, however GPUs are bound
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available() and torch.is_tensor(st["cuda"]):
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def _safe_globals() -> list:
+    """The DeepSpeed classes its checkpoints hold, allowed through torch's weights-only unpickler;
+    anything else in a checkpoint is refused rather than executed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu"):
+    """torch.load with weights_only=True (plus DeepSpeed's own state classes): no arbitrary code."""
+    import pickle
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            import re
+            what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise RuntimeError(f"{path}: refused to unpickle it: it holds {what.group(1) if what else 'an object'}, "
+                               f"outside the allow-list in sclslt/runtime/checkpoints.py (_safe_globals); add the class there "
+                               f"only if you trust the file") from e
+
+
+def publish(ckpt_dir: Path, tag: str) -> None:
+    """`<tag>.partial` -> `<tag>`, then `latest` (written to a temporary file and renamed)."""
+    final, partial = ckpt_dir / tag, ckpt_dir / f"{tag}.partial"
+    if final.exists():                                # the same tag again (a resumed run re-saving it)
+        stale = ckpt_dir / f"{tag}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    write_text(ckpt_dir / "latest", tag)
+
+
+def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
+    f = Path(ckpt_dir) / "latest"
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    final, stale = Path(ckpt_dir) / tag, Path(ckpt_dir) / f"{tag}.stale"
+    if not final.is_dir() and stale.is_dir():         # a crash while re-publishing the same tag: the old one
+        try:
+            os.replace(stale, final)
+        except FileNotFoundError:                     # another rank recovered it first
+            pass
+    return tag
+
+
+def checkpoint_meta(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict | None:
+    """The small JSON record of a published checkpoint (step, epoch, data position, world, ZeRO stage)."""
+    tag = tag or latest_tag(ckpt_dir)
+    f = Path(ckpt_dir) / str(tag) / "sclslt.json"
+    return json.loads(f.read_text()) if tag and f.is_file() else None
+
+
+def to_universal(ckpt_dir: str | os.PathLike, tag: str) -> Path:
+    """Convert checkpoint `tag` to DeepSpeed's universal format (once; under `<ckpt_dir>/universal/<tag>`),
+    from which a job of any world size can resume. Run on one rank; the others wait at a barrier."""
+    import subprocess
+    import sys
+    out = Path(ckpt_dir) / "universal" / tag
+    if (out / "zero").is_dir():                       # conversions are renamed into place only when complete
+        return out
+    tmp = out.with_name(tag + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(Path(ckpt_dir) / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1", "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {Path(ckpt_dir) / tag} to a universal checkpoint failed:\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")   # ZeRO-1/2, ZeRO-3
+
+
+def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
+    """The full fp32 module state dict of a checkpoint (any ZeRO stage), for stage transfer/inference."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint under {ckpt_dir} (no 'latest' file)")
+    d = Path(ckpt_dir) / tag
+    files = [d / f for f in MODEL_FILES]
+    model_file = next((f for f in files if f.is_file()), None)
+    if model_file is None:
+        raise FileNotFoundError(f"checkpoint {d} has no model states file (looked for {[f.name for f in files]})")
+    states = safe_load(model_file)
+    zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    half = any(v.is_floating_point() and v.dtype != torch.float32 for v in states["module"].values())
+    if zero_stage == 3 or (half and zero_stage > 0):
+        # ZeRO-3: parameters live partitioned in the optimizer states; bf16/fp16 training: the module file
+        # holds rounded weights and the fp32 masters are in the optimizer states. Consolidate those.
+        return {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}

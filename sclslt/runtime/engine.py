@@ -1,0 +1,166 @@
+"""The DeepSpeed engine: its config from the experiment's, and the one object the loop trains through.
+
+Everything DeepSpeed-specific stays behind `Engine` (and, on this floor, `distributed` and
+`checkpoints`: no module above `sclslt.runtime` imports deepspeed), so the training loop reads the
+same for both stages and a future engine change touches this floor only.
+
+Config ownership: the DeepSpeed JSON holds engine matters (ZeRO stage, communication); this module
+writes in what the experiment config owns (batch sizes from `stageN.global_batch`, gradient
+clipping from `train.grad_clip` - DeepSpeed would otherwise clip at 1.0 silently - and precision:
+bf16 on GPUs, fp32 on CPU unless `train.precision` says otherwise). A JSON that sets a batch size
+is an error rather than a silent conflict. `Engine.save` writes and publishes one checkpoint
+(`checkpoints`); the checkpointer decides when and what is kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from sclslt.runtime.checkpoints import latest_tag, publish, rng_state, safe_load, set_rng_state
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad_clip: float,
+                    precision: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {p} does not exist (see configs/zero*.json)")
+    ds = json.loads(p.read_text())
+    clash = [k for k in _BATCH_KEYS if k in ds]
+    if clash:
+        raise ValueError(f"{p} sets {clash}: batch sizes come from the experiment config "
+                         f"(stage1.global_batch / stage2.global_batch); remove them from the JSON")
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}: "
+                         f"set stageN.global_batch to a multiple of {world}")
+    ds.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=global_batch // world,
+              gradient_accumulation_steps=1, gradient_clipping=float(grad_clip))
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": precision == "fp16"}
+    if precision in ("bf16", "fp16"):
+        # DeepSpeed casts parameters only; BatchNorm's running statistics would stay fp32 next to its
+        # half-precision weight, and batch_norm refuses the mix: cast buffers with the parameters
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases, norms and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Engine:
+    """A DeepSpeed engine around one model and one optimizer/LR schedule."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, lr_lambda,
+                 eps: float = 1e-8, load_universal: bool = False):
+        """`load_universal`: the checkpoint to resume was written at another world size; it is read
+        from its universal form (see `to_universal`), which DeepSpeed re-partitions for this world."""
+        import deepspeed
+        if load_universal:
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload in ("cpu", "nvme"):      # the optimizer steps on the host: DeepSpeed's vectorised CPU AdamW
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        # every file DeepSpeed reads back goes through the weights-only unpickler
+        self.ds.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
+        self.rank = torch.distributed.get_rank()
+        self.world = torch.distributed.get_world_size()
+        self.universal = load_universal
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def eval_module(self, build) -> torch.nn.Module:
+        """The model for decoding and embedding passes. Under ZeRO-3 each forward all-gathers the
+        partitioned parameters, so ranks running different numbers of forwards (uneven evaluation
+        slices, beam searches ending at different lengths) would fall out of step: there every rank
+        gets a plain copy, built by `build()` and filled from the gathered parameters."""
+        if not self.ds.zero_optimization_partition_weights():
+            return self.module
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        plain = build()
+        plain.load_state_dict(state, strict=True)
+        return plain.to(self.device)
+
+    def train(self, mode: bool = True):
+        self.ds.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, ckpt_dir: str | os.PathLike, tag: str, client_state: dict) -> None:
+        """Write `<tag>.partial`, then publish: rename to `<tag>` and point `latest` at it (rank 0,
+        after every rank has written). A crash at any point leaves the previous checkpoint as `latest`.
+        Which tags to write and keep: `sclslt.runtime.checkpointer`."""
+        ckpt_dir = Path(ckpt_dir)
+        partial = ckpt_dir / f"{tag}.partial"
+        if self.rank == 0 and partial.exists():
+            shutil.rmtree(partial)                    # debris of an earlier crash
+        torch.distributed.barrier()
+        partial.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
+        self.ds.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+        torch.distributed.barrier()
+        if self.rank == 0:
+            meta = {"tag": tag, "world": self.world, "zero_stage": self.ds.zero_optimization_stage(),
+                    **{k: v for k, v in client_state.get("sclslt", {}).items() if k != "config"}}
+            (partial / "sclslt.json").write_text(json.dumps(meta, indent=1))
+            publish(ckpt_dir, tag)
+        torch.distributed.barrier()
+
+    def load(self, ckpt_dir: str | os.PathLike) -> dict | None:
+        """Load the latest checkpoint under `ckpt_dir`; returns its client state, or None if none.
+        RNG states are restored only at the world size they were saved at."""
+        tag = latest_tag(ckpt_dir)
+        if tag is None:
+            return None
+        load_dir = Path(ckpt_dir) / "universal" if self.universal else Path(ckpt_dir)
+        path, client = self.ds.load_checkpoint(str(load_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+        rng = Path(ckpt_dir) / tag / f"rng_rank{self.rank:05d}.pt"
+        if rng.is_file() and not self.universal:
+            set_rng_state(safe_load(rng))
+        return client
