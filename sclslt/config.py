@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sclslt.registry import REGISTRIES
 from sclslt.atomic import write_text
 
 
@@ -83,7 +84,7 @@ class ModelConfig:
     dropout: float = 0.1
     max_positions: int = 256
     embed_dim: int = 64           # joint embedding size for the contrastive heads
-    similarity: str = "pooled"    # "pooled" (mean-pooled embeddings) or "cico" (token-level, PAPER.md)
+    similarity: str = "pooled"    # the similarity head (sclslt/model/heads.py): pooled embeddings, or cico (token-level, PAPER.md)
     cico_tau: float = 0.07        # CiCo softmax temperature
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0       # clamp of the multiplier, as CLIP
@@ -136,7 +137,7 @@ class SelectionConfig:
     """How stage-1 global batches are built (Pair Selection, PAPER.md)."""
     mode: str = "random"          # random | ps (reference table) | self (the job's own earlier embeddings)
     table: str = ""               # ps: reference table made by tools/export_reference.py
-    schedule: str = "log"         # curriculum: easy | hard | linear | sqrt | log (quantile of Delta vs alpha)
+    schedule: str = "log"         # curriculum (sclslt/selection/schedules.py): the quantile of Delta vs alpha
     log_base: float = 10.0        # b of the log schedule: q = log(1 + (b - 1) alpha) / log(b)
     pools: int = 1                # canonical pools an epoch is planned in (1: the whole epoch; more: each pool on
                                   # its own, ranks share them out: for millions of clips; never the GPU count)
@@ -179,8 +180,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        if self.model.similarity not in ("pooled", "cico"):
-            raise ConfigError(f"model.similarity={self.model.similarity!r}: use 'pooled' or 'cico'")
+        for key, registry in REGISTRIES.items():
+            value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
+            if value not in registry:
+                raise ConfigError(f"{registry.key}={value!r}: use one of {', '.join(map(repr, registry.names()))}")
         if self.model.tokenizer_kind not in ("bpe", "char"):
             raise ConfigError(f"model.tokenizer_kind={self.model.tokenizer_kind!r}: use 'bpe' or 'char'")
         if self.model.lang and not self.model.tokenizer:
@@ -201,8 +204,6 @@ class Config:
             raise ConfigError(f"selection.mode={sel.mode!r}: use random, ps or self")
         if sel.mode == "ps" and not sel.table:
             raise ConfigError("selection.mode=ps needs selection.table (make one with tools/export_reference.py)")
-        if sel.schedule not in ("easy", "hard", "linear", "sqrt", "log"):
-            raise ConfigError(f"selection.schedule={sel.schedule!r}: use easy, hard, linear, sqrt or log")
         if sel.table_dtype not in ("float64", "float32", "float16", "bfloat16"):
             raise ConfigError(f"selection.table_dtype={sel.table_dtype!r}: use float64, float32, float16 or bfloat16")
         if sel.pools < 1 or sel.chunk < 1 or sel.self_interval < 1 or sel.log_base <= 1:
@@ -377,6 +378,9 @@ def field_help() -> list[str]:
                 out += walk(value, f"{prefix}{f.name}.")
             else:
                 note = notes.get(f.name, "")
+                registry = REGISTRIES.get(f"{prefix}{f.name}")
+                if registry is not None:
+                    note = f"one of {', '.join(registry.names())}" + (f"; {note}" if note else "")
                 out.append(f"  --{prefix}{f.name} (default {value!r})" + (f": {note}" if note else ""))
         return out
     return walk(Config(), "")

@@ -35,7 +35,8 @@ from sclslt.config import load_config
 from sclslt.data.loader import Collate, resolve_shards_dir
 from sclslt.runtime.checkpoints import load_module_state
 from sclslt.runtime.engine import param_groups
-from sclslt.model.losses import COLUMN_KEYS, contrastive_from_columns, pad_cat, translation_loss_sum
+from sclslt.model.heads import get_head
+from sclslt.model.losses import contrastive_from_columns, pad_cat, translation_loss_sum
 from sclslt.model.slt import SLTModel
 from sclslt.data.text import load_tokenizer
 from sclslt.selection.batches import global_stream, random_batches
@@ -140,7 +141,7 @@ def global_loss(model, batches: list, st, cfg, local_negatives: bool = False) ->
         groups = [[o] for o in outs] if local_negatives else [outs] * world
         nce = 0.0
         for r, (o, bt) in enumerate(zip(outs, batches)):
-            cols = {k: cat([g[k] for g in groups[r]]) for k in COLUMN_KEYS[sim]}
+            cols = {k: cat([g[k] for g in groups[r]]) for k in get_head(sim).columns}
             cols["ids"] = bt.sentence_ids if local_negatives else torch.cat([b.sentence_ids for b in batches])
             offset = 0 if local_negatives else r * len(bt)
             nce = nce + contrastive_from_columns(o, bt.sentence_ids, cols, offset, sim, cfg.model.cico_tau)
@@ -442,7 +443,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert "Spearman" in out
     cico = load_table(cico_path)
     early_model, _, _ = load_run_model(ref, ref / "stage1" / "checkpoints", "epoch0000")
-    views = [embed_split(m, shards, "train", tok, "cpu", tokens=True, max_frames=cfg.data.max_frames)
+    views = [embed_split(m, shards, "train", tok, "cpu", head="cico", max_frames=cfg.data.max_frames)
              for m in (early_model, model)]
     from sclslt_kernels import cico_similarity_reference
     want = [cico_similarity_reference(e["video_tokens"], e["video_mask"], e["text_tokens"], e["text_mask"],

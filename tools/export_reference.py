@@ -31,11 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sclslt.registry import SIMILARITY_HEADS  # noqa: E402
 
-def cico_delta(views: dict, tau: float) -> "torch.Tensor":
-    """CiCo similarity at the late checkpoint minus at the early one, every video against every text."""
-    from sclslt.eval.retrieval import cico_matrix
-    return cico_matrix(views["late"], tau) - cico_matrix(views["early"], tau)
+
+def head_delta(views: dict, score: str, tau: float) -> "torch.Tensor":
+    """The similarity head `score`'s score at the late checkpoint minus at the early one, every video
+    against every text (`SimilarityHead.scores`)."""
+    from sclslt.model.heads import get_head
+    head = get_head(score)
+    return head.scores(views["late"], tau) - head.scores(views["early"], tau)
 
 
 def spearman_pooled_vs(delta, views: dict, pairs: int, seed: int = 0) -> float:
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage", default="stage1")
     p.add_argument("--split", default="train")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--score", choices=("pooled", "cico"), default="pooled", help="similarity that delta is of")
+    p.add_argument("--score", choices=SIMILARITY_HEADS.names(), default="pooled",
+                   help="the similarity head that delta is of (pooled: the planner scores the pooled views itself)")
     p.add_argument("--pairs", type=int, default=1_000_000, help="pairs sampled for the rank correlation")
     p.add_argument("--resume", action="store_true", help="sharded --out: keep the parts already written")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     ckpt = RunDir(args.run).checkpoints(args.stage)
     if args.out.suffix != ".safetensors":
         if args.score != "pooled":
-            print("error: a sharded table (--out DIR) holds pooled scoring only; CiCo scoring needs one file",
+            print(f"error: a sharded table (--out DIR) holds pooled scoring only; {args.score} scoring needs one file",
                   file=sys.stderr)
             return 2
         code = export_sharded(args, d, ckpt)
@@ -147,17 +152,17 @@ def main(argv=None) -> int:
         model, tok, cfg = load_run_model(args.run, ckpt, tag)
         model.to(d.device)
         views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device, args.batch_size,
-                                  max_frames=cfg.data.max_frames, tokens=args.score == "cico",
+                                  max_frames=cfg.data.max_frames, head=None if args.score == "pooled" else args.score,
                                   decode=resolve(cfg.data.decode, d.device))
     if d.rank == 0:
         meta = {"run": str(args.run), "stage": args.stage, "early": args.early, "late": args.late,
                 "split": args.split, "score": args.score}
         delta = None
-        if args.score == "cico":
-            delta = cico_delta(views, cfg.model.cico_tau)
-            meta["spearman_pooled_vs_cico"] = spearman_pooled_vs(delta, views, args.pairs)
-            print(f"delta: Spearman rank correlation of pooled vs CiCo scoring over "
-                  f"{min(args.pairs, delta.numel() - len(delta))} pairs: {meta['spearman_pooled_vs_cico']:.4f}")
+        if args.score != "pooled":
+            delta = head_delta(views, args.score, cfg.model.cico_tau)
+            meta[f"spearman_pooled_vs_{args.score}"] = rho = spearman_pooled_vs(delta, views, args.pairs)
+            print(f"delta: Spearman rank correlation of pooled vs {args.score} scoring over "
+                  f"{min(args.pairs, delta.numel() - len(delta))} pairs: {rho:.4f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_table(args.out, views["early"], views["late"], meta, delta)
         print(f"wrote {args.out}: {len(views['early']['keys'])} samples, "

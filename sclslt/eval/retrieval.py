@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sclslt.data.loader import Collate, ShardStream, make_loader
+from sclslt.model.heads import get_head
+from sclslt.model.losses import pad_cat
 from sclslt.model.slt import SLTModel
 
 
@@ -24,33 +26,23 @@ def pooled_embeddings(model: SLTModel, batch) -> tuple[torch.Tensor, torch.Tenso
                                    batch.attention_mask)
 
 
-@torch.no_grad()
-def token_embeddings(model: SLTModel, batch) -> dict:
-    """CiCo's token features of a batch (what the contrastive loss sees with model.similarity = cico)."""
-    enc, mask = model.encode_video(batch.frames, batch.frame_mask)
-    text = model.encode_text(batch.input_ids, batch.attention_mask)
-    return {"video_tokens": F.normalize(model.video_proj(enc), dim=-1), "video_mask": mask,
-            "text_tokens": F.normalize(model.text_proj(text), dim=-1), "text_mask": batch.attention_mask.bool()}
-
-
-def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate (n_i, L_i, ...) along dim 0, padding dim 1 with zeros (False) to the longest."""
-    parts = [p for p in parts if p.shape[0]] or parts[:1]
-    length = max(p.shape[1] for p in parts)
-    return torch.cat([torch.cat([p, p.new_zeros((p.shape[0], length - p.shape[1], *p.shape[2:]))], 1)
-                      for p in parts])
-
-
-TOKEN_KEYS = ("video_tokens", "video_mask", "text_tokens", "text_mask")
+def _cat(parts: list[torch.Tensor], head=None) -> torch.Tensor:
+    """Concatenate along dim 0 (a token-level head's columns padded on dim 1: `losses.pad_cat`); a rank
+    with no clip of the split contributes nothing."""
+    kept = [p for p in parts if p.shape[0]]
+    if not kept:
+        return parts[0] if parts else torch.zeros(0)
+    return pad_cat(kept) if head is not None and head.token_level and kept[0].ndim >= 2 else torch.cat(kept)
 
 
 @torch.no_grad()
 def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batch_size: int = 64,
-                num_workers: int = 0, max_frames: int = 0, tokens: bool = False, gather: bool = True,
+                num_workers: int = 0, max_frames: int = 0, head: str | None = None, gather: bool = True,
                 decode: str = "cpu") -> dict:
     """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order
     (with `gather` False: this rank's contiguous slice of it);
-    with `tokens`, CiCo's token features too (`TOKEN_KEYS`, padded to the split's longest).
+    with `head`, that similarity head's evaluation embedding too (`SimilarityHead.embed`: its `columns`;
+    a token-level head's padded to the split's longest), what its `scores` reads.
     `max_frames` > 0: longer clips are subsampled to evenly spaced frames (pass `data.max_frames`);
     `decode`: where `jpg` frames are decoded (`sclslt.data.devdecode.resolve`)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -60,8 +52,8 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
                          max_frames=max_frames, decode=decode)
     e = model.video_proj.out_features       # a rank with no clip of the split contributes empty tensors
     keys, sids, vs, ts = [], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, e)], [torch.zeros(0, e)]
-    toks = {"video_tokens": [torch.zeros(0, 1, e)], "video_mask": [torch.zeros(0, 1, dtype=torch.bool)],
-            "text_tokens": [torch.zeros(0, 1, e)], "text_mask": [torch.zeros(0, 1, dtype=torch.bool)]}
+    sim = get_head(head) if head else None
+    cols = {k: [] for k in (sim.columns if sim else ())}
     for batch in make_loader(stream, Collate(tokenizer), num_workers):
         batch = batch.to(device)
         v, t = pooled_embeddings(model, batch)
@@ -69,12 +61,12 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
         sids.append(batch.sentence_ids.cpu())
         vs.append(v.float().cpu())
         ts.append(t.float().cpu())
-        if tokens:
-            for k, x in token_embeddings(model, batch).items():
-                toks[k].append(x.float().cpu() if x.is_floating_point() else x.cpu())
+        if sim:
+            for k, x in sim.embed(model, batch).items():
+                cols[k].append(x.float().cpu() if x.is_floating_point() else x.cpu())
     mine = {"keys": keys, "sentence_ids": torch.cat(sids), "video": torch.cat(vs), "text": torch.cat(ts)}
-    if tokens:
-        mine.update({k: _cat_padded(v) for k, v in toks.items()})
+    if sim:
+        mine.update({k: _cat(v, sim) for k, v in cols.items()})
     model.train(was_training)
     if world == 1 or not gather:      # gather=False: this rank's contiguous slice only (sharded tables)
         return mine
@@ -83,18 +75,8 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
     out = {"keys": [k for p in parts for k in p["keys"]]}
     for k in mine:
         if k != "keys":
-            out[k] = (_cat_padded if k in TOKEN_KEYS else torch.cat)([p[k] for p in parts])
+            out[k] = _cat([p[k] for p in parts], sim if sim and k in sim.columns else None)
     return out
-
-
-def cico_matrix(emb: dict, tau: float, chunk_elems: int = 1 << 26) -> torch.Tensor:
-    """(N, N) CiCo similarity of every video (row) with every text (column) of an `embed_split(tokens=True)`
-    pass, in row chunks whose (rows, N, T, L) intermediate stays under `chunk_elems`."""
-    from sclslt_kernels import cico_similarity
-    v, vm, t, tm = (emb[k] for k in TOKEN_KEYS)
-    n = v.shape[0]
-    rows = max(1, chunk_elems // max(1, n * v.shape[1] * t.shape[1]))
-    return torch.cat([cico_similarity(v[i:i + rows], vm[i:i + rows], t, tm, tau) for i in range(0, n, rows)])
 
 
 def retrieval_recall(video: torch.Tensor, text: torch.Tensor, sentence_ids: torch.Tensor,

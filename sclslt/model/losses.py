@@ -4,10 +4,9 @@ Contrastive (CLIP-style): each rank scores its b local rows against all n = b x 
 columns (memory b x n, never n x n); the gather keeps the gradient (its backward reduce-scatters),
 so the gradient equals that of one process holding the whole global batch. A column whose
 sentence id equals the row's (other than the row's own positive) is a known false negative and
-is removed from the row's softmax. The similarity is either the dot product of pooled embeddings
-(`sclslt_kernels.infonce`, fused: no b x n matrix) or CiCo's token-level similarity
-(`sclslt_kernels.cico_similarity`, fused: no b x n x T x L tensor; the b x n logits are then
-materialised, which is small).
+is removed from the row's softmax. What is gathered and how rows score columns is the similarity
+head's (`heads`: pooled embeddings through the fused `sclslt_kernels.infonce`, no b x n matrix; CiCo's
+token-level similarity through `sclslt_kernels.cico_similarity`, no b x n x T x L tensor).
 
 Normalisation makes results independent of the number of ranks: DeepSpeed averages gradients
 over ranks, so every per-rank loss is scaled such that the mean over ranks equals the loss of the
@@ -18,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sclslt_kernels import cico_similarity, infonce, masked_ce
+from sclslt.model.heads import get_head
 
 
 def world_info() -> tuple[int, int]:
@@ -107,20 +106,15 @@ def pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([pad_tokens(p, length) for p in parts], dim=0)
 
 
-COLUMN_KEYS = {"pooled": ("video_emb", "text_emb"),
-               "cico": ("video_tokens", "video_mask", "text_tokens", "text_mask")}
-
-
 def gather_columns(out: dict, ids: torch.Tensor | None, similarity: str) -> dict:
-    """The columns every rank scores its rows against: all ranks' outputs, with gradient.
-
-    Token tensors (CiCo) are padded to the longest micro-batch of any rank first, so the gathered
-    result equals `pad_cat` of all ranks' outputs.
-    """
+    """The columns every rank scores its rows against: all ranks' outputs of the head's `columns`, with
+    gradient. Token tensors (a token-level head: CiCo) are padded to the longest micro-batch of any rank
+    first, so the gathered result equals `pad_cat` of all ranks' outputs."""
+    head = get_head(similarity)
     cols = {}
-    for key in COLUMN_KEYS[similarity]:
+    for key in head.columns:
         x = out[key]
-        if x.ndim >= 2 and similarity == "cico":
+        if x.ndim >= 2 and head.token_level:
             x = pad_tokens(x, all_reduce_max(x.shape[1], x.device))
         cols[key] = gather_with_grad(x) if x.is_floating_point() else gather_nograd(x)
     cols["ids"] = gather_nograd(ids) if ids is not None else None
@@ -129,24 +123,15 @@ def gather_columns(out: dict, ids: torch.Tensor | None, similarity: str) -> dict
 
 def contrastive_from_columns(out: dict, ids: torch.Tensor | None, cols: dict, offset: int,
                              similarity: str, tau: float = 0.07) -> torch.Tensor:
-    """(video->text + text->video) / 2 for the local rows against the gathered columns."""
-    s = out["logit_scale"]
-    if similarity == "pooled":
-        return 0.5 * (infonce(out["video_emb"], cols["text_emb"], s, offset, ids, cols["ids"])
-                      + infonce(out["text_emb"], cols["video_emb"], s, offset, ids, cols["ids"]))
-    if similarity == "cico":
-        v2t = cico_similarity(out["video_tokens"], out["video_mask"], cols["text_tokens"], cols["text_mask"], tau)
-        t2v = cico_similarity(cols["video_tokens"], cols["video_mask"], out["text_tokens"], out["text_mask"], tau).t()
-        return 0.5 * (masked_ce(s * v2t, offset, ids, cols["ids"]) + masked_ce(s * t2v, offset, ids, cols["ids"]))
-    raise ValueError(f"similarity {similarity!r}: use 'pooled' or 'cico'")
+    """(video->text + text->video) / 2 for the local rows against the gathered columns (the head's loss)."""
+    return get_head(similarity).loss(out, ids, cols, offset, tau)
 
 
 def contrastive_loss(out: dict, ids: torch.Tensor | None, similarity: str = "pooled", tau: float = 0.07):
     """Distributed symmetric InfoNCE: local rows against columns gathered from all ranks."""
     rank, _ = world_info()
     cols = gather_columns(out, ids, similarity)
-    b = out["video_emb" if similarity == "pooled" else "video_tokens"].shape[0]
-    return contrastive_from_columns(out, ids, cols, rank * b, similarity, tau)
+    return contrastive_from_columns(out, ids, cols, rank * get_head(similarity).rows(out), similarity, tau)
 
 
 def translation_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:

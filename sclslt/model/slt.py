@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from sclslt.config import DataConfig, ModelConfig
 from sclslt.model.augment import ClipAugment
 from sclslt.model.batchnorm import GlobalBatchNorm1d, globalise
+from sclslt.model.heads import get_head
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,11 +178,6 @@ class TemporalBlock(nn.Module):
         return x, mask
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype)[..., None]
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
 class SLTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer, frames: DataConfig | None = None):
         super().__init__()
@@ -256,9 +252,8 @@ class SLTModel(nn.Module):
 
     def pooled_embeddings(self, enc, mask, text, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked-mean pooled, projected, L2-normalised (video, text) embeddings."""
-        v = F.normalize(self.video_proj(masked_mean(enc, mask)), dim=-1)
-        t = F.normalize(self.text_proj(masked_mean(text, text_mask.bool())), dim=-1)
-        return v, t
+        out = get_head("pooled").features(self, enc, mask, text, text_mask)
+        return out["video_emb"], out["text_emb"]
 
     def decode_logits(self, enc, mask, labels) -> torch.Tensor:
         from transformers.models.mbart.modeling_mbart import shift_tokens_right
@@ -276,13 +271,7 @@ class SLTModel(nn.Module):
             out["logits"] = self.decode_logits(enc, mask, labels)
         if contrastive:
             text = self.encode_text(input_ids, attention_mask)
-            if self.cfg.similarity == "cico":      # token-level features for CiCo
-                out["video_tokens"] = F.normalize(self.video_proj(enc), dim=-1)
-                out["video_mask"] = mask
-                out["text_tokens"] = F.normalize(self.text_proj(text), dim=-1)
-                out["text_mask"] = attention_mask.bool()
-            else:
-                out["video_emb"], out["text_emb"] = self.pooled_embeddings(enc, mask, text, attention_mask)
+            out.update(get_head(self.cfg.similarity).features(self, enc, mask, text, attention_mask))
             out["logit_scale"] = self.logit_scale()
         return out
 

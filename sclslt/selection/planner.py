@@ -6,7 +6,7 @@ members of the batch being built:
     Delta(u; C) = sum_{c in C} delta(u, c) + delta(c, u)          (both directions: our choice)
 Low Delta = the pair's similarity fell during reference training (easy, stably separable);
 high Delta = it rose (hard, confusable). The curriculum takes candidates at the quantile
-q(alpha) of the sorted Delta, alpha = epoch / epochs, by schedule:
+q(alpha) of the sorted Delta, alpha = epoch / epochs, by schedule (`schedules`):
     easy 0 | hard 1 | linear alpha | sqrt sqrt(alpha) | log log(1 + (b - 1) alpha) / log(b).
 
 One sequence of global batches per (config, seed), whatever the world size (issue 20): the paper's
@@ -35,21 +35,7 @@ import torch
 from sclslt.config import SelectionConfig
 from sclslt.data.loader import epoch_order, rng_seed
 from sclslt.atomic import atomic_path
-
-
-def curriculum_quantile(schedule: str, alpha: float, base: float = 10.0) -> float:
-    a = min(max(alpha, 0.0), 1.0)
-    if schedule == "easy":
-        return 0.0
-    if schedule == "hard":
-        return 1.0
-    if schedule == "linear":
-        return a
-    if schedule == "sqrt":
-        return math.sqrt(a)
-    if schedule == "log":
-        return math.log1p((base - 1) * a) / math.log(base)
-    raise ValueError(f"unknown curriculum schedule {schedule!r}")
+from sclslt.selection.schedules import curriculum_quantile
 
 
 @dataclass

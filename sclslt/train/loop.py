@@ -29,6 +29,7 @@ from sclslt.data.text import make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
 from sclslt.model.losses import all_reduce_sum, contrastive_loss, translation_loss_sum
+from sclslt.model.heads import get_head
 from sclslt.model.slt import SLTModel
 from sclslt.selection.batches import BatchSource
 from sclslt.runtime.checkpointer import Checkpointer
@@ -41,9 +42,6 @@ from sclslt.runtime.telemetry import GpuTelemetry, StepTimer
 from sclslt.runtime.rundir import RunDir
 from sclslt.runtime.ui import Reporter
 from sclslt_kernels import kernel_path
-
-CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale")
-
 
 class NonFiniteGuard:
     """A step whose loss is not finite on some rank is skipped by all ranks and counted; after
@@ -85,10 +83,12 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
 
 def set_trainable(model: SLTModel, st: StageConfig) -> None:
     """Stage 2 (no contrastive loss) freezes the contrastive parts; stage 1 may freeze the text encoder;
-    LoRA's base weights stay frozen in both (`SLTModel.frozen_by_design`)."""
+    LoRA's base weights stay frozen in both (`SLTModel.frozen_by_design`). The contrastive parts are
+    the similarity head's (`heads.SimilarityHead.parts`)."""
+    contrastive_parts = get_head(model.cfg.similarity).parts
     for name, p in model.named_parameters():
         top = name.split(".")[0]
-        frozen = (st.contrastive_weight == 0 and top in CONTRASTIVE_PARTS) or \
+        frozen = (st.contrastive_weight == 0 and top in contrastive_parts) or \
                  (st.freeze_text_encoder and top == "text_encoder") or model.frozen_by_design(name)
         p.requires_grad_(not frozen)
 

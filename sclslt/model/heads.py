@@ -1,0 +1,105 @@
+"""Similarity heads: how a video and a sentence are scored against each other, one class per head.
+
+A head owns everything that differs between similarities: the features the model's forward gives
+the contrastive loss (`features`), the columns every rank gathers and whether they carry a token axis
+to pad (`columns`, `token_level`), the symmetric loss of local rows against the gathered columns
+(`loss`), the parts it trains (`parts`), its evaluation embedding of a batch (`embed`, what retrieval
+and the reference export read) and its pairwise score matrix over a split (`scores`). Heads are
+picked by `model.similarity` from `sclslt.registry.SIMILARITY_HEADS`; a new head is one class here (or
+in any module that registers it) plus its test.
+
+- `pooled`  mean-pooled, projected, L2-normalised embeddings; dot product (`sclslt_kernels.infonce`, fused)
+- `cico`    CiCo's token-level similarity (`sclslt_kernels.cico_similarity`, fused; PAPER.md)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sclslt.registry import SIMILARITY_HEADS
+from sclslt_kernels import cico_similarity, infonce, masked_ce
+
+CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class SimilarityHead:
+    name = ""
+    columns: tuple[str, ...] = ()      # the features gathered from all ranks (with gradient when float)
+    token_level = False                # columns have a token axis (dim 1), padded to the longest first
+    parts = CONTRASTIVE_PARTS          # top-level modules that only the contrastive loss trains
+
+    def features(self, model, enc, mask, text, text_mask) -> dict:
+        """The contrastive outputs of a forward: `columns` from the encoders' outputs."""
+        raise NotImplementedError
+
+    def rows(self, out: dict) -> int:
+        return out[self.columns[0]].shape[0]
+
+    def loss(self, out: dict, ids, cols: dict, offset: int, tau: float) -> torch.Tensor:
+        """(video->text + text->video) / 2 of the local rows (global rows offset..) against `cols`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed(self, model, batch) -> dict:
+        """`features` of a batch in the model's current mode, what retrieval and the reference export score."""
+        enc, mask = model.encode_video(batch.frames, batch.frame_mask)
+        text = model.encode_text(batch.input_ids, batch.attention_mask)
+        return self.features(model, enc, mask, text, batch.attention_mask)
+
+    def scores(self, emb: dict, tau: float) -> torch.Tensor:
+        """(N, N) similarity of every video (row) with every text (column) of a split's `embed` output."""
+        raise NotImplementedError
+
+
+@SIMILARITY_HEADS.register("pooled")
+class PooledHead(SimilarityHead):
+    name = "pooled"
+    columns = ("video_emb", "text_emb")
+
+    def features(self, model, enc, mask, text, text_mask) -> dict:
+        v = F.normalize(model.video_proj(masked_mean(enc, mask)), dim=-1)
+        t = F.normalize(model.text_proj(masked_mean(text, text_mask.bool())), dim=-1)
+        return {"video_emb": v, "text_emb": t}
+
+    def loss(self, out, ids, cols, offset, tau):
+        s = out["logit_scale"]
+        return 0.5 * (infonce(out["video_emb"], cols["text_emb"], s, offset, ids, cols["ids"])
+                      + infonce(out["text_emb"], cols["video_emb"], s, offset, ids, cols["ids"]))
+
+    def scores(self, emb, tau):
+        return emb["video_emb"] @ emb["text_emb"].t()
+
+
+@SIMILARITY_HEADS.register("cico")
+class CiCoHead(SimilarityHead):
+    name = "cico"
+    columns = ("video_tokens", "video_mask", "text_tokens", "text_mask")
+    token_level = True
+
+    def features(self, model, enc, mask, text, text_mask) -> dict:
+        return {"video_tokens": F.normalize(model.video_proj(enc), dim=-1), "video_mask": mask,
+                "text_tokens": F.normalize(model.text_proj(text), dim=-1), "text_mask": text_mask.bool()}
+
+    def loss(self, out, ids, cols, offset, tau):
+        s = out["logit_scale"]
+        v2t = cico_similarity(out["video_tokens"], out["video_mask"], cols["text_tokens"], cols["text_mask"], tau)
+        t2v = cico_similarity(cols["video_tokens"], cols["video_mask"], out["text_tokens"], out["text_mask"], tau).t()
+        return 0.5 * (masked_ce(s * v2t, offset, ids, cols["ids"]) + masked_ce(s * t2v, offset, ids, cols["ids"]))
+
+    def scores(self, emb, tau, chunk_elems: int = 1 << 26):
+        """In row chunks whose (rows, N, T, L) intermediate stays under `chunk_elems`."""
+        v, vm, t, tm = (emb[k] for k in self.columns)
+        n = v.shape[0]
+        rows = max(1, chunk_elems // max(1, n * v.shape[1] * t.shape[1]))
+        return torch.cat([cico_similarity(v[i:i + rows], vm[i:i + rows], t, tm, tau) for i in range(0, n, rows)])
+
+
+def get_head(name: str) -> SimilarityHead:
+    """The registered head `name` (an instance)."""
+    head = SIMILARITY_HEADS.get(name)
+    return head() if isinstance(head, type) else head
