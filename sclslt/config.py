@@ -15,7 +15,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from sclslt.registry import REGISTRIES
@@ -48,7 +48,7 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     """Where shards come from and how they are streamed."""
-    corpus: str = "synthetic"     # "synthetic" (generated + sharded into cache_dir on first use) or "shards"
+    corpus: Literal["synthetic", "shards"] = "synthetic"     # "synthetic" (generated + sharded into cache_dir on first use) or "shards"
     shards_dir: str = ""          # directory with {split}-*.tar and {split}.json manifests (corpus: shards)
     cache_dir: str = ""           # synthetic corpus cache; default $SCLSLT_CACHE or ~/.cache/sclslt
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -57,7 +57,7 @@ class DataConfig:
     prefetch_factor: int = 2
     read_threads: int = 8         # concurrent clip reads per loader process (random access; hides remote latency)
     max_frames: int = 0           # 0: keep all; else subsample longer clips (random sorted subset in training)
-    decode: str = "auto"          # jpg shards: "auto" (on a CUDA device with nvImageCodec, else CPU), "cpu", "device"
+    decode: Literal["auto", "cpu", "device"] = "auto"          # jpg shards: "auto" (on a CUDA device with nvImageCodec, else CPU), "cpu", "device"
     max_bad_fraction: float = 0.01  # unreadable samples are reported and skipped up to this fraction, then an error
     lowercase: bool = True        # text normalisation for training targets and sentence ids
     crop: int = 0                 # square crop fed to the model (GFSLT-VLP: 224 of 256); 0 = whole frame
@@ -89,7 +89,7 @@ class ModelConfig:
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0       # clamp of the multiplier, as CLIP
     temporal_downsample: bool = True      # two [Conv1d k5, BN, ReLU, MaxPool 2] blocks (GFSLT-VLP)
-    tokenizer_kind: str = "bpe"   # no model.tokenizer: "bpe" trained on the corpus, or "char" (Chinese)
+    tokenizer_kind: Literal["bpe", "char"] = "bpe"   # no model.tokenizer: "bpe" trained on the corpus, or "char" (Chinese)
     trim_vocab: bool = True       # pretrained mBART: keep only the tokens the training texts use (GFSLT-VLP)
     lang: str = ""                # mBART language code of the target text (de_DE, zh_CN, en_XX), pretrained only
     init_from: str = ""           # a checkpoint dir (<run>/<stage>/checkpoints, latest tag) whose weights start the
@@ -128,14 +128,14 @@ class TrainConfig:
     max_nonfinite: int = 5        # consecutive non-finite losses (each skipped) before the run stops
     telemetry_every: int = 50     # GPU utilisation/memory/power/temperature per rank every N steps (0: off)
     timing_every: int = 0         # step-time breakdown (data, h2d, forward, loss, backward, optimizer) every N steps
-    precision: str = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
     dist_timeout_s: int = 1800    # a collective waits this long for a stuck or dead rank, then every rank exits
 
 
 @dataclass
 class SelectionConfig:
     """How stage-1 global batches are built (Pair Selection, PAPER.md)."""
-    mode: str = "random"          # random | ps (reference table) | self (the job's own earlier embeddings)
+    mode: Literal["random", "ps", "self"] = "random"          # random | ps (reference table) | self (the job's own earlier embeddings)
     table: str = ""               # ps: reference table made by tools/export_reference.py
     schedule: str = "log"         # curriculum (sclslt/selection/schedules.py): the quantile of Delta vs alpha
     log_base: float = 10.0        # b of the log schedule: q = log(1 + (b - 1) alpha) / log(b)
@@ -143,7 +143,7 @@ class SelectionConfig:
                                   # its own, ranks share them out: for millions of clips; never the GPU count)
     chunk: int = 1                # members added per step at the quantile (1: the paper's exact greedy)
     self_interval: int = 1        # self: epochs between refreshes of the late table (early = stage start)
-    table_dtype: str = "float64"  # ps: a rank's table rows (its pool only) in float64/float32/float16/bfloat16
+    table_dtype: Literal["float64", "float32", "float16", "bfloat16"] = "float64"  # ps: a rank's table rows (its pool only) in float64/float32/float16/bfloat16
 
 
 @dataclass
@@ -161,7 +161,7 @@ class EvalConfig:
     batch_size: int = 32
     bleu_tokenize: str = "13a"    # sacrebleu tokenizer: 13a (de/en), zh or char (Chinese)
     retrieval_split: str = "dev"  # video<->text R@1/5/10 after the contrastive stage (same sentence = hit)
-    select: str = "dev_bleu4"     # which stage-2 checkpoint is evaluated: best dev BLEU-4, or "last"
+    select: Literal["dev_bleu4", "last"] = "dev_bleu4"     # which stage-2 checkpoint is evaluated: best dev BLEU-4, or "last"
     dev_every_epochs: int = 1     # dev decoding period during stage 2 (for select=dev_bleu4)
 
 
@@ -180,39 +180,25 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        for key, registry in REGISTRIES.items():
+        for key, names in name_fields(self).items():      # the registries' names and the Literal fields'
             value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
-            if value not in registry:
-                raise ConfigError(f"{registry.key}={value!r}: use one of {', '.join(map(repr, registry.names()))}")
-        if self.model.tokenizer_kind not in ("bpe", "char"):
-            raise ConfigError(f"model.tokenizer_kind={self.model.tokenizer_kind!r}: use 'bpe' or 'char'")
+            if value not in names:
+                raise ConfigError(f"{key}={value!r}: use one of {', '.join(map(repr, names))}")
         if self.model.lang and not self.model.tokenizer:
             raise ConfigError(f"model.lang={self.model.lang!r} needs a pretrained model.tokenizer (mBART's "
                               f"language codes); a tokenizer trained on the corpus has none")
         if self.model.lora_rank < 0:
             raise ConfigError("model.lora_rank must be >= 0 (0: no LoRA)")
-        if self.eval.select not in ("dev_bleu4", "last"):
-            raise ConfigError(f"eval.select={self.eval.select!r}: use 'dev_bleu4' or 'last'")
-        if self.data.decode not in ("auto", "cpu", "device"):
-            raise ConfigError(f"data.decode={self.data.decode!r}: use 'auto', 'cpu' or 'device'")
-        if self.data.corpus not in ("synthetic", "shards"):
-            raise ConfigError(f"data.corpus={self.data.corpus!r}: use 'synthetic' or 'shards'")
         if self.data.corpus == "shards" and not self.data.shards_dir:
             raise ConfigError("data.corpus=shards needs data.shards_dir (made by tools/shard_videos.py)")
         sel = self.selection
-        if sel.mode not in ("random", "ps", "self"):
-            raise ConfigError(f"selection.mode={sel.mode!r}: use random, ps or self")
         if sel.mode == "ps" and not sel.table:
             raise ConfigError("selection.mode=ps needs selection.table (make one with tools/export_reference.py)")
-        if sel.table_dtype not in ("float64", "float32", "float16", "bfloat16"):
-            raise ConfigError(f"selection.table_dtype={sel.table_dtype!r}: use float64, float32, float16 or bfloat16")
         if sel.pools < 1 or sel.chunk < 1 or sel.self_interval < 1 or sel.log_base <= 1:
             raise ConfigError("selection.pools, selection.chunk and selection.self_interval must be >= 1, "
                               "selection.log_base > 1")
         if self.data.read_threads < 1:
             raise ConfigError("data.read_threads must be >= 1")
-        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision={self.train.precision!r}: use auto, fp32, bf16 or fp16")
         for name in ("stage1", "stage2"):
             st: StageConfig = getattr(self, name)
             if st.global_batch < 1 or st.epochs < 0:
@@ -220,6 +206,22 @@ class Config:
             if not 0.0 <= st.label_smoothing < 1.0:
                 raise ConfigError(f"{name}.label_smoothing must be in [0, 1)")
         return self
+
+
+def name_fields(cfg: "Config") -> dict[str, tuple[str, ...]]:
+    """Every field whose value is a name: `section.key` -> the names it accepts, read from the registry
+    of implementations (`sclslt.registry`) or from the field's `Literal` type. Nowhere else lists them."""
+    out = {}
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        hints = _hints(type(section))
+        for f in dataclasses.fields(section):
+            key = f"{sec.name}.{f.name}"
+            if key in REGISTRIES:
+                out[key] = REGISTRIES[key].names()
+            elif typing.get_origin(hints[f.name]) is Literal:
+                out[key] = typing.get_args(hints[f.name])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +254,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if typ is int and isinstance(value, float) and value != out:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return out
+    if origin is Literal:          # a closed set of names: the field's type holds them (and --help shows them)
+        if str(value) not in typing.get_args(typ):
+            raise ConfigError(f"{key}={value!r}: use one of {', '.join(map(repr, typing.get_args(typ)))}")
+        return str(value)
     if typ is str:
         return str(value)
     if typ is list or origin is list:
@@ -378,11 +384,12 @@ def field_help() -> list[str]:
                 out += walk(value, f"{prefix}{f.name}.")
             else:
                 note = notes.get(f.name, "")
-                registry = REGISTRIES.get(f"{prefix}{f.name}")
-                if registry is not None:
-                    note = f"one of {', '.join(registry.names())}" + (f"; {note}" if note else "")
+                names = choices.get(f"{prefix}{f.name}")
+                if names:
+                    note = f"one of {', '.join(names)}" + (f"; {note}" if note else "")
                 out.append(f"  --{prefix}{f.name} (default {value!r})" + (f": {note}" if note else ""))
         return out
+    choices = name_fields(Config())
     return walk(Config(), "")
 
 

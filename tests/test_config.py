@@ -106,3 +106,21 @@ def test_sclslt_train_reports_a_config_error_with_exit_code_2(tmp_path, capsys):
     from sclslt.cli import main
     assert main(["train", "--train.max_stpes", "5", "--train.run_dir", str(tmp_path / "r")]) == 2
     assert "train.max_stpes" in capsys.readouterr().err
+
+
+def test_every_name_field_refuses_an_unknown_name_and_help_lists_the_names():
+    """Names live once (issue 21): a registry of implementations or the field's Literal type; the check
+    and --help read them from there."""
+    from sclslt.config import Config, field_help, name_fields
+    from sclslt.registry import REGISTRIES
+    fields = name_fields(Config())
+    assert set(REGISTRIES) <= set(fields) and {"data.decode", "selection.mode", "train.precision"} <= set(fields)
+    help_lines = field_help()
+    for key, names in fields.items():
+        section, name = key.split(".")
+        assert getattr(getattr(Config(), section), name) in names, key          # the default is one of them
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            from_dict({section: {name: "no-such-name"}})
+        line = next(ln for ln in help_lines if ln.startswith(f"  --{key} "))
+        assert f"one of {', '.join(names)}" in line, line
+    assert from_dict({"selection": {"schedule": "sqrt"}}).selection.schedule == "sqrt"
