@@ -52,7 +52,7 @@ def tiny_cfg_dict(cache_dir) -> dict:
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_cfg_dict) -> Path:
     from sclslt.config import from_dict
-    from sclslt.data.loader import synthetic_shards_dir
+    from sclslt.data.corpus import synthetic_shards_dir
     return synthetic_shards_dir(from_dict(tiny_cfg_dict).data)
 
 

@@ -29,7 +29,8 @@ def _train(cfg_path, run, *extra):
 def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, tmp_path):
     import torch
 
-    from sclslt.data.loader import Collate, ShardStream, make_loader, resolve_shards_dir
+    from sclslt.data.loader import Collate, ShardStream, make_loader
+    from sclslt.data.corpus import resolve_shards_dir
     from sclslt.eval.metrics import decode_loader
     from sclslt.runtime.rundir import load_run_model
     from sclslt.eval.evaluation import DevSelector

@@ -32,7 +32,8 @@ import torch
 import yaml
 
 from sclslt.config import load_config
-from sclslt.data.loader import Collate, resolve_shards_dir
+from sclslt.data.loader import Collate
+from sclslt.data.corpus import resolve_shards_dir
 from sclslt.runtime.checkpoints import load_module_state
 from sclslt.runtime.engine import param_groups
 from sclslt.model.heads import get_head

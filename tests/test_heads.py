@@ -68,7 +68,7 @@ sys.exit(code)
 
 @pytest.mark.slow
 def test_a_head_registered_in_a_test_file_trains_evaluates_and_exports_a_table(tiny_cfg_dict, tmp_path):
-    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.data.corpus import resolve_shards_dir
     from sclslt.eval.retrieval import embed_split
     from sclslt.model.heads import get_head
     from sclslt.runtime.checkpoints import load_module_state

@@ -66,7 +66,7 @@ def export_sharded(args, d, ckpt: Path) -> int:
 
     from sclslt.atomic import write_text
     from sclslt.data.devdecode import resolve
-    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.data.corpus import resolve_shards_dir
     from sclslt.data.shards import manifest_rows, read_manifest
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import RunDir, load_run_model
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     from sclslt.runtime.distributed import finish_distributed, init_distributed
     d = init_distributed()
     from sclslt.data.devdecode import resolve
-    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.data.corpus import resolve_shards_dir
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import RunDir, load_run_model
     from sclslt.selection.planner import save_table

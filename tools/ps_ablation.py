@@ -212,7 +212,7 @@ def run_seeds(args) -> None:
 
 def corpus_truth(cfg) -> tuple[dict[str, str], dict[str, int] | None]:
     """key -> text of the training split, and key -> meaning where the corpus knows meanings (synthetic)."""
-    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.data.corpus import resolve_shards_dir
     from sclslt.data.shards import manifest_rows, read_manifest
     texts = {r.key: r.text for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))}
     if cfg.data.corpus != "synthetic":

@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     from sclslt.runtime.distributed import finish_distributed, init_distributed
     d = init_distributed()
     import torch.distributed as dist
-    from sclslt.data.loader import resolve_shards_dir
+    from sclslt.data.corpus import resolve_shards_dir
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import load_run_model
     from sclslt.selection.planner import load_snapshot, save_snapshot

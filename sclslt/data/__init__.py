@@ -4,6 +4,7 @@
 - `corpora`    readers of the real corpora's own layouts (PHOENIX-2014T, CSL-Daily, How2Sign, manifests)
 - `codec`      on-disk forms of a pre-decoded clip (npy, npy.zst, jpg, mp4)
 - `shards`     the WebDataset shard format and its manifest (written by tools/shard_videos.py)
+- `corpus`     which shards a config trains on: data.shards_dir, or the synthetic corpus made once into a cache
 - `loader`     an epoch's global batches (`epoch_order`), each rank's slice of them by random access with
                per-clip draws (`GlobalStream`), evaluation streams, collation
 - `text`       text normalisation, sentence ids (the false-negative identity), tokenizers

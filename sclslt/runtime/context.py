@@ -3,6 +3,7 @@ directories, tokenizer, reporter), its errors, and the rank-0 helper."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch.distributed as dist
@@ -10,6 +11,9 @@ import torch.distributed as dist
 from sclslt.config import Config
 from sclslt.runtime.distributed import DistInfo
 from sclslt.runtime.ui import Reporter
+
+if TYPE_CHECKING:                       # rundir imports this module
+    from sclslt.runtime.rundir import RunDir
 
 STAGES = ("stage1", "stage2")
 
@@ -33,7 +37,7 @@ class Context:
     reporter: Reporter
 
     @property
-    def run(self) -> "RunDir":  # noqa: F821 (imported on use: rundir imports this module)
+    def run(self) -> RunDir:
         """The run directory's paths."""
         from sclslt.runtime.rundir import RunDir
         return RunDir(self.run_dir)

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from sclslt.atomic import write_text
 from sclslt.config import Config, StageConfig, save_config, to_dict
-from sclslt.data.loader import Collate, make_loader, resolve_shards_dir
+from sclslt.data.loader import Collate, make_loader
+from sclslt.data.corpus import resolve_shards_dir
 from sclslt.data.shards import manifest_rows, read_manifest
 from sclslt.data.text import make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
