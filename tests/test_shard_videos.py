@@ -409,3 +409,50 @@ def test_captions_layout_cuts_clips_by_time(tmp_path):
     assert run("--layout", "captions", "--root", root, "--out", out, "--split", "dev") == 0
     (c,) = _all(out, "dev")
     assert c["key"] == "vidB_00001" and c["meta"]["original_text"] == "Good morning." and len(c["frames"]) == 10
+
+
+class _Evil:
+    """A pickle that runs code when it is loaded (here: makes a directory)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("layout", ["phoenix2014t", "csl-daily"])
+def test_annotation_pickles_are_read_as_data_only(tmp_path, capsys, layout):
+    """A crafted annotation pickle is refused before it runs, naming the file and the global it asked
+    for; the corpora's real formats, numpy values included, still load."""
+    from sclslt.data.corpora import CorpusError, read_items
+    root = make_gfslt(tmp_path / "ph") if layout == "phoenix2014t" else make_csl(tmp_path / "csl")
+    f = root / "labels.train" if layout == "phoenix2014t" else root / "sentence_label" / "csl2020ct_v2.pkl"
+    opener = gzip.open if layout == "phoenix2014t" else open
+    before = read_items(layout, root, "train")
+    with opener(f, "rb") as fh:
+        data = pickle.load(fh)
+    # numpy values, as the corpora's own pickles carry them, are data
+    if layout == "phoenix2014t":
+        for v in data.values():
+            v["length"] = np.int64(v["length"])
+    else:
+        for d in data["info"]:
+            d["length"], d["label_char"] = np.int64(d["length"]), np.array(d["label_char"])
+    with opener(f, "wb") as fh:
+        pickle.dump(data, fh)
+    assert [(i.key, i.text) for i in read_items(layout, root, "train")] == [(i.key, i.text) for i in before]
+    # the same file with one entry that would run code on load
+    marker = tmp_path / "ran"
+    if layout == "phoenix2014t":
+        next(iter(data.values()))["text"] = _Evil(marker)
+    else:
+        data["info"][0]["signer"] = _Evil(marker)
+    with opener(f, "wb") as fh:
+        pickle.dump(data, fh)
+    with pytest.raises(CorpusError, match=r"refused to unpickle.*(posix|os)\.mkdir") as e:
+        read_items(layout, root, "train")
+    assert str(f) in str(e.value) and not marker.exists()
+    assert run("--layout", layout, "--root", root, "--out", tmp_path / "o", "--split", "train") == 2
+    assert "refused to unpickle" in capsys.readouterr().err and not marker.exists()

@@ -46,8 +46,9 @@ Layouts and the assumptions made about them (checked against public loaders wher
 
 Keys are made tar-safe (characters outside ``[A-Za-z0-9_-]`` become ``_``); two items with the
 same key are both reported bad. Unpickling happens only for the corpora's own annotation files
-(CSL-Daily's ``.pkl``, GFSLT-VLP's ``labels.*``), which are the formats those corpora ship; shards
-never contain pickles. Only the frames selected by ``--max-frames`` are decoded, so an unreadable
+(CSL-Daily's ``.pkl``, GFSLT-VLP's ``labels.*``), which are the formats those corpora ship, and only
+as data (``load_annotation_pickle``: containers, strings, numbers, numpy arrays; a pickle naming any
+other global is refused before it runs); shards never contain pickles. Only the frames selected by ``--max-frames`` are decoded, so an unreadable
 frame that is not selected goes unnoticed.
 """
 from __future__ import annotations
@@ -68,6 +69,39 @@ VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 class CorpusError(RuntimeError):
     """The corpus layout itself is unusable (annotation file missing or malformed)."""
+
+
+class _AnnotationUnpickler(pickle.Unpickler):
+    """Unpickles data only: builtins' containers, strings and numbers, and numpy arrays and scalars.
+    A pickle that names any other global (a function to call on load, a class to build) is refused
+    before anything runs: annotation files travel through mirrors and forks, and a pickle runs code."""
+
+    ALLOWED = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray",
+                                         "int", "float", "complex", "bool", "slice")} | \
+        {("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode")} | \
+        {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | \
+        {("numpy", "ndarray"), ("numpy", "dtype")} | \
+        {(m, n) for m in ("numpy.core.numeric", "numpy._core.numeric") for n in ("_frombuffer",)}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise RefusedPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """An annotation pickle asked for a global outside the data-only allow-list."""
+
+
+def load_annotation_pickle(f, path) -> object:
+    """`pickle.load` of a corpus's own annotation file (GFSLT-VLP's labels, CSL-Daily's .pkl), data only:
+    a pickle that would run code is a `CorpusError` naming the file and the global it asked for."""
+    try:
+        return _AnnotationUnpickler(f).load()
+    except RefusedPickle as e:
+        raise CorpusError(f"{path}: refused to unpickle it: it asks for {e.args[0]}, which is not data (an "
+                          f"annotation file may hold containers, strings, numbers and numpy arrays only); "
+                          f"a pickle runs what it names when loaded, so this file was not read") from None
 
 
 @dataclass
@@ -145,7 +179,9 @@ def read_phoenix2014t(root: Path, split: str, annotations: Path | None = None) -
     if pkl_path is not None:
         try:
             with gzip.open(pkl_path, "rb") as f:
-                data = pickle.load(f)     # GFSLT-VLP's own annotation format (trusted corpus file)
+                data = load_annotation_pickle(f, pkl_path)     # GFSLT-VLP's own annotation format
+        except CorpusError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise CorpusError(f"{pkl_path}: cannot read GFSLT-VLP labels (gzip pickle): {e}") from e
         if not isinstance(data, dict):
@@ -176,8 +212,10 @@ def read_csl_daily(root: Path, split: str, annotations: Path | None = None) -> l
     names = [r["name"].strip() for r in rows if (r.get("split") or "").strip() == split]
     try:
         with open(pkl_path, "rb") as f:
-            data = pickle.load(f)         # CSL-Daily's own annotation format (trusted corpus file)
+            data = load_annotation_pickle(f, pkl_path)     # CSL-Daily's own annotation format
         info = {d["name"]: d for d in data["info"]}
+    except CorpusError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise CorpusError(f"{pkl_path}: cannot read CSL-Daily annotation (pickle with 'info'): {e}") from e
     frame_dirs = [root / "sentence" / "frames_512x512", root / "frames_512x512",
@@ -192,7 +230,7 @@ def read_csl_daily(root: Path, split: str, annotations: Path | None = None) -> l
                               kind="frames", problem=f"not in {pkl_path.name}"))
             continue
         chars = d.get("label_char")
-        text = "".join(chars) if isinstance(chars, (list, tuple)) else str(chars or "")
+        text = "".join(map(str, chars)) if isinstance(chars, (list, tuple, np.ndarray)) else str(chars or "")
         items.append(Item(key=safe_key(name), text=text, source=_rel(folder, root), path=str(folder),
                           kind="frames", signer=str(d.get("signer", "")), expected_len=d.get("length")))
     return items
