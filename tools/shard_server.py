@@ -17,10 +17,12 @@ class Server:
     """A directory over HTTP/1.1 with byte ranges on 127.0.0.1 (a context manager; `url` once started).
     `latency_ms`: added before every response (a remote store's round trip); `drop` = {file name: bytes}
     cuts the first GET of that file that reaches past those bytes after sending them (once),
-    `always_drop` cuts every GET; `gets` records (file name, Range header) of every GET."""
+    `always_drop` cuts every GET; `flip` = {file name: [byte offsets]} serves those bytes inverted (a
+    damaged or stale copy, every time); `gets` records (file name, Range header) of every GET."""
 
     def __init__(self, root: Path, latency_ms: float = 0.0, port: int = 0):
         self.root, self.drop, self.always_drop, self.dropped, self.gets = Path(root), {}, False, [], []
+        self.flip: dict[str, list[int]] = {}
         self.latency_ms = latency_ms
         server = self
 
@@ -61,6 +63,12 @@ class Server:
                 with open(path, "rb") as f:         # the range only, as an object store serves it
                     f.seek(start)
                     body = f.read(end - start)
+                flips = [o - start for o in server.flip.get(path.name, ()) if start <= o < end]
+                if flips:                           # a damaged copy: these bytes are served inverted
+                    body = bytearray(body)
+                    for o in flips:
+                        body[o] ^= 0xFF
+                    body = bytes(body)
                 self.send_response(206 if rng else 200)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Accept-Ranges", "bytes")

@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sclslt.atomic import write_text  # noqa: E402
 from sclslt.data.corpora import DEFAULT_SPLITS, LAYOUTS, CorpusError, check_item, decode_item, read_items  # noqa: E402
-from sclslt.data.shards import ShardError, ShardWriter, _sha256, make_manifest, write_manifest  # noqa: E402
+from sclslt.data.shards import ShardError, ShardWriter, file_sha256, make_manifest, write_manifest  # noqa: E402
 
 PROGRESS_VERSION = 1
 
@@ -103,7 +103,7 @@ def _verify(records: list[dict], items, dirs: list[Path]) -> list[dict]:
         if r.get("index") != i or r.get("lo") != pos or r.get("hi", len(items) + 1) > len(items):
             break
         where = next((d / r["name"] for d in dirs if (d / r["name"]).is_file()
-                      and _sha256(d / r["name"]) == r["sha256"]), None)
+                      and file_sha256(d / r["name"]) == r["sha256"]), None)
         if where is None or _items_hash(items[r["lo"]:r["hi"]]) != r["items"]:
             break
         ok.append({**r, "path": str(where)})

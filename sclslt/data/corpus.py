@@ -24,7 +24,7 @@ def synthetic_shards_dir(cfg: DataConfig) -> Path:
     from dataclasses import asdict
 
     ident = json.dumps({"synthetic": asdict(cfg.synthetic), "per_shard": cfg.samples_per_shard,
-                        "lowercase": cfg.lowercase, "v": 1}, sort_keys=True)
+                        "lowercase": cfg.lowercase, "v": 2}, sort_keys=True)
     tag = hashlib.sha256(ident.encode()).hexdigest()[:16]
     root = Path(cfg.cache_dir or os.environ.get("SCLSLT_CACHE", Path.home() / ".cache" / "sclslt"))
     final = root / f"synthetic-{tag}"

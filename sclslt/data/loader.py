@@ -28,7 +28,7 @@ import torch
 from sclslt.data.codec import JpegClip
 from sclslt.data.corpora import select as even_frames
 from sclslt.data.shards import (
-    ShardError, frame_format, iter_shard, read_manifest,
+    ShardError, frame_format, iter_shard, manifest_rows, read_manifest, warn_unchecked,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +172,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.fmt = frame_format(self.manifest)
         self.defer = decode == "device"       # `jpg` frames cross compressed, decoded on the device
         self.bad = BadSamples(max_bad_fraction)
+        self.digests = {r.key: r.digest for r in manifest_rows(self.manifest) if r.digest} or None
+        if self.digests is None and self.manifest["samples"]:
+            warn_unchecked(self.store, self.manifest)
         self.split, self.micro_batch, self.rank, self.world = split, micro_batch, rank, world
         self.max_frames = max_frames
         n = self.manifest["num_samples"]
@@ -188,7 +191,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 i += sh["num_samples"]
                 continue
             self.bad.expect(sh["num_samples"])
-            for s in iter_shard(sh["name"], self.fmt, self.bad, self.store, self.defer):
+            for s in iter_shard(sh["name"], self.fmt, self.bad, self.store, self.defer, sh.get("sha256"),
+                                self.digests):
                 if self.lo <= i < self.hi:
                     yield s
                 i += 1

@@ -3,8 +3,14 @@
 A sample is `<key>.frames.npy` (uint8 T x H x W x 3, written with `allow_pickle=False`) and
 `<key>.json` (text, original text, sentence id, signer, frame count, source). Each split has a
 manifest `<split>.json` with counts, frame shape, the sha256 of every shard, and a compact sample
-index (key, shard, sentence id, frames, text) so that tokenizers and Pair Selection can work from
-metadata without opening any tar.
+index (key, shard, sentence id, frames, text, byte offsets, a per-sample checksum) so that tokenizers
+and Pair Selection can work from metadata without opening any tar.
+
+Every byte read is checked: a planned read (`ShardIndex`) against the sample's checksum, a streamed
+shard (`iter_shard`) sample by sample and, at its end, against the shard's sha256. A mismatch is a
+`ShardError` naming the shard's URL and the sample, which the loaders count as a bad sample
+(`data.max_bad_fraction`) and never yield. Manifests written before the per-sample checksum load with
+one warning (their planned reads are unchecked; streamed shards still meet the shard sha256).
 
 Shards are written to a temporary name and renamed when complete: a crashed writer never leaves a
 truncated shard under a final name. `ShardWriter` bounds shards by sample count and/or bytes (the
@@ -54,7 +60,15 @@ def decode_frames(data: bytes, where: str, fmt: str = "npy", defer: bool = False
         raise ShardError(f"{where}: cannot decode frames ({fmt}): {e}") from e
 
 
-def _sha256(path: Path) -> str:
+def sample_digest(frames: bytes, meta: bytes) -> str:
+    """The per-sample checksum the shard writer records in the manifest: blake2b-128 of the frames
+    member, then the json member (what a planned read gets in one byte range)."""
+    h = hashlib.blake2b(frames, digest_size=16)
+    h.update(meta)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -85,6 +99,7 @@ class ManifestRow(NamedTuple):
     num_frames: int
     text: str           # normalised text
     offsets: list | None = None   # [frames offset, frames size, json offset, json size] in the shard (bytes)
+    digest: str | None = None     # `sample_digest` of the two members (manifests before it: absent)
 
 
 def manifest_rows(manifest: dict) -> list[ManifestRow]:
@@ -143,6 +158,7 @@ class ShardWriter:
         data = encode(frames, self.frame_format)
         js = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
         return {"key": key, "frames": data, "json": js, "meta": meta, "shape": list(frames.shape[1:]),
+                "digest": sample_digest(data, js),
                 "row": [key, None, meta["sentence_id"], meta["num_frames"], norm],
                 "sizes": [len(data), len(js)]}
 
@@ -169,7 +185,7 @@ class ShardWriter:
         self._members += enc["sizes"]
         self._count += 1
         self.index.append([enc["row"][0], self.next_shard] + enc["row"][2:])
-        self._rows.append(self.index[-1])
+        self._rows.append((self.index[-1], enc["digest"]))
         if self.samples_per_shard and self._count >= self.samples_per_shard:
             closed.append(self.close_shard())
         return closed
@@ -183,13 +199,13 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         offsets = member_offsets(self._tmp)
-        for row in self._rows:      # where each sample's members lie: random access without the tar headers
+        for row, digest in self._rows:      # where each sample's members lie, and their checksum
             o = offsets[row[0]]
-            row.append([*o[self.member], *o["json"]])
+            row += [[*o[self.member], *o["json"]], digest]
         self._rows = []
         name = f"{self.split}-{self.next_shard:06d}.tar"
         os.replace(self._tmp, self.out / name)
-        rec = {"name": name, "num_samples": self._count, "sha256": _sha256(self.out / name)}
+        rec = {"name": name, "num_samples": self._count, "sha256": file_sha256(self.out / name)}
         self.shards.append(rec)
         self.next_shard += 1
         self._count, self._members = 0, []
@@ -277,9 +293,12 @@ def member_offsets(path=None, fileobj=None) -> dict[str, dict[str, tuple[int, in
     return members
 
 
-def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = False) -> Iterator[dict]:
+def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = False,
+               sha256: str | None = None, digests: dict | None = None) -> Iterator[dict]:
     """Decoded samples of one shard: {key, frames (np.uint8), meta (dict)}; errors name shard and key.
-    `defer`: `jpg` frames stay compressed for the device (`decode_frames`).
+    `defer`: `jpg` frames stay compressed for the device (`decode_frames`). With `digests` (key ->
+    `sample_digest`, from the manifest) every sample is checked before it is yielded; with `sha256`
+    the whole shard is checked at its end (a mismatch is an error of the shard).
 
     `path`: a local tar, or with `store` (`storage.Store`) a shard name in it (local or remote).
     With `on_error(where, exc)` a bad sample is reported and skipped, and a corrupt tar ends the
@@ -295,15 +314,17 @@ def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = 
     if store is None:
         store, path = Store(Path(path).parent), Path(path).name
     name, member = str(path), member_name(fmt)
-    path, stream = store.url(name), None
+    path, stream, damaged = store.url(name), None, 0
     try:
-        stream = store.open_stream(name)
+        stream = _HashingReader(store.open_stream(name))
         for raw in group_by_keys(tar_file_expander([{"url": path, "stream": stream}])):
             key = raw.get("__key__", "?")
             where = f"{path}:{key}"
             try:
                 if member not in raw or "json" not in raw:
                     raise ShardError(f"{where}: sample lacks {member} or json (has {sorted(raw)})")
+                if digests is not None:
+                    check_digest(digests.get(key), raw[member], raw["json"], where)
                 try:
                     meta = json.loads(raw["json"])
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -313,6 +334,15 @@ def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = 
                 if on_error is None:
                     raise
                 on_error(where, e)
+                damaged += 1
+        # the shard's own sha256 reports damage its samples' checksums did not see (tar headers, padding,
+        # a manifest without per-sample checksums), not the same damaged sample twice
+        if sha256 is not None and (got := stream.finish()) != sha256 and not damaged:
+            e = ShardError(f"{path}: sha256 {got[:16]}... differs from the manifest's {sha256[:16]}... "
+                           f"(damaged, truncated or stale copy of the shard)")
+            if on_error is None:
+                raise e
+            on_error(path, e)
     except (tarfile.TarError, OSError, ValueError) as e:   # a truncated/corrupt tar stops this shard
         if on_error is None:
             raise ShardError(f"{path}: corrupt shard ({type(e).__name__}: {e})") from e
@@ -320,6 +350,45 @@ def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = 
     finally:
         if stream is not None:
             stream.close()
+
+
+_WARNED: set = set()
+
+
+def warn_unchecked(store, manifest: dict) -> None:
+    """Once per split and location: this manifest predates per-sample checksums."""
+    import sys
+    what = f"{store}/{manifest.get('split', '?')}.json"
+    if what not in _WARNED:
+        _WARNED.add(what)
+        print(f"sclslt: warning: {what} has no per-sample checksums (written before they existed): planned "
+              f"reads of it are not verified; rerun tools/shard_videos.py to add them", file=sys.stderr, flush=True)
+
+
+def check_digest(want: str | None, frames: bytes, meta: bytes, where: str) -> None:
+    if want is not None and sample_digest(frames, meta) != want:
+        raise ShardError(f"{where}: checksum mismatch: the bytes read are not the ones the shard writer "
+                         f"recorded in the manifest (damaged or stale copy of the shard)")
+
+
+class _HashingReader:
+    """A binary stream that hashes (sha256) every byte read through it."""
+
+    def __init__(self, stream):
+        self.stream, self.sha = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.stream.read(n)
+        self.sha.update(b)
+        return b
+
+    def finish(self) -> str:
+        while self.read(1 << 20):          # the tar's end blocks: the sha256 covers the whole file
+            pass
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class ShardIndex:
@@ -338,6 +407,9 @@ class ShardIndex:
         rows = manifest_rows(manifest)
         self.shard_of = {r.key: names[r.shard] for r in rows}
         self.offsets = {r.key: r.offsets for r in rows if r.offsets}
+        self.digests = {r.key: r.digest for r in rows if r.digest}
+        if rows and not self.digests:
+            warn_unchecked(self.store, manifest)
         self.fmt, self.defer = frame_format(manifest), defer
         self.member = member_name(self.fmt)
         self._members: dict[str, dict] = {}
@@ -375,11 +447,14 @@ class ShardIndex:
         off = self.offsets.get(key) or self._from_headers(name, key)
         if off is None:
             raise ShardError(f"{where}: sample lacks {self.member} or json")
-        frames, meta = self._read_pair(name, off)
+        frames, raw = self._read_pair(name, off)
         try:
-            meta = json.loads(meta)
+            meta = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ShardError(f"{where}: bad json metadata ({e})") from e
-        if meta.get("key", key) != key:
+            meta = e
+        if isinstance(meta, dict) and meta.get("key", key) != key:
             raise ShardError(f"{where}: the manifest's offsets point at sample {meta.get('key')!r}: stale manifest")
+        check_digest(self.digests.get(key), frames, raw, where)          # before anything is decoded
+        if not isinstance(meta, dict):
+            raise ShardError(f"{where}: bad json metadata ({meta})")
         return {"key": key, "frames": decode_frames(frames, where, self.fmt, self.defer), "meta": meta}
