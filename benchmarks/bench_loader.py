@@ -194,6 +194,8 @@ def stream_rows(args, root: Path) -> list[dict]:
         clip_bytes = sum(r.offsets[1] + r.offsets[3] for r in manifest_rows(man)) / len(keys)
         decode = "device" if fmt == "jpg" else "cpu"
         batches = epoch_order(keys, 0, 0, 8)
+        rows.append(integrity_row(d, man, fmt, args))
+        unchecked = {**man, "samples": [r[:6] for r in man["samples"]]}      # a manifest without checksums
         for latency in [None, *args.latency_ms]:
             server = Server(d, latency or 0.0) if latency is not None else None
             src = d if server is None else None
@@ -202,6 +204,10 @@ def stream_rows(args, root: Path) -> list[dict]:
                 kinds = {"sequential": (lambda: ShardStream(src, "train", 8, decode=decode),
                                         tar_bytes / len(keys), Store(src).block_size if server else 0)}
                 for t in args.read_threads:
+                    if t == args.read_threads[0]:        # side by side, just before: the same reads unchecked
+                        kinds[f"global-t{t}-unchecked"] = (
+                            lambda t=t: GlobalStream(src, "train", batches, read_threads=t, decode=decode,
+                                                     manifest=unchecked), clip_bytes + 512, t * clip_bytes)
                     kinds[f"global-t{t}"] = (lambda t=t: GlobalStream(src, "train", batches, read_threads=t,
                                                                       decode=decode),
                                              clip_bytes + 512, t * clip_bytes)
@@ -214,6 +220,35 @@ def stream_rows(args, root: Path) -> list[dict]:
                     print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
                           flush=True)
     return rows
+
+
+def integrity_row(d: Path, man: dict, fmt: str, args) -> dict:
+    """What checking costs against decoding, per clip, one core: the per-sample checksum of a planned
+    read (CRC-32 over frames + json), blake2b and sha256 for comparison (a streamed shard's check),
+    beside decoding the frames."""
+    import hashlib
+
+    from sclslt.data.shards import decode_frames, manifest_rows, sample_digest
+    data = (d / man["shards"][0]["name"]).read_bytes()
+    rows = [r for r in manifest_rows(man) if r.shard == 0]
+    pairs = [(data[r.offsets[0]:r.offsets[0] + r.offsets[1]], data[r.offsets[2]:r.offsets[2] + r.offsets[3]])
+             for r in rows]
+
+    def per_clip(fn) -> float:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            for f, j in pairs:
+                fn(f, j)
+        return (time.perf_counter() - t0) / (3 * len(pairs)) * 1e3
+    digest = per_clip(sample_digest)
+    blake = per_clip(lambda f, j: hashlib.blake2b(f, digest_size=16).update(j))
+    sha = per_clip(lambda f, j: hashlib.sha256(f).update(j))
+    dec = per_clip(lambda f, j: decode_frames(f, "bench", fmt))
+    r = {"mode": "integrity", "format": fmt, "frames": args.frames, "size": args.size,
+         "clip_bytes": sum(len(f) + len(j) for f, j in pairs) / len(pairs), "checksum_ms": digest,
+         "blake2b_ms": blake, "sha256_ms": sha, "decode_ms": dec, "checksum_over_decode": digest / dec}
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+    return r
 
 
 class _null:
@@ -233,7 +268,16 @@ def print_stream(rows: list[dict], args) -> None:
     for c in cols:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+        if r["mode"] == "stream":
+            t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    Console(width=160).print(t)
+    t = Table(title="integrity: checking against decoding, per clip, 1 core")
+    cols = ("format", "clip_bytes", "checksum_ms", "blake2b_ms", "sha256_ms", "decode_ms", "checksum_over_decode")
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        if r["mode"] == "integrity":
+            t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
     Console(width=160).print(t)
 
 

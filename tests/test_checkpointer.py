@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sclslt.runtime.checkpointer import Checkpointer, epoch_tag, retained, step_tag
 from sclslt.runtime.checkpoints import latest_tag
 
@@ -55,3 +57,49 @@ def test_boundaries_decide_the_saves_and_rotation_keeps_the_best(tmp_path):
     on_disk = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert on_disk == ["epoch0000", "epoch0001", step_tag(2), step_tag(6)]       # keep 1 + the best
     assert latest_tag(tmp_path) == step_tag(6)
+
+
+def _checkpoint(d, tag: str, step: int, checksummed: bool = True):
+    from sclslt.runtime.checkpoints import write_checksums
+    c = d / tag
+    (c / "zero").mkdir(parents=True)
+    (c / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 8)
+    (c / "zero" / "optim_states.pt").write_bytes(b"\x01" * 3000)
+    (c / "sclslt.json").write_text(json.dumps({"tag": tag, "step": step, **({"checksummed": True} if checksummed else {})}))
+    if checksummed:
+        write_checksums(c, 0, 1)
+    (d / "latest").write_text(tag)
+    return c
+
+
+def test_checksums_name_each_damage_and_the_resume_falls_back_to_the_newest_intact(tmp_path, capsys):
+    from sclslt.runtime.checkpoints import damaged, intact_tag
+    old = _checkpoint(tmp_path, "step00000002", 2, checksummed=False)     # written before checksums
+    mid = _checkpoint(tmp_path, "step00000004", 4)
+    new = _checkpoint(tmp_path, "step00000006", 6)
+    assert damaged(tmp_path, "step00000002") is None and damaged(tmp_path, "step00000006") == []
+    assert intact_tag(tmp_path) == "step00000006"
+    f = new / "zero" / "optim_states.pt"
+    f.write_bytes(b"\x01" * 1500 + b"\x00" + b"\x01" * 1499)                 # one byte flipped
+    assert damaged(tmp_path, "step00000006") == ["zero/optim_states.pt changed since it was written (sha256)"]
+    assert intact_tag(tmp_path) == "step00000004"
+    err = capsys.readouterr().err
+    assert "step00000006 is damaged: zero/optim_states.pt changed" in err and "resuming from" in err
+    (mid / "mp_rank_00_model_states.pt").write_bytes(b"\x00" * 100)         # truncated
+    (mid / "zero" / "optim_states.pt").unlink()
+    assert damaged(tmp_path, "step00000004") == ["mp_rank_00_model_states.pt has 100 bytes, 2048 were written",
+                                                 "zero/optim_states.pt missing"]
+    assert intact_tag(tmp_path) == "step00000002"                            # nothing to verify: loaded
+    (new / "checksums.json").unlink()                                        # the record itself lost
+    assert damaged(tmp_path, "step00000006") == ["checksums.json missing"]
+    (old / "sclslt.json").write_text("{trunc")
+    with pytest.raises(RuntimeError, match="no intact checkpoint"):
+        intact_tag(tmp_path)
+
+
+def test_loading_the_weights_of_a_damaged_checkpoint_is_a_clear_error(tmp_path):
+    from sclslt.runtime.checkpoints import load_module_state
+    c = _checkpoint(tmp_path, "step00000002", 2)
+    (c / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 7 + bytes(255 - i for i in range(256)))
+    with pytest.raises(RuntimeError, match="mp_rank_00_model_states.pt changed since it was written"):
+        load_module_state(tmp_path)

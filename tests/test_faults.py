@@ -92,19 +92,31 @@ def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_pa
                            env=train_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = killed / "stage1" / "metrics.csv"
     deadline = time.time() + 300
-    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 6) and time.time() < deadline:
+    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 8) and time.time() < deadline:
         time.sleep(0.2)
     os.killpg(job.pid, signal.SIGKILL)                 # the launcher and every rank, mid-epoch, no warning
     job.wait()
-    last = latest_tag(killed / "stage1" / "checkpoints")
+    ckpt = killed / "stage1" / "checkpoints"
+    last = latest_tag(ckpt)
     done = int(last.removeprefix("step"))
-    assert done >= 2 and len(rows(killed)) >= done
+    assert done >= 4 and len(rows(killed)) >= done
+    # and the newest checkpoint was damaged later (a bit flipped on disk): the resume names it and
+    # falls back to the one before, which loses two more steps and changes nothing else
+    biggest = max((f for f in (ckpt / last).rglob("*.pt")), key=lambda f: f.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    biggest.write_bytes(bytes(data))
     target = done + 4
+    outs = []
     for run, port, extra in ((killed, "29644", ["--resume"]), (tmp_path / "clean", "29645", [])):
         proc = subprocess.run(ds + ["--master_port", port] + args + ["--train.run_dir", str(run),
                               "--train.max_steps", str(target), *extra], cwd=ROOT, env=train_env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:]
+        outs.append(proc.stdout + proc.stderr)
+    before = f"step{done - 2:08d}"
+    assert f"checkpoint {ckpt}/{last} is damaged: {biggest.relative_to(ckpt / last)} changed" in outs[0], outs[0][-3000:]
+    assert f"resuming from {ckpt}/{before}" in outs[0] and f"resumed at step {done - 2}" in outs[0]
     resumed, clean = rows(killed), rows(tmp_path / "clean")
     assert [s for s, _ in resumed] == list(range(1, target + 1))     # lost steps redone once, not twice
     assert [x for _, x in resumed] == pytest.approx([x for _, x in clean], rel=1e-6)

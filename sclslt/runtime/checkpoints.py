@@ -6,10 +6,13 @@ Checkpoints are DeepSpeed's (ZeRO shards + module) plus our client state, a smal
 saving leaves the previous checkpoint loadable. Loading goes through torch's weights-only unpickler
 with DeepSpeed's few state classes allowed (`safe_load`). A checkpoint written at another world size
 is converted once to DeepSpeed's universal format (`to_universal`). `load_module_state` gives the fp32
-module weights of any ZeRO stage. When to save, what to call it and what to keep: `checkpointer`.
+module weights of any ZeRO stage. Every file's size and sha256 are recorded at save time
+(`checksums.json`); a resume loads the newest checkpoint whose files still match (`intact_tag`),
+naming each damaged one it passes over. When to save, what to call it and what to keep: `checkpointer`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -137,6 +140,12 @@ def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> di
     model_file = next((f for f in files if f.is_file()), None)
     if model_file is None:
         raise FileNotFoundError(f"checkpoint {d} has no model states file (looked for {[f.name for f in files]})")
+    record = d / CHECKSUMS
+    if record.is_file():                              # the weights as they were written, or a clear error
+        want = json.loads(record.read_text()).get(model_file.name)
+        if want is not None and (model_file.stat().st_size != want[0] or _sha256(model_file) != want[1]):
+            raise RuntimeError(f"{model_file} changed since it was written (size or sha256 differs from "
+                               f"{record.name}): a damaged checkpoint; use another tag")
     states = safe_load(model_file)
     zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     half = any(v.is_floating_point() and v.dtype != torch.float32 for v in states["module"].values())
@@ -145,3 +154,102 @@ def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> di
         # holds rounded weights and the fp32 masters are in the optimizer states. Consolidate those.
         return {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items()}
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums: every file of a checkpoint, recorded at save time and verified before a resume
+
+CHECKSUMS = "checksums.json"
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _gather(x, world: int) -> list:
+    if world == 1:
+        return [x]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, x)
+    return out
+
+
+def write_checksums(d: Path, rank: int, world: int) -> None:
+    """Collective: every rank hashes its share of the files under checkpoint directory `d` (after all
+    were written); rank 0 records {file: [size, sha256]} in `d/checksums.json`."""
+    names = _files(d)
+    mine = {n: [(d / n).stat().st_size, _sha256(d / n)] for n in names[rank::world]}
+    parts = _gather(mine, world)
+    if rank == 0:
+        (d / CHECKSUMS).write_text(json.dumps({k: v for p in parts for k, v in p.items()}, indent=0))
+
+
+def damaged(ckpt_dir: str | os.PathLike, tag: str, rank: int = 0, world: int = 1) -> list[str] | None:
+    """Collective: what is wrong with checkpoint `tag` against its recorded checksums (a missing, resized
+    or changed file, an unreadable record), [] if nothing; None for a checkpoint written before
+    checksums existed (nothing to verify)."""
+    d = Path(ckpt_dir) / tag
+    problems = []
+    try:
+        meta = json.loads((d / "sclslt.json").read_text())
+    except (OSError, ValueError) as e:
+        meta, problems = {}, [f"sclslt.json unreadable ({type(e).__name__})"]
+    record = None
+    try:
+        record = json.loads((d / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        if not meta.get("checksummed"):
+            return None if not problems else problems
+        problems.append(f"{CHECKSUMS} missing")
+    except (OSError, ValueError) as e:
+        problems.append(f"{CHECKSUMS} unreadable ({type(e).__name__})")
+    mine = []
+    if record is not None:
+        names = sorted(record)
+        for n in names[rank::world]:
+            size, sha = record[n]
+            f = d / n
+            if not f.is_file():
+                mine.append(f"{n} missing")
+            elif f.stat().st_size != size:
+                mine.append(f"{n} has {f.stat().st_size} bytes, {size} were written")
+            elif _sha256(f) != sha:
+                mine.append(f"{n} changed since it was written (sha256)")
+    return problems + [p for part in _gather(mine, world) for p in part]
+
+
+def intact_tag(ckpt_dir: str | os.PathLike, rank: int = 0, world: int = 1) -> str | None:
+    """Collective: the checkpoint a resume loads: `latest` if its files match their checksums, else the
+    newest earlier one that does (each damaged one is named on rank 0's stderr); None without any."""
+    import sys
+    ckpt_dir = Path(ckpt_dir)
+    latest = latest_tag(ckpt_dir)
+    if latest is None:
+        return None
+
+    def step(t: str) -> int:
+        try:
+            return int((checkpoint_meta(ckpt_dir, t) or {}).get("step", -1))
+        except (OSError, ValueError, AttributeError):
+            return -1
+    others = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / "sclslt.json").exists()
+              and p.name != latest and not p.name.endswith((".partial", ".stale")) and p.name != "universal"]
+    for tag in [latest] + sorted(others, key=lambda t: (step(t), t), reverse=True):
+        problems = damaged(ckpt_dir, tag, rank, world)
+        if not problems:
+            if tag != latest and rank == 0:
+                print(f"sclslt: resuming from {ckpt_dir}/{tag}, the newest intact checkpoint before the damaged "
+                      f"latest ({latest})", file=sys.stderr, flush=True)
+            return tag
+        if rank == 0:
+            print(f"sclslt: checkpoint {ckpt_dir}/{tag} is damaged: {'; '.join(problems[:4])}"
+                  + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""), file=sys.stderr, flush=True)
+    raise RuntimeError(f"no intact checkpoint under {ckpt_dir}: every one fails its checksums (see above)")

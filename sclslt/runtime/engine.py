@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from sclslt.runtime.checkpoints import latest_tag, publish, rng_state, safe_load, set_rng_state
+from sclslt.runtime.checkpoints import latest_tag, publish, rng_state, safe_load, set_rng_state, write_checksums
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -145,15 +145,19 @@ class Engine:
         torch.distributed.barrier()
         if self.rank == 0:
             meta = {"tag": tag, "world": self.world, "zero_stage": self.ds.zero_optimization_stage(),
+                    "checksummed": True,
                     **{k: v for k, v in client_state.get("sclslt", {}).items() if k != "config"}}
             (partial / "sclslt.json").write_text(json.dumps(meta, indent=1))
+        torch.distributed.barrier()
+        write_checksums(partial, self.rank, self.world)       # every file as written, before it is published
+        if self.rank == 0:
             publish(ckpt_dir, tag)
         torch.distributed.barrier()
 
-    def load(self, ckpt_dir: str | os.PathLike) -> dict | None:
-        """Load the latest checkpoint under `ckpt_dir`; returns its client state, or None if none.
-        RNG states are restored only at the world size they were saved at."""
-        tag = latest_tag(ckpt_dir)
+    def load(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict | None:
+        """Load checkpoint `tag` (the latest if None) under `ckpt_dir`; returns its client state, or None
+        if there is none. RNG states are restored only at the world size they were saved at."""
+        tag = tag or latest_tag(ckpt_dir)
         if tag is None:
             return None
         load_dir = Path(ckpt_dir) / "universal" if self.universal else Path(ckpt_dir)

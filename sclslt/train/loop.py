@@ -34,7 +34,7 @@ from sclslt.model.heads import get_head
 from sclslt.model.slt import SLTModel
 from sclslt.selection.batches import BatchSource
 from sclslt.runtime.checkpointer import Checkpointer
-from sclslt.runtime.checkpoints import checkpoint_meta, latest_tag, load_module_state, to_universal
+from sclslt.runtime.checkpoints import checkpoint_meta, intact_tag, latest_tag, load_module_state, to_universal
 from sclslt.runtime.distributed import finish_distributed, init_distributed
 from sclslt.runtime.engine import Engine, build_ds_config, resolve_precision
 from sclslt.runtime.context import Context, Preempted, RunError, enabled_stages, on_rank0
@@ -182,6 +182,11 @@ class Stage:
         if tag is not None and not resume:
             raise RunError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
                            f"or choose another --train.run_dir")
+        if tag is not None:                 # the newest checkpoint whose files match their checksums
+            try:
+                tag = intact_tag(self.ckpt_dir, ctx.rank, ctx.world)
+            except RuntimeError as e:
+                raise RunError(str(e)) from e
         saved_world = resume_world(self.ckpt_dir, tag, ctx.rank) if tag is not None else ctx.world
         self.engine = Engine(model, ds_config, st.lr, st.weight_decay,
                                  lr_lambda(schedule_steps, st.warmup_steps, st.min_lr_ratio), eps=st.adam_eps,
@@ -200,7 +205,7 @@ class Stage:
 
     def _resume(self, tag: str, saved_world: int) -> None:
         ctx = self.ctx
-        client = self.engine.load(self.ckpt_dir)["sclslt"]
+        client = self.engine.load(self.ckpt_dir, tag)["sclslt"]
         self.state.load_state_dict(client)
         self.selector.restore(client.get("selection"))
         s = self.state
