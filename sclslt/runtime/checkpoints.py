@@ -252,4 +252,5 @@ def intact_tag(ckpt_dir: str | os.PathLike, rank: int = 0, world: int = 1) -> st
         if rank == 0:
             print(f"sclslt: checkpoint {ckpt_dir}/{tag} is damaged: {'; '.join(problems[:4])}"
                   + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""), file=sys.stderr, flush=True)
-    raise RuntimeError(f"no intact checkpoint under {ckpt_dir}: every one fails its checksums (see above)")
+    raise RuntimeError(f"no intact checkpoint under {ckpt_dir}: every one fails its checksums (named above); "
+                       f"move that directory away to train the stage again from its start")
