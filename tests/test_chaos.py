@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_five_random_faults_recover_exactly_or_stop_with_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "tools/chaos.py", "--trials", "5", "--seed", "6", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "tools/chaos.py", "--trials", "5", "--seed", "6", "--port", "29870", "--out", str(tmp_path),
                            "--results", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800)
     rows = [json.loads(ln) for ln in (tmp_path / "trials.jsonl").read_text().splitlines()]

@@ -178,12 +178,12 @@ def inject(kind: str, stage: str, step: int, run: Path, out: Path, port: int, rn
     return job.returncode, what
 
 
-def trial(i: int, seed: int, out: Path, ref: dict, attempts: int) -> dict:
+def trial(i: int, seed: int, out: Path, ref: dict, attempts: int, base_port: int) -> dict:
     rng = random.Random(seed * 1_000_003 + i)
     kind, stage = rng.choice(KINDS), rng.choice(STAGES)
     saves = list(range(EVERY, STEPS, EVERY))
     step = rng.choice(saves) if kind in ("kill_in_save", "disk_full_in_save") else rng.randrange(1, STEPS)
-    run, port = out / f"trial{i:03d}", 29700 + (i % 50) * 3
+    run, port = out / f"trial{i:03d}", base_port + 10 + (i % 50) * 3
     if run.exists():
         import shutil
         shutil.rmtree(run)
@@ -218,12 +218,12 @@ def trial(i: int, seed: int, out: Path, ref: dict, attempts: int) -> dict:
     return row
 
 
-def reference(out: Path) -> dict:
+def reference(out: Path, base_port: int) -> dict:
     f = out / "reference.json"
     if f.is_file():
         return json.loads(f.read_text())
     run = out / "reference"
-    proc = subprocess.run(command(out, run, 29690, False), cwd=ROOT, env=env(), capture_output=True, text=True,
+    proc = subprocess.run(command(out, run, base_port, False), cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"the uninterrupted run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -247,18 +247,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attempts", type=int, default=3, help="restarts with --resume after the fault")
     p.add_argument("--out", type=Path, required=True, help="work directory (runs, trials.jsonl)")
+    p.add_argument("--port", type=int, default=29690, help="first of the 160 master ports the jobs use")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="where the table goes")
     args = p.parse_args(argv)
     import yaml
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "exp.yaml").write_text(yaml.safe_dump(CONFIG))
     (args.out / "driver.py").write_text(DRIVER)
-    ref = reference(args.out)
+    ref = reference(args.out, args.port)
     log = args.out / "trials.jsonl"
     done = {r["trial"]: r for r in map(json.loads, log.read_text().splitlines())} if log.is_file() else {}
     for i in range(args.trials):
         if i not in done:
-            done[i] = trial(i, args.seed, args.out, ref, args.attempts)
+            done[i] = trial(i, args.seed, args.out, ref, args.attempts, args.port)
             with open(log, "a") as f:
                 f.write(json.dumps(done[i]) + "\n")
             print(json.dumps(done[i]), flush=True)
