@@ -45,5 +45,6 @@ setup(
     ],
     entry_points={"console_scripts": ["sclslt=sclslt.cli:main"]},
     extras_require={"mpi": ["mpi4py>=4", "openmpi>=5"],        # clusters usually bring their own MPI
-                    "test": ["pytest>=9,<10", "rouge-score==0.1.2", "mpi4py>=4", "openmpi>=5"]},
+                    "test": ["pytest>=9,<10", "rouge-score==0.1.2", "mpi4py>=4", "openmpi>=5",
+                             "hypothesis>=6.100,<7"]},      # tests/test_fuzz.py
 )

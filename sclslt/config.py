@@ -262,7 +262,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return str(value)
     if typ is list or origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml(value, key)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return list(value)
@@ -336,8 +336,16 @@ def parse_overrides(args: list[str]) -> dict:
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _yaml(raw, f"override --{key}") if raw != "" else ""
     return out
+
+
+def _yaml(text: str, what: str):
+    """YAML text -> value; malformed YAML is a ConfigError naming where it came from."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def _read_experiment(p: Path, seen: tuple = ()) -> dict:
@@ -346,7 +354,11 @@ def _read_experiment(p: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {p} does not exist" + (f" (base of {seen[-1]})" if seen else ""))
     if p.resolve() in seen:
         raise ConfigError(f"config file {p}: circular base chain {[str(x) for x in seen]}")
-    loaded = yaml.safe_load(p.read_text()) or {}
+    try:
+        body = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"config file {p}: cannot be read as UTF-8 text ({e})") from None
+    loaded = _yaml(body, f"config file {p}") or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {p}: top level must be a mapping")
     base = loaded.pop("base", None)

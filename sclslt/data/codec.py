@@ -22,6 +22,9 @@ class CodecError(ValueError):
     pass
 
 
+MAX_CLIP_BYTES = 4 << 30     # a decoded clip larger than this is a broken header, not a clip (3000 x 512^2 x 3 = 2.4 GB)
+
+
 def _npy(frames: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(frames), allow_pickle=False)
@@ -106,7 +109,10 @@ def decode(data: bytes, fmt: str = "npy") -> np.ndarray:
         arr = _npy_view(data)
     elif fmt == "npy.zst":
         import zstandard
-        arr = _npy_view(zstandard.ZstdDecompressor().decompress(data))
+        claimed = zstandard.frame_content_size(data)        # -1: not in the frame header
+        if claimed > MAX_CLIP_BYTES:
+            raise CodecError(f"zstd frame claims {claimed} bytes, more than a clip may hold ({MAX_CLIP_BYTES})")
+        arr = _npy_view(zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_CLIP_BYTES))
     elif fmt == "jpg":
         arr = JpegClip.parse(data).decode()
     else:

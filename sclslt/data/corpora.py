@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import pickle
 import re
@@ -282,34 +283,42 @@ def read_manifest_file(root: Path, split: str, annotations: Path | None = None) 
     if not path.is_file():
         raise CorpusError(f"manifest: {path} does not exist")
     base = path.parent
+    try:
+        body = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not UTF-8 text ({e})") from None
     if path.suffix.lower() == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(body.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise CorpusError(f"{path}:{i}: not JSON ({e})") from e
     else:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            rows = list(csv.DictReader(io.StringIO(body, newline="")))
+        except csv.Error as e:
+            raise CorpusError(f"{path}: not CSV ({e})") from None
     items = []
     for i, r in enumerate(rows, 1):
-        if "path" not in r or "text" not in r:
-            raise CorpusError(f"{path}: row {i} lacks 'path' or 'text' (has {sorted(r)})")
+        if not isinstance(r, dict) or "path" not in r or "text" not in r:
+            raise CorpusError(f"{path}: row {i} lacks 'path' or 'text' (has "
+                              f"{sorted(map(str, r)) if isinstance(r, dict) else type(r).__name__})")
         if str(r.get("split") or "train").strip() != split:
             continue
-        p = Path(str(r["path"]))
+        raw = str(r["path"] if r["path"] is not None else "").strip()
+        p = Path(raw)
         p = p if p.is_absolute() else base / p
         kind = "video" if p.suffix.lower() in VIDEO_EXTS else "frames"
-        key = r.get("key") or Path(str(r["path"])).with_suffix("").as_posix()
+        key = r.get("key") or (Path(raw).with_suffix("").as_posix() if Path(raw).name else f"row{i}")
         start = r.get("start")
         end = r.get("end")
-        problem = ""
+        problem = "" if Path(raw).name else f"row {i}: empty path"
         try:
             start = float(start) if start not in (None, "") else None
             end = float(end) if end not in (None, "") else None
-        except ValueError:
+        except (TypeError, ValueError):
             problem, start, end = f"bad times {r.get('start')!r}..{r.get('end')!r}", None, None
         items.append(Item(key=safe_key(str(key)), text=str(r["text"] or ""), source=_rel(p, base),
                           path=str(p), kind=kind, signer=str(r.get("signer") or ""), start=start, end=end,

@@ -263,6 +263,35 @@ def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
     return manifest
 
 
+def check_manifest(man, where: str) -> None:
+    """The manifest's structure, before anything indexes into it: a ShardError naming the first problem."""
+    def bad(what: str):
+        raise ShardError(f"manifest {where}: {what}")
+    if not isinstance(man, dict):
+        bad(f"top level is {type(man).__name__}, not an object")
+    for key in ("num_samples", "shards", "samples", "frame_shape"):
+        if key not in man:
+            bad(f"lacks '{key}'")
+    if not isinstance(man["num_samples"], int) or isinstance(man["num_samples"], bool) or man["num_samples"] < 0:
+        bad(f"num_samples is {man['num_samples']!r}, not a count")
+    if not isinstance(man["shards"], list) or not all(
+            isinstance(sh, dict) and isinstance(sh.get("name"), str) and "/" not in sh["name"]
+            and isinstance(sh.get("num_samples"), int) for sh in man["shards"]):
+        bad("'shards' must be a list of {name, num_samples, sha256} records")
+    if not isinstance(man["frame_shape"], list) or not all(isinstance(d, int) and d > 0 for d in man["frame_shape"]):
+        bad(f"frame_shape is {man['frame_shape']!r}, not positive sizes")
+    rows, n = man["samples"], len(man["shards"])
+    if not isinstance(rows, list):
+        bad("'samples' must be a list of rows")
+    for i, r in enumerate(rows):
+        if not (isinstance(r, list) and 5 <= len(r) <= len(ManifestRow._fields) and isinstance(r[0], str)
+                and isinstance(r[1], int) and 0 <= r[1] < n and isinstance(r[3], int) and isinstance(r[4], str)):
+            bad(f"sample row {i} is {str(r)[:120]}, not [key, shard index, sentence id, frames, text, ...]")
+    if sum(sh["num_samples"] for sh in man["shards"]) != len(rows) or man["num_samples"] != len(rows):
+        bad(f"counts disagree: num_samples {man['num_samples']}, {len(rows)} rows, "
+            f"{sum(sh['num_samples'] for sh in man['shards'])} in the shards")
+
+
 def read_manifest(shards_dir, split: str) -> dict:
     """A split's manifest from a local directory or a remote prefix (`storage.Store`)."""
     from sclslt.data.storage import Store
@@ -272,11 +301,9 @@ def read_manifest(shards_dir, split: str) -> dict:
         raise ShardError(f"no manifest {where}: make shards with tools/shard_videos.py (split {split!r})")
     try:
         man = json.loads(store.read_text(f"{split}.json"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"manifest {where} is not valid JSON: {e}") from e
-    for key in ("num_samples", "shards", "samples", "frame_shape"):
-        if key not in man:
-            raise ShardError(f"manifest {where} lacks '{key}'")
+    check_manifest(man, where)
     if not store.remote:      # remote shards are named by the first read that fails (one request fewer each)
         for sh in man["shards"]:
             if not store.exists(sh["name"]):
