@@ -154,7 +154,7 @@ def inject(kind: str, stage: str, step: int, run: Path, out: Path, port: int, rn
             return job.returncode, f"{kind}: the job ended before {stage} step {step}"
         pids, victim = ranks(run), None
         if len(pids) != 2 and kind not in ("kill9_job", "truncate_newest", "bitflip_newest"):
-            os.killpg(job.pid, signal.SIGKILL)
+            os.killpg(job.pid, signal.SIGKILL)          # alive: wait_for_step saw it running
             job.wait()
             return job.returncode, f"{kind}: found {len(pids)} rank processes, not 2 (the tool's fault)"
         if kind in ("kill9_job", "truncate_newest", "bitflip_newest"):
@@ -170,8 +170,13 @@ def inject(kind: str, stage: str, step: int, run: Path, out: Path, port: int, rn
         job.wait(timeout=CONFIG["train"]["dist_timeout_s"] + 100)
     except subprocess.TimeoutExpired:                 # what a scheduler's time limit does to a hung job
         what += "; the job did not end and was killed"
-    if job.poll() is None or kind == "sigstop_rank":
-        os.killpg(job.pid, signal.SIGKILL)
+    if job.poll() is None or kind == "sigstop_rank":      # the job, and a frozen rank left behind
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in ranks(run):
+            os.kill(p, signal.SIGKILL)
         job.wait()
     if kind in ("truncate_newest", "bitflip_newest"):
         what += f"; damaged {damage_newest(run, stage, kind, rng)}"
