@@ -83,6 +83,8 @@ def test_checksums_name_each_damage_and_the_resume_falls_back_to_the_newest_inta
     f.write_bytes(b"\x01" * 1500 + b"\x00" + b"\x01" * 1499)                 # one byte flipped
     assert damaged(tmp_path, "step00000006") == ["zero/optim_states.pt changed since it was written (sha256)"]
     assert intact_tag(tmp_path) == "step00000004"
+    assert latest_tag(tmp_path) == "step00000004"                           # the damaged one is not latest now
+    (tmp_path / "latest").write_text("step00000006")
     err = capsys.readouterr().err
     assert "step00000006 is damaged: zero/optim_states.pt changed" in err and "resuming from" in err
     (mid / "mp_rank_00_model_states.pt").write_bytes(b"\x00" * 100)         # truncated
@@ -90,6 +92,7 @@ def test_checksums_name_each_damage_and_the_resume_falls_back_to_the_newest_inta
     assert damaged(tmp_path, "step00000004") == ["mp_rank_00_model_states.pt has 100 bytes, 2048 were written",
                                                  "zero/optim_states.pt missing"]
     assert intact_tag(tmp_path) == "step00000002"                            # nothing to verify: loaded
+    (tmp_path / "latest").write_text("step00000006")
     (new / "checksums.json").unlink()                                        # the record itself lost
     assert damaged(tmp_path, "step00000006") == ["checksums.json missing"]
     (old / "sclslt.json").write_text("{trunc")

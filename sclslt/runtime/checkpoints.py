@@ -97,10 +97,16 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
 
 
 def checkpoint_meta(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict | None:
-    """The small JSON record of a published checkpoint (step, epoch, data position, world, ZeRO stage)."""
+    """The small JSON record of a published checkpoint (step, epoch, data position, world, ZeRO stage);
+    an unreadable record is an error naming the file (`intact_tag` passes over such a checkpoint)."""
     tag = tag or latest_tag(ckpt_dir)
     f = Path(ckpt_dir) / str(tag) / "sclslt.json"
-    return json.loads(f.read_text()) if tag and f.is_file() else None
+    if not (tag and f.is_file()):
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RuntimeError(f"{f}: unreadable checkpoint record ({e}): a damaged checkpoint") from None
 
 
 def to_universal(ckpt_dir: str | os.PathLike, tag: str) -> Path:
@@ -238,16 +244,20 @@ def intact_tag(ckpt_dir: str | os.PathLike, rank: int = 0, world: int = 1) -> st
     def step(t: str) -> int:
         try:
             return int((checkpoint_meta(ckpt_dir, t) or {}).get("step", -1))
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RuntimeError):
             return -1
     others = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / "sclslt.json").exists()
               and p.name != latest and not p.name.endswith((".partial", ".stale")) and p.name != "universal"]
     for tag in [latest] + sorted(others, key=lambda t: (step(t), t), reverse=True):
         problems = damaged(ckpt_dir, tag, rank, world)
         if not problems:
-            if tag != latest and rank == 0:
-                print(f"sclslt: resuming from {ckpt_dir}/{tag}, the newest intact checkpoint before the damaged "
-                      f"latest ({latest})", file=sys.stderr, flush=True)
+            if tag != latest:                 # `latest` points at it from now on: nothing reads the damaged one
+                if rank == 0:
+                    print(f"sclslt: resuming from {ckpt_dir}/{tag}, the newest intact checkpoint before the "
+                          f"damaged latest ({latest})", file=sys.stderr, flush=True)
+                    write_text(ckpt_dir / "latest", tag)
+                if world > 1:
+                    torch.distributed.barrier()
             return tag
         if rank == 0:
             print(f"sclslt: checkpoint {ckpt_dir}/{tag} is damaged: {'; '.join(problems[:4])}"
