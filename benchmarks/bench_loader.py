@@ -262,23 +262,21 @@ class _null:
 def print_stream(rows: list[dict], args) -> None:
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"training stream: {args.clips} clips x {args.frames} frames x {args.size}px, "
-                    f"{args.per_shard} a shard, 1 process")
-    cols = ("format", "source", "loader", "clips_s", "clips_per_cpu_s", "read_bytes_per_clip", "cache_mb")
-    for c in cols:
-        t.add_column(c)
-    for r in rows:
-        if r["mode"] == "stream":
-            t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    Console(width=160).print(t)
-    t = Table(title="integrity: checking against decoding, per clip, 1 core")
-    cols = ("format", "clip_bytes", "checksum_ms", "blake2b_ms", "sha256_ms", "decode_ms", "checksum_over_decode")
-    for c in cols:
-        t.add_column(c)
-    for r in rows:
-        if r["mode"] == "integrity":
-            t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
-    Console(width=160).print(t)
+    tables = {"stream": (f"training stream: {args.clips} clips x {args.frames} frames x {args.size}px, "
+                         f"{args.per_shard} a shard, 1 process",
+                         ("format", "source", "loader", "clips_s", "clips_per_cpu_s", "read_bytes_per_clip",
+                          "cache_mb")),
+              "integrity": ("integrity: checking against decoding, per clip, 1 core",
+                            ("format", "clip_bytes", "checksum_ms", "blake2b_ms", "sha256_ms", "decode_ms",
+                             "checksum_over_decode"))}
+    for mode, (title, cols) in tables.items():
+        t = Table(title=title)
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            if r["mode"] == mode:
+                t.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+        Console(width=160).print(t)
 
 
 def main(argv=None) -> int:

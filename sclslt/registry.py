@@ -24,9 +24,6 @@ class Registry:
             return obj
         return add
 
-    def unregister(self, name: str) -> None:
-        self._items.pop(name, None)
-
     def _load(self) -> None:
         importlib.import_module(self.home)
 
@@ -39,9 +36,6 @@ class Registry:
         if name not in self._items:
             raise KeyError(f"{self.key}={name!r}: no such {self.kind}; use one of {', '.join(map(repr, self._items))}")
         return self._items[name]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.names()
 
 
 SIMILARITY_HEADS = Registry("similarity head", "model.similarity", "sclslt.model.heads")

@@ -17,14 +17,6 @@ from sclslt.model.losses import pad_cat
 from sclslt.model.slt import SLTModel
 
 
-@torch.no_grad()
-def pooled_embeddings(model: SLTModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled, L2-normalised (video, text) embeddings of a batch, whatever the training similarity."""
-    enc, mask = model.encode_video(batch.frames, batch.frame_mask)
-    return model.pooled_embeddings(enc, mask, model.encode_text(batch.input_ids, batch.attention_mask),
-                                   batch.attention_mask)
-
-
 def _cat(parts: list[torch.Tensor], head=None) -> torch.Tensor:
     """Concatenate along dim 0 (a token-level head's columns padded on dim 1: `losses.pad_cat`); a rank
     with no clip of the split contributes nothing."""
@@ -40,7 +32,7 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
                 decode: str = "cpu") -> dict:
     """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order
     (with `gather` False: this rank's contiguous slice of it);
-    with `head`, that similarity head's evaluation embedding too (`SimilarityHead.embed`: its `columns`;
+    with `head`, that similarity head's features too (`SimilarityHead.features` in eval mode: its `columns`;
     a token-level head's padded to the split's longest), what its `scores` reads.
     `max_frames` > 0: longer clips are subsampled to evenly spaced frames (pass `data.max_frames`);
     `decode`: where `jpg` frames are decoded (`sclslt.data.devdecode.resolve`)."""
@@ -55,13 +47,15 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
     cols = {k: [] for k in (sim.columns if sim else ())}
     for batch in make_loader(stream, Collate(tokenizer), num_workers):
         batch = batch.to(device)
-        v, t = pooled_embeddings(model, batch)
+        enc, mask = model.encode_video(batch.frames, batch.frame_mask)     # once: the pooled and the head's
+        text = model.encode_text(batch.input_ids, batch.attention_mask)   # features share the encoders
+        v, t = model.pooled_embeddings(enc, mask, text, batch.attention_mask)
         keys += batch.keys
         sids.append(batch.sentence_ids.cpu())
         vs.append(v.float().cpu())
         ts.append(t.float().cpu())
         if sim:
-            for k, x in sim.embed(model, batch).items():
+            for k, x in sim.features(model, enc, mask, text, batch.attention_mask).items():
                 cols[k].append(x.float().cpu() if x.is_floating_point() else x.cpu())
     mine = {"keys": keys, "sentence_ids": torch.cat(sids), "video": torch.cat(vs), "text": torch.cat(ts)}
     if sim:

@@ -3,8 +3,8 @@
 A head owns everything that differs between similarities: the features the model's forward gives
 the contrastive loss (`features`), the columns every rank gathers and whether they carry a token axis
 to pad (`columns`, `token_level`), the symmetric loss of local rows against the gathered columns
-(`loss`), the parts it trains (`parts`), its evaluation embedding of a batch (`embed`, what retrieval
-and the reference export read) and its pairwise score matrix over a split (`scores`). Heads are
+(`loss`), the parts it trains (`parts`), what retrieval and the reference export embed (`features` in
+eval mode) and its pairwise score matrix over a split (`scores`). Heads are
 picked by `model.similarity` from `sclslt.registry.SIMILARITY_HEADS`; a new head is one class here (or
 in any module that registers it) plus its test.
 
@@ -12,6 +12,8 @@ in any module that registers it) plus its test.
 - `cico`    CiCo's token-level similarity (`sclslt_kernels.cico_similarity`, fused; PAPER.md)
 """
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -27,33 +29,27 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-class SimilarityHead:
+class SimilarityHead(ABC):
     name = ""
     columns: tuple[str, ...] = ()      # the features gathered from all ranks (with gradient when float)
     token_level = False                # columns have a token axis (dim 1), padded to the longest first
     parts = CONTRASTIVE_PARTS          # top-level modules that only the contrastive loss trains
 
+    @abstractmethod
     def features(self, model, enc, mask, text, text_mask) -> dict:
         """The contrastive outputs of a forward: `columns` from the encoders' outputs."""
-        raise NotImplementedError
 
     def rows(self, out: dict) -> int:
         return out[self.columns[0]].shape[0]
 
+    @abstractmethod
     def loss(self, out: dict, ids, cols: dict, offset: int, tau: float) -> torch.Tensor:
         """(video->text + text->video) / 2 of the local rows (global rows offset..) against `cols`."""
-        raise NotImplementedError
 
-    @torch.no_grad()
-    def embed(self, model, batch) -> dict:
-        """`features` of a batch in the model's current mode, what retrieval and the reference export score."""
-        enc, mask = model.encode_video(batch.frames, batch.frame_mask)
-        text = model.encode_text(batch.input_ids, batch.attention_mask)
-        return self.features(model, enc, mask, text, batch.attention_mask)
-
+    @abstractmethod
     def scores(self, emb: dict, tau: float) -> torch.Tensor:
-        """(N, N) similarity of every video (row) with every text (column) of a split's `embed` output."""
-        raise NotImplementedError
+        """(N, N) similarity of every video (row) with every text (column) of a split's features
+        (`retrieval.embed_split(head=...)`)."""
 
 
 @SIMILARITY_HEADS.register("pooled")
