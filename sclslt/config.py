@@ -114,6 +114,10 @@ class StageConfig:
     translation_weight: float = 1.0
     label_smoothing: float = 0.2
     mask_same_sentence: bool = True  # drop same-sentence columns from the softmax (false: GFSLT-VLP's loss)
+    mask_close_text: float = 0.0  # > 0: columns whose sentence is this close to the row's leave its softmax too
+                                  # (sclslt/model/close_text.py; no reference run needed)
+    mask_close_text_kind: Literal["jaccard", "cosine"] = "jaccard"  # token Jaccard, or the starting text encoder's cosine
+    soft_close_text: float = 0.0  # > 0: close columns stay in the softmax as positives sharing this target weight
     freeze_text_encoder: bool = False
 
 
@@ -144,6 +148,9 @@ class SelectionConfig:
     chunk: int = 1                # members added per step at the quantile (1: the paper's exact greedy)
     self_interval: int = 1        # self: epochs between refreshes of the late table (early = stage start)
     table_dtype: Literal["float64", "float32", "float16", "bfloat16"] = "float64"  # ps: a rank's table rows (its pool only) in float64/float32/float16/bfloat16
+    separate_close: float = 0.0   # ps/self: q > 0 keeps pairs in the top q of negatives' similarity at BOTH reference
+                                  # checkpoints out of one batch (likely false negatives; sclslt/selection/planner.py)
+    allow_same_sentence: bool = False  # true: identical sentences may share a batch (the paper's planner, no id rule)
 
 
 @dataclass
@@ -197,6 +204,8 @@ class Config:
         if sel.pools < 1 or sel.chunk < 1 or sel.self_interval < 1 or sel.log_base <= 1:
             raise ConfigError("selection.pools, selection.chunk and selection.self_interval must be >= 1, "
                               "selection.log_base > 1")
+        if not 0.0 <= sel.separate_close < 1.0:
+            raise ConfigError("selection.separate_close is a quantile in [0, 1) (0: off)")
         if self.data.read_threads < 1:
             raise ConfigError("data.read_threads must be >= 1")
         for name in ("stage1", "stage2"):
@@ -205,6 +214,15 @@ class Config:
                 raise ConfigError(f"{name}.global_batch must be >= 1 and {name}.epochs >= 0")
             if not 0.0 <= st.label_smoothing < 1.0:
                 raise ConfigError(f"{name}.label_smoothing must be in [0, 1)")
+            if st.mask_close_text < 0 or st.mask_close_text > 1 or not 0.0 <= st.soft_close_text < 1.0:
+                raise ConfigError(f"{name}.mask_close_text must be in [0, 1] (a Jaccard or cosine threshold; 0: off) "
+                                  f"and {name}.soft_close_text in [0, 1)")
+            if st.soft_close_text > 0 and st.mask_close_text == 0:
+                raise ConfigError(f"{name}.soft_close_text weights the close columns that {name}.mask_close_text "
+                                  f"finds: set its threshold too")
+            if st.mask_close_text > 0 and not st.mask_same_sentence:
+                raise ConfigError(f"{name}.mask_close_text needs {name}.mask_same_sentence (the close pairs are "
+                                  f"looked up by sentence id)")
         return self
 
 

@@ -71,6 +71,19 @@ def test_classify_quantile_mode():
     assert r["same_sentence"]["hh_fraction"] is None and r["mean_similarity"]["H->H"] == [None, None]
 
 
+def test_classify_first_mode_is_the_default_and_lets_h_to_l_differ_from_l_to_h():
+    # similarities rise by 0.25 from FIRST: the first checkpoint's median (0.5) stays the threshold, so
+    # (2,1) becomes High (0.55) and L->H outnumbers H->L; each checkpoint's own median (0.75) hides it
+    risen = matrix({(0, 1): 0.35, (0, 2): 1.15, (1, 0): 1.05, (1, 2): 0.95, (2, 0): 0.45, (2, 1): 0.55})
+    r = traj.classify([FIRST, MIDDLE, risen], SIDS)
+    assert r["mode"] == "first" and r["thresholds"] == pytest.approx([0.5, 0.5, 0.5])
+    assert r["counts"] == {"H->L": 1, "H->H": 2, "L->H": 2, "L->L": 1}
+    q = traj.classify([FIRST, MIDDLE, risen], SIDS, mode="quantile")
+    assert q["counts"] == {"H->L": 1, "H->H": 2, "L->H": 1, "L->L": 2}
+    with pytest.raises(ValueError):
+        traj.classify([FIRST, LAST], SIDS, high=1.5)
+
+
 def test_classify_absolute_mode():
     # High = cosine > 0.75: first (0,1) (0,2); last (0,2) (1,0)
     r = traj.classify([FIRST, MIDDLE, LAST], SIDS, high=0.75, mode="absolute")
@@ -97,7 +110,9 @@ def test_lazy_similarities_and_quantile():
     assert lazy == full
     assert sum(lazy["counts"].values()) == 40 * 39
     # quantile mode at 0.5: half of the negatives are High at each end, so H->L == L->H
-    assert lazy["counts"]["H->L"] == lazy["counts"]["L->H"]
+    q = traj.classify(traj.PairSims(views), sids, mode="quantile")
+    assert q["counts"]["H->L"] == q["counts"]["L->H"]
+    assert len(set(lazy["thresholds"])) == 1          # the default: the first checkpoint's median, fixed
     x = torch.randn(1001, generator=g)
     for q in (0.0, 0.1, 0.5, 0.77, 1.0):
         assert traj.quantile(x, q) == pytest.approx(float(torch.quantile(x, q)), abs=1e-6)
@@ -168,7 +183,7 @@ def test_tool_end_to_end(ref_run):
     snaps = [load_snapshot(out / "embeddings" / f"train.{t}.safetensors") for t in rep["tags"]]
     rows = torch.tensor([snaps[0]["keys"].index(k) for k in rep["sample_keys"]])
     want = traj.classify([s["video"][rows] @ s["text"][rows].t() for s in snaps], snaps[0]["sentence_ids"][rows],
-                         0.5, "quantile", 5, 3)
+                         0.5, "first", 5, 3)
     assert want["counts"] == rep["counts"] and all(
         want["mean_similarity"][c] == pytest.approx(rep["mean_similarity"][c]) for c in rep["mean_similarity"])
     assert not torch.allclose(snaps[0]["video"], snaps[-1]["video"])          # the checkpoints differ

@@ -11,8 +11,12 @@ checkpoint, which gives four classes:
   L->L  Low, then Low: uninformative
 
 High threshold (--threshold-mode, --high):
-  quantile (default): High = similarity above that checkpoint's --high quantile (default 0.5, the
-            median) of all negative-pair similarities of the sample at that checkpoint;
+  first (default): High = similarity above the FIRST checkpoint's --high quantile (default 0.5, the
+            median) of all negative-pair similarities of the sample, the same value at every checkpoint
+            (so the classes say how similarities moved: H->L and L->H can differ, as in the paper's
+            35.9% against 17.8%);
+  quantile: High = above each checkpoint's own --high quantile (a per-checkpoint median puts half the
+            pairs High at both ends, which forces H->L = L->H);
   absolute: High = similarity > --high, a cosine value (e.g. --high 0.3).
 
 Reported: class counts and fractions; H->H pairs that share a sentence id (known false negatives:
@@ -74,11 +78,12 @@ def quantile(values: torch.Tensor, q: float) -> float:
 
 
 def threshold(sim: torch.Tensor, off: torch.Tensor, high: float, mode: str) -> float:
-    if mode == "quantile":
+    """The High threshold of one checkpoint's similarities (mode "first" asks it of the first only)."""
+    if mode in ("quantile", "first"):
         return quantile(sim[off], high)
     if mode == "absolute":
         return float(high)
-    raise ValueError(f"unknown threshold mode {mode!r} (quantile or absolute)")
+    raise ValueError(f"unknown threshold mode {mode!r} (first, quantile or absolute)")
 
 
 def _nan_to_none(x):
@@ -101,7 +106,7 @@ def pair_share(flat: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor) -> 
             "counts_by_class": {name: int(by_class[c]) for c, name in enumerate(CLASSES)}}
 
 
-def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "quantile", examples: int = 5,
+def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "first", examples: int = 5,
              seed: int = 0, meanings=None) -> dict:
     """Trajectory classes of the negative pairs of one sample.
 
@@ -120,7 +125,7 @@ def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "quantile", ex
         raise ValueError(f"need at least 2 checkpoints, got {k}")
     if n < 2:
         raise ValueError(f"need at least 2 samples, got {n}")
-    if mode == "quantile" and not 0.0 <= high <= 1.0:
+    if mode in ("quantile", "first") and not 0.0 <= high <= 1.0:
         raise ValueError(f"--high {high} is not a quantile in [0, 1]")
     off = ~torch.eye(n, dtype=torch.bool)
     first = sims[0]
@@ -130,7 +135,7 @@ def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "quantile", ex
     h0 = first > t_first
     del first
     last = sims[-1]
-    t_last = threshold(last, off, high, mode)
+    t_last = t_first if mode == "first" else threshold(last, off, high, mode)
     h1 = last > t_last
     del last
     # class index: H->L 0, H->H 1, L->H 2, L->L 3 (= 2 * low_first + same_state); diagonal 4
@@ -154,7 +159,7 @@ def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "quantile", ex
     traj = {name: [[] for _ in picks[name]] for name in CLASSES}
     for i in range(k):
         s = sims[i]
-        t = t_first if i == 0 else t_last if i == k - 1 else threshold(s, off, high, mode)
+        t = t_first if i == 0 or mode == "first" else t_last if i == k - 1 else threshold(s, off, high, mode)
         thresholds.append(t)
         high_frac.append(float(((s > t) & off).sum()) / negatives)
         sums = torch.bincount(flat, weights=s.reshape(-1).double(), minlength=5)[:4]
@@ -234,8 +239,9 @@ def plot(report: dict, path: Path) -> None:
     for b, f in zip(bars, fr):
         ax0.annotate(f"{100 * f:.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                      va="bottom", fontsize=9)
-    rule = (f"above the {report['high']:g} quantile" if report["mode"] == "quantile"
-            else f"cosine > {report['high']:g}")
+    rule = {"quantile": f"above each checkpoint's {report['high']:g} quantile",
+            "first": f"above the first checkpoint's {report['high']:g} quantile"}.get(report["mode"],
+                                                                                     f"cosine > {report['high']:g}")
     ax0.set_ylabel("% of negative pairs")
     ax0.set_title(f"{tags[0]} -> {tags[-1]}: {report['negatives']} negatives of {report['n']} pairs\n"
                   f"High = {rule}", fontsize=10)
@@ -306,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split to embed (default train)")
     p.add_argument("--high", type=float, default=0.5,
                    help="High threshold: a quantile in [0, 1] (quantile mode, default 0.5) or a cosine (absolute)")
-    p.add_argument("--threshold-mode", choices=("quantile", "absolute"), default="quantile",
-                   help="quantile (default): High = above the checkpoint's --high quantile of the negatives' "
-                        "similarities; absolute: High = similarity > --high")
+    p.add_argument("--threshold-mode", choices=("first", "quantile", "absolute"), default="first",
+                   help="first (default): High = above the first checkpoint's --high quantile of the negatives' "
+                        "similarities, fixed; quantile: each checkpoint's own; absolute: similarity > --high")
     p.add_argument("--examples", type=int, default=5, help="example trajectories per class in the plot (default 5)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default <run>/<stage>/trajectories)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -335,7 +341,7 @@ def checked_tags(args, ckpt: Path) -> list[str] | None:
     if args.sample < 2:
         print("error: --sample must be at least 2", file=sys.stderr)
         return None
-    if args.threshold_mode == "quantile" and not 0.0 <= args.high <= 1.0:
+    if args.threshold_mode in ("quantile", "first") and not 0.0 <= args.high <= 1.0:
         print(f"error: --high {args.high} is not a quantile in [0, 1] (use --threshold-mode absolute for a "
               f"cosine threshold)", file=sys.stderr)
         return None

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from sclslt.model.close_text import CloseSentences, close_ce
 from sclslt.registry import SIMILARITY_HEADS
 from sclslt_kernels import cico_similarity, infonce, masked_ce
 
@@ -30,6 +31,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SimilarityHead(ABC):
+    """Columns named `video_*` are a clip's features, `text_*` a sentence's (what `close_loss` pairs)."""
     name = ""
     columns: tuple[str, ...] = ()      # the features gathered from all ranks (with gradient when float)
     token_level = False                # columns have a token axis (dim 1), padded to the longest first
@@ -48,8 +50,18 @@ class SimilarityHead(ABC):
 
     @abstractmethod
     def scores(self, emb: dict, tau: float) -> torch.Tensor:
-        """(N, N) similarity of every video (row) with every text (column) of a split's features
-        (`retrieval.embed_split(head=...)`)."""
+        """(N, M) similarity of every video (row) with every text (column) of a split's features
+        (`retrieval.embed_split(head=...)`), or of the local rows against the gathered columns."""
+
+    def close_loss(self, out: dict, ids, cols: dict, offset: int, tau: float, close: CloseSentences) -> torch.Tensor:
+        """`loss` with close-text columns masked or weighted (`close_text`): the local rows' logits against
+        the gathered columns in both directions, materialised (b x n) through `scores`, then `close_ce`."""
+        s = out["logit_scale"]
+        v2t = self.scores({k: out[k] if k.startswith("video") else cols[k] for k in self.columns}, tau)
+        t2v = self.scores({k: cols[k] if k.startswith("video") else out[k] for k in self.columns}, tau).t()
+        m = close.mask(ids, cols["ids"])
+        return 0.5 * (close_ce(s * v2t, offset, ids, cols["ids"], m, close.soft)
+                      + close_ce(s * t2v, offset, ids, cols["ids"], m, close.soft))
 
 
 @SIMILARITY_HEADS.register("pooled")

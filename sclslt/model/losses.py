@@ -4,8 +4,10 @@ Contrastive (CLIP-style): each rank scores its b local rows against all n = b x 
 columns (memory b x n, never n x n); the gather keeps the gradient (its backward reduce-scatters),
 so the gradient equals that of one process holding the whole global batch. A column whose
 sentence id equals the row's (other than the row's own positive) is a known false negative and
-is removed from the row's softmax. What is gathered and how rows score columns is the similarity
-head's (`heads`: pooled embeddings through the fused `sclslt_kernels.infonce`, no b x n matrix; CiCo's
+is removed from the row's softmax; with `stage1.mask_close_text` so is a column whose sentence is
+close to the row's (`close_text`; or it becomes a weighted positive). What is gathered and how rows
+score columns is the similarity head's (`heads`: pooled embeddings through the fused
+`sclslt_kernels.infonce`, no b x n matrix, except under close-text masks, which materialise it; CiCo's
 token-level similarity through `sclslt_kernels.cico_similarity`, no b x n x T x L tensor).
 
 Normalisation makes results independent of the number of ranks: DeepSpeed averages gradients
@@ -122,16 +124,21 @@ def gather_columns(out: dict, ids: torch.Tensor | None, similarity: str) -> dict
 
 
 def contrastive_from_columns(out: dict, ids: torch.Tensor | None, cols: dict, offset: int,
-                             similarity: str, tau: float = 0.07) -> torch.Tensor:
-    """(video->text + text->video) / 2 for the local rows against the gathered columns (the head's loss)."""
-    return get_head(similarity).loss(out, ids, cols, offset, tau)
+                             similarity: str, tau: float = 0.07, close=None) -> torch.Tensor:
+    """(video->text + text->video) / 2 for the local rows against the gathered columns (the head's loss;
+    with `close` (`close_text.CloseSentences`), its close-text columns masked or weighted too)."""
+    head = get_head(similarity)
+    if close is not None:
+        return head.close_loss(out, ids, cols, offset, tau, close)
+    return head.loss(out, ids, cols, offset, tau)
 
 
-def contrastive_loss(out: dict, ids: torch.Tensor | None, similarity: str = "pooled", tau: float = 0.07):
+def contrastive_loss(out: dict, ids: torch.Tensor | None, similarity: str = "pooled", tau: float = 0.07,
+                     close=None):
     """Distributed symmetric InfoNCE: local rows against columns gathered from all ranks."""
     rank, _ = world_info()
     cols = gather_columns(out, ids, similarity)
-    return contrastive_from_columns(out, ids, cols, rank * get_head(similarity).rows(out), similarity, tau)
+    return contrastive_from_columns(out, ids, cols, rank * get_head(similarity).rows(out), similarity, tau, close)
 
 
 def translation_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:

@@ -66,6 +66,7 @@ class Table:
     delta: torch.Tensor | None = None
     dtype: torch.dtype = torch.float64
     index: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)      # close_thresholds' results, by (q, seed)
 
     def __post_init__(self):
         self.index = _key_rows(self.keys)
@@ -110,6 +111,40 @@ class Table:
 
     def rows(self, keys: list[str]) -> torch.Tensor:
         return _positions(self.index, keys)
+
+    def pair_similarity(self, side: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_early, s_late) of table row `row` with every candidate of the scoring copy `side`: the pooled
+        similarity of the pair, symmetric (the mean of its two directions, as Delta sums both), float64."""
+        if self.delta is not None:                     # a dense table's side is its rows
+            r = side.to(self.v0.device)
+            pair = lambda v, t: ((v[r] @ t[row] + t[r] @ v[row]).double() / 2)
+            return pair(self.v0, self.t0), pair(self.v1, self.t1)
+        e = self.v0.shape[1]
+        mv = self.member_vec(row).double()              # [t1, t0, v1, v0] against side's [v1, -v0, t1, -t0]
+        late, early = mv.clone(), mv.clone()
+        late[e:2 * e], late[3 * e:] = 0, 0
+        early[:e], early[2 * e:3 * e] = 0, 0
+        return -self.candidate_delta(side, [], early) / 2, self.candidate_delta(side, [], late) / 2
+
+    def close_thresholds(self, q: float, seed: int, pairs: int = 1_000_000, block: int = 1 << 16) -> tuple[float, float]:
+        """The (1 - q) quantiles of s_early and s_late (`pair_similarity`) over `pairs` negative pairs of
+        this table (two rows of different sentences), drawn with `seed`: what `selection.separate_close`
+        calls high at each checkpoint. A property of the table and the seed, computed once."""
+        if (q, seed) not in self.thresholds:
+            n = len(self.keys)
+            gen = torch.Generator().manual_seed(seed)
+            i, j = torch.randint(n, (pairs,), generator=gen), torch.randint(n, (pairs,), generator=gen)
+            keep = self.sentence_ids[i] != self.sentence_ids[j]
+            i, j = i[keep].to(self.v0.device), j[keep].to(self.v0.device)
+            if len(i) == 0:
+                raise ValueError("selection.separate_close: the reference table holds one sentence only")
+
+            def sym(v, t):
+                return torch.cat([((v[a].double() * t[b].double()).sum(1) + (t[a].double() * v[b].double()).sum(1)) / 2
+                                  for a, b in zip(i.split(block), j.split(block))])
+            s0, s1 = sym(self.v0, self.t0), sym(self.v1, self.t1)
+            self.thresholds[(q, seed)] = (float(torch.quantile(s0.cpu(), 1 - q)), float(torch.quantile(s1.cpu(), 1 - q)))
+        return self.thresholds[(q, seed)]
 
     def member_sums(self, members: list[int]) -> torch.Tensor:
         """[sum t1_c, sum t0_c, sum v1_c, sum v0_c] over the members: Delta's batch side."""
@@ -259,7 +294,7 @@ def table_from_snapshots(early: dict, late: dict, device="cpu") -> Table:
 
 @dataclass
 class PlanStats:
-    relaxed: int = 0                 # members admitted despite a member's sentence id (nothing else left)
+    relaxed: int = 0                 # members admitted despite a member's sentence id or a close pair (nothing else left)
     picks: int = 0
 
 
@@ -317,7 +352,11 @@ class Planner:
 
         Batch j: a random seed, then one member at a time (`selection.chunk` at a time: `_one_batch`),
         the candidate at quantile q of Delta(u; C) against the members so far, among the pool's unused
-        candidates whose sentence no member has (all unused ones if none is left: counted as relaxed).
+        candidates whose sentence no member has (all unused ones if none is left: counted as relaxed), and,
+        with `selection.separate_close` q, that no member is close to: the pair's symmetric pooled
+        similarity at or above the table's (1 - q) quantile of negatives at BOTH checkpoints (H->H at the
+        top q: a likely false negative, e.g. a paraphrase; issue 24). `selection.allow_same_sentence`
+        drops the id rule (and its due copies): the planner the paper describes.
         A sentence with as many unused copies as batches left is due: its copies go first, one per batch
         (otherwise keeping copies apart piles them up at the epoch's end, where they must meet; measured
         in benchmarks/results/ps_experiment.md). Delta is kept per candidate and grows by one
@@ -326,6 +365,10 @@ class Planner:
         rows = table.rows(keys)
         n_batches = len(keys) // self.batch
         sids = table.sentence_ids[rows]
+        if self.cfg.allow_same_sentence:      # no id rule: every clip its own "sentence" (none is ever due)
+            sids = torch.arange(len(keys), dtype=torch.long)
+        close = table.close_thresholds(self.cfg.separate_close, rng_seed(self.seed, 8)) \
+            if self.cfg.separate_close > 0 else None
         _, sidx = torch.unique(sids, return_inverse=True)
         unused_copies = torch.bincount(sidx)
         side = table.pool_side(rows)
@@ -339,29 +382,33 @@ class Planner:
                 cur, avail = side[pos.to(side.device)], avail[avail]
             members = self._one_batch(table, rows[pos], cur, avail, sids[pos],
                                       unused_copies[sidx[pos]] >= n_batches - b, q,
-                                      torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6)))
+                                      torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6)), close)
             members = pos[members]
             used[members] = True
             unused_copies -= torch.bincount(sidx[members], minlength=len(unused_copies))
             plan.append([keys[i] for i in members.tolist()])
         return plan
 
-    def _one_batch(self, table: Table, rows, side, avail, sids, due, q: float, gen) -> torch.Tensor:
+    def _one_batch(self, table: Table, rows, side, avail, sids, due, q: float, gen, close=None) -> torch.Tensor:
         """One global batch, as positions in `rows` (the scoring copy `side`'s rows; `avail`: unused).
         With `selection.chunk` c > 1, each step after the seed takes the c candidates nearest the quantile
-        (distinct sentences), all scored against the same members: c times fewer steps and products."""
+        (distinct sentences), all scored against the same members: c times fewer steps and products.
+        `close` (s_early, s_late thresholds: `selection.separate_close`): a candidate at or above both with
+        a member clashes with it as a member's sentence does (a chunk's members are checked against the
+        members before the step, not against each other)."""
         dense = table.delta is not None
         rows_dev = rows.to(table.v1.device)
         acc = torch.zeros(len(rows), dtype=torch.float64, device=table.v1.device)
         taken = ~avail
-        clash = torch.zeros(len(rows), dtype=torch.bool)
+        clash = torch.zeros(len(rows), dtype=torch.bool)       # a member's sentence
+        near = torch.zeros(len(rows), dtype=torch.bool)        # close to a member (separate_close)
         picked: list[int] = []
         while len(picked) < self.batch:
             free = ~taken
-            ok = free & ~clash
+            ok = free & ~clash & ~near
             relaxed = not bool(ok.any())
-            if relaxed:
-                ok = free
+            if relaxed:                 # the close rule goes first, then the id rule
+                ok = free & ~clash if bool((free & ~clash).any()) else free
             cand = (ok & due) if bool((ok & due).any()) else ok
             cand = cand.nonzero().flatten()
             if not picked:
@@ -372,6 +419,9 @@ class Planner:
             for i in new:
                 taken[i] = True
                 clash |= sids == sids[i]
+                if close is not None:
+                    s0, s1 = table.pair_similarity(side, int(rows[i]))
+                    near |= ((s0 >= close[0]) & (s1 >= close[1])).cpu()
                 picked.append(i)
             r = rows_dev[torch.tensor(new, device=rows_dev.device)]      # one product per step, whatever chunk
             if dense:

@@ -29,6 +29,7 @@ from sclslt.data.shards import manifest_rows, read_manifest
 from sclslt.data.text import make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
+from sclslt.model import close_text
 from sclslt.model.losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from sclslt.model.heads import get_head
 from sclslt.model.slt import SLTModel
@@ -95,7 +96,7 @@ def set_trainable(model: SLTModel, st: StageConfig) -> None:
 
 
 def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "pooled",
-              tau: float = 0.07) -> tuple[torch.Tensor, dict]:
+              tau: float = 0.07, close=None) -> tuple[torch.Tensor, dict]:
     """This rank's share of the global-batch loss (the mean over ranks is the global loss)."""
     loss = torch.zeros((), device=batch.frames.device)
     parts = {}
@@ -106,7 +107,7 @@ def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "
         loss = loss + st.translation_weight * tl
         parts["ce"] = tl.detach()
     if st.contrastive_weight > 0:
-        cl = contrastive_loss(out, batch.sentence_ids if st.mask_same_sentence else None, similarity, tau)
+        cl = contrastive_loss(out, batch.sentence_ids if st.mask_same_sentence else None, similarity, tau, close)
         loss = loss + st.contrastive_weight * cl
         parts["nce"] = cl.detach()
     return loss, parts
@@ -175,6 +176,7 @@ class Stage:
         self.total = schedule_steps                  # so a run extended with --resume follows the same curve
         if cfg.train.max_steps > 0:
             self.total = min(self.total, cfg.train.max_steps)
+        self.close = close_text.for_stage(ctx, name, model)   # from the stage's starting text encoder
         set_trainable(model, st)
         precision = resolve_precision(cfg.train.precision, ctx.dist.device)
         ds_config = build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision)
@@ -279,7 +281,8 @@ class Stage:
         timer.mark("h2d")
         out = forward(engine, batch, st)
         timer.mark("forward")
-        loss, parts = step_loss(out, batch, st, ctx.world, ctx.cfg.model.similarity, ctx.cfg.model.cico_tau)
+        loss, parts = step_loss(out, batch, st, ctx.world, ctx.cfg.model.similarity, ctx.cfg.model.cico_tau,
+                                self.close)
         # one small collective per step: the loss parts for the log, and every rank's verdicts (finite
         # loss, preemption signal), so all ranks skip or stop together
         flag = torch.tensor([float(PREEMPT.is_set())], device=loss.device)
