@@ -85,6 +85,30 @@ ARMS: dict[str, Arm] = {
     "ps_cico_table": Arm("Pair Selection with CiCo training, CiCo-scored table of the CiCo reference run (0 -> 2)",
                          CICO + PS, ("random_cico", "epoch0000", "epoch0002", "cico"), baseline="random_cico"),
 }
+# issue 24 (benchmarks/results/false_negatives_plan.md): the methods that keep false negatives out. Their
+# thresholds are chosen on dev with the tuning seeds (TUNING_SEEDS; `--tune-report`) from these candidates,
+# then fixed in CHOSEN for both test beds.
+PS_TABLE = ("random", "epoch0000", "epoch0002", "pooled")
+SEP_Q = (0.005, 0.01, 0.02)
+CLOSE_T = {"cosine": (0.8, 0.9, 0.95), "jaccard": (0.5, 0.6, 0.7)}
+SOFT_W = (0.1, 0.3)
+TUNING_SEEDS = (100, 101, 102)
+
+
+def textmask(kind: str, t: float) -> tuple[str, ...]:
+    return ("--stage1.mask_close_text", str(t), "--stage1.mask_close_text_kind", kind)
+
+
+TUNING: dict[str, Arm] = {
+    **{f"tune_sep{q}": Arm(f"tuning: Pair Selection, pairs in the top {q} at both checkpoints kept apart",
+                           PS + ("--selection.separate_close", str(q)), PS_TABLE) for q in SEP_Q},
+    **{f"tune_{k}{t}": Arm(f"tuning: random batches, close texts ({k} >= {t}) masked", textmask(k, t))
+       for k, ts in CLOSE_T.items() for t in ts},
+    **{f"tune_{k}{t}_soft{w}": Arm(f"tuning: random batches, close texts ({k} >= {t}) as positives of weight {w}",
+                                   textmask(k, t) + ("--stage1.soft_close_text", str(w)))
+       for k, ts in CLOSE_T.items() for t in ts for w in SOFT_W},
+}
+ARMS.update(TUNING)
 METRICS = {"dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"), "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
            "test_bleu4": ("model", "bleu4"), "test_rouge_l": ("model", "rouge_l")}
 # two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
@@ -180,6 +204,9 @@ def pretrained(args, kind: str) -> list[str]:
 
 def run_arm(args, name: str, seed: int, port: int) -> dict:
     arm, run = ARMS[name], args.out / f"seed{seed}" / name
+    if run.is_dir() and not (run / "results.json").is_file():
+        import shutil                       # an interrupted run (the table is resumable, a run is not)
+        shutil.rmtree(run)
     if not (run / "results.json").is_file():
         extra = list(arm.args) + (pretrained(args, arm.pretrained) if arm.pretrained else [])
         if arm.table:
@@ -373,10 +400,71 @@ def markdown(out: dict, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dev_r1(res: dict) -> float:
+    """The tuning criterion: (dev v->t R@1 + dev t->v R@1) / 2 of stage 1."""
+    return (metric(res, METRICS["dev_v2t_r1"]) + metric(res, METRICS["dev_t2v_r1"])) / 2
+
+
+def close_pairs(run: Path) -> int:
+    """Close sentence pairs a run's text mask found (both orders; 0 without one)."""
+    from sclslt.model.close_text import CLOSE_FILE, CloseSentences
+    f = run / "stage1" / "selection" / CLOSE_FILE
+    return len(CloseSentences.load(f).codes) if f.is_file() else 0
+
+
+def choose(cands: dict[str, float], size: dict[str, float], tie: float = 0.1) -> str:
+    """The plan's rule: the highest mean dev R@1; candidates within `tie` of it go to the smallest
+    intervention (`size`: q, the number of close pairs masked, w)."""
+    best = max(cands.values())
+    return min((n for n, v in cands.items() if v >= best - tie), key=lambda n: (size[n], n))
+
+
+def tune_report(args) -> dict:
+    """Dev-only table of the tuning arms over the tuning seeds, and the plan's choice in each group
+    (separation q; close-text kind and threshold; soft weight at the chosen kind and threshold). Test
+    metrics are neither read nor printed."""
+    def mean_dev(name):
+        runs = [args.out / f"seed{s}" / name / "results.json" for s in args.seeds]
+        vals = [dev_r1(json.loads(f.read_text())) for f in runs if f.is_file()]
+        return statistics.mean(vals) if len(vals) == len(runs) else None
+    first = args.out / f"seed{args.seeds[0]}"
+    groups = {"separate_close": {f"tune_sep{q}": q for q in SEP_Q},
+              "mask_close_text": {f"tune_{k}{t}": close_pairs(first / f"tune_{k}{t}") for k, ts in CLOSE_T.items()
+                                  for t in ts}}
+    out = {"seeds": args.seeds, "criterion": "mean over seeds of (dev v->t R@1 + dev t->v R@1) / 2",
+           "random": mean_dev("random"), "groups": {}}
+    for group, size in list(groups.items()) + [("soft_close_text", None)]:
+        if size is None:                      # the soft weights at the chosen text mask
+            chosen = out["groups"].get("mask_close_text", {}).get("chosen")
+            if not chosen:
+                continue
+            size = {f"{chosen}_soft{w}": w for w in SOFT_W}
+        means = {n: mean_dev(n) for n in size}
+        done = {n: v for n, v in means.items() if v is not None}
+        out["groups"][group] = {"dev_r1": means, "size": size,
+                                "chosen": choose(done, size) if len(done) == len(size) else None}
+    return out
+
+
+def tune_markdown(out: dict, cmd: str) -> str:
+    lines = ["# Issue 24: choosing the thresholds on dev (tuning seeds only; test metrics not read)", "",
+             f"Command: `{cmd}` (seeds {out['seeds']}).", "", f"Criterion: {out['criterion']}; the plan's rule "
+             "(false_negatives_plan.md): the highest, ties within 0.1 to the smallest intervention.", "",
+             f"`random` (id mask only): {out['random']:.2f}" if out["random"] is not None else "`random`: not run", "",
+             "| group | arm | size | dev R@1 (mean of both directions) | chosen |", "|---|---|---|---|---|"]
+    for group, g in out["groups"].items():
+        for n, v in g["dev_r1"].items():
+            lines.append(f"| {group} | {n} | {g['size'][n]:g} | {'' if v is None else f'{v:.2f}'} | "
+                         f"{'**yes**' if g['chosen'] == n else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=[], choices=sorted(ARMS), help="arms to run (then report)")
     p.add_argument("--report", action="store_true", help="only write the table from the runs that exist")
+    p.add_argument("--tune-report", action="store_true", help="the dev-only tuning table and the plan's choices "
+                   "(issue 24) from the tuning arms that exist under --seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "ps_paraphrase.yaml")
     p.add_argument("--pretrain-config", type=Path, default=ROOT / "configs" / "ps_pretrain.yaml")
@@ -390,8 +478,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.out = args.out.resolve()
     run_seeds(args)
-    out = report(args)
     cmd = "python tools/ps_ablation.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.tune_report:
+        out = tune_report(args)
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.with_suffix(".json").write_text(json.dumps({**out, "command": cmd}, indent=1))
+        args.table.write_text(tune_markdown(out, cmd))
+        print(args.table.read_text())
+        return 0
+    out = report(args)
     out["command"] = cmd
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.with_suffix(".json").write_text(json.dumps(out, indent=1))
