@@ -2,8 +2,9 @@
 
   sclslt train [--deepspeed configs/zeroN.json] [--config X.yaml] [--resume] [--section.key value ...]
                (one process; under a launcher: deepspeed / mpirun / srun ... launch/train.py, README.md)
-  sclslt translate --run RUN_DIR INPUT [INPUT ...] [--checkpoint stage2|stage1|PATH] [--tag TAG]
-                   [--beam N] [--max-len N] [--device cpu|cuda] [--size N] [--json]
+  sclslt translate (--run RUN_DIR | --model DIR|HUB_NAME) INPUT [INPUT ...] [--checkpoint stage2|stage1|PATH]
+                   [--tag TAG] [--beam N] [--max-len N] [--device cpu|cuda] [--size N] [--json]
+  sclslt export --run RUN_DIR --out DIR [--lora merged|adapter] [--license ID] [--name NAME]
 
 `sclslt train --help` lists every config field with its comment. Exit codes: 0 done, 1 error (the
 message names the file and what to do), 2 wrong usage.
@@ -29,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "time and each input's frames and latency.")
     translate.add_arguments(t)
     t.set_defaults(func=translate.run_command)
+    from sclslt.hub import export
+    e = sub.add_parser("export", help="a run's selected checkpoint as a Hugging Face model folder with a model card",
+                       description=export.__doc__.split("\n\n")[0])
+    export.add_arguments(e)
+    e.set_defaults(func=export.run_command)
     return p
 
 

@@ -17,6 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import frame_folder as _frame_folder, write_video as _write_video
 from sclslt.cli import main as cli_main
 from sclslt.data.shards import ShardIndex, read_manifest
 from sclslt.eval.translate import TranslateError, frame_spec, load_clip, resolve_checkpoint
@@ -25,72 +26,6 @@ pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-
-
-# ---------------------------------------------------------------------------------------------
-# fixtures: a tiny run, and some of its test clips as frame folders and videos
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_cfg_dict, tiny_shards, tmp_path_factory):
-    """A run trained long enough to say different things for different clips (~20 s on 2 cores)."""
-    d = copy.deepcopy(tiny_cfg_dict)
-    d["stage1"]["epochs"], d["stage2"]["epochs"], d["train"]["log_every"] = 2, 10, 1000
-    tmp = tmp_path_factory.mktemp("translate")
-    (tmp / "tiny.yaml").write_text(yaml.safe_dump(d))
-    run = tmp / "run"
-    p = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp / "tiny.yaml"),
-                        "--train.run_dir", str(run)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "hypotheses.test.jsonl").read_text().splitlines()]
-    return run, {r["key"]: r["hyp"] for r in rows}
-
-
-def _write_video(path: Path, frames: np.ndarray, codec: str, pix_fmt: str, options=None) -> Path:
-    import av
-    with av.open(str(path), "w") as c:
-        st = c.add_stream(codec, rate=25)
-        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        st.options = options or {}
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in st.encode():
-            c.mux(pkt)
-    return path
-
-
-def _frame_folder(folder: Path, frames: np.ndarray) -> Path:
-    """images1.png ... images16.png: unpadded numbers, so only a natural sort gets the order right."""
-    folder.mkdir(parents=True)
-    for i, f in enumerate(frames, 1):
-        Image.fromarray(f).save(folder / f"images{i}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def clips(tiny_run, tiny_shards, tmp_path_factory):
-    """3 test clips with different hypotheses (non-empty first): PNG folder, ffv1 .mkv (lossless), and
-    for the first an .mp4 (H.264 4:4:4 qp 0, near-lossless after RGB -> YUV)."""
-    run, hyps = tiny_run
-    keys, seen = [], set()
-    for k in sorted(hyps, key=lambda k: (hyps[k] == "", k)):
-        if hyps[k] not in seen:
-            keys.append(k)
-            seen.add(hyps[k])
-        if len(keys) == 3:
-            break
-    assert keys and hyps[keys[0]], f"the tiny run translated nothing: {hyps}"
-    index = ShardIndex(tiny_shards, read_manifest(tiny_shards, "test"))
-    out = tmp_path_factory.mktemp("clips")
-    res = []
-    for k in keys:
-        frames = index.read(k)["frames"]
-        assert frames.shape[0] >= 10                       # images10.png exists: the order is tested
-        res.append({"key": k, "frames": frames, "folder": _frame_folder(out / k, frames),
-                    "mkv": _write_video(out / f"{k}.mkv", frames, "ffv1", "bgr0")})
-    res[0]["mp4"] = _write_video(out / f"{keys[0]}.mp4", res[0]["frames"], "libx264", "yuv444p", {"qp": "0"})
-    return res
 
 
 def _cfg(run: Path):

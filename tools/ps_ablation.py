@@ -109,6 +109,7 @@ TUNING: dict[str, Arm] = {
        for k, ts in CLOSE_T.items() for t in ts for w in SOFT_W},
 }
 ARMS.update(TUNING)
+FN_ARMS = {"random", "random_nomask", "ps"} | set(TUNING)       # + the plan's method arms (issue 24)
 METRICS = {"dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"), "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
            "test_bleu4": ("model", "bleu4"), "test_rouge_l": ("model", "rouge_l")}
 # two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
@@ -289,6 +290,82 @@ def batch_pairs(run: Path) -> list[dict]:
     return out
 
 
+def pr(detected: int, hits: int, true: int) -> dict:
+    """Precision and recall of a false-negative detection: `hits` of `detected` pairs are among `true`."""
+    return {"detected": detected, "true": true, "precision": hits / detected if detected else None,
+            "recall": hits / true if true else None}
+
+
+def separated_pairs(run: Path, cfg) -> tuple:
+    """(N, N) bool over the run's table rows: the pairs `selection.separate_close` keeps apart (both
+    checkpoints' symmetric similarity at or above the table's thresholds), and the table's keys."""
+    import torch
+
+    from sclslt.data.loader import rng_seed
+    from sclslt.runtime.context import stage_seed
+    from sclslt.selection.planner import load_table
+    t = load_table(cfg.selection.table)
+    th = t.close_thresholds(cfg.selection.separate_close, rng_seed(stage_seed(cfg, "stage1"), 8))
+    s0 = (t.v0 @ t.t0.t() + t.t0 @ t.v0.t()) / 2
+    s1 = (t.v1 @ t.t1.t() + t.t1 @ t.v1.t()) / 2
+    close = (s0 >= th[0]) & (s1 >= th[1])
+    close.fill_diagonal_(False)
+    return close, t.keys
+
+
+def false_negative_stats(run: Path) -> dict:
+    """What an arm's first-seed run did to false negatives, against the corpus's ground truth (issue 24):
+    - batches: the share of paraphrase / identical pairs among the member pairs of the batches it trained on;
+    - loss: columns per row removed from the InfoNCE denominator (identical sentences, close texts) or made
+      soft positives, and the fraction of the denominator that is; paraphrase pairs among them (precision) and
+      the share of the batches' paraphrase pairs they caught (recall);
+    - detection over all training clip pairs: precision and recall of the text mask's close pairs and of
+      the planner's separated pairs, a true pair being two different sentences of one meaning."""
+    import torch
+
+    from sclslt.config import load_config
+    from sclslt.model.close_text import CLOSE_FILE, CloseSentences
+    from sclslt.data.text import sentence_id
+    cfg = load_config(run / "config.yaml")
+    texts, meaning = corpus_truth(cfg)
+    keys = sorted(texts)
+    col = {k: i for i, k in enumerate(keys)}
+    sid = torch.tensor([sentence_id(texts[k]) for k in keys])
+    mean = torch.tensor([meaning[k] for k in keys])
+    same = sid[:, None] == sid[None, :]
+    para = (mean[:, None] == mean[None, :]) & ~same
+    st = cfg.stage1
+    f = run / "stage1" / "selection" / CLOSE_FILE
+    close = CloseSentences.load(f).mask(sid, sid) if f.is_file() else torch.zeros_like(same)
+    off = ~torch.eye(len(keys), dtype=torch.bool)
+    out = {"text_mask_detection": pr(int((close & off).sum()), int((close & para).sum()), int(para.sum()))
+           if f.is_file() else None}
+    if cfg.selection.separate_close > 0:
+        sep, tkeys = separated_pairs(run, cfg)
+        r = torch.tensor([col[k] for k in tkeys])
+        p = para[r][:, r]
+        out["separation_detection"] = pr(int(sep.sum()), int((sep & p).sum()), int(p.sum()))
+    batches = [json.loads(ln)["keys"] for ln in (run / "stage1" / "batches.jsonl").read_text().splitlines()]
+    c = dict(pairs=0, paraphrase=0, identical=0, id_masked=0, close=0, close_paraphrase=0, rows=0)
+    for b in batches:
+        i = torch.tensor([col[k] for k in b])
+        bo = off[: len(b), : len(b)]
+        sb, pb, cb = same[i][:, i] & bo, para[i][:, i], close[i][:, i] & bo
+        c["pairs"] += int(bo.sum())
+        c["paraphrase"] += int(pb.sum())
+        c["identical"] += int(sb.sum())
+        c["id_masked"] += int(sb.sum()) if st.mask_same_sentence else 0
+        c["close"] += int((cb & ~sb).sum())
+        c["close_paraphrase"] += int((cb & pb).sum())
+        c["rows"] += len(b)
+    out["batches"] = {"paraphrase_share": c["paraphrase"] / c["pairs"], "identical_share": c["identical"] / c["pairs"],
+                      "id_masked_per_row": c["id_masked"] / c["rows"], "close_per_row": c["close"] / c["rows"],
+                      "close_kind": "soft positives" if st.soft_close_text else "masked",
+                      "denominator_removed": (c["id_masked"] + (0 if st.soft_close_text else c["close"])) / c["pairs"],
+                      "close_in_batch": pr(c["close"], c["close_paraphrase"], c["paraphrase"])}
+    return out
+
+
 def report(args) -> dict:
     results: dict[str, dict[int, dict]] = {}
     for name in ARMS:
@@ -327,8 +404,11 @@ def report(args) -> dict:
     partners = partner_stats([texts[k] for k in keys], [meaning[k] for k in keys] if meaning else None)
     batches = {arm: batch_pairs(first / arm) for arm in ARMS
                if ARMS[arm].table and (first / arm / "results.json").is_file()} or None
+    fn = {arm: false_negative_stats(first / arm) for arm in rows if arm in FN_ARMS and
+          (first / arm / "stage1" / "batches.jsonl").is_file()} if meaning else {}
     return {"config": str(args.config), "seeds": args.seeds, "arms": rows, "power": power,
             "partners": partners, "ps_batches_first_seed": batches, "trajectories": trajectories(first),
+            "false_negatives_first_seed": fn,
             "bleu_signature": base[sorted(base)[0]]["model"]["bleu_signature"]}
 
 
@@ -388,6 +468,23 @@ def markdown(out: dict, cmd: str) -> str:
             f"of H->H vs {ss['negatives_fraction']:.2%} of negatives" + (
                 f"; paraphrase pairs: {pp['hh_fraction'] or 0:.2%} of H->H vs {pp['negatives_fraction']:.2%} of "
                 f"negatives ({pp['counts_by_class']})." if pp else ".")]
+    if out.get("false_negatives_first_seed"):
+        lines += ["", f"False negatives (seed {out['seeds'][0]}; ground truth: two different sentences of one meaning). "
+                  "Batches: paraphrase and identical pairs as a share of the member pairs trained on; per row: "
+                  "columns the id mask removes and close-text columns (masked or soft positives); the share of "
+                  "the denominator removed; precision / recall of the close columns against the batches' "
+                  "paraphrase pairs, and of the detection over all training clip pairs (text mask; the "
+                  "planner's separated pairs).", "",
+                  "| arm | paraphrase | identical | id-masked / row | close / row | denominator removed | "
+                  "in-batch P / R | text mask P / R | separation P / R |", "|---|---|---|---|---|---|---|---|---|"]
+        f = lambda d: "" if not d else (f"{d['precision']:.2f} / {d['recall']:.2f}" if d["precision"] is not None
+                                        else f"- / {d['recall'] or 0:.2f}")
+        for arm, r in out["false_negatives_first_seed"].items():
+            b = r["batches"]
+            lines.append(f"| {arm} | {b['paraphrase_share']:.2%} | {b['identical_share']:.2%} | "
+                         f"{b['id_masked_per_row']:.2f} | {b['close_per_row']:.2f} ({b['close_kind']}) | "
+                         f"{b['denominator_removed']:.2%} | {f(b['close_in_batch'])} | {f(r['text_mask_detection'])} | "
+                         f"{f(r.get('separation_detection'))} |")
     if out["ps_batches_first_seed"]:
         lines += ["", f"Pairs inside planned batches (seed {out['seeds'][0]}) / inside random batches of the same "
                   "samples, as a share of all member pairs:", "",

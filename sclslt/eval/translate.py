@@ -221,36 +221,30 @@ def resolve_device(name: str | None):
 
 
 class Translator:
-    """A run's model on one device, ready to translate clips one at a time."""
+    """A trained model on one device, ready to translate clips one at a time: a run's checkpoint
+    (`run_dir`, `checkpoint`, `tag`) or an exported model folder / Hub name (`model`, `sclslt export`)."""
 
-    def __init__(self, run_dir, checkpoint: str | None = None, tag: str | None = None, device: str | None = None,
-                 beam: int | None = None, max_len: int | None = None, size: int = 0):
+    def __init__(self, run_dir=None, checkpoint: str | None = None, tag: str | None = None, device: str | None = None,
+                 beam: int | None = None, max_len: int | None = None, size: int = 0, model: str | None = None):
         import torch
 
-        from sclslt.config import ConfigError
         from sclslt.runtime.distributed import setup_accelerator
-        self.run = check_run(run_dir)
-        try:
-            cfg = RunDir(self.run).config()
-        except ConfigError as e:
-            raise TranslateError(f"{self.run / 'config.yaml'}: {e}") from e
-        self.choice = resolve_checkpoint(self.run, checkpoint, tag)
-        self.spec = frame_spec(cfg, size)
+        if (run_dir is None) == (model is None):
+            raise TranslateError("give a run (--run RUN_DIR) or an exported model (--model DIR or Hub name), not both")
         self.device = resolve_device(device)
-        self.beam = int(beam if beam else cfg.eval.beam)
-        self.max_len = int(max_len if max_len else cfg.eval.max_len)
-        if self.beam < 1 or self.max_len < 1:
-            raise TranslateError("--beam and --max-len must be >= 1")
         setup_accelerator()                  # before deepspeed is imported (checkpoint loading)
         t0 = time.perf_counter()
         # library chatter (DeepSpeed logs to stdout, also from loggers made at import) goes to stderr:
         # stdout holds the translations only (`--json`: JSON lines)
         with contextlib.redirect_stdout(sys.stderr):
-            try:
-                model, self.tokenizer, self.cfg = load_run_model(self.run, self.choice.ckpt_dir, self.choice.tag)
-            except (FileNotFoundError, RuntimeError, OSError) as e:
-                raise TranslateError(f"cannot load {self.choice.ckpt_dir / self.choice.tag}: {e}") from e
-        self.model = model.to(self.device).eval()
+            loaded, (beam0, len0) = self._load_run(run_dir, checkpoint, tag, size) if model is None else \
+                self._load_export(model, size)
+        self.source, model_, self.tokenizer, self.spec = loaded
+        self.beam = int(beam if beam else beam0)
+        self.max_len = int(max_len if max_len else len0)
+        if self.beam < 1 or self.max_len < 1:
+            raise TranslateError("--beam and --max-len must be >= 1")
+        self.model = model_.to(self.device).eval()
         self._sync()
         self.load_s = time.perf_counter() - t0
         self.params = sum(p.numel() for p in self.model.parameters())
@@ -259,6 +253,37 @@ class Translator:
         # initialisation in generate, CUDA kernels and allocator); reported as warmup_ms
         h, w = self.spec.shape
         _, self.warmup_ms = self.translate_frames(np.zeros((8, h, w, 3), dtype=np.uint8), max_len=2)
+
+    def _load_run(self, run_dir, checkpoint, tag, size):
+        from sclslt.config import ConfigError
+        self.run = check_run(run_dir)
+        try:
+            cfg = RunDir(self.run).config()
+        except ConfigError as e:
+            raise TranslateError(f"{self.run / 'config.yaml'}: {e}") from e
+        self.choice = resolve_checkpoint(self.run, checkpoint, tag)
+        spec = frame_spec(cfg, size)
+        try:
+            model, tok, self.cfg = load_run_model(self.run, self.choice.ckpt_dir, self.choice.tag)
+        except (FileNotFoundError, RuntimeError, OSError) as e:
+            raise TranslateError(f"cannot load {self.choice.ckpt_dir / self.choice.tag}: {e}") from e
+        return (str(self.run), model, tok, spec), (cfg.eval.beam, cfg.eval.max_len)
+
+    def _load_export(self, name, size):
+        from sclslt.hub.model import ExportError, SignTranslator
+        try:
+            hub = SignTranslator.from_pretrained(name)
+        except (ExportError, FileNotFoundError, OSError, ValueError) as e:
+            raise TranslateError(f"cannot load the exported model {name}: {e}") from e
+        spec = hub.frame_spec()
+        if size > 0:
+            spec = FrameSpec(size, (size, size), spec.shard_max_frames, spec.fps, spec.max_frames, "--size")
+        prov = hub.config.get("provenance", {})
+        self.choice = CheckpointChoice(Path(str(name)), prov.get("checkpoint", ""),
+                                       f"export of {prov.get('run', '?')}/{prov.get('checkpoint', '?')}",
+                                       "the exported model")
+        g = hub.config["generation"]
+        return (str(name), hub.model, hub.tokenizer, spec), (g["beam"], g["max_len"])
 
     def _sync(self) -> None:
         import torch
@@ -287,7 +312,7 @@ class Translator:
                 "latency_ms": round(decode_ms + model_ms, 3)}
 
     def info(self) -> dict:
-        return {"run": str(self.run), "checkpoint": self.choice.label, "checkpoint_choice": self.choice.why,
+        return {"run": self.source, "checkpoint": self.choice.label, "checkpoint_choice": self.choice.why,
                 "params": int(self.params), "load_s": round(self.load_s, 4), "warmup_ms": round(self.warmup_ms, 3),
                 "device": str(self.device),
                 "beam": self.beam, "max_len": self.max_len, "frame_shape": list(self.spec.shape),
@@ -301,8 +326,11 @@ def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="a video file (mp4, mkv, avi, ...; decoded with PyAV) or a folder of frame images "
                         "(PNG/JPEG, in natural name order)")
-    p.add_argument("--run", required=True, metavar="RUN_DIR",
-                   help="the training run directory (config.yaml, tokenizer/, stage1|stage2/checkpoints/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="RUN_DIR",
+                     help="the training run directory (config.yaml, tokenizer/, stage1|stage2/checkpoints/)")
+    src.add_argument("--model", metavar="DIR|HUB_NAME",
+                     help="an exported model (sclslt export): a local folder or a Hugging Face Hub name")
     p.add_argument("--checkpoint", default=None, metavar="stage2|stage1|PATH",
                    help="stage2 (the checkpoint the run selected and evaluated, recorded in results.json, "
                         "else its latest), stage1 (its latest), or a checkpoint directory (a tag's folder, or a "
@@ -332,7 +360,8 @@ def run_command(args) -> int:
             it = input_item(x)
             if it.kind == "video":
                 probe_video(x)
-        tr = Translator(args.run, args.checkpoint, args.tag, args.device, args.beam, args.max_len, args.size)
+        tr = Translator(args.run, args.checkpoint, args.tag, args.device, args.beam, args.max_len, args.size,
+                        args.model)
     except TranslateError as e:
         err.print(f"[bold red]error:[/] {escape_text(str(e))}")
         return 1

@@ -57,8 +57,12 @@ def _load_pretrained(cls, name: str, what: str):
             f"on the hub (offline?). Download it elsewhere and pass its local path. Cause: {e}") from e
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
+def build_backbone(cfg: ModelConfig, arch: dict | None = None) -> nn.Module:
+    """The frame backbone: from `arch` (a saved ResNetConfig dict: an exported model, weights to follow),
+    pretrained `model.backbone`, or built from the config's fields."""
     from transformers import ResNetConfig, ResNetModel
+    if arch is not None:
+        return ResNetModel(ResNetConfig.from_dict(arch))
     if cfg.backbone:
         return _load_pretrained(ResNetModel, cfg.backbone, "frame backbone")
     rc = ResNetConfig(num_channels=3, embedding_size=cfg.backbone_embedding, hidden_sizes=list(cfg.backbone_hidden),
@@ -117,10 +121,18 @@ def _set_special_ids(s2s, ids: dict) -> None:
     g.forced_bos_token_id = ids["forced_bos"]
 
 
-def build_mbart(cfg: ModelConfig, tokenizer):
-    """(seq2seq model, text encoder), from config or pretrained (vocabulary remapped to the tokenizer's)."""
+def build_mbart(cfg: ModelConfig, tokenizer, arch: dict | None = None):
+    """(seq2seq model, text encoder), from config or pretrained (vocabulary remapped to the tokenizer's), or
+    from `arch` (a saved MBartConfig dict, vocabulary and special ids included: an exported model)."""
     from transformers import MBartConfig, MBartForConditionalGeneration
     from transformers.models.mbart.modeling_mbart import MBartEncoder
+    if arch is not None:
+        mc = MBartConfig.from_dict(arch)
+        s2s = MBartForConditionalGeneration(mc)
+        c = s2s.config
+        _set_special_ids(s2s, {"pad": c.pad_token_id, "bos": c.bos_token_id, "eos": c.eos_token_id,
+                               "start": c.decoder_start_token_id, "forced_bos": arch.get("forced_bos_token_id")})
+        return s2s, MBartEncoder(mc)
 
     from sclslt.data.vocab import record_of
     rec = record_of(tokenizer)
@@ -179,12 +191,17 @@ class TemporalBlock(nn.Module):
 
 
 class SLTModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tokenizer, frames: DataConfig | None = None):
+    """The translator: frame backbone, temporal blocks, mBART (visual encoder, decoder), text encoder and the
+    contrastive projections. `arch` ({"backbone", "mbart"}: `architecture()` of a model) builds the same
+    modules without loading any pretrained file (an exported model, whose weights are loaded next)."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer, frames: DataConfig | None = None, arch: dict | None = None):
         super().__init__()
         self.cfg = cfg
         self.frame_view = ClipAugment(frames or DataConfig())    # crop / training augmentation, on device
-        self.backbone = globalise(build_backbone(cfg))     # its BatchNorms: global-batch statistics
-        self.s2s, self.text_encoder = build_mbart(cfg, tokenizer)
+        arch = arch or {}
+        self.backbone = globalise(build_backbone(cfg, arch.get("backbone")))   # BatchNorms: global-batch statistics
+        self.s2s, self.text_encoder = build_mbart(cfg, tokenizer, arch.get("mbart"))
         d = self.s2s.config.d_model
         feat = self.backbone.config.hidden_sizes[-1]    # pooled channels, basic and bottleneck ResNets alike
         if cfg.temporal_downsample:
@@ -201,6 +218,12 @@ class SLTModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if cfg.lora_rank > 0:
             self._add_lora()
+
+    def architecture(self) -> dict:
+        """What `SLTModel(..., arch=)` needs to rebuild these modules without their pretrained files."""
+        mbart = self.s2s.config.to_dict()
+        mbart["forced_bos_token_id"] = self.s2s.generation_config.forced_bos_token_id
+        return {"backbone": self.backbone.config.to_dict(), "mbart": mbart}
 
     # -- LoRA -------------------------------------------------------------------------------
     def _add_lora(self) -> None:

@@ -1,0 +1,120 @@
+"""`sclslt export --run RUN --out DIR`: a run's selected checkpoint as a self-contained Hugging Face model folder.
+
+The checkpoint is the one `results.json` names (`selected_checkpoint`: the one the run evaluated on the
+test split); its weights are consolidated from any ZeRO stage (`load_run_model`, through DeepSpeed's
+universal form). LoRA adapters are merged into the weights they adapt (`--lora merged`, the default: a
+plain model, as fast as one without LoRA) or kept as adapters (`--lora adapter`: the peft modules and
+the rank stay in the model). The folder is written beside DIR and renamed into place when complete,
+with `sclslt_export.json` (every file's sha256) written last (`model.verify`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from sclslt.hub.model import FORMAT, ExportError, SignTranslator, verify, write_manifest
+
+FRAME_KEYS = ("max_frames", "lowercase", "crop", "augment", "aug_prob", "aug_rotate", "aug_scale", "aug_translate")
+
+
+def merge_lora(model) -> int:
+    """Merge every peft LoRA layer of `model` into its base weight and put the base layer back in its place
+    (a plain nn.Linear); returns how many were merged."""
+    from peft.tuners.lora import LoraLayer
+    merged = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], mod.get_base_layer())
+            merged += 1
+    return merged
+
+
+def export_config(cfg, model, spec, beam: int, max_len: int, lora: str, provenance: dict) -> dict:
+    mcfg = dataclasses.asdict(cfg.model)
+    if lora == "merged":
+        mcfg["lora_rank"] = 0
+    mcfg["init_from"] = ""
+    return {"sclslt_format": FORMAT, "model": mcfg, "data": {k: getattr(cfg.data, k) for k in FRAME_KEYS},
+            "arch": model.architecture(), "frames": dataclasses.asdict(spec), "lora": lora,
+            "generation": {"beam": int(beam), "max_len": int(max_len)}, "provenance": provenance}
+
+
+def export_run(run_dir, out, lora: str = "merged", license: str = "other", name: str = "",
+               overwrite: bool = False) -> Path:
+    """Write the export of run `run_dir` to `out`; returns `out`. See the module docstring."""
+    from sclslt.eval.translate import check_run, frame_spec, resolve_checkpoint
+    from sclslt.hub.card import model_card
+    from sclslt.runtime.rundir import RunDir, load_run_model
+    if lora not in ("merged", "adapter"):
+        raise ExportError(f"--lora {lora}: use merged or adapter")
+    run = check_run(run_dir)
+    results_file = RunDir(run).results_file
+    if not results_file.is_file():
+        raise ExportError(f"{results_file} is missing: the run has not finished (the export is the checkpoint it "
+                          f"selected and evaluated)")
+    results = json.loads(results_file.read_text())
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists: choose another --out or pass --overwrite")
+    choice = resolve_checkpoint(run)
+    model, tok, cfg = load_run_model(run, choice.ckpt_dir, choice.tag)
+    model.eval()
+    if cfg.model.lora_rank > 0 and lora == "merged":
+        merge_lora(model)
+    elif cfg.model.lora_rank <= 0:
+        lora = "none"
+    provenance = {"run": run.name, "checkpoint": choice.label, "checkpoint_choice": choice.why,
+                  "world": results.get("world"), "kernels": results.get("kernels")}
+    config = export_config(cfg, model, frame_spec(cfg), cfg.eval.beam, cfg.eval.max_len, lora, provenance)
+    hub = SignTranslator(config)
+    missing, unexpected = hub.model.load_state_dict(model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ExportError(f"the export's model does not take the checkpoint's weights: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    hub.tokenizer = tok
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hub.save_pretrained(tmp)
+    for extra in ("sclslt_vocab.json",):                      # the vocab record beside the tokenizer files
+        src = RunDir(run).tokenizer_dir / extra
+        if src.is_file():
+            shutil.copy2(src, tmp / extra)
+    (tmp / "README.md").write_text(model_card(run, cfg, results, config, license, name or run.name))
+    write_manifest(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    verify(out)
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run (its results.json names the checkpoint)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    p.add_argument("--lora", choices=("merged", "adapter"), default="merged",
+                   help="LoRA runs: merge the adapters into the weights (default) or keep them as adapters")
+    p.add_argument("--license", default="other", help="the card's license field (default: other; set your data's)")
+    p.add_argument("--name", default="", help="the model's name in the card (default: the run directory's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def run_command(args) -> int:
+    import sys
+
+    from sclslt.eval.translate import TranslateError
+    try:
+        out = export_run(args.run, args.out, args.lora, args.license, args.name, args.overwrite)
+    except (ExportError, TranslateError, FileNotFoundError, RuntimeError) as e:
+        print(f"sclslt export: error: {e}", file=sys.stderr)
+        return 1
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"exported {cfg['provenance']['checkpoint']} of {args.run} to {out} (LoRA: {cfg['lora']}); load it with "
+          f"SignTranslator.from_pretrained({str(out)!r}) or sclslt translate --model {out}")
+    return 0
+

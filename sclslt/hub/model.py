@@ -1,0 +1,145 @@
+"""`SignTranslator`: an exported model, loaded by local path or Hugging Face Hub name.
+
+    from sclslt.hub import SignTranslator
+    model = SignTranslator.from_pretrained("runs/phoenix/export")      # or "user/sclslt-phoenix2014t"
+    print(model.translate("clip.mp4"))                                 # a video or a folder of frames
+
+The folder (written by `sclslt export`, `sclslt.hub.export`) is the Hugging Face layout:
+`model.safetensors` (the whole translator: backbone, visual encoder, decoder, text encoder, projections),
+`config.json` (the model and frame settings, the transformers architectures of the backbone and of mBART
+so that nothing pretrained is downloaded, generation defaults), the tokenizer files and sclslt's vocab
+record, `generation_config.json`, `README.md` (the model card) and `sclslt_export.json`, the sha256 of
+every other file, written last: a partial or damaged folder is an `ExportError` naming the file.
+
+The class is huggingface_hub's `PyTorchModelHubMixin` (`from_pretrained`, `save_pretrained`,
+`push_to_hub`); `push_to_hub` is the library's own call (no network here: untested).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+MANIFEST = "sclslt_export.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+
+
+class ExportError(RuntimeError):
+    """An export folder that cannot be used; the message names the folder or file and what is wrong."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict:
+    """sha256 of every file of the folder (but the manifest), written last."""
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    rec = {"format": FORMAT, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+def verify(folder: Path) -> dict:
+    """The folder's manifest, after checking that every file it lists is there with its sha256."""
+    folder = Path(folder)
+    m = folder / MANIFEST
+    if not m.is_file():
+        raise ExportError(f"{folder}: not a complete sclslt export ({MANIFEST} is missing: the export did not "
+                          f"finish, or this is not an sclslt model folder); export it again with sclslt export")
+    try:
+        rec = json.loads(m.read_text())
+        files = rec["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportError(f"{m}: unreadable export manifest ({e})") from e
+    for name, digest in files.items():
+        f = folder / name
+        if not f.is_file():
+            raise ExportError(f"{f}: missing from the export (a partial copy or download?)")
+        if sha256_file(f) != digest:
+            raise ExportError(f"{f}: damaged (sha256 differs from {MANIFEST}); copy or download it again")
+    return rec
+
+
+class SignTranslator(nn.Module, PyTorchModelHubMixin, library_name="sclslt",
+                     tags=["sign-language-translation", "gloss-free", "sclslt"]):
+    """An exported translator (`config`: the export's config.json); `tokenizer` is set by `from_pretrained`."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        from sclslt.config import from_dict
+        from sclslt.model.slt import SLTModel
+        self.config = config
+        cfg = from_dict({"model": config["model"], "data": config["data"]})
+        self.model = SLTModel(cfg.model, None, cfg.data, arch=config["arch"]).eval()
+        self.tokenizer = None
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
+                         map_location: str = "cpu", strict: bool = True, **model_kwargs):
+        from safetensors.torch import load_model
+
+        from sclslt.data.text import load_tokenizer
+        folder = Path(model_id)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                            force_download=force_download, local_files_only=local_files_only))
+        verify(folder)
+        config = model_kwargs.pop("config", None) or json.loads((folder / "config.json").read_text())
+        if config.get("sclslt_format") != FORMAT:
+            raise ExportError(f"{folder / 'config.json'}: export format {config.get('sclslt_format')!r}, this "
+                              f"sclslt reads format {FORMAT}")
+        model = cls(config)
+        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False, device=map_location)
+        if missing or unexpected:
+            raise ExportError(f"{folder / WEIGHTS}: does not match config.json's model (missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]})")
+        model.tokenizer = load_tokenizer(folder)
+        return model.eval()
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Weights, tokenizer, generation defaults; the card and the manifest are `export`'s."""
+        from safetensors.torch import save_model
+        save_directory = Path(save_directory)
+        save_model(self, str(save_directory / WEIGHTS))
+        (save_directory / "config.json").write_text(json.dumps(self.config, indent=1, sort_keys=True) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(save_directory))
+        g = self.model.s2s.generation_config
+        g.num_beams, g.max_new_tokens = int(self.config["generation"]["beam"]), int(self.config["generation"]["max_len"])
+        g.save_pretrained(str(save_directory))
+
+    # -- translating ------------------------------------------------------------------------
+    def frame_spec(self):
+        from sclslt.eval.translate import FrameSpec
+        f = self.config["frames"]
+        return FrameSpec(int(f["size"]), tuple(f["shape"]), int(f["shard_max_frames"]), float(f["fps"]),
+                         int(f["max_frames"]), "the export's config.json")
+
+    @torch.no_grad()
+    def translate_frames(self, frames: np.ndarray, beam: int | None = None, max_len: int | None = None) -> str:
+        """The translation of one clip of uint8 frames (T x H x W x 3) as the model's training frames were."""
+        g = self.config["generation"]
+        dev = next(self.parameters()).device
+        x = torch.from_numpy(np.ascontiguousarray(frames))[None].to(dev)
+        mask = torch.ones(1, frames.shape[0], dtype=torch.bool, device=dev)
+        out = self.model.generate(x, mask, beam=int(beam or g["beam"]), max_len=int(max_len or g["max_len"]))
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
+
+    def translate(self, path, beam: int | None = None, max_len: int | None = None) -> str:
+        """The translation of a video file or a folder of frames (decoded as the training data were)."""
+        from sclslt.eval.translate import load_clip
+        frames, _ = load_clip(path, self.frame_spec())
+        return self.translate_frames(frames, beam, max_len)
