@@ -9,6 +9,9 @@ shipped releases with wrong gradients).
 """
 from setuptools import find_packages, setup
 
+TRACK = ["wandb>=0.19", "trackio>=0.4"]            # train.report_to beyond TensorBoard (sclslt/runtime/trackers.py)
+DEMO = ["gradio>=5", "playwright>=1.45"]           # sclslt demo, and the browser that tests it
+
 setup(
     name="sclslt",
     version="0.1.0",
@@ -45,6 +48,8 @@ setup(
     ],
     entry_points={"console_scripts": ["sclslt=sclslt.cli:main"]},
     extras_require={"mpi": ["mpi4py>=4", "openmpi>=5"],        # clusters usually bring their own MPI
+                    "track": TRACK, "demo": DEMO,
                     "test": ["pytest>=9,<10", "rouge-score==0.1.2", "mpi4py>=4", "openmpi>=5",
-                             "hypothesis>=6.100,<7"]},      # tests/test_fuzz.py
+                             "hypothesis>=6.100,<7",        # tests/test_fuzz.py
+                             *TRACK, *DEMO]},               # the trackers' and the demo's tests
 )

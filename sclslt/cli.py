@@ -5,6 +5,7 @@
   sclslt translate (--run RUN_DIR | --model DIR|HUB_NAME) INPUT [INPUT ...] [--checkpoint stage2|stage1|PATH]
                    [--tag TAG] [--beam N] [--max-len N] [--device cpu|cuda] [--size N] [--json]
   sclslt export --run RUN_DIR --out DIR [--lora merged|adapter] [--license ID] [--name NAME]
+  sclslt demo (--run RUN_DIR | --model DIR|HUB_NAME) [--host 127.0.0.1] [--port 7860]
 
 `sclslt train --help` lists every config field with its comment. Exit codes: 0 done, 1 error (the
 message names the file and what to do), 2 wrong usage.
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=export.__doc__.split("\n\n")[0])
     export.add_arguments(e)
     e.set_defaults(func=export.run_command)
+    from sclslt.eval import demo
+    g = sub.add_parser("demo", help="a Gradio page on 127.0.0.1 to try a run or an exported model",
+                       description=demo.__doc__.split("\n\n")[0])
+    demo.add_arguments(g)
+    g.set_defaults(func=demo.run_command)
     return p
 
 

@@ -10,6 +10,7 @@ Batch sizes live here only (global batch per stage); the DeepSpeed JSON holds en
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 import typing
@@ -20,6 +21,9 @@ from typing import Any, Literal
 import yaml
 from sclslt.registry import REGISTRIES
 from sclslt.atomic import write_text
+
+
+TRACKER_MODULES = {"wandb": "wandb", "trackio": "trackio"}    # optional trackers -> the module (extra `track`)
 
 
 class ConfigError(ValueError):
@@ -134,6 +138,8 @@ class TrainConfig:
     timing_every: int = 0         # step-time breakdown (data, h2d, forward, loss, backward, optimizer) every N steps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
     dist_timeout_s: int = 1800    # a collective waits this long for a stuck or dead rank, then every rank exits
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers (sclslt/runtime/trackers.py): tensorboard, wandb, trackio; [] for none
+    tracker_project: str = "sclslt"  # the wandb / trackio project of the run
 
 
 @dataclass
@@ -189,8 +195,14 @@ class Config:
     def validate(self) -> "Config":
         for key, names in name_fields(self).items():      # the registries' names and the Literal fields'
             value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
-            if value not in names:
-                raise ConfigError(f"{key}={value!r}: use one of {', '.join(map(repr, names))}")
+            for v in value if isinstance(value, list) else [value]:
+                if v not in names:
+                    raise ConfigError(f"{key}={v!r}: use one of {', '.join(map(repr, names))}")
+        for name in self.train.report_to:                 # optional trackers: installed?
+            module = TRACKER_MODULES.get(name)
+            if module and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"train.report_to={name!r} needs {module}, which is not installed: "
+                                  f"pip install -e '.[track]' (or pip install {module})")
         if self.model.lang and not self.model.tokenizer:
             raise ConfigError(f"model.lang={self.model.lang!r} needs a pretrained model.tokenizer (mBART's "
                               f"language codes); a tokenizer trained on the corpus has none")

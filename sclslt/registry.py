@@ -40,5 +40,6 @@ class Registry:
 
 SIMILARITY_HEADS = Registry("similarity head", "model.similarity", "sclslt.model.heads")
 SCHEDULES = Registry("curriculum schedule", "selection.schedule", "sclslt.selection.schedules")
+TRACKERS = Registry("experiment tracker", "train.report_to", "sclslt.runtime.trackers")
 
-REGISTRIES = {r.key: r for r in (SIMILARITY_HEADS, SCHEDULES)}     # config field -> the registry naming its values
+REGISTRIES = {r.key: r for r in (SIMILARITY_HEADS, SCHEDULES, TRACKERS)}     # config field -> the registry naming its values

@@ -85,18 +85,26 @@ def train_env() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_cfg_dict, tiny_shards, tmp_path_factory):
-    """A run trained long enough to say different things for different clips (~20 s on 2 cores)."""
+    """A run trained long enough to say different things for different clips (~20 s on 2 cores), logged to
+    every tracker in its local mode (wandb offline into <run>/wandb, trackio into <tmp>/trackio:
+    `tracker_env`)."""
     d = copy.deepcopy(tiny_cfg_dict)
     d["stage1"]["epochs"], d["stage2"]["epochs"], d["train"]["log_every"] = 2, 10, 1000
+    d["train"]["report_to"] = ["tensorboard", "wandb", "trackio"]
     tmp = tmp_path_factory.mktemp("translate")
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(d))
     run = tmp / "run"
     p = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp / "tiny.yaml"),
-                        "--train.run_dir", str(run)], cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True,
-                       timeout=600)
+                        "--train.run_dir", str(run)], cwd=ROOT, env=tracker_env(tmp), capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "hypotheses.test.jsonl").read_text().splitlines()]
     return run, {r["key"]: r["hyp"] for r in rows}
+
+
+def tracker_env(tmp: Path) -> dict:
+    """The trainer's environment with the trackers in their local modes, under `tmp`."""
+    return {**TRAIN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp / "trackio")}
 
 
 def write_video(path: Path, frames: np.ndarray, codec: str, pix_fmt: str, options=None) -> Path:

@@ -42,17 +42,19 @@ def test_tensorboard_events_follow_the_csv_across_a_resume(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = tmp_path / "run"
     rep = Reporter(enabled=True, log_every=1000)
+    rep.open_trackers(run, ["tensorboard"], {}, "test")
     rep.start_stage("stage1", 6, 0, 8, run / "stage1" / "metrics.csv")
     for step in range(1, 6):                              # steps 4 and 5 come after the last checkpoint
         rep.step(step, {"loss": 10.0 - step}, 1e-3, 0)
-    rep.close_tensorboard()                               # the job dies here
+    rep.finish_trackers(None)                             # the job dies here
     rep = Reporter(enabled=True, log_every=1000)
+    rep.open_trackers(run, ["tensorboard"], {}, "test")
     rep.start_stage("stage1", 6, 3, 8, run / "stage1" / "metrics.csv")      # resumed at step 3
     for step in range(4, 7):
         rep.step(step, {"loss": 100.0 + step}, 1e-3, 0)
     rep.scalars({"v2t_r1": 42.0, "split": "dev"}, "retrieval_dev")
     rep.end_stage("stage1", 6)
-    rep.close_tensorboard()
+    rep.finish_trackers(None)
     acc = EventAccumulator(str(run / "tensorboard" / "stage1"))
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]

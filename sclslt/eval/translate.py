@@ -295,7 +295,7 @@ class Translator:
         torch = self._torch
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(frames))[None].to(self.device)
+            x = torch.from_numpy(np.require(frames, requirements=["C", "W"]))[None].to(self.device)
             mask = torch.ones(1, frames.shape[0], dtype=torch.bool, device=self.device)
             out = self.model.generate(x, mask, beam=self.beam, max_len=max_len or self.max_len)
             text = self.tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()

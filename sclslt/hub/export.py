@@ -5,7 +5,8 @@ test split); its weights are consolidated from any ZeRO stage (`load_run_model`,
 universal form). LoRA adapters are merged into the weights they adapt (`--lora merged`, the default: a
 plain model, as fast as one without LoRA) or kept as adapters (`--lora adapter`: the peft modules and
 the rank stay in the model). The folder is written beside DIR and renamed into place when complete,
-with `sclslt_export.json` (every file's sha256) written last (`model.verify`).
+with `sclslt_export.json` (every file's sha256) written last (`model.verify`). `train_sentences.json`, the
+distinct training sentences, is the demo's nearest-sentence list (`--no-sentences` leaves it out).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def export_config(cfg, model, spec, beam: int, max_len: int, lora: str, provenan
 
 
 def export_run(run_dir, out, lora: str = "merged", license: str = "other", name: str = "",
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, sentences: bool = True) -> Path:
     """Write the export of run `run_dir` to `out`; returns `out`. See the module docstring."""
     from sclslt.eval.translate import check_run, frame_spec, resolve_checkpoint
     from sclslt.hub.card import model_card
@@ -85,6 +86,11 @@ def export_run(run_dir, out, lora: str = "merged", license: str = "other", name:
         src = RunDir(run).tokenizer_dir / extra
         if src.is_file():
             shutil.copy2(src, tmp / extra)
+    if sentences:                                   # the demo's nearest training sentences (sclslt demo --model)
+        from sclslt.data.corpus import resolve_shards_dir
+        from sclslt.data.shards import manifest_rows, read_manifest
+        texts = sorted({r.text for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))})
+        (tmp / "train_sentences.json").write_text(json.dumps(texts, ensure_ascii=False, indent=0) + "\n")
     (tmp / "README.md").write_text(model_card(run, cfg, results, config, license, name or run.name))
     write_manifest(tmp)
     if out.exists():
@@ -102,6 +108,9 @@ def add_arguments(p) -> None:
     p.add_argument("--license", default="other", help="the card's license field (default: other; set your data's)")
     p.add_argument("--name", default="", help="the model's name in the card (default: the run directory's name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-sentences", dest="sentences", action="store_false",
+                   help="leave out train_sentences.json (the distinct training sentences the demo shows as the "
+                        "nearest to a clip)")
 
 
 def run_command(args) -> int:
@@ -109,7 +118,7 @@ def run_command(args) -> int:
 
     from sclslt.eval.translate import TranslateError
     try:
-        out = export_run(args.run, args.out, args.lora, args.license, args.name, args.overwrite)
+        out = export_run(args.run, args.out, args.lora, args.license, args.name, args.overwrite, args.sentences)
     except (ExportError, TranslateError, FileNotFoundError, RuntimeError) as e:
         print(f"sclslt export: error: {e}", file=sys.stderr)
         return 1

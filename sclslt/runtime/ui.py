@@ -1,8 +1,9 @@
 """Progress and summaries on rank 0 with `rich`: a live bar (step, loss, clips/s, ETA) on a terminal,
 plain log lines every `log_every` steps otherwise (CI logs, Slurm output files), and result tables.
-Every step's values also go to `<stage>/metrics.csv` and to TensorBoard event files under
-`<run>/tensorboard/<stage>/` (`tensorboard --logdir <run>/tensorboard`); a resumed stage drops what
-was logged after its checkpoint from both. Other ranks stay quiet.
+Every step's values also go to `<stage>/metrics.csv` and to the run's trackers (`trackers`, chosen with
+`train.report_to`: TensorBoard event files under `<run>/tensorboard/<stage>/` by default, wandb, trackio);
+a resumed stage drops what was logged after its checkpoint from the CSV files and TensorBoard. Other
+ranks stay quiet.
 """
 from __future__ import annotations
 
@@ -21,11 +22,29 @@ class Reporter:
         self.console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
         self.log_every = log_every
         self.progress = None
-        self.tb = None
+        self.trackers = []
+        self.run_dir = None
+        self.name = None                  # the stage being trained (None: none started in this process)
         self.last_step = 0
         self.timings: list[dict] = []
         self.history: list[dict] = []
         self.stage_rows: list[list[str]] = []
+
+    def open_trackers(self, run_dir, names: list[str], config: dict, project: str) -> None:
+        """Start (or, for a resumed run, continue) the run's trackers; rank 0 only."""
+        from pathlib import Path
+
+        from sclslt.runtime.trackers import make_trackers
+        if not self.enabled:
+            return
+        self.run_dir = Path(run_dir)
+        self.trackers = make_trackers(names)
+        for t in self.trackers:
+            t.start(self.run_dir, config, project)
+
+    def _log(self, values: dict, step: int, stage: str | None = None) -> None:
+        for t in self.trackers:
+            t.log(stage or self.name, values, step)
 
     def info(self, msg: str) -> None:
         if self.enabled:
@@ -44,12 +63,9 @@ class Reporter:
                     self._truncate_after(start, self.csv_path.with_name(f))
         if not self.enabled:
             return
-        self.close_tensorboard()
         if self.csv_path is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            # purge_step: events at or after the resumed step, from the interrupted run, are hidden
-            self.tb = SummaryWriter(str(self.csv_path.parent.parent / "tensorboard" / name),
-                                    purge_step=start + 1, flush_secs=30)
+            for t in self.trackers:
+                t.start_stage(name, self.csv_path.parent.parent, start)
         if self.console.is_terminal and not os.environ.get("SCLSLT_PLAIN_LOG"):
             from rich.progress import (
                 BarColumn,
@@ -73,10 +89,7 @@ class Reporter:
         self.history.append(row)
         self.last_step = step
         self._csv(row)
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(f"train/{k}", float(v), step)
-            self.tb.add_scalar("train/lr", lr, step)
+        self._log({**{f"train/{k}": float(v) for k, v in values.items()}, "train/lr": lr}, step)
         done = step - self.start_step
         rate = done * self.global_batch / max(time.time() - self.t0, 1e-9)
         stats = " ".join(f"{k} {row[k]:.4f}" for k in values) + f" lr {lr:.2e} {rate:.1f} clips/s"
@@ -107,9 +120,7 @@ class Reporter:
             for r, t in enumerate(per_rank):
                 if t:
                     self._csv({"step": step, "rank": r, **t}, self.csv_path.with_name("telemetry.csv"))
-                    if self.tb is not None:
-                        for k, v in t.items():
-                            self.tb.add_scalar(f"gpu/rank{r}/{k}", float(v), step)
+                    self._log({f"gpu/rank{r}/{k}": float(v) for k, v in t.items()}, step)
 
     def timing(self, step: int, row: dict) -> None:
         """A sampled step's time breakdown: <stage>/timing.csv, TensorBoard, and the stage summary."""
@@ -118,23 +129,28 @@ class Reporter:
         self.timings.append(row)
         if self.csv_path is not None:
             self._csv({"step": step, **row}, self.csv_path.with_name("timing.csv"))
-        if self.tb is not None:
-            for k, v in row.items():
-                self.tb.add_scalar(f"time/{k}", v, step)
+        self._log({f"time/{k}": v for k, v in row.items()}, step)
 
-    def scalars(self, values: dict, prefix: str) -> None:
-        """Evaluation numbers (retrieval recall, BLEU) into the current stage's event file, at its last step."""
-        step = self.last_step
-        if self.enabled and self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
-            self.tb.flush()
+    def scalars(self, values: dict, prefix: str, stage: str | None = None) -> None:
+        """Evaluation numbers (retrieval recall, BLEU) for a stage's trackers (default: the current one), at
+        its last step in this process (0 for a finished stage that a resume did not train)."""
+        stage = stage or self.name
+        if self.enabled and stage is not None:
+            self._log({f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))},
+                      self.last_step if stage == self.name else 0, stage)
+            for t in self.trackers:
+                getattr(t, "flush", lambda: None)()
 
-    def close_tensorboard(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+    def finish_trackers(self, result: dict | None) -> None:
+        """The final results and the run's figures (`curves.png`, trajectory plots) to every tracker, then close."""
+        figures = []
+        if self.run_dir is not None and result is not None:
+            from sclslt.runtime.plots import plot_curves
+            curves = plot_curves(self.run_dir)
+            figures = ([curves] if curves else []) + sorted(self.run_dir.glob("*/trajectories*/*.png"))
+        for t in self.trackers:
+            t.finish(result, figures)
+        self.trackers = []
 
     def _csv(self, row: dict, path=None) -> None:
         """Append one row per step (a resumed stage appends to the same file)."""
@@ -166,8 +182,8 @@ class Reporter:
                 self.info(f"{name}: step time over {len(self.timings)} sampled steps: " + ", ".join(
                     f"{k.removesuffix('_ms')} {v:.1f} ms" if k.endswith("_ms") else f"{k} {v:.2f}"
                     for k, v in mean.items()))
-            if self.tb is not None:
-                self.tb.flush()
+            for t in self.trackers:
+                getattr(t, "flush", lambda: None)()
 
     def results(self, result: dict) -> None:
         if not self.enabled:
@@ -180,8 +196,8 @@ class Reporter:
             t.add_row(*r)
         self.console.print(t)
         m, b = result["model"], result["trivial_baseline"]
-        self.scalars(m, f"eval_{result['split']}")
-        self.close_tensorboard()
+        self.scalars(m, f"eval_{result['split']}", (result.get("selected_checkpoint") or {}).get("stage"))
+        self.finish_trackers(result)
         t = Table(title=f"{result['split']} split ({m['n']} clips, beam {result['beam']})")
         for c in ("system", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "chrF"):
             t.add_column(c)

@@ -371,6 +371,7 @@ def prepare(cfg: Config, ds_config: str) -> Context:
             texts = {sp: [r.text for r in manifest_rows(read_manifest(shards_dir, sp))] for sp in ("train", "dev", "test")}
             make_run_tokenizer(cfg.model, texts.pop("train"), tok_dir, heldout=texts)
     on_rank0(make_run_dir, "preparing the run")
+    reporter.open_trackers(run_dir, cfg.train.report_to, to_dict(cfg), cfg.train.tracker_project)
     shards_dir = resolve_shards_dir(cfg.data)
     tokenizer = RunDir(run_dir).tokenizer()
     reporter.info(f"world {d.world} x {d.accelerator}, shards {shards_dir}, run {run_dir}")
@@ -424,7 +425,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
                               cfg.eval.batch_size, max_frames=cfg.data.max_frames, decode=ctx.decode)
             retrieval[name] = {"split": cfg.eval.retrieval_split,
                                **retrieval_recall(emb["video"], emb["text"], emb["sentence_ids"])}
-            ctx.reporter.scalars(retrieval[name], f"retrieval_{cfg.eval.retrieval_split}")
+            ctx.reporter.scalars(retrieval[name], f"retrieval_{cfg.eval.retrieval_split}", name)
             ctx.reporter.info(f"{name} {cfg.eval.retrieval_split} retrieval: " + " ".join(
                 f"{k} {v:.1f}" for k, v in retrieval[name].items() if k != "split"))
     if model is None:
