@@ -32,12 +32,17 @@ fi
 "$PY" -m pip install --quiet -c "$cons" -e ".${extra}"
 # pyenv installs console scripts (deepspeed) behind shims that need a rehash
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
-# tests/test_slurm.py runs the launch/slurm/ templates on a local Slurm: install it where we can
-# (Debian/Ubuntu, as root). Best effort: if apt fails, the setup goes on and that test reports why.
-if [ -n "$extra" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-   && ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1; then
-  echo "setup_env: installing slurmctld slurmd slurm-client munge (for tests/test_slurm.py)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      slurmctld slurmd slurm-client munge; } >/dev/null 2>&1 \
-    || echo "setup_env: could not install the Slurm packages; tests/test_slurm.py will say why" >&2
-fi
+# tests/test_slurm.py runs the launch/slurm/ templates on a local Slurm, and tests/test_demo.py drives the
+# demo page with Playwright in Debian's headless chromium: install them where we can (Debian/Ubuntu, as
+# root). Best effort: if apt fails, the setup goes on and those tests report why.
+apt_for_tests() {   # $1: a command that is there when the packages are; the rest: the packages
+  local probe=$1; shift
+  if [ -n "$extra" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+     && ! PATH="$PATH:/usr/sbin:/sbin" command -v "$probe" >/dev/null 2>&1; then
+    echo "setup_env: installing $* (for the tests)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"; } \
+      >/dev/null 2>&1 || echo "setup_env: could not install $*; the tests that need them will say why" >&2
+  fi
+}
+apt_for_tests slurmctld slurmctld slurmd slurm-client munge
+apt_for_tests chromium chromium

@@ -156,7 +156,7 @@ def build_app(demo: Demo):
 
     def run(upload, test_key):
         try:
-            r = demo.translate(upload, test_key or None)
+            r = demo.translate(upload, None if upload else (test_key or None))   # an upload wins
         except TranslateError as e:
             return "", f"**Error:** {e}", [], []
         info = (f"**{r['input']}**: {len(r['frames'])} frames used of {r['source_frames']}; latency "
