@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "time and each input's frames and latency.")
     translate.add_arguments(t)
     t.set_defaults(func=translate.run_command)
-    from sclslt.hub import export
+    from sclslt.eval import export
     e = sub.add_parser("export", help="a run's selected checkpoint as a Hugging Face model folder with a model card",
                        description=export.__doc__.split("\n\n")[0])
     export.add_arguments(e)

@@ -421,8 +421,8 @@ def test_export_of_a_zero3_run_translates_its_test_split_as_the_run_did(exp, tmp
     decodes the test split, in the ranks' micro-batches, to exactly the run's hypotheses."""
     from test_export import decode_split, hypotheses
 
-    from sclslt.hub import SignTranslator
-    from sclslt.hub.export import export_run
+    from sclslt.eval.hub import SignTranslator
+    from sclslt.eval.export import export_run
     d, cfg_path = exp
     run = d / "zero3"
     if not (run / "results.json").is_file():           # this test alone: the ZeRO-3 run of the test above

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sclslt.cli import main as cli_main
-from sclslt.hub import ExportError, SignTranslator
-from sclslt.hub.export import export_run, merge_lora
+from sclslt.eval.hub import ExportError, SignTranslator
+from sclslt.eval.export import export_run, merge_lora
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 

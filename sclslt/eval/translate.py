@@ -270,7 +270,7 @@ class Translator:
         return (str(self.run), model, tok, spec), (cfg.eval.beam, cfg.eval.max_len)
 
     def _load_export(self, name, size):
-        from sclslt.hub.model import ExportError, SignTranslator
+        from sclslt.eval.hub import ExportError, SignTranslator
         try:
             hub = SignTranslator.from_pretrained(name)
         except (ExportError, FileNotFoundError, OSError, ValueError) as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sclslt.hub.model import FORMAT, ExportError, SignTranslator, verify, write_manifest
+from sclslt.eval.hub import FORMAT, ExportError, SignTranslator, verify, write_manifest
 
 FRAME_KEYS = ("max_frames", "lowercase", "crop", "augment", "aug_prob", "aug_rotate", "aug_scale", "aug_translate")
 
@@ -50,7 +50,7 @@ def export_run(run_dir, out, lora: str = "merged", license: str = "other", name:
                overwrite: bool = False, sentences: bool = True) -> Path:
     """Write the export of run `run_dir` to `out`; returns `out`. See the module docstring."""
     from sclslt.eval.translate import check_run, frame_spec, resolve_checkpoint
-    from sclslt.hub.card import model_card
+    from sclslt.eval.card import model_card
     from sclslt.runtime.rundir import RunDir, load_run_model
     if lora not in ("merged", "adapter"):
         raise ExportError(f"--lora {lora}: use merged or adapter")

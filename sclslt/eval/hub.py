@@ -1,10 +1,10 @@
 """`SignTranslator`: an exported model, loaded by local path or Hugging Face Hub name.
 
-    from sclslt.hub import SignTranslator
+    from sclslt.eval.hub import SignTranslator
     model = SignTranslator.from_pretrained("runs/phoenix/export")      # or "user/sclslt-phoenix2014t"
     print(model.translate("clip.mp4"))                                 # a video or a folder of frames
 
-The folder (written by `sclslt export`, `sclslt.hub.export`) is the Hugging Face layout:
+The folder (written by `sclslt export`, `sclslt.eval.export`) is the Hugging Face layout:
 `model.safetensors` (the whole translator: backbone, visual encoder, decoder, text encoder, projections),
 `config.json` (the model and frame settings, the transformers architectures of the backbone and of mBART
 so that nothing pretrained is downloaded, generation defaults), the tokenizer files and sclslt's vocab

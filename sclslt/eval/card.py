@@ -113,7 +113,7 @@ def model_card(run: Path, cfg, results: dict, config: dict, license: str, name: 
     text += ["", "## Checkpoint", "",
              f"`{config['provenance']['checkpoint']}` of run `{run.name}`: {config['provenance']['checkpoint_choice']}"
              + (f" (rule: {sel['rule']})" if sel.get("rule") else "") + ".", "",
-             "## Use", "", "```python", "from sclslt.hub import SignTranslator",
+             "## Use", "", "```python", "from sclslt.eval.hub import SignTranslator",
              f"model = SignTranslator.from_pretrained(\"path/or/hub-name\")", "print(model.translate(\"clip.mp4\"))   "
              "# a video file or a folder of frames", "```", "",
              "or `sclslt translate --model path/or/hub-name clip.mp4`. Frames are decoded, resized to "
