@@ -1,11 +1,13 @@
 """CiCo fine-grained video-text similarity, fused: the contract, its reference, and the Triton kernels.
 
-`cico_similarity(v, v_mask, t, t_mask, tau=0.07)`: v (b, T, d) video tokens, t (n, L, d) text tokens,
-both L2-normalised by the caller; boolean masks of valid tokens. For a pair (i, j), dot = v_i t_j^T
-(T x L) and
+`cico_similarity(v, v_mask, t, t_mask, tau=0.07, part="mean")`: v (b, T, d) video tokens, t (n, L, d)
+text tokens, both L2-normalised by the caller; boolean masks of valid tokens. For a pair (i, j),
+dot = v_i t_j^T (T x L) and
     i2t = mean over valid t of  sum_l dot[t, l] * softmax_l(dot[t, :] / tau)[l]
     t2i = mean over valid l of  sum_t dot[t, l] * softmax_t(dot[:, l] / tau)[t]
-    s(i, j) = (i2t + t2i) / 2                                       (../shared/PAPER.md)
+    s(i, j) = (i2t + t2i) / 2                                       (../shared/PAPER.md; part "mean")
+or one direction alone (part "i2t" or "t2i": CiCo's own code scores video->text with i2t and
+text->video with t2i).
 Returns the (b, n) similarities in fp32, differentiable in v and t. A clip or sentence with no
 valid token has similarity 0 (no NaN).
 
@@ -33,8 +35,11 @@ from ._dispatch import TRITON_TYPES, dot_meta, dot_precision, use_triton
 MAX_TOKENS = 256
 
 
+PARTS = {"mean": (0.5, 0.5), "i2t": (1.0, 0.0), "t2i": (0.0, 1.0)}     # weights of (i2t, t2i)
+
+
 def cico_similarity_reference(v: torch.Tensor, v_mask: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor,
-                              tau: float = 0.07) -> torch.Tensor:
+                              tau: float = 0.07, part: str = "mean") -> torch.Tensor:
     """The spec: materialises (b, n, T, L); fp32 (fp64 stays fp64)."""
     _check(v, v_mask, t, t_mask)
     acc = torch.promote_types(v.dtype, torch.float32)
@@ -51,7 +56,14 @@ def cico_similarity_reference(v: torch.Tensor, v_mask: torch.Tensor, t: torch.Te
     n_l = t_mask.sum(-1).clamp_min(1).to(acc)[None, :]
     i2t = (f * v_mask.bool()[:, None, :]).sum(-1) / n_t
     t2i = (h * t_mask.bool()[None, :, :]).sum(-1) / n_l
-    return (i2t + t2i) / 2
+    w_i2t, w_t2i = _weights(part)
+    return w_i2t * i2t + w_t2i * t2i
+
+
+def _weights(part: str) -> tuple[float, float]:
+    if part not in PARTS:
+        raise ValueError(f"cico_similarity: part {part!r}; use one of {', '.join(PARTS)}")
+    return PARTS[part]
 
 
 def _check(v, v_mask, t, t_mask):
@@ -62,15 +74,16 @@ def _check(v, v_mask, t, t_mask):
                          f"{tuple(t_mask.shape)}")
 
 
-def cico_similarity(v, v_mask, t, t_mask, tau: float = 0.07) -> torch.Tensor:
+def cico_similarity(v, v_mask, t, t_mask, tau: float = 0.07, part: str = "mean") -> torch.Tensor:
     """Dispatch: the fused Triton kernels where they can run (see `_dispatch`), else the reference."""
     _check(v, v_mask, t, t_mask)
+    w = _weights(part)
     if not use_triton(v, t):
-        return cico_similarity_reference(v, v_mask, t, t_mask, tau)
+        return cico_similarity_reference(v, v_mask, t, t_mask, tau, part)
     if v.shape[1] > MAX_TOKENS or t.shape[1] > MAX_TOKENS:
         raise ValueError(f"cico_similarity kernel: at most {MAX_TOKENS} tokens per clip/sentence, got "
                          f"T={v.shape[1]}, L={t.shape[1]} (subsample frames or use SCLSLT_KERNELS=reference)")
-    return _CiCo.apply(v, v_mask, t, t_mask, float(tau))
+    return _CiCo.apply(v, v_mask, t, t_mask, float(tau), w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +193,7 @@ if triton is not None:
         return f_sum, tl.maximum(n_t, 1.0), tm, n_l, m, z, h
 
     @triton.jit
-    def _cico_fwd(V, VM, T, TM, S, n, TT, LL, d, svb, svt, stn, stl, inv_tau,
+    def _cico_fwd(V, VM, T, TM, S, n, TT, LL, d, svb, svt, stn, stl, inv_tau, w_i2t, w_t2i,
                   FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
         i = tl.program_id(0)
@@ -188,10 +201,10 @@ if triton is not None:
         f_sum, n_t, tm, n_l, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
                                                    FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
         t2i = tl.sum(tl.where(tm, h, 0.0), axis=0) / n_l
-        tl.store(S + i.to(tl.int64) * n + j, (f_sum / n_t + t2i) * 0.5)
+        tl.store(S + i.to(tl.int64) * n + j, w_i2t * (f_sum / n_t) + w_t2i * t2i)
 
     @triton.jit
-    def _cico_grad(V, VM, T, TM, GUP, G, n, j0, J, TT, LL, d, svb, svt, stn, stl, inv_tau,
+    def _cico_grad(V, VM, T, TM, GUP, G, n, j0, J, TT, LL, d, svb, svt, stn, stl, inv_tau, w_i2t, w_t2i,
                    FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
         """G[i, t, jl, l] = g_ij d s(i, j) / d dot[t, l] for sentence j = j0 + jl of the chunk."""
@@ -200,23 +213,23 @@ if triton is not None:
         j = j0 + jl
         f_sum, n_t, tm, n_l, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
                                                    FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
-        g = 0.5 * tl.load(GUP + i.to(tl.int64) * n + j)
+        g = tl.load(GUP + i.to(tl.int64) * n + j)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         inv_z = 1.0 / tl.maximum(z, 1e-30)
         ls = tl.arange(0, BLOCK_L)
         for t0 in range(0, TT, BLOCK_T):
             ts, vm, dot, x, p_row, f = _token_block(V, VM, T, i, j, t0, tm, TT, LL, d, svb, svt, stn, stl, inv_tau,
                                                     FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
-            gi = tl.where(vm[:, None], p_row * (1.0 + (dot - f[:, None]) * inv_tau), 0.0) / n_t
+            gi = tl.where(vm[:, None], p_row * (1.0 + (dot - f[:, None]) * inv_tau), 0.0) * (w_i2t / n_t)
             p_col = tl.exp(x - m_safe[None, :]) * inv_z[None, :]
-            gt = tl.where(tm[None, :], p_col * (1.0 + (dot - h[None, :]) * inv_tau), 0.0) / n_l
+            gt = tl.where(tm[None, :], p_col * (1.0 + (dot - h[None, :]) * inv_tau), 0.0) * (w_t2i / n_l)
             out = G + ((i.to(tl.int64) * TT + ts[:, None]) * J + jl) * LL + ls[None, :]
             tl.store(out, ((gi + gt) * g).to(G.dtype.element_ty), mask=(ts < TT)[:, None] & (ls < LL)[None, :])
 
 
 class _CiCo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, v_mask, t, t_mask, tau):
+    def forward(ctx, v, v_mask, t, t_mask, tau, weights):
         v = v.contiguous()
         t = t.contiguous().to(v.dtype)
         vm = v_mask.to(torch.int8).contiguous()
@@ -225,9 +238,9 @@ class _CiCo(torch.autograd.Function):
         n, LL, _ = t.shape
         s = torch.empty(b, n, device=v.device, dtype=torch.float32)
         _cico_fwd[(b, n)](v, vm, t, tm, s, n, TT, LL, d, v.stride(0), v.stride(1), t.stride(0), t.stride(1),
-                          1.0 / tau, **dot_meta(v.dtype), **config(TT, LL, v.dtype))
+                          1.0 / tau, *weights, **dot_meta(v.dtype), **config(TT, LL, v.dtype))
         ctx.save_for_backward(v, vm, t, tm)
-        ctx.tau = tau
+        ctx.tau, ctx.weights = tau, weights
         return s
 
     @staticmethod
@@ -246,11 +259,11 @@ class _CiCo(torch.autograd.Function):
             w = min(J, n - j0)
             g = buf[:b * TT * w * LL]
             _cico_grad[(b, w)](v, vm, t, tm, gup, g, n, j0, w, TT, LL, d, v.stride(0), v.stride(1), t.stride(0),
-                               t.stride(1), 1.0 / ctx.tau, **meta)
+                               t.stride(1), 1.0 / ctx.tau, *ctx.weights, **meta)
             gm = g.view(b * TT, w * LL)
             dv += (gm @ t[j0:j0 + w].reshape(w * LL, d)).float()
             dt[j0:j0 + w] = (gm.t() @ v2).view(w, LL, d)
-        return dv.view(b, TT, d).to(v.dtype), None, dt, None, None
+        return dv.view(b, TT, d).to(v.dtype), None, dt, None, None, None
 
 
 def launch_variants():
@@ -269,6 +282,7 @@ def launch_variants():
                 blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
                 const = dict(FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
                 opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
-                base = {"V": ptr[dtype], "VM": "*i8", "T": ptr[dtype], "TM": "*i8", "inv_tau": "fp32"}
+                base = {"V": ptr[dtype], "VM": "*i8", "T": ptr[dtype], "TM": "*i8", "inv_tau": "fp32",
+                        "w_i2t": "fp32", "w_t2i": "fp32"}
                 yield "_cico_fwd", dtype, {**base, "S": "*fp32"}, const, opts
                 yield "_cico_grad", dtype, {**base, "GUP": "*fp32", "G": ptr[dtype]}, const, opts

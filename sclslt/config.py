@@ -90,6 +90,7 @@ class ModelConfig:
     embed_dim: int = 64           # joint embedding size for the contrastive heads
     similarity: str = "pooled"    # the similarity head (sclslt/model/heads.py): pooled embeddings, or cico (token-level, PAPER.md)
     cico_tau: float = 0.07        # CiCo softmax temperature
+    cico_directions: Literal["average", "split"] = "average"  # CiCo training: (i2t + t2i) / 2 both ways, or split: i2t for video->text, t2i for text->video (CiCo's code)
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0       # clamp of the multiplier, as CLIP
     temporal_downsample: bool = True      # two [Conv1d k5, BN, ReLU, MaxPool 2] blocks (GFSLT-VLP)

@@ -386,7 +386,7 @@ def test_one_and_four_ranks_train_on_the_same_batches_and_take_world_ones_steps(
     assert metrics(d / "w4", "stage1")[0]["loss"] == pytest.approx(metrics(d / "w1", "stage1")[0]["loss"], rel=1e-5)
 
 
-CLOSE_SOFT = ("--stage1.mask_close_text", "0.5", "--stage1.soft_close_text", "0.3")
+CLOSE_SOFT = ("--stage1.mask_close_text", "0.5", "--stage1.soft_close_text", "0.3", "--model.cico_directions", "split")
 CLOSE_COSINE = ("--stage1.mask_close_text", "0.8", "--stage1.mask_close_text_kind", "cosine")
 
 
@@ -397,7 +397,8 @@ def test_other_zero_stages_equal_one_process(exp, zero, similarity, close):
     stage transfer; beam search with partitioned parameters) and ZeRO-3 with the optimizer offloaded to
     the host (DeepSpeed's CPU AdamW) take the same steps as plain PyTorch, with CiCo similarity
     (token features gathered with padding) on one of them, and issue 24's close-text losses on two:
-    Jaccard-close columns as soft positives (CiCo), cosine-close ones masked (pooled)."""
+    Jaccard-close columns as soft positives (CiCo, with one term per direction: cico_directions split),
+    cosine-close ones masked (pooled)."""
     d, cfg_path = exp
     run = d / f"zero{zero}"
     extra = ("--train.max_steps", "4", "--model.similarity", similarity, *close)

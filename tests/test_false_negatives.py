@@ -244,3 +244,27 @@ def test_allow_same_sentence_plans_as_if_every_clip_had_its_own_sentence():
     kept, q = plan(t, 8, epoch=1, epochs=3, seed=2)
     dup = lambda bs: sum(len(b) - len(set(t.sentence_ids[rows_of(t, b)].tolist())) for b in bs)
     assert dup(allowed) > dup(kept)
+
+
+def test_cico_split_directions_score_each_direction_with_its_own_term():
+    """model.cico_directions split: video->text rows by i2t, text->video rows by t2i (CiCo's code); the
+    default averages the two in both directions."""
+    from sclslt_kernels import cico_similarity_reference, masked_ce
+    head = get_head("cico")
+    b, n, offset = 3, 9, 3
+    cols = head_outputs("cico", b, n, 4)
+    col_ids = torch.arange(n)
+    ids = col_ids[offset:offset + b]
+    out = {k: v[offset:offset + b] for k, v in cols.items()}
+    out["logit_scale"] = torch.tensor(10.0, dtype=torch.float64)
+    cols["ids"] = col_ids
+    keys = ("video_tokens", "video_mask", "text_tokens", "text_mask")
+    ref = lambda vsrc, tsrc, part: cico_similarity_reference(*(vsrc[k] for k in keys[:2]), *(tsrc[k] for k in keys[2:]),
+                                                             0.07, part)
+    for mode, (pv, pt) in (("split", ("i2t", "t2i")), ("average", ("mean", "mean"))):
+        got = head.loss({**out, "cico_directions": mode}, ids, cols, offset, 0.07)
+        want = 0.5 * (masked_ce(10.0 * ref(out, cols, pv), offset, ids, col_ids)
+                      + masked_ce(10.0 * ref(cols, out, pt).t(), offset, ids, col_ids))
+        assert float(got) == pytest.approx(float(want), rel=1e-9), mode
+    split = head.loss({**out, "cico_directions": "split"}, ids, cols, offset, 0.07)
+    assert abs(float(split) - float(head.loss(out, ids, cols, offset, 0.07))) > 1e-4

@@ -176,6 +176,30 @@ def test_cico_matches_reference(dtype, b, n, T, L, d, tau, empty):
         assert torch.isfinite(gv).all() and torch.isfinite(gt).all()
 
 
+@pytest.mark.parametrize("part", ["i2t", "t2i"])
+def test_cico_one_direction_matches_reference(part):
+    """One direction alone (model.cico_directions split: CiCo's own i2t for video->text, t2i for
+    text->video): values and both gradients against the reference, over two clip-token blocks; and the
+    default is the mean of the two."""
+    b, n, T, L, d = 2, 3, 17, 9, 40
+    v, vm, t, tm, up = _cico_case(b, n, T, L, d, torch.float32, 5, True)
+    rl, ga = TOL[torch.float32]
+    va, ta = v.clone().requires_grad_(), t.clone().requires_grad_()
+    got = cico_similarity(va, vm, ta, tm, 0.07, part)
+    gv, gt = torch.autograd.grad(got, (va, ta), up)
+    vr, tr = v.double().requires_grad_(), t.double().requires_grad_()
+    want = cico_similarity_reference(vr, vm, tr, tm, 0.07, part)
+    wv, wt = torch.autograd.grad(want, (vr, tr), up.double())
+    assert (got.double() - want).abs().max().item() <= 1e-5
+    _close(gv, wv, rl, ga, "dv")
+    _close(gt, wt, rl, ga, "dt")
+    other = cico_similarity(v, vm, t, tm, 0.07, "t2i" if part == "i2t" else "i2t")
+    mean = cico_similarity(v, vm, t, tm, 0.07)
+    assert torch.allclose(mean, (got.detach() + other) / 2, atol=1e-6) and (got.detach() - other).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="part"):
+        cico_similarity(v, vm, t, tm, 0.07, "both")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,n,T,L,d", [(3, 7, 70, 20, 80), (2, 5, 40, 150, 48)])
 def test_cico_at_gpu_tiles_over_token_blocks_and_sentence_chunks(dtype, b, n, T, L, d, monkeypatch):

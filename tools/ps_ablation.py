@@ -48,6 +48,7 @@ class Arm:
     pretrained: str = ""                        # "encoders" (backbone + mBART + tokenizer, as a real recipe) or
                                                 # "vlp" (the whole pretraining run's stage 1): see `pretrained`
     baseline: str = "random"                    # the arm it is compared with, seed by seed
+    also: tuple[str, ...] = ()                  # secondary comparisons (issue 24: does it help Pair Selection?)
 
 
 PS = ("--selection.mode", "ps")
@@ -109,7 +110,37 @@ TUNING: dict[str, Arm] = {
        for k, ts in CLOSE_T.items() for t in ts for w in SOFT_W},
 }
 ARMS.update(TUNING)
-FN_ARMS = {"random", "random_nomask", "ps"} | set(TUNING)       # + the plan's method arms (issue 24)
+
+# the values the plan's rule chose on dev (benchmarks/results/false_negatives_tuning.md), then fixed for both
+# test beds: separate_close q*, the text mask's (kind k*, threshold t*), the soft weight w*
+CHOSEN = {"separate_close": None, "mask_close_text": None, "soft_close_text": None}
+
+
+def method_arms(c: dict) -> dict[str, Arm]:
+    """The plan's arms (false_negatives_plan.md) at the chosen values."""
+    sep = ("--selection.separate_close", str(c["separate_close"]))
+    mask = textmask(*c["mask_close_text"])
+    nosafe = ("--stage1.mask_same_sentence", "false", "--selection.allow_same_sentence", "true")
+    return {
+        "ps_sep": Arm(f"Pair Selection, pairs in the top {c['separate_close']} at both checkpoints kept apart",
+                      PS + sep, PS_TABLE, also=("ps",)),
+        "random_textmask": Arm(f"random batches, close texts ({mask[3]} >= {mask[1]}) masked", mask),
+        "random_textsoft": Arm(f"random batches, close texts as positives of weight {c['soft_close_text']}",
+                               mask + ("--stage1.soft_close_text", str(c["soft_close_text"]))),
+        "ps_textmask": Arm("Pair Selection + the close-text mask", PS + mask, PS_TABLE, also=("ps", "random_textmask")),
+        "ps_sep_textmask": Arm("Pair Selection with separation + the close-text mask", PS + sep + mask, PS_TABLE,
+                               also=("ps", "random_textmask")),
+        "ps_nosafe": Arm("Pair Selection with both safeguards off (no id mask, identical sentences may share a "
+                         "batch): the paper's setting", PS + nosafe, PS_TABLE, baseline="random_nomask"),
+        "random_cico_split": Arm("random batches, CiCo with one term per direction (i2t for video->text, t2i for "
+                                 "text->video)", CICO + ("--model.cico_directions", "split"), baseline="random_cico"),
+    }
+
+
+if all(v is not None for v in CHOSEN.values()):
+    ARMS.update(method_arms(CHOSEN))
+FN_ARMS = {"random", "random_nomask", "ps", *TUNING, *method_arms(
+    {"separate_close": 0, "mask_close_text": ("jaccard", 0), "soft_close_text": 0})}
 METRICS = {"dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"), "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
            "test_bleu4": ("model", "bleu4"), "test_rouge_l": ("model", "rouge_l")}
 # two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
@@ -217,7 +248,7 @@ def run_arm(args, name: str, seed: int, port: int) -> dict:
         print(f"seed {seed}: {name}", flush=True)
         sh(launcher(args, port) + ["launch/train.py", "--deepspeed", args.deepspeed, "--config", str(args.config),
                                    "--train.seed", str(seed), "--train.run_dir", str(run), *extra],
-           run.with_suffix(".log"))
+           run.parent / f"{name}.log")            # not with_suffix: arm names hold dots (tune_cosine0.8)
     return json.loads((run / "results.json").read_text())
 
 
@@ -387,6 +418,11 @@ def report(args) -> dict:
             if name != "random" and ref:
                 common = [s for s in sorted(per_seed) if s in ref]
                 row[m]["vs_random"] = paired([metric(per_seed[s], path) - metric(ref[s], path) for s in common])
+            for other in ARMS[name].also:
+                if other in results:
+                    common = [s for s in sorted(per_seed) if s in results[other]]
+                    row[m].setdefault("vs_also", {})[other] = paired(
+                        [metric(per_seed[s], path) - metric(results[other][s], path) for s in common])
         row["baseline"] = ARMS[name].baseline
         rows[name] = row
     power = {}
@@ -430,7 +466,7 @@ def trajectories(seed_dir: Path) -> dict:
             tags = sorted(p.name for p in (run / "stage1" / "checkpoints").glob("epoch*"))
             tags = [t for t in tags if int(t[5:]) >= first]
             sh([sys.executable, "tools/trajectories.py", "--run", str(run), "--sample", "1024", "--tags", *tags,
-                "--out", str(dest)], run.with_suffix(f".{dest.name}.log"))
+                "--out", str(dest)], run.parent / f"{run.name}.{dest.name}.log")
         r = json.loads((dest / "report.json").read_text())
         out[name] = {k: r.get(k) for k in ("tags", "fractions", "same_sentence", "paraphrase")}
     return out
@@ -455,6 +491,13 @@ def markdown(out: dict, cmd: str) -> str:
     for name, r in out["arms"].items():
         vs = "" if name == "random" else r.get("baseline", "random")
         lines.append(f"| {name} | {vs} | {len(r['seeds'])} | " + " | ".join(fmt(r[m]) for m in METRICS) + " |")
+    also = [(n, o) for n, r in out["arms"].items() for o in r[next(iter(METRICS))].get("vs_also", {})]
+    if also:
+        lines += ["", "Secondary comparisons (does the addition help?): mean paired difference [95% CI].", "",
+                  "| arm | vs | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+        for n, o in also:
+            lines.append(f"| {n} | {o} | " + " | ".join(fmt({**out['arms'][n][m], 'vs_random': out['arms'][n][m]['vs_also'][o]})
+                                                      for m in METRICS) + " |")
     lines += ["", "Arms:", ""] + [f"- `{n}`: {r['help']}" for n, r in out["arms"].items()]
     lines += ["", "Seeds needed for 80% power at a 2-point paired gap (5% two-sided): " + ", ".join(
         f"{m} {p['seeds_for_2_points']} (paired sd {p['paired_sd']:.2f}, {p['from']})" for m, p in out["power"].items()),

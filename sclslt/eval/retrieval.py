@@ -55,8 +55,9 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
         vs.append(v.float().cpu())
         ts.append(t.float().cpu())
         if sim:
-            for k, x in sim.features(model, enc, mask, text, batch.attention_mask).items():
-                cols[k].append(x.float().cpu() if x.is_floating_point() else x.cpu())
+            f = sim.features(model, enc, mask, text, batch.attention_mask)
+            for k in sim.columns:
+                cols[k].append(f[k].float().cpu() if f[k].is_floating_point() else f[k].cpu())
     mine = {"keys": keys, "sentence_ids": torch.cat(sids), "video": torch.cat(vs), "text": torch.cat(ts)}
     if sim:
         mine.update({k: _cat(v, sim) for k, v in cols.items()})

@@ -53,12 +53,18 @@ class SimilarityHead(ABC):
         """(N, M) similarity of every video (row) with every text (column) of a split's features
         (`retrieval.embed_split(head=...)`), or of the local rows against the gathered columns."""
 
-    def close_loss(self, out: dict, ids, cols: dict, offset: int, tau: float, close: CloseSentences) -> torch.Tensor:
-        """`loss` with close-text columns masked or weighted (`close_text`): the local rows' logits against
-        the gathered columns in both directions, materialised (b x n) through `scores`, then `close_ce`."""
-        s = out["logit_scale"]
+    def pair_scores(self, out: dict, cols: dict, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, n) similarities of the local rows against the gathered columns: videos against texts, and
+        texts against videos (`scores` both ways)."""
         v2t = self.scores({k: out[k] if k.startswith("video") else cols[k] for k in self.columns}, tau)
         t2v = self.scores({k: cols[k] if k.startswith("video") else out[k] for k in self.columns}, tau).t()
+        return v2t, t2v
+
+    def close_loss(self, out: dict, ids, cols: dict, offset: int, tau: float, close: CloseSentences) -> torch.Tensor:
+        """`loss` with close-text columns masked or weighted (`close_text`): the local rows' logits against
+        the gathered columns in both directions, materialised (b x n: `pair_scores`), then `close_ce`."""
+        s = out["logit_scale"]
+        v2t, t2v = self.pair_scores(out, cols, tau)
         m = close.mask(ids, cols["ids"])
         return 0.5 * (close_ce(s * v2t, offset, ids, cols["ids"], m, close.soft)
                       + close_ce(s * t2v, offset, ids, cols["ids"], m, close.soft))
@@ -91,12 +97,22 @@ class CiCoHead(SimilarityHead):
 
     def features(self, model, enc, mask, text, text_mask) -> dict:
         return {"video_tokens": F.normalize(model.video_proj(enc), dim=-1), "video_mask": mask,
-                "text_tokens": F.normalize(model.text_proj(text), dim=-1), "text_mask": text_mask.bool()}
+                "text_tokens": F.normalize(model.text_proj(text), dim=-1), "text_mask": text_mask.bool(),
+                "cico_directions": model.cfg.cico_directions}
+
+    def pair_scores(self, out, cols, tau):
+        """model.cico_directions: "average" scores both directions with (i2t + t2i) / 2; "split" scores
+        video->text with i2t and text->video with t2i, one term per direction as CiCo's own code does."""
+        split = out.get("cico_directions") == "split"
+        v2t = cico_similarity(out["video_tokens"], out["video_mask"], cols["text_tokens"], cols["text_mask"], tau,
+                              "i2t" if split else "mean")
+        t2v = cico_similarity(cols["video_tokens"], cols["video_mask"], out["text_tokens"], out["text_mask"], tau,
+                              "t2i" if split else "mean").t()
+        return v2t, t2v
 
     def loss(self, out, ids, cols, offset, tau):
         s = out["logit_scale"]
-        v2t = cico_similarity(out["video_tokens"], out["video_mask"], cols["text_tokens"], cols["text_mask"], tau)
-        t2v = cico_similarity(cols["video_tokens"], cols["video_mask"], out["text_tokens"], out["text_mask"], tau).t()
+        v2t, t2v = self.pair_scores(out, cols, tau)
         return 0.5 * (masked_ce(s * v2t, offset, ids, cols["ids"]) + masked_ce(s * t2v, offset, ids, cols["ids"]))
 
     def scores(self, emb, tau, chunk_elems: int = 1 << 26):
