@@ -113,7 +113,7 @@ ARMS.update(TUNING)
 
 # the values the plan's rule chose on dev (benchmarks/results/false_negatives_tuning.md), then fixed for both
 # test beds: separate_close q*, the text mask's (kind k*, threshold t*), the soft weight w*
-CHOSEN = {"separate_close": None, "mask_close_text": None, "soft_close_text": None}
+CHOSEN = {"separate_close": 0.02, "mask_close_text": ("jaccard", 0.6), "soft_close_text": 0.3}
 
 
 def method_arms(c: dict) -> dict[str, Arm]:

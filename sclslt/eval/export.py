@@ -92,6 +92,8 @@ def export_run(run_dir, out, lora: str = "merged", license: str = "other", name:
         texts = sorted({r.text for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))})
         (tmp / "train_sentences.json").write_text(json.dumps(texts, ensure_ascii=False, indent=0) + "\n")
     (tmp / "README.md").write_text(model_card(run, cfg, results, config, license, name or run.name))
+    for f in tmp.iterdir():                         # readable by whoever the folder is shared with
+        f.chmod(0o644)
     write_manifest(tmp)
     if out.exists():
         shutil.rmtree(out)

@@ -119,11 +119,9 @@ class Trackio(Tracker):
         self.trackio = trackio
         self.run = trackio.init(project=project, name=run_id(run_dir, "trackio"), config=config, resume="allow",
                                 auto_log_gpu=False, auto_log_cpu=False)
-        self.step = self.run_step = 0
 
     def log(self, stage, values, step):
         # one step axis per run in trackio: the stage's step is logged as a metric beside the values
-        self.run_step += 1
         self.trackio.log({f"{stage}/step": step, **{f"{stage}/{k}": float(v) for k, v in values.items()}})
 
     def finish(self, results, figures):
