@@ -56,8 +56,10 @@ def test_every_arm_is_a_valid_recipe_of_the_test_bed(name):
         assert load_config(ROOT / "configs" / "ps_paraphrase.yaml", list(abl.ARMS[ref].args)).model.similarity \
             == cfg.model.similarity
     assert arm.baseline in abl.ARMS and (arm.baseline != name or name == "random")
-    if arm.table:                    # planned arms are compared with their own reference run
-        assert arm.baseline == arm.table[0]
+    if arm.table:                    # planned arms are compared with a random-batch arm of their reference's recipe
+        base = load_config(ROOT / "configs" / "ps_paraphrase.yaml", list(abl.ARMS[arm.baseline].args))
+        assert abl.ARMS[arm.baseline].table is None and base.model.similarity == cfg.model.similarity
+        assert arm.baseline == arm.table[0] or base.stage1.mask_same_sentence == cfg.stage1.mask_same_sentence
     if name == "random_nomask":
         assert not cfg.stage1.mask_same_sentence
 
