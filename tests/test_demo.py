@@ -112,6 +112,25 @@ def test_an_uploaded_clip_translates_as_sclslt_translate_says(tiny_run, clips, p
     clear_upload(page)
 
 
+def test_a_zip_of_frames_translates_as_the_frame_folder(tiny_run, clips, page, tmp_path):
+    import zipfile
+    run, hyps = tiny_run
+    c = clips[0]
+    z = tmp_path / "frames.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        for png in sorted(c["folder"].iterdir()):
+            f.write(png, f"clip/{png.name}")
+    text, info = submit(page, path=z)
+    assert text == hyps[c["key"]] and f"{c['frames'].shape[0]} frames used" in info
+    clear_upload(page)
+    unsafe = tmp_path / "unsafe.zip"
+    with zipfile.ZipFile(unsafe, "w") as f:
+        f.writestr("../../escape.png", b"x")
+    _, info = submit(page, path=unsafe)
+    assert "Error" in info and "unsafe member name" in info and not (tmp_path.parent / "escape.png").exists()
+    clear_upload(page)
+
+
 def test_a_test_clip_picked_from_the_list_shows_its_reference(tiny_run, tiny_shards, clips, page):
     from sclslt.data.shards import manifest_rows, read_manifest
     run, hyps = tiny_run
