@@ -335,7 +335,10 @@ def separated_pairs(run: Path, cfg) -> tuple:
     from sclslt.data.loader import rng_seed
     from sclslt.runtime.context import stage_seed
     from sclslt.selection.planner import load_table
-    t = load_table(cfg.selection.table)
+    path = Path(cfg.selection.table)
+    if not path.is_file():                    # an archived run (--archive): the table beside the seed's runs
+        path = run.parent / "tables" / path.name
+    t = load_table(path)
     th = t.close_thresholds(cfg.selection.separate_close, rng_seed(stage_seed(cfg, "stage1"), 8))
     s0 = (t.v0 @ t.t0.t() + t.t0 @ t.v0.t()) / 2
     s1 = (t.v1 @ t.t1.t() + t.t1 @ t.v1.t()) / 2
@@ -462,6 +465,8 @@ def trajectories(seed_dir: Path) -> dict:
         if not (run / "results.json").is_file():
             continue
         dest = run / "stage1" / ("trajectories" if not first else f"trajectories_from_epoch{first}")
+        if not (dest / "report.json").is_file() and not (run / "stage1" / "checkpoints").is_dir():
+            continue                               # an archived run (--archive): no checkpoints to embed
         if not (dest / "report.json").is_file():
             tags = sorted(p.name for p in (run / "stage1" / "checkpoints").glob("epoch*"))
             tags = [t for t in tags if int(t[5:]) >= first]
@@ -599,10 +604,48 @@ def tune_markdown(out: dict, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+ARCHIVED = ("results.json", "config.yaml")        # of every run
+FIRST_SEED = ("stage1/batches.jsonl", "stage1/selection/plan_e*.json", "stage1/selection/close_text.safetensors",
+              "stage1/trajectories*/report.json")  # and of the first seed's: what the report's analyses read
+
+
+def archive(args, dest: Path) -> None:
+    """Copy what the report needs of the runs under --out to `dest` in the same layout (`--out DEST --report`
+    then rebuilds the table): every run's results and config, the first seed's batches, plans, close-text
+    pairs and trajectory reports, and per seed the machine and commit it ran on (arms are paired within a
+    seed, so a seed's arms run on one machine)."""
+    import platform
+    import shutil
+    commit = args.commit or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    for i, seed in enumerate(args.seeds):
+        src, out = args.out / f"seed{seed}", dest / f"seed{seed}"
+        arms = [a for a in ARMS if (src / a / "results.json").is_file()]
+        if not arms:
+            continue
+        for a in arms:
+            for pattern in ARCHIVED + (FIRST_SEED if i == 0 else ()):
+                for f in (src / a).glob(pattern):
+                    (out / a / f.relative_to(src / a)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, out / a / f.relative_to(src / a))
+        if i == 0:                                 # the first seed's tables (the separation's statistics)
+            for f in (src / "tables").glob("*.safetensors"):
+                (out / "tables").mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, out / "tables" / f.name)
+        machine = out / "machine.json"
+        if not machine.is_file():
+            machine.write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "commit": commit, "arms": arms}, indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=[], choices=sorted(ARMS), help="arms to run (then report)")
     p.add_argument("--report", action="store_true", help="only write the table from the runs that exist")
+    p.add_argument("--archive", type=Path, default=None, metavar="DIR",
+                   help="copy what the report needs of the runs under --out into DIR (then: --out DIR --report)")
+    p.add_argument("--commit", default="", help="--archive: the commit the runs ran at (default: this checkout's)")
     p.add_argument("--tune-report", action="store_true", help="the dev-only tuning table and the plan's choices "
                    "(issue 24) from the tuning arms that exist under --seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
@@ -617,6 +660,9 @@ def main(argv=None) -> int:
     p.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "results" / "ps_ablation.md")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
+    if args.archive:
+        archive(args, args.archive.resolve())
+        return 0
     run_seeds(args)
     cmd = "python tools/ps_ablation.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.tune_report:
