@@ -139,7 +139,7 @@ class TrainConfig:
     timing_every: int = 0         # step-time breakdown (data, h2d, forward, loss, backward, optimizer) every N steps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16
     dist_timeout_s: int = 1800    # a collective waits this long for a stuck or dead rank, then every rank exits
-    report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers (sclslt/runtime/trackers.py): tensorboard, wandb, trackio; [] for none
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers (sclslt/runtime/trackers.py): tensorboard, wandb, trackio; none / [] for none, all
     tracker_project: str = "sclslt"  # the wandb / trackio project of the run
 
 
@@ -194,6 +194,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
+        if self.train.report_to in (["none"], ["all"]):        # transformers' spellings of no tracker / every one
+            self.train.report_to = [] if self.train.report_to == ["none"] else list(REGISTRIES["train.report_to"].names())
         for key, names in name_fields(self).items():      # the registries' names and the Literal fields'
             value = getattr(getattr(self, key.split(".")[0]), key.split(".")[1])
             for v in value if isinstance(value, list) else [value]:
@@ -294,6 +296,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is list or origin is list:
         if isinstance(value, str):
             value = _yaml(value, key)
+            value = [value] if isinstance(value, str) else value      # one name: a list of one
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return list(value)

@@ -141,6 +141,10 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_run, tmp_path):
 def test_unknown_or_missing_trackers_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="train.report_to='mlflow'.*'tensorboard'"):
         from_dict({"train": {"report_to": ["mlflow"]}})
+    from sclslt.config import load_config              # transformers' spellings: one name, none, all
+    assert load_config(None, ["--train.report_to", "trackio"]).train.report_to == ["trackio"]
+    assert load_config(None, ["--train.report_to", "none"]).train.report_to == []
+    assert load_config(None, ["--train.report_to", "all"]).train.report_to == ["tensorboard", "wandb", "trackio"]
     import sclslt.config as config
     monkeypatch.setitem(config.TRACKER_MODULES, "wandb", "wandb_is_not_installed_here")
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[track\]'"):
