@@ -69,6 +69,19 @@ def test_translate_from_the_export_equals_translate_from_the_run(tiny_run, clips
     assert hub.translate(clips[0]["mkv"]) == hyps[clips[0]["key"]]
 
 
+def test_save_pretrained_writes_a_folder_that_loads_back(exported, tmp_path):
+    """What push_to_hub uploads is what save_pretrained writes: every file of the export, a fresh manifest."""
+    hub = SignTranslator.from_pretrained(exported)
+    hub.save_pretrained(tmp_path / "again")
+    back = SignTranslator.from_pretrained(tmp_path / "again")
+    names = lambda d: sorted(p.name for p in d.iterdir())
+    assert names(tmp_path / "again") == names(exported)
+    for f in ("README.md", "train_sentences.json", "sclslt_vocab.json", "config.json"):
+        assert (tmp_path / "again" / f).read_bytes() == (exported / f).read_bytes(), f
+    a, b = hub.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_card_carries_results_json_numbers(tiny_run, exported):
     from huggingface_hub import ModelCard
     run, _ = tiny_run
@@ -103,15 +116,29 @@ def test_a_damaged_or_partial_export_is_a_clear_error(tiny_run, exported, tmp_pa
     (partial / "tokenizer.json").unlink()
     with pytest.raises(ExportError, match=r"tokenizer\.json: missing"):
         SignTranslator.from_pretrained(partial)
+    truncated = copy("truncated")
+    (truncated / "config.json").write_text("{")
+    with pytest.raises(ExportError, match=r"config\.json: damaged"):
+        SignTranslator.from_pretrained(truncated)
     unfinished = copy("unfinished")
     (unfinished / "sclslt_export.json").unlink()
     with pytest.raises(ExportError, match="not a complete sclslt export"):
         SignTranslator.from_pretrained(unfinished)
     assert cli_main(["translate", "--model", str(flipped), str(clips[0]["folder"])]) == 1
     assert "damaged" in capsys.readouterr().err
-    # an existing folder is not overwritten silently, and an unfinished run cannot be exported
-    with pytest.raises(ExportError, match="exists"):
+    # an existing folder is not overwritten silently, nor anything that is not an export, nor the run itself
+    with pytest.raises(ExportError, match="exists.*--overwrite to replace"):
         export_run(tiny_run[0], exported)
+    other = tmp_path / "somebody_elses"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not an sclslt export"):
+        export_run(tiny_run[0], other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+    for bad in (tiny_run[0], tiny_run[0].parent):
+        with pytest.raises(ExportError, match="is the run directory or holds it"):
+            export_run(tiny_run[0], bad, overwrite=True)
+    assert (tiny_run[0] / "results.json").is_file()
     unfinished_run = tmp_path / "unfinished_run"
     shutil.copytree(tiny_run[0], unfinished_run)
     (unfinished_run / "results.json").unlink()

@@ -329,21 +329,20 @@ def pr(detected: int, hits: int, true: int) -> dict:
 
 def separated_pairs(run: Path, cfg) -> tuple:
     """(N, N) bool over the run's table rows: the pairs `selection.separate_close` keeps apart (both
-    checkpoints' symmetric similarity at or above the table's thresholds), and the table's keys."""
-    import torch
-
+    checkpoints' symmetric similarity at or above the planner's thresholds: `planner.close_thresholds`),
+    and the table's keys."""
     from sclslt.data.loader import rng_seed
     from sclslt.runtime.context import stage_seed
-    from sclslt.selection.planner import load_table
+    from sclslt.selection.planner import close_thresholds, load_table, threshold_keys
     path = Path(cfg.selection.table)
     if not path.is_file():                    # an archived run (--archive): the table beside the seed's runs
         path = run.parent / "tables" / path.name
     t = load_table(path)
-    th = t.close_thresholds(cfg.selection.separate_close, rng_seed(stage_seed(cfg, "stage1"), 8))
+    sample = threshold_keys(t.keys, rng_seed(stage_seed(cfg, "stage1"), 8))
+    th = close_thresholds(t, sample, cfg.selection.separate_close)
     s0 = (t.v0 @ t.t0.t() + t.t0 @ t.v0.t()) / 2
     s1 = (t.v1 @ t.t1.t() + t.t1 @ t.v1.t()) / 2
-    close = (s0 >= th[0]) & (s1 >= th[1])
-    close.fill_diagonal_(False)
+    close = (s0 >= th[0]) & (s1 >= th[1]) & (t.sentence_ids[:, None] != t.sentence_ids[None, :])
     return close, t.keys
 
 
@@ -359,12 +358,14 @@ def false_negative_stats(run: Path) -> dict:
 
     from sclslt.config import load_config
     from sclslt.model.close_text import CLOSE_FILE, CloseSentences
-    from sclslt.data.text import sentence_id
+    from sclslt.data.corpus import resolve_shards_dir
+    from sclslt.data.shards import manifest_rows, read_manifest
     cfg = load_config(run / "config.yaml")
     texts, meaning = corpus_truth(cfg)
     keys = sorted(texts)
     col = {k: i for i, k in enumerate(keys)}
-    sid = torch.tensor([sentence_id(texts[k]) for k in keys])
+    ids = {r.key: r.sentence_id for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))}
+    sid = torch.tensor([ids[k] for k in keys])           # the loss's ids (data.lowercase as the run had it)
     mean = torch.tensor([meaning[k] for k in keys])
     same = sid[:, None] == sid[None, :]
     para = (mean[:, None] == mean[None, :]) & ~same

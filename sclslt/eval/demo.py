@@ -37,16 +37,25 @@ def extract_frames_zip(path: Path, into: Path) -> Path:
     except zipfile.BadZipFile as e:
         raise DemoError(f"{path.name}: not a readable zip ({e})") from e
     with z:
-        members = [m for m in z.infolist() if not m.is_dir() and Path(m.filename).suffix.lower() in IMAGE_EXTS]
+        members = [m for m in z.infolist() if not m.is_dir() and Path(m.filename).suffix.lower() in IMAGE_EXTS
+                   and "__MACOSX" not in Path(m.filename).parts and not Path(m.filename).name.startswith("._")]
         if not members:
             raise DemoError(f"{path.name}: the zip holds no frame images (PNG/JPEG expected)")
         if sum(m.file_size for m in members) > ZIP_LIMIT:
             raise DemoError(f"{path.name}: the frames expand to more than {ZIP_LIMIT >> 30} GiB")
+        seen = set()
         for m in members:
             name = Path(m.filename)
             if name.is_absolute() or ".." in name.parts:
                 raise DemoError(f"{path.name}: unsafe member name {m.filename!r}")
-            (into / name.name).write_bytes(z.read(m))
+            if name.name in seen:
+                raise DemoError(f"{path.name}: two frames named {name.name!r} (put one clip's frames in the zip)")
+            seen.add(name.name)
+            try:
+                data = z.read(m)
+            except (RuntimeError, zipfile.BadZipFile, NotImplementedError, OSError) as e:   # encrypted, bad CRC, ...
+                raise DemoError(f"{path.name}: cannot read {m.filename!r} ({e})") from e
+            (into / name.name).write_bytes(data)
     return into
 
 
@@ -66,7 +75,7 @@ class Demo:
             sentences = sorted({r.text for r in manifest_rows(read_manifest(self.shards, "train"))})
             self.test = {r.key: r.text for r in manifest_rows(read_manifest(self.shards, "test"))}
         else:
-            f = Path(model) / SENTENCES
+            f = Path(self.tr.export_dir) / SENTENCES
             sentences = json.loads(f.read_text()) if f.is_file() else []
         self.sentences = sentences
         self.text_features = self._embed_texts(sentences) if sentences else None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sclslt.eval.hub import FORMAT, ExportError, SignTranslator, verify, write_manifest
+from sclslt.eval.hub import FORMAT, MANIFEST, ExportError, SignTranslator, verify
 
 FRAME_KEYS = ("max_frames", "lowercase", "crop", "augment", "aug_prob", "aug_rotate", "aug_scale", "aug_translate")
 
@@ -61,8 +61,12 @@ def export_run(run_dir, out, lora: str = "merged", license: str = "other", name:
                           f"selected and evaluated)")
     results = json.loads(results_file.read_text())
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists: choose another --out or pass --overwrite")
+    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+        raise ExportError(f"--out {out} is the run directory or holds it: choose another folder")
+    if out.exists() and not (overwrite and (out / MANIFEST).is_file()):
+        raise ExportError(f"{out} exists: choose another --out" + (
+            ", or pass --overwrite to replace an earlier export" if (out / MANIFEST).is_file() else
+            " (it is not an sclslt export, so --overwrite does not replace it)"))
     choice = resolve_checkpoint(run)
     model, tok, cfg = load_run_model(run, choice.ckpt_dir, choice.tag)
     model.eval()
@@ -79,22 +83,18 @@ def export_run(run_dir, out, lora: str = "merged", license: str = "other", name:
         raise ExportError(f"the export's model does not take the checkpoint's weights: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     hub.tokenizer = tok
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hub.save_pretrained(tmp)
-    for extra in ("sclslt_vocab.json",):                      # the vocab record beside the tokenizer files
-        src = RunDir(run).tokenizer_dir / extra
-        if src.is_file():
-            shutil.copy2(src, tmp / extra)
+    record = RunDir(run).tokenizer_dir / "sclslt_vocab.json"
+    if record.is_file():                            # the vocab record beside the tokenizer files
+        hub.extras["sclslt_vocab.json"] = record.read_bytes()
     if sentences:                                   # the demo's nearest training sentences (sclslt demo --model)
         from sclslt.data.corpus import resolve_shards_dir
         from sclslt.data.shards import manifest_rows, read_manifest
         texts = sorted({r.text for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))})
-        (tmp / "train_sentences.json").write_text(json.dumps(texts, ensure_ascii=False, indent=0) + "\n")
-    (tmp / "README.md").write_text(model_card(run, cfg, results, config, license, name or run.name))
-    for f in tmp.iterdir():                         # readable by whoever the folder is shared with
-        f.chmod(0o644)
-    write_manifest(tmp)
+        hub.extras["train_sentences.json"] = (json.dumps(texts, ensure_ascii=False, indent=0) + "\n").encode()
+    hub.extras["README.md"] = model_card(run, cfg, results, config, license, name or run.name).encode()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hub.save_pretrained(tmp)                        # every file, then the manifest
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -72,9 +72,14 @@ def verify(folder: Path) -> dict:
     return rec
 
 
+CARRIED = ("sclslt_vocab.json", "train_sentences.json", "README.md")    # files a model carries through save/load
+
+
 class SignTranslator(nn.Module, PyTorchModelHubMixin, library_name="sclslt",
                      tags=["sign-language-translation", "gloss-free", "sclslt"]):
-    """An exported translator (`config`: the export's config.json); `tokenizer` is set by `from_pretrained`."""
+    """An exported translator (`config`: the export's config.json). `from_pretrained` sets `tokenizer`, the
+    `folder` it read and the files it carries (`extras`: the vocab record, the training sentences, the card),
+    which `save_pretrained` / `push_to_hub` write again with a fresh manifest: what is saved loads back."""
 
     def __init__(self, config: dict):
         super().__init__()
@@ -83,7 +88,28 @@ class SignTranslator(nn.Module, PyTorchModelHubMixin, library_name="sclslt",
         self.config = config
         cfg = from_dict({"model": config["model"], "data": config["data"]})
         self.model = SLTModel(cfg.model, None, cfg.data, arch=config["arch"]).eval()
-        self.tokenizer = None
+        self.tokenizer, self.folder, self.extras = None, None, {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, force_download: bool = False, token=None,
+                        cache_dir=None, local_files_only: bool = False, revision=None, **model_kwargs):
+        """A local export folder or a Hub repository (downloaded first); its manifest is checked before any
+        file is read, so a partial or damaged folder is an `ExportError` naming the file."""
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path), revision=revision, cache_dir=cache_dir,
+                                            token=token, force_download=force_download,
+                                            local_files_only=local_files_only))
+        verify(folder)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{folder / 'config.json'}: not JSON ({e})") from e
+        if config.get("sclslt_format") != FORMAT:
+            raise ExportError(f"{folder / 'config.json'}: export format {config.get('sclslt_format')!r}, this "
+                              f"sclslt reads format {FORMAT}")
+        return super().from_pretrained(str(folder), local_files_only=True, **model_kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
@@ -91,26 +117,19 @@ class SignTranslator(nn.Module, PyTorchModelHubMixin, library_name="sclslt",
         from safetensors.torch import load_model
 
         from sclslt.data.text import load_tokenizer
-        folder = Path(model_id)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-            folder = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir, token=token,
-                                            force_download=force_download, local_files_only=local_files_only))
-        verify(folder)
-        config = model_kwargs.pop("config", None) or json.loads((folder / "config.json").read_text())
-        if config.get("sclslt_format") != FORMAT:
-            raise ExportError(f"{folder / 'config.json'}: export format {config.get('sclslt_format')!r}, this "
-                              f"sclslt reads format {FORMAT}")
-        model = cls(config)
+        folder = Path(model_id)                 # from_pretrained resolved and verified it
+        model = cls(model_kwargs.pop("config", None) or json.loads((folder / "config.json").read_text()))
         missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False, device=map_location)
         if missing or unexpected:
             raise ExportError(f"{folder / WEIGHTS}: does not match config.json's model (missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]})")
         model.tokenizer = load_tokenizer(folder)
+        model.folder = folder
+        model.extras = {n: (folder / n).read_bytes() for n in CARRIED if (folder / n).is_file()}
         return model.eval()
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        """Weights, tokenizer, generation defaults; the card and the manifest are `export`'s."""
+        """Weights, config, tokenizer, generation defaults and the carried files, then the manifest (last)."""
         from safetensors.torch import save_model
         save_directory = Path(save_directory)
         save_model(self, str(save_directory / WEIGHTS))
@@ -120,6 +139,12 @@ class SignTranslator(nn.Module, PyTorchModelHubMixin, library_name="sclslt",
         g = self.model.s2s.generation_config
         g.num_beams, g.max_new_tokens = int(self.config["generation"]["beam"]), int(self.config["generation"]["max_len"])
         g.save_pretrained(str(save_directory))
+        for name, data in self.extras.items():
+            (save_directory / name).write_bytes(data)
+        for f in save_directory.iterdir():      # readable by whoever the folder is shared with
+            if f.is_file():
+                f.chmod(0o644)
+        write_manifest(save_directory)
 
     # -- translating ------------------------------------------------------------------------
     def frame_spec(self):

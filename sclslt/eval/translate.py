@@ -275,6 +275,7 @@ class Translator:
             hub = SignTranslator.from_pretrained(name)
         except (ExportError, FileNotFoundError, OSError, ValueError) as e:
             raise TranslateError(f"cannot load the exported model {name}: {e}") from e
+        self.export_dir = hub.folder              # the local folder (a Hub name: its downloaded snapshot)
         spec = hub.frame_spec()
         if size > 0:
             spec = FrameSpec(size, (size, size), spec.shard_max_frames, spec.fps, spec.max_frames, "--size")

@@ -18,8 +18,8 @@ close columns (soft). Identical sentences are always the id mask's (left out of 
 The pairs are stored as a sorted set of int64 codes a * U + b over the U training sentences (compact
 indices of their sorted sentence ids), both orders: memory is the number of close pairs, never U^2,
 and the mask of b rows against n columns costs two `searchsorted`s. The table is written into the run
-directory by rank 0 (`CLOSE_FILE`) and read back by every rank, so all ranks and a resumed run use the
-same pairs (the resumed model's text encoder is no longer the initial one).
+directory by rank 0 (`CLOSE_FILE`, `train.loop.stage_close_pairs`) and read back by every rank, so all
+ranks and a resumed run use the same pairs (the resumed model's text encoder is no longer the initial one).
 """
 from __future__ import annotations
 
@@ -57,18 +57,30 @@ class CloseSentences:
         u = len(self.sids)
         return torch.stack([self.sids[self.codes // u], self.sids[self.codes % u]], dim=1)
 
-    def save(self, path) -> None:
+    def save(self, path, made_by: dict | None = None) -> None:
+        """With `made_by` ({"kind", "threshold"}) in the file's metadata: what `train.loop.stage_close_pairs` checks on reuse."""
+        import json
+
         from safetensors.torch import save_file
 
         from sclslt.atomic import atomic_path
         with atomic_path(path) as tmp:
-            save_file({"sids": self.sids.contiguous(), "codes": self.codes.contiguous()}, str(tmp))
+            save_file({"sids": self.sids.contiguous(), "codes": self.codes.contiguous()}, str(tmp),
+                      metadata={"made_by": json.dumps(made_by or {})})
 
     @classmethod
     def load(cls, path, soft: float = 0.0) -> "CloseSentences":
         from safetensors.torch import load_file
         t = load_file(str(path))
         return cls(t["sids"], t["codes"], soft)
+
+    @staticmethod
+    def made_by(path) -> dict:
+        import json
+
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("made_by", "{}"))
 
 
 def _index(sids: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,29 +185,3 @@ def close_ce(logits: torch.Tensor, pos_offset: int, q_ids: torch.Tensor, k_ids: 
     target = torch.where(close, soft / k.clamp_min(1), torch.zeros((), dtype=logp.dtype, device=logp.device))
     target[rows, pos] = 1.0 - soft * (k[:, 0] > 0).to(logp.dtype)
     return -(target * logp.masked_fill(same, 0.0)).sum(1).mean()
-
-
-def for_stage(ctx, name: str, model) -> CloseSentences | None:
-    """The stage's close pairs (None when `mask_close_text` is 0): computed on rank 0 from the stage's
-    starting text encoder and written into the run's selection directory, or read back from there
-    (every rank; a resumed run), so all ranks use the same pairs."""
-    import torch.distributed as dist
-
-    from sclslt.data.shards import manifest_rows, read_manifest
-    st = getattr(ctx.cfg, name)
-    if st.mask_close_text <= 0 or st.contrastive_weight == 0:
-        return None
-    path = Path(ctx.run.selection(name)) / CLOSE_FILE
-    if not path.is_file() and ctx.rank == 0:
-        rows = manifest_rows(read_manifest(ctx.shards_dir, "train"))
-        close = build(st.mask_close_text_kind, st.mask_close_text, rows, model, ctx.tokenizer,
-                      next(model.parameters()).device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        close.save(path)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    close = CloseSentences.load(path, st.soft_close_text)
-    ctx.reporter.info(f"{name}: {len(close.codes) // 2} close sentence pairs ({st.mask_close_text_kind} >= "
-                      f"{st.mask_close_text}) of {len(close.sids)} sentences, "
-                      + (f"soft positives (w={st.soft_close_text})" if st.soft_close_text else "masked"))
-    return close

@@ -56,36 +56,39 @@ class Tracker(ABC):
 
 @TRACKERS.register("tensorboard")
 class TensorBoard(Tracker):
-    """Event files under `<run>/tensorboard/<stage>/`; a resumed stage hides the events logged after its
-    checkpoint (purge_step)."""
+    """Event files under `<run>/tensorboard/<stage>/`, one writer per stage; a resumed stage hides the events
+    logged after its checkpoint (purge_step)."""
 
     def __init__(self):
-        self.writer = None
+        self.writers = {}
 
     def start(self, run_dir, config, project):
         self.root = Path(run_dir) / "tensorboard"
 
-    def start_stage(self, stage, run_dir, step):
+    def _writer(self, stage, purge_step=None):
         from torch.utils.tensorboard import SummaryWriter
-        self.close()
-        self.writer = SummaryWriter(str(self.root / stage), purge_step=step + 1, flush_secs=30)
+        if stage not in self.writers:
+            self.writers[stage] = SummaryWriter(str(self.root / stage), purge_step=purge_step, flush_secs=30)
+        return self.writers[stage]
+
+    def start_stage(self, stage, run_dir, step):
+        if stage in self.writers:
+            self.writers.pop(stage).close()
+        self._writer(stage, purge_step=step + 1)
 
     def log(self, stage, values, step):
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, float(v), step)
+        w = self._writer(stage)               # a finished stage of a resumed run: opened on demand
+        for k, v in values.items():
+            w.add_scalar(k, float(v), step)
 
     def flush(self):
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for w in self.writers.values():
+            w.flush()
 
     def finish(self, results, figures):
-        self.close()
+        for w in self.writers.values():
+            w.close()
+        self.writers = {}
 
 
 @TRACKERS.register("wandb")

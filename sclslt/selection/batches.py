@@ -100,7 +100,9 @@ class BatchSource:
                                      dist.all_gather_object)
         ctx.reporter.info(f"{self.name} epoch {epoch}: planned {len(batches)} batches at quantile "
                           f"{planner.quantile(epoch, st.epochs):.3f} ({planner.stats.relaxed} duplicate sentences "
-                          f"admitted)")
+                          f"admitted" + (f"; close pairs at s_early >= {planner.close[0]:.4f} and s_late >= "
+                                         f"{planner.close[1]:.4f} kept apart, {planner.stats.close_relaxed} admitted"
+                                         if planner.close else "") + ")")
         if ctx.rank == 0:                                # the plan, for analysis and the tests
             self.dir.mkdir(parents=True, exist_ok=True)
             write_text(self.dir / f"plan_e{epoch:04d}.json", json.dumps(batches))

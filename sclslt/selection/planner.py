@@ -66,7 +66,6 @@ class Table:
     delta: torch.Tensor | None = None
     dtype: torch.dtype = torch.float64
     index: dict = field(default_factory=dict)
-    thresholds: dict = field(default_factory=dict)      # close_thresholds' results, by (q, seed)
 
     def __post_init__(self):
         self.index = _key_rows(self.keys)
@@ -125,26 +124,6 @@ class Table:
         late[e:2 * e], late[3 * e:] = 0, 0
         early[:e], early[2 * e:3 * e] = 0, 0
         return -self.candidate_delta(side, [], early) / 2, self.candidate_delta(side, [], late) / 2
-
-    def close_thresholds(self, q: float, seed: int, pairs: int = 1_000_000, block: int = 1 << 16) -> tuple[float, float]:
-        """The (1 - q) quantiles of s_early and s_late (`pair_similarity`) over `pairs` negative pairs of
-        this table (two rows of different sentences), drawn with `seed`: what `selection.separate_close`
-        calls high at each checkpoint. A property of the table and the seed, computed once."""
-        if (q, seed) not in self.thresholds:
-            n = len(self.keys)
-            gen = torch.Generator().manual_seed(seed)
-            i, j = torch.randint(n, (pairs,), generator=gen), torch.randint(n, (pairs,), generator=gen)
-            keep = self.sentence_ids[i] != self.sentence_ids[j]
-            i, j = i[keep].to(self.v0.device), j[keep].to(self.v0.device)
-            if len(i) == 0:
-                raise ValueError("selection.separate_close: the reference table holds one sentence only")
-
-            def sym(v, t):
-                return torch.cat([((v[a].double() * t[b].double()).sum(1) + (t[a].double() * v[b].double()).sum(1)) / 2
-                                  for a, b in zip(i.split(block), j.split(block))])
-            s0, s1 = sym(self.v0, self.t0), sym(self.v1, self.t1)
-            self.thresholds[(q, seed)] = (float(torch.quantile(s0.cpu(), 1 - q)), float(torch.quantile(s1.cpu(), 1 - q)))
-        return self.thresholds[(q, seed)]
 
     def member_sums(self, members: list[int]) -> torch.Tensor:
         """[sum t1_c, sum t0_c, sum v1_c, sum v0_c] over the members: Delta's batch side."""
@@ -294,8 +273,38 @@ def table_from_snapshots(early: dict, late: dict, device="cpu") -> Table:
 
 @dataclass
 class PlanStats:
-    relaxed: int = 0                 # members admitted despite a member's sentence id or a close pair (nothing else left)
+    relaxed: int = 0                 # members admitted despite a member's sentence id (nothing else left)
     picks: int = 0
+    close_relaxed: int = 0           # members admitted despite a close member (separate_close; nothing else, or due)
+
+
+THRESHOLD_ROWS = 2000
+
+
+def threshold_keys(keys: list[str], seed: int, rows: int = THRESHOLD_ROWS) -> list[str]:
+    """The clips `close_thresholds` reads: `rows` of the training keys drawn with `seed` from their sorted
+    order (the same whatever order, pool or epoch the keys come in)."""
+    ordered = sorted(keys)
+    pick = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed))[:rows]
+    return [ordered[i] for i in pick.sort().values.tolist()]
+
+
+def close_thresholds(table: Table, keys: list[str], q: float) -> tuple[float, float]:
+    """`selection.separate_close`'s High at each checkpoint: the (1 - q) quantiles of s_early and s_late
+    (`Table.pair_similarity`: symmetric pooled similarity) over every pair of different sentences among
+    the clips `keys` (`threshold_keys`: a fixed sample of the whole table, so the thresholds are a property
+    of the table and the seed, not of a pool or an epoch)."""
+    r = table.rows(keys).to(table.v0.device)
+    sid = table.sentence_ids[r.cpu()]
+    neg = (sid[:, None] != sid[None, :]).to(table.v0.device)
+    if not bool(neg.any()):
+        raise ValueError("selection.separate_close: the reference table's sample holds one sentence only")
+
+    def sym(v, t):
+        a, b = v[r].double(), t[r].double()
+        return ((a @ b.t() + b @ a.t()) / 2)[neg]
+    return tuple(float(torch.quantile(sym(v, t).cpu().float(), 1 - q)) for v, t in ((table.v0, table.t0),
+                                                                                     (table.v1, table.t1)))
 
 
 def nearest_rank(q: float, n: int) -> int:
@@ -317,6 +326,7 @@ class Planner:
     def __init__(self, cfg: SelectionConfig, global_batch: int, seed: int):
         self.cfg, self.batch, self.seed = cfg, global_batch, seed
         self.stats = PlanStats()
+        self.close = None              # (s_early, s_late) thresholds of separate_close, set by plan_epoch
 
     def quantile(self, epoch: int, epochs: int) -> float:
         return curriculum_quantile(self.cfg.schedule, epoch / max(1, epochs), self.cfg.log_base)
@@ -333,15 +343,18 @@ class Planner:
         """The epoch's global batches (keys, in global order). `table_for(pool_keys)` gives a table that
         holds at least those keys' rows; with world > 1, `all_gather_object` exchanges the pools' plans."""
         pools, q = self.pools(keys, epoch), self.quantile(epoch, epochs)
+        if self.cfg.separate_close > 0:
+            sample = threshold_keys(keys, rng_seed(self.seed, 8))
+            self.close = close_thresholds(table_for(sample), sample, self.cfg.separate_close)
         mine = {p: self.plan_pool(table_for(pk), pk, epoch, p, q) for p, pk in enumerate(pools) if p % world == rank}
         if world > 1:
             out = [None] * world
-            all_gather_object(out, (mine, self.stats.relaxed, self.stats.picks))
+            all_gather_object(out, (mine, self.stats))
             mine, self.stats = {}, PlanStats()
-            for plans, relaxed, picks in out:
+            for plans, stats in out:
                 mine.update(plans)
-                self.stats.relaxed += relaxed
-                self.stats.picks += picks
+                for f in ("relaxed", "picks", "close_relaxed"):
+                    setattr(self.stats, f, getattr(self.stats, f) + getattr(stats, f))
         longest = max(len(b) for b in mine.values())
         return [mine[p][j] for j in range(longest) for p in range(len(pools)) if j < len(mine[p])]
 
@@ -367,8 +380,6 @@ class Planner:
         sids = table.sentence_ids[rows]
         if self.cfg.allow_same_sentence:      # no id rule: every clip its own "sentence" (none is ever due)
             sids = torch.arange(len(keys), dtype=torch.long)
-        close = table.close_thresholds(self.cfg.separate_close, rng_seed(self.seed, 8)) \
-            if self.cfg.separate_close > 0 else None
         _, sidx = torch.unique(sids, return_inverse=True)
         unused_copies = torch.bincount(sidx)
         side = table.pool_side(rows)
@@ -382,7 +393,7 @@ class Planner:
                 cur, avail = side[pos.to(side.device)], avail[avail]
             members = self._one_batch(table, rows[pos], cur, avail, sids[pos],
                                       unused_copies[sidx[pos]] >= n_batches - b, q,
-                                      torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6)), close)
+                                      torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6)), self.close)
             members = pos[members]
             used[members] = True
             unused_copies -= torch.bincount(sidx[members], minlength=len(unused_copies))
@@ -404,12 +415,7 @@ class Planner:
         near = torch.zeros(len(rows), dtype=torch.bool)        # close to a member (separate_close)
         picked: list[int] = []
         while len(picked) < self.batch:
-            free = ~taken
-            ok = free & ~clash & ~near
-            relaxed = not bool(ok.any())
-            if relaxed:                 # the close rule goes first, then the id rule
-                ok = free & ~clash if bool((free & ~clash).any()) else free
-            cand = (ok & due) if bool((ok & due).any()) else ok
+            cand, relaxed, close_relaxed = self._candidates(~taken, clash, near, due)
             cand = cand.nonzero().flatten()
             if not picked:
                 new = [int(cand[torch.randint(len(cand), (1,), generator=gen)])]
@@ -429,8 +435,23 @@ class Planner:
             else:
                 acc += table.candidate_delta(side, [], table.member_sums(r.tolist()))
             self.stats.relaxed += len(new) if relaxed else 0
+            self.stats.close_relaxed += len(new) if close_relaxed else 0
         self.stats.picks += len(picked)
         return torch.tensor(picked, dtype=torch.long)
+
+    @staticmethod
+    def _candidates(free, clash, near, due) -> tuple[torch.Tensor, bool, bool]:
+        """(candidate mask, id rule relaxed, close rule relaxed). Due copies first (one per batch, or they pile
+        up at the epoch's end), even close to a member; then candidates that break no rule; the close rule
+        goes before the id rule when nothing else is left."""
+        id_ok = free & ~clash
+        ok = id_ok & ~near
+        blocked = bool((free & near).any())
+        for mask, id_relaxed, close_relaxed in ((ok & due, False, False), (id_ok & due, False, True), (ok, False, False),
+                                                (id_ok, False, True), (free & due, True, blocked), (free, True, blocked)):
+            if bool(mask.any()):
+                return mask, id_relaxed, close_relaxed
+        return free, True, blocked
 
     @staticmethod
     def _nearest(delta: torch.Tensor, cand: torch.Tensor, sids: torch.Tensor, q: float, k: int,
