@@ -63,8 +63,9 @@ class SimilarityHead(ABC):
     def close_loss(self, out: dict, ids, cols: dict, offset: int, tau: float, close: CloseSentences) -> torch.Tensor:
         """`loss` with close-text columns masked or weighted (`close_text`): the local rows' logits against
         the gathered columns in both directions, materialised (b x n: `pair_scores`), then `close_ce`."""
-        s = out["logit_scale"].float()
-        v2t, t2v = (x.float() for x in self.pair_scores(out, cols, tau))     # fp32 logits, as the fused path
+        wide = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))      # fp32 logits (fp64 stays), as
+        s = wide(out["logit_scale"])                                           # the fused path computes them
+        v2t, t2v = (wide(x) for x in self.pair_scores(out, cols, tau))
         m = close.mask(ids, cols["ids"])
         return 0.5 * (close_ce(s * v2t, offset, ids, cols["ids"], m, close.soft)
                       + close_ce(s * t2v, offset, ids, cols["ids"], m, close.soft))
