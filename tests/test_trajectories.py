@@ -171,7 +171,7 @@ def test_tool_end_to_end(ref_run):
     assert rep["sample_size"] == 32 and rep["split_size"] == 48 and len(set(rep["sample_keys"])) == 32
     assert rep["negatives"] == 32 * 31 == sum(rep["counts"].values())
     assert sum(rep["fractions"].values()) == pytest.approx(1.0)
-    assert rep["mode"] == "quantile" and rep["high"] == 0.5 and rep["args"]["seed"] == 3
+    assert rep["mode"] == "first" and rep["high"] == 0.5 and rep["args"]["seed"] == 3
     assert all(len(v) == 3 for v in rep["mean_similarity"].values())
     ss = rep["same_sentence"]
     assert ss["hh_count"] <= rep["counts"]["H->H"] and ss["negatives_count"] == sum(ss["counts_by_class"].values())
