@@ -53,7 +53,7 @@ def extract_frames_zip(path: Path, into: Path) -> Path:
             seen.add(name.name)
             try:
                 data = z.read(m)
-            except (RuntimeError, zipfile.BadZipFile, NotImplementedError, OSError) as e:   # encrypted, bad CRC, ...
+            except (RuntimeError, zipfile.BadZipFile, NotImplementedError, OSError) as e:   # encrypted, bad CRC, deflate64
                 raise DemoError(f"{path.name}: cannot read {m.filename!r} ({e})") from e
             (into / name.name).write_bytes(data)
     return into

@@ -16,7 +16,6 @@ The class is huggingface_hub's `PyTorchModelHubMixin` (`from_pretrained`, `save_
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+
+from sclslt.data.shards import file_sha256
 
 MANIFEST = "sclslt_export.json"
 WEIGHTS = "model.safetensors"
@@ -34,17 +35,9 @@ class ExportError(RuntimeError):
     """An export folder that cannot be used; the message names the folder or file and what is wrong."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> dict:
     """sha256 of every file of the folder (but the manifest), written last."""
-    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+    files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     rec = {"format": FORMAT, "files": files}
     (folder / MANIFEST).write_text(json.dumps(rec, indent=1) + "\n")
@@ -67,7 +60,7 @@ def verify(folder: Path) -> dict:
         f = folder / name
         if not f.is_file():
             raise ExportError(f"{f}: missing from the export (a partial copy or download?)")
-        if sha256_file(f) != digest:
+        if file_sha256(f) != digest:
             raise ExportError(f"{f}: damaged (sha256 differs from {MANIFEST}); copy or download it again")
     return rec
 
