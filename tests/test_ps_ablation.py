@@ -78,3 +78,89 @@ def test_markdown_table_shows_means_and_paired_intervals():
     assert row.startswith("| ps | random | 3 |")
     assert row.count("12.00 (+2.00 [") == 4 and row.count("] *") == 4
     assert "| random |  | 3 | 10.00 | 10.00 | 10.00 | 10.00 |" in md
+
+
+def _res(v2t: float, t2v: float, bleu: float, rouge: float) -> dict:
+    return {"retrieval": {"stage1": {"v2t_r1": v2t, "t2v_r1": t2v}}, "model": {"bleu4": bleu, "rouge_l": rouge}}
+
+
+def _runs(rng: random.Random, shift=(0.0, 0.0, 0.0, 0.0), sd=(2.0, 2.0, 2.0, 2.0), base=None, mirror=False,
+          seeds=range(10)) -> dict[int, dict]:
+    """Per-seed results of an arm: `base`'s (or fresh values) + shift + a spread of +-sd alternating over the
+    seeds (mean 0 over an even count: an unshifted metric stays unresolved, a shift far beyond sd resolves);
+    `mirror` gives the two R@1 opposite spreads, so each direction is noisy while their mean is steady."""
+    out = {}
+    for i, s in enumerate(seeds):
+        b = base[s] if base else _res(*(rng.uniform(40, 60) for _ in range(4)))
+        e = [x * (1 if i % 2 == 0 else -1) for x in sd]
+        if mirror:
+            e[1] = -e[0]
+        vals = [abl.metric(b, p) for p in abl.METRICS.values()]
+        out[s] = _res(*(v + d + n for v, d, n in zip(vals, shift, e)))
+    return out
+
+
+def test_the_plans_verdict_on_one_comparison():
+    rng = random.Random(1)
+    base = _runs(rng)
+    cases = {   # (shift, noise sd, mirrored R@1 noise) -> verdict
+        ((0, 0, 3.0, 0), (2, 2, 0.3, 2), False): "beats",          # test BLEU-4 clearly up
+        ((1.0, 1.0, 0, 0), (3, 3, 2, 2), True): "beats",           # only the mean of the two dev R@1 resolves
+        ((0, 0, 3.0, -2.0), (2, 2, 0.3, 0.3), False): "mixed",     # BLEU up, ROUGE-L down
+        ((0, 0, 0, -2.0), (2, 2, 2, 0.3), False): "worse",
+        ((-1.0, -1.0, 0, 0), (3, 3, 2, 2), True): "worse",         # the mean dev R@1 below 0
+        ((0, 0, 0, 0), (2, 2, 2, 2), False): "unresolved",
+    }
+    for (shift, sd, mirror), want in cases.items():
+        arm = _runs(rng, shift, sd, base, mirror)
+        c = abl.compare(arm, base)
+        assert abl.verdict(c) == want, (shift, {m: d["ci95"] for m, d in c.items()})
+        dev = [abl.dev_r1(arm[s]) - abl.dev_r1(base[s]) for s in base]
+        assert c["dev_r1"]["mean"] == pytest.approx(statistics.mean(dev))
+        if mirror:      # each direction alone unresolved, their mean resolved: the rule reads the mean
+            assert not c["dev_v2t_r1"]["resolved"] and not c["dev_t2v_r1"]["resolved"] and c["dev_r1"]["resolved"]
+    one = _runs(rng, (0, 0, 9.0, 0), seeds=[0], base=base)
+    assert abl.verdict(abl.compare(one, base)) == "unresolved"     # one seed decides nothing
+    # only the seeds both arms have are paired
+    part = _runs(rng, (0, 0, 3.0, 0), (2, 2, 0.3, 2), base, seeds=range(4))
+    assert abl.compare(part, base)["test_bleu4"]["n"] == abl.compare(base, part)["test_bleu4"]["n"] == 4
+
+
+def _bed(rng: random.Random, up: dict[str, float]) -> dict:
+    """A test bed's report: every arm of the plan at noise, those in `up` with test BLEU-4 raised (tight)."""
+    names = ("random", "random_nomask", "ps", "random_cico", *abl.METHODS, *abl.REPORTED)
+    base = _runs(rng)
+    results = {n: base if n == "random" else _runs(rng, (0, 0, up.get(n, 0.0), 0),
+                                                   (2, 2, 0.3 if n in up else 2, 2), base) for n in names}
+    return {"config": "x.yaml", "arms": abl.arm_rows(results)}
+
+
+def test_the_plans_recommendation_over_both_test_beds(tmp_path):
+    rng = random.Random(2)
+    rec = abl.recommend({"tb1": _bed(rng, {"random_textmask": 3.0}), "tb2": _bed(rng, {"random_textmask": 3.0})})
+    assert rec["answer"] == "masking alone (random_textmask)"
+    assert rec["arms"]["random_textmask"]["verdicts"] == {"tb1": "beats", "tb2": "beats"}
+    # a Pair Selection arm that beats the mask alone on both beds: both are recommended, not masking alone
+    up = {"random_textmask": 3.0, "ps_textmask": 9.0}
+    rec = abl.recommend({"tb1": _bed(rng, up), "tb2": _bed(rng, up)})
+    assert rec["answer"] == "recommended: random_textmask, ps_textmask"
+    assert rec["arms"]["ps_textmask"]["also"]["random_textmask"] == {"tb1": "beats", "tb2": "beats"}
+    # a win on one bed only recommends nothing, and names it
+    beds = {"tb1": _bed(rng, {"ps_sep": 3.0}), "tb2": _bed(rng, {})}
+    rec = abl.recommend(beds)
+    assert rec["answer"].startswith("nothing recommended: ps_sep ")
+    assert abl.recommend({"tb1": _bed(rng, {}), "tb2": _bed(rng, {})})["answer"] == "nothing beats random batches"
+    # an arm missing on a bed leaves the decision open
+    del beds["tb2"]["arms"]["random_textsoft"]
+    assert abl.recommend({"tb1": _bed(rng, {}), "tb2": beds["tb2"]})["answer"].startswith("not decided")
+    # the command: one JSON per bed, named by its config
+    files = []
+    for i, bed in enumerate((_bed(rng, {"random_textmask": 3.0}), _bed(rng, {"random_textmask": 3.0}))):
+        f = tmp_path / f"tb{i}.json"
+        f.write_text(__import__("json").dumps({**bed, "config": f"configs/bed{i}.yaml"}))
+        files.append(str(f))
+    assert abl.main(["--decide", *files, "--table", str(tmp_path / "decision.md")]) == 0
+    md = (tmp_path / "decision.md").read_text()
+    assert "**masking alone (random_textmask).**" in md and "| bed0 | bed1 |" in md
+    row = [ln for ln in md.splitlines() if ln.startswith("| random_textmask | random |")][0]
+    assert row.count("beats: +3.") == 2 and row.endswith("| beats on every test bed |")

@@ -401,6 +401,50 @@ def false_negative_stats(run: Path) -> dict:
     return out
 
 
+def compare(per_seed: dict[int, dict], ref: dict[int, dict]) -> dict[str, dict]:
+    """Paired differences to another arm over the seeds both have: each metric, and the mean of the two dev
+    R@1 (the plan's decision reads it beside test BLEU-4)."""
+    common = [s for s in sorted(per_seed) if s in ref]
+    out = {m: paired([metric(per_seed[s], p) - metric(ref[s], p) for s in common]) for m, p in METRICS.items()}
+    out["dev_r1"] = paired([dev_r1(per_seed[s]) - dev_r1(ref[s]) for s in common])
+    return out
+
+
+def verdict(diffs: dict[str, dict]) -> str:
+    """The plan's rule (false_negatives_plan.md, "Decision rule") on one comparison: "beats" when the 95%
+    interval of test BLEU-4 or of the mean dev R@1 lies above 0 and no primary metric's lies below 0;
+    "worse" when one of them or the mean dev R@1 lies below 0 and none above; "mixed" when both; else
+    "unresolved"."""
+    below = [m for m in (*METRICS, "dev_r1") if diffs[m]["n"] > 1 and diffs[m]["ci95"][1] < 0]
+    above = [m for m in ("test_bleu4", "dev_r1") if diffs[m]["n"] > 1 and diffs[m]["ci95"][0] > 0]
+    if above:
+        return "mixed" if set(below) - {"dev_r1"} else "beats"
+    return "worse" if below else "unresolved"
+
+
+def arm_rows(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Per arm (from its per-seed results.json): each metric's mean over seeds, the paired differences to its
+    baseline (`vs_random`) and to its secondary comparisons (`vs_also`), and the plan's verdict on each."""
+    rows = {}
+    for name, per_seed in results.items():
+        row = {"help": ARMS[name].help, "seeds": sorted(per_seed), "baseline": ARMS[name].baseline}
+        for m, path in METRICS.items():
+            vals = [metric(per_seed[s], path) for s in sorted(per_seed)]
+            row[m] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else math.nan,
+                      "values": vals}
+        others = (ARMS[name].baseline, *ARMS[name].also) if name != "random" else ()
+        comps = {o: compare(per_seed, results[o]) for o in others if results.get(o)}
+        for m in METRICS:
+            for o, c in comps.items():
+                if o == ARMS[name].baseline:
+                    row[m]["vs_random"] = c[m]
+                else:
+                    row[m].setdefault("vs_also", {})[o] = c[m]
+        row["decision"] = {o: {"dev_r1": c["dev_r1"], "verdict": verdict(c)} for o, c in comps.items()}
+        rows[name] = row
+    return rows
+
+
 def report(args) -> dict:
     results: dict[str, dict[int, dict]] = {}
     for name in ARMS:
@@ -411,24 +455,7 @@ def report(args) -> dict:
     if "random" not in results:
         raise SystemExit(f"no results of the baseline arm `random` under {args.out}: run it first")
     base = results["random"]
-    rows = {}
-    for name, per_seed in results.items():
-        row = {"help": ARMS[name].help, "seeds": sorted(per_seed)}
-        for m, path in METRICS.items():
-            vals = [metric(per_seed[s], path) for s in sorted(per_seed)]
-            row[m] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else math.nan,
-                      "values": vals}
-            ref = results.get(ARMS[name].baseline, {})
-            if name != "random" and ref:
-                common = [s for s in sorted(per_seed) if s in ref]
-                row[m]["vs_random"] = paired([metric(per_seed[s], path) - metric(ref[s], path) for s in common])
-            for other in ARMS[name].also:
-                if other in results:
-                    common = [s for s in sorted(per_seed) if s in results[other]]
-                    row[m].setdefault("vs_also", {})[other] = paired(
-                        [metric(per_seed[s], path) - metric(results[other][s], path) for s in common])
-        row["baseline"] = ARMS[name].baseline
-        rows[name] = row
+    rows = arm_rows(results)
     power = {}
     for m in METRICS:
         sds = [r[m]["vs_random"]["sd"] for r in rows.values() if "vs_random" in r[m] and r[m]["vs_random"]["n"] > 1]
@@ -504,6 +531,16 @@ def markdown(out: dict, cmd: str) -> str:
         for n, o in also:
             lines.append(f"| {n} | {o} | " + " | ".join(fmt({**out['arms'][n][m], 'vs_random': out['arms'][n][m]['vs_also'][o]})
                                                       for m in METRICS) + " |")
+    decided = [(n, o, d) for n, r in out["arms"].items() for o, d in r.get("decision", {}).items()]
+    if decided:
+        lines += ["", "The plan's decision rule on each comparison (false_negatives_plan.md): `beats` when the 95% "
+                  "interval of test BLEU-4 or of the mean dev R@1 lies above 0 and no primary metric's lies below 0; "
+                  "`worse` when one of them or the mean dev R@1 lies below 0 and none above; `mixed` when both; "
+                  "else `unresolved`.", "",
+                  "| arm | vs | mean dev R@1 | verdict |", "|---|---|---|---|"]
+        for n, o, d in decided:
+            lo, hi = d["dev_r1"]["ci95"]
+            lines.append(f"| {n} | {o} | {d['dev_r1']['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {d['verdict']} |")
     lines += ["", "Arms:", ""] + [f"- `{n}`: {r['help']}" for n, r in out["arms"].items()]
     lines += ["", "Seeds needed for 80% power at a 2-point paired gap (5% two-sided): " + ", ".join(
         f"{m} {p['seeds_for_2_points']} (paired sd {p['paired_sd']:.2f}, {p['from']})" for m, p in out["power"].items()),
@@ -605,6 +642,77 @@ def tune_markdown(out: dict, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# issue 24: the methods the README may recommend (each against random batches), and the Pair Selection arms
+# that carry the text mask (compared with the mask alone). ps_nosafe and random_cico_split are the
+# paper-comparable arms: reported by the same rule, not recommended.
+METHODS = ("ps_sep", "random_textmask", "random_textsoft", "ps_textmask", "ps_sep_textmask")
+REPORTED = ("ps_nosafe", "random_cico_split")
+
+
+def cell(d: dict | None) -> str:
+    return "" if not d else f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+
+def recommend(beds: dict[str, dict]) -> dict:
+    """The plan's recommendation over test beds (each bed: a `--report` JSON): a method is recommended only
+    if it beats random batches on every bed; one that beats on some and is unresolved on the rest is named
+    and nothing is recommended for it; if the text mask is recommended and no Pair Selection arm beats the
+    mask alone on every bed, the answer is "masking alone"."""
+    def verdicts(arm: str, vs: str) -> dict[str, str]:
+        return {bed: out["arms"].get(arm, {}).get("decision", {}).get(vs, {}).get("verdict", "not run")
+                for bed, out in beds.items()}
+    rows = {}
+    for arm in METHODS + REPORTED:
+        base, v = ARMS[arm].baseline, verdicts(arm, ARMS[arm].baseline)
+        vals = list(v.values())
+        status = ("beats on every test bed" if all(x == "beats" for x in vals) else
+                  "beats on some test beds, unresolved on the rest" if "beats" in vals and
+                  all(x in ("beats", "unresolved") for x in vals) else
+                  "not run on every test bed" if "not run" in vals else "does not beat its baseline")
+        rows[arm] = {"vs": base, "verdicts": v, "status": status,
+                     "also": {o: verdicts(arm, o) for o in ARMS[arm].also}}
+    winners = [a for a in METHODS if rows[a]["status"] == "beats on every test bed"]
+    partial = [a for a in METHODS if rows[a]["status"].startswith("beats on some")]
+    ps_over_mask = [a for a in METHODS if "random_textmask" in rows[a]["also"]
+                    and all(x == "beats" for x in rows[a]["also"]["random_textmask"].values())]
+    if "random_textmask" in winners and not ps_over_mask:
+        answer = "masking alone (random_textmask)"
+    elif winners:
+        answer = "recommended: " + ", ".join(winners)
+    elif partial:
+        answer = "nothing recommended: " + ", ".join(partial) + " beat random batches on some test beds only"
+    elif any(r["status"] == "not run on every test bed" for a, r in rows.items() if a in METHODS):
+        answer = "not decided: some method arms have not run on every test bed"
+    else:
+        answer = "nothing beats random batches"
+    return {"beds": list(beds), "arms": rows, "answer": answer}
+
+
+def decide_markdown(beds: dict[str, dict], rec: dict, cmd: str) -> str:
+    names = list(beds)
+    lines = ["# Issue 24: the plan's decision over both test beds", "", f"Command: `{cmd}`.", "",
+             f"**{rec['answer']}.**", "",
+             "Each cell: the verdict by the plan's rule, then the paired difference to the baseline with its 95% "
+             "interval, test BLEU-4 / mean dev R@1 (seeds per bed in the tables).", "",
+             "| arm | vs | " + " | ".join(names) + " | status |", "|---|---|" + "---|" * len(names) + "---|"]
+    for arm, r in rec["arms"].items():
+        cells = []
+        for bed in names:
+            a = beds[bed]["arms"].get(arm)
+            if not a:
+                cells.append("not run")
+                continue
+            d = a.get("decision", {}).get(r["vs"], {})
+            cells.append(f"{r['verdicts'][bed]}: {cell(a['test_bleu4'].get('vs_random'))} / {cell(d.get('dev_r1'))}")
+        lines.append(f"| {arm} | {r['vs']} | " + " | ".join(cells) + f" | {r['status']} |")
+    also = [(arm, o) for arm, r in rec["arms"].items() for o in r["also"]]
+    if also:
+        lines += ["", "Does the addition help? The same rule against the other arm:", "",
+                  "| arm | vs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        lines += [f"| {arm} | {o} | " + " | ".join(rec["arms"][arm]["also"][o][b] for b in names) + " |" for arm, o in also]
+    return "\n".join(lines) + "\n"
+
+
 ARCHIVED = ("results.json", "config.yaml")        # of every run
 FIRST_SEED = ("stage1/batches.jsonl", "stage1/selection/plan_e*.json", "stage1/selection/close_text.safetensors",
               "stage1/trajectories*/report.json")  # and of the first seed's: what the report's analyses read
@@ -649,6 +757,8 @@ def main(argv=None) -> int:
     p.add_argument("--commit", default="", help="--archive: the commit the runs ran at (default: this checkout's)")
     p.add_argument("--tune-report", action="store_true", help="the dev-only tuning table and the plan's choices "
                    "(issue 24) from the tuning arms that exist under --seeds")
+    p.add_argument("--decide", type=Path, nargs="+", default=[], metavar="JSON",
+                   help="issue 24: the plan's recommendation from the --report JSON of each test bed (to --table)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "ps_paraphrase.yaml")
     p.add_argument("--pretrain-config", type=Path, default=ROOT / "configs" / "ps_pretrain.yaml")
@@ -664,8 +774,15 @@ def main(argv=None) -> int:
     if args.archive:
         archive(args, args.archive.resolve())
         return 0
-    run_seeds(args)
     cmd = "python tools/ps_ablation.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.decide:
+        beds = {Path(json.loads(f.read_text())["config"]).stem: json.loads(f.read_text()) for f in args.decide}
+        rec = recommend(beds)
+        args.table.with_suffix(".json").write_text(json.dumps({**rec, "command": cmd}, indent=1))
+        args.table.write_text(decide_markdown(beds, rec, cmd))
+        print(args.table.read_text())
+        return 0
+    run_seeds(args)
     if args.tune_report:
         out = tune_report(args)
         args.table.parent.mkdir(parents=True, exist_ok=True)
