@@ -3,6 +3,7 @@ valid recipe of the test bed (its overrides load, its table comes from a referen
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import random
 import statistics
@@ -107,6 +108,8 @@ def test_the_plans_verdict_on_one_comparison():
         ((0, 0, 3.0, 0), (2, 2, 0.3, 2), False): "beats",          # test BLEU-4 clearly up
         ((1.0, 1.0, 0, 0), (3, 3, 2, 2), True): "beats",           # only the mean of the two dev R@1 resolves
         ((0, 0, 3.0, -2.0), (2, 2, 0.3, 0.3), False): "mixed",     # BLEU up, ROUGE-L down
+        ((-2.0, 0, 3.0, 0), (0.3, 2, 0.3, 2), False): "mixed",     # BLEU up, one direction's R@1 down
+        ((-1.0, -1.0, 3.0, 0), (3, 3, 0.3, 2), True): "beats",     # the mean dev R@1 down is no primary metric
         ((0, 0, 0, -2.0), (2, 2, 2, 0.3), False): "worse",
         ((-1.0, -1.0, 0, 0), (3, 3, 2, 2), True): "worse",         # the mean dev R@1 below 0
         ((0, 0, 0, 0), (2, 2, 2, 2), False): "unresolved",
@@ -126,13 +129,13 @@ def test_the_plans_verdict_on_one_comparison():
     assert abl.compare(part, base)["test_bleu4"]["n"] == abl.compare(base, part)["test_bleu4"]["n"] == 4
 
 
-def _bed(rng: random.Random, up: dict[str, float]) -> dict:
-    """A test bed's report: every arm of the plan at noise, those in `up` with test BLEU-4 raised (tight)."""
+def _bed(rng: random.Random, up: dict[str, float], seeds=range(10), config="x.yaml") -> dict:
+    """A test bed's report: every arm of the plan at noise, those in `up` with test BLEU-4 moved (tight)."""
     names = ("random", "random_nomask", "ps", "random_cico", *abl.METHODS, *abl.REPORTED)
-    base = _runs(rng)
+    base = _runs(rng, seeds=seeds)
     results = {n: base if n == "random" else _runs(rng, (0, 0, up.get(n, 0.0), 0),
-                                                   (2, 2, 0.3 if n in up else 2, 2), base) for n in names}
-    return {"config": "x.yaml", "arms": abl.arm_rows(results)}
+                                                   (2, 2, 0.3 if n in up else 2, 2), base, seeds=seeds) for n in names}
+    return {"config": config, "arms": abl.arm_rows(results)}
 
 
 def test_the_plans_recommendation_over_both_test_beds(tmp_path):
@@ -141,26 +144,46 @@ def test_the_plans_recommendation_over_both_test_beds(tmp_path):
     assert rec["answer"] == "masking alone (random_textmask)"
     assert rec["arms"]["random_textmask"]["verdicts"] == {"tb1": "beats", "tb2": "beats"}
     # a Pair Selection arm that beats the mask alone on both beds: both are recommended, not masking alone
-    up = {"random_textmask": 3.0, "ps_textmask": 9.0}
-    rec = abl.recommend({"tb1": _bed(rng, up), "tb2": _bed(rng, up)})
-    assert rec["answer"] == "recommended: random_textmask, ps_textmask"
-    assert rec["arms"]["ps_textmask"]["also"]["random_textmask"] == {"tb1": "beats", "tb2": "beats"}
-    # a win on one bed only recommends nothing, and names it
-    beds = {"tb1": _bed(rng, {"ps_sep": 3.0}), "tb2": _bed(rng, {})}
-    rec = abl.recommend(beds)
-    assert rec["answer"].startswith("nothing recommended: ps_sep ")
+    for ps_arm in ("ps_textmask", "ps_sep"):
+        up = {"random_textmask": 3.0, ps_arm: 9.0}
+        rec = abl.recommend({"tb1": _bed(rng, up), "tb2": _bed(rng, up)})
+        assert rec["answer"] == "recommended: " + ", ".join(a for a in abl.METHODS if a in up), ps_arm
+        assert rec["over_mask"][ps_arm] == "beats on every test bed"
+    # ... on one bed only: still masking alone
+    rec = abl.recommend({"tb1": _bed(rng, {"random_textmask": 3.0, "ps_textmask": 9.0}),
+                         "tb2": _bed(rng, {"random_textmask": 3.0, "ps_textmask": 3.0})})
+    assert rec["answer"].startswith("masking alone") and rec["over_mask"]["ps_textmask"] == "beats on some test beds only"
+    # a win on one bed only, unresolved or worse on the other, recommends nothing, and names it
+    for other in (0.0, -3.0):
+        rec = abl.recommend({"tb1": _bed(rng, {"ps_sep": 3.0}), "tb2": _bed(rng, {"ps_sep": other})})
+        assert rec["answer"] == ("nothing beats random batches on every test bed; ps_sep beat random batches on "
+                                 "some test beds only: not recommended"), other
     assert abl.recommend({"tb1": _bed(rng, {}), "tb2": _bed(rng, {})})["answer"] == "nothing beats random batches"
-    # an arm missing on a bed leaves the decision open
-    del beds["tb2"]["arms"]["random_textsoft"]
-    assert abl.recommend({"tb1": _bed(rng, {}), "tb2": beds["tb2"]})["answer"].startswith("not decided")
+    # an arm missing on a bed, or fewer than the plan's seeds, leaves the decision open
+    tb2 = _bed(rng, {"random_textmask": 3.0})
+    del tb2["arms"]["ps_textmask"]
+    assert abl.recommend({"tb1": _bed(rng, {"random_textmask": 3.0}), "tb2": tb2})["answer"].startswith(
+        "not decided: ps_textmask, ps_textmask vs random_textmask ")
+    rec = abl.recommend({"tb1": _bed(rng, {}), "tb2": _bed(rng, {}, seeds=range(6))})
+    assert rec["answer"].startswith("not decided") and rec["arms"]["ps_sep"]["verdicts"]["tb2"] == "6 of 10 seeds"
     # the command: one JSON per bed, named by its config
     files = []
-    for i, bed in enumerate((_bed(rng, {"random_textmask": 3.0}), _bed(rng, {"random_textmask": 3.0}))):
+    for i in range(2):
         f = tmp_path / f"tb{i}.json"
-        f.write_text(__import__("json").dumps({**bed, "config": f"configs/bed{i}.yaml"}))
+        f.write_text(json.dumps(_bed(rng, {"random_textmask": 3.0}, config=f"configs/bed{i}.yaml")))
         files.append(str(f))
     assert abl.main(["--decide", *files, "--table", str(tmp_path / "decision.md")]) == 0
     md = (tmp_path / "decision.md").read_text()
     assert "**masking alone (random_textmask).**" in md and "| bed0 | bed1 |" in md
     row = [ln for ln in md.splitlines() if ln.startswith("| random_textmask | random |")][0]
     assert row.count("beats: +3.") == 2 and row.endswith("| beats on every test bed |")
+    # two reports of one bed, one bed alone, or a report without verdicts: errors naming the file
+    with pytest.raises(SystemExit, match="both reports of test bed bed0"):
+        abl.main(["--decide", files[0], files[0], "--table", str(tmp_path / "d.md")])
+    with pytest.raises(SystemExit, match="needs the reports of every test bed"):
+        abl.main(["--decide", files[0], "--table", str(tmp_path / "d.md")])
+    old = json.loads(Path(files[1]).read_text())
+    del old["arms"]["ps"]["decision"]
+    Path(files[1]).write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="tb1.json has no verdicts"):
+        abl.main(["--decide", *files, "--table", str(tmp_path / "d.md")])

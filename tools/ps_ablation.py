@@ -59,7 +59,7 @@ ARMS: dict[str, Arm] = {
     "random_nomask": Arm("random batches, no id mask (the paper's GFSLT-VLP baseline)",
                          ("--stage1.mask_same_sentence", "false")),
     "ps": Arm("Pair Selection, log schedule, table epoch 0 -> 2 (medium interval)", PS,
-              ("random", "epoch0000", "epoch0002", "pooled")),
+              ("random", "epoch0000", "epoch0002", "pooled"), also=("random_textmask",)),
     "self": Arm("self mode: the job's own embeddings, refreshed every 2 epochs",
                 ("--selection.mode", "self", "--selection.self_interval", "2")),
     **{f"ps_{s}": Arm(f"Pair Selection, {s} schedule (table 0 -> 2)", PS + ("--selection.schedule", s),
@@ -123,7 +123,7 @@ def method_arms(c: dict) -> dict[str, Arm]:
     nosafe = ("--stage1.mask_same_sentence", "false", "--selection.allow_same_sentence", "true")
     return {
         "ps_sep": Arm(f"Pair Selection, pairs in the top {c['separate_close']} at both checkpoints kept apart",
-                      PS + sep, PS_TABLE, also=("ps",)),
+                      PS + sep, PS_TABLE, also=("ps", "random_textmask")),
         "random_textmask": Arm(f"random batches, close texts ({mask[3]} >= {mask[1]}) masked", mask),
         "random_textsoft": Arm(f"random batches, close texts as positives of weight {c['soft_close_text']}",
                                mask + ("--stage1.soft_close_text", str(c["soft_close_text"]))),
@@ -647,6 +647,9 @@ def tune_markdown(out: dict, cmd: str) -> str:
 # paper-comparable arms: reported by the same rule, not recommended.
 METHODS = ("ps_sep", "random_textmask", "random_textsoft", "ps_textmask", "ps_sep_textmask")
 REPORTED = ("ps_nosafe", "random_cico_split")
+PS_ARMS = ("ps", "ps_sep", "ps_textmask", "ps_sep_textmask")     # each also compared with the mask alone
+PLAN_SEEDS = 10                                                   # paired seeds per comparison and test bed
+INCOMPLETE = "not measured on every test bed"
 
 
 def cell(d: dict | None) -> str:
@@ -654,38 +657,65 @@ def cell(d: dict | None) -> str:
 
 
 def recommend(beds: dict[str, dict]) -> dict:
-    """The plan's recommendation over test beds (each bed: a `--report` JSON): a method is recommended only
-    if it beats random batches on every bed; one that beats on some and is unresolved on the rest is named
-    and nothing is recommended for it; if the text mask is recommended and no Pair Selection arm beats the
-    mask alone on every bed, the answer is "masking alone"."""
+    """The plan's recommendation over test beds (each bed: a `--report` JSON). A method is recommended only
+    if it beats random batches on every bed, with the plan's PLAN_SEEDS paired seeds on each; one that beats
+    on some beds only is named and not recommended; if the text mask is recommended and no Pair Selection arm
+    beats the mask alone on every bed, the answer is "masking alone". A comparison missing on a bed, or with
+    fewer seeds, leaves the answer open."""
     def verdicts(arm: str, vs: str) -> dict[str, str]:
-        return {bed: out["arms"].get(arm, {}).get("decision", {}).get(vs, {}).get("verdict", "not run")
-                for bed, out in beds.items()}
+        out = {}
+        for bed, rep in beds.items():
+            d = rep["arms"].get(arm, {}).get("decision", {}).get(vs)
+            n = d["dev_r1"]["n"] if d else 0
+            out[bed] = d["verdict"] if d and n >= PLAN_SEEDS else f"{n} of {PLAN_SEEDS} seeds"
+        return out
+
+    def status(v: dict[str, str]) -> str:
+        vals = list(v.values())
+        if any(x.endswith(" seeds") for x in vals):
+            return INCOMPLETE
+        if all(x == "beats" for x in vals):
+            return "beats on every test bed"
+        return "beats on some test beds only" if "beats" in vals else "does not beat its baseline"
     rows = {}
     for arm in METHODS + REPORTED:
-        base, v = ARMS[arm].baseline, verdicts(arm, ARMS[arm].baseline)
-        vals = list(v.values())
-        status = ("beats on every test bed" if all(x == "beats" for x in vals) else
-                  "beats on some test beds, unresolved on the rest" if "beats" in vals and
-                  all(x in ("beats", "unresolved") for x in vals) else
-                  "not run on every test bed" if "not run" in vals else "does not beat its baseline")
-        rows[arm] = {"vs": base, "verdicts": v, "status": status,
+        v = verdicts(arm, ARMS[arm].baseline)
+        rows[arm] = {"vs": ARMS[arm].baseline, "verdicts": v, "status": status(v),
                      "also": {o: verdicts(arm, o) for o in ARMS[arm].also}}
+    over_mask = {a: status(verdicts(a, "random_textmask")) for a in PS_ARMS}
     winners = [a for a in METHODS if rows[a]["status"] == "beats on every test bed"]
-    partial = [a for a in METHODS if rows[a]["status"].startswith("beats on some")]
-    ps_over_mask = [a for a in METHODS if "random_textmask" in rows[a]["also"]
-                    and all(x == "beats" for x in rows[a]["also"]["random_textmask"].values())]
-    if "random_textmask" in winners and not ps_over_mask:
+    partial = [a for a in METHODS if rows[a]["status"] == "beats on some test beds only"]
+    open_ = [a for a in METHODS if rows[a]["status"] == INCOMPLETE]
+    if "random_textmask" in winners:
+        open_ += [f"{a} vs random_textmask" for a, st in over_mask.items() if st == INCOMPLETE]
+    if open_:
+        answer = "not decided: " + ", ".join(open_) + f" not measured with {PLAN_SEEDS} seeds on every test bed"
+    elif "random_textmask" in winners and not any(st == "beats on every test bed" for st in over_mask.values()):
         answer = "masking alone (random_textmask)"
     elif winners:
         answer = "recommended: " + ", ".join(winners)
-    elif partial:
-        answer = "nothing recommended: " + ", ".join(partial) + " beat random batches on some test beds only"
-    elif any(r["status"] == "not run on every test bed" for a, r in rows.items() if a in METHODS):
-        answer = "not decided: some method arms have not run on every test bed"
     else:
-        answer = "nothing beats random batches"
-    return {"beds": list(beds), "arms": rows, "answer": answer}
+        answer = "nothing beats random batches on every test bed" if partial else "nothing beats random batches"
+    if partial and not open_:
+        answer += "; " + ", ".join(partial) + " beat random batches on some test beds only: not recommended"
+    return {"beds": list(beds), "arms": rows, "over_mask": over_mask, "answer": answer}
+
+
+def read_beds(files: list[Path]) -> dict[str, dict]:
+    """The test beds' --report JSONs, named by their config; two of one bed, or a report made before the
+    verdicts existed, is an error naming the file."""
+    beds, src = {}, {}
+    for f in files:
+        rep = json.loads(Path(f).read_text())
+        name = Path(rep["config"]).stem
+        if name in beds:
+            raise SystemExit(f"{f} and {src[name]} are both reports of test bed {name} ({rep['config']})")
+        if any(n != "random" and "decision" not in r for n, r in rep["arms"].items()):
+            raise SystemExit(f"{f} has no verdicts (made before they existed): rebuild it with --report")
+        beds[name], src[name] = rep, f
+    if len(beds) < 2:
+        raise SystemExit(f"--decide needs the reports of every test bed (the plan has two); got {len(beds)}")
+    return beds
 
 
 def decide_markdown(beds: dict[str, dict], rec: dict, cmd: str) -> str:
@@ -710,6 +740,8 @@ def decide_markdown(beds: dict[str, dict], rec: dict, cmd: str) -> str:
         lines += ["", "Does the addition help? The same rule against the other arm:", "",
                   "| arm | vs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         lines += [f"| {arm} | {o} | " + " | ".join(rec["arms"][arm]["also"][o][b] for b in names) + " |" for arm, o in also]
+    lines += ["", "Pair Selection arms against the mask alone (`random_textmask`): " + ", ".join(
+        f"{a} {st}" for a, st in rec["over_mask"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -776,7 +808,7 @@ def main(argv=None) -> int:
         return 0
     cmd = "python tools/ps_ablation.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.decide:
-        beds = {Path(json.loads(f.read_text())["config"]).stem: json.loads(f.read_text()) for f in args.decide}
+        beds = read_beds(args.decide)
         rec = recommend(beds)
         args.table.with_suffix(".json").write_text(json.dumps({**rec, "command": cmd}, indent=1))
         args.table.write_text(decide_markdown(beds, rec, cmd))
