@@ -505,6 +505,11 @@ def trajectories(seed_dir: Path) -> dict:
     return out
 
 
+def cell(d: dict | None) -> str:
+    """A paired difference and its 95% interval."""
+    return "" if not d else f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+
 def fmt(v: dict) -> str:
     d = v.get("vs_random")
     s = f"{v['mean']:.2f}"
@@ -538,9 +543,7 @@ def markdown(out: dict, cmd: str) -> str:
                   "`worse` when one of them or the mean dev R@1 lies below 0 and none above; `mixed` when both; "
                   "else `unresolved`.", "",
                   "| arm | vs | mean dev R@1 | verdict |", "|---|---|---|---|"]
-        for n, o, d in decided:
-            lo, hi = d["dev_r1"]["ci95"]
-            lines.append(f"| {n} | {o} | {d['dev_r1']['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {d['verdict']} |")
+        lines += [f"| {n} | {o} | {cell(d['dev_r1'])} | {d['verdict']} |" for n, o, d in decided]
     lines += ["", "Arms:", ""] + [f"- `{n}`: {r['help']}" for n, r in out["arms"].items()]
     lines += ["", "Seeds needed for 80% power at a 2-point paired gap (5% two-sided): " + ", ".join(
         f"{m} {p['seeds_for_2_points']} (paired sd {p['paired_sd']:.2f}, {p['from']})" for m, p in out["power"].items()),
@@ -643,17 +646,13 @@ def tune_markdown(out: dict, cmd: str) -> str:
 
 
 # issue 24: the methods the README may recommend (each against random batches), and the Pair Selection arms
-# that carry the text mask (compared with the mask alone). ps_nosafe and random_cico_split are the
+# that are also compared with the mask alone (their `also`). ps_nosafe and random_cico_split are the
 # paper-comparable arms: reported by the same rule, not recommended.
 METHODS = ("ps_sep", "random_textmask", "random_textsoft", "ps_textmask", "ps_sep_textmask")
 REPORTED = ("ps_nosafe", "random_cico_split")
-PS_ARMS = ("ps", "ps_sep", "ps_textmask", "ps_sep_textmask")     # each also compared with the mask alone
+PS_ARMS = tuple(a for a, arm in ARMS.items() if "random_textmask" in arm.also)
 PLAN_SEEDS = 10                                                   # paired seeds per comparison and test bed
 INCOMPLETE = "not measured on every test bed"
-
-
-def cell(d: dict | None) -> str:
-    return "" if not d else f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
 
 
 def recommend(beds: dict[str, dict]) -> dict:
@@ -780,6 +779,15 @@ def archive(args, dest: Path) -> None:
             machine.write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "commit": commit, "arms": arms}, indent=1))
 
 
+def write_table(table: Path, out: dict, md: str) -> int:
+    """The Markdown table, its JSON beside it, and the table on stdout."""
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    table.write_text(md)
+    print(md)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=[], choices=sorted(ARMS), help="arms to run (then report)")
@@ -810,26 +818,14 @@ def main(argv=None) -> int:
     if args.decide:
         beds = read_beds(args.decide)
         rec = recommend(beds)
-        args.table.with_suffix(".json").write_text(json.dumps({**rec, "command": cmd}, indent=1))
-        args.table.write_text(decide_markdown(beds, rec, cmd))
-        print(args.table.read_text())
-        return 0
+        return write_table(args.table, {**rec, "command": cmd}, decide_markdown(beds, rec, cmd))
     run_seeds(args)
     if args.tune_report:
         out = tune_report(args)
-        args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.with_suffix(".json").write_text(json.dumps({**out, "command": cmd}, indent=1))
-        args.table.write_text(tune_markdown(out, cmd))
-        print(args.table.read_text())
-        return 0
+        return write_table(args.table, {**out, "command": cmd}, tune_markdown(out, cmd))
     out = report(args)
     out["command"] = cmd
-    args.table.parent.mkdir(parents=True, exist_ok=True)
-    args.table.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    args.table.write_text(markdown(out, cmd))
-    print(args.table.read_text())
-    return 0
-
+    return write_table(args.table, out, markdown(out, cmd))
 
 if __name__ == "__main__":
     sys.exit(main())
