@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import sclslt  # noqa: E402,F401  (sclslt_kernels: this checkout's kernels/)
 # dtype: loss rtol, gradient error relative to the largest reference gradient (tests/test_kernels.py)
 TOL = {"fp32": (1e-5, 1e-5), "fp16": (1e-4, 2e-3), "bf16": (1e-4, 1e-2)}
 

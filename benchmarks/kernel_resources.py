@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # run from a checkout
+import sclslt  # noqa: E402,F401  (sclslt_kernels: this checkout's kernels/)
 
 os.environ.pop("TRITON_INTERPRET", None)        # the interpreter has no compiler to measure
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -9,8 +9,38 @@ Each has a plain-PyTorch `*_reference` that is its spec. `SCLSLT_KERNELS=auto|tr
 picks the path (`_dispatch.py`); for the Triton interpreter on CPU set `TRITON_INTERPRET=1` before
 importing this package.
 """
-from ._dispatch import describe as kernel_path
-from .cico import cico_similarity, cico_similarity_reference
-from .infonce import infonce, infonce_reference, masked_ce
+import sys as _sys
 
-__all__ = ["infonce", "infonce_reference", "cico_similarity", "cico_similarity_reference", "masked_ce", "kernel_path"]
+if __name__ != "sclslt_kernels":
+    # Imported as `kernels` (or any other name): a checkout's root is on sys.path (`python -m pytest`, a
+    # tool, `python -c` in the checkout), and this folder shadows whatever `kernels` is installed (Hugging
+    # Face's, which transformers >= 5.25 imports). Step aside: the next `kernels` on sys.path takes this
+    # module's place; where there is none, an empty namespace-like module does (no file, no version:
+    # what Python gives a folder without __init__.py, and what transformers reads as "not installed").
+    import importlib as _importlib
+    import importlib.machinery  # noqa: F401
+    import os as _os
+    import types as _types
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _saved = _sys.path[:]
+    _sys.path[:] = [p for p in _saved if _os.path.abspath(p or _os.curdir) != _root]
+    del _sys.modules[__name__]
+    try:
+        _importlib.import_module(__name__)
+    except ModuleNotFoundError as _e:
+        if _e.name != __name__:
+            raise
+        _empty = _types.ModuleType(__name__, "not sclslt's kernels (installed as sclslt_kernels)")
+        _empty.__spec__ = _importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+        _empty.__path__ = _empty.__spec__.submodule_search_locations = []
+        _sys.modules[__name__] = _empty
+    finally:
+        _sys.path[:] = _saved
+else:
+    from ._dispatch import describe as kernel_path
+    from .cico import cico_similarity, cico_similarity_reference
+    from .infonce import infonce, infonce_reference, masked_ce
+
+    __all__ = ["infonce", "infonce_reference", "cico_similarity", "cico_similarity_reference", "masked_ce",
+               "kernel_path"]
