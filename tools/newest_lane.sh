@@ -2,8 +2,8 @@
 # The newest-versions lane (run by .ci/run after the locked suite): the next upstream release that breaks
 # the trainer shows up here before a user installs it. It makes a virtual environment over this one
 # (--system-site-packages, so only what differs is installed), upgrades every dependency to the newest
-# release setup.py's ranges allow (pip's eager strategy; torch within what this machine's pip may reach),
-# prints what differs from constraints.txt, and runs a representative part of the suite there: the fast
+# release setup.py's ranges allow (pip's eager strategy) except torch and triton, kept as installed (as
+# tools/setup_env.sh keeps a cluster's CUDA build), prints what differs from constraints.txt, and runs a representative part of the suite there: the fast
 # lane, the main job and its export (tests/test_export.py), a 2-rank DeepSpeed run, and the checks that
 # no installed package is shadowed by a checkout (tests/test_import_paths.py).
 #   tools/newest_lane.sh            warn: a failure is reported (what broke, which versions) but exits 0
@@ -19,7 +19,15 @@ trap 'rm -rf "$tmp"' EXIT
 venv=$tmp/venv
 say() { echo "newest-lane: $*"; }
 "$PY" -m venv --system-site-packages "$venv"
-if ! "$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" \
+"$PY" - >"$tmp/keep.txt" <<'EOF'
+import importlib.metadata as md
+for name in ("torch", "triton"):
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        pass
+EOF
+if ! "$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -c "$tmp/keep.txt" -e ".[test]" \
       >"$tmp/pip.log" 2>&1; then
   tail -20 "$tmp/pip.log"
   say "WARNING: the newest versions setup.py allows do not install together (above)"
@@ -30,7 +38,8 @@ fi
 printf '#!/bin/sh\nexec "%s" -m deepspeed.launcher.runner "$@"\n' "$venv/bin/python" >"$venv/bin/deepspeed"
 chmod +x "$venv/bin/deepspeed"
 export PATH="$venv/bin:$PATH"
-"$venv/bin/python" -m pip freeze --exclude-editable 2>/dev/null | sort >"$tmp/newest.txt"
+site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+"$venv/bin/python" -m pip freeze --exclude-editable --path "$site" 2>/dev/null | sort >"$tmp/newest.txt"
 grep -E '^[A-Za-z0-9_.-]+==' constraints.txt | sort >"$tmp/locked.txt"
 newer=$(comm -13 "$tmp/locked.txt" "$tmp/newest.txt" | tr '\n' ' ')
 say "versions other than the lock's: ${newer:-none}"
