@@ -21,13 +21,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def standin(tmp_path) -> Path:
-    """A package named `kernels` (not ours) on a path entry after the checkout's."""
+def standin(tmp_path) -> Path | None:
+    """A package named `kernels` (not ours) on a path entry after the checkout's; None where Hugging Face's is
+    installed (transformers then imports names from it that a stand-in lacks: the real one is the test)."""
+    try:
+        importlib.metadata.version("kernels")
+        return None
+    except importlib.metadata.PackageNotFoundError:
+        pass
     pkg = tmp_path / "site" / "kernels"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text('MARK = "stand-in"\n')
-    (pkg / "sub.py").write_text('WHO = "stand-in sub"\n')
+    (pkg / "sub.py").write_text('WHO = "stand-in"\n')
     return pkg.parent
+
+
+def installed_kernels(standin: Path | None) -> str:
+    """Where `import kernels` must lead: the stand-in's folder, or Hugging Face's package."""
+    if standin is not None:
+        return str(standin / "kernels")
+    init = [f for f in importlib.metadata.files("kernels") if str(f).replace("\\", "/") == "kernels/__init__.py"]
+    return str(Path(init[0].locate()).resolve().parent)
 
 
 def python(code: str, cwd: Path, site: Path | None = None, *argv: str) -> str:
@@ -45,11 +59,11 @@ def test_in_a_checkout_kernels_is_the_installed_one_and_the_trainer_imports(stan
     `kernels` and its submodules are the installed package's, while `sclslt_kernels` is ours and the trainer's
     import path (transformers included) loads.
     Mutation caught: deleting the step-aside branch of kernels/__init__.py (kernels is then our folder)."""
-    out = python("import sys; sys.path.insert(0, sys.argv[1]);"
-                 "import sclslt.train.main, transformers.activations, sclslt_kernels, kernels, kernels.sub;"
-                 "print(kernels.MARK, kernels.sub.WHO, sclslt_kernels.__file__, sclslt_kernels.infonce.__name__)",
-                 ROOT, standin, str(ROOT))
-    assert out == f"stand-in stand-in sub {ROOT / 'kernels' / '__init__.py'} infonce"
+    out = python("import os, sys; sys.path.insert(0, sys.argv[1]);"
+                 "import sclslt.train.main, transformers.activations, sclslt_kernels, kernels;"
+                 "print(os.path.dirname(os.path.realpath(kernels.__file__)), sclslt_kernels.__file__, "
+                 "sclslt_kernels.infonce.__name__)", ROOT, standin, str(ROOT))
+    assert out.split() == [installed_kernels(standin), str(ROOT / "kernels" / "__init__.py"), "infonce"]
 
 
 def test_without_an_installed_kernels_the_folder_is_still_not_kernels():
@@ -93,11 +107,12 @@ def test_a_worktree_runs_its_own_sclslt_and_kernels_beside_the_installed_package
     shutil.copy(ROOT / "setup.py", tree / "setup.py")
     out = python("import runpy, sys; sys.argv = ['launch/train.py', '--help'];\n"
                  "try:\n    runpy.run_path('launch/train.py', run_name='not_main')\nexcept SystemExit:\n    pass\n"
-                 "import sclslt, sclslt_kernels, kernels; from sclslt.model import heads\n"
+                 "import os, sclslt, sclslt_kernels, kernels; from sclslt.model import heads\n"
                  "print(sclslt.__file__, sclslt_kernels.__file__, sys.modules[heads.infonce.__module__].__file__, "
-                 "kernels.MARK)", tree, standin)
+                 "os.path.dirname(os.path.realpath(kernels.__file__)))", tree, standin)
     assert out.split() == [str(tree / "sclslt" / "__init__.py"), str(tree / "kernels" / "__init__.py"),
-                           str(tree / "kernels" / "infonce.py"), "stand-in"]
+                           str(tree / "kernels" / "infonce.py"), installed_kernels(standin)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     help_text = subprocess.run([sys.executable, "tools/shard_videos.py", "--help"], cwd=tree, capture_output=True,
-                               text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(standin)})
+                               text=True, timeout=300, env={**env, **({"PYTHONPATH": str(standin)} if standin else {})})
     assert help_text.returncode == 0 and "usage" in help_text.stdout.lower(), help_text.stderr[-2000:]

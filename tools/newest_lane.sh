@@ -56,7 +56,7 @@ fi
 for log in fast e2e; do
   grep -E '^(FAILED|ERROR) ' "$tmp/$log.log" | sed 's/^/newest-lane:   /'
 done
-tail -60 "$tmp/fast.log" "$tmp/e2e.log"
+tail -n 60 "$tmp/fast.log" "$tmp/e2e.log"
 say "WARNING: the suite FAILS with the newest versions setup.py allows (${newer:-none}): pin the package that"
 say "broke it below the failing release in setup.py, or fix the code, before users install it"
 exit $((strict ? (fast ? fast : e2e) : 0))
