@@ -102,6 +102,8 @@ class ModelConfig:
     lora_rank: int = 0            # > 0: LoRA adapters (peft) on the visual encoder and the decoder (paper: 16)
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
+    batchnorm: str = "global"     # BatchNorm statistics (sclslt/model/batchnorm.py): "global" (the global batch's; whole
+                                  # shares only), "group N" (fixed groups of N clips of the global batch) or "frozen"
 
 
 @dataclass
@@ -110,6 +112,8 @@ class StageConfig:
     enabled: bool = True
     epochs: int = 1
     global_batch: int = 16        # clips per optimizer step summed over ranks (independent of world size)
+    micro_batch: int = 0          # clips a rank pushes through the model at once (0: its whole share, global_batch /
+                                  # world); smaller: the share in chunks, the contrastive loss exact by gradient caching
     lr: float = 1e-4
     weight_decay: float = 0.01
     adam_eps: float = 1e-8        # AdamW epsilon
@@ -221,6 +225,15 @@ class Config:
                               "selection.log_base > 1")
         if not 0.0 <= sel.separate_close < 1.0:
             raise ConfigError("selection.separate_close is a quantile in [0, 1) (0: off)")
+        try:
+            mode, group = batchnorm_mode(self.model.batchnorm)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for name in ("stage1", "stage2"):
+            st = getattr(self, name)
+            if mode == "group" and (st.micro_batch or st.global_batch) % group:
+                raise ConfigError(f"model.batchnorm='group {group}' needs whole groups in every micro-batch: "
+                                  f"{name}.micro_batch (or global_batch) must be a multiple of {group}")
         if self.data.read_threads < 1:
             raise ConfigError("data.read_threads must be >= 1")
         for name in ("stage1", "stage2"):
@@ -235,10 +248,48 @@ class Config:
             if st.soft_close_text > 0 and st.mask_close_text == 0:
                 raise ConfigError(f"{name}.soft_close_text weights the close columns that {name}.mask_close_text "
                                   f"finds: set its threshold too")
+            if st.micro_batch < 0:
+                raise ConfigError(f"{name}.micro_batch must be >= 0 (0: a rank's whole share at once)")
+            if st.micro_batch and st.global_batch % st.micro_batch:
+                raise ConfigError(f"{name}.micro_batch={st.micro_batch} does not divide {name}.global_batch="
+                                  f"{st.global_batch}")
             if st.mask_close_text > 0 and not st.mask_same_sentence:
                 raise ConfigError(f"{name}.mask_close_text needs {name}.mask_same_sentence (the close pairs are "
                                   f"looked up by sentence id)")
         return self
+
+
+def batchnorm_mode(spec: str) -> tuple[str, int]:
+    """model.batchnorm: "global" | "frozen" | "group N" -> (mode, N); N = 0 except for groups."""
+    parts = str(spec).split()
+    if len(parts) == 1 and parts[0] in ("global", "frozen"):
+        return parts[0], 0
+    if len(parts) == 2 and parts[0] == "group" and parts[1].isdigit() and int(parts[1]) > 0:
+        return "group", int(parts[1])
+    raise ValueError(f"model.batchnorm={spec!r}: use 'global' (the global batch's statistics), 'group N' (fixed "
+                     f"groups of N clips, e.g. 'group 2') or 'frozen' (running statistics)")
+
+
+def micro_batch(cfg: "Config", stage: str, world: int) -> int:
+    """The clips a rank pushes through the model at once in `stage` at `world` ranks; a clear error where the
+    global batch does not split into whole micro-batches on every rank, or where `global` BatchNorm would
+    need statistics across micro-batches of one rank."""
+    st: StageConfig = getattr(cfg, stage)
+    if st.global_batch % world:
+        raise ConfigError(f"{stage}.global_batch={st.global_batch} is not divisible by the world size {world}: "
+                          f"set it to a multiple of {world}")
+    share = st.global_batch // world
+    m = st.micro_batch or share
+    if m > share or share % m:
+        raise ConfigError(f"{stage}.micro_batch={m} does not split a rank's share of {share} clips "
+                          f"({stage}.global_batch={st.global_batch} / {world} ranks) into whole micro-batches: "
+                          f"use a divisor of {share}, or 0 for the whole share")
+    if m < share and batchnorm_mode(cfg.model.batchnorm)[0] == "global":
+        raise ConfigError(f"{stage}.micro_batch={m} splits a rank's share of {share} clips, but model.batchnorm="
+                          f"'global' needs the global batch's statistics, which no rank can have across its own "
+                          f"micro-batches: use model.batchnorm='group N' (N dividing {m}) or 'frozen', or "
+                          f"{stage}.micro_batch=0 on more or larger GPUs")
+    return m
 
 
 def name_fields(cfg: "Config") -> dict[str, tuple[str, ...]]:

@@ -199,16 +199,8 @@ def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, local_negatives_at:
     negatives as well (the mutation the test must catch); returned under "mutated".
 
     Returns {stage: [per step: {"loss", "lr_next", "param_err", "moment_err"}]} and "mutated" if asked."""
-    import sclslt.model.batchnorm as batchnorm
     torch.set_num_threads(1)        # the ranks' summation order (OMP_NUM_THREADS=1)
-    # the ranks' BatchNorm formula, not torch's fused kernel at world 1: the two agree to rounding
-    # (tests/test_batchnorm.py), but where Adam meets a near-zero gradient element, rounding decides a
-    # step (seen: 6e-5 of scale at one step of the 4-rank run against the fused kernel, 2e-8 against this)
-    fused, batchnorm.FUSED_AT_WORLD_1 = batchnorm.FUSED_AT_WORLD_1, False
-    try:
-        return _stepwise(cfg_path, run_dir, overrides, local_negatives_at)
-    finally:
-        batchnorm.FUSED_AT_WORLD_1 = fused
+    return _stepwise(cfg_path, run_dir, overrides, local_negatives_at)
 
 
 def _stepwise(cfg_path: Path, run_dir: Path, overrides: tuple, local_negatives_at: int) -> dict:
@@ -575,3 +567,22 @@ def test_mpirun_launch_equals_one_process(exp):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"world {WORLD} x cpu" in proc.stdout
     assert_stepwise(run, stepwise(cfg_path, run, *extra), "mpirun")
+
+
+@pytest.mark.parametrize("world,micro,similarity", [(1, 2, "pooled"), (2, 2, "cico")])
+def test_micro_batches_equal_one_process_over_the_whole_global_batch(exp, world, micro, similarity):
+    """A rank's share in micro-batches of 2 clips (stage 1 by gradient caching, stage 2 by accumulation), at 1
+    rank (4 chunks) and 2 ranks (2 chunks each), with BatchNorm over fixed groups of 2 clips: every step's
+    logged loss, parameters and Adam moments are those of one plain-PyTorch process forwarding the whole
+    global batch at once (the same groups), and the batches are the unchunked run's.
+    Mutations caught: the cached gradient dropped from the second pass (or the logit scale's term), DeepSpeed's
+    division by the accumulation steps left on, per-chunk rather than global token normalisation."""
+    d, cfg_path = exp
+    run = d / f"micro{world}{similarity}"
+    over = ("--model.batchnorm", "group 2", "--model.similarity", similarity,
+            "--stage1.micro_batch", str(micro), "--stage2.micro_batch", str(micro))
+    launch(cfg_path, run, 29650 + world, *EVERY_STEP, *over, world=world)
+    cfg = load_config(cfg_path)
+    for name in STAGES:
+        assert batch_log(run, name) == expected_log(cfg, name, resolve_shards_dir(cfg.data), STEPS), name
+    assert_stepwise(run, stepwise(cfg_path, run, *over), f"world {world} micro {micro} {similarity}")

@@ -54,6 +54,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def split(self, size: int) -> list["Batch"]:
+        """Consecutive micro-batches of `size` clips (padding as the whole batch's: masks say what is valid)."""
+        return [Batch(**{f.name: (getattr(self, f.name)[i:i + size] if getattr(self, f.name) is not None else None)
+                         for f in fields(self)}) for i in range(0, len(self), size)]
+
 
 class Collate:
     """Pad clips in time (with a frame mask) and tokenize texts; runs in the loader workers."""

@@ -1,106 +1,210 @@
-"""BatchNorm whose training statistics are those of the global batch, over valid positions only.
+"""BatchNorm whose training statistics are a set the config names (`model.batchnorm`), never the GPU count.
 
-Why: with per-rank statistics (what DDP and DeepSpeed give a plain `nn.BatchNorm`), a step normalises
-each rank's micro-batch by its own mean and variance, so the same global batch gives another loss and
-other gradients at 1, 2 or 8 GPUs. Here each rank's per-channel count, mean and variance are gathered
-(with autograd, so the backward is the global batch's too) and combined exactly into the global batch's
-mean and variance: a step is the same math at any world size, up to the order of floating-point sums. Padded time steps
-(`mask`) count in no statistic, so how a micro-batch was padded (its longest clip) does not matter either.
+- `global`: the global batch's statistics over valid positions (what GFSLT-VLP trains with: SyncBatchNorm
+  over its 4 x 4 clips). Each rank reduces its rows to per-channel (count, sum, sum of squares) in fp32 and
+  one all-reduce of those sums per layer gives the global mean and variance; the backward all-reduces
+  (sum dy, sum dy * xhat) once. Only whole shares: a layer's statistics depend on every clip's previous
+  layer, so a rank cannot split its share into micro-batches (config validation says so).
+- `group N`: statistics of fixed groups of N clips of the global batch (clips gN .. gN+N-1; MosaicML
+  Streaming's canonical nodes): the same at any world size and any micro-batch holding whole groups, no
+  communication.
+- `frozen`: the running statistics (fine-tuning a pretrained ResNet); weight and bias still train.
 
-Cost: one all-gather of 2C + 1 floats per layer in the forward and one collective in the backward
-(ResNet-18 has 20 layers); at world 1, torch's fused BatchNorm runs as it is (the statistics are
-the same). Evaluation uses the running statistics, no collective. The classes keep `nn.BatchNorm`'s
-parameters and buffers, so checkpoints and pretrained weights load unchanged (`globalise` swaps the
-class of an existing module in place, e.g. the BatchNorm2d layers of a pretrained ResNet).
-torch's `SyncBatchNorm` does the first half on CUDA only, and knows no mask.
+Memory: the autograd function saves what torch's BatchNorm saves, the input in its own dtype and per-channel
+(per-group) mean and 1/std in fp32; fp32 temporaries live inside one layer's forward or backward only.
+Padded time steps (`mask`) count in no statistic. Running statistics stay fp32 whatever the compute dtype;
+they are updated once per optimizer step (`finish_step`), from the mean over the step's groups (one for
+`global`) of their mean and unbiased variance, all-reduced over ranks: the same at any world size or
+micro-batch. Evaluation and `frozen` use them. The classes keep `nn.BatchNorm`'s parameters and buffers,
+so checkpoints and pretrained weights load unchanged (`configure` swaps the classes in place).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-
-FUSED_AT_WORLD_1 = True    # world 1: torch's fused kernel (same statistics; tests may take the combined path)
-
+from sclslt.config import batchnorm_mode
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class _GlobalStats:
-    """The shared forward of `GlobalBatchNorm1d` / `GlobalBatchNorm2d` (channel dimension 1)."""
+_ROWS = {"segments": None, "groups": 0}   # backbone rows' clip groups during one forward: `rows_in_groups`
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if mask is None and FUSED_AT_WORLD_1 and _world() == 1:
-            return super().forward(x)          # the global batch is this one: torch's fused kernel
-        if mask is None:
-            return self._unmasked(x)
-        return self._masked(x, mask)
 
-    def _unmasked(self, x: torch.Tensor) -> torch.Tensor:
-        """Every position counts: this rank's fused (variance, mean), combined over the ranks."""
-        var, mean = torch.var_mean(x.float(), [0, *range(2, x.dim())], unbiased=False)
-        return self._combined(x, torch.full((1,), x.numel() / x.shape[1], device=x.device), mean, var)
+@contextlib.contextmanager
+def rows_in_groups(segments: torch.Tensor | None, groups: int = 0):
+    """Inside: BatchNorm layers called without `segments` (a backbone's, which knows nothing of clips) give
+    row i to group `segments[i]` of `groups`."""
+    old = dict(_ROWS)
+    _ROWS.update(segments=segments, groups=groups)
+    try:
+        yield
+    finally:
+        _ROWS.update(old)
 
-    def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Only the valid positions `mask` (N, *) of x's non-channel dims count."""
-        xf, dims = x.float(), [0, *range(2, x.dim())]
+
+def _row_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Per row and channel: count of valid positions, sum and sum of squares (fp32), each (N, C)."""
+    dims = tuple(range(2, x.dim()))
+    if mask is not None:
+        x = x * mask.unsqueeze(1).to(x.dtype)
+        count = mask.reshape(mask.shape[0], -1).sum(1, dtype=torch.float32)[:, None].expand(-1, x.shape[1])
+    else:
+        count = x.new_full((x.shape[0], x.shape[1]), float(x[0, 0].numel()), dtype=torch.float32)
+    s = x.sum(dims, dtype=torch.float32) if dims else x.float()
+    sq = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square() if dims else x.float().square()
+    return count, s, sq
+
+
+def _segment_sum(v: torch.Tensor, seg: torch.Tensor | None, groups: int) -> torch.Tensor:
+    if seg is None:
+        return v.sum(0, keepdim=True)
+    return v.new_zeros((groups, v.shape[1])).index_add_(0, seg, v)
+
+
+def _per_row(v: torch.Tensor, seg: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """(S, C) per-group values as (N, C, 1, ...) rows of x (or (1, C, 1, ...) for one group)."""
+    r = v if seg is None else v[seg]
+    return r.reshape(*r.shape, *([1] * (x.dim() - 2)))
+
+
+@torch.no_grad()
+def batch_stats(x: torch.Tensor, mask: torch.Tensor | None, seg: torch.Tensor | None, groups: int,
+                across_ranks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group and channel: mean, biased variance and count of valid positions (fp32, (S, C) each); with
+    `across_ranks`, over every rank's rows (one all-reduce of the sums)."""
+    count, s, sq = (_segment_sum(v, seg, groups) for v in _row_sums(x, mask))
+    if across_ranks:
+        c = s.shape[1]
+        packed = torch.cat([count[:, :1], s, sq], 1)
+        dist.all_reduce(packed)
+        count, s, sq = packed[:, :1].expand(-1, c), packed[:, 1:1 + c], packed[:, 1 + c:]
+    n = count.clamp_min(1.0)
+    mean = s / n
+    return mean, (sq / n - mean * mean).clamp_min(0.0), n
+
+
+class _BatchStatsNorm(torch.autograd.Function):
+    """y = (x - mean_g) / sqrt(var_g + eps) * w + b, mean_g and var_g the statistics of row x's group g
+    (`batch_stats`); the backward goes through the statistics too (all ranks' rows for `global`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, seg, mean, var, n, eps: float, across_ranks: bool):
+        invstd = torch.rsqrt(var + eps)
+        w = weight.float() if weight is not None else torch.ones_like(mean[0])
+        b = bias.float() if bias is not None else torch.zeros_like(mean[0])
+        scale = invstd * w
+        ctx.save_for_backward(x, weight, mask, seg, mean, invstd, n)
+        ctx.groups, ctx.across_ranks, ctx.has_bias = mean.shape[0], across_ranks, bias is not None
+        return torch.addcmul(_per_row(b - mean * scale, seg, x), x, _per_row(scale, seg, x)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mask, seg, mean, invstd, n = ctx.saved_tensors
+        dims = tuple(range(2, x.dim()))
+        xhat = (x.float() - _per_row(mean, seg, x)) * _per_row(invstd, seg, x)
+        dyf = dy.float()
+        row_dy = dyf.sum(dims) if dims else dyf
+        row_dyx = (dyf * xhat).sum(dims) if dims else dyf * xhat
+        g1, g2 = _segment_sum(row_dy, seg, ctx.groups), _segment_sum(row_dyx, seg, ctx.groups)
+        d_weight = g2.sum(0).to(weight.dtype) if weight is not None else None   # this rank's share: DeepSpeed
+        d_bias = g1.sum(0).to(weight.dtype) if ctx.has_bias else None           # averages over ranks
+        if ctx.across_ranks:
+            packed = torch.cat([g1, g2], 1)
+            dist.all_reduce(packed)
+            g1, g2 = packed.chunk(2, 1)
+        w = weight.float() if weight is not None else torch.ones_like(mean[0])
+        centre = _per_row(g1 / n, seg, x) + xhat * _per_row(g2 / n, seg, x)
+        if mask is not None:
+            centre = centre * mask.unsqueeze(1)
+        dx = ((dyf - centre) * _per_row(invstd * w, seg, x)).to(x.dtype)
+        return dx, d_weight, d_bias, None, None, None, None, None, None, None
+
+
+class _ConfiguredNorm:
+    """The shared forward of `BatchNorm1d` / `BatchNorm2d` (channel dimension 1), in the mode `configure` set."""
+    mode, group = "global", 0
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                segments: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        """`mask` (N, *): valid positions; `segments` (group of each row, number of groups): the row groups
+        of `group N` (else those of `rows_in_groups`)."""
+        if not self.training or self.mode == "frozen":
+            return self._running(x)
+        seg, groups = None, 1
+        if self.mode == "group":
+            seg, groups = segments if segments is not None else (_ROWS["segments"], _ROWS["groups"])
+            if seg is None:
+                raise RuntimeError("model.batchnorm='group N' needs each row's clip group "
+                                   "(sclslt.model.batchnorm.rows_in_groups, or segments=)")
+        across = self.mode == "global" and _world() > 1
+        mean, var, n = batch_stats(x, mask, seg, groups, across)
+        if self.track_running_stats and torch.is_grad_enabled():
+            self._add_pending(mean, var, n)
+        return _BatchStatsNorm.apply(x, self.weight if self.affine else None, self.bias if self.affine else None,
+                                     mask, seg, mean, var, n, self.eps, across)
+
+    def _running(self, x: torch.Tensor) -> torch.Tensor:
         view = [1, -1] + [1] * (x.dim() - 2)
-        m = mask.unsqueeze(1).to(xf.dtype)
-        n = m.sum().reshape(1)
-        mean = (xf * m).sum(dims) / n.clamp_min(1.0)
-        centred = (xf - mean.view(view)) * m
-        return self._combined(x, n, mean, (centred * centred).sum(dims) / n.clamp_min(1.0))
-
-    def _combined(self, x: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """The global batch's statistics from every rank's (count, mean, biased variance), gathered with
-        autograd and combined exactly (Chan et al.'s parallel variance, no E[x^2] - E[x]^2 cancellation)."""
-        from sclslt.model.losses import gather_with_grad
-        c = x.shape[1]
-        parts = gather_with_grad(torch.cat([n, mean, var])[None])           # (world, 1 + 2C)
-        counts, means, vars_ = parts[:, :1], parts[:, 1:1 + c], parts[:, 1 + c:]
-        total = counts.sum()
-        g_mean = (counts * means).sum(0) / total.clamp_min(1.0)
-        g_var = (counts * (vars_ + (means - g_mean) ** 2)).sum(0) / total.clamp_min(1.0)
-        return self._normalise(x, g_mean, g_var, total)
-
-    def _normalise(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / sqrt(var + eps) * weight + bias as one per-channel scale and shift."""
-        view = [1, -1] + [1] * (x.dim() - 2)
-        scale = torch.rsqrt(var + self.eps)
+        scale = torch.rsqrt(self.running_var.float() + self.eps)
+        shift = -self.running_mean.float() * scale
         if self.affine:
             scale = scale * self.weight.float()
-        shift = -mean * scale + (self.bias.float() if self.affine else 0.0)
-        if self.track_running_stats:
-            self._update_running(mean.detach(), var.detach(), n.detach())
-        return torch.addcmul(shift.view(view), x.float(), scale.view(view)).to(x.dtype)
+            shift = shift * self.weight.float() + self.bias.float()
+        return torch.addcmul(shift.view(view), x, scale.view(view)).to(x.dtype)
 
-    @torch.no_grad()
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+    def _add_pending(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        """Add this forward's group statistics (mean, unbiased variance, number of groups) to the step's."""
         unbiased = var * n / (n - 1).clamp_min(1.0)
-        self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
-        self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
+        add = torch.cat([mean.sum(0), unbiased.sum(0), mean.new_tensor([mean.shape[0]])])
+        self._pending = add if getattr(self, "_pending", None) is None else self._pending + add
 
 
-class GlobalBatchNorm1d(_GlobalStats, nn.BatchNorm1d):
-    """(N, C, T) with an optional (N, T) mask of valid steps."""
+def finish_step(module: nn.Module) -> None:
+    """Update every configured BatchNorm's running statistics once from the step's pending group statistics,
+    summed over ranks (one all-reduce for all layers). Call on every rank after each optimizer step."""
+    layers = [m for m in module.modules() if isinstance(m, _ConfiguredNorm) and getattr(m, "_pending", None) is not None]
+    if not layers:
+        return
+    flat = torch.cat([m._pending for m in layers])
+    if _world() > 1:
+        dist.all_reduce(flat)
+    at = 0
+    with torch.no_grad():
+        for m in layers:
+            c = m.num_features
+            s = flat[at:at + 2 * c + 1]
+            at += 2 * c + 1
+            k = s[-1].clamp_min(1.0)
+            m.num_batches_tracked.add_(1)
+            f = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+            m.running_mean.mul_(1 - f).add_((s[:c] / k).to(m.running_mean.dtype), alpha=f)
+            m.running_var.mul_(1 - f).add_((s[c:2 * c] / k).to(m.running_var.dtype), alpha=f)
+            m._pending = None
 
 
-class GlobalBatchNorm2d(_GlobalStats, nn.BatchNorm2d):
-    """(N, C, H, W): every position counts."""
+class BatchNorm1d(_ConfiguredNorm, nn.BatchNorm1d):
+    """(N, C, T) with an optional (N, T) mask of valid steps and (N,) clip groups."""
 
 
-def globalise(module: nn.Module) -> nn.Module:
-    """Turn every plain BatchNorm1d/2d inside `module` into its global-statistics class, in place."""
+class BatchNorm2d(_ConfiguredNorm, nn.BatchNorm2d):
+    """(N, C, H, W): every position counts; a backbone's rows take their groups from `rows_in_groups`."""
+
+
+def configure(module: nn.Module, spec: str) -> nn.Module:
+    """Turn every BatchNorm1d/2d inside `module` into the configured class, in the mode `spec`, in place;
+    running statistics (and the affine parameters' storage) become fp32 buffers if they were not."""
+    mode, group = batchnorm_mode(spec)
     for m in module.modules():
-        if type(m) is nn.BatchNorm2d:
-            m.__class__ = GlobalBatchNorm2d
-        elif type(m) is nn.BatchNorm1d:
-            m.__class__ = GlobalBatchNorm1d
+        if type(m) in (nn.BatchNorm2d, BatchNorm2d):
+            m.__class__ = BatchNorm2d
+        elif type(m) in (nn.BatchNorm1d, BatchNorm1d):
+            m.__class__ = BatchNorm1d
+        else:
+            continue
+        m.mode, m.group = mode, group
     return module

@@ -36,7 +36,10 @@ import torch.nn.functional as F
 
 from sclslt.config import DataConfig, ModelConfig
 from sclslt.model.augment import ClipAugment
-from sclslt.model.batchnorm import GlobalBatchNorm1d, globalise
+import contextlib
+
+from sclslt.config import batchnorm_mode
+from sclslt.model.batchnorm import BatchNorm1d, configure, rows_in_groups
 from sclslt.model.heads import get_head
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,13 +181,14 @@ class TemporalBlock(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.conv = nn.Conv1d(dim_in, dim_out, kernel_size=5, padding=2, bias=False)  # BN follows
-        self.bn = GlobalBatchNorm1d(dim_out)     # global-batch statistics over valid steps (batchnorm.py)
+        self.bn = BatchNorm1d(dim_out)          # statistics over valid steps of the set model.batchnorm names
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, segments=None):
         # x (B, C, T), mask (B, T): padded steps are zeroed before the convolution and after the
-        # activation (>= 0), so they can reach neither a valid step's convolution nor its max-pool
+        # activation (>= 0), so they can reach neither a valid step's convolution nor its max-pool;
+        # segments: the clips' BatchNorm groups (model.batchnorm='group N')
         m = mask[:, None].to(x.dtype)
-        x = F.relu(self.bn(self.conv(x * m), mask)) * m
+        x = F.relu(self.bn(self.conv(x * m), mask, segments)) * m
         x = F.max_pool1d(x, 2, ceil_mode=True)
         mask = F.max_pool1d(mask[:, None].float(), 2, ceil_mode=True)[:, 0] > 0
         return x, mask
@@ -200,7 +204,7 @@ class SLTModel(nn.Module):
         self.cfg = cfg
         self.frame_view = ClipAugment(frames or DataConfig())    # crop / training augmentation, on device
         arch = arch or {}
-        self.backbone = globalise(build_backbone(cfg, arch.get("backbone")))   # BatchNorms: global-batch statistics
+        self.backbone = build_backbone(cfg, arch.get("backbone"))
         self.s2s, self.text_encoder = build_mbart(cfg, tokenizer, arch.get("mbart"))
         d = self.s2s.config.d_model
         feat = self.backbone.config.hidden_sizes[-1]    # pooled channels, basic and bottleneck ResNets alike
@@ -218,6 +222,8 @@ class SLTModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if cfg.lora_rank > 0:
             self._add_lora()
+        configure(self, cfg.batchnorm)          # every BatchNorm: the statistics model.batchnorm names
+        self.bn_group = batchnorm_mode(cfg.batchnorm)[1]
 
     def architecture(self) -> dict:
         """What `SLTModel(..., arch=)` needs to rebuild these modules without their pretrained files."""
@@ -260,12 +266,18 @@ class SLTModel(nn.Module):
         valid = frames[frame_mask]                                   # (N, H, W, 3) valid frames only
         x = valid.permute(0, 3, 1, 2).to(dtype).div_(255.0)
         x = (x - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
-        feat = self.backbone(pixel_values=x).pooler_output.flatten(1)   # (N, C)
+        clips = frames_of = None
+        if self.bn_group:                   # 'group N': clip i is in group i // N of this micro-batch (whole groups)
+            groups = -(-b // self.bn_group)
+            clips = (torch.arange(b, device=frame_mask.device) // self.bn_group, groups)
+            frames_of = (clips[0][:, None].expand(b, t)[frame_mask], groups)
+        with rows_in_groups(*frames_of) if frames_of else contextlib.nullcontext():
+            feat = self.backbone(pixel_values=x).pooler_output.flatten(1)   # (N, C)
         seq = feat.new_zeros(b, t, feat.shape[-1])
         seq[frame_mask] = feat
         h, mask = seq.transpose(1, 2), frame_mask
         for block in self.temporal:
-            h, mask = block(h, mask)
+            h, mask = block(h, mask, clips)
         h = self.visual_in(h.transpose(1, 2))
         enc = self.s2s.model.encoder(inputs_embeds=h, attention_mask=mask.long()).last_hidden_state
         return enc, mask

@@ -31,7 +31,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad_clip: float,
-                    precision: str) -> dict:
+                    precision: str, micro_batch: int = 0) -> dict:
+    """DeepSpeed's config: the JSON's engine matters, plus batch sizes (`micro_batch` clips a rank at once,
+    0: its whole share; accumulation over the share's micro-batches), clipping and precision."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"DeepSpeed config {p} does not exist (see configs/zero*.json)")
@@ -43,14 +45,13 @@ def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad
     if global_batch % world:
         raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}: "
                          f"set stageN.global_batch to a multiple of {world}")
-    ds.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=global_batch // world,
-              gradient_accumulation_steps=1, gradient_clipping=float(grad_clip))
+    m = micro_batch or global_batch // world
+    ds.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=m,
+              gradient_accumulation_steps=global_batch // (world * m), gradient_clipping=float(grad_clip))
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds["fp16"] = {"enabled": precision == "fp16"}
-    if precision in ("bf16", "fp16"):
-        # DeepSpeed casts parameters only; BatchNorm's running statistics would stay fp32 next to its
-        # half-precision weight, and batch_norm refuses the mix: cast buffers with the parameters
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
+    # buffers stay fp32 (DeepSpeed casts parameters only): BatchNorm's running statistics, whose 0.1-momentum
+    # update would vanish below half a bf16 step (sclslt.model.batchnorm handles the mixed dtypes)
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -121,9 +122,16 @@ class Engine:
         self.ds.train(mode)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)
+        """Accumulate the gradient of `loss` (a micro-batch's part of this rank's loss: the parts sum to it,
+        so DeepSpeed's division by the accumulation steps is off)."""
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def accumulation_steps(self) -> int:
+        return int(self.ds.gradient_accumulation_steps())
 
     def step(self) -> None:
+        """After each micro-batch's backward: DeepSpeed reduces, and steps the optimizer and the LR schedule
+        at the last micro-batch of the global batch only."""
         self.ds.step()
 
     def lr(self) -> float:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from sclslt.atomic import write_text
-from sclslt.config import Config, StageConfig, save_config, to_dict
+from sclslt.config import Config, ConfigError, StageConfig, micro_batch, save_config, to_dict
 from sclslt.data.loader import Collate, make_loader
 from sclslt.data.corpus import resolve_shards_dir
 from sclslt.data.shards import manifest_rows, read_manifest
@@ -30,10 +30,12 @@ from sclslt.data.text import make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
 from sclslt.model import close_text
+from sclslt.model.batchnorm import finish_step
 from sclslt.model.losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from sclslt.model.heads import get_head
 from sclslt.model.slt import SLTModel
 from sclslt.selection.batches import BatchSource
+from sclslt.train.accumulate import CachedStep
 from sclslt.runtime.checkpointer import Checkpointer
 from sclslt.runtime.checkpoints import checkpoint_meta, intact_tag, latest_tag, load_module_state, to_universal
 from sclslt.runtime.distributed import finish_distributed, init_distributed
@@ -179,7 +181,12 @@ class Stage:
         self.close = stage_close_pairs(ctx, name, model)   # from the stage's starting text encoder
         set_trainable(model, st)
         precision = resolve_precision(cfg.train.precision, ctx.dist.device)
-        ds_config = build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision)
+        try:
+            self.micro = micro_batch(cfg, name, ctx.world)
+        except ConfigError as e:
+            raise RunError(str(e)) from e
+        ds_config = build_ds_config(ctx.ds_config_path, st.global_batch, ctx.world, cfg.train.grad_clip, precision,
+                                    self.micro)
         tag = latest_tag(self.ckpt_dir)
         if tag is not None and not resume:
             raise RunError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
@@ -273,16 +280,24 @@ class Stage:
             self.timer.begin(s.step + 1)
 
     def train_step(self, batch) -> bool:
-        """Forward, loss, and (when every rank's loss is finite) backward and optimizer step; returns
-        whether some rank was asked to stop (a preemption signal)."""
+        """Forward, loss, and (when every rank's loss is finite) backward and optimizer step, in one pass or,
+        when the share is split into micro-batches, by gradient caching (`accumulate`); returns whether some
+        rank was asked to stop (a preemption signal)."""
         ctx, s, st, timer, engine = self.ctx, self.state, self.st, self.timer, self.engine
         timer.mark("data")
         batch = batch.to(engine.device)
         timer.mark("h2d")
-        out = forward(engine, batch, st)
-        timer.mark("forward")
-        loss, parts = step_loss(out, batch, st, ctx.world, ctx.cfg.model.similarity, ctx.cfg.model.cico_tau,
-                                self.close)
+        chunks = batch.split(self.micro) if self.micro < len(batch) else [batch]
+        if len(chunks) > 1:
+            step = CachedStep(lambda c: forward(engine, c, st), st, ctx.world, ctx.cfg.model.similarity,
+                              ctx.cfg.model.cico_tau, self.close)
+            loss, parts = step.losses(chunks, engine.device)
+            timer.mark("forward")
+        else:
+            out = forward(engine, batch, st)
+            timer.mark("forward")
+            loss, parts = step_loss(out, batch, st, ctx.world, ctx.cfg.model.similarity, ctx.cfg.model.cico_tau,
+                                    self.close)
         # one small collective per step: the loss parts for the log, and every rank's verdicts (finite
         # loss, preemption signal), so all ranks skip or stop together
         flag = torch.tensor([float(PREEMPT.is_set())], device=loss.device)
@@ -292,9 +307,13 @@ class Stage:
         keys = self.batches[s.pos]
         s.pos += 1
         if self.guard.check(bool(torch.isfinite(logged).all()), s.step, self.name):
-            engine.backward(loss)
-            timer.mark("backward")
-            engine.step()
+            if len(chunks) > 1:
+                step.backward(chunks, engine)         # each chunk's backward and DeepSpeed's step
+            else:
+                engine.backward(loss)
+                timer.mark("backward")
+                engine.step()
+            finish_step(engine.module)                # BatchNorm running statistics, once per step
             timer.mark("optimizer")
             s.step += 1
             self.audit.write(s.step, s.epoch, keys)
