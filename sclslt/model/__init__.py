@@ -2,7 +2,7 @@
 
 - `slt`      frames -> visual encoder -> contrastive head and mBART decoder (`SLTModel`)
 - `augment`  clip augmentation on the device (each clip's uniforms drawn in the loader)
-- `batchnorm` BatchNorm with the global batch's statistics over valid steps (world-independent steps)
+- `batchnorm` BatchNorm over the set `model.batchnorm` names (global batch, groups of clips, frozen), valid steps only
 - `heads`    similarity heads (pooled, CiCo): features, gathered columns, loss, evaluation scores; registered by name
 - `losses`   symmetric InfoNCE over negatives gathered from all ranks (kernels in `sclslt_kernels`), CE
 """
