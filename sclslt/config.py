@@ -139,6 +139,8 @@ class TrainConfig:
     grad_clip: float = 1.0        # written into the DeepSpeed config (0 disables clipping)
     log_every: int = 10
     max_nonfinite: int = 5        # consecutive non-finite losses (each skipped) before the run stops
+    activation_checkpointing: bool = False  # recompute activations in the backward instead of keeping them: the
+                                  # backbone in clip groups, every mBART layer (random state preserved; ~1 more forward)
     telemetry_every: int = 50     # GPU utilisation/memory/power/temperature per rank every N steps (0: off)
     timing_every: int = 0         # step-time breakdown (data, h2d, forward, loss, backward, optimizer) every N steps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"       # auto: bf16 on GPUs, fp32 on CPU; or fp32 / bf16 / fp16

@@ -143,8 +143,8 @@ class _ConfiguredNorm:
                                    "(sclslt.model.batchnorm.rows_in_groups, or segments=)")
         across = self.mode == "global" and _world() > 1
         mean, var, n = batch_stats(x, mask, seg, groups, across)
-        if self.track_running_stats and torch.is_grad_enabled():
-            self._add_pending(mean, var, n)
+        if self.track_running_stats and torch.is_grad_enabled():    # an activation checkpoint's recompute
+            self._add_pending(mean, var, n)                         # adds the same groups again: same mean
         return _BatchStatsNorm.apply(x, self.weight if self.affine else None, self.bias if self.affine else None,
                                      mask, seg, mean, var, n, self.eps, across)
 

@@ -36,8 +36,6 @@ import torch.nn.functional as F
 
 from sclslt.config import DataConfig, ModelConfig
 from sclslt.model.augment import ClipAugment
-import contextlib
-
 from sclslt.config import batchnorm_mode
 from sclslt.model.batchnorm import BatchNorm1d, configure, rows_in_groups
 from sclslt.model.heads import get_head
@@ -223,7 +221,19 @@ class SLTModel(nn.Module):
         if cfg.lora_rank > 0:
             self._add_lora()
         configure(self, cfg.batchnorm)          # every BatchNorm: the statistics model.batchnorm names
-        self.bn_group = batchnorm_mode(cfg.batchnorm)[1]
+        self.bn_mode, self.bn_group = batchnorm_mode(cfg.batchnorm)
+        self.checkpointing = False
+
+    def checkpoint_activations(self) -> None:
+        """Keep only region inputs for backward and recompute the rest (torch.utils.checkpoint, non-reentrant,
+        random state preserved, so dropout draws the same masks): every mBART layer (visual encoder, decoder,
+        text encoder) and the frame backbone in regions of whole BatchNorm groups (`_backbone`)."""
+        for m in (self.s2s, self.text_encoder):
+            if hasattr(m, "activation_checkpointing_enable"):         # transformers >= 5.25
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointing = True
 
     def architecture(self) -> dict:
         """What `SLTModel(..., arch=)` needs to rebuild these modules without their pretrained files."""
@@ -266,13 +276,10 @@ class SLTModel(nn.Module):
         valid = frames[frame_mask]                                   # (N, H, W, 3) valid frames only
         x = valid.permute(0, 3, 1, 2).to(dtype).div_(255.0)
         x = (x - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
-        clips = frames_of = None
+        clips = None
         if self.bn_group:                   # 'group N': clip i is in group i // N of this micro-batch (whole groups)
-            groups = -(-b // self.bn_group)
-            clips = (torch.arange(b, device=frame_mask.device) // self.bn_group, groups)
-            frames_of = (clips[0][:, None].expand(b, t)[frame_mask], groups)
-        with rows_in_groups(*frames_of) if frames_of else contextlib.nullcontext():
-            feat = self.backbone(pixel_values=x).pooler_output.flatten(1)   # (N, C)
+            clips = (torch.arange(b, device=frame_mask.device) // self.bn_group, -(-b // self.bn_group))
+        feat = self._backbone(x, frame_mask, clips)                      # (N, C)
         seq = feat.new_zeros(b, t, feat.shape[-1])
         seq[frame_mask] = feat
         h, mask = seq.transpose(1, 2), frame_mask
@@ -281,6 +288,32 @@ class SLTModel(nn.Module):
         h = self.visual_in(h.transpose(1, 2))
         enc = self.s2s.model.encoder(inputs_embeds=h, attention_mask=mask.long()).last_hidden_state
         return enc, mask
+
+    def _backbone(self, x: torch.Tensor, frame_mask: torch.Tensor, clips) -> torch.Tensor:
+        """Pooled backbone features of the valid frames `x` (clip by clip). Checkpointed, in regions whose
+        BatchNorm statistics are their own: one clip ('frozen'), one group ('group N'), all ('global')."""
+        b, t = frame_mask.shape
+
+        def run(pixels: torch.Tensor, first: int, last: int) -> torch.Tensor:
+            seg = (None, 0)
+            if clips is not None:           # the region's frames in its own groups (it holds whole groups)
+                of_frame = (clips[0][first:last, None] - clips[0][first]).expand(-1, t)[frame_mask[first:last]]
+                seg = (of_frame, -(-(last - first) // self.bn_group))
+            with rows_in_groups(*seg):
+                return self.backbone(pixel_values=pixels).pooler_output.flatten(1)
+
+        if not (self.checkpointing and self.training and torch.is_grad_enabled()):
+            return run(x, 0, b)
+        from torch.utils.checkpoint import checkpoint
+        per = {"frozen": 1, "group": self.bn_group, "global": b}[self.bn_mode]
+        ends = frame_mask.sum(1).cumsum(0).tolist()           # frames before each clip's end (a host sync)
+        feats, start = [], 0
+        for first in range(0, b, per):
+            last = min(first + per, b)
+            stop = ends[last - 1]
+            feats.append(checkpoint(run, x[start:stop], first, last, use_reentrant=False, preserve_rng_state=True))
+            start = stop
+        return torch.cat(feats)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

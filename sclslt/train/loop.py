@@ -428,7 +428,10 @@ def prepare(cfg: Config, ds_config: str) -> Context:
 
 def build_model(ctx: Context) -> SLTModel:
     seed_everything(ctx.cfg.train.seed)     # identical initial weights on every rank and every run
-    return SLTModel(ctx.cfg.model, ctx.tokenizer, ctx.cfg.data)
+    model = SLTModel(ctx.cfg.model, ctx.tokenizer, ctx.cfg.data)
+    if ctx.cfg.train.activation_checkpointing:
+        model.checkpoint_activations()
+    return model
 
 
 def selected_model(ctx: Context, name: str, model: SLTModel) -> tuple[SLTModel, dict]:
