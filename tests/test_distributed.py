@@ -587,3 +587,18 @@ def test_micro_batches_equal_one_process_over_the_whole_global_batch(exp, world,
     for name in STAGES:
         assert batch_log(run, name) == expected_log(cfg, name, resolve_shards_dir(cfg.data), STEPS), name
     assert_stepwise(run, stepwise(cfg_path, run, *over), f"world {world} micro {micro} {similarity}")
+
+    # interrupted mid-epoch after 3 steps, resumed with each rank's whole share at once (another micro-batch):
+    # the same batches and LR as the uninterrupted run, and every step, those after the resume included, one
+    # process's step from the run's own state (trajectories are not compared: another chunking sums in
+    # another order, and Adam amplifies that over steps)
+    part = d / f"micro{world}{similarity}_resumed"
+    launch(cfg_path, part, 29660 + world, *EVERY_STEP, *over, "--train.max_steps", "3", "--stage2.enabled", "false",
+           world=world)
+    whole = tuple(v if k < 4 or k % 2 == 0 else "0" for k, v in enumerate(over))
+    proc = launch(cfg_path, part, 29670 + world, *EVERY_STEP, *whole, "--resume", world=world)
+    assert "resumed at step 3" in proc.stdout
+    for name in STAGES:
+        assert batch_log(part, name) == batch_log(run, name), name
+        assert [r["lr"] for r in metrics(part, name)] == pytest.approx([r["lr"] for r in metrics(run, name)], rel=1e-12)
+    assert_stepwise(part, stepwise(cfg_path, part, *whole), f"world {world} resumed at another micro-batch")
