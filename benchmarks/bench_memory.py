@@ -13,13 +13,13 @@ Shapes (random weights, random frames; built from configs, nothing downloaded):
               micro-batch 2 / 8 / 32 and the whole share (where it fits --max-share)
   phoenix     the PHOENIX recipe's shapes (configs/phoenix2014t/base.yaml): ResNet-18 at 224 px, mBART-large-50's
               dimensions (d 1024, 12 + 12 layers, ffn 4096), LoRA 16, 300 frames a clip, 30 text tokens,
-              micro-batch 1 and 2 clips; from them, the micro-batch that fits a 24 GB and an 80 GB GPU
+              micro-batch 1 (and 2 on a GPU) of a global batch of 2, fp32 on a CPU, bf16 parameters on a GPU
 BatchNorm rows: forward + backward time of one ResNet-sized BatchNorm2d input under torch's BatchNorm2d,
 'global' and 'group N'.
 
   python benchmarks/bench_memory.py --quick                 # seconds: synthetic at 16 / 256, micro 2 / 8
   python benchmarks/bench_memory.py                         # synthetic rows of the README
-  python benchmarks/bench_memory.py --phoenix               # + the PHOENIX shapes (minutes on a CPU, ~8 GB RAM)
+  python benchmarks/bench_memory.py --phoenix               # + the PHOENIX shapes (minutes on a CPU, ~12 GB RAM)
 Rows are printed and written as CSV/JSON tagged with device and versions under --out.
 """
 from __future__ import annotations
@@ -161,7 +161,7 @@ def phoenix_rows(tok, device) -> list[dict]:
         model = build(PHOENIX, tok, "group 1", ckpt, device, dtype)
         from sclslt.train.loop import set_trainable
         set_trainable(model, st)
-        for m in (1, 2):
+        for m in ((1, 2) if device.type == "cuda" else (1,)):    # a CPU holds one 300-frame clip's fp32 graph
             batch = make_batch(2, 300, 224, 30, len(tok), device)
             r = one_step(model, batch, m, st, "cico")
             rows.append({"shapes": "phoenix", "global_batch": 2, "world": 1, "micro_batch": m, "chunks": 2 // m,

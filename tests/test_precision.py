@@ -1,5 +1,5 @@
-"""bf16, the default on GPUs, on CPU ranks: BatchNorm buffers follow the parameters' dtype (DeepSpeed
-casts parameters only), the fp32 master weights are what a checkpoint hands to the next stage, and a
+"""bf16, the default on GPUs, on CPU ranks: BatchNorm's running statistics stay fp32 beside bf16 parameters
+(DeepSpeed casts parameters only; a 0.1-momentum update would vanish in bf16), the fp32 master weights are what a checkpoint hands to the next stage, and a
 bf16 run resumes at another world size."""
 import subprocess
 import sys
@@ -33,7 +33,8 @@ def test_bf16_trains_both_stages_hands_over_fp32_masters_and_resumes_elsewhere(c
     ckpt = run / "stage1" / "checkpoints"
     module = safe_load(ckpt / latest_tag(ckpt) / "mp_rank_00_model_states.pt")["module"]
     assert module["video_proj.weight"].dtype == torch.bfloat16
-    assert module["temporal.0.bn.running_var"].dtype == torch.bfloat16          # buffers cast with the params
+    assert module["temporal.0.bn.running_var"].dtype == torch.float32           # buffers stay fp32
+    assert module["backbone.embedder.embedder.normalization.running_mean"].dtype == torch.float32
     masters = load_module_state(ckpt)
     assert set(masters) == set(module) and masters["video_proj.weight"].dtype == torch.float32
     gap = (masters["video_proj.weight"] - module["video_proj.weight"].float()).abs().max().item()
