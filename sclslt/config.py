@@ -294,6 +294,15 @@ def micro_batch(cfg: "Config", stage: str, world: int) -> int:
     return m
 
 
+def eval_batch(cfg: "Config") -> int:
+    """Clips per forward of every evaluation and embedding pass (decoding, retrieval, self mode's table, the
+    reference export): eval.batch_size, capped at the smallest stageN.micro_batch set, so that none of them
+    holds more clips at once than training does where memory made the user choose a micro-batch."""
+    micros = [getattr(cfg, n).micro_batch for n in ("stage1", "stage2")
+              if getattr(cfg, n).enabled and getattr(cfg, n).micro_batch]
+    return min([cfg.eval.batch_size, *micros])
+
+
 def name_fields(cfg: "Config") -> dict[str, tuple[str, ...]]:
     """Every field whose value is a name: `section.key` -> the names it accepts, read from the registry
     of implementations (`sclslt.registry`) or from the field's `Literal` type. Nowhere else lists them."""

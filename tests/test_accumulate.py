@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from sclslt.config import ConfigError, StageConfig, from_dict, micro_batch
+from sclslt.config import ConfigError, StageConfig, eval_batch, from_dict, micro_batch
 from sclslt.data.loader import Collate, ShardStream
 from sclslt.data.shards import read_manifest
 from sclslt.data.text import train_tokenizer
@@ -111,7 +111,11 @@ def test_micro_batch_settings_that_cannot_be_the_global_step_are_errors(tiny_cfg
         micro_batch(cfg, "stage1", 8)
     with pytest.raises(ConfigError, match="not divisible by the world size 3"):
         micro_batch(cfg, "stage1", 3)
-    d["stage1"]["micro_batch"] = 3
+    # evaluation and embedding passes hold no more clips at once than the smallest micro-batch set
+    assert eval_batch(cfg) == 4 and cfg.eval.batch_size > 4
+    d["stage1"]["enabled"] = False
+    assert eval_batch(from_dict(d)) == cfg.eval.batch_size
+    d["stage1"].update(enabled=True, micro_batch=3)
     with pytest.raises(ConfigError, match="multiple of 2|does not divide"):
         from_dict(d)
 

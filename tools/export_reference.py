@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sclslt.config import eval_batch  # noqa: E402
 from sclslt.registry import SIMILARITY_HEADS  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def export_sharded(args, d, ckpt: Path) -> int:
         for view, tag in (("early", args.early), ("late", args.late)):
             model, tok, _ = load_run_model(args.run, ckpt, tag)
             model.to(d.device)
-            views[view] = embed_split(model, shards, args.split, tok, d.device, args.batch_size,
+            views[view] = embed_split(model, shards, args.split, tok, d.device, args.batch_size or eval_batch(cfg),
                                       max_frames=cfg.data.max_frames, gather=False,
                                       decode=resolve(cfg.data.decode, d.device))
             if views[view]["keys"] != mine:
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output .safetensors")
     p.add_argument("--stage", default="stage1")
     p.add_argument("--split", default="train")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="clips per forward (default: the run's eval.batch_size, capped at its micro-batch)")
     p.add_argument("--score", choices=SIMILARITY_HEADS.names(), default="pooled",
                    help="the similarity head that delta is of (pooled: the planner scores the pooled views itself)")
     p.add_argument("--pairs", type=int, default=1_000_000, help="pairs sampled for the rank correlation")
@@ -151,8 +153,9 @@ def main(argv=None) -> int:
             return 2
         model, tok, cfg = load_run_model(args.run, ckpt, tag)
         model.to(d.device)
-        views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device, args.batch_size,
-                                  max_frames=cfg.data.max_frames, head=None if args.score == "pooled" else args.score,
+        views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device,
+                                  args.batch_size or eval_batch(cfg), max_frames=cfg.data.max_frames,
+                                  head=None if args.score == "pooled" else args.score,
                                   decode=resolve(cfg.data.decode, d.device))
     if d.rank == 0:
         meta = {"run": str(args.run), "stage": args.stage, "early": args.early, "late": args.late,

@@ -17,12 +17,13 @@ from sclslt.eval.metrics import (
 )
 from sclslt.model.slt import SLTModel
 from sclslt.runtime.checkpointer import step_tag
+from sclslt.config import eval_batch
 from sclslt.runtime.context import Context, enabled_stages
 
 
 def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> dict:
     cfg = ctx.cfg
-    stream = ShardStream(ctx.shards_dir, split, cfg.eval.batch_size, rank=ctx.rank, world=ctx.world,
+    stream = ShardStream(ctx.shards_dir, split, eval_batch(cfg), rank=ctx.rank, world=ctx.world,
                          max_frames=cfg.data.max_frames, decode=ctx.decode)
     loader = make_loader(stream, Collate(ctx.tokenizer), cfg.data.num_workers, cfg.data.prefetch_factor)
     rows = decode_loader(model, loader, ctx.tokenizer, ctx.dist.device, cfg.eval.beam, cfg.eval.max_len)

@@ -8,7 +8,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from sclslt.config import Config, StageConfig
+from sclslt.config import Config, StageConfig, eval_batch
 from sclslt.atomic import write_text
 from sclslt.data.loader import GlobalStream, epoch_order
 from sclslt.data.shards import frame_format, manifest_rows, read_manifest
@@ -75,7 +75,7 @@ class BatchSource:
             return None
         ctx = self.ctx
         emb = embed_split(model_fn(), ctx.shards_dir, "train", ctx.tokenizer, ctx.dist.device,
-                          ctx.cfg.eval.batch_size, max_frames=ctx.cfg.data.max_frames, decode=ctx.decode)
+                          eval_batch(ctx.cfg), max_frames=ctx.cfg.data.max_frames, decode=ctx.decode)
         if ctx.rank == 0:
             save_snapshot(path, emb)
         dist.barrier()

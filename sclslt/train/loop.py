@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from sclslt.atomic import write_text
-from sclslt.config import Config, ConfigError, StageConfig, micro_batch, save_config, to_dict
+from sclslt.config import Config, ConfigError, StageConfig, eval_batch, micro_batch, save_config, to_dict
 from sclslt.data.loader import Collate, make_loader
 from sclslt.data.corpus import resolve_shards_dir
 from sclslt.data.shards import manifest_rows, read_manifest
@@ -472,7 +472,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
         model = train_stage(ctx, name, model, resume)
         if getattr(cfg, name).contrastive_weight > 0:      # the contrastive stage's own measure
             emb = embed_split(model, ctx.shards_dir, cfg.eval.retrieval_split, ctx.tokenizer, ctx.dist.device,
-                              cfg.eval.batch_size, max_frames=cfg.data.max_frames, decode=ctx.decode)
+                              eval_batch(cfg), max_frames=cfg.data.max_frames, decode=ctx.decode)
             retrieval[name] = {"split": cfg.eval.retrieval_split,
                                **retrieval_recall(emb["video"], emb["text"], emb["sentence_ids"])}
             ctx.reporter.scalars(retrieval[name], f"retrieval_{cfg.eval.retrieval_split}", name)
