@@ -1,10 +1,11 @@
 """BatchNorm whose training statistics are a set the config names (`model.batchnorm`), never the GPU count.
 
 - `global`: the global batch's statistics over valid positions (what GFSLT-VLP trains with: SyncBatchNorm
-  over its 4 x 4 clips). Each rank reduces its rows to per-channel (count, sum, sum of squares) in fp32 and
-  one all-reduce of those sums per layer gives the global mean and variance; the backward all-reduces
-  (sum dy, sum dy * xhat) once. Only whole shares: a layer's statistics depend on every clip's previous
-  layer, so a rank cannot split its share into micro-batches (config validation says so).
+  over its 4 x 4 clips). Each rank reduces its rows to per-channel (count, mean, centred sum of squares) in
+  fp32, one all-gather of those 2C + 1 floats per layer gives the global mean and variance (combined exactly,
+  as SyncBatchNorm does), and the backward all-reduces (sum dy, sum dy * xhat) once. Only whole shares: a
+  layer's statistics depend on every clip's previous layer, so a rank cannot split its share into
+  micro-batches (config validation says so).
 - `group N`: statistics of fixed groups of N clips of the global batch (clips gN .. gN+N-1; MosaicML
   Streaming's canonical nodes): the same at any world size and any micro-batch holding whole groups, no
   communication.
@@ -28,6 +29,9 @@ import torch.nn as nn
 
 from sclslt.config import batchnorm_mode
 
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # torch >= 2.13 / older
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -47,19 +51,6 @@ def rows_in_groups(segments: torch.Tensor | None, groups: int = 0):
         _ROWS.update(old)
 
 
-def _row_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Per row and channel: count of valid positions, sum and sum of squares (fp32), each (N, C)."""
-    dims = tuple(range(2, x.dim()))
-    if mask is not None:
-        x = x * mask.unsqueeze(1).to(x.dtype)
-        count = mask.reshape(mask.shape[0], -1).sum(1, dtype=torch.float32)[:, None].expand(-1, x.shape[1])
-    else:
-        count = x.new_full((x.shape[0], x.shape[1]), float(x[0, 0].numel()), dtype=torch.float32)
-    s = x.sum(dims, dtype=torch.float32) if dims else x.float()
-    sq = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square() if dims else x.float().square()
-    return count, s, sq
-
-
 def _segment_sum(v: torch.Tensor, seg: torch.Tensor | None, groups: int) -> torch.Tensor:
     if seg is None:
         return v.sum(0, keepdim=True)
@@ -75,17 +66,35 @@ def _per_row(v: torch.Tensor, seg: torch.Tensor | None, x: torch.Tensor) -> torc
 @torch.no_grad()
 def batch_stats(x: torch.Tensor, mask: torch.Tensor | None, seg: torch.Tensor | None, groups: int,
                 across_ranks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per group and channel: mean, biased variance and count of valid positions (fp32, (S, C) each); with
-    `across_ranks`, over every rank's rows (one all-reduce of the sums)."""
-    count, s, sq = (_segment_sum(v, seg, groups) for v in _row_sums(x, mask))
+    """Per group and channel: mean, biased variance and count of valid positions (fp32, (S, C), (S, C), (S, 1)),
+    two-pass (mean, then centred squares: no E[x^2] - E[x]^2 cancellation). With `across_ranks`, over every
+    rank's rows: each rank's (count, mean, centred sum of squares) gathered in one collective and combined
+    exactly (Chan et al.)."""
+    dims = tuple(range(2, x.dim()))
+    m = mask.unsqueeze(1).to(x.dtype) if mask is not None else None
+    if m is not None:
+        count = mask.reshape(mask.shape[0], -1).sum(1, dtype=torch.float32)[:, None]
+    else:
+        count = x.new_full((x.shape[0], 1), float(x[0, 0].numel()), dtype=torch.float32)
+    xm = x * m if m is not None else x
+    n = _segment_sum(count, seg, groups)
+    mean = _segment_sum(xm.sum(dims, dtype=torch.float32) if dims else xm.float(), seg, groups) / n.clamp_min(1.0)
+    centred = x.float() - _per_row(mean, seg, x)           # one fp32 temporary, freed here
+    if m is not None:
+        centred = centred * m
+    m2 = _segment_sum(centred.square().sum(dims) if dims else centred.square(), seg, groups)
+    del centred
     if across_ranks:
-        c = s.shape[1]
-        packed = torch.cat([count[:, :1], s, sq], 1)
-        dist.all_reduce(packed)
-        count, s, sq = packed[:, :1].expand(-1, c), packed[:, 1:1 + c], packed[:, 1 + c:]
-    n = count.clamp_min(1.0)
-    mean = s / n
-    return mean, (sq / n - mean * mean).clamp_min(0.0), n
+        c = mean.shape[1]
+        flat = torch.empty(_world() * (1 + 2 * c), device=x.device, dtype=torch.float32)
+        _all_gather_single(flat, torch.cat([n, mean, m2], 1).reshape(-1))
+        parts = flat.view(-1, 1 + 2 * c)
+        counts, means, m2s = parts[:, :1], parts[:, 1:1 + c], parts[:, 1 + c:]
+        n = counts.sum(0, keepdim=True)
+        mean = (counts * means).sum(0, keepdim=True) / n.clamp_min(1.0)
+        m2 = (m2s + counts * (means - mean) ** 2).sum(0, keepdim=True)
+    n = n.clamp_min(1.0)
+    return mean, m2 / n, n
 
 
 class _BatchStatsNorm(torch.autograd.Function):
