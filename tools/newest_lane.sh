@@ -19,14 +19,7 @@ trap 'rm -rf "$tmp"' EXIT
 venv=$tmp/venv
 say() { echo "newest-lane: $*"; }
 "$PY" -m venv --system-site-packages "$venv"
-"$PY" - >"$tmp/keep.txt" <<'EOF'
-import importlib.metadata as md
-for name in ("torch", "triton"):
-    try:
-        print(f"{name}=={md.version(name)}")
-    except md.PackageNotFoundError:
-        pass
-EOF
+"$PY" tools/installed_pins.py torch triton >"$tmp/keep.txt"
 if ! "$venv/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -c "$tmp/keep.txt" -e ".[test]" \
       >"$tmp/pip.log" 2>&1; then
   tail -20 "$tmp/pip.log"

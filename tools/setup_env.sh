@@ -17,14 +17,7 @@ cons=$(mktemp --suffix=.txt)
 trap 'rm -f "$cons"' EXIT
 if "$PY" -c "import torch" >/dev/null 2>&1; then
   grep -vE '^(torch|triton|nvidia-[A-Za-z0-9_.-]+)==' constraints.txt > "$cons"
-  "$PY" - >> "$cons" <<'EOF'
-import importlib.metadata as md
-for name in ("torch", "triton"):
-    try:
-        print(f"{name}=={md.version(name)}")
-    except md.PackageNotFoundError:
-        pass
-EOF
+  "$PY" tools/installed_pins.py torch triton >> "$cons"
 else
   cp constraints.txt "$cons"
   "$PY" -m pip install --quiet -c "$cons" torch
