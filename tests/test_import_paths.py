@@ -91,7 +91,7 @@ def test_hugging_face_kernels_with_transformers_from_the_checkout():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("Hugging Face's kernels is not installed here (transformers < 5.25)")
     out = python("import transformers.integrations.hub_kernels, kernels; print(kernels.__file__)", ROOT)
-    assert not out.startswith(str(ROOT)), out
+    assert not Path(out).resolve().is_relative_to(ROOT), out
 
 
 def test_a_worktree_runs_its_own_sclslt_and_kernels_beside_the_installed_package(tmp_path, standin):
