@@ -13,13 +13,16 @@ Shapes (random weights, random frames; built from configs, nothing downloaded):
               micro-batch 2 / 8 / 32 and the whole share (where it fits --max-share)
   phoenix     the PHOENIX recipe's shapes (configs/phoenix2014t/base.yaml): ResNet-18 at 224 px, mBART-large-50's
               dimensions (d 1024, 12 + 12 layers, ffn 4096), LoRA 16, 300 frames a clip, 30 text tokens,
-              micro-batch 1 (and 2 on a GPU) of a global batch of 2, fp32 on a CPU, bf16 parameters on a GPU
+              micro-batch 1 and 2 of a global batch of 2 (--phoenix-micro), fp32 on a CPU, bf16 parameters on
+              a GPU; each case in a fresh process, whose peak resident memory (ru_maxrss) is reported too: saved
+              bytes hide what a recompute holds for a moment (activation checkpointing's region) and the
+              forward's temporaries
 BatchNorm rows: forward + backward time of one ResNet-sized BatchNorm2d input under torch's BatchNorm2d,
 'global' and 'group N'.
 
   python benchmarks/bench_memory.py --quick                 # seconds: synthetic at 16 / 256, micro 2 / 8
   python benchmarks/bench_memory.py                         # synthetic rows of the README
-  python benchmarks/bench_memory.py --phoenix               # + the PHOENIX shapes (minutes on a CPU, ~12 GB RAM)
+  python benchmarks/bench_memory.py --phoenix               # + the PHOENIX shapes (~10 min on a CPU, ~16 GB RAM)
 Rows are printed and written as CSV/JSON tagged with device and versions under --out.
 """
 from __future__ import annotations
@@ -55,8 +58,9 @@ PHOENIX = {"backbone_embedding": 64, "backbone_hidden": [64, 128, 256, 512], "ba
 class _Meter:
     """Saved-for-backward bytes since the last `take`, parameters' storages excluded."""
 
-    def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    def __init__(self, model, batch: Batch):
+        inputs = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+        self.params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *inputs]}
         self.seen: dict[int, int] = {}
 
     def pack(self, t):
@@ -97,7 +101,7 @@ def make_batch(n: int, frames: int, size: int, tokens: int, vocab: int, device) 
 
 def one_step(model, batch: Batch, micro: int, st: StageConfig, similarity: str) -> dict:
     """Saved bytes (largest graph, cached gradients) and wall time of one stage-1 step at world 1."""
-    meter = _Meter(model)
+    meter = _Meter(model, batch)
     engine = _Engine(meter, batch.frames.device)
     model.zero_grad(set_to_none=True)
     if batch.frames.is_cuda:
@@ -115,6 +119,7 @@ def one_step(model, batch: Batch, micro: int, st: StageConfig, similarity: str) 
             step.losses(chunks, engine.device)
             meter.take()                                   # the loss over cached leaves: freed at once
             cached = sum(g.numel() * g.element_size() for g in step.grads[0].values())
+            meter.params |= {g.untyped_storage().data_ptr() for g in step.grads[0].values()}   # counted here
             step.backward(chunks, engine)
     finish_step(model)
     if batch.frames.is_cuda:
@@ -153,24 +158,44 @@ def synthetic_rows(tok, device, globals_, micros, max_share) -> list[dict]:
     return rows
 
 
-def phoenix_rows(tok, device) -> list[dict]:
-    rows = []
+def phoenix_case(tok, device, micro: int, ckpt: bool) -> dict:
+    """One PHOENIX-shaped stage-1 step (global batch 2) in this process; with the process's resident memory
+    after building the model and at its peak (ru_maxrss), which include everything (weights, temporaries)."""
+    import resource
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     st = StageConfig(freeze_text_encoder=True)
+    model = build(PHOENIX, tok, "group 1", ckpt, device, dtype)
+    from sclslt.train.loop import set_trainable
+    set_trainable(model, st)
+    batch = make_batch(2, 300, 224, 30, len(tok), device)
+    built = _rss_mb()
+    row = {"shapes": "phoenix", "global_batch": 2, "world": 1, "micro_batch": micro, "chunks": 2 // micro,
+           "checkpointing": ckpt, "dtype": str(dtype).split(".")[-1], **one_step(model, batch, micro, st, "cico"),
+           "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "rss_built_mb": built, "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row["rss_step_mb"] = row["rss_peak_mb"] - built
+    return row
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def phoenix_rows(micros) -> list[dict]:
+    """Each case in a fresh process (its peak memory its own)."""
+    import json
+    import subprocess
+    rows = []
     for ckpt in (False, True):
-        model = build(PHOENIX, tok, "group 1", ckpt, device, dtype)
-        from sclslt.train.loop import set_trainable
-        set_trainable(model, st)
-        for m in ((1, 2) if device.type == "cuda" else (1,)):    # a CPU holds one 300-frame clip's fp32 graph
-            batch = make_batch(2, 300, 224, 30, len(tok), device)
-            r = one_step(model, batch, m, st, "cico")
-            rows.append({"shapes": "phoenix", "global_batch": 2, "world": 1, "micro_batch": m, "chunks": 2 // m,
-                         "checkpointing": ckpt, "dtype": str(dtype).split(".")[-1], **r})
+        for m in micros:
+            cmd = [sys.executable, __file__, "--phoenix-case", str(m), str(int(ckpt))]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
             print(_fmt(rows[-1]), flush=True)
-        states = sum(p.numel() * p.element_size() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rows[-1].update(weights_mb=states / MB, trainable_params=trainable)
-        del model
     return rows
 
 
@@ -206,17 +231,22 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="global batch 16 and 256, micro-batch 2 and 8")
     p.add_argument("--phoenix", action="store_true", help="also the PHOENIX recipe's shapes")
     p.add_argument("--max-share", type=int, default=4096, help="largest whole share measured unchunked")
+    p.add_argument("--phoenix-micro", type=int, nargs="+", default=[1, 2], help="the PHOENIX micro-batches")
+    p.add_argument("--phoenix-case", nargs=2, type=int, help=argparse.SUPPRESS)     # micro, checkpointing
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as d:
         words = [f"w{i}" for i in range(300)]
         tok = train_tokenizer([" ".join(words[j:j + 12]) for j in range(0, 288, 3)], Path(d))
+    if a.phoenix_case:
+        import json
+        print(json.dumps(phoenix_case(tok, device, a.phoenix_case[0], bool(a.phoenix_case[1]))))
+        return 0
     globals_, micros = ((16, 256), (2, 8)) if a.quick else ((16, 256, 4096), (2, 8, 32))
     rows = synthetic_rows(tok, device, globals_, micros, a.max_share) + bn_rows(device)
     if a.phoenix:
-        rows += phoenix_rows(tok, device)
+        rows += phoenix_rows(a.phoenix_micro)
     base = write_rows(rows, a.out, "memory", run_tag())
     print(f"wrote {base}.csv / .json")
     return 0
