@@ -602,3 +602,17 @@ def test_micro_batches_equal_one_process_over_the_whole_global_batch(exp, world,
         assert batch_log(part, name) == batch_log(run, name), name
         assert [r["lr"] for r in metrics(part, name)] == pytest.approx([r["lr"] for r in metrics(run, name)], rel=1e-12)
     assert_stepwise(part, stepwise(cfg_path, part, *whole), f"world {world} resumed at another micro-batch")
+
+
+def test_micro_batches_under_zero3_equal_one_process(exp):
+    """ZeRO-3 (parameters partitioned: both passes of gradient caching gather them through the engine's forward)
+    at 1 rank in micro-batches of 2 (4 chunks, pooled head, 'frozen' BatchNorm): stage 1's every step equals one
+    process over the whole global batch, and its batches are the unchunked run's."""
+    d, cfg_path = exp
+    run = d / "micro_zero3"
+    over = ("--model.batchnorm", "frozen", "--stage1.micro_batch", "2", "--stage2.enabled", "false",
+            "--train.max_steps", "4")
+    launch(cfg_path, run, 29680, *EVERY_STEP, *over, ds="configs/zero3.json", world=1)
+    cfg = load_config(cfg_path)
+    assert batch_log(run, "stage1") == expected_log(cfg, "stage1", resolve_shards_dir(cfg.data), 4)
+    assert_stepwise(run, stepwise(cfg_path, run, *over), "zero3 world 1 micro 2")
