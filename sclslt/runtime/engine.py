@@ -126,9 +126,6 @@ class Engine:
         so DeepSpeed's division by the accumulation steps is off)."""
         self.ds.backward(loss, scale_wrt_gas=False)
 
-    def accumulation_steps(self) -> int:
-        return int(self.ds.gradient_accumulation_steps())
-
     def step(self) -> None:
         """After each micro-batch's backward: DeepSpeed reduces, and steps the optimizer and the LR schedule
         at the last micro-batch of the global batch only."""
