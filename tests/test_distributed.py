@@ -607,12 +607,15 @@ def test_micro_batches_equal_one_process_over_the_whole_global_batch(exp, world,
 def test_micro_batches_under_zero3_equal_one_process(exp):
     """ZeRO-3 (parameters partitioned: both passes of gradient caching gather them through the engine's forward)
     at 1 rank in micro-batches of 2 (4 chunks, pooled head, 'frozen' BatchNorm): stage 1's every step equals one
-    process over the whole global batch, and its batches are the unchunked run's."""
+    process over the whole global batch, its batches are the unchunked run's, and its sampled steps are timed
+    (a chunked step that misses a phase mark loses its timing row: checked)."""
     d, cfg_path = exp
     run = d / "micro_zero3"
     over = ("--model.batchnorm", "frozen", "--stage1.micro_batch", "2", "--stage2.enabled", "false",
-            "--train.max_steps", "4")
+            "--train.max_steps", "4", "--train.timing_every", "2")
     launch(cfg_path, run, 29680, *EVERY_STEP, *over, ds="configs/zero3.json", world=1)
     cfg = load_config(cfg_path)
     assert batch_log(run, "stage1") == expected_log(cfg, "stage1", resolve_shards_dir(cfg.data), 4)
+    with open(run / "stage1" / "timing.csv") as f:        # chunked steps are timed too (every phase marked)
+        assert [int(float(r["step"])) for r in csv.DictReader(f)] == [2, 4]
     assert_stepwise(run, stepwise(cfg_path, run, *over), "zero3 world 1 micro 2")

@@ -308,7 +308,8 @@ class Stage:
         s.pos += 1
         if self.guard.check(bool(torch.isfinite(logged).all()), s.step, self.name):
             if len(chunks) > 1:
-                step.backward(chunks, engine)         # each chunk's backward and DeepSpeed's step
+                step.backward(chunks, engine)         # each chunk's second forward and backward, and DeepSpeed's
+                timer.mark("backward")                # step at the last: "optimizer" is then BatchNorm's update
             else:
                 engine.backward(loss)
                 timer.mark("backward")
