@@ -11,8 +11,11 @@ importing this package.
 """
 import sys as _sys
 
-if __name__ != "sclslt_kernels":
-    # Imported as `kernels` (or any other name): a checkout's root is on sys.path (`python -m pytest`, a
+if __name__ not in ("sclslt_kernels", "kernels"):
+    raise ImportError(f"{__file__} is the package sclslt_kernels (installed from this folder): import it under that "
+                      f"name, not as {__name__!r}")
+if __name__ == "kernels":
+    # Imported as `kernels`: a checkout's root is on sys.path (`python -m pytest`, a
     # tool, `python -c` in the checkout), and this folder shadows whatever `kernels` is installed (Hugging
     # Face's, which transformers >= 5.25 imports). Step aside: the next `kernels` on sys.path takes this
     # module's place; where there is none, an empty namespace-like module does (no file, no version:
@@ -22,12 +25,18 @@ if __name__ != "sclslt_kernels":
     import os as _os
     import types as _types
 
-    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
     _saved = _sys.path[:]
-    _sys.path[:] = [p for p in _saved if _os.path.abspath(p or _os.curdir) != _root]
+    _sys.path[:] = [p for p in _saved if _os.path.realpath(p or _os.curdir) != _root]
     del _sys.modules[__name__]
     try:
-        _importlib.import_module(__name__)
+        if getattr(_sys, "_sclslt_kernels_aside", False):      # found this folder again (another route to it)
+            raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+        _sys._sclslt_kernels_aside = True
+        try:
+            _importlib.import_module(__name__)
+        finally:
+            _sys._sclslt_kernels_aside = False
     except ModuleNotFoundError as _e:
         if _e.name != __name__:
             raise

@@ -286,7 +286,13 @@ def micro_batch(cfg: "Config", stage: str, world: int) -> int:
         raise ConfigError(f"{stage}.micro_batch={m} does not split a rank's share of {share} clips "
                           f"({stage}.global_batch={st.global_batch} / {world} ranks) into whole micro-batches: "
                           f"use a divisor of {share}, or 0 for the whole share")
-    if m < share and batchnorm_mode(cfg.model.batchnorm)[0] == "global":
+    mode, group = batchnorm_mode(cfg.model.batchnorm)
+    if mode == "group" and m % group:
+        fix = (f"set {stage}.micro_batch to a multiple of {group} that divides {share}" if share % group == 0
+               else f"use a world size whose share ({stage}.global_batch / world) is a multiple of {group}")
+        raise ConfigError(f"model.batchnorm='group {group}' needs whole groups in every micro-batch, but a rank's "
+                          f"{'share' if m == share else 'micro-batch'} in {stage} at {world} ranks is {m} clips: {fix}")
+    if m < share and mode == "global":
         raise ConfigError(f"{stage}.micro_batch={m} splits a rank's share of {share} clips, but model.batchnorm="
                           f"'global' needs the global batch's statistics, which no rank can have across its own "
                           f"micro-batches: use model.batchnorm='group N' (N dividing {m}) or 'frozen', or "

@@ -96,8 +96,9 @@ def test_a_cached_step_with_dropout_is_the_gradient_of_its_masks(setup, replay):
 
 
 def test_micro_batch_settings_that_cannot_be_the_global_step_are_errors(tiny_cfg_dict):
-    """A micro-batch that does not split a rank's share, and 'global' BatchNorm across micro-batches of one rank,
-    are errors naming the fix; the same settings at a world where they fit resolve."""
+    """A micro-batch that does not split a rank's share, 'global' BatchNorm across micro-batches of one rank, and a
+    share or micro-batch that splits a BatchNorm group are errors naming the fix; the same settings at a world
+    where they fit resolve."""
     d = copy.deepcopy(tiny_cfg_dict)
     d["stage1"].update(global_batch=16, micro_batch=4)
     cfg = from_dict(d)
@@ -111,6 +112,11 @@ def test_micro_batch_settings_that_cannot_be_the_global_step_are_errors(tiny_cfg
         micro_batch(cfg, "stage1", 8)
     with pytest.raises(ConfigError, match="not divisible by the world size 3"):
         micro_batch(cfg, "stage1", 3)
+    d4 = copy.deepcopy(d)
+    d4["model"]["batchnorm"], d4["stage1"]["micro_batch"] = "group 4", 0
+    with pytest.raises(ConfigError, match="share in stage1 at 8 ranks is 2 clips"):
+        micro_batch(from_dict(d4), "stage1", 8)                # a share of 2 cannot hold a group of 4
+    assert micro_batch(from_dict(d4), "stage1", 4) == 4
     # evaluation and embedding passes hold no more clips at once than the smallest micro-batch set
     assert eval_batch(cfg) == 4 and cfg.eval.batch_size > 4
     d["stage1"]["enabled"] = False
@@ -158,3 +164,19 @@ def test_activation_checkpointing_changes_no_gradient_and_keeps_less(setup, batc
     assert worst < 1e-4, worst
     assert all(torch.allclose(b1[n], b, atol=1e-6) for n, b in b0.items())
     assert s1 < 0.7 * s0, (s1, s0)
+
+
+def test_engine_config_accumulates_micro_batches_in_fp32_under_bf16():
+    """DeepSpeed's config for a share in micro-batches: its micro-batch, accumulation over the share's chunks, and
+    under bf16 fp32 gradient accumulation (bf16 sums of the chunks' gradients would lose what one pass keeps);
+    a whole share keeps DeepSpeed's defaults."""
+    from pathlib import Path
+    from sclslt.runtime.engine import build_ds_config
+    zero2 = Path(__file__).resolve().parents[1] / "configs" / "zero2.json"
+    ds = build_ds_config(zero2, 16, 2, 1.0, "bf16", micro_batch=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 4)
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    whole = build_ds_config(zero2, 16, 2, 1.0, "bf16")
+    assert (whole["train_micro_batch_size_per_gpu"], whole["gradient_accumulation_steps"]) == (8, 1)
+    assert "grad_accum_dtype" not in whole.get("data_types", {})
+    assert "grad_accum_dtype" not in build_ds_config(zero2, 16, 2, 1.0, "fp32", micro_batch=2).get("data_types", {})

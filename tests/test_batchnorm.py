@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from sclslt.model.batchnorm import BatchNorm1d, BatchNorm2d, configure, finish_step
+from sclslt.model.batchnorm import configure, drop_pending, finish_step
 
 
 def GlobalBatchNorm2d(c, mode="global"):
@@ -219,3 +219,20 @@ def test_global_saves_no_more_than_torch_batchnorm_and_keeps_fp32_running_statis
     finish_step(ours)
     assert ours.running_mean.dtype == torch.float32
     assert torch.allclose(ours.running_mean, torch.full((c,), 1000.4)), ours.running_mean[:2]
+
+
+def test_a_skipped_step_leaves_no_statistics_behind():
+    """A step skipped for a non-finite loss (NaN activations) drops its pending statistics (`drop_pending`, what
+    the loop calls then): the next step's running statistics are finite and equal torch's after that step alone.
+    Mutation caught: not dropping them (the NaN reaches the running statistics for good)."""
+    ours, ref = _pair(GlobalBatchNorm2d, nn.BatchNorm2d, 3)
+    bad = _frames(4, 3, 8)
+    bad[0, 0, 0, 0] = float("nan")
+    ours(bad.requires_grad_())
+    drop_pending(ours)
+    good = _frames(6, 3, 9)
+    ours(good.requires_grad_())
+    ref(good)
+    finish_step(ours)
+    assert torch.isfinite(ours.running_mean).all() and torch.isfinite(ours.running_var).all()
+    assert torch.allclose(ours.running_var, ref.running_var, atol=1e-5)

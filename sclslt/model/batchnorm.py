@@ -173,10 +173,18 @@ class _ConfiguredNorm:
         self._pending = add if getattr(self, "_pending", None) is None else self._pending + add
 
 
+def drop_pending(module: nn.Module) -> None:
+    """Forget the statistics of a step that is not taken (a non-finite loss: they may be NaN)."""
+    for m in module.modules():
+        if isinstance(m, _ConfiguredNorm):
+            m._pending = None
+
+
 def finish_step(module: nn.Module) -> None:
     """Update every configured BatchNorm's running statistics once from the step's pending group statistics,
     summed over ranks (one all-reduce for all layers). Call on every rank after each optimizer step."""
-    layers = [m for m in module.modules() if isinstance(m, _ConfiguredNorm) and getattr(m, "_pending", None) is not None]
+    layers = [m for m in module.modules()
+              if isinstance(m, _ConfiguredNorm) and getattr(m, "_pending", None) is not None]
     if not layers:
         return
     flat = torch.cat([m._pending for m in layers])
@@ -216,4 +224,8 @@ def configure(module: nn.Module, spec: str) -> nn.Module:
         else:
             continue
         m.mode, m.group = mode, group
+        for name in ("running_mean", "running_var"):
+            buf = getattr(m, name)
+            if buf is not None and buf.dtype != torch.float32:
+                setattr(m, name, buf.float())
     return module

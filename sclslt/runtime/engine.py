@@ -52,6 +52,9 @@ def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad
     ds["fp16"] = {"enabled": precision == "fp16"}
     # buffers stay fp32 (DeepSpeed casts parameters only): BatchNorm's running statistics, whose 0.1-momentum
     # update would vanish below half a bf16 step (sclslt.model.batchnorm handles the mixed dtypes)
+    if precision == "bf16" and m < global_batch // world and ds.get("zero_optimization", {}).get("stage", 0) >= 1:
+        # micro-batches' gradients summed in bf16 would lose what the unchunked step keeps: fp32 accumulation
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

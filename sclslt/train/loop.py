@@ -30,7 +30,7 @@ from sclslt.data.text import make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
 from sclslt.model import close_text
-from sclslt.model.batchnorm import finish_step
+from sclslt.model.batchnorm import drop_pending, finish_step
 from sclslt.model.losses import all_reduce_sum, contrastive_loss, translation_loss_sum
 from sclslt.model.heads import get_head
 from sclslt.model.slt import SLTModel
@@ -319,6 +319,8 @@ class Stage:
             s.step += 1
             self.audit.write(s.step, s.epoch, keys)
             self.after_step(dict(zip(["loss", *parts], logged.tolist())))
+        else:
+            drop_pending(engine.module)               # the skipped step's BatchNorm statistics (maybe NaN)
         return preempted
 
     def after_step(self, logged: dict) -> None:
