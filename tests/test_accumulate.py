@@ -11,7 +11,8 @@ from sclslt.data.loader import Collate, ShardStream
 from sclslt.data.shards import read_manifest
 from sclslt.data.text import train_tokenizer
 from sclslt.model.slt import SLTModel
-from sclslt.train.accumulate import CachedStep, rng_state, set_rng_state
+from sclslt.runtime.checkpoints import rng_state, set_rng_state
+from sclslt.train.accumulate import CachedStep
 from sclslt.train.loop import forward, step_loss
 
 
@@ -48,7 +49,7 @@ def _one_graph(model, chunks, st, states) -> tuple[torch.Tensor, dict]:
     step drew for it), the loss over their concatenated outputs, one backward."""
     outs = []
     for c, s in zip(chunks, states):
-        set_rng_state(s, torch.device("cpu"))
+        set_rng_state(s)
         outs.append(forward(model, c, st))
     whole = {k: torch.cat([o[k] for o in outs]) for k in ("video_emb", "text_emb")}
     whole["logit_scale"] = outs[0]["logit_scale"]
@@ -76,7 +77,7 @@ def test_a_cached_step_with_dropout_is_the_gradient_of_its_masks(setup, replay):
     st = StageConfig()
     chunks = batch.split(2)
     torch.manual_seed(1)
-    start = rng_state(torch.device("cpu"))
+    start = rng_state()
     step = CachedStep(lambda c: forward(model, c, st), st, 1, "pooled", 0.07, None, replay=replay)
     loss, parts = step.losses(chunks, torch.device("cpu"))
     engine = _Accumulator()
@@ -84,7 +85,7 @@ def test_a_cached_step_with_dropout_is_the_gradient_of_its_masks(setup, replay):
     step.backward(chunks, engine)
     cached = _grads(model)
     assert engine.steps == len(chunks)
-    set_rng_state(start, torch.device("cpu"))
+    set_rng_state(start)
     want_loss, want = _one_graph(model, chunks, st, step.states)
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
     worst = max((cached[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12) for n, g in want.items())

@@ -34,9 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sclslt.config import DataConfig, ModelConfig
+from sclslt.config import DataConfig, ModelConfig, batchnorm_mode
 from sclslt.model.augment import ClipAugment
-from sclslt.config import batchnorm_mode
 from sclslt.model.batchnorm import BatchNorm1d, configure, rows_in_groups
 from sclslt.model.heads import get_head
 

@@ -24,16 +24,7 @@ import torch
 
 from sclslt.model.heads import get_head
 from sclslt.model.losses import all_reduce_sum, contrastive_loss, translation_loss_sum
-
-
-def rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+from sclslt.runtime.checkpoints import rng_state, set_rng_state
 
 
 class CachedStep:
@@ -51,7 +42,7 @@ class CachedStep:
         self.states, ce_sums, feats = [], [], []
         with torch.no_grad():
             for chunk in chunks:
-                self.states.append(rng_state(device))
+                self.states.append(rng_state())
                 out = self.forward(chunk)
                 if st.translation_weight > 0:
                     ce_sums.append(translation_loss_sum(out.pop("logits"), chunk.labels, st.label_smoothing))
@@ -83,7 +74,7 @@ class CachedStep:
         st, device, at = self.st, engine.device, 0
         for i, chunk in enumerate(chunks):
             if self.replay:
-                set_rng_state(self.states[i], device)
+                set_rng_state(self.states[i])
             out = self.forward(chunk)
             surrogate = torch.zeros((), device=device)
             if st.translation_weight > 0:
