@@ -99,7 +99,9 @@ def test_a_cached_step_with_dropout_is_the_gradient_of_its_masks(setup, replay):
 def test_micro_batch_settings_that_cannot_be_the_global_step_are_errors(tiny_cfg_dict):
     """A micro-batch that does not split a rank's share, 'global' BatchNorm across micro-batches of one rank, and a
     share or micro-batch that splits a BatchNorm group are errors naming the fix; the same settings at a world
-    where they fit resolve."""
+    where they fit resolve.
+    Mutation caught: dropping the whole-groups check from config.micro_batch (a share of 2 in groups of 4 passes;
+    checked)."""
     d = copy.deepcopy(tiny_cfg_dict)
     d["stage1"].update(global_batch=16, micro_batch=4)
     cfg = from_dict(d)
@@ -170,7 +172,8 @@ def test_activation_checkpointing_changes_no_gradient_and_keeps_less(setup, batc
 def test_engine_config_accumulates_micro_batches_in_fp32_under_bf16():
     """DeepSpeed's config for a share in micro-batches: its micro-batch, accumulation over the share's chunks, and
     under bf16 fp32 gradient accumulation (bf16 sums of the chunks' gradients would lose what one pass keeps);
-    a whole share keeps DeepSpeed's defaults."""
+    a whole share keeps DeepSpeed's defaults.
+    Mutation caught: removing the grad_accum_dtype line from build_ds_config (checked)."""
     from pathlib import Path
     from sclslt.runtime.engine import build_ds_config
     zero2 = Path(__file__).resolve().parents[1] / "configs" / "zero2.json"

@@ -85,7 +85,8 @@ def test_without_an_installed_kernels_the_folder_is_still_not_kernels():
 
 def test_hugging_face_kernels_with_transformers_from_the_checkout():
     """With Hugging Face's `kernels` installed (transformers >= 5.25 requires it), transformers' hub kernels
-    integration imports from the checkout: the import that failed in the issue's trace."""
+    integration imports from the checkout: the import that failed in the issue's trace.
+    Mutation caught: deleting the step-aside branch of kernels/__init__.py (checked: ImportError of CUDAProperties)."""
     try:
         importlib.metadata.version("kernels")
     except importlib.metadata.PackageNotFoundError:
