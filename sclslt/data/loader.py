@@ -45,19 +45,43 @@ class Batch:
     keys: list
     texts: list
     draws: torch.Tensor | None = None   # float (B, AUG_DRAWS): each clip's augmentation uniforms (training)
+    frame_index: torch.Tensor | None = None  # long (N,): flat indices b * T + t of the valid frames, made on the host
+    lengths: list | None = None         # valid frames per clip (host ints): where each clip's frames end
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
         return Batch(**{f.name: (getattr(self, f.name).to(device, non_blocking=non_blocking)
                                  if hasattr(getattr(self, f.name), "to") else getattr(self, f.name))
                         for f in fields(self)})
 
+    def pin_memory(self) -> "Batch":
+        """The DataLoader's pinning thread calls this (`pin_memory=True` on CUDA): page-locked tensors, so
+        that `to(device, non_blocking=True)` is an asynchronous copy."""
+        return Batch(**{f.name: (getattr(self, f.name).pin_memory()
+                                 if hasattr(getattr(self, f.name), "pin_memory") else getattr(self, f.name))
+                        for f in fields(self)})
+
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def valid_frames(self) -> tuple[torch.Tensor, list] | None:
+        """(frame_index, lengths): where the valid frames are, known without reading the device."""
+        return None if self.frame_index is None else (self.frame_index, self.lengths)
+
     def split(self, size: int) -> list["Batch"]:
-        """Consecutive micro-batches of `size` clips (padding as the whole batch's: masks say what is valid)."""
-        return [Batch(**{f.name: (getattr(self, f.name)[i:i + size] if getattr(self, f.name) is not None else None)
-                         for f in fields(self)}) for i in range(0, len(self), size)]
+        """Consecutive micro-batches of `size` clips (padding as the whole batch's: masks say what is valid);
+        each chunk's frame indices are a slice of the batch's, renumbered, with bounds from the host lengths."""
+        chunks, start = [], 0
+        steps = self.frame_mask.shape[1]
+        for i in range(0, len(self), size):
+            c = {f.name: (getattr(self, f.name)[i:i + size] if getattr(self, f.name) is not None else None)
+                 for f in fields(self)}
+            if self.frame_index is not None:
+                stop = start + sum(self.lengths[i:i + size])
+                c["frame_index"] = self.frame_index[start:stop] - i * steps
+                start = stop
+            chunks.append(Batch(**c))
+        return chunks
 
 
 class Collate:
@@ -80,7 +104,8 @@ class Collate:
                      sentence_ids=torch.tensor([int(s["meta"]["sentence_id"]) for s in samples],
                                                dtype=torch.long),
                      keys=[s["key"] for s in samples], texts=texts,
-                     draws=torch.from_numpy(np.stack([s["draws"] for s in samples])) if "draws" in samples[0] else None)
+                     draws=torch.from_numpy(np.stack([s["draws"] for s in samples])) if "draws" in samples[0] else None,
+                     frame_index=mask.flatten().nonzero().squeeze(1), lengths=mask.sum(1).tolist())
 
     @staticmethod
     def frames(samples: list[dict]):

@@ -85,13 +85,26 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_max(x: int, device) -> int:
+_HOST_GROUP = {}
+
+
+def _host_group():
+    """A CPU (gloo) group over every rank, for host integers (the default group where it is gloo already)."""
+    if dist.get_backend() == "gloo":
+        return None
+    if "group" not in _HOST_GROUP:                # collective: every rank makes it at its first call
+        _HOST_GROUP["group"] = dist.new_group(backend="gloo")
+    return _HOST_GROUP["group"]
+
+
+def host_max(values: list[int]) -> list[int]:
+    """Each value's maximum over ranks: host integers reduced on the CPU in one collective, no device read."""
     rank, world = world_info()
-    if world == 1:
-        return x
-    t = torch.tensor([x], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    if world == 1 or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
+    return t.tolist()
 
 
 def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -113,11 +126,11 @@ def gather_columns(out: dict, ids: torch.Tensor | None, similarity: str) -> dict
     gradient. Token tensors (a token-level head: CiCo) are padded to the longest micro-batch of any rank
     first, so the gathered result equals `pad_cat` of all ranks' outputs."""
     head = get_head(similarity)
+    padded = [k for k in head.columns if head.token_level and out[k].ndim >= 2]
+    lengths = dict(zip(padded, host_max([out[k].shape[1] for k in padded])))     # one collective, on the host
     cols = {}
     for key in head.columns:
-        x = out[key]
-        if x.ndim >= 2 and head.token_level:
-            x = pad_tokens(x, all_reduce_max(x.shape[1], x.device))
+        x = pad_tokens(out[key], lengths[key]) if key in lengths else out[key]
         cols[key] = gather_with_grad(x) if x.is_floating_point() else gather_nograd(x)
     cols["ids"] = gather_nograd(ids) if ids is not None else None
     return cols

@@ -28,6 +28,7 @@ heads and the text encoder are untouched by LoRA.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -38,6 +39,7 @@ from sclslt.config import DataConfig, ModelConfig, batchnorm_mode
 from sclslt.model.augment import ClipAugment
 from sclslt.model.batchnorm import BatchNorm1d, configure, rows_in_groups
 from sclslt.model.heads import get_head
+from sclslt.model.masks import causal_mask, frame_layout, key_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -266,56 +268,60 @@ class SLTModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp().clamp(max=self.cfg.logit_scale_max).squeeze(0)
 
-    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor, draws: torch.Tensor | None = None):
+    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor, draws: torch.Tensor | None = None,
+                     valid_frames: tuple[torch.Tensor, list] | None = None):
         """uint8 (B, T, H, W, 3) -> visual tokens (B, T', d) and their mask (B, T'); `draws`: the clips'
-        augmentation uniforms (`Batch.draws`)."""
+        augmentation uniforms (`Batch.draws`); `valid_frames`: (flat indices of the valid frames, frames per
+        clip), made on the host by the collate (`Batch.valid_frames`; else found here with one device read)."""
         b, t = frame_mask.shape
+        index, lengths = valid_frames if valid_frames is not None else frame_layout(frame_mask)
         dtype = self.video_proj.weight.dtype
         frames = self.frame_view(frames, draws)
-        valid = frames[frame_mask]                                   # (N, H, W, 3) valid frames only
+        valid = frames.flatten(0, 1).index_select(0, index)         # (N, H, W, 3) valid frames only
         x = valid.permute(0, 3, 1, 2).to(dtype).div_(255.0)
         x = (x - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
         clips = None
         if self.bn_group:                   # 'group N': clip i is in group i // N of this micro-batch (whole groups)
             clips = (torch.arange(b, device=frame_mask.device) // self.bn_group, -(-b // self.bn_group))
-        feat = self._backbone(x, frame_mask, clips)                      # (N, C)
-        seq = feat.new_zeros(b, t, feat.shape[-1])
-        seq[frame_mask] = feat
+        feat = self._backbone(x, index // t, lengths, clips)              # (N, C)
+        seq = feat.new_zeros(b * t, feat.shape[-1]).index_copy(0, index, feat).view(b, t, -1)
         h, mask = seq.transpose(1, 2), frame_mask
         for block in self.temporal:
             h, mask = block(h, mask, clips)
         h = self.visual_in(h.transpose(1, 2))
-        enc = self.s2s.model.encoder(inputs_embeds=h, attention_mask=mask.long()).last_hidden_state
-        return enc, mask
+        enc = self.s2s.model.encoder(inputs_embeds=h, attention_mask=key_mask(self.s2s, mask, h.dtype))
+        return enc.last_hidden_state, mask
 
-    def _backbone(self, x: torch.Tensor, frame_mask: torch.Tensor, clips) -> torch.Tensor:
-        """Pooled backbone features of the valid frames `x` (clip by clip). Checkpointed, in regions whose
-        BatchNorm statistics are their own: one clip ('frozen'), one group ('group N'), all ('global')."""
-        b, t = frame_mask.shape
+    def _backbone(self, x: torch.Tensor, clip_of: torch.Tensor, lengths: list, clips) -> torch.Tensor:
+        """Pooled backbone features of the valid frames `x` (clip by clip; `clip_of`: each frame's clip,
+        `lengths`: frames per clip). Checkpointed, in regions whose BatchNorm statistics are their own: one clip
+        ('frozen'), one group ('group N'), all ('global')."""
+        b = len(lengths)
 
-        def run(pixels: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        def run(pixels: torch.Tensor, first: int, last: int, lo: int, hi: int) -> torch.Tensor:
             seg = (None, 0)
             if clips is not None:           # the region's frames in its own groups (it holds whole groups)
-                of_frame = (clips[0][first:last, None] - clips[0][first]).expand(-1, t)[frame_mask[first:last]]
-                seg = (of_frame, -(-(last - first) // self.bn_group))
+                seg = (clip_of[lo:hi] // self.bn_group - first // self.bn_group, -(-(last - first) // self.bn_group))
             with rows_in_groups(*seg):
                 return self.backbone(pixel_values=pixels).pooler_output.flatten(1)
 
         if not (self.checkpointing and self.training and torch.is_grad_enabled()):
-            return run(x, 0, b)
+            return run(x, 0, b, 0, x.shape[0])
         from torch.utils.checkpoint import checkpoint
         per = {"frozen": 1, "group": self.bn_group, "global": b}[self.bn_mode]
-        ends = frame_mask.sum(1).cumsum(0).tolist()           # frames before each clip's end (a host sync)
+        ends = list(itertools.accumulate(lengths))                  # frames before each clip's end (host ints)
         feats, start = [], 0
         for first in range(0, b, per):
             last = min(first + per, b)
             stop = ends[last - 1]
-            feats.append(checkpoint(run, x[start:stop], first, last, use_reentrant=False, preserve_rng_state=True))
+            feats.append(checkpoint(run, x[start:stop], first, last, start, stop, use_reentrant=False,
+                                    preserve_rng_state=True))
             start = stop
         return torch.cat(feats)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = key_mask(self.text_encoder, attention_mask, self.text_encoder.embed_tokens.weight.dtype)
+        return self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def pooled_embeddings(self, enc, mask, text, text_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked-mean pooled, projected, L2-normalised (video, text) embeddings."""
@@ -326,13 +332,15 @@ class SLTModel(nn.Module):
         from transformers.models.mbart.modeling_mbart import shift_tokens_right
         dec_in = shift_tokens_right(labels, self.s2s.config.pad_token_id)
         from transformers.modeling_outputs import BaseModelOutput
-        out = self.s2s(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask.long(), decoder_input_ids=dec_in)
+        out = self.s2s(encoder_outputs=BaseModelOutput(last_hidden_state=enc), decoder_input_ids=dec_in,
+                       attention_mask=key_mask(self.s2s, mask, enc.dtype),
+                       decoder_attention_mask=causal_mask(self.s2s, dec_in.shape[1], enc.dtype, enc.device))
         return out.logits
 
     # -- what a training step needs -----------------------------------------------------------
-    def forward(self, frames, frame_mask, input_ids, attention_mask, labels,
-                contrastive: bool = True, translation: bool = True, draws: torch.Tensor | None = None) -> dict:
-        enc, mask = self.encode_video(frames, frame_mask, draws)
+    def forward(self, frames, frame_mask, input_ids, attention_mask, labels, contrastive: bool = True,
+                translation: bool = True, draws: torch.Tensor | None = None, valid_frames=None) -> dict:
+        enc, mask = self.encode_video(frames, frame_mask, draws, valid_frames)
         out = {}
         if translation:
             out["logits"] = self.decode_logits(enc, mask, labels)

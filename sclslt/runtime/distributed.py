@@ -48,19 +48,33 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     # defaults, not init's timeout: without this a silent peer blocks a gradient all-reduce for 30 min
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     acc = get_accelerator()
+    # before DeepSpeed's MPI discovery sets LOCAL_RANK, Open MPI's own names it
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    device = torch.device("cpu")
+    if acc.device_name() == "cuda":
+        device = bind_gpu(local_rank, timeout_s)
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if acc.device_name() == "cpu":
         release_shm_buffer(rank)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if acc.device_name() == "cuda":
-        # a task bound to its own GPU (--gpus-per-task, --gpu-bind) sees one device: index 0
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        device = torch.device("cuda", index)
-    else:
-        device = torch.device("cpu")
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device, accelerator=acc.device_name())
+
+
+def bind_gpu(local_rank: int, timeout_s: int) -> torch.device:
+    """This task's GPU: `LOCAL_RANK` among the node's GPUs, or, for a task bound to its own GPUs
+    (`srun --gpus-per-task`, `--gpu-bind`, a per-task CUDA_VISIBLE_DEVICES), `LOCAL_RANK % visible GPUs`.
+    DeepSpeed would bind device `LOCAL_RANK` ("invalid device ordinal" on a bound task): where they differ,
+    the process group is made here with the right device (DeepSpeed then adopts it), and `Engine` hands the
+    index to DeepSpeed's engine (`device_rank`). MPI launches without RANK in the environment take
+    DeepSpeed's discovery and its binding (one task per node-local GPU index)."""
+    from datetime import timedelta
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    if index != local_rank and "RANK" in os.environ and "WORLD_SIZE" in os.environ \
+            and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl", timeout=timedelta(seconds=timeout_s),
+                                             device_id=torch.device("cuda", index))
+    return torch.device("cuda", index)
 
 
 def finish_distributed() -> None:

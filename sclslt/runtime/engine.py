@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from sclslt.runtime.checkpoints import latest_tag, publish, rng_state, safe_load, set_rng_state, write_checksums
@@ -60,6 +61,11 @@ def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad
     return ds
 
 
+def _on_gpu() -> bool:
+    """A CUDA device was bound (`distributed.bind_gpu`); False on CPU ranks."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on biases, norms and the logit scale."""
     decay, no_decay = [], []
@@ -88,8 +94,10 @@ class Engine:
         else:
             optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        # on a GPU, the device init_distributed bound (DeepSpeed's engine would bind LOCAL_RANK's)
+        args = SimpleNamespace(device_rank=torch.cuda.current_device()) if _on_gpu() else None
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         # every file DeepSpeed reads back goes through the weights-only unpickler
         self.ds.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
         self.rank = torch.distributed.get_rank()

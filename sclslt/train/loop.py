@@ -115,10 +115,20 @@ def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "
     return loss, parts
 
 
+def verdict(loss: torch.Tensor, parts: dict, world: int) -> tuple[dict, bool, bool]:
+    """Every rank's word on this step, from one small all-reduce and the step's one device read: the global
+    loss and its parts (for the log), whether all are finite (else every rank skips the step), and whether
+    some rank was asked to stop (a preemption signal)."""
+    flag = torch.tensor([float(PREEMPT.is_set())], device=loss.device)
+    summed = all_reduce_sum(torch.cat([torch.stack([loss.detach(), *parts.values()]).float(), flag])).tolist()
+    logged = {k: v / world for k, v in zip(["loss", *parts], summed[:-1])}
+    return logged, all(math.isfinite(v) for v in logged.values()), summed[-1] > 0
+
+
 def forward(model_call, batch, st: StageConfig) -> dict:
     return model_call(batch.frames, batch.frame_mask, batch.input_ids, batch.attention_mask, batch.labels,
                       contrastive=st.contrastive_weight > 0, translation=st.translation_weight > 0,
-                      draws=batch.draws)
+                      draws=batch.draws, valid_frames=batch.valid_frames)
 
 
 @dataclass
@@ -300,13 +310,11 @@ class Stage:
                                     self.close)
         # one small collective per step: the loss parts for the log, and every rank's verdicts (finite
         # loss, preemption signal), so all ranks skip or stop together
-        flag = torch.tensor([float(PREEMPT.is_set())], device=loss.device)
-        summed = all_reduce_sum(torch.cat([torch.stack([loss.detach(), *parts.values()]).float(), flag]))
-        logged, preempted = summed[:-1] / ctx.world, bool(summed[-1] > 0)
-        timer.mark("loss")              # includes the step's one small all-reduce
+        logged, finite, preempted = verdict(loss, parts, ctx.world)
+        timer.mark("loss")              # includes the step's one small all-reduce and its one device read
         keys = self.batches[s.pos]
         s.pos += 1
-        if self.guard.check(bool(torch.isfinite(logged).all()), s.step, self.name):
+        if self.guard.check(finite, s.step, self.name):
             if len(chunks) > 1:
                 step.backward(chunks, engine)         # each chunk's second forward and backward, and DeepSpeed's
                 timer.mark("backward")                # step at the last: "optimizer" is then BatchNorm's update
@@ -318,7 +326,7 @@ class Stage:
             timer.mark("optimizer")
             s.step += 1
             self.audit.write(s.step, s.epoch, keys)
-            self.after_step(dict(zip(["loss", *parts], logged.tolist())))
+            self.after_step(logged)
         else:
             drop_pending(engine.module)               # the skipped step's BatchNorm statistics (maybe NaN)
         return preempted
