@@ -63,8 +63,8 @@ class SimilarityHead(ABC):
     def close_loss(self, out: dict, ids, cols: dict, offset: int, tau: float, close: CloseSentences) -> torch.Tensor:
         """`loss` with close-text columns masked or weighted (`close_text`): the local rows' logits against
         the gathered columns in both directions, materialised (b x n: `pair_scores`), then `close_ce`."""
-        wide = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))      # fp32 logits (fp64 stays), as
-        s = wide(out["logit_scale"])                                           # the fused path computes them
+        wide = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))      # fp32 (fp64 stays), as the fused
+        s = wide(out["logit_scale"])                                           # path computes the logits
         v2t, t2v = (wide(x) for x in self.pair_scores(out, cols, tau))
         m = close.mask(ids, cols["ids"])
         return 0.5 * (close_ce(s * v2t, offset, ids, cols["ids"], m, close.soft)
@@ -87,7 +87,11 @@ class PooledHead(SimilarityHead):
                       + infonce(out["text_emb"], cols["video_emb"], s, offset, ids, cols["ids"]))
 
     def scores(self, emb, tau):
-        return emb["video_emb"] @ emb["text_emb"].t()
+        """Products of 16-bit embeddings in fp32: a bf16 product of unit vectors near 1 is rounded to 2^-8, up to
+        +-0.2 once multiplied by a logit scale of 100 (the close-text loss and retrieval read these)."""
+        v, t = emb["video_emb"], emb["text_emb"]
+        acc = torch.promote_types(v.dtype, torch.float32)
+        return v.to(acc) @ t.to(acc).t()
 
 
 @SIMILARITY_HEADS.register("cico")
