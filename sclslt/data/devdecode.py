@@ -86,10 +86,23 @@ def _capturing_stderr(make):
     return made, said
 
 
-def decoder(device: torch.device, threads: int = 0):
+def rank_cores() -> int:
+    """The CPU cores this rank may use: its affinity (a task Slurm or MPI bound to its cores), or, where it
+    sees every core of the node, its share among the node's ranks (LOCAL_WORLD_SIZE / LOCAL_SIZE)."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores >= (os.cpu_count() or 1):
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        cores //= max(1, ranks)
+    return max(1, cores)
+
+
+def decoder(device: torch.device, threads: int | None = None):
     """One nvImageCodec decoder per device, thread count and process: nvJPEG (hardware engine where the
-    GPU has one) on CUDA, libjpeg-turbo on the CPU; `threads` CPU threads (0: one per core)."""
+    GPU has one) on CUDA, libjpeg-turbo on the CPU; `threads` CPU threads (None: `rank_cores()`, not every
+    core of the node on each of its ranks)."""
     device = torch.device(device)
+    threads = rank_cores() if threads is None else threads
     key = (device.type, device.index, threads)
     if key not in _DECODERS:
         nv = _nvimgcodec()

@@ -332,8 +332,10 @@ class GlobalStream(torch.utils.data.IterableDataset):
         s["draws"] = clip_draws(self.seed, self.epoch, s["key"])
 
 
-def make_loader(stream: ShardStream, collate: Collate, num_workers: int = 0, prefetch_factor: int = 2):
-    kw = dict(num_workers=num_workers, collate_fn=collate, batch_size=None)
+def make_loader(stream: ShardStream, collate: Collate, num_workers: int = 0, prefetch_factor: int = 2,
+                pin_memory: bool = False):
+    """`pin_memory` (training on a GPU): batches in page-locked memory, so the copy to the device is asynchronous."""
+    kw = dict(num_workers=num_workers, collate_fn=collate, batch_size=None, pin_memory=pin_memory)
     if num_workers > 0:
         kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
     return torch.utils.data.DataLoader(stream, **kw)

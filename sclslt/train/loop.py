@@ -24,6 +24,7 @@ import torch.distributed as dist
 from sclslt.atomic import write_text
 from sclslt.config import Config, ConfigError, StageConfig, eval_batch, micro_batch, save_config, to_dict
 from sclslt.data.loader import Collate, make_loader
+from sclslt.data.prefetch import on_device
 from sclslt.data.corpus import resolve_shards_dir
 from sclslt.data.shards import manifest_rows, read_manifest
 from sclslt.data.text import make_run_tokenizer
@@ -276,10 +277,12 @@ class Stage:
         """The rest of the current epoch, or up to the stage's last step."""
         s = self.state
         self.batches = self.source.epoch_batches(s.epoch, self.eval_model)
+        device = self.engine.device
         loader = make_loader(self.source.stream(self.batches, s.epoch, s.pos), self.collate,
-                             self.ctx.cfg.data.num_workers, self.ctx.cfg.data.prefetch_factor)
+                             self.ctx.cfg.data.num_workers, self.ctx.cfg.data.prefetch_factor,
+                             pin_memory=torch.device(device).type == "cuda")
         self.timer.begin(s.step + 1)
-        for batch in loader:
+        for batch in on_device(loader, device):              # batch k+1's copy overlaps step k
             preempted = self.train_step(batch)
             if preempted and s.step < self.total:      # at the stage's last step: finish it normally first
                 self.checkpointer.at("stop", s.step)
@@ -295,7 +298,7 @@ class Stage:
         rank was asked to stop (a preemption signal)."""
         ctx, s, st, timer, engine = self.ctx, self.state, self.st, self.timer, self.engine
         timer.mark("data")
-        batch = batch.to(engine.device)
+        batch = batch.to(engine.device)           # a no-op: `on_device` moved it while the last step ran
         timer.mark("h2d")
         chunks = batch.split(self.micro) if self.micro < len(batch) else [batch]
         if len(chunks) > 1:
