@@ -1,4 +1,5 @@
-"""Registers, stack (spills) and shared memory of every kernel configuration, compiled for sm_90 / sm_80.
+"""Registers, stack (spills) and shared memory of every kernel configuration and integer variant (aligned /
+unaligned: the specialisations Triton's JIT compiles), compiled for sm_90 / sm_80.
 
 No GPU needed: Triton's own back end builds the cubins (kernels/resources.py). Prints a table and
 writes CSV/JSON tagged with the triton version under --out. To check another triton (the older end of
@@ -35,10 +36,11 @@ def main(argv=None) -> int:
     rows = measure(tuple(args.arch))
     table = Table(title=f"kernel resources | triton {tag['versions']['triton']} | "
                         + ", ".join(f"sm_{a} shared limit {SHARED_LIMIT[a] // 1024} KB" for a in args.arch))
-    for c in ("kernel", "dtype", "arch", "config", "registers", "stack", "shared", "fits"):
+    for c in ("kernel", "dtype", "arch", "variant", "config", "registers", "stack", "shared", "fits"):
         table.add_column(c)
     for r in rows:
-        table.add_row(r["kernel"], r["dtype"], f"sm_{r['arch']}", r["config"], str(r.get("registers", "")),
+        table.add_row(r["kernel"], r["dtype"], f"sm_{r['arch']}", r["variant"], r["config"],
+                      str(r.get("registers", "")),
                       str(r.get("stack", "")), str(r.get("shared", r.get("error", ""))), str(r.get("fits", False)))
     Console(width=220).print(table)
     base = write_rows(rows, args.out, "kernel-resources", tag)

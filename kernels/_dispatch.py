@@ -6,6 +6,7 @@ otherwise, and always for dtypes other than fp32/fp16/bf16 (fp64 gradient checks
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -50,6 +51,27 @@ def describe(device: torch.device) -> dict:
 
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}   # Triton's names
 
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)     # CUDA's largest grid, axes x, y, z
+ALIGN = 16                                    # bytes: the pointer alignment Triton's JIT specialises on
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a copy where its data pointer is not 16-byte aligned (a view at an odd offset): the kernels are
+    only ever launched, and compiled offline by resources.py, with every pointer aligned."""
+    return x if x.data_ptr() % ALIGN == 0 else x.clone(memory_format=torch.contiguous_format)
+
+
+def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32 for fp32/fp16/bf16 a, b: a 16-bit product is not rounded to
+    16 bits (the backward's chunk products are summed and partly cancel). On CUDA one GEMM with
+    out_dtype=fp32 (no fp32 copy of the operands); elsewhere (torch has no CPU kernel for mm's out_dtype)
+    the operands are up-cast, which costs an fp32 copy of each: the interpreter's tests, not a GPU's memory."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
 
 def dot_meta(dtype: torch.dtype) -> dict:
     """The constexprs every kernel here takes for how its tl.dot multiplies inputs of `dtype`."""
@@ -71,3 +93,16 @@ try:
     import triton  # noqa: F401
 except ImportError:
     triton = None
+
+
+def int_variants(fn, types: dict, constexprs: dict, always: tuple) -> list[tuple[str, tuple]]:
+    """The integer specialisations of kernel `fn` a launcher can hit, as (name, arguments divisible by 16):
+    Triton's JIT compiles a variant per pattern of integer arguments divisible by 16. "aligned": every
+    integer argument (those neither in `types` nor constexprs) divisible; "unaligned": only `always`, the
+    ones the launcher guarantees."""
+    names = getattr(fn, "arg_names", None) or list(inspect.signature(fn.fn).parameters)
+    ints = tuple(a for a in names if a not in types and a not in constexprs)
+    missing = set(always) - set(ints)
+    if missing:
+        raise ValueError(f"{fn.__name__}: {sorted(missing)} are not integer arguments")
+    return [("aligned", ints), ("unaligned", tuple(a for a in ints if a in always))]

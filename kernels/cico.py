@@ -12,7 +12,9 @@ Returns the (b, n) similarities in fp32, differentiable in v and t. A clip or se
 valid token has similarity 0 (no NaN).
 
 Design (for the GPU; b x n x T x L never exists whole):
-- forward (`_cico_fwd`): one program per pair (i, j) walks the clip's tokens in blocks of BLOCK_T
+- forward (`_cico_fwd`): one program per pair (i, j) (sentence j on grid axis x, up to 2^31 - 1;
+  clip i on axis y, at most 65,535: b is launched in groups of CLIP_GROUP clips, `grids` is pure)
+  walks the clip's tokens in blocks of BLOCK_T
   rows (the dot tile BLOCK_T x L, fp32 accumulation over d on tensor cores). The row softmax over L
   is complete inside a block; the column softmax over T is folded online (running max, sum of exp
   and of exp * dot per text token), as flash attention does. Tiles are at most 4096 elements, so every
@@ -21,8 +23,10 @@ Design (for the GPU; b x n x T x L never exists whole):
   d i2t / d dot[t, l] = p[t, l] (1 + (dot[t, l] - f_t) / tau) / n_valid_t, and t2i alike over t).
   For a chunk of J sentences (J * b * T * L <= CHUNK_ELEMS: memory bounded) `_cico_grad` recomputes
   the column statistics, then writes g_ij G_ij into a (b, T, J, L) buffer in the input dtype; as a
-  (b T) x (J L) matrix that buffer gives both gradients as cuBLAS GEMMs: dV += G [t_j] and
-  dT_chunk = G^T V. No atomics: deterministic.
+  (b T) x (J L) matrix that buffer gives both gradients as cuBLAS GEMMs: dV += G [t_j] (fp32 output,
+  `mm32`: each chunk's part of dV is not rounded to 16 bits before the sum) and dT_chunk = G^T V. No
+  atomics: deterministic. Pointers are 16-byte aligned (`aligned`); integer arguments may or may not
+  be multiples of 16: both variants are compiled offline (`launch_variants`).
 Tile configurations come from `config()`; every one it can return is compiled for sm_80 and sm_90 by
 tests/test_kernel_compile.py (no spills, shared memory fits).
 """
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import TRITON_TYPES, dot_meta, dot_precision, use_triton
+from ._dispatch import GRID_LIMITS, TRITON_TYPES, aligned, dot_meta, dot_precision, int_variants, mm32, use_triton
 
 MAX_TOKENS = 256
 
@@ -122,6 +126,25 @@ def chunk_sentences(b: int, n: int, TT: int, LL: int, budget: int | None = None)
     return max(1, min(n, budget // max(1, b * TT * LL)))
 
 
+# Clips per launch: they go on grid axis y (at most 65,535); a multiple of 16, so that a group's slices
+# of the inputs and outputs stay 16-byte aligned. Sentences (n, up to millions) go on axis x (2^31 - 1).
+CLIP_GROUP = GRID_LIMITS[1] // 16 * 16
+
+
+def clip_groups(b: int) -> list[tuple[int, int]]:
+    """The launcher's clip ranges [i0, i1): one launch each, every one within grid axis y's limit."""
+    return [(i0, min(b, i0 + CLIP_GROUP)) for i0 in range(0, b, CLIP_GROUP)]
+
+
+def grids(b: int, n: int, TT: int, LL: int) -> list[tuple[str, tuple]]:
+    """Every distinct (kernel, grid) the forward and backward launch for b clips of T tokens against n
+    sentences of L tokens: pure, launches nothing. Grid (sentences of the launch, clips of the group)."""
+    J = chunk_sentences(b, n, TT, LL)
+    widths = sorted({J, n - (n - 1) // J * J})
+    rows = sorted({i1 - i0 for i0, i1 in clip_groups(b)})
+    return [("_cico_fwd", (n, r)) for r in rows] + [("_cico_grad", (w, r)) for w in widths for r in rows]
+
+
 if triton is not None:
     @triton.jit
     def _dot_tile(V, T, i, j, t0, TT, LL, d, svb, svt, stn, stl,
@@ -170,7 +193,7 @@ if triton is not None:
         """One pass over the clip's token blocks: sum_t f_t over valid t, the valid-token counts, and the
         column softmax's max m_l, normaliser z_l and pooled h_l = sum_t dot p_col."""
         ls = tl.arange(0, BLOCK_L)
-        tm = tl.load(TM + j * LL + ls, mask=ls < LL, other=0) != 0
+        tm = tl.load(TM + j.to(tl.int64) * LL + ls, mask=ls < LL, other=0) != 0
         m = tl.full([BLOCK_L], float("-inf"), dtype=tl.float32)
         z = tl.zeros([BLOCK_L], dtype=tl.float32)
         w = tl.zeros([BLOCK_L], dtype=tl.float32)
@@ -196,8 +219,9 @@ if triton is not None:
     def _cico_fwd(V, VM, T, TM, S, n, TT, LL, d, svb, svt, stn, stl, inv_tau, w_i2t, w_t2i,
                   FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-        i = tl.program_id(0)
-        j = tl.program_id(1)
+        """S[i, j] for clip i of the launch's group (grid axis y) and sentence j (axis x)."""
+        j = tl.program_id(0)
+        i = tl.program_id(1)
         f_sum, n_t, tm, n_l, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
                                                    FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
         t2i = tl.sum(tl.where(tm, h, 0.0), axis=0) / n_l
@@ -208,8 +232,8 @@ if triton is not None:
                    FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
         """G[i, t, jl, l] = g_ij d s(i, j) / d dot[t, l] for sentence j = j0 + jl of the chunk."""
-        i = tl.program_id(0)
-        jl = tl.program_id(1)
+        jl = tl.program_id(0)
+        i = tl.program_id(1)
         j = j0 + jl
         f_sum, n_t, tm, n_l, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
                                                    FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
@@ -230,15 +254,17 @@ if triton is not None:
 class _CiCo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, v_mask, t, t_mask, tau, weights):
-        v = v.contiguous()
-        t = t.contiguous().to(v.dtype)
-        vm = v_mask.to(torch.int8).contiguous()
-        tm = t_mask.to(torch.int8).contiguous()
+        v = aligned(v.contiguous())
+        t = aligned(t.contiguous().to(v.dtype))
+        vm = aligned(v_mask.to(torch.int8).contiguous())
+        tm = aligned(t_mask.to(torch.int8).contiguous())
         b, TT, d = v.shape
         n, LL, _ = t.shape
         s = torch.empty(b, n, device=v.device, dtype=torch.float32)
-        _cico_fwd[(b, n)](v, vm, t, tm, s, n, TT, LL, d, v.stride(0), v.stride(1), t.stride(0), t.stride(1),
-                          1.0 / tau, *weights, **dot_meta(v.dtype), **config(TT, LL, v.dtype))
+        for i0, i1 in clip_groups(b):       # group slices: offsets of i0 (a multiple of 16) rows, aligned
+            _cico_fwd[(n, i1 - i0)](v[i0:i1], vm[i0:i1], t, tm, s[i0:i1], n, TT, LL, d, v.stride(0), v.stride(1),
+                                    t.stride(0), t.stride(1), 1.0 / tau, *weights, **dot_meta(v.dtype),
+                                    **config(TT, LL, v.dtype))
         ctx.save_for_backward(v, vm, t, tm)
         ctx.tau, ctx.weights = tau, weights
         return s
@@ -248,7 +274,7 @@ class _CiCo(torch.autograd.Function):
         v, vm, t, tm = ctx.saved_tensors
         b, TT, d = v.shape
         n, LL, _ = t.shape
-        gup = grad.float().contiguous()
+        gup = aligned(grad.float().contiguous())
         J = chunk_sentences(b, n, TT, LL)
         buf = torch.empty(b * TT * J * LL, device=v.device, dtype=v.dtype)
         v2 = v.reshape(b * TT, d)
@@ -258,17 +284,23 @@ class _CiCo(torch.autograd.Function):
         for j0 in range(0, n, J):
             w = min(J, n - j0)
             g = buf[:b * TT * w * LL]
-            _cico_grad[(b, w)](v, vm, t, tm, gup, g, n, j0, w, TT, LL, d, v.stride(0), v.stride(1), t.stride(0),
-                               t.stride(1), 1.0 / ctx.tau, *ctx.weights, **meta)
+            g4 = g.view(b, TT * w * LL)
+            for i0, i1 in clip_groups(b):
+                _cico_grad[(w, i1 - i0)](v[i0:i1], vm[i0:i1], t, tm, gup[i0:i1], g4[i0:i1], n, j0, w, TT, LL, d,
+                                         v.stride(0), v.stride(1), t.stride(0), t.stride(1), 1.0 / ctx.tau,
+                                         *ctx.weights, **meta)
             gm = g.view(b * TT, w * LL)
-            dv += (gm @ t[j0:j0 + w].reshape(w * LL, d)).float()
+            dv += mm32(gm, t[j0:j0 + w].reshape(w * LL, d))     # fp32 out: not rounded to 16 bits per chunk
             dt[j0:j0 + w] = (gm.t() @ v2).view(w, LL, d)
         return dv.view(b, TT, d).to(v.dtype), None, dt, None, None, None
 
 
 def launch_variants():
-    """(kernel, dtype, argument types, constexprs, options) for every configuration `config` can return
-    for T, L up to MAX_TOKENS (kernels/resources.py compiles each for sm_80/sm_90)."""
+    """Every compiled variant the launchers can launch on a GPU (kernels/resources.py compiles each for
+    sm_80/sm_90): each kernel x dtype x configuration `config` can return for T, L up to MAX_TOKENS x
+    integer variant, as dicts (kernel, dtype, types, constexprs, options, variant, divisible). Pointers
+    are always 16-byte aligned (`aligned`, clip groups of a multiple of 16); "aligned": every integer
+    argument (n, j0, J, T, L, d and the strides) a multiple of 16, "unaligned": none (d is not padded)."""
     ptr = {dt: "*" + name for dt, name in TRITON_TYPES.items()}
     seen = set()
     for dtype in ptr:
@@ -284,5 +316,7 @@ def launch_variants():
                 opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
                 base = {"V": ptr[dtype], "VM": "*i8", "T": ptr[dtype], "TM": "*i8", "inv_tau": "fp32",
                         "w_i2t": "fp32", "w_t2i": "fp32"}
-                yield "_cico_fwd", dtype, {**base, "S": "*fp32"}, const, opts
-                yield "_cico_grad", dtype, {**base, "GUP": "*fp32", "G": ptr[dtype]}, const, opts
+                for fn, types in ((_cico_fwd, {**base, "S": "*fp32"}), (_cico_grad, {**base, "GUP": "*fp32", "G": ptr[dtype]})):
+                    for variant, divisible in int_variants(fn, types, const, ()):
+                        yield dict(kernel=fn.__name__, dtype=dtype, types=types, constexprs=const, options=opts,
+                                   variant=variant, divisible=divisible)

@@ -15,11 +15,17 @@ Design (for the GPU; the b x n logits never exist whole):
   b = n / world is small; the splits' (max, sum, positive) are combined in a fixed order (torch),
   so the result is bitwise reproducible. Saves lse per row (O(b)).
 - backward: dS = p - onehot(pos) (masked) in column chunks of at most `CHUNK_ELEMS` elements
-  (memory O((b + n) d)): `_infonce_dlogits` recomputes the chunk's logits tile by tile and writes
-  dS in the input dtype (the constant factor coef * scale is applied after the products), then
-  two cuBLAS GEMMs give G += dS_c k_c (fp32) and dk_c = dS_c^T q. dq = coef scale G and
-  d scale = coef sum(q * G), since sum_ij dS_ij q_i.k_j = sum_i q_i.(dS k)_i. No atomics:
-  deterministic.
+  (memory O((b + n) d)): `_infonce_dlogits` recomputes the chunk's logits tile by tile (one program
+  per row block x column tile, flattened on grid axis x: a small b's chunk has millions of column
+  tiles) and writes dS in the input dtype (the constant factor coef * scale is applied after the
+  products), then two cuBLAS GEMMs with fp32 output (`mm32`: a chunk's product is never rounded to
+  16 bits, its part of G cancels against the other chunks') give G += dS_c k_c and dk_c = dS_c^T q.
+  dq = coef scale G and d scale = coef sum(q * G), since sum_ij dS_ij q_i.k_j = sum_i q_i.(dS k)_i.
+  No atomics: deterministic.
+- launch shapes (`grids`, pure): every grid axis within CUDA's limits at any n (the forward's column
+  splits are at most two waves of SMs). q and k are zero-padded to d a multiple of 16 when it is not
+  one, pointers are 16-byte aligned: the launchers only launch the integer variants of
+  `launch_variants` (see ALWAYS_ALIGNED), each compiled offline (the unpadded-d variant spilled).
 Cost: forward 2bnd FLOPs, backward 6bnd (one recompute, two products), against 6bnd for the three
 plain matmuls; memory O((b + n) d) plus one chunk.
 Tile configurations come from `config()`, which only returns members of `CONFIGS`; every member is
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import TRITON_TYPES, dot_meta, dot_precision, use_triton
+from ._dispatch import GRID_LIMITS, TRITON_TYPES, aligned, dot_meta, dot_precision, int_variants, mm32, use_triton
 
 
 def masked_ce(logits: torch.Tensor, pos_offset: int = 0, q_ids: torch.Tensor | None = None,
@@ -106,10 +112,46 @@ def config(b: int, dtype: torch.dtype) -> dict:
     return dict(big if b >= 4 * big["BLOCK_M"] else small)
 
 
-def column_splits(row_blocks: int, col_tiles: int, device: torch.device) -> int:
-    """Column splits of the forward: enough programs for two waves over the GPU's SMs."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(col_tiles, -(-2 * sms // row_blocks)))
+def device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's splits)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def column_splits(row_blocks: int, col_tiles: int, sms: int) -> int:
+    """Column splits of the forward: enough programs for two waves over `sms` SMs (grid axis y: at most
+    65,535)."""
+    return max(1, min(col_tiles, _cdiv(2 * sms, row_blocks), GRID_LIMITS[1]))
+
+
+def fwd_launch(b: int, n: int, cfg: dict, sms: int) -> tuple[tuple[int, int], int]:
+    """The forward's grid (row blocks on axis x, column splits on y) and the columns of one split."""
+    row_blocks, col_tiles = _cdiv(b, cfg["BLOCK_M"]), _cdiv(n, cfg["BLOCK_N"])
+    split_cols = _cdiv(col_tiles, column_splits(row_blocks, col_tiles, sms)) * cfg["BLOCK_N"]
+    return (row_blocks, _cdiv(n, split_cols)), split_cols
+
+
+def dlogits_grid(b: int, w: int, cfg: dict) -> tuple[int]:
+    """One program per (row block, column tile) of a w-column chunk, flattened onto grid axis x (at most
+    2^31 - 1; a chunk of a small b has millions of column tiles, past axis y's 65,535), row blocks fastest."""
+    return (_cdiv(b, cfg["BLOCK_M"]) * _cdiv(w, cfg["BLOCK_N"]),)
+
+
+def chunk_widths(n: int, c: int) -> list[int]:
+    """The distinct widths of the backward's column chunks of at most c columns (the last may be narrower)."""
+    return sorted({c if n >= c else n, n - (n - 1) // c * c})
+
+
+def grids(b: int, n: int, dtype: torch.dtype, device_sms: int) -> list[tuple[str, tuple]]:
+    """Every distinct (kernel, grid) the forward and backward launch for b rows against n columns of
+    `dtype` on a GPU with `device_sms` SMs (d does not change a grid): pure, launches nothing."""
+    cfg = config(b, dtype)
+    fwd, _ = fwd_launch(b, n, cfg, device_sms)
+    c = chunk_columns(b, n, cfg["BLOCK_N"])
+    return [("_infonce_fwd", fwd)] + [("_infonce_dlogits", dlogits_grid(b, w, cfg)) for w in chunk_widths(n, c)]
 
 
 def chunk_columns(b: int, n: int, block_n: int, budget: int | None = None) -> int:
@@ -191,9 +233,12 @@ if triton is not None:
     def _infonce_dlogits(Q, K, QID, KID, SCALE, LSE, DS, b, n, d, pos_offset, col0, stride_q, stride_k, stride_ds,
                          HAS_IDS: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """DS[rows, cols - col0] = softmax - onehot(positive) over the valid columns (0 elsewhere)."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = col0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        """DS[rows, cols - col0] = softmax - onehot(positive) over the valid columns (0 elsewhere); one
+        program per (row block, column tile), flattened on grid axis x (`dlogits_grid`)."""
+        row_blocks = tl.cdiv(b, BLOCK_M)
+        pid = tl.program_id(0)
+        rows = (pid % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = col0 + (pid // row_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < b
         cmask = cols < n
         s = tl.load(SCALE).to(tl.float32)
@@ -212,63 +257,77 @@ def _words(ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     copy of int64 ids and no host synchronisation; a placeholder without ids."""
     if ids is None:
         return like.new_empty(2, dtype=torch.int32)
-    return ids.to(torch.int64).contiguous().view(torch.int32)
+    return aligned(ids.to(torch.int64).contiguous()).view(torch.int32)
+
+
+def _pad16(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, d) zero-padded to d a multiple of 16 (x itself when it is one): the kernels are launched
+    with d and the row strides divisible by 16 only, the variant that compiles without spills; zero
+    columns leave every dot product, the loss and the gradients' first d columns unchanged."""
+    return aligned(x) if x.shape[1] % 16 == 0 else torch.nn.functional.pad(x, (0, -x.shape[1] % 16))
 
 
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale, pos_offset, q_ids, k_ids):
-        q, k = q.contiguous(), k.contiguous()
-        if k.dtype != q.dtype:
-            k = k.to(q.dtype)
+        d0 = q.shape[1]
+        q, k = _pad16(q.contiguous()), _pad16(k.contiguous().to(q.dtype))
         b, d = q.shape
         n = k.shape[0]
         has_ids = q_ids is not None
         qid, kid = _words(q_ids, q), _words(k_ids, q)
-        scale32 = scale.detach().reshape(1).float().contiguous()
+        scale32 = aligned(scale.detach().reshape(1).float().contiguous())
         cfg = config(b, q.dtype)
-        row_blocks, col_tiles = triton.cdiv(b, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
-        splits = column_splits(row_blocks, col_tiles, q.device)
-        split_cols = triton.cdiv(col_tiles, splits) * cfg["BLOCK_N"]
-        splits = triton.cdiv(n, split_cols)
-        part = torch.empty(3, splits, b, device=q.device, dtype=torch.float32)
-        _infonce_fwd[(row_blocks, splits)](q, k, qid, kid, scale32, part[0], part[1], part[2], b, n, d, pos_offset,
-                                           q.stride(0), k.stride(0), split_cols, HAS_IDS=has_ids, **dot_meta(q.dtype), **cfg)
-        m = part[0].max(0).values                       # finite: every row's positive is in some split
-        lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
-        pos = part[2].sum(0)
+        grid, split_cols = fwd_launch(b, n, cfg, device_sms(q.device))
+        count = grid[1] * b                             # (splits, b) per statistic, each 16-byte aligned
+        part = torch.empty(3, _cdiv(count, 4) * 4, device=q.device, dtype=torch.float32)
+        mx, sm, ps = (part[i, :count].view(grid[1], b) for i in range(3))
+        _infonce_fwd[grid](q, k, qid, kid, scale32, mx, sm, ps, b, n, d, pos_offset,
+                           q.stride(0), k.stride(0), split_cols, HAS_IDS=has_ids, **dot_meta(q.dtype), **cfg)
+        m = mx.max(0).values                            # finite: every row's positive is in some split
+        lse = m + torch.log((sm * torch.exp(mx - m)).sum(0))
+        pos = ps.sum(0)
         ctx.save_for_backward(q, k, qid, kid, scale32, lse)
-        ctx.meta = (pos_offset, has_ids, scale.dtype, scale.shape)
+        ctx.meta = (pos_offset, has_ids, scale.dtype, scale.shape, d0)
         return (lse - pos).mean()
 
     @staticmethod
     def backward(ctx, grad):
         q, k, qid, kid, scale32, lse = ctx.saved_tensors
-        pos_offset, has_ids, scale_dtype, scale_shape = ctx.meta
-        b, d = q.shape
+        pos_offset, has_ids, scale_dtype, scale_shape, d0 = ctx.meta
+        b, d = q.shape                                   # d: padded to a multiple of 16, d0 the caller's
         n = k.shape[0]
         coef = grad.float() / b
         cfg = config(b, q.dtype)
         c = chunk_columns(b, n, cfg["BLOCK_N"])
         ds = torch.empty(b, c, device=q.device, dtype=q.dtype)
         g = torch.zeros(b, d, device=q.device, dtype=torch.float32)      # dS k, accumulated over chunks
-        dk = torch.empty(n, d, device=q.device, dtype=k.dtype)
+        dk = torch.empty(n, d0, device=q.device, dtype=k.dtype)
         s = scale32[0]
         for col0 in range(0, n, c):
             w = min(c, n - col0)
-            _infonce_dlogits[(triton.cdiv(b, cfg["BLOCK_M"]), triton.cdiv(w, cfg["BLOCK_N"]))](
+            _infonce_dlogits[dlogits_grid(b, w, cfg)](
                 q, k, qid, kid, scale32, lse, ds, b, n, d, pos_offset, col0, q.stride(0), k.stride(0), ds.stride(0),
                 HAS_IDS=has_ids, **dot_meta(q.dtype), **cfg)
             part = ds[:, :w]
-            g += (part @ k[col0:col0 + w]).float()
-            dk[col0:col0 + w] = coef * s * (part.t() @ q).float()
+            g += mm32(part, k[col0:col0 + w])           # fp32 out: not rounded to 16 bits before the sum
+            dk[col0:col0 + w] = coef * s * mm32(part.t(), q)[:, :d0]
         dscale = (coef * (q.float() * g).sum()).to(scale_dtype).reshape(scale_shape)
-        return (coef * s * g).to(q.dtype), dk, dscale, None, None, None
+        return (coef * s * g[:, :d0]).to(q.dtype), dk, dscale, None, None, None
+
+
+# Integer arguments the launcher only ever passes as multiples of 16 (d padded by `_pad16`, the strides
+# that follow from it, tile-multiple column counts): the JIT always specialises them as divisible by 16.
+ALWAYS_ALIGNED = {"_infonce_fwd": ("d", "stride_q", "stride_k", "split_cols"),
+                  "_infonce_dlogits": ("d", "col0", "stride_q", "stride_k", "stride_ds")}
 
 
 def launch_variants():
-    """(kernel, dtype, argument types, constexprs, options) for every configuration `config` can return
-    on a GPU, with and without id masking (kernels/resources.py compiles each for sm_80/sm_90)."""
+    """Every compiled variant the launchers can launch on a GPU (kernels/resources.py compiles each for
+    sm_80/sm_90): each kernel x dtype x configuration `config` can return x id masking x integer
+    variant, as dicts (kernel, dtype, types, constexprs, options, variant, divisible). Pointers are always
+    16-byte aligned (`aligned`); "aligned": every integer argument a multiple of 16 (b, n, pos_offset
+    too), "unaligned": only the ALWAYS_ALIGNED ones."""
     ptr = {dt: "*" + name for dt, name in TRITON_TYPES.items()}
     for dtype in ptr:
         cfgs = CONFIGS["fp32"] if dtype == torch.float32 else CONFIGS["16bit"]
@@ -278,5 +337,8 @@ def launch_variants():
             for has_ids in (True, False):
                 const = dict(HAS_IDS=has_ids, FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
                 base = {"Q": ptr[dtype], "K": ptr[dtype], "QID": "*i32", "KID": "*i32", "SCALE": "*fp32"}   # id words
-                yield ("_infonce_fwd", dtype, {**base, "MAX": "*fp32", "SUM": "*fp32", "POS": "*fp32"}, const, opts)
-                yield ("_infonce_dlogits", dtype, {**base, "LSE": "*fp32", "DS": ptr[dtype]}, const, opts)
+                for fn, types in ((_infonce_fwd, {**base, "MAX": "*fp32", "SUM": "*fp32", "POS": "*fp32"}),
+                                  (_infonce_dlogits, {**base, "LSE": "*fp32", "DS": ptr[dtype]})):
+                    for variant, divisible in int_variants(fn, types, const, ALWAYS_ALIGNED[fn.__name__]):
+                        yield dict(kernel=fn.__name__, dtype=dtype, types=types, constexprs=const, options=opts,
+                                   variant=variant, divisible=divisible)

@@ -2,7 +2,9 @@
 
 Triton's wheel carries the CUDA back end (ptxas, cuobjdump), so `triton.compile` builds the real cubin
 for sm_80 / sm_90 on a CPU machine. For every launch configuration the launchers can choose
-(`launch_specs()`: each kernel x dtype x tile configuration x id masking) this reports registers per
+(`launch_specs()`: each kernel x dtype x tile configuration x id masking x integer variant, "aligned"
+and "unaligned": the specialisations Triton's JIT compiles for integer arguments that are or are not
+multiples of 16, with every pointer 16-byte aligned as the launchers guarantee) this reports registers per
 thread, stack bytes per thread (spills: > 0 means the kernel spills registers to local memory) and
 shared memory per block, and whether that fits the architecture. What it cannot tell: speed, races,
 numerics on the device (tests/test_kernels.py and benchmarks/gpu_check.py do those).
@@ -27,13 +29,17 @@ from pathlib import Path
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
-def signature(fn, types: dict, constexprs: dict) -> tuple[dict, dict]:
+def signature(fn, types: dict, constexprs: dict, divisible) -> tuple[dict, dict]:
     """Triton signature (every argument: constexpr, the given pointer/scalar type, else i32) and the
-    alignment attributes the JIT would specialise at run time (pointers and strides divisible by 16)."""
+    divisibility attributes the JIT specialises at run time: every pointer (16-byte aligned) and the
+    integer arguments named in `divisible` (multiples of 16 in this variant)."""
     sig, attrs = {}, {}
+    unknown = set(divisible) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__}: no arguments {sorted(unknown)}")
     for i, name in enumerate(fn.arg_names):
         sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
-        if sig[name].startswith("*") or name.startswith("stride"):
+        if sig[name].startswith("*") or name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -57,8 +63,8 @@ def compile_one(spec: dict) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(_module(spec["module"]), spec["kernel"])
-    sig, attrs = signature(fn, spec["types"], spec["constexprs"])
-    row = {k: spec[k] for k in ("module", "kernel", "dtype", "arch", "config")}
+    sig, attrs = signature(fn, spec["types"], spec["constexprs"], spec["divisible"])
+    row = {k: spec[k] for k in ("module", "kernel", "dtype", "arch", "variant", "config")}
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"], attrs=attrs),
                            target=GPUTarget("cuda", spec["arch"], 32),
@@ -77,20 +83,21 @@ def compile_one(spec: dict) -> dict:
 
 
 def launch_specs(archs=(90, 80)) -> list[dict]:
-    """Every (kernel, dtype, configuration) the launchers of infonce.py and cico.py can choose."""
+    """Every (kernel, dtype, configuration, integer variant) the launchers of infonce.py and cico.py can
+    launch (their `launch_variants()`), for each architecture."""
     from ._dispatch import TRITON_TYPES
     specs = []
     for module in (_module(m) for m in ("infonce", "cico")):
-        if not hasattr(module, "launch_variants"):
-            continue
-        for kernel, dtype, types, constexprs, opts in module.launch_variants():
+        for v in module.launch_variants():
+            const, opts = v["constexprs"], v["options"]
+            cfg = ", ".join(f"{k}={x}" for k, x in const.items() if k.startswith("BLOCK")) + \
+                f", warps={opts['num_warps']}, stages={opts['num_stages']}"
+            cfg += "".join(f", {k}" for k, x in const.items() if x is True)
             for arch in archs:
-                cfg = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK")) + \
-                    f", warps={opts['num_warps']}, stages={opts['num_stages']}"
-                cfg += "".join(f", {k}" for k, v in constexprs.items() if v is True)
-                specs.append({"module": module.__name__.rsplit(".", 1)[-1], "kernel": kernel,
-                              "dtype": TRITON_TYPES[dtype], "arch": arch, "config": cfg,
-                              "types": types, "constexprs": constexprs, **opts})
+                specs.append({"module": module.__name__.rsplit(".", 1)[-1], "kernel": v["kernel"],
+                              "dtype": TRITON_TYPES[v["dtype"]], "arch": arch, "variant": v["variant"],
+                              "config": cfg, "types": v["types"], "constexprs": const,
+                              "divisible": list(v["divisible"]), **opts})
     return specs
 
 
