@@ -103,6 +103,7 @@ class Engine:
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self.universal = load_universal
+        self._eval_copy = None            # ZeRO-3's plain model for evaluation (`eval_module`)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -119,15 +120,25 @@ class Engine:
         """The model for decoding and embedding passes. Under ZeRO-3 each forward all-gathers the
         partitioned parameters, so ranks running different numbers of forwards (uneven evaluation
         slices, beam searches ending at different lengths) would fall out of step: there every rank
-        gets a plain copy, built by `build()` and filled from the gathered parameters."""
+        gets a plain copy, built by `build()` once a run and refilled from the gathered parameters at each
+        call, its parameters in the training precision (bf16 decodes in bf16; BatchNorm's running statistics
+        stay fp32); `park_eval_copy` moves it off the device while training runs."""
         if not self.ds.zero_optimization_partition_weights():
             return self.module
         import deepspeed
+        if self._eval_copy is None:
+            self._eval_copy = build()
+            dtype = next(self.module.parameters()).dtype
+            for p in self._eval_copy.parameters():
+                p.data = p.data.to(dtype)
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        plain = build()
-        plain.load_state_dict(state, strict=True)
-        return plain.to(self.device)
+            self._eval_copy.to(self.device).load_state_dict(self.module.state_dict(), strict=True)
+        return self._eval_copy
+
+    def park_eval_copy(self) -> None:
+        """The ZeRO-3 evaluation copy (if any) to host memory: training does not pay for it on the device."""
+        if self._eval_copy is not None:
+            self._eval_copy.to("cpu")
 
     def train(self, mode: bool = True):
         self.ds.train(mode)

@@ -244,6 +244,7 @@ class Stage:
     def measure_dev(self) -> None:
         if self.selector.measure(self.eval_model(), self.state.step, self.state.epoch):
             self.checkpointer.at("best", self.state.step)     # published now, kept while it is the best
+        self.engine.park_eval_copy()
         self.engine.train()
 
     def run(self) -> SLTModel:
@@ -277,6 +278,7 @@ class Stage:
         """The rest of the current epoch, or up to the stage's last step."""
         s = self.state
         self.batches = self.source.epoch_batches(s.epoch, self.eval_model)
+        self.engine.park_eval_copy()            # ZeRO-3: the evaluation copy leaves the device while training runs
         device = self.engine.device
         loader = make_loader(self.source.stream(self.batches, s.epoch, s.pos), self.collate,
                              self.ctx.cfg.data.num_workers, self.ctx.cfg.data.prefetch_factor,
