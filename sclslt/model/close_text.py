@@ -137,16 +137,22 @@ def cosine_pairs(sids: list[int], emb: torch.Tensor, threshold: float) -> CloseS
 
 @torch.no_grad()
 def text_embeddings(model, tokenizer, texts: list[str], device, batch: int = 256) -> torch.Tensor:
-    """Mean-pooled last hidden states of `model.text_encoder` (eval mode, no grad; its mode is restored)."""
+    """Mean-pooled last hidden states of `model.text_encoder` (eval mode, no grad), computed on `device` (the
+    training GPU: before the engine exists the model is still in host memory, so the text encoder visits the
+    device for this pass); its mode and place are restored."""
     from sclslt.model.heads import masked_mean
-    was = model.training
+    was, home = model.training, next(model.text_encoder.parameters()).device
     model.eval()
+    model.text_encoder.to(device)
     out = []
-    for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        out.append(masked_mean(model.encode_text(ids, att).float(), att.bool()).double().cpu())
-    model.train(was)
+    try:
+        for i in range(0, len(texts), batch):
+            enc = tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            out.append(masked_mean(model.encode_text(ids, att).float(), att.bool()).double().cpu())
+    finally:
+        model.text_encoder.to(home)
+        model.train(was)
     return torch.cat(out)
 
 

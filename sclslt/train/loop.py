@@ -363,7 +363,7 @@ def stage_close_pairs(ctx: Context, name: str, model: SLTModel) -> close_text.Cl
     if not path.is_file() and ctx.rank == 0:
         rows = manifest_rows(read_manifest(ctx.shards_dir, "train"))
         close = close_text.build(st.mask_close_text_kind, st.mask_close_text, rows, model, ctx.tokenizer,
-                                 next(model.parameters()).device)
+                                 ctx.dist.device)
         path.parent.mkdir(parents=True, exist_ok=True)
         close.save(path, want)
     if dist.is_available() and dist.is_initialized():
