@@ -143,16 +143,24 @@ FN_ARMS = {"random", "random_nomask", "ps", *TUNING, *method_arms(
     {"separate_close": 0, "mask_close_text": ("jaccard", 0), "soft_close_text": 0})}
 METRICS = {"dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"), "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
            "test_bleu4": ("model", "bleu4"), "test_rouge_l": ("model", "rouge_l")}
-# two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
+# two-sided 95% Student t quantiles by degrees of freedom (published tables); between the last rows the
+# quantile is interpolated linearly in 1 / df (exact to 1e-3), towards the normal's 1.96 as df grows
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
-        18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
+        18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
+        26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 
 
 def t975(df: int) -> float:
     if df < 1:
         return math.inf
-    return T975.get(df) or T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
+    if df in T975:
+        return T975[df]
+    lo = max(k for k in T975 if k < df)
+    hi = min((k for k in T975 if k > df), default=math.inf)
+    t_hi = T975.get(hi, 1.959964)
+    w = (1 / lo - 1 / df) / (1 / lo - (0 if hi == math.inf else 1 / hi))
+    return T975[lo] + w * (t_hi - T975[lo])
 
 
 def paired(diffs: list[float]) -> dict:
