@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +36,6 @@ from sclslt.config import load_config
 from sclslt.data.loader import Collate
 from sclslt.data.corpus import resolve_shards_dir
 from sclslt.runtime.checkpoints import load_module_state
-from sclslt.runtime.engine import param_groups
 from sclslt.model.close_text import CLOSE_FILE, CloseSentences
 from sclslt.model.heads import get_head
 from sclslt.model.losses import contrastive_from_columns, pad_cat, translation_loss_sum
@@ -43,7 +43,7 @@ from sclslt.model.slt import SLTModel
 from sclslt.data.text import load_tokenizer
 from sclslt.selection.batches import global_stream, random_batches
 from sclslt.runtime.context import STAGES, stage_seed
-from sclslt.train.loop import forward, lr_lambda, seed_everything, set_trainable
+from sclslt.train.loop import forward, seed_everything, set_trainable
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
 
@@ -219,7 +219,7 @@ def _stepwise(cfg_path: Path, run_dir: Path, overrides: tuple, local_negatives_a
         close = None                    # the run's close-text pairs (their construction: test_false_negatives)
         if st.mask_close_text > 0 and st.contrastive_weight > 0:
             close = CloseSentences.load(run_dir / name / "selection" / CLOSE_FILE, st.soft_close_text)
-        f = lr_lambda(st.epochs * len(random_batches(cfg, name, shards, 0)), st.warmup_steps, st.min_lr_ratio)
+        f = reference_lr(st.epochs * len(random_batches(cfg, name, shards, 0)), st.warmup_steps, st.min_lr_ratio)
         out[name], before = [], None            # no Adam state before a stage's first step
         for step in range(1, len(metrics(run_dir, name)) + 1):
             prev = "epoch0000" if step == 1 else f"step{step - 1:08d}"
@@ -234,13 +234,33 @@ def _stepwise(cfg_path: Path, run_dir: Path, overrides: tuple, local_negatives_a
     return out
 
 
+def reference_lr(total: int, warmup: int, min_ratio: float):
+    """The README's schedule, written out here (not the product's lr_lambda): the LR factor of optimizer step
+    k (0-based) is (k + 1) / warmup during the warm-up, then min_ratio + (1 - min_ratio)(1 + cos(pi p)) / 2 with
+    p = (k - warmup) / (total - warmup) the cosine's progress."""
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        p = min(1.0, (k - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * p)) / 2
+    return factor
+
+
+def reference_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW's groups by the README's rule, written out here: weight decay on every trainable matrix (linear,
+    convolution and embedding weights), none on vectors (biases, norm scales and shifts, the logit scale)."""
+    named = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in named if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in named if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def one_step(model, st, cfg, ckpt: Path, prev: str, step: int, lr: float, close, batches: list,
              before: dict | None, after: dict, local_negatives: bool = False) -> dict:
     """Load checkpoint `prev` and its Adam state `before` (None: a fresh optimizer) into `model` and AdamW,
     take one step, and measure it against the product's state `after` (errors relative to each scale)."""
     model.load_state_dict(load_module_state(ckpt, prev))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=lr, betas=(0.9, 0.999), eps=st.adam_eps)
+    opt = torch.optim.AdamW(reference_groups(model, st.weight_decay), lr=lr, betas=(0.9, 0.999), eps=st.adam_eps)
     if before is not None:
         for n, p in named.items():
             assert torch.equal(before[n]["fp32"].view_as(p), p.detach()), f"{prev}: {n} master != module weight"

@@ -59,6 +59,13 @@ def batch_score(t: Table, rows):
 
 
 def test_curriculum_quantiles():
+    """Each schedule's quantile at alpha = 1/4 and 0.64, written out from PAPER.md's formulas (log base 10).
+    Mutation caught: sqrt as a ** 0.4 (0.574 at 1/4, not 0.5; checked); an unclipped alpha."""
+    written = {("linear", 0.25): 0.25, ("linear", 0.64): 0.64, ("sqrt", 0.25): 0.5, ("sqrt", 0.64): 0.8,
+               ("log", 0.25): 0.5118833609788744, ("log", 0.64): 0.829946695941636,    # log10(1 + 9a)
+               ("easy", 0.25): 0.0, ("hard", 0.64): 1.0, ("sqrt", 1.5): 1.0, ("linear", -0.5): 0.0}
+    for (sched, a), want in written.items():
+        assert curriculum_quantile(sched, a) == pytest.approx(want, abs=1e-12), (sched, a)
     for sched in ("linear", "sqrt", "log"):
         qs = [curriculum_quantile(sched, a / 10) for a in range(11)]
         assert qs[0] == 0 and abs(qs[-1] - 1) < 1e-12 and qs == sorted(qs)
