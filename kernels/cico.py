@@ -107,17 +107,35 @@ def _pow2(x: int) -> int:
     return max(16, 1 << (max(int(x), 1) - 1).bit_length())
 
 
-def config(TT: int, LL: int, dtype: torch.dtype) -> dict:
-    """Tiles for T clip and L sentence tokens: the whole (padded) sentence in one tile, clip tokens in
-    blocks so that the tile holds at most TILE_ELEMS elements (16 rows at least: tl.dot's minimum);
-    the d chunk shrinks as L grows (its address tile is BLOCK_K x BLOCK_L registers). Chosen from the
-    sm_80/sm_90 resource table (benchmarks/kernel_resources.py), not from the interpreter."""
+KERNELS = ("_cico_fwd", "_cico_grad")
+
+
+def config(TT: int, LL: int, dtype: torch.dtype, kernel: str = "_cico_fwd") -> dict:
+    """Tiles of `kernel` (the forward's or the backward's) for T clip and L sentence tokens: the whole
+    (padded) sentence in one tile, clip tokens in blocks so that the tile holds at most TILE_ELEMS
+    elements (16 rows at least: tl.dot's minimum); the d chunk shrinks as L grows (its address tile is
+    BLOCK_K x BLOCK_L registers). Chosen from the sm_80/sm_90 resource table
+    (benchmarks/kernel_resources.py), not from the interpreter."""
+    if kernel not in KERNELS:
+        raise ValueError(f"cico config: kernel {kernel!r}; use one of {KERNELS}")
     bl = _pow2(LL)
     bt = min(_pow2(TT), max(16, TILE_ELEMS // bl))
     tile = bt * bl
     if dtype == torch.float32:          # fp32 multiplies on FMA units ("ieee"): smaller chunks, no pipelining
-        return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=16, num_warps=4 if tile < 512 else 8, num_stages=1)
-    return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=max(16, min(64, 4096 // bl)), num_warps=4 if tile <= 512 else 8,
+        warps = 4 if tile < 512 else 8
+        if kernel == "_cico_grad" and (bt, bl) in ((32, 32), (16, 64)):
+            # 8 warps: the backward's aligned variant spills 8 bytes on sm_80 (64 and 80 registers, one over
+            # ptxas's -O3 occupancy targets); 4 warps: 72-176 registers on sm_80/sm_90, no stack
+            warps = 4
+        return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=16, num_warps=warps, num_stages=1)
+    bk = max(16, min(64, 4096 // bl))
+    if kernel == "_cico_grad" and (bt, bl) == (64, 16):
+        # 64 x 16 tiles, 8 warps: with 64-wide d chunks the backward's aligned variant needs one register
+        # more than ptxas's -O3 occupancy target on sm_80 (80 a thread: 3 blocks an SM) and spills it
+        # (8 bytes, stored before the statistics pass, reloaded after). 32-wide chunks: 80 registers on
+        # sm_80, 60 on sm_90, no stack, still double-buffered; the forward keeps 64.
+        bk = 32
+    return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, num_warps=4 if tile <= 512 else 8,
                 num_stages=1 if tile >= 4096 else 2)
 
 
@@ -212,8 +230,7 @@ if triton is not None:
             w = w * alpha + tl.sum(e * dot, axis=0)
             m = m_new
         h = w / tl.maximum(z, 1e-30)
-        n_l = tl.maximum(tl.sum(tm.to(tl.float32), axis=0), 1.0)
-        return f_sum, tl.maximum(n_t, 1.0), tm, n_l, m, z, h
+        return f_sum, tl.maximum(n_t, 1.0), tm, m, z, h
 
     @triton.jit
     def _cico_fwd(V, VM, T, TM, S, n, TT, LL, d, svb, svt, stn, stl, inv_tau, w_i2t, w_t2i,
@@ -222,9 +239,13 @@ if triton is not None:
         """S[i, j] for clip i of the launch's group (grid axis y) and sentence j (axis x)."""
         j = tl.program_id(0)
         i = tl.program_id(1)
-        f_sum, n_t, tm, n_l, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                                                   FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
-        t2i = tl.sum(tl.where(tm, h, 0.0), axis=0) / n_l
+        f_sum, n_t, tm, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                                              FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+        # valid text tokens from the normaliser (z_l >= 1 exactly where l is valid and the clip has a valid
+        # token, 0 elsewhere, where h_l = 0 too: the same t2i), not from tm: tm kept across the pass was what
+        # ptxas spilled (sm_80/sm_90 -O3 occupancy targets)
+        n_l = tl.maximum(tl.sum((z > 0).to(tl.float32), axis=0), 1.0)
+        t2i = tl.sum(h, axis=0) / n_l
         tl.store(S + i.to(tl.int64) * n + j, w_i2t * (f_sum / n_t) + w_t2i * t2i)
 
     @triton.jit
@@ -235,8 +256,9 @@ if triton is not None:
         jl = tl.program_id(0)
         i = tl.program_id(1)
         j = j0 + jl
-        f_sum, n_t, tm, n_l, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                                                   FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+        f_sum, n_t, tm, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
+                                              FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+        n_l = tl.maximum(tl.sum(tm.to(tl.float32), axis=0), 1.0)
         g = tl.load(GUP + i.to(tl.int64) * n + j)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         inv_z = 1.0 / tl.maximum(z, 1e-30)
@@ -264,7 +286,7 @@ class _CiCo(torch.autograd.Function):
         for i0, i1 in clip_groups(b):       # group slices: offsets of i0 (a multiple of 16) rows, aligned
             _cico_fwd[(n, i1 - i0)](v[i0:i1], vm[i0:i1], t, tm, s[i0:i1], n, TT, LL, d, v.stride(0), v.stride(1),
                                     t.stride(0), t.stride(1), 1.0 / tau, *weights, **dot_meta(v.dtype),
-                                    **config(TT, LL, v.dtype))
+                                    **config(TT, LL, v.dtype, "_cico_fwd"))
         ctx.save_for_backward(v, vm, t, tm)
         ctx.tau, ctx.weights = tau, weights
         return s
@@ -280,7 +302,7 @@ class _CiCo(torch.autograd.Function):
         v2 = v.reshape(b * TT, d)
         dv = torch.zeros(b * TT, d, device=v.device, dtype=torch.float32)
         dt = torch.empty(n, LL, d, device=v.device, dtype=t.dtype)
-        meta = dict(**dot_meta(v.dtype), **config(TT, LL, v.dtype))
+        meta = dict(**dot_meta(v.dtype), **config(TT, LL, v.dtype, "_cico_grad"))
         for j0 in range(0, n, J):
             w = min(J, n - j0)
             g = buf[:b * TT * w * LL]
@@ -304,19 +326,19 @@ def launch_variants():
     ptr = {dt: "*" + name for dt, name in TRITON_TYPES.items()}
     seen = set()
     for dtype in ptr:
-        for LL in (16, 32, 64, 128, 256):
-            for TT in (16, 32, 64, 128, 256):
-                cfg = config(TT, LL, dtype)
-                key = (dtype, *cfg.values())
-                if key in seen:
-                    continue
-                seen.add(key)
-                blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-                const = dict(FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
-                opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
-                base = {"V": ptr[dtype], "VM": "*i8", "T": ptr[dtype], "TM": "*i8", "inv_tau": "fp32",
-                        "w_i2t": "fp32", "w_t2i": "fp32"}
-                for fn, types in ((_cico_fwd, {**base, "S": "*fp32"}), (_cico_grad, {**base, "GUP": "*fp32", "G": ptr[dtype]})):
+        base = {"V": ptr[dtype], "VM": "*i8", "T": ptr[dtype], "TM": "*i8", "inv_tau": "fp32",
+                "w_i2t": "fp32", "w_t2i": "fp32"}
+        for fn, types in ((_cico_fwd, {**base, "S": "*fp32"}), (_cico_grad, {**base, "GUP": "*fp32", "G": ptr[dtype]})):
+            for LL in (16, 32, 64, 128, 256):
+                for TT in (16, 32, 64, 128, 256):
+                    cfg = config(TT, LL, dtype, fn.__name__)
+                    key = (fn.__name__, dtype, *cfg.values())
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+                    const = dict(FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
+                    opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
                     for variant, divisible in int_variants(fn, types, const, ()):
                         yield dict(kernel=fn.__name__, dtype=dtype, types=types, constexprs=const, options=opts,
                                    variant=variant, divisible=divisible)

@@ -185,9 +185,16 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS: tl.constexpr):
+    def _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS: tl.constexpr, DOT_PREC: tl.constexpr):
         """(valid, is_pos): columns in the row's softmax, and the row's positive."""
-        is_pos = cols[None, :] == (rows + pos_offset)[:, None]
+        if DOT_PREC == "ieee":
+            # the same test, written so that fp32's forward with ids compiles without stack on sm_80 in
+            # its unaligned variant (`rows + pos_offset` there: 128 registers, 8 bytes spilled, ptxas's -O3
+            # occupancy target); the 16-bit forward with ids spills the other way round (168 registers,
+            # 8 bytes, aligned, sm_80), so each keeps the form that fits
+            is_pos = (cols - pos_offset)[None, :] == rows[:, None]
+        else:
+            is_pos = cols[None, :] == (rows + pos_offset)[:, None]
         valid = rmask[:, None] & cmask[None, :]
         if HAS_IDS:     # int64 ids as (low, high) int32 words: exact, half the width of an int64 tile
             q_lo = tl.load(QID + 2 * rows, mask=rmask, other=0)
@@ -217,7 +224,7 @@ if triton is not None:
             cmask = cols < hi
             logits = s * _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
                                       FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-            valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS)
+            valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS, DOT_PREC)
             logits = tl.where(valid, logits, float("-inf"))
             p_i += tl.sum(tl.where(is_pos & valid, logits, 0.0), axis=1)
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -245,7 +252,7 @@ if triton is not None:
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
         dots = _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
                             FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS)
+        valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS, DOT_PREC)
         p = tl.where(valid, tl.exp(s * dots - lse[:, None]), 0.0)
         dlog = p - tl.where(is_pos & valid, 1.0, 0.0)
         ptr = DS + rows.to(tl.int64)[:, None] * stride_ds + (cols - col0)[None, :]

@@ -160,6 +160,7 @@ def _cico_case(b, n, T, L, d, dtype, seed, empty):
     (2, 3, 17, 9, 40, 0.07, True),      # T over one 16-tile, empty clip and sentence
     (1, 4, 3, 20, 16, 0.5, False),
     (2, 2, 5, 4, 70, 0.02, True),       # sharp softmax, d over several chunks
+    (2, 3, 50, 12, 80, 0.07, True),     # 64 x 16 tiles: the backward's d chunks (32) narrower than the forward's
 ])
 def test_cico_matches_reference(dtype, b, n, T, L, d, tau, empty):
     v, vm, t, tm, up = _cico_case(b, n, T, L, d, dtype, b * 100 + n, empty)
@@ -207,8 +208,9 @@ def test_cico_one_direction_matches_reference(part):
 def test_cico_at_gpu_tiles_over_token_blocks_and_sentence_chunks(dtype, b, n, T, L, d, monkeypatch):
     """GPU tile sizes, clip tokens over several blocks (the online column softmax), long sentences (the
     L >= 128 tiles) and the backward over several sentence chunks."""
-    cfg = CICO.config(T, L, dtype)
-    assert -(-T // cfg["BLOCK_T"]) >= 2 and -(-d // cfg["BLOCK_K"]) >= 2
+    for kernel in CICO.KERNELS:
+        cfg = CICO.config(T, L, dtype, kernel)
+        assert -(-T // cfg["BLOCK_T"]) >= 2 and -(-d // cfg["BLOCK_K"]) >= 2
     monkeypatch.setattr(CICO, "CHUNK_ELEMS", 2 * b * T * L)
     assert CICO.chunk_sentences(b, n, T, L) == 2
     v, vm, t, tm, up = _cico_case(b, n, T, L, d, dtype, 11, True)
@@ -226,15 +228,20 @@ def test_cico_at_gpu_tiles_over_token_blocks_and_sentence_chunks(dtype, b, n, T,
 
 def test_every_token_count_up_to_the_limit_has_a_configuration():
     """The launcher's choice for any T, L the kernel accepts is one the compile check covers."""
-    variants = {(v["dtype"], tuple(v["constexprs"].values()), tuple(v["options"].values()))
+    variants = {(v["kernel"], v["dtype"], tuple(v["constexprs"].values()), tuple(v["options"].values()))
                 for v in CICO.launch_variants()}
-    for dtype in DTYPES:
-        for T in range(1, CICO.MAX_TOKENS + 1, 7):
-            for L in (1, 16, 17, 33, 64, 100, 128, 129, 256):
-                cfg = CICO.config(T, L, dtype)
-                blocks = tuple(v for k, v in cfg.items() if k.startswith("BLOCK"))
-                opts = (cfg["num_warps"], cfg["num_stages"])
-                assert any(dt == dtype and c[-3:] == blocks and o == opts for dt, c, o in variants), (T, L, cfg)
+    assert {v[0] for v in variants} == set(CICO.KERNELS)
+    for kernel in CICO.KERNELS:          # each kernel's own configuration (the backward's may differ)
+        for dtype in DTYPES:
+            for T in range(1, CICO.MAX_TOKENS + 1, 7):
+                for L in (1, 16, 17, 33, 64, 100, 128, 129, 256):
+                    cfg = CICO.config(T, L, dtype, kernel)
+                    blocks = tuple(v for k, v in cfg.items() if k.startswith("BLOCK"))
+                    opts = (cfg["num_warps"], cfg["num_stages"])
+                    assert any(kn == kernel and dt == dtype and c[-3:] == blocks and o == opts
+                               for kn, dt, c, o in variants), (kernel, T, L, cfg)
+    with pytest.raises(ValueError, match="kernel"):
+        CICO.config(16, 16, torch.float32, "_cico_bwd")
     for dtype in DTYPES:
         for b in (1, 64, 255, 256, 100_000):
             cfg = INFONCE.config(b, dtype)
