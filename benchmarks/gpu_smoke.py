@@ -4,7 +4,11 @@ Runs the trainer (one process per device: `python launch/train.py`, or N ranks t
 `deepspeed` launcher with --gpus N) on `configs/synthetic_gpu.yaml` (ResNet-18-shaped frames at
 112 px, mBART-base-like dims; bf16 chosen automatically on GPUs; ZeRO-2) for `--steps` optimizer
 steps per stage, with the step-time breakdown sampled every `--sample-every` steps and NVML
-telemetry on. Then it reads the run's CSVs and writes one tagged row per stage (device named):
+telemetry on. The corpus is small and made first, in parallel, in seconds (`--clips` training clips, 64 dev
+and test clips; 0: the config's own corpus), as npy shards in the synthetic cache or, with `--format jpg`,
+as jpg shards in the run directory, which the trainer then reads as a shards corpus (decoded where
+`--data.decode` says). Arguments it does not know go to the trainer (`--model.similarity cico`,
+`--train.precision bf16`, ...). Then it reads the run's CSVs and writes one tagged row per stage (device named):
 
   clips/s      steady state: global batch x steps / wall time, the first `--warmup` steps excluded
   phases       mean data / h2d / forward / loss / backward / optimizer ms of the sampled steps
@@ -14,6 +18,8 @@ telemetry on. Then it reads the run's CSVs and writes one tagged row per stage (
   python benchmarks/gpu_smoke.py                      # one GPU, 200 steps per stage
   python benchmarks/gpu_smoke.py --gpus 8             # through the deepspeed launcher
   python benchmarks/gpu_smoke.py --quick              # tiny model on CPU: checks the script
+  python benchmarks/gpu_smoke.py --deepspeed configs/zero3.json --format jpg --data.decode device \
+      --model.similarity cico --train.precision bf16   # ZeRO-3, CiCo, jpg frames decoded on the GPU
 """
 from __future__ import annotations
 
@@ -31,8 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from sclslt.benchio import run_tag, write_rows  # noqa: E402
 
-QUICK = ["--data.synthetic.n_train", "64", "--data.synthetic.n_dev", "8", "--data.synthetic.n_test", "8",
-         "--data.synthetic.frame_size", "16", "--data.samples_per_shard", "16",
+QUICK = ["--data.synthetic.frame_size", "16", "--data.samples_per_shard", "16",
          "--model.backbone_hidden", "[8, 16]", "--model.backbone_depths", "[1, 1]", "--model.backbone_embedding", "8",
          "--model.d_model", "32", "--model.layers", "1", "--model.heads", "2", "--model.ffn", "64",
          "--model.embed_dim", "16", "--stage1.global_batch", "8", "--stage2.global_batch", "8",
@@ -70,6 +75,31 @@ def summarise(run: Path, stage: str, global_batch: int, warmup: int) -> dict:
     return row
 
 
+def make_corpus(config: str, extra: list[str], fmt: str, workers: int, run: Path) -> list[str]:
+    """Make the smoke corpus before the trainer starts (it would make it in one process); returns the
+    trainer arguments that point it there (none for npy: the trainer finds the synthetic cache)."""
+    import time
+
+    from sclslt.config import load_config
+    from sclslt.data.corpus import make_synthetic_shards, synthetic_shards_dir
+    data = load_config(ROOT / config, extra).data
+    if data.corpus != "synthetic":
+        return []
+    n = data.synthetic.n_train + data.synthetic.n_dev + data.synthetic.n_test
+    workers = workers or max(1, min(os.cpu_count() or 1, n // 256))
+    t0 = time.perf_counter()
+    if fmt == "npy":
+        where, args = synthetic_shards_dir(data, workers=workers), []
+    else:
+        where = run / "shards"
+        make_synthetic_shards(data.synthetic, where, data.samples_per_shard, data.lowercase, workers=workers,
+                              frame_format=fmt)
+        args = ["--data.corpus", "shards", "--data.shards_dir", str(where)]
+    print(f"gpu_smoke: corpus of {n} {fmt} clips in {time.perf_counter() - t0:.1f} s ({workers} processes): {where}",
+          flush=True)
+    return args
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/synthetic_gpu.yaml")
@@ -80,12 +110,29 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=1, help=">1: N ranks through the deepspeed launcher")
     p.add_argument("--run-dir", default="", help="default: a temporary directory, removed afterwards")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--clips", type=int, default=2048, help="training clips of the smoke corpus (dev, test: 64 each); "
+                   "0: the config's corpus")
+    p.add_argument("--format", choices=["npy", "jpg"], default="npy", help="how the corpus's frames are stored")
+    p.add_argument("--workers", type=int, default=0, help="processes making the corpus (0: one per 256 clips, "
+                   "at most one per core)")
     p.add_argument("--quick", action="store_true", help="tiny model, 6 steps, on whatever device there is")
     args, extra = p.parse_known_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.sample_every = 6, 1, 2
+        args.steps, args.warmup, args.sample_every, args.clips = 6, 1, 2, 64
         extra = QUICK + extra
+    if args.clips:
+        held_out = "8" if args.quick else "64"
+        extra = ["--data.synthetic.n_train", str(args.clips), "--data.synthetic.n_dev", held_out,
+                 "--data.synthetic.n_test", held_out, *extra]
     run = Path(args.run_dir or tempfile.mkdtemp(prefix="sclslt-smoke-"))
+    try:
+        return train_and_report(args, extra + make_corpus(args.config, extra, args.format, args.workers, run), run)
+    finally:
+        if not args.run_dir:
+            shutil.rmtree(run, ignore_errors=True)
+
+
+def train_and_report(args, extra: list[str], run: Path) -> int:
     train = ["launch/train.py", "--deepspeed", args.deepspeed, "--config", args.config, "--train.run_dir", str(run),
              "--train.max_steps", str(args.steps), "--train.timing_every", str(args.sample_every),
              "--train.telemetry_every", str(args.sample_every), "--train.log_every", str(max(args.steps // 10, 1)),
@@ -106,7 +153,8 @@ def main(argv=None) -> int:
     rows = [summarise(run, s, getattr(cfg, s).global_batch, args.warmup) for s in ("stage1", "stage2")
             if getattr(cfg, s).enabled]
     tag = run_tag(benchmark="gpu_smoke", config=args.config, world=args.gpus, quick=args.quick,
-                  precision=cfg.train.precision)
+                  precision=cfg.train.precision, deepspeed=args.deepspeed, similarity=cfg.model.similarity,
+                  frames=args.format, decode=cfg.data.decode)
     base = write_rows(rows, Path(args.out), "gpu_smoke", tag)
     from rich.console import Console
     from rich.table import Table
@@ -118,10 +166,7 @@ def main(argv=None) -> int:
         t.add_row(*(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
     Console(width=200).print(t)
     print(f"rows: {base}.json / .csv")
-    if not args.run_dir:
-        shutil.rmtree(run, ignore_errors=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
