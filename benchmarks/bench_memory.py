@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a che
 
 from sclslt.benchio import run_tag, write_rows  # noqa: E402
 from sclslt.config import StageConfig, from_dict  # noqa: E402
-from sclslt.data.loader import Batch  # noqa: E402
+from sclslt.data.loader import Batch, frame_fields  # noqa: E402
 from sclslt.data.text import train_tokenizer  # noqa: E402
 from sclslt.model.batchnorm import configure, finish_step  # noqa: E402
 from sclslt.model.slt import SLTModel  # noqa: E402
@@ -96,7 +96,8 @@ def make_batch(n: int, frames: int, size: int, tokens: int, vocab: int, device) 
     att = torch.ones(n, tokens, dtype=torch.long)
     return Batch(frames=torch.randint(0, 256, (n, frames, size, size, 3), dtype=torch.uint8, generator=g),
                  frame_mask=mask, input_ids=ids, attention_mask=att, labels=ids.clone(),
-                 sentence_ids=torch.arange(n), keys=[str(i) for i in range(n)], texts=[""] * n).to(device)
+                 sentence_ids=torch.arange(n), keys=[str(i) for i in range(n)], texts=[""] * n,
+                 **frame_fields(mask)).to(device)
 
 
 def one_step(model, batch: Batch, micro: int, st: StageConfig, similarity: str) -> dict:

@@ -1,4 +1,5 @@
-"""Faults a cluster job meets: a diverging loss, and a scheduler's SIGTERM/SIGUSR1 before preemption."""
+"""Faults a cluster job meets: a diverging loss, a scheduler's SIGTERM before preemption, kill -9, a crash
+while saving, a dead or hung rank; with the recipe's dropout where a resume must restore the random state."""
 import os
 import signal
 import subprocess
@@ -40,86 +41,120 @@ def test_a_diverging_run_stops_with_a_clear_error_and_its_checkpoint_intact(cfg_
     assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
 
 
-def test_sigusr1_checkpoints_at_a_step_boundary_and_resume_continues(cfg_path, tmp_path, train_env):
-    run = tmp_path / "run"
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    args = ["--config", str(cfg_path), "--train.run_dir", str(run), "--stage1.epochs", "60", "--stage2.enabled", "false"]
-    launcher = subprocess.Popen([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2",
-                                 "--master_port", "29641", "launch/train.py", "--deepspeed", "configs/zero2.json",
-                                 *args], cwd=ROOT, env=train_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+TWO_RANKS = [str(DEEPSPEED) if DEEPSPEED.exists() else "deepspeed", "--num_accelerators", "2"]
+CLEAN_STEPS = 20
+
+
+def _preemptible_args(cfg: Path) -> list[str]:
+    """A long 2-rank stage 1 with the recipe's dropout: every step draws from the generators a resume restores."""
+    return ["launch/train.py", "--deepspeed", "configs/zero2.json", "--config", str(cfg), "--stage1.epochs", "60",
+            "--stage2.enabled", "false", "--model.dropout", "0.1"]
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    import csv
+    with open(run / "stage1" / "metrics.csv") as f:
+        return [(int(float(r["step"])), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_cfg_dict, tmp_path_factory):
+    """The same run, never interrupted, for CLEAN_STEPS steps (max_steps truncates; the LR schedule is the
+    60 epochs'): the losses the interrupted runs below must continue with."""
+    import yaml
+    d = tmp_path_factory.mktemp("uninterrupted")
+    cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
+    cfg["data"]["synthetic"]["n_train"] = 48
+    (d / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(TWO_RANKS + ["--master_port", "29645", *_preemptible_args(d / "exp.yaml"),
+                                       "--train.run_dir", str(d / "run"), "--train.max_steps", str(CLEAN_STEPS)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return _losses(d / "run")
+
+
+def _started(run: Path, rows: int, proc, log: Path | None = None) -> None:
+    """Wait until the run has logged more than `rows` steps (or its process ended)."""
     metrics = run / "stage1" / "metrics.csv"
     deadline = time.time() + 300
-    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 4) and time.time() < deadline:
-        time.sleep(0.5)
-    assert metrics.is_file(), launcher.communicate()[0][-3000:]
+    while (not metrics.is_file() or len(metrics.read_text().splitlines()) <= rows) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.2)
+    if not metrics.is_file() or proc.poll() is not None:
+        said = proc.communicate()[0][-3000:] if proc.stdout else (log.read_text()[-3000:] if log else "")
+        raise AssertionError(f"the run ended (exit {proc.poll()}) or logged nothing: {said}")
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resume_continues_the_uninterrupted_losses(
+        cfg_path, tmp_path, train_env, uninterrupted):
+    """SIGTERM to every rank (what a scheduler sends before it kills the job; Slurm's --signal USR1 is the Slurm
+    test's), dropout 0.1: a checkpoint at the step boundary, exit 75, and the resumed run's losses are the
+    uninterrupted run's. Mutations caught: SIGTERM left unhandled (signals.py: SIGUSR1 only: the job dies with
+    no checkpoint; checked), the per-rank RNG restore deleted from Engine.load (the dropout masks after the
+    resume differ, so do the losses; checked)."""
+    run = tmp_path / "run"
+    args = _preemptible_args(cfg_path) + ["--train.run_dir", str(run)]
+    launcher = subprocess.Popen(TWO_RANKS + ["--master_port", "29641", *args], cwd=ROOT, env=train_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _started(run, 3, launcher)
     ranks = subprocess.run(["pgrep", "-f", f"train.py --local_rank=.*{run}"], capture_output=True, text=True)
     pids = [int(p) for p in ranks.stdout.split()]
     assert len(pids) == 2
-    for pid in pids:                                   # what Slurm's --signal does to every task
-        os.kill(pid, signal.SIGUSR1)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
     out, _ = launcher.communicate(timeout=300)
     assert "preempted" in out and "--resume" in out, out[-3000:]
-    done = len(metrics.read_text().splitlines()) - 1
-    tag = latest_tag(run / "stage1" / "checkpoints")
-    assert tag == f"step{done:08d}" and done < 6 * 60    # saved at the step boundary it stopped at
+    done = len(_losses(run))
+    assert latest_tag(run / "stage1" / "checkpoints") == f"step{done:08d}" and done < CLEAN_STEPS - 2
     assert launcher.returncode == 75                  # EX_TEMPFAIL: run me again with --resume
-    proc = subprocess.run([str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2",
-                           "--master_port", "29642", "launch/train.py", "--deepspeed", "configs/zero2.json", *args,
-                           "--resume", "--train.max_steps", str(done + 2)],
-                          cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(TWO_RANKS + ["--master_port", "29642", *args, "--resume", "--train.max_steps",
+                                       str(done + 2)], cwd=ROOT, env=train_env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"resumed at step {done}" in proc.stdout
-    import csv
-    with open(metrics) as f:
-        steps = [int(float(r["step"])) for r in csv.DictReader(f)]
-    assert steps == list(range(1, done + 3))          # continued, with nothing lost or repeated
+    resumed = _losses(run)
+    assert [s for s, _ in resumed] == list(range(1, done + 3))          # nothing lost or repeated
+    assert [x for _, x in resumed] == pytest.approx([x for _, x in uninterrupted[:done + 2]], rel=1e-6)
 
 
-def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_path, tmp_path, train_env):
-    import csv
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    ds = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2"]
-    args = ["launch/train.py", "--deepspeed", "configs/zero2.json", "--config", str(cfg_path), "--stage1.epochs", "60",
-            "--stage2.enabled", "false", "--checkpoint.every_steps", "2"]
-
-    def rows(run):
-        with open(run / "stage1" / "metrics.csv") as f:
-            return [(int(float(r["step"])), float(r["loss"])) for r in csv.DictReader(f)]
-
+def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_path, tmp_path, train_env,
+                                                                         uninterrupted):
+    """kill -9 of the launcher and every rank mid-epoch, dropout 0.1, the newest checkpoint then damaged on disk:
+    the resume names it, falls back to the one before, and continues with the uninterrupted run's losses.
+    Mutation caught: the per-rank RNG restore deleted from Engine.load (checked: the losses leave the
+    uninterrupted run's after the resume)."""
     killed = tmp_path / "killed"
-    job = subprocess.Popen(ds + ["--master_port", "29643"] + args + ["--train.run_dir", str(killed)], cwd=ROOT,
-                           env=train_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = killed / "stage1" / "metrics.csv"
-    deadline = time.time() + 300
-    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 8) and time.time() < deadline:
-        time.sleep(0.2)
+    args = _preemptible_args(cfg_path) + ["--checkpoint.every_steps", "2", "--train.run_dir", str(killed)]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(TWO_RANKS + ["--master_port", "29643", *args], cwd=ROOT, env=train_env,
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _started(killed, 7, job, log)
     os.killpg(job.pid, signal.SIGKILL)                 # the launcher and every rank, mid-epoch, no warning
     job.wait()
     ckpt = killed / "stage1" / "checkpoints"
     last = latest_tag(ckpt)
     done = int(last.removeprefix("step"))
-    assert done >= 4 and len(rows(killed)) >= done
+    assert done >= 4 and len(_losses(killed)) >= done
     # and the newest checkpoint was damaged later (a bit flipped on disk): the resume names it and
     # falls back to the one before, which loses two more steps and changes nothing else
     biggest = max((f for f in (ckpt / last).rglob("*.pt")), key=lambda f: f.stat().st_size)
     data = bytearray(biggest.read_bytes())
     data[len(data) // 2] ^= 0x10
     biggest.write_bytes(bytes(data))
-    target = done + 4
-    outs = []
-    for run, port, extra in ((killed, "29644", ["--resume"]), (tmp_path / "clean", "29645", [])):
-        proc = subprocess.run(ds + ["--master_port", port] + args + ["--train.run_dir", str(run),
-                              "--train.max_steps", str(target), *extra], cwd=ROOT, env=train_env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:]
-        outs.append(proc.stdout + proc.stderr)
+    target = min(done + 4, CLEAN_STEPS)
+    proc = subprocess.run(TWO_RANKS + ["--master_port", "29644", *args, "--train.max_steps", str(target), "--resume"],
+                          cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = proc.stdout + proc.stderr
     before = f"step{done - 2:08d}"
-    assert f"checkpoint {ckpt}/{last} is damaged: {biggest.relative_to(ckpt / last)} changed" in outs[0], outs[0][-3000:]
-    assert f"resuming from {ckpt}/{before}" in outs[0] and f"resumed at step {done - 2}" in outs[0]
-    resumed, clean = rows(killed), rows(tmp_path / "clean")
+    assert f"checkpoint {ckpt}/{last} is damaged: {biggest.relative_to(ckpt / last)} changed" in out, out[-3000:]
+    assert f"resuming from {ckpt}/{before}" in out and f"resumed at step {done - 2}" in out
+    resumed = _losses(killed)
     assert [s for s, _ in resumed] == list(range(1, target + 1))     # lost steps redone once, not twice
-    assert [x for _, x in resumed] == pytest.approx([x for _, x in clean], rel=1e-6)
+    assert [x for _, x in resumed] == pytest.approx([x for _, x in uninterrupted[:target]], rel=1e-6)
 
 
 CRASH_IN_SAVE = """

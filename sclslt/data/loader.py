@@ -84,6 +84,12 @@ class Batch:
         return chunks
 
 
+def frame_fields(mask: torch.Tensor) -> dict:
+    """`Batch.frame_index` and `Batch.lengths` of a host (B, T) frame mask: where the valid frames are, known
+    before the batch reaches the device (the model then picks them without reading the device)."""
+    return {"frame_index": mask.flatten().nonzero().squeeze(1), "lengths": mask.sum(1).tolist()}
+
+
 class Collate:
     """Pad clips in time (with a frame mask) and tokenize texts; runs in the loader workers."""
 
@@ -105,7 +111,7 @@ class Collate:
                                                dtype=torch.long),
                      keys=[s["key"] for s in samples], texts=texts,
                      draws=torch.from_numpy(np.stack([s["draws"] for s in samples])) if "draws" in samples[0] else None,
-                     frame_index=mask.flatten().nonzero().squeeze(1), lengths=mask.sum(1).tolist())
+                     **frame_fields(mask))
 
     @staticmethod
     def frames(samples: list[dict]):
@@ -334,8 +340,12 @@ class GlobalStream(torch.utils.data.IterableDataset):
 
 def make_loader(stream: ShardStream, collate: Collate, num_workers: int = 0, prefetch_factor: int = 2,
                 pin_memory: bool = False):
-    """`pin_memory` (training on a GPU): batches in page-locked memory, so the copy to the device is asynchronous."""
-    kw = dict(num_workers=num_workers, collate_fn=collate, batch_size=None, pin_memory=pin_memory)
+    """`pin_memory` (training on a GPU): batches in page-locked memory, so the copy to the device is asynchronous.
+    The loader draws its workers' base seed from a generator of its own, not torch's global one: making a loader
+    must not move the stream dropout draws from (a run resumed mid-epoch makes one where the uninterrupted run
+    did not), and every draw of the data is seeded by (seed, epoch, clip) anyway."""
+    kw = dict(num_workers=num_workers, collate_fn=collate, batch_size=None, pin_memory=pin_memory,
+              generator=torch.Generator().manual_seed(0))
     if num_workers > 0:
         kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
     return torch.utils.data.DataLoader(stream, **kw)
