@@ -6,7 +6,9 @@
 - `shards`     the WebDataset shard format and its manifest (written by tools/shard_videos.py)
 - `corpus`     which shards a config trains on: data.shards_dir, or the synthetic corpus made once into a cache
 - `loader`     an epoch's global batches (`epoch_order`), each rank's slice of them by random access with
-               per-clip draws (`GlobalStream`), evaluation streams, collation
+               per-clip draws (`GlobalStream`), evaluation streams, collation (with the valid frames' host layout)
+- `prefetch`   batches on the device one step ahead (a thread, a side CUDA stream): the copy overlaps the step
+- `devdecode`  jpg frames decoded on the device (nvImageCodec / nvJPEG), threads sized to the rank's cores
 - `text`       text normalisation, sentence ids (the false-negative identity), tokenizers
 - `vocab`      vocabulary trimming of a pretrained tokenizer and the run's vocabulary record
 """

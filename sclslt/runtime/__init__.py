@@ -9,6 +9,7 @@ floors and above the model and data (no module here imports selection, eval or t
 - `rundir`        a run directory's paths, and reading a run back (config, tokenizer, the selected model)
 - `signals`       preemption signals (SIGTERM / SIGUSR1) -> checkpoint at a step boundary
 - `telemetry`     NVML GPU telemetry and the sampled step-time breakdown
+- `syncs`         device-to-host reads counted (`HostReads`): what a step would make a GPU wait for
 - `ui`            progress, summaries, metrics CSV and TensorBoard on rank 0
 
 Only this floor imports deepspeed (`distributed`, `engine`, `checkpoints`).
