@@ -1,5 +1,6 @@
 """Faults a cluster job meets: a diverging loss, a scheduler's SIGTERM before preemption, kill -9, a crash
 while saving, a dead or hung rank; with the recipe's dropout where a resume must restore the random state."""
+import math
 import os
 import signal
 import subprocess
@@ -157,6 +158,43 @@ def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_pa
     assert [x for _, x in resumed] == pytest.approx([x for _, x in uninterrupted[:target]], rel=1e-6)
 
 
+ONE_RANK_NAN = """
+import os, runpy, sys
+import sclslt.train.loop as loop
+real, calls = loop.step_loss, [0]
+def poisoned(*args, **kwargs):          # rank 1's loss alone is NaN at its NAN_AT-th step
+    loss, parts = real(*args, **kwargs)
+    calls[0] += 1
+    if os.environ.get("RANK") == "1" and calls[0] == int(os.environ["NAN_AT"]):
+        loss = loss * float("nan")
+    return loss, parts
+loop.step_loss = poisoned
+sys.argv = ["launch/train.py", *sys.argv[1:]]
+runpy.run_path("launch/train.py", run_name="__main__")
+"""
+
+
+def test_one_ranks_non_finite_loss_is_every_ranks_skipped_step(cfg_path, tmp_path, train_env):
+    """2 ranks, dropout 0.1, rank 1's loss alone NaN at its 3rd step: every rank skips that update (the verdict is
+    all-reduced), the run goes on and ends with every step logged once. Mutation caught: the verdict taken from
+    the local loss (rank 1 skips backward while rank 0 waits in its gradient all-reduce: the job hangs and the
+    test's timeout fails it; checked)."""
+    import csv
+    script = tmp_path / "one_rank_nan.py"
+    script.write_text(ONE_RANK_NAN)
+    run = tmp_path / "run"
+    proc = subprocess.run(TWO_RANKS + ["--master_port", "29646", str(script), "--deepspeed", "configs/zero2.json",
+                                       "--config", str(cfg_path), "--train.run_dir", str(run), "--model.dropout", "0.1",
+                                       "--stage2.enabled", "false", "--train.max_steps", "5"],
+                          cwd=ROOT, env={**train_env, "NAN_AT": "3"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("non-finite loss after step 2: update skipped") == 2, proc.stdout[-3000:]   # both ranks
+    with open(run / "stage1" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["step"])) for r in rows] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+
+
 CRASH_IN_SAVE = """
 import os, runpy, signal, sys
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -215,6 +253,55 @@ def test_checkpoint_files_load_without_unpickling_arbitrary_objects(tmp_path):
     torch.save({"module": {"w": torch.ones(2)}, "args": argparse.Namespace(x=1)}, tmp_path / "evil.pt")
     with pytest.raises(RuntimeError, match="evil.pt: refused to unpickle.*argparse.Namespace"):
         safe_load(tmp_path / "evil.pt")
+
+
+class _Planted:
+    """Unpickled, it runs `touch <marker>`: what a malicious checkpoint would do with a shell."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_pickle_planted_in_a_real_checkpoint_is_refused_by_resume_and_export(cfg_path, tmp_path,
+                                                                                        train_env):
+    """A real checkpoint's model file rewritten with an object that runs a command when unpickled, its checksum
+    updated as an attacker would: `--resume` (DeepSpeed's load through the trainer's hook) and
+    `load_module_state` (stage hand-over, export) refuse it, naming the file and the global, and the command never
+    runs. Mutation caught: the weights-only hook removed from Engine (DeepSpeed's torch.load(weights_only=False)
+    runs the command; checked)."""
+    import hashlib
+    import json
+
+    import torch
+
+    from sclslt.runtime.checkpoints import safe_load
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    args = [sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run),
+            "--stage2.enabled", "false", "--checkpoint.every_steps", "2"]
+    first = subprocess.run(args + ["--train.max_steps", "2"], cwd=ROOT, env=train_env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    ckpt = run / "stage1" / "checkpoints"
+    tag = latest_tag(ckpt)
+    model_file = next((ckpt / tag).glob("*model_states.pt"))
+    states = safe_load(model_file)
+    states["planted"] = _Planted(marker)
+    torch.save(states, model_file)
+    record = ckpt / tag / "checksums.json"
+    sums = json.loads(record.read_text())
+    sums[model_file.name] = [model_file.stat().st_size, hashlib.sha256(model_file.read_bytes()).hexdigest()]
+    record.write_text(json.dumps(sums))
+    resumed = subprocess.run(args + ["--train.max_steps", "4", "--resume"], cwd=ROOT, env=train_env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode != 0 and not marker.exists()
+    said = resumed.stdout + resumed.stderr
+    assert f"{model_file.name}: refused to unpickle it: it holds posix.system" in said, said[-3000:]
+    with pytest.raises(RuntimeError, match="refused to unpickle it: it holds posix.system"):
+        load_module_state(ckpt, tag)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])

@@ -62,7 +62,9 @@ def safe_load(path: str | os.PathLike, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             import re
-            what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            # torch names the global as "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module
+            # x is blocked" (a function of a blocked module: os.system)
+            what = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(e))
             raise RuntimeError(f"{path}: refused to unpickle it: it holds {what.group(1) if what else 'an object'}, "
                                f"outside the allow-list in sclslt/runtime/checkpoints.py (_safe_globals); add the class there "
                                f"only if you trust the file") from e
