@@ -477,7 +477,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     if overrides:
         ov = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         data = _deep_update(data, ov)
-    return from_dict(data)
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        if not path or str(path) in str(e):
+            raise
+        where = f"{path} (with the overrides given)" if overrides else str(path)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def field_help() -> list[str]:

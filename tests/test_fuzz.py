@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sclslt.config import ConfigError, load_config, parse_overrides
@@ -48,13 +48,18 @@ def _names(e: BaseException, path) -> bool:
 
 @FUZZ
 @given(body=st.one_of(text, junk.map(lambda b: b.decode("latin-1"))))
+@example(body="model: {d_model: x}")            # a wrong type
+@example(body="stage1: [1, 2")                   # broken YAML
+@example(body="nonsense_key: 1")                 # an unknown section
 def test_experiment_files(tmp_path, body):
+    """Any file body loads or ends in a ConfigError that names the file. Mutation caught: a type error raised
+    without the file's path (checked: the d_model example)."""
     f = tmp_path / "exp.yaml"
     f.write_text(body, encoding="utf-8", errors="surrogateescape")
     try:
         load_config(f)
     except ConfigError as e:
-        assert _names(e, f) or "config" in str(e) or "." in str(e), e
+        assert _names(e, f), e
 
 
 @FUZZ
@@ -101,7 +106,13 @@ dims = st.integers(min_value=-3, max_value=10 ** 12)
 @FUZZ
 @given(shape=st.lists(dims, min_size=0, max_size=5), tail=junk,
        fmt=st.sampled_from(["npy", "npy.zst", "jpg"]), descr=st.sampled_from(["|u1", "<f8", "|O", "<i4"]))
+@example(shape=[1, 1, 1, 3], tail=bytes(24), fmt="npy", descr="<f8")     # well-formed npy, the wrong dtype
+@example(shape=[2, 3], tail=bytes(6), fmt="npy", descr="|u1")            # well-formed npy, the wrong shape
+@example(shape=[0, 4, 4, 3], tail=b"", fmt="npy", descr="|u1")           # no frames
 def test_frame_payloads(shape, tail, fmt, descr):
+    """Whatever the payload, decoding ends in the reader's error naming the member, or in frames as the contract
+    says (uint8, T x H x W x 3, T > 0). Mutation caught: the dtype/shape check dropped from codec.decode (the
+    float64 example decodes; checked)."""
     data = npy_header(shape, descr) + tail
     if fmt == "npy.zst":
         import zstandard
@@ -117,10 +128,13 @@ def test_frame_payloads(shape, tail, fmt, descr):
         assert zstandard.frame_content_size(huge) == 64
         with pytest.raises(ShardError, match="claims"):           # refused from the header, nothing allocated
             decode_frames(_claim(huge, MAX_CLIP_BYTES + 1), "clip.tar:k", fmt)
-    with pytest.raises(ShardError, match="clip.tar:k"):
+    try:
         frames = decode_frames(data, "clip.tar:k", fmt)
-        if frames.size > 0:            # a small valid array is fine; a bad one must not get here
-            raise ShardError("clip.tar:k: decoded")
+    except ShardError as e:
+        assert "clip.tar:k" in str(e), e
+    else:
+        assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) > 0, \
+            (frames.dtype, frames.shape)
 
 
 def _claim(frame: bytes, size: int) -> bytes:

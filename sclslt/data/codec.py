@@ -117,8 +117,8 @@ def decode(data: bytes, fmt: str = "npy") -> np.ndarray:
         arr = JpegClip.parse(data).decode()
     else:
         raise CodecError(f"unknown frame format {fmt!r}: use one of {FORMATS}")
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise CodecError(f"decoded frames are {arr.dtype} {arr.shape}, not uint8 T x H x W x 3")
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
+        raise CodecError(f"decoded frames are {arr.dtype} {arr.shape}, not uint8 T x H x W x 3 with T > 0")
     return arr
 
 
