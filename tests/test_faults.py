@@ -332,3 +332,21 @@ def test_when_one_rank_dies_or_hangs_the_others_exit_in_bounded_time(cfg_path, t
     assert procs[0].returncode == 76, out[-3000:]
     assert "another rank died or stopped answering" in out and "--resume" in out
     assert waited < (5 if fault == "killed" else 10 + 30)
+
+
+def test_a_rendezvous_port_in_use_is_named_not_reported_as_a_dead_peer(cfg_path, tmp_path, train_env):
+    """A second job on the machine whose port is taken: the error names the port and --master_port, exit 1.
+    Mutation caught: the port check dropped from main (it read "another rank died or stopped answering" with
+    exit 76; checked)."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir",
+                               str(tmp_path / "run")], cwd=ROOT, env={**train_env, "MASTER_ADDR": "127.0.0.1",
+                                                                        "MASTER_PORT": str(port)},
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"the rendezvous port 127.0.0.1:{port} is in use" in proc.stderr and "--master_port" in proc.stderr
+    assert "another rank died" not in proc.stderr

@@ -101,6 +101,14 @@ def release_shm_buffer(rank: int) -> None:
             pass
 
 
+def port_in_use(exc: BaseException) -> bool:
+    """Whether joining the job failed because the rendezvous port is taken (another job on the machine): torch
+    raises that as a DistNetworkError too, which is not a dead peer."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistNetworkError) and any(
+        s in text for s in ("failed to listen", "Address already in use", "EADDRINUSE"))
+
+
 def peer_failure(exc: BaseException) -> bool:
     """Whether an exception means another rank died or hung (a collective failed or timed out).
     With NCCL, torch's watchdog aborts the process itself on a timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING),

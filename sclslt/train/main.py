@@ -48,7 +48,7 @@ def main(argv=None, prog: str | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from sclslt.runtime.distributed import peer_failure
+    from sclslt.runtime.distributed import peer_failure, port_in_use
     try:
         run(cfg, args.ds_config, resume=args.resume)
     except Preempted as e:
@@ -58,6 +58,12 @@ def main(argv=None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
+        if port_in_use(e):
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            print(f"error: the rendezvous port {where} is in use (another job on this machine?): pick a free one "
+                  f"with the launcher's --master_port (or MASTER_PORT) ({str(e).splitlines()[0][:200]})",
+                  file=sys.stderr)
+            return 1
         if not peer_failure(e):
             raise
         # another rank died or hung: say so and leave at once (a clean shutdown would wait on the dead
