@@ -11,10 +11,24 @@ from dataclasses import dataclass
 import torch
 
 def setup_accelerator() -> str:
-    """Pick DeepSpeed's accelerator before deepspeed is imported: cpu when there is no GPU."""
+    """Pick DeepSpeed's accelerator before deepspeed is imported (cpu when there is no GPU), and where its ops
+    are built (`extensions_dir`)."""
     if not os.environ.get("DS_ACCELERATOR") and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     return os.environ.get("DS_ACCELERATOR", "cuda")
+
+
+def extensions_dir(prefix: str | None = None) -> str:
+    """DeepSpeed's JIT-built ops for this Python environment only (TORCH_EXTENSIONS_DIR, unless set): torch's
+    default, ~/.cache/torch_extensions/py311_cpu, is shared by every environment of the same Python, so a build
+    killed in one left a lock every launch of the others waited on, and their ops came from another
+    environment's torch."""
+    import hashlib
+    import sys
+    prefix = prefix or sys.prefix
+    tag = hashlib.sha256(os.path.realpath(prefix).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"sclslt-{tag}")
 
 
 @dataclass(frozen=True)
