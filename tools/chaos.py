@@ -43,7 +43,7 @@ CONFIG = {
     "data": {"synthetic": {"n_train": 32, "n_dev": 8, "n_test": 8, "frame_size": 16, "n_templates": 40,
                            "n_signers": 3}, "samples_per_shard": 10},
     "model": {"backbone_embedding": 8, "backbone_hidden": [8, 16], "backbone_depths": [1, 1], "d_model": 32,
-              "layers": 1, "heads": 2, "ffn": 64, "dropout": 0.0, "embed_dim": 16, "max_positions": 64},
+              "layers": 1, "heads": 2, "ffn": 64, "dropout": 0.1, "embed_dim": 16, "max_positions": 64},   # the recipe's
     "stage1": {"epochs": 2, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
     "stage2": {"epochs": 2, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
     "train": {"grad_clip": 0.5, "log_every": 1, "dist_timeout_s": 20},
