@@ -154,6 +154,20 @@ def _cico_case(b, n, T, L, d, dtype, seed, empty):
     return [x.to(DEVICE) for x in (v, vm, t, tm, up)]
 
 
+def _check_cico_against_reference(v, vm, t, tm, up, dtype) -> None:
+    """The kernel path's similarities and both gradients (upstream `up`) against the fp64 reference."""
+    rl, ga = TOL[dtype]
+    va, ta = v.clone().requires_grad_(), t.clone().requires_grad_()
+    got = cico_similarity(va, vm, ta, tm, 0.07)
+    gv, gt = torch.autograd.grad(got, (va, ta), up)
+    vr, tr = v.double().requires_grad_(), t.double().requires_grad_()
+    want = cico_similarity_reference(vr, vm, tr, tm, 0.07)
+    wv, wt = torch.autograd.grad(want, (vr, tr), up.double())
+    assert (got.double() - want).abs().max().item() <= 1e-5
+    _close(gv, wv, rl, ga, "dv")
+    _close(gt, wt, rl, ga, "dt")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,n,T,L,d,tau,empty", [
     (3, 5, 7, 5, 24, 0.07, False),
@@ -213,17 +227,7 @@ def test_cico_at_gpu_tiles_over_token_blocks_and_sentence_chunks(dtype, b, n, T,
         assert -(-T // cfg["BLOCK_T"]) >= 2 and -(-d // cfg["BLOCK_K"]) >= 2
     monkeypatch.setattr(CICO, "CHUNK_ELEMS", 2 * b * T * L)
     assert CICO.chunk_sentences(b, n, T, L) == 2
-    v, vm, t, tm, up = _cico_case(b, n, T, L, d, dtype, 11, True)
-    rl, ga = TOL[dtype]
-    va, ta = v.clone().requires_grad_(), t.clone().requires_grad_()
-    got = cico_similarity(va, vm, ta, tm, 0.07)
-    gv, gt = torch.autograd.grad(got, (va, ta), up)
-    vr, tr = v.double().requires_grad_(), t.double().requires_grad_()
-    want = cico_similarity_reference(vr, vm, tr, tm, 0.07)
-    wv, wt = torch.autograd.grad(want, (vr, tr), up.double())
-    assert (got.double() - want).abs().max().item() <= 1e-5
-    _close(gv, wv, rl, ga, "dv")
-    _close(gt, wt, rl, ga, "dt")
+    _check_cico_against_reference(*_cico_case(b, n, T, L, d, dtype, 11, True), dtype)
 
 
 def test_every_token_count_up_to_the_limit_has_a_configuration():
@@ -322,17 +326,9 @@ def test_cico_launches_in_clip_groups_match_the_reference(monkeypatch):
     b, n, T, L, d = 40, 5, 5, 4, 24
     monkeypatch.setattr(CICO, "CHUNK_ELEMS", 3 * b * T * L)
     assert len(CICO.clip_groups(b)) == 3 and CICO.chunk_sentences(b, n, T, L) == 3
-    v, vm, t, tm, up = _cico_case(b, n, T, L, d, torch.float32, 7, True)
+    case = _cico_case(b, n, T, L, d, torch.float32, 7, True)
     _check_cico_aligned(monkeypatch)
-    va, ta = v.clone().requires_grad_(), t.clone().requires_grad_()
-    got = cico_similarity(va, vm, ta, tm, 0.07)
-    gv, gt = torch.autograd.grad(got, (va, ta), up)
-    vr, tr = v.double().requires_grad_(), t.double().requires_grad_()
-    want = cico_similarity_reference(vr, vm, tr, tm, 0.07)
-    wv, wt = torch.autograd.grad(want, (vr, tr), up.double())
-    assert (got.double() - want).abs().max().item() <= 1e-5
-    _close(gv, wv, *TOL[torch.float32], "dv")
-    _close(gt, wt, *TOL[torch.float32], "dt")
+    _check_cico_against_reference(*case, torch.float32)
 
 
 class _Recorder:

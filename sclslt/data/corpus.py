@@ -9,6 +9,8 @@ needs a corpus in seconds (benchmarks/gpu_smoke.py) passes `workers`.
 """
 from __future__ import annotations
 
+import itertools
+
 import fcntl
 import os
 import shutil
@@ -16,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from sclslt.config import DataConfig, SyntheticConfig
-from sclslt.data.shards import ShardError, ShardWriter, make_manifest, write_manifest, write_split
+from sclslt.data.shards import ShardWriter, write_split
 
 SPLITS = ("train", "dev", "test")
 CHUNK = 16                       # clips a worker renders and encodes per task (parallel generation)
@@ -103,20 +105,8 @@ def _write_split_parallel(pool, corpus, split: str, out: Path, samples_per_shard
     """`write_split` of the split's clips, rendered and encoded by `pool` (in order), written here."""
     idx = corpus.indices(split)
     jobs = [(split, i, min(i + CHUNK, idx.stop)) for i in range(idx.start, idx.stop, CHUNK)]
-    w = ShardWriter(out, split, samples_per_shard, 0, lowercase, frame_format=frame_format)
-    try:
-        for encoded in pool.imap(_encode_clips, jobs):
-            for enc in encoded:
-                w.write(enc)
-        w.close_shard()
-    except BaseException:
-        w.abort()
-        raise
-    if not w.index:
-        raise ShardError(f"split {split}: no samples to write")
-    manifest = make_manifest(split, w.shards, w.index, w.shape, lowercase, None, frame_format)
-    write_manifest(out, split, manifest)
-    return manifest
+    encoded = itertools.chain.from_iterable(pool.imap(_encode_clips, jobs))
+    return write_split(encoded, out, split, samples_per_shard, lowercase, frame_format=frame_format, encoded=True)
 
 
 def resolve_shards_dir(cfg: DataConfig) -> Path | str:

@@ -241,8 +241,10 @@ def write_manifest(out_dir: str | Path, split: str, manifest: dict) -> Path:
 
 def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
                 samples_per_shard: int = 64, lowercase: bool = True, *,
-                max_shard_bytes: int = 0, extra: dict | None = None, frame_format: str = "npy") -> dict:
-    """Write `samples` (dicts with key, frames, text[, signer, source, original_text, meta]) as shards.
+                max_shard_bytes: int = 0, extra: dict | None = None, frame_format: str = "npy",
+                encoded: bool = False) -> dict:
+    """Write `samples` (dicts with key, frames, text[, signer, source, original_text, meta]; or, with `encoded`,
+    what `ShardWriter.encode` made of them, e.g. in worker processes) as shards.
 
     Shards hold at most `samples_per_shard` samples (0: unbounded) and, when `max_shard_bytes` is set,
     at most that many bytes (a single larger sample is alone in its shard). `extra` adds keys to the
@@ -251,7 +253,7 @@ def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
     w = ShardWriter(out_dir, split, samples_per_shard, max_shard_bytes, lowercase, frame_format=frame_format)
     try:
         for s in samples:
-            w.add(s)
+            w.write(s) if encoded else w.add(s)
         w.close_shard()
     except BaseException:
         w.abort()
