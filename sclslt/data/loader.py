@@ -48,17 +48,19 @@ class Batch:
     frame_index: torch.Tensor | None = None  # long (N,): flat indices b * T + t of the valid frames, made on the host
     lengths: list | None = None         # valid frames per clip (host ints): where each clip's frames end
 
-    def to(self, device, non_blocking: bool = True) -> "Batch":
-        return Batch(**{f.name: (getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                 if hasattr(getattr(self, f.name), "to") else getattr(self, f.name))
+    def _apply(self, method: str, *args, **kwargs) -> "Batch":
+        """A copy with `method(*args, **kwargs)` applied to every field that has it (tensors, EncodedFrames)."""
+        return Batch(**{f.name: (getattr(getattr(self, f.name), method)(*args, **kwargs)
+                                 if hasattr(getattr(self, f.name), method) else getattr(self, f.name))
                         for f in fields(self)})
+
+    def to(self, device, non_blocking: bool = True) -> "Batch":
+        return self._apply("to", device, non_blocking=non_blocking)
 
     def pin_memory(self) -> "Batch":
         """The DataLoader's pinning thread calls this (`pin_memory=True` on CUDA): page-locked tensors, so
         that `to(device, non_blocking=True)` is an asynchronous copy."""
-        return Batch(**{f.name: (getattr(self, f.name).pin_memory()
-                                 if hasattr(getattr(self, f.name), "pin_memory") else getattr(self, f.name))
-                        for f in fields(self)})
+        return self._apply("pin_memory")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -84,10 +86,16 @@ class Batch:
         return chunks
 
 
+def frame_layout(mask: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """(flat indices b * T + t of the valid frames, valid frames per clip) of a (B, T) frame mask: made by the
+    collate on the host (`Batch.frame_index`, `Batch.lengths`), so the model picks the frames without reading the
+    device; on a device mask (evaluation, the demo) it costs one read."""
+    return mask.flatten().nonzero().squeeze(1), mask.sum(1).tolist()
+
+
 def frame_fields(mask: torch.Tensor) -> dict:
-    """`Batch.frame_index` and `Batch.lengths` of a host (B, T) frame mask: where the valid frames are, known
-    before the batch reaches the device (the model then picks them without reading the device)."""
-    return {"frame_index": mask.flatten().nonzero().squeeze(1), "lengths": mask.sum(1).tolist()}
+    """`frame_layout` as the Batch fields `frame_index` and `lengths`."""
+    return dict(zip(("frame_index", "lengths"), frame_layout(mask)))
 
 
 class Collate:

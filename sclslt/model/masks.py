@@ -1,22 +1,14 @@
-"""Masks made without reading the device: where a clip's valid frames are, and attention masks in the form
-the attention implementation takes.
+"""Attention masks made without reading the device, in the form the attention implementation takes.
 
 A 2-D padding mask handed to transformers is inspected on the host before every attention stack (whether it
 is all ones, so the mask may be skipped: `padding_mask.all()`), and a boolean-mask index (`frames[mask]`) has a
 data-dependent size: each is a device-to-host read, which idles a GPU until the host catches up. The training
-step passes the valid-frame indices the collate made on the host (`Batch.valid_frames`) and 4-D masks, which
-transformers uses as they are.
+step passes the valid-frame indices the collate made on the host (`Batch.valid_frames`, `loader.frame_layout`)
+and 4-D masks, which transformers uses as they are.
 """
 from __future__ import annotations
 
 import torch
-
-
-def frame_layout(frame_mask: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """(flat indices b * T + t of the valid frames, valid frames per clip) of a (B, T) mask: one device read
-    (where no collate made them: evaluation, the demo)."""
-    lengths = frame_mask.sum(1).tolist()
-    return frame_mask.flatten().nonzero().squeeze(1), lengths
 
 
 def _implementation(module) -> str:

@@ -36,10 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sclslt.config import DataConfig, ModelConfig, batchnorm_mode
+from sclslt.data.loader import frame_layout
 from sclslt.model.augment import ClipAugment
 from sclslt.model.batchnorm import BatchNorm1d, configure, rows_in_groups
 from sclslt.model.heads import get_head
-from sclslt.model.masks import causal_mask, frame_layout, key_mask
+from sclslt.model.masks import causal_mask, key_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
