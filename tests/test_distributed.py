@@ -557,13 +557,46 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert [r["loss"] for r in metrics(part, "stage1")] == pytest.approx([r["loss"] for r in metrics(ps, "stage1")],
                                                                           rel=1e-6)
 
-    selfrun = d / "self"
-    proc = launch(cfg_path, selfrun, 29634, "--stage2.enabled", "false", "--train.max_steps", "0",
-                  "--selection.mode", "self")
-    sel = selfrun / "stage1" / "selection"
-    assert (sel / "early.safetensors").is_file() and (sel / "epoch0001.safetensors").is_file()
-    assert not (sel / "plan_e0000.json").exists()          # no late view yet: random batches
-    assert (sel / "plan_e0001.json").is_file() and "planned" in proc.stdout
+
+
+def test_self_mode_plans_from_the_runs_own_early_and_latest_views(exp):
+    """Self mode over 3 epochs at 2 ranks: epoch 0 random; epoch e >= 1 planned from (embeddings at the stage's
+    start, embeddings at epoch e's start), each the model of the run's own epoch checkpoint. Mutations caught
+    (checked): planning from (early, early) (plans differ from (early, late) here, checked below), never
+    refreshing the late view (epoch 2 planned from epoch 1's snapshot), the early view taken after the first
+    epoch, or a plan at epoch 0."""
+    from sclslt.data.shards import read_manifest
+    from sclslt.eval.retrieval import embed_split
+    from sclslt.runtime.rundir import load_run_model
+    from sclslt.selection.planner import Planner, load_snapshot, table_from_snapshots
+
+    d, cfg_path = exp
+    run = d / "self"
+    self_args = ("--stage2.enabled", "false", "--selection.mode", "self", "--stage1.epochs", "3")
+    proc = launch(cfg_path, run, 29634, *self_args, "--train.max_steps", "0", "--checkpoint.every_epochs", "1")
+    stdout = proc.stdout
+    cfg = load_config(cfg_path, list(self_args[2:]))
+    shards = resolve_shards_dir(cfg.data)
+    keys = [s[0] for s in read_manifest(shards, "train")["samples"]]
+    tok = load_tokenizer(run / "tokenizer")
+    sel = run / "stage1" / "selection"
+    assert not (sel / "plan_e0000.json").exists() and "planned" in stdout     # no late view yet: random batches
+    trained = [r["keys"] for r in batch_log(run, "stage1")]
+    assert trained[:6] == random_batches(cfg, "stage1", shards, 0)
+    snaps = {tag: load_snapshot(sel / f"{tag}.safetensors") for tag in ("early", "epoch0001", "epoch0002")}
+    for tag, ckpt in (("early", "epoch0000"), ("epoch0001", "epoch0001"), ("epoch0002", "epoch0002")):
+        model, _, _ = load_run_model(run, run / "stage1" / "checkpoints", ckpt)
+        want = embed_split(model, shards, "train", tok, "cpu", max_frames=cfg.data.max_frames)
+        assert snaps[tag]["keys"] == keys and torch.allclose(snaps[tag]["video"], want["video"], atol=1e-5), tag
+    planner = Planner(cfg.selection, cfg.stage1.global_batch, stage_seed(cfg, "stage1"))
+    for epoch in (1, 2):
+        table = table_from_snapshots(snaps["early"], snaps[f"epoch{epoch:04d}"])
+        want = planner.plan_epoch(keys, epoch, cfg.stage1.epochs, lambda k: table)
+        got = json.loads((sel / f"plan_e{epoch:04d}.json").read_text())
+        assert got == want, epoch
+        assert trained[6 * epoch:6 * epoch + 6] == got, epoch
+        stale = table_from_snapshots(snaps["early"], snaps["early" if epoch == 1 else "epoch0001"])
+        assert planner.plan_epoch(keys, epoch, cfg.stage1.epochs, lambda k: stale) != got, epoch  # the check bites
 
 
 def test_mpirun_launch_equals_one_process(exp):
