@@ -112,6 +112,40 @@ def test_an_uploaded_clip_translates_as_sclslt_translate_says(tiny_run, clips, p
     clear_upload(page)
 
 
+def test_the_nearest_sentences_are_the_five_best_scored_training_sentences(tiny_run, tiny_shards, clips):
+    """The page's five nearest training sentences are the five distinct training sentences the contrastive head
+    scores highest for the clip, most similar first, where the reference scores the clip as the test split's
+    retrieval does (embed_split over the shards, every training sample's text on its own row). Mutations caught
+    (checked): topk(largest=False) (the five least similar), a sentence list out of step
+    with its features."""
+    import torch
+
+    from sclslt.data.shards import manifest_rows, read_manifest
+    from sclslt.eval.demo import Demo
+    from sclslt.eval.retrieval import embed_split
+    from sclslt.model.heads import get_head
+
+    run, _ = tiny_run
+    demo = Demo(run=run, device="cpu", max_frames=MAX_FRAMES)
+    model, tok, head = demo.tr.model, demo.tr.tokenizer, get_head(demo.head)
+    test = embed_split(model, tiny_shards, "test", tok, "cpu", head=demo.head)
+    train = embed_split(model, tiny_shards, "train", tok, "cpu", head=demo.head)
+    texts = {r.key: r.text for r in manifest_rows(read_manifest(tiny_shards, "train"))}
+    for c in clips[:2]:
+        i = test["keys"].index(c["key"])
+        video = {k: test[k][i:i + 1] for k in head.columns if k.startswith("video")}
+        scores = head.scores({**video, **{k: train[k] for k in head.columns if k.startswith("text")}},
+                             model.cfg.cico_tau)[0]
+        best = {}
+        for key, s in zip(train["keys"], scores.tolist()):
+            best[texts[key]] = s
+        assert len(best) > 5, "too few distinct sentences to tell the nearest from the rest"
+        want = sorted(best.items(), key=lambda kv: -kv[1])[:5]
+        got = demo.neighbours(c["frames"])
+        assert [g[0] for g in got] == [w[0] for w in want], c["key"]
+        assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=2e-4), c["key"]
+
+
 def test_a_zip_of_frames_translates_as_the_frame_folder(tiny_run, clips, page, tmp_path):
     import zipfile
     run, hyps = tiny_run

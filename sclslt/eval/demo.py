@@ -105,7 +105,7 @@ class Demo:
             return []
         from sclslt.model.heads import get_head
         m, head, dev = self.tr.model, get_head(self.head), self.tr.device
-        x = torch.from_numpy(np.ascontiguousarray(frames))[None].to(dev)
+        x = torch.from_numpy(np.array(frames))[None].to(dev)              # a copy: the clip may be read-only
         enc, mask = m.encode_video(x, torch.ones(1, frames.shape[0], dtype=torch.bool, device=dev))
         no_text = torch.zeros(1, 1, m.text_encoder.config.d_model, device=dev)     # features() wants both sides
         f = head.features(m, enc, mask, no_text, torch.ones(1, 1, dtype=torch.bool, device=dev))
