@@ -177,3 +177,48 @@ def test_merged_lora_weights_compute_what_the_adapters_did(tiny_cfg_dict):
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.allclose(plain(*args)["logits"], want, atol=1e-4)
+
+
+def test_a_lora_run_exports_as_adapters_or_merged_and_both_translate_as_the_run(tiny_cfg_dict, tiny_shards,
+                                                                                 tmp_path, capsys):
+    """A LoRA run (rank 2, LoRA dropout 0.1) exported with `sclslt export --lora adapter` keeps the peft modules
+    (trained, non-zero lora_B) and `--lora merged` none; both load with SignTranslator.from_pretrained, compute
+    the same logits and translate the test split as the run did. Mutations caught (checked): the adapter export
+    written with lora_rank 0 (its weights do not load), merge_lora that drops the adapters instead of merging
+    them (`mod.merge()` removed: other logits)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT, TRAIN_ENV
+    from sclslt.config import load_config
+    d = json.loads(json.dumps(tiny_cfg_dict))
+    d["model"].update(lora_rank=2, lora_dropout=0.1)
+    d["stage2"]["epochs"] = 2
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "lora.yaml"),
+                        "--train.run_dir", str(run)], cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    hubs = {}
+    for mode in ("adapter", "merged"):
+        assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / mode), "--lora", mode]) == 0
+        hubs[mode] = SignTranslator.from_pretrained(tmp_path / mode).eval()
+        assert json.loads((tmp_path / mode / "config.json").read_text())["lora"] == mode
+    capsys.readouterr()
+    adapters = {k: v for k, v in hubs["adapter"].state_dict().items() if "lora_B" in k}
+    assert adapters and any(v.abs().max() > 0 for v in adapters.values())        # trained adapters
+    assert not any("lora" in k for k in hubs["merged"].state_dict())
+    tok = hubs["adapter"].tokenizer
+    torch.manual_seed(0)
+    frames = torch.randint(0, 255, (2, 6, 16, 16, 3), dtype=torch.uint8)
+    ids = torch.randint(4, len(tok), (2, 5))
+    args = (frames, torch.ones(2, 6, dtype=torch.bool), ids, torch.ones_like(ids), ids)
+    with torch.no_grad():
+        a, m = (hubs[k].model(*args)["logits"] for k in ("adapter", "merged"))
+    assert torch.allclose(a, m, atol=1e-4), (a - m).abs().max()
+    cfg = load_config(run / "config.yaml")
+    for mode, hub in hubs.items():
+        assert decode_split(hub, tiny_shards, cfg) == hypotheses(run), mode
