@@ -73,6 +73,7 @@ def _checkpoint(d, tag: str, step: int, checksummed: bool = True):
 
 
 def test_checksums_name_each_damage_and_the_resume_falls_back_to_the_newest_intact(tmp_path, capsys):
+    """Mutation caught (checked): only the latest damaged checkpoint named when none is intact."""
     from sclslt.runtime.checkpoints import damaged, intact_tag
     old = _checkpoint(tmp_path, "step00000002", 2, checksummed=False)     # written before checksums
     mid = _checkpoint(tmp_path, "step00000004", 4)
@@ -96,8 +97,14 @@ def test_checksums_name_each_damage_and_the_resume_falls_back_to_the_newest_inta
     (new / "checksums.json").unlink()                                        # the record itself lost
     assert damaged(tmp_path, "step00000006") == ["checksums.json missing"]
     (old / "sclslt.json").write_text("{trunc")
+    capsys.readouterr()
     with pytest.raises(RuntimeError, match="no intact checkpoint"):
         intact_tag(tmp_path)
+    err = capsys.readouterr().err           # each damaged checkpoint named, with what is wrong with it
+    assert "step00000006 is damaged: checksums.json missing" in err
+    assert ("step00000004 is damaged: mp_rank_00_model_states.pt has 100 bytes, 2048 were written; "
+            "zero/optim_states.pt missing") in err
+    assert "step00000002 is damaged: sclslt.json" in err
 
 
 def test_loading_the_weights_of_a_damaged_checkpoint_is_a_clear_error(tmp_path):
