@@ -27,13 +27,14 @@ def _train(cfg_path, run, *extra):
 
 
 def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, tmp_path):
+    """Mutations caught (checked): chrF before BLEU-4 in the rule (picks step 48, not 36), every new
+    measurement taken as the best (the last checkpoint selected)."""
     import torch
 
     from sclslt.data.loader import Collate, ShardStream, make_loader
     from sclslt.data.corpus import resolve_shards_dir
     from sclslt.eval.metrics import decode_loader
     from sclslt.runtime.rundir import load_run_model
-    from sclslt.eval.evaluation import DevSelector
 
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
     cfg["data"]["synthetic"]["n_train"] = 48
@@ -49,10 +50,10 @@ def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, t
     sel = json.loads((run / "results.json").read_text())["selected_checkpoint"]
     hist = sel["history"]
     assert [h["step"] for h in hist] == list(range(12, 97, 12))   # every epoch, the resumed part included
-    best = hist[0]
-    for h in hist[1:]:
-        best = h if DevSelector.key(h) > DevSelector.key(best) else best
+    # the rule, spelled out: the highest dev BLEU-4, then chrF, then ROUGE-L; the earliest on full ties
+    best = min(hist, key=lambda h: (-h["dev_bleu4"], -(h["dev_chrf"] or 0.0), -h["dev_rouge_l"], h["step"]))
     assert sel["tag"] == best["tag"] and sel["stage"] == "stage2" and "BLEU-4" in sel["rule"]
+    assert best["tag"] != hist[-1]["tag"]                     # the run's best is not its last: the rule decides
     ckpt = run / "stage2" / "checkpoints"
     assert (ckpt / sel["tag"]).is_dir()                       # kept despite checkpoint.keep=1
 
