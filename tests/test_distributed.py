@@ -35,7 +35,7 @@ import yaml
 from sclslt.config import load_config
 from sclslt.data.loader import Collate
 from sclslt.data.corpus import resolve_shards_dir
-from sclslt.runtime.checkpoints import load_module_state
+from sclslt.runtime.checkpoints import load_module_state, safe_load
 from sclslt.model.close_text import CLOSE_FILE, CloseSentences
 from sclslt.model.heads import get_head
 from sclslt.model.losses import contrastive_from_columns, pad_cat, translation_loss_sum
@@ -357,7 +357,8 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     """2 ranks write the checkpoint, 1 rank resumes it (DeepSpeed universal checkpoint: parameters, Adam
     moments, LR schedule re-partitioned), then 2 ranks resume the 1-rank checkpoint. Every step, the two
     after each change included, equals plain AdamW's step from the checkpoint before it on the same
-    global batch: nothing of the optimizer state, the data position or the batch sequence is lost."""
+    global batch: nothing of the optimizer state, the data position or the batch sequence is lost.
+    Mutation caught (checked): the reseed after a world-size change deleted (sclslt/train/loop.py `_resume`)."""
     d, cfg_path = exp
     run = d / "elastic"
     args = ("--stage2.enabled", "false", *EVERY_STEP)
@@ -370,6 +371,12 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     assert "written by 2 ranks, now 1" in one.stdout
     back = launch(cfg_path, run, 29651, *args, "--train.max_steps", str(STEPS), "--resume")
     assert "written by 1 ranks, now 2" in back.stdout
+    # the random streams after a change are new ones, a function of the position: rank 0's torch generator two
+    # steps after the 2 -> 1 resume (at step 3) is not where the fresh 2-rank run's was two steps after its
+    # start (without the reseed the resumed process would replay its start's stream: dropout masks repeated)
+    rng = lambda tag: safe_load(run / "stage1" / "checkpoints" / tag / "rng_rank00000.pt")["torch"]
+    assert not torch.equal(rng("step00000005"), rng("step00000002"))
+    assert not torch.equal(rng("step00000004"), rng("step00000001"))
 
     got = stepwise(cfg_path, run, "--stage2.enabled", "false")
     assert [r["step"] for r in metrics(run, "stage1")] == list(range(1, STEPS + 1))
