@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,17 @@ BACKOFF_S = 0.2
 
 def is_url(location) -> bool:
     return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+_FS_LOCK = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    global _FS_LOCK
+    _FS_LOCK = threading.Lock()           # a fork while a read thread held it must not leave the child locked
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 class StorageError(OSError):
@@ -50,11 +62,15 @@ class Store:
     def fs(self):
         """The fsspec filesystem, made anew in each process (a forked loader worker must not share the
         parent's event loop and connections)."""
-        if self._fs is None or self._fs_pid != os.getpid():
-            import fsspec
-            self._fs = fsspec.core.url_to_fs(self.root, skip_instance_cache=True)[0]
-            self._fs_pid = os.getpid()
-        return self._fs
+        fs = self._fs
+        if fs is not None and self._fs_pid == os.getpid():
+            return fs
+        with _FS_LOCK:            # the loader's read threads ask at once: one filesystem (one session), not one each
+            if self._fs is None or self._fs_pid != os.getpid():
+                import fsspec
+                self._fs = fsspec.core.url_to_fs(self.root, skip_instance_cache=True)[0]
+                self._fs_pid = os.getpid()
+            return self._fs
 
     def _retry(self, what: str, fn):
         for attempt in range(self.retries + 1):
