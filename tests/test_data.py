@@ -265,3 +265,46 @@ def test_the_audit_trail_keeps_one_line_per_step_across_a_resume(tmp_path):
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2]
     BatchLog(path, False, 0)                              # ranks other than 0 neither read nor write
     assert len(path.read_text().splitlines()) == 2
+
+
+def _split_samples(split: str, keys: list[str], sources: list[str], text: str = "the same sentence"):
+    rng = np.random.default_rng(len(split))
+    return [{"key": k, "frames": rng.integers(0, 256, (3, 6, 5, 3), dtype=np.uint8), "text": text, "source": src}
+            for k, src in zip(keys, sources)]
+
+
+def test_splits_that_share_clips_or_source_videos_are_refused_by_name(tmp_path, train_env):
+    """Dev and test (or train and either) sharing a clip key or a source video (segments "v.mp4#1" and "v.mp4#7"
+    are one video) is refused by the trainer, naming the splits and what they share, before the run directory
+    exists; the same sentence in every split is allowed. Mutations caught (checked): the check not called by the
+    trainer, keys not compared, the segment not stripped from the source."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT, TINY
+    from sclslt.data.shards import check_disjoint_splits
+
+    def corpus(name, train, dev, test):
+        d = tmp_path / name
+        for split, (keys, srcs) in (("train", train), ("dev", dev), ("test", test)):
+            write_split(iter(_split_samples(split, keys, srcs)), d, split, samples_per_shard=4)
+        return d
+    ok = corpus("ok", (["a", "b"], ["v1.mp4#0", "v1.mp4#1"]), (["c"], ["v2.mp4#0"]), (["d"], ["v3.mp4#0"]))
+    check_disjoint_splits(ok)                                        # one sentence everywhere: allowed
+    same_clip = corpus("clip", (["a", "b"], ["x/a", "x/b"]), (["c", "d"], ["x/c", "x/d"]), (["d"], ["y/d"]))
+    with pytest.raises(ShardError, match=r"dev and test share 1 clips: d\b"):
+        check_disjoint_splits(same_clip)
+    same_video = corpus("video", (["a", "b"], ["v1.mp4#0", "v1.mp4#1"]), (["c"], ["v2.mp4#0"]),
+                        (["d", "e"], ["v3.mp4#0", "v1.mp4#7"]))
+    with pytest.raises(ShardError, match=r"train and test share 1 source videos: v1\.mp4"):
+        check_disjoint_splits(same_video)
+    # through the trainer: refused before anything is written
+    cfg = {**TINY, "data": {"corpus": "shards", "shards_dir": str(same_clip), "samples_per_shard": 4}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "exp.yaml"), "--train.run_dir",
+                        str(run)], cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "dev and test share 1 clips: d" in p.stdout + p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
+    assert not run.exists()

@@ -39,7 +39,7 @@ def _by_key(samples):
 
 def test_manifest_offsets_give_the_streamed_samples(shards, tmp_path):
     man = read_manifest(shards, "train")
-    assert all(len(row) == 7 and len(row[5]) == 4 and len(row[6]) == 8 for row in man["samples"])
+    assert all(len(row) == 8 and len(row[5]) == 4 and len(row[6]) == 8 and row[7] == "" for row in man["samples"])
     streamed = _by_key(s for sh in man["shards"] for s in iter_shard(shards / sh["name"]))
     index = ShardIndex(shards, man)
     for key, want in streamed.items():

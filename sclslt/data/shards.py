@@ -3,8 +3,9 @@
 A sample is `<key>.frames.npy` (uint8 T x H x W x 3, written with `allow_pickle=False`) and
 `<key>.json` (text, original text, sentence id, signer, frame count, source). Each split has a
 manifest `<split>.json` with counts, frame shape, the sha256 of every shard, and a compact sample
-index (key, shard, sentence id, frames, text, byte offsets, a per-sample checksum) so that tokenizers
-and Pair Selection can work from metadata without opening any tar.
+index (key, shard, sentence id, frames, text, byte offsets, a per-sample checksum, source) so that
+tokenizers, Pair Selection and the split check (`check_disjoint_splits`) work from metadata without opening
+any tar.
 
 Every byte read is checked: a planned read (`ShardIndex`) against the sample's checksum, a streamed
 shard (`iter_shard`) sample by sample and, at its end, against the shard's sha256. A mismatch is a
@@ -103,10 +104,41 @@ class ManifestRow(NamedTuple):
     text: str           # normalised text
     offsets: list | None = None   # [frames offset, frames size, json offset, json size] in the shard (bytes)
     digest: str | None = None     # `sample_digest` of the two members (manifests before it: absent)
+    source: str | None = None     # where the clip came from ("video.mp4", "video.mp4#3": a segment; before: absent)
 
 
 def manifest_rows(manifest: dict) -> list[ManifestRow]:
     return [ManifestRow(*row) for row in manifest["samples"]]
+
+
+SPLITS = ("train", "dev", "test")
+
+
+def source_video(source: str | None) -> str:
+    """The video (or frame folder) a clip was cut from: its source without the segment ("#3", "#t=1,2")."""
+    return (source or "").split("#", 1)[0]
+
+
+def check_disjoint_splits(shards_dir, manifests: dict | None = None, limit: int = 5) -> None:
+    """Raise ShardError when two splits share a clip (the same key) or a source video (the clips' sources
+    without their segment): a dev split that is the test split, or test clips trained on, make every number
+    the run reports wrong. The same sentence in two splits is normal and allowed. Manifests written before
+    rows carried their source are checked by key only."""
+    rows = {sp: manifest_rows(manifests[sp] if manifests else read_manifest(shards_dir, sp)) for sp in SPLITS}
+    problems = []
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            keys = sorted({r.key for r in rows[a]} & {r.key for r in rows[b]})
+            videos = sorted(({source_video(r.source) for r in rows[a]} & {source_video(r.source) for r in rows[b]})
+                            - {""})
+            for what, shared in (("clips", keys), ("source videos", videos)):
+                if shared:
+                    problems.append(f"{a} and {b} share {len(shared)} {what}: {', '.join(shared[:limit])}"
+                                    + (" ..." if len(shared) > limit else ""))
+    if problems:
+        raise ShardError(f"{shards_dir}: the splits overlap ({'; '.join(problems)}). Every reported number would "
+                         f"measure clips the model was selected or trained on: shard the corpus again with disjoint "
+                         f"splits (sentences may repeat across splits; clips and source videos may not)")
 
 
 class ShardWriter:
@@ -188,7 +220,7 @@ class ShardWriter:
         self._members += enc["sizes"]
         self._count += 1
         self.index.append([enc["row"][0], self.next_shard] + enc["row"][2:])
-        self._rows.append((self.index[-1], enc["digest"]))
+        self._rows.append((self.index[-1], enc["digest"], enc["meta"]["source"]))
         if self.samples_per_shard and self._count >= self.samples_per_shard:
             closed.append(self.close_shard())
         return closed
@@ -202,9 +234,9 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         offsets = member_offsets(self._tmp)
-        for row, digest in self._rows:      # where each sample's members lie, and their checksum
+        for row, digest, source in self._rows:      # where each sample's members lie, their checksum
             o = offsets[row[0]]
-            row += [[*o[self.member], *o["json"]], digest]
+            row += [[*o[self.member], *o["json"]], digest, source]
         self._rows = []
         name = f"{self.split}-{self.next_shard:06d}.tar"
         os.replace(self._tmp, self.out / name)

@@ -26,7 +26,7 @@ from sclslt.config import Config, ConfigError, StageConfig, eval_batch, micro_ba
 from sclslt.data.loader import Collate, make_loader
 from sclslt.data.prefetch import on_device
 from sclslt.data.corpus import resolve_shards_dir
-from sclslt.data.shards import manifest_rows, read_manifest
+from sclslt.data.shards import check_disjoint_splits, manifest_rows, read_manifest
 from sclslt.data.text import make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
 from sclslt.eval.retrieval import embed_split, retrieval_recall
@@ -427,6 +427,7 @@ def prepare(cfg: Config, ds_config: str) -> Context:
     run_dir = Path(cfg.train.run_dir).resolve()
     def make_run_dir():
         shards_dir = resolve_shards_dir(cfg.data)       # synthetic corpus made here on first use
+        check_disjoint_splits(shards_dir)               # before anything is written: a refused run leaves nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, RunDir(run_dir).config_file)
         tok_dir = RunDir(run_dir).tokenizer_dir
