@@ -10,9 +10,11 @@ readers (CorpusError, or a bad item).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import resource
+import signal
 import struct
 import tarfile
 from pathlib import Path
@@ -27,6 +29,25 @@ from sclslt.data.corpora import CorpusError, read_items
 from sclslt.data.shards import ShardError, decode_frames, iter_shard, read_manifest
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+LIMIT_S = 20            # one input, one reader: milliseconds normally; a loop that never ends fails here
+
+
+def bounded(test):
+    """Each generated input's run is bounded in time (hypothesis's deadline only judges runs that finish: a
+    reader stuck in a loop would hang the suite instead). Mutation caught (checked): a manifest reader that
+    loops forever on a shard list it cannot parse fails test_manifests with this TimeoutError."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        def expire(*_):
+            raise TimeoutError(f"one input took over {LIMIT_S} s: a reader hangs on it")
+        old = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, LIMIT_S)
+        try:
+            return test(*args, **kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    return run
 junk = st.binary(max_size=400)
 text = st.text(max_size=300)
 
@@ -51,6 +72,7 @@ def _names(e: BaseException, path) -> bool:
 @example(body="model: {d_model: x}")            # a wrong type
 @example(body="stage1: [1, 2")                   # broken YAML
 @example(body="nonsense_key: 1")                 # an unknown section
+@bounded
 def test_experiment_files(tmp_path, body):
     """Any file body loads or ends in a ConfigError that names the file. Mutation caught: a type error raised
     without the file's path (checked: the d_model example)."""
@@ -66,6 +88,7 @@ def test_experiment_files(tmp_path, body):
 @given(args=st.lists(st.one_of(text, st.sampled_from(["--train.max_steps", "--model.similarity", "--x.y",
                                                        "--data", "--stage1.lr", "nan", "[1,", "{a: 1"])),
                      max_size=6))
+@bounded
 def test_dotted_overrides(args):
     try:
         load_config(None, parse_overrides(args))
@@ -79,6 +102,7 @@ def test_dotted_overrides(args):
 @given(body=st.one_of(junk, st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(
     st.sampled_from(["num_samples", "shards", "samples", "frame_shape", "format", "split"]),
     st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=3), st.none()), max_size=6))))
+@bounded
 def test_manifests(tmp_path, body):
     (tmp_path / "train.json").write_bytes(body)
     try:
@@ -109,6 +133,7 @@ dims = st.integers(min_value=-3, max_value=10 ** 12)
 @example(shape=[1, 1, 1, 3], tail=bytes(24), fmt="npy", descr="<f8")     # well-formed npy, the wrong dtype
 @example(shape=[2, 3], tail=bytes(6), fmt="npy", descr="|u1")            # well-formed npy, the wrong shape
 @example(shape=[0, 4, 4, 3], tail=b"", fmt="npy", descr="|u1")           # no frames
+@bounded
 def test_frame_payloads(shape, tail, fmt, descr):
     """Whatever the payload, decoding ends in the reader's error naming the member, or in frames as the contract
     says (uint8, T x H x W x 3, T > 0). Mutation caught: the dtype/shape check dropped from codec.decode (the
@@ -163,6 +188,7 @@ def _tar(members: list[tuple[str, bytes]], truncate: int | None) -> bytes:
                                                     "x", "s0.frames.npy.extra", "../s2.json"]),
                                   st.one_of(junk, st.just(b"\xff\xfe{\"key\": \"s0\"}"))), max_size=4),
        truncate=st.one_of(st.none(), st.integers(min_value=0, max_value=3000)))
+@bounded
 def test_tar_members(tmp_path, members, truncate):
     shard = tmp_path / "train-000000.tar"
     shard.write_bytes(_tar(members, truncate))
@@ -187,6 +213,7 @@ def _bad_or_error(layout: str, root: Path, named: Path, split: str = "train"):
 
 @FUZZ
 @given(body=st.one_of(text, junk.map(lambda b: b.decode("latin-1"))), srt=st.booleans())
+@bounded
 def test_caption_files(tmp_path, body, srt):
     (tmp_path / "talk.mp4").write_bytes(b"\x00" * 64)
     cap = tmp_path / ("talk.srt" if srt else "talk.vtt")
@@ -199,6 +226,7 @@ def test_caption_files(tmp_path, body, srt):
                                      st.one_of(text, st.integers(), st.floats(allow_nan=True), st.none()),
                                      max_size=6), max_size=5),
        jsonl=st.booleans(), raw=st.one_of(st.none(), junk))
+@bounded
 def test_csv_and_jsonl_manifests(tmp_path, rows, jsonl, raw):
     f = tmp_path / ("manifest.jsonl" if jsonl else "manifest.csv")
     if raw is not None:
@@ -213,6 +241,7 @@ def test_csv_and_jsonl_manifests(tmp_path, rows, jsonl, raw):
 
 @FUZZ
 @given(body=junk, gz=st.booleans())
+@bounded
 def test_label_pickles(tmp_path, body, gz):
     import gzip
     if gz:                                            # GFSLT-VLP's gzip pickle
@@ -231,6 +260,7 @@ def test_label_pickles(tmp_path, body, gz):
 @FUZZ
 @given(images=st.lists(st.one_of(junk, st.just(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30),
                                  st.just(b"\xff\xd8\xff\xe0" + b"\x00" * 40)), min_size=1, max_size=3))
+@bounded
 def test_frame_images(tmp_path, images):
     from sclslt.data.corpora import decode_item
     d = tmp_path / "clip"
