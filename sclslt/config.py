@@ -493,8 +493,19 @@ def field_help() -> list[str]:
     import re
 
     def comments(cls) -> dict:
-        src = inspect.getsource(cls)
-        return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, re.M)}
+        """field -> its comment, continuation lines (a line holding only a comment) joined on."""
+        out, last, indent = {}, None, 0
+        for line in inspect.getsource(cls).splitlines():
+            field = re.match(r"^\s+(\w+):[^#]*?(?:#\s*(.*))?$", line)
+            more = re.match(r"^(\s+)#\s*(.*)$", line)     # a continuation sits under the comment, not the field
+            if more and last is not None and len(more.group(1)) > indent:
+                out[last] = f"{out[last]} {more.group(2)}".strip()
+            elif field and not line.lstrip().startswith(("def ", "@", "\"\"\"")):
+                last, indent = field.group(1), len(line) - len(line.lstrip())
+                out[last] = (field.group(2) or "").strip()
+            else:
+                last = None
+        return out
 
     def walk(obj, prefix: str) -> list[str]:
         out, notes = [], comments(type(obj))

@@ -125,3 +125,18 @@ def test_every_name_field_refuses_an_unknown_name_and_help_lists_the_names():
         line = next(ln for ln in help_lines if ln.startswith(f"  --{key} "))
         assert f"one of {', '.join(names)}" in line, line
     assert from_dict({"selection": {"schedule": "sqrt"}}).selection.schedule == "sqrt"
+
+
+def test_help_prints_every_line_of_a_fields_comment():
+    """A field's comment continued on the lines below it is printed whole, and nothing else joins it. Mutation
+    caught (checked): only the first comment line read (the help stops at "each pool on")."""
+    import inspect
+    import re
+
+    from sclslt.config import SelectionConfig, field_help
+    src = inspect.getsource(SelectionConfig)
+    first, more = re.search(r"\n    pools: int = \d+ +# (.*)\n +# (.*)\n", src).groups()
+    line = next(ln for ln in field_help() if ln.startswith("  --selection.pools "))
+    assert line.endswith(f": {first} {more}"), line
+    chunk = next(ln for ln in field_help() if ln.startswith("  --selection.chunk "))
+    assert more not in chunk and "never the GPU count" not in chunk
