@@ -40,3 +40,15 @@ def _bind_checkout_kernels() -> None:
 
 
 _bind_checkout_kernels()
+
+
+def __getattr__(name: str):
+    """`from sclslt import SignTranslator`: the class a trained model is loaded with (imported on first use,
+    so `import sclslt` stays light)."""
+    if name == "SignTranslator":
+        from sclslt.eval.hub import SignTranslator
+        return SignTranslator
+    raise AttributeError(f"module 'sclslt' has no attribute {name!r}")
+
+
+__all__ = ["SignTranslator", "__version__"]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from sclslt.cli import main as cli_main
-from sclslt.eval.hub import ExportError, SignTranslator
+from sclslt import SignTranslator                  # what users write (the README)
+from sclslt.eval.hub import ExportError
 from sclslt.eval.export import export_run, merge_lora
 
 pytestmark = pytest.mark.slow     # end to end: the fast lane is -m "not slow"
