@@ -18,6 +18,7 @@ setup(
     description="Distributed trainer for gloss-free SLT with Selective Contrastive Learning",
     packages=find_packages(include=["sclslt", "sclslt.*"]) + ["sclslt_kernels"],
     package_dir={"sclslt": "sclslt", "sclslt_kernels": "kernels"},
+    package_data={"sclslt": ["configs/*.json"]},     # the DeepSpeed configs (`--deepspeed zero2`)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11",                   # triton >= 3.6 (below) is what torch 2.11 brings

@@ -55,3 +55,21 @@ def test_every_experiment_file_loads():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_deepspeed_configs_are_named_by_stage_or_path(capsys):
+    """`--deepspeed zero3` names the packaged file (what the checkout's configs/zero3.json links to), a path is
+    taken as it is, an unknown name is a usage error listing the packaged ones. Mutation caught (checked): names
+    not resolved (`zero3` taken as a path: a usage error)."""
+    import pytest
+
+    import train as launcher
+    args, _ = launcher.parse_args(["--deepspeed", "zero3"])
+    assert Path(args.ds_config).read_text() == (ROOT / "configs" / "zero3.json").read_text()
+    assert Path(args.ds_config).is_relative_to(ROOT / "sclslt")            # installed with the package
+    args, _ = launcher.parse_args(["--deepspeed", "configs/zero1.json"])
+    assert args.ds_config == "configs/zero1.json"
+    with pytest.raises(SystemExit):
+        launcher.parse_args(["--deepspeed", "zero9"])
+    assert "zero9: no such DeepSpeed config file; name a packaged one (zero1, zero2, zero3, zero3_offload)" in \
+        capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Training entry: `sclslt train ...`, `deepspeed launch/train.py --deepspeed configs/zero2.json ...`,
 `mpirun -np N python launch/train.py ...` or one `python` process; all take
 
-    [--deepspeed configs/zeroN.json] [--config X.yaml] [--resume] [--section.key value ...]
+    [--deepspeed zeroN | configs/zeroN.json] [--config X.yaml] [--resume] [--section.key value ...]
 
 With no experiment file it runs the embedded default (synthetic corpus, stage 1, stage 2,
 evaluation). Ranks come from the deepspeed launcher, mpi4py or Slurm. On a machine without a GPU,
@@ -17,7 +17,20 @@ from pathlib import Path
 
 EXIT_PREEMPTED = 75     # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; run again with --resume
 EXIT_PEER_FAILED = 76   # another rank died or hung past train.dist_timeout_s; run again with --resume
-DEFAULT_DS = str(Path(__file__).resolve().parents[2] / "configs" / "zero2.json")
+PACKAGED_DS = Path(__file__).resolve().parents[1] / "configs"      # zero1/2/3(_offload).json, installed with sclslt
+DEFAULT_DS = str(PACKAGED_DS / "zero2.json")
+
+
+def ds_config_path(value: str) -> str:
+    """`--deepspeed`: a packaged config by its name (zero1, zero2, zero3, zero3_offload) or a JSON file's path."""
+    named = PACKAGED_DS / f"{value}.json"
+    if "/" not in value and not value.endswith(".json") and named.is_file():
+        return str(named)
+    if not Path(value).is_file():
+        names = ", ".join(sorted(p.stem for p in PACKAGED_DS.glob("*.json")))
+        raise argparse.ArgumentTypeError(f"{value}: no such DeepSpeed config file; name a packaged one ({names}) "
+                                         f"or give a JSON file's path")
+    return value
 
 
 def parse_args(argv=None, prog: str | None = None):
@@ -26,8 +39,9 @@ def parse_args(argv=None, prog: str | None = None):
                                 epilog="Any config field below overrides the experiment file as --section.key value "
                                        "(e.g. --train.max_steps 50); unknown keys are errors.\n\nconfig fields:\n"
                                        + "\n".join(field_help()))
-    p.add_argument("--deepspeed", "--deepspeed_config", dest="ds_config", default=DEFAULT_DS,
-                   help="DeepSpeed JSON (engine matters only: ZeRO stage, comms); default configs/zero2.json")
+    p.add_argument("--deepspeed", "--deepspeed_config", dest="ds_config", default=DEFAULT_DS, type=ds_config_path,
+                   help="DeepSpeed config: zero1, zero2 (default), zero3, zero3_offload (packaged with sclslt) or a "
+                        "JSON file's path (the engine part matters only: ZeRO stage, communication)")
     p.add_argument("--config", default=None, help="experiment YAML (default: the embedded synthetic default)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
