@@ -1,6 +1,7 @@
 """The `sclslt` command (installed by setup.py; also `python -m sclslt.cli`).
 
-  sclslt train [--deepspeed configs/zeroN.json] [--config X.yaml] [--resume] [--section.key value ...]
+  sclslt shard --layout LAYOUT --root CORPUS --out SHARDS [--split S] [--workers N] [--format npy|npy.zst|jpg] ...
+  sclslt train [--deepspeed zeroN|FILE.json] [--config X.yaml] [--resume] [--section.key value ...]
                (one process; under a launcher: deepspeed / mpirun / srun ... launch/train.py, README.md)
   sclslt translate (--run RUN_DIR | --model DIR|HUB_NAME) INPUT [INPUT ...] [--checkpoint stage2|stage1|PATH]
                    [--tag TAG] [--beam N] [--max-len N] [--device cpu|cuda] [--size N] [--json]
@@ -21,6 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sclslt", description="Gloss-free sign language translation (SCL-SLT).",
                                 epilog="Multi-rank training: deepspeed / mpirun / srun ... launch/train.py (README.md).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from sclslt.data import sharding
+    sh = sub.add_parser("shard", help="a corpus in its own layout (PHOENIX-2014T, CSL-Daily, How2Sign, a CSV) to "
+                        "WebDataset shards", description=sharding.__doc__.split("\n\n")[0],
+                        epilog="\n\n".join(sharding.__doc__.split("\n\n")[1:]),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sharding.add_arguments(sh)
+    sh.set_defaults(func=sharding.run_command)
     sub.add_parser("train", help="train a run (stage 1, stage 2, evaluation); --help lists every config field",
                    add_help=False)
     t = sub.add_parser("translate", help="translate sign videos or frame folders with a trained run",

@@ -218,7 +218,7 @@ class Config:
         if self.model.lora_rank < 0:
             raise ConfigError("model.lora_rank must be >= 0 (0: no LoRA)")
         if self.data.corpus == "shards" and not self.data.shards_dir:
-            raise ConfigError("data.corpus=shards needs data.shards_dir (made by tools/shard_videos.py)")
+            raise ConfigError("data.corpus=shards needs data.shards_dir (made by sclslt shard)")
         sel = self.selection
         if sel.mode == "ps" and not sel.table:
             raise ConfigError("selection.mode=ps needs selection.table (make one with tools/export_reference.py)")

@@ -1,11 +1,10 @@
-"""tools/shard_videos.py on tiny fixtures in each corpus's real layout: round trip, bad input,
+"""`sclslt shard` (sclslt/data/sharding.py) on tiny fixtures in each corpus's real layout: round trip, bad input,
 resumption and determinism."""
 from __future__ import annotations
 
 import csv
 import gzip
 import hashlib
-import importlib.util
 import json
 import pickle
 from pathlib import Path
@@ -19,9 +18,7 @@ from sclslt.data.shards import encode_frames, iter_shard, read_manifest, tar_byt
 from sclslt.data.text import normalise_text, sentence_id
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("shard_videos", ROOT / "tools" / "shard_videos.py")
-sv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sv)
+from sclslt.data import sharding as sv  # noqa: E402 - `sclslt shard`
 
 SIZE = 8
 

@@ -1,9 +1,8 @@
 """`sclslt translate` on a tiny trained run: test clips written as PNG folders and videos translate to
-the run's own test hypotheses; inputs are decoded as tools/shard_videos.py made the shards; errors."""
+the run's own test hypotheses; inputs are decoded as `sclslt shard` made the shards; errors."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -106,14 +105,12 @@ def test_console_script():
 
 
 # ---------------------------------------------------------------------------------------------
-# decoding as tools/shard_videos.py does, for shards of real corpora
+# decoding as `sclslt shard` does, for shards of real corpora
 
 def test_inputs_are_decoded_like_the_shard_tool(tmp_path):
     """A frame folder and a video sharded with --size 24 --max-frames 9, then data.max_frames 5: the
     command's frames equal the shards' frames subsampled as evaluation does."""
-    spec_ = importlib.util.spec_from_file_location("shard_videos", ROOT / "tools" / "shard_videos.py")
-    sv = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(sv)
+    from sclslt.data import sharding as sv
     from sclslt.config import from_dict
     from sclslt.data.loader import subsample_frames
     from sclslt.data.shards import iter_shard

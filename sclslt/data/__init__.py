@@ -3,7 +3,7 @@
 - `synthetic`  the deterministic synthetic sign language (the default corpus and the test bed)
 - `corpora`    readers of the real corpora's own layouts (PHOENIX-2014T, CSL-Daily, How2Sign, manifests)
 - `codec`      on-disk forms of a pre-decoded clip (npy, npy.zst, jpg, mp4)
-- `shards`     the WebDataset shard format and its manifest (written by tools/shard_videos.py)
+- `shards`     the WebDataset shard format and its manifest (written by `sclslt shard`, sclslt/data/sharding.py)
 - `corpus`     which shards a config trains on: data.shards_dir, or the synthetic corpus made once into a cache
 - `loader`     an epoch's global batches (`epoch_order`), each rank's slice of them by random access with
                per-clip draws (`GlobalStream`), evaluation streams, collation (with the valid frames' host layout)

@@ -1,4 +1,4 @@
-"""Readers for the sign-language corpora's own layouts, and clip decoding (used by tools/shard_videos.py).
+"""Readers for the sign-language corpora's own layouts, and clip decoding (used by sclslt shard).
 
 A reader turns a corpus root and a split into `Item`s (key, text exactly as the corpus has it,
 signer, source, and either a list of frame files or a video with optional start/end times); nothing
@@ -122,7 +122,7 @@ class Item:
     checked: bool = False
 
     def descriptor(self) -> list:
-        """What identifies the item's content for resumption (see tools/shard_videos.py)."""
+        """What identifies the item's content for resumption (see sclslt/data/sharding.py)."""
         return [self.key, self.text, self.source, self.signer, self.kind, self.start, self.end,
                 self.expected_len, [Path(f).name for f in self.frames] if self.listed else len(self.frames),
                 self.problem]

@@ -16,7 +16,7 @@ one warning (their planned reads are unchecked; streamed shards still meet the s
 Shards are written to a temporary name and renamed when complete: a crashed writer never leaves a
 truncated shard under a final name. `ShardWriter` bounds shards by sample count and/or bytes (the
 exact tar size, computed before writing, so boundaries depend only on the samples); `write_split`
-wraps it. Manifests may carry extra keys (tools/shard_videos.py adds its options and bad count).
+wraps it. Manifests may carry extra keys (sclslt shard adds its options and bad count).
 """
 from __future__ import annotations
 
@@ -332,7 +332,7 @@ def read_manifest(shards_dir, split: str) -> dict:
     store = Store(shards_dir)
     where = store.url(f"{split}.json")
     if not store.exists(f"{split}.json"):
-        raise ShardError(f"no manifest {where}: make shards with tools/shard_videos.py (split {split!r})")
+        raise ShardError(f"no manifest {where}: make shards with sclslt shard (split {split!r})")
     try:
         man = json.loads(store.read_text(f"{split}.json"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -426,7 +426,7 @@ def warn_unchecked(store, manifest: dict) -> None:
     if what not in _WARNED:
         _WARNED.add(what)
         print(f"sclslt: warning: {what} has no per-sample checksums (written before they existed): planned "
-              f"reads of it are not verified; rerun tools/shard_videos.py to add them", file=sys.stderr, flush=True)
+              f"reads of it are not verified; rerun sclslt shard to add them", file=sys.stderr, flush=True)
 
 
 def check_digest(want: str | None, frames: bytes, meta: bytes, where: str) -> None:

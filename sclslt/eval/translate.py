@@ -4,7 +4,7 @@ An input is a video file (decoded with PyAV) or a folder of frame images (PNG/JP
 order as in PHOENIX-2014T). It goes through the same path as the run's training data:
 
 1. decoding and resizing as the shards were made (`sclslt.data.corpora.decode_item`, the code of
-   tools/shard_videos.py): frames resized to the run's frame size (square `size` recorded in the
+   sclslt shard): frames resized to the run's frame size (square `size` recorded in the
    shards manifest's options, or the synthetic corpus's `frame_size`), and, for videos, the shard
    tool's `--fps` resampling and `--max-frames` subsampling when the manifest records them;
 2. evenly spaced subsampling to `data.max_frames`, as evaluation does (`sclslt.data.subsample_frames`);
