@@ -3,6 +3,8 @@
   sclslt shard --layout LAYOUT --root CORPUS --out SHARDS [--split S] [--workers N] [--format npy|npy.zst|jpg] ...
   sclslt train [--deepspeed zeroN|FILE.json] [--config X.yaml] [--resume] [--section.key value ...]
                (one process; under a launcher: deepspeed / mpirun / srun ... launch/train.py, README.md)
+  sclslt reference --run REF_RUN --early TAG --late TAG --out TABLE [--score pooled|cico] [--resume]
+                   (several ranks: deepspeed --module sclslt.cli reference ...)
   sclslt translate (--run RUN_DIR | --model DIR|HUB_NAME) INPUT [INPUT ...] [--checkpoint stage2|stage1|PATH]
                    [--tag TAG] [--beam N] [--max-len N] [--device cpu|cuda] [--size N] [--json]
   sclslt export --run RUN_DIR --out DIR [--lora merged|adapter] [--license ID] [--name NAME]
@@ -31,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     sh.set_defaults(func=sharding.run_command)
     sub.add_parser("train", help="train a run (stage 1, stage 2, evaluation); --help lists every config field",
                    add_help=False)
+    from sclslt.selection import reference
+    r = sub.add_parser("reference", help="a Pair Selection reference table from two checkpoints of a reference run",
+                       description=reference.__doc__.split("\n\n")[0],
+                       epilog="\n\n".join(reference.__doc__.split("\n\n")[1:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    reference.add_arguments(r)
+    r.set_defaults(func=reference.run_command)
     t = sub.add_parser("translate", help="translate sign videos or frame folders with a trained run",
                        description="Translate sign videos or frame folders with a trained run. Frames are decoded, "
                                    "resized and subsampled as the run's training and evaluation data were; the "
@@ -54,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith(("--local_rank", "--local-rank")):   # `deepspeed --module sclslt.cli ...` puts
+        argv = argv[1 if "=" in argv[0] else 2:]                        # it first; LOCAL_RANK says the same
     if argv[:1] == ["train"]:                 # the trainer's own parser: config overrides pass through
         from sclslt.train.main import main as train_main
         return train_main(argv[1:], prog="sclslt train")

@@ -153,7 +153,7 @@ class TrainConfig:
 class SelectionConfig:
     """How stage-1 global batches are built (Pair Selection, PAPER.md)."""
     mode: Literal["random", "ps", "self"] = "random"          # random | ps (reference table) | self (the job's own earlier embeddings)
-    table: str = ""               # ps: reference table made by tools/export_reference.py
+    table: str = ""               # ps: reference table made by `sclslt reference`
     schedule: str = "log"         # curriculum (sclslt/selection/schedules.py): the quantile of Delta vs alpha
     log_base: float = 10.0        # b of the log schedule: q = log(1 + (b - 1) alpha) / log(b)
     pools: int = 1                # canonical pools an epoch is planned in (1: the whole epoch; more: each pool on
@@ -221,7 +221,7 @@ class Config:
             raise ConfigError("data.corpus=shards needs data.shards_dir (made by sclslt shard)")
         sel = self.selection
         if sel.mode == "ps" and not sel.table:
-            raise ConfigError("selection.mode=ps needs selection.table (make one with tools/export_reference.py)")
+            raise ConfigError("selection.mode=ps needs selection.table (make one with sclslt reference)")
         if sel.pools < 1 or sel.chunk < 1 or sel.self_interval < 1 or sel.log_base <= 1:
             raise ConfigError("selection.pools, selection.chunk and selection.self_interval must be >= 1, "
                               "selection.log_base > 1")

@@ -480,7 +480,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert tags == ["epoch0000", "epoch0001", "epoch0002"]
 
     table_path = d / "ref.safetensors"
-    ds_tool(29632, "tools/export_reference.py", "--run", str(ref), "--early", "epoch0000", "--late", "epoch0002",
+    ds_tool(29632, "--module", "sclslt.cli", "reference", "--run", str(ref), "--early", "epoch0000", "--late", "epoch0002",
             "--out", str(table_path))
     table = load_table(table_path)
     cfg = load_config(cfg_path, ["--train.run_dir", str(ref)])
@@ -497,7 +497,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     # CiCo-scored table (2 ranks): its dense delta is the one-process CiCo similarity of the token
     # features at the late checkpoint minus at the early one; its pooled views are the pooled table's
     cico_path = d / "ref_cico.safetensors"
-    out = ds_tool(29637, "tools/export_reference.py", "--run", str(ref), "--early", "epoch0000", "--late",
+    out = ds_tool(29637, "--module", "sclslt.cli", "reference", "--run", str(ref), "--early", "epoch0000", "--late",
                   "epoch0002", "--score", "cico", "--out", str(cico_path))
     assert "Spearman" in out
     cico = load_table(cico_path)
@@ -514,7 +514,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     sharded = d / "ref_sharded"
 
     def export_sharded(*extra):
-        return ds_tool(29638, "tools/export_reference.py", "--run", str(ref), "--early", "epoch0000", "--late",
+        return ds_tool(29638, "--module", "sclslt.cli", "reference", "--run", str(ref), "--early", "epoch0000", "--late",
                        "epoch0002", "--out", str(sharded), *extra)
     export_sharded()
     whole = load_table(sharded)

@@ -54,8 +54,7 @@ import sys
 sys.path.insert(0, "tests")
 import test_heads                      # registers the maxpool head
 from sclslt.train.main import main
-sys.path.insert(0, "tools")
-import export_reference
+from sclslt.selection import reference as export_reference
 argv, out = sys.argv[1:-1], sys.argv[-1]
 code = main(argv)
 if code == 0:

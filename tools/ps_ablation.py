@@ -8,7 +8,7 @@ whose interval excludes 0 is resolved; one whose interval includes 0 is not, wha
 
 Reference runs and tables come from the arms themselves: `random` (and `random_cico` for CiCo)
 saves a checkpoint every epoch and is the reference run; a table (early tag, late tag) is exported
-from it once per seed (tools/export_reference.py). Runs are resumed/skipped when their results.json
+from it once per seed (`sclslt reference`). Runs are resumed/skipped when their results.json
 exists, so the table grows arm by arm:
 
   python tools/ps_ablation.py --arms random --seeds 0 1 2 3 4 5        # the baseline, and its spread
@@ -210,7 +210,7 @@ def table_for(args, seed: int, spec: tuple[str, str, str, str], port: int) -> Pa
     out = args.out / f"seed{seed}" / "tables" / f"{ref}.{early}.{late}.{score}.safetensors"
     if not out.is_file():
         run_arm(args, ref, seed, port)
-        sh(launcher(args, port + 1) + ["tools/export_reference.py", "--run", str(args.out / f"seed{seed}" / ref),
+        sh(launcher(args, port + 1) + ["--module", "sclslt.cli", "reference", "--run", str(args.out / f"seed{seed}" / ref),
                                        "--early", early, "--late", late, "--score", score, "--out", str(out)],
            out.with_suffix(".log"))
     return out

@@ -44,7 +44,7 @@ class Table:
 
     delta(u, c) is v1_u . t1_c - v0_u . t0_c (pooled scoring, factorised: a round is one
     matrix-vector product), or, when the table carries `delta` (N x N, video row, text column), that
-    matrix: any similarity, e.g. CiCo's, which does not factorise (tools/export_reference.py
+    matrix: any similarity, e.g. CiCo's, which does not factorise (sclslt/selection/reference.py
     --score cico; N^2 memory, so for corpora up to some ten thousand clips).
     The embeddings live on `device` (the training GPU when there is one), where the candidates are
     scored; ids and the selection logic stay on the CPU.
@@ -170,7 +170,7 @@ def _table_index(path) -> dict:
     f = Path(path) / TABLE_INDEX
     if not f.is_file():
         raise FileNotFoundError(f"{path}: a sharded reference table needs {TABLE_INDEX} (an export that did not "
-                                f"finish? run tools/export_reference.py again with --resume)")
+                                f"finish? run sclslt reference again with --resume)")
     return json.loads(f.read_text())
 
 
@@ -189,7 +189,7 @@ def _key_rows(all_keys: list[str]) -> dict:
 
 
 def _load_sharded(path, device, keys, dtype) -> Table:
-    """A table written as one part per exporting rank (tools/export_reference.py --out DIR)."""
+    """A table written as one part per exporting rank (sclslt reference --out DIR)."""
     import json
 
     from safetensors import safe_open
