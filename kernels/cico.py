@@ -5,7 +5,7 @@ text tokens, both L2-normalised by the caller; boolean masks of valid tokens. Fo
 dot = v_i t_j^T (T x L) and
     i2t = mean over valid t of  sum_l dot[t, l] * softmax_l(dot[t, :] / tau)[l]
     t2i = mean over valid l of  sum_t dot[t, l] * softmax_t(dot[:, l] / tau)[t]
-    s(i, j) = (i2t + t2i) / 2                                       (../shared/PAPER.md; part "mean")
+    s(i, j) = (i2t + t2i) / 2                                       (docs/paper.md; part "mean")
 or one direction alone (part "i2t" or "t2i": CiCo's own code scores video->text with i2t and
 text->video with t2i).
 Returns the (b, n) similarities in fp32, differentiable in v and t. A clip or sentence with no

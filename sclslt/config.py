@@ -88,7 +88,7 @@ class ModelConfig:
     dropout: float = 0.1
     max_positions: int = 256
     embed_dim: int = 64           # joint embedding size for the contrastive heads
-    similarity: str = "pooled"    # the similarity head (sclslt/model/heads.py): pooled embeddings, or cico (token-level, PAPER.md)
+    similarity: str = "pooled"    # the similarity head (sclslt/model/heads.py): pooled embeddings, or cico (token-level, docs/paper.md)
     cico_tau: float = 0.07        # CiCo softmax temperature
     cico_directions: Literal["average", "split"] = "average"  # CiCo training: (i2t + t2i) / 2 both ways, or split: i2t for video->text, t2i for text->video (CiCo's code)
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
@@ -151,7 +151,7 @@ class TrainConfig:
 
 @dataclass
 class SelectionConfig:
-    """How stage-1 global batches are built (Pair Selection, PAPER.md)."""
+    """How stage-1 global batches are built (Pair Selection, docs/paper.md)."""
     mode: Literal["random", "ps", "self"] = "random"          # random | ps (reference table) | self (the job's own earlier embeddings)
     table: str = ""               # ps: reference table made by `sclslt reference`
     schedule: str = "log"         # curriculum (sclslt/selection/schedules.py): the quantile of Delta vs alpha

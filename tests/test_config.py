@@ -73,7 +73,7 @@ def test_base_files_chain_and_are_overridden(tmp_path):
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
 def test_every_shipped_experiment_file_loads(path):
     cfg = load_config(ROOT / path)
-    if "phoenix2014t" in path or "csl_daily" in path:       # the paper's recipe (PAPER.md "Model")
+    if "phoenix2014t" in path or "csl_daily" in path:       # the paper's recipe (docs/paper.md "Symmetric InfoNCE and the model")
         assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.eval.beam) == (16, 32, 8)
         assert cfg.stage1.label_smoothing == cfg.stage2.label_smoothing == 0.2
         assert cfg.model.similarity == "cico" and cfg.stage1.freeze_text_encoder

@@ -59,7 +59,7 @@ def batch_score(t: Table, rows):
 
 
 def test_curriculum_quantiles():
-    """Each schedule's quantile at alpha = 1/4 and 0.64, written out from PAPER.md's formulas (log base 10).
+    """Each schedule's quantile at alpha = 1/4 and 0.64, written out from docs/paper.md's formulas (log base 10).
     Mutation caught: sqrt as a ** 0.4 (0.574 at 1/4, not 0.5; checked); an unclipped alpha."""
     written = {("linear", 0.25): 0.25, ("linear", 0.64): 0.64, ("sqrt", 0.25): 0.5, ("sqrt", 0.64): 0.8,
                ("log", 0.25): 0.5118833609788744, ("log", 0.64): 0.829946695941636,    # log10(1 + 9a)

@@ -1,4 +1,4 @@
-"""Trajectories of negative pairs over the checkpoints of a reference run (PAPER.md, "Preliminary analysis").
+"""Trajectories of negative pairs over the checkpoints of a reference run (docs/paper.md, "The evidence").
 
 Embeds the training split at every checkpoint of a run, draws one seeded random sample of its
 video-text pairs (the same samples at every checkpoint) and follows the similarity of every

@@ -9,7 +9,7 @@ picked by `model.similarity` from `sclslt.registry.SIMILARITY_HEADS`; a new head
 in any module that registers it) plus its test.
 
 - `pooled`  mean-pooled, projected, L2-normalised embeddings; dot product (`sclslt_kernels.infonce`, fused)
-- `cico`    CiCo's token-level similarity (`sclslt_kernels.cico_similarity`, fused; PAPER.md)
+- `cico`    CiCo's token-level similarity (`sclslt_kernels.cico_similarity`, fused; docs/paper.md)
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ Pretrained mBART with the run's tokenizer (`text.make_run_tokenizer`, record in 
 LoRA (`model.lora_rank > 0`, peft): adapters on q/k/v/out projections of the visual encoder (the
 mBART encoder fed with video) and of the decoder (self- and cross-attention). In those two modules
 every other pretrained weight is frozen by design (`frozen_by_design`), except the token embeddings,
-which are tied to the LM head and stay trainable (PAPER.md is silent). Backbone, temporal blocks,
+which are tied to the LM head and stay trainable (docs/paper.md is silent). Backbone, temporal blocks,
 heads and the text encoder are untouched by LoRA.
 """
 from __future__ import annotations

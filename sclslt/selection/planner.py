@@ -1,4 +1,4 @@
-"""Pair Selection: curriculum global batches from the similarity dynamics of negatives (PAPER.md).
+"""Pair Selection: curriculum global batches from the similarity dynamics of negatives (docs/paper.md).
 
 delta(i, j) = s_late(V_i, T_j) - s_early(V_i, T_j) from a reference table of pooled embeddings at an
 early and a late checkpoint; never stored N x N, computed on demand for the candidates against the

@@ -1,5 +1,5 @@
 """Curriculum schedules of Pair Selection: the quantile q(alpha) of the sorted Delta a batch takes its
-candidates at, alpha = epoch / epochs (PAPER.md). Each is registered by name in
+candidates at, alpha = epoch / epochs (docs/paper.md). Each is registered by name in
 `sclslt.registry.SCHEDULES` (`selection.schedule`); a new schedule is one function here plus its test.
 
     easy 0 | hard 1 | linear alpha | sqrt sqrt(alpha) | log log(1 + (b - 1) alpha) / log(b)  (b: selection.log_base)
