@@ -487,8 +487,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
 
 
 def field_help() -> list[str]:
-    """One line per config field, `--section.key (type, default): comment`, from the comments in this
-    file (what `sclslt train --help` and `launch/train.py --help` list)."""
+    """One line per config field, `--section.key (default ...): comment` (what `sclslt train --help` and
+    `launch/train.py --help` list)."""
+    return [f"  --{key} (default {value!r})" + (f": {note}" if note else "") for key, value, note in field_rows()]
+
+
+REFERENCE_MARK = "<!-- generated: sclslt.config field reference -->"
+
+
+def field_reference() -> str:
+    """docs/configuration.md's field reference: a table per section, from the same rows as `field_help`."""
+    out, section = [], None
+    for key, value, note in field_rows():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            out += ["", f"### `{section}`", "", "| field | default | what |", "|---|---|---|"]
+        out.append(f"| `{key}` | `{value!r}` | {note.replace('|', chr(92) + '|')} |")
+    return "\n".join(out[1:]) + "\n"
+
+
+def write_field_reference(doc="docs/configuration.md") -> None:
+    """Rewrite the guide's field reference (everything after REFERENCE_MARK) from the config's comments."""
+    path = Path(doc)
+    text = path.read_text()
+    write_text(path, text[:text.index(REFERENCE_MARK) + len(REFERENCE_MARK)] + "\n\n" + field_reference())
+
+
+def field_rows() -> list[tuple[str, object, str]]:
+    """(section.key, default, comment) of every config field, from the comments in this file; a name field's
+    comment starts with the names it takes."""
     import inspect
     import re
 
@@ -507,7 +534,7 @@ def field_help() -> list[str]:
                 last = None
         return out
 
-    def walk(obj, prefix: str) -> list[str]:
+    def walk(obj, prefix: str) -> list[tuple]:
         out, notes = [], comments(type(obj))
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
@@ -518,7 +545,7 @@ def field_help() -> list[str]:
                 names = choices.get(f"{prefix}{f.name}")
                 if names:
                     note = f"one of {', '.join(names)}" + (f"; {note}" if note else "")
-                out.append(f"  --{prefix}{f.name} (default {value!r})" + (f": {note}" if note else ""))
+                out.append((f"{prefix}{f.name}", value, note))
         return out
     choices = name_fields(Config())
     return walk(Config(), "")

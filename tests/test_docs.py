@@ -141,3 +141,14 @@ def test_readme_is_a_front_page_linking_every_guide():
     orphans = [g.relative_to(ROOT).as_posix() for g in sorted((ROOT / "docs").glob("*.md"))
                if g.relative_to(ROOT).as_posix() not in linked]
     assert not orphans, f"guides the README does not link: {orphans}"
+
+
+def test_the_configuration_guides_field_reference_is_the_configs_own():
+    """docs/configuration.md's field reference is what `sclslt.config.field_reference()` makes from the typed
+    config and its comments (the same rows `sclslt train --help` prints). Mutation caught (checked): a field
+    added to the config (or its comment changed) without regenerating the guide. Regenerate with
+    python -c "from sclslt.config import write_field_reference; write_field_reference()"."""
+    from sclslt.config import REFERENCE_MARK, field_reference
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert REFERENCE_MARK in text
+    assert text.split(REFERENCE_MARK, 1)[1] == "\n\n" + field_reference(), "regenerate: see this test's docstring"
