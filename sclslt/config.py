@@ -183,6 +183,8 @@ class EvalConfig:
     retrieval_split: str = "dev"  # video<->text R@1/5/10 after the contrastive stage (same sentence = hit)
     select: Literal["dev_bleu4", "last"] = "dev_bleu4"     # which stage-2 checkpoint is evaluated: best dev BLEU-4, or "last"
     dev_every_epochs: int = 1     # dev decoding period during stage 2 (for select=dev_bleu4)
+    patience: int = 0             # > 0: the last stage stops after this many dev decodings without a new best
+                                  # (select=dev_bleu4; results.json says where and why); 0: every epoch is trained
 
 
 @dataclass

@@ -26,9 +26,17 @@ def _train(cfg_path, run, *extra):
     return proc
 
 
+def _metrics(run):
+    import csv
+    with open(run / "stage2" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, tmp_path):
-    """Mutations caught (checked): chrF before BLEU-4 in the rule (picks step 48, not 36), every new
-    measurement taken as the best (the last checkpoint selected)."""
+    """With eval.patience 2 the stage stops after two dev decodings without a new best, and a resume trains
+    nothing more. Mutations caught (checked): chrF before BLEU-4 in the rule (picks step 48, not 36), every new
+    measurement taken as the best (the last checkpoint selected), patience ignored (all 8 epochs trained),
+    the stop not derived from the restored history (the resume trains on)."""
     import torch
 
     from sclslt.data.loader import Collate, ShardStream, make_loader
@@ -44,12 +52,24 @@ def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, t
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    _train(cfg_path, run, "--train.max_steps", "48")          # stage 2 stops after 4 of 8 epochs
-    proc = _train(cfg_path, run, "--resume")                  # ... and goes on: the best so far is carried
+    patience = ("--eval.patience", "2")
+    _train(cfg_path, run, "--train.max_steps", "48", *patience)   # stage 2 stops after 4 of 8 epochs
+    proc = _train(cfg_path, run, "--resume", *patience)          # ... and goes on: the best so far is carried
     assert "dev BLEU-4" in proc.stdout
     sel = json.loads((run / "results.json").read_text())["selected_checkpoint"]
     hist = sel["history"]
-    assert [h["step"] for h in hist] == list(range(12, 97, 12))   # every epoch, the resumed part included
+    # every epoch's decoding, the resumed part included, until two decodings in a row found nothing better
+    # than the best (eval.patience 2; spelled out: the first index i with no new best at i - 1 and i)
+    steps = [h["step"] for h in hist]
+    assert steps == list(range(12, 12 * len(hist) + 1, 12)) and len(hist) < 8
+    key = lambda h: (h["dev_bleu4"], h["dev_chrf"] or 0.0, h["dev_rouge_l"])
+    new_best = [i == 0 or key(h) > max(map(key, hist[:i])) for i, h in enumerate(hist)]
+    assert not any(new_best[-2:]) and all(any(new_best[max(0, i - 1):i + 1]) for i in range(len(hist) - 1))
+    assert sel["stopped_early"]["at_step"] == steps[-1] and sel["stopped_early"]["patience"] == 2
+    assert [int(r["step"]) for r in _metrics(run)][-1] == steps[-1]          # no step trained after the stop
+    again = _train(cfg_path, run, "--resume", *patience)                    # a resume after the stop trains nothing
+    assert [int(r["step"]) for r in _metrics(run)][-1] == steps[-1] and "stopping early" not in again.stdout
+    assert json.loads((run / "results.json").read_text())["selected_checkpoint"] == sel
     # the rule, spelled out: the highest dev BLEU-4, then chrF, then ROUGE-L; the earliest on full ties
     best = min(hist, key=lambda h: (-h["dev_bleu4"], -(h["dev_chrf"] or 0.0), -h["dev_rouge_l"], h["step"]))
     assert sel["tag"] == best["tag"] and sel["stage"] == "stage2" and "BLEU-4" in sel["rule"]

@@ -84,6 +84,21 @@ class DevSelector:
         if state:
             self.best, self.history = state.get("best"), list(state.get("history", []))
 
+    def since_best(self) -> int:
+        """Dev decodings after the best one (0 when the latest is the best, or before any)."""
+        if not self.best:
+            return 0
+        return len(self.history) - 1 - max(i for i, h in enumerate(self.history) if h["step"] == self.best["step"])
+
+    def stopped(self, patience: int) -> dict | None:
+        """Where and why the stage stopped early (eval.patience), or None: computed from the history a
+        checkpoint carries, so a resumed run stops where the interrupted one would have."""
+        if not (self.active and patience > 0 and self.since_best() >= patience):
+            return None
+        return {"patience": patience, "at_step": self.history[-1]["step"],
+                "reason": f"no better dev score in the {patience} decoding(s) after step {self.best['step']}'s "
+                          f"(dev BLEU-4 {self.best['dev_bleu4']:.2f})"}
+
     def measured(self, step: int) -> bool:
         return bool(self.history) and self.history[-1]["step"] == step
 

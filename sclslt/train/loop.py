@@ -250,7 +250,8 @@ class Stage:
     def run(self) -> SLTModel:
         """Train to the stage's last step (or return at once if a resumed stage is complete)."""
         ctx, s = self.ctx, self.state
-        if s.step >= self.total:
+        patience = ctx.cfg.eval.patience
+        if s.step >= self.total or self.selector.stopped(patience):
             return self.eval_model()
         self.checkpointer.at("start", s.step)
         self.collate = Collate(ctx.tokenizer)
@@ -268,6 +269,11 @@ class Stage:
                 if self.selector.active and s.epoch % max(ctx.cfg.eval.dev_every_epochs, 1) == 0 \
                         and s.step < self.total:
                     self.measure_dev()
+                    stop = self.selector.stopped(patience)
+                    if stop:
+                        ctx.reporter.info(f"{self.name}: stopping early at step {s.step} (eval.patience={patience}): "
+                                          f"{stop['reason']}")
+                        break
         if self.selector.active and not self.selector.measured(s.step):
             self.measure_dev()
         self.checkpointer.at("end", s.step)
@@ -464,6 +470,11 @@ def selected_model(ctx: Context, name: str, model: SLTModel) -> tuple[SLTModel, 
                   "rule": f"best dev BLEU-4 (ties: chrF, ROUGE-L, then the earliest) of the last stage, decoded "
                           f"every {ctx.cfg.eval.dev_every_epochs} epoch(s) and at its end (eval.select=dev_bleu4)",
                   "history": sel.get("history", [])}
+        selector = DevSelector(ctx, name)
+        selector.restore(sel)
+        stop = selector.stopped(ctx.cfg.eval.patience)
+        if stop:
+            record["stopped_early"] = stop
         if best["tag"] != last:
             model = build_model(ctx)
             model.load_state_dict(load_module_state(ckpt_dir, best["tag"]), strict=True)
