@@ -5,6 +5,8 @@
                (one process; under a launcher: deepspeed / mpirun / srun ... launch/train.py, README.md)
   sclslt reference --run REF_RUN --early TAG --late TAG --out TABLE [--score pooled|cico] [--resume]
                    (several ranks: deepspeed --module sclslt.cli reference ...)
+  sclslt evaluate --run RUN_DIR [--split test|dev|train] [--checkpoint stage2|stage1|DIR] [--tag TAG] [--beam N]
+                  [--out FILE]   (several ranks: deepspeed --module sclslt.cli evaluate ...)
   sclslt translate (--run RUN_DIR | --model DIR|HUB_NAME) INPUT [INPUT ...] [--checkpoint stage2|stage1|PATH]
                    [--tag TAG] [--beam N] [--max-len N] [--device cpu|cuda] [--size N] [--json]
   sclslt export --run RUN_DIR --out DIR [--lora merged|adapter] [--license ID] [--name NAME]
@@ -48,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "time and each input's frames and latency.")
     translate.add_arguments(t)
     t.set_defaults(func=translate.run_command)
+    from sclslt.eval import offline
+    v = sub.add_parser("evaluate", help="score a run's checkpoint (the selected one, or any) on any split, without "
+                       "training", description=offline.__doc__.split("\n\n")[0],
+                       epilog="\n\n".join(offline.__doc__.split("\n\n")[1:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    offline.add_arguments(v)
+    v.set_defaults(func=offline.run_command)
     from sclslt.eval import export
     e = sub.add_parser("export", help="a run's selected checkpoint as a Hugging Face model folder with a model card",
                        description=export.__doc__.split("\n\n")[0])

@@ -21,7 +21,10 @@ from sclslt.config import eval_batch
 from sclslt.runtime.context import Context, enabled_stages
 
 
-def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> dict:
+def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True, report=None, about=None) -> dict:
+    """Decode `split` on every rank (contiguous slices), gather, and score against the references and the trivial
+    baseline; rank 0 writes the run's report.<split>.json and hypotheses (`write`), or the report to `report`
+    with `about` (what was evaluated) in it."""
     cfg = ctx.cfg
     stream = ShardStream(ctx.shards_dir, split, eval_batch(cfg), rank=ctx.rank, world=ctx.world,
                          max_frames=cfg.data.max_frames, decode=ctx.decode)
@@ -37,7 +40,9 @@ def evaluate(ctx: Context, model: SLTModel, split: str, write: bool = True) -> d
               "trivial_baseline": {"sentence": trivial,
                                    **compute_metrics([trivial] * len(refs), refs, cfg.eval.bleu_tokenize)},
               "beam": cfg.eval.beam}
-    if ctx.rank == 0 and write:
+    if ctx.rank == 0 and report is not None:
+        write_report(report, {**result, **(about or {}), "tokenizer": tokenizer_record(ctx.tokenizer)}, rows)
+    elif ctx.rank == 0 and write:
         write_report(ctx.run_dir / f"report.{split}.json", {**result, "tokenizer": tokenizer_record(ctx.tokenizer)},
                      rows)
         with open(ctx.run.hypotheses(split), "w") as f:
