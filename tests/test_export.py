@@ -84,6 +84,7 @@ def test_save_pretrained_writes_a_folder_that_loads_back(exported, tmp_path):
 
 
 def test_the_card_carries_results_json_numbers(tiny_run, exported):
+    """Mutation caught (checked): one manifest's hash recorded for every split."""
     from huggingface_hub import ModelCard
     run, _ = tiny_run
     res = json.loads((run / "results.json").read_text())
@@ -99,6 +100,15 @@ def test_the_card_carries_results_json_numbers(tiny_run, exported):
     text = card.text
     assert f"{res['trivial_baseline']['bleu4']:.2f}" in text and res["trivial_baseline"]["sentence"] in text
     assert res["selected_checkpoint"]["tag"] in text and "GPUs (ranks): 1" in text and "@inproceedings" in text
+    # provenance: each split's manifest hashed as it is on disk, no pretrained source (all trained here)
+    import hashlib
+
+    from sclslt.config import load_config
+    from sclslt.data.corpus import resolve_shards_dir
+    shards = resolve_shards_dir(load_config(run / "config.yaml").data)
+    want = {sp: hashlib.sha256((shards / f"{sp}.json").read_bytes()).hexdigest() for sp in ("train", "dev", "test")}
+    assert res["provenance"]["shards"]["manifest_sha256"] == want and res["provenance"]["pretrained"] == {}
+    assert "## Provenance" in text and f"test `{want['test'][:16]}`" in text and "trained from scratch" in text
 
 
 def test_a_damaged_or_partial_export_is_a_clear_error(tiny_run, exported, tmp_path, clips, capsys):

@@ -113,7 +113,8 @@ def model_card(run: Path, cfg, results: dict, config: dict, license: str, name: 
     text += ["", "## Checkpoint", "",
              f"`{config['provenance']['checkpoint']}` of run `{run.name}`: {config['provenance']['checkpoint_choice']}"
              + (f" (rule: {sel['rule']})" if sel.get("rule") else "") + ".", "",
-             "## Use", "", "```python", "from sclslt.eval.hub import SignTranslator",
+             *provenance_lines(results.get("provenance")),
+             "## Use", "", "```python", "from sclslt import SignTranslator",
              f"model = SignTranslator.from_pretrained(\"path/or/hub-name\")", "print(model.translate(\"clip.mp4\"))   "
              "# a video file or a folder of frames", "```", "",
              "or `sclslt translate --model path/or/hub-name clip.mp4`. Frames are decoded, resized to "
@@ -128,3 +129,21 @@ def model_card(run: Path, cfg, results: dict, config: dict, license: str, name: 
              "## Citation", "", "```bibtex", CITATION, "```", ""]
     card = ModelCard(f"---\n{card_data(cfg, results, config, license, name).to_yaml()}\n---\n\n" + "\n".join(text))
     return str(card)
+
+
+def provenance_lines(prov: dict | None) -> list[str]:
+    """The card's account of every input (results.json's `provenance`, sclslt/eval/provenance.py)."""
+    if not prov:
+        return []
+    out = ["## Provenance", "", "Shard manifests (sha256; each lists its shards' sha256): " + ", ".join(
+        f"{sp} `{h[:16]}`" for sp, h in prov["shards"]["manifest_sha256"].items()) + "."]
+    pre = {**prov.get("pretrained", {}), **({"init_from": prov["init_from"]} if "init_from" in prov else {})}
+    out.append("Pretrained sources: " + ("; ".join(
+        f"`{k}` {r['source']}" + (f" (sha256 `{r['sha256'][:16]}`)" if r.get("sha256") else
+                                  f" (revision {r['revision']})" if r.get("revision") else "")
+        for k, r in pre.items()) if pre else "none (every weight trained from scratch on this corpus)") + ".")
+    t = prov.get("selection_table")
+    if t:
+        out.append(f"Pair Selection reference table sha256 `{t['sha256'][:16]}`, exported from run `{t.get('run')}` "
+                   f"at checkpoints {t.get('early')} and {t.get('late')} ({t.get('score', 'pooled')} scoring).")
+    return out + [""]

@@ -29,6 +29,7 @@ from sclslt.data.corpus import resolve_shards_dir
 from sclslt.data.shards import check_disjoint_splits, manifest_rows, read_manifest
 from sclslt.data.text import make_run_tokenizer
 from sclslt.eval.evaluation import DevSelector, evaluate, tokenizer_record
+from sclslt.eval.provenance import provenance
 from sclslt.eval.retrieval import embed_split, retrieval_recall
 from sclslt.model import close_text
 from sclslt.model.batchnorm import drop_pending, finish_step
@@ -517,6 +518,7 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     result["world"] = ctx.world
     result["kernels"] = kernel_path(ctx.dist.device)
     if ctx.rank == 0:
+        result["provenance"] = provenance(cfg, ctx.shards_dir)
         write_text(ctx.run.results_file, json.dumps(result, indent=2))
         ctx.reporter.results(result)
     finish_distributed()
