@@ -430,18 +430,17 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
 
 
 def test_a_run_exports_as_pretrained_encoders_that_the_recipe_loads(tmp_path):
-    """tools/export_pretrained.py on a real (tiny) run: backbone, mBART whose encoder is the run's text
+    """`sclslt export --encoders` on a real (tiny) run: backbone, mBART whose encoder is the run's text
     encoder, and tokenizer, written with save_pretrained; a model configured with them starts from exactly
     those weights (issue 14's pretrained start), through the loading path of a real recipe."""
-    import importlib.util
+    import json
 
+    from sclslt.cli import main
     from sclslt.config import load_config
     from sclslt.runtime.rundir import load_run_model
     fixture = ROOT / "tests" / "fixtures" / "run_before_layout_move"
-    spec = importlib.util.spec_from_file_location("export_pretrained", ROOT / "tools" / "export_pretrained.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    info = tool.export(fixture, tmp_path / "pre", stage="stage1")
+    assert main(["export", "--encoders", "--run", str(fixture), "--out", str(tmp_path / "pre"), "--stage", "stage1"]) == 0
+    info = json.loads((tmp_path / "pre" / "export.json").read_text())
     assert info["tag"] == "step00000002" and not list(tmp_path.glob(".pre.tmp-*"))
     src, tok, cfg = load_run_model(fixture, fixture / "stage1" / "checkpoints")
     cfg = load_config(fixture / "config.yaml", ["--model.backbone", str(tmp_path / "pre" / "backbone"),

@@ -102,9 +102,51 @@ def export_run(run_dir, out, lora: str = "merged", license: str = "other", name:
     return out
 
 
+def export_encoders(run: Path, out: Path, stage: str = "stage2", tag: str | None = None) -> dict:
+    """`sclslt export --encoders`: a run's encoders as pretrained models in the layout a real recipe loads
+    (`model.backbone`, `model.mbart`, `model.tokenizer`, all `save_pretrained` folders), so that another run can
+    start from encoders whose similarities already mean something:
+
+      <out>/backbone    the frame ResNet (transformers ResNetModel)
+      <out>/mbart       MBartForConditionalGeneration: encoder = the run's TEXT encoder (text-pretrained, as
+                        mBART's encoder is), decoder, embeddings and LM head = the run's; the visual encoder,
+                        temporal blocks and contrastive heads are not exported
+      <out>/tokenizer   the run's tokenizer (load it with model.trim_vocab false: the run's own vocabulary)
+
+    from checkpoint `tag` (latest if None) of `stage`."""
+    import os
+    from sclslt.runtime.rundir import RunDir, load_run_model
+    model, _, cfg = load_run_model(run, RunDir(run).checkpoints(stage), tag)
+    if cfg.model.lora_rank:
+        raise ValueError(f"{run} trains LoRA adapters (model.lora_rank={cfg.model.lora_rank}): export a run "
+                         f"without LoRA, whose weights are whole")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.backbone.save_pretrained(tmp / "backbone")
+    text = {k: v for k, v in model.text_encoder.state_dict().items() if not k.startswith("embed_tokens.")}
+    missing, unexpected = model.s2s.model.encoder.load_state_dict(text, strict=False)
+    if unexpected or any(not k.startswith("embed_tokens.") for k in missing):
+        raise RuntimeError(f"text encoder and mBART encoder differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.s2s.save_pretrained(tmp / "mbart")
+    shutil.copytree(RunDir(run).tokenizer_dir, tmp / "tokenizer")
+    info = {"run": str(run), "stage": stage, "tag": tag or RunDir(run).latest(stage),
+            "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
+            "mbart_params": sum(p.numel() for p in model.s2s.parameters())}
+    (tmp / "export.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return info
+
+
 def add_arguments(p) -> None:
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="a finished run (its results.json names the checkpoint)")
     p.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    p.add_argument("--encoders", action="store_true",
+                   help="instead: the run's encoders as pretrained backbone/, mbart/ and tokenizer/ folders for "
+                        "model.backbone, model.mbart and model.tokenizer of another run (export_encoders)")
+    p.add_argument("--stage", default="stage2", help="--encoders: whose checkpoint (default stage2)")
+    p.add_argument("--tag", default=None, help="--encoders: the checkpoint tag (default: the stage's latest)")
     p.add_argument("--lora", choices=("merged", "adapter"), default="merged",
                    help="LoRA runs: merge the adapters into the weights (default) or keep them as adapters")
     p.add_argument("--license", default="other", help="the card's license field (default: other; set your data's)")
@@ -119,6 +161,16 @@ def run_command(args) -> int:
     import sys
 
     from sclslt.eval.translate import TranslateError
+    if args.encoders:
+        try:
+            info = export_encoders(Path(args.run), Path(args.out), args.stage, args.tag)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"sclslt export: error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.out}/{{backbone,mbart,tokenizer}} from {info['run']} {info['stage']}/{info['tag']}: "
+              f"--model.backbone {args.out}/backbone --model.mbart {args.out}/mbart --model.tokenizer "
+              f"{args.out}/tokenizer --model.trim_vocab false")
+        return 0
     try:
         out = export_run(args.run, args.out, args.lora, args.license, args.name, args.overwrite, args.sentences)
     except (ExportError, TranslateError, FileNotFoundError, RuntimeError) as e:
