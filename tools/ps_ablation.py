@@ -222,7 +222,7 @@ _PRETRAIN_LOCK = threading.Lock()
 def pretrained(args, kind: str) -> list[str]:
     """The overrides of a pretrained start, made once for all seeds (a fixed artifact, as ImageNet/mBART
     weights are): --pretrain-config (the test bed's language, clips it never trains on) trained with seed
-    1000; "encoders": its backbone, text encoder and decoder exported by tools/export_pretrained.py;
+    1000; "encoders": its backbone, text encoder and decoder exported by `sclslt export --encoders`;
     "vlp": its whole stage-1 model (model.init_from), contrastive heads included."""
     out = args.out / "pretrained"
     with _PRETRAIN_LOCK:
@@ -232,7 +232,7 @@ def pretrained(args, kind: str) -> list[str]:
                 sh(launcher(args, 30990) + ["launch/train.py", "--deepspeed", args.deepspeed, "--config",
                                             str(args.pretrain_config), "--train.seed", "1000", "--train.run_dir",
                                             str(run)], out / "run.log")
-            sh([sys.executable, "tools/export_pretrained.py", "--run", str(run), "--out", str(out / "export")],
+            sh([sys.executable, "-m", "sclslt.cli", "export", "--encoders", "--run", str(run), "--out", str(out / "export")],
                out / "export.log")
     if kind == "vlp":
         return ["--model.init_from", str(out / "run" / "stage1" / "checkpoints"),
