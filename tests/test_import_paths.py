@@ -117,3 +117,20 @@ def test_a_worktree_runs_its_own_sclslt_and_kernels_beside_the_installed_package
     help_text = subprocess.run([sys.executable, "tools/shard_videos.py", "--help"], cwd=tree, capture_output=True,
                                text=True, timeout=300, env={**env, **({"PYTHONPATH": str(standin)} if standin else {})})
     assert help_text.returncode == 0 and "usage" in help_text.stdout.lower(), help_text.stderr[-2000:]
+
+
+def test_the_wheel_carries_the_deepspeed_configs_and_every_command(tmp_path):
+    """What `pip install .` installs: the packaged DeepSpeed configs (`--deepspeed zero2` must work without a
+    checkout), the modules of every `sclslt` command, and none of tools/. Mutation caught (checked): setup.py's
+    package_data removed (no configs in the wheel)."""
+    import zipfile
+    src = tmp_path / "src"                  # a clean copy: a checkout's stale build/ would fill the wheel
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results"))
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    names = set(zipfile.ZipFile(next(tmp_path.glob("sclslt-*.whl"))).namelist())
+    assert {f"sclslt/configs/zero{z}.json" for z in ("1", "2", "3", "3_offload")} <= names
+    assert {"sclslt/data/sharding.py", "sclslt/selection/reference.py", "sclslt/eval/offline.py",
+            "sclslt/eval/export.py", "sclslt/cli.py", "sclslt_kernels/infonce.py"} <= names
+    assert not any(n.startswith(("tools/", "tests/", "launch/")) for n in names)
