@@ -22,51 +22,30 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sclslt.eval import translate
+    from sclslt.data import sharding
+    from sclslt.eval import demo, export, offline, translate
+    from sclslt.selection import reference
     p = argparse.ArgumentParser(prog="sclslt", description="Gloss-free sign language translation (SCL-SLT).",
                                 epilog="Multi-rank training: deepspeed / mpirun / srun ... launch/train.py (README.md).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from sclslt.data import sharding
-    sh = sub.add_parser("shard", help="a corpus in its own layout (PHOENIX-2014T, CSL-Daily, How2Sign, a CSV) to "
-                        "WebDataset shards", description=sharding.__doc__.split("\n\n")[0],
-                        epilog="\n\n".join(sharding.__doc__.split("\n\n")[1:]),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sharding.add_arguments(sh)
-    sh.set_defaults(func=sharding.run_command)
+
+    def command(name: str, module, help: str) -> None:
+        """A subcommand from its module: the docstring's first paragraph describes it, the rest is the epilog;
+        the module's add_arguments and run_command are its options and what it does."""
+        doc = module.__doc__.split("\n\n")
+        c = sub.add_parser(name, help=help, description=doc[0], epilog="\n\n".join(doc[1:]),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(c)
+        c.set_defaults(func=module.run_command)
+    command("shard", sharding, "a corpus in its own layout (PHOENIX-2014T, CSL-Daily, How2Sign, a CSV) to WebDataset "
+                               "shards")
     sub.add_parser("train", help="train a run (stage 1, stage 2, evaluation); --help lists every config field",
                    add_help=False)
-    from sclslt.selection import reference
-    r = sub.add_parser("reference", help="a Pair Selection reference table from two checkpoints of a reference run",
-                       description=reference.__doc__.split("\n\n")[0],
-                       epilog="\n\n".join(reference.__doc__.split("\n\n")[1:]),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    reference.add_arguments(r)
-    r.set_defaults(func=reference.run_command)
-    t = sub.add_parser("translate", help="translate sign videos or frame folders with a trained run",
-                       description="Translate sign videos or frame folders with a trained run. Frames are decoded, "
-                                   "resized and subsampled as the run's training and evaluation data were; the "
-                                   "model is the checkpoint the run selected (results.json), else stage 2's "
-                                   "latest. Prints the text per input, the parameter count, the model load "
-                                   "time and each input's frames and latency.")
-    translate.add_arguments(t)
-    t.set_defaults(func=translate.run_command)
-    from sclslt.eval import offline
-    v = sub.add_parser("evaluate", help="score a run's checkpoint (the selected one, or any) on any split, without "
-                       "training", description=offline.__doc__.split("\n\n")[0],
-                       epilog="\n\n".join(offline.__doc__.split("\n\n")[1:]),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    offline.add_arguments(v)
-    v.set_defaults(func=offline.run_command)
-    from sclslt.eval import export
-    e = sub.add_parser("export", help="a run's selected checkpoint as a Hugging Face model folder with a model card",
-                       description=export.__doc__.split("\n\n")[0])
-    export.add_arguments(e)
-    e.set_defaults(func=export.run_command)
-    from sclslt.eval import demo
-    g = sub.add_parser("demo", help="a Gradio page on 127.0.0.1 to try a run or an exported model",
-                       description=demo.__doc__.split("\n\n")[0])
-    demo.add_arguments(g)
-    g.set_defaults(func=demo.run_command)
+    command("reference", reference, "a Pair Selection reference table from two checkpoints of a reference run")
+    command("evaluate", offline, "score a run's checkpoint (the selected one, or any) on any split, without training")
+    command("translate", translate, "translate sign videos or frame folders with a trained run or an export")
+    command("export", export, "a run's selected checkpoint as a Hugging Face model folder with a model card")
+    command("demo", demo, "a Gradio page on 127.0.0.1 to try a run or an exported model")
     return p
 
 
