@@ -459,6 +459,12 @@ def test_export_of_a_zero3_run_translates_its_test_split_as_the_run_did(exp, tmp
     masters = adam_state(run / sel["stage"] / "checkpoints", sel["tag"])
     mine = hub.model.state_dict()
     assert masters and all(torch.equal(mine[n], m["fp32"].view_as(mine[n])) for n, m in masters.items())
+    # `sclslt evaluate` under the launcher (each rank decodes its slice, rank 0 gathers) gets the run's own
+    # evaluation of its selected checkpoint
+    report = tmp_path / "eval.json"
+    ds_tool(29627, "--module", "sclslt.cli", "evaluate", "--run", str(run), "--out", str(report))
+    got = json.loads(report.read_text())
+    assert got["model"] == res["model"] and {r["key"]: r["hyp"] for r in got["hypotheses"]} == hypotheses(run)
 
 
 def test_pair_selection_over_two_ranks_equals_one_planner(exp):
