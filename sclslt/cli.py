@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sclslt.eval import demo, export, offline, translate
     from sclslt.selection import reference
     p = argparse.ArgumentParser(prog="sclslt", description="Gloss-free sign language translation (SCL-SLT).",
-                                epilog="Multi-rank training: deepspeed / mpirun / srun ... launch/train.py (README.md).")
+                                epilog="Several ranks: deepspeed / mpirun / srun ... launch/train.py, or deepspeed --module "
+                                       "sclslt.cli COMMAND ... (docs/launching.md).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, module, help: str) -> None:
