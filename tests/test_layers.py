@@ -21,7 +21,7 @@ FLOORS = [
     {"sclslt.eval"},
     {"sclslt.selection"},
     {"sclslt.train"},
-    {"sclslt.cli"},
+    {"sclslt.cli", "sclslt"},            # the entry points: the command, and `from sclslt import SignTranslator`
 ]
 
 
