@@ -434,12 +434,13 @@ def prepare(cfg: Config, ds_config: str) -> Context:
     run_dir = Path(cfg.train.run_dir).resolve()
     def make_run_dir():
         shards_dir = resolve_shards_dir(cfg.data)       # synthetic corpus made here on first use
-        check_disjoint_splits(shards_dir)               # before anything is written: a refused run leaves nothing
+        manifests = {sp: read_manifest(shards_dir, sp) for sp in ("train", "dev", "test")}
+        check_disjoint_splits(shards_dir, manifests)    # before anything is written: a refused run leaves nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, RunDir(run_dir).config_file)
         tok_dir = RunDir(run_dir).tokenizer_dir
         if not (tok_dir / "tokenizer_config.json").is_file():      # made once per run, published whole
-            texts = {sp: [r.text for r in manifest_rows(read_manifest(shards_dir, sp))] for sp in ("train", "dev", "test")}
+            texts = {sp: [r.text for r in manifest_rows(m)] for sp, m in manifests.items()}
             make_run_tokenizer(cfg.model, texts.pop("train"), tok_dir, heldout=texts)
     on_rank0(make_run_dir, "preparing the run")
     reporter.open_trackers(run_dir, cfg.train.report_to, to_dict(cfg), cfg.train.tracker_project)
