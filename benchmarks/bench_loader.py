@@ -21,7 +21,7 @@ must deliver per core at that rate. The last column says how many cores one acce
 
 --stream measures the training stream instead, one process (one core), one epoch of --clips clips in
 shards of --per-shard, micro-batches of 8, per shard source: the local directory, and the same
-directory over HTTP on the loopback address (tools/shard_server.py) with --latency-ms added to every
+directory over HTTP on the loopback address (tests/shard_server.py) with --latency-ms added to every
 response, as a remote object store adds a round trip:
   sequential   every shard read front to back (the per-rank streaming of the loader before issue 20,
                which could not give the same global batches at every world size; evaluation reads so)
@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sclslt.benchio import run_tag, write_rows  # noqa: E402
+from benchio import run_tag, write_rows  # noqa: E402
 from sclslt.data.codec import FORMATS, decode, encode, member_name  # noqa: E402
 
 
@@ -180,8 +180,7 @@ def stream_rows(args, root: Path) -> list[dict]:
     from sclslt.data.loader import GlobalStream, ShardStream, epoch_order
     from sclslt.data.shards import manifest_rows, read_manifest, write_split
     from sclslt.data.storage import Store
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from shard_server import Server
+    from tests.shard_server import Server
     clips = make_clips(args.clips, args.frames, args.size)
     rows = []
     for fmt in args.stream_formats:

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a checkout
 
-from sclslt.benchio import run_tag, write_rows  # noqa: E402
+from benchio import run_tag, write_rows  # noqa: E402
 from sclslt.config import StageConfig, from_dict  # noqa: E402
 from sclslt.data.loader import Batch, frame_fields  # noqa: E402
 from sclslt.data.text import train_tokenizer  # noqa: E402

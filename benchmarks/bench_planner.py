@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a che
 import dataclasses  # noqa: E402
 
 from sclslt.config import SelectionConfig  # noqa: E402
-from sclslt.benchio import run_tag, write_rows  # noqa: E402
+from benchio import run_tag, write_rows  # noqa: E402
 from sclslt.selection.planner import Planner, Table  # noqa: E402
 
 

@@ -24,8 +24,8 @@ Parts, in order of value (the most valuable first: a run cut short keeps what ma
                  2 and 1, without and with activation checkpointing, each in a fresh process:
                  torch.cuda.max_memory_allocated, saved bytes, resident memory, step time
   determinism    fwd+bwd twice at a larger bf16 shape: bitwise equal
-  sweep_infonce  kernels/bench/bench_kernels.py, short (n 16k/64k, world 8/64, d 512; no torch.compile)
-  sweep_cico     kernels/bench/bench_kernels.py --cico, fused and eager (no torch.compile in the budget)
+  sweep_infonce  benchmarks/bench_kernels.py, short (n 16k/64k, world 8/64, d 512; no torch.compile)
+  sweep_cico     benchmarks/bench_kernels.py --cico, fused and eager (no torch.compile in the budget)
   smoke          benchmarks/gpu_smoke.py: ZeRO-2 throughput, stages 1 and 2 at a realistic size
   loader         benchmarks/bench_loader.py, short
   planner        benchmarks/bench_planner.py at a rank's share of a 1M-clip epoch in 64 canonical pools at
@@ -440,9 +440,9 @@ def plan(quick: bool) -> list[Part]:
                                   *(q or ["--steps", "16", "--warmup", "4", "--sample-every", "4"])], reference),
         Part("memory", 150),
         Part("determinism", 40),
-        Part("sweep_infonce", 90, ["kernels/bench/bench_kernels.py", *(q or [
+        Part("sweep_infonce", 90, ["benchmarks/bench_kernels.py", *(q or [
             "--n", "16384", "65536", "--d", "512", "--repeat", "5"]), "--impl", "fused", "eager", "openclip"]),
-        Part("sweep_cico", 45, ["kernels/bench/bench_kernels.py", "--cico", *(q or ["--repeat", "5"]),
+        Part("sweep_cico", 45, ["benchmarks/bench_kernels.py", "--cico", *(q or ["--repeat", "5"]),
                                 "--impl", "fused", "eager"]),
         Part("smoke", 120, ["benchmarks/gpu_smoke.py", *(q + ["--stage2.enabled", "false"] if quick else
                                                           ["--steps", "40", "--warmup", "10"])], reference),
@@ -626,7 +626,7 @@ def main(argv=None) -> int:
         ap.error(f"--only: no part named {sorted(unknown)}; the parts: {[p.name for p in parts]}")
     parts = [p for p in parts if not args.only or p.name in args.only]
     total = args.budget_s if args.budget_s is not None else (QUICK_TOTAL_S if args.quick else TOTAL_S)
-    from sclslt.benchio import run_tag
+    from benchio import run_tag
     tag = run_tag(triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
     stamp = tag["date"].replace(":", "").replace("-", "")[:15]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sclslt.benchio import run_tag, write_rows  # noqa: E402
+from benchio import run_tag, write_rows  # noqa: E402
 
 QUICK = ["--data.synthetic.frame_size", "16", "--data.samples_per_shard", "16",
          "--model.backbone_hidden", "[8, 16]", "--model.backbone_depths", "[1, 1]", "--model.backbone_embedding", "8",

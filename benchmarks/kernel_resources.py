@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from sclslt.benchio import run_tag, write_rows
+    from benchio import run_tag, write_rows
     from sclslt_kernels.resources import SHARED_LIMIT, measure
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])

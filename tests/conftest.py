@@ -23,23 +23,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.helpers import ROOT, TINY, TRAIN_ENV, frame_folder, tracker_env, write_video  # noqa: E402
 
-TRAIN_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
 
-TINY = {
-    "data": {"synthetic": {"n_train": 96, "n_dev": 16, "n_test": 16, "frame_size": 16, "n_templates": 40,
-                           "n_signers": 3},
-             "samples_per_shard": 20},
-    "model": {"backbone_embedding": 8, "backbone_hidden": [8, 16], "backbone_depths": [1, 1], "d_model": 32,
-              "layers": 1, "heads": 2, "ffn": 64, "dropout": 0.0, "embed_dim": 16, "max_positions": 64},
-    "stage1": {"epochs": 1, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
-    "stage2": {"epochs": 1, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
-    "train": {"grad_clip": 0.5, "log_every": 1},
-    "eval": {"beam": 2, "max_len": 12, "batch_size": 8},
-}
-
+def pytest_collection_modifyitems(items):
+    """The lane is the folder: everything under tests/e2e/ is `slow` (launchers and ranks, Slurm, faults, chaos,
+    export, demo, trackers, the GPU compiler), so `-m "not slow"` and plain `pytest` (tests/unit/) agree."""
+    e2e = ROOT / "tests" / "e2e"
+    for item in items:
+        if e2e in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
@@ -50,7 +43,6 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg_dict(cache_dir) -> dict:
-    import copy
     d = copy.deepcopy(TINY)
     d["data"]["cache_dir"] = str(cache_dir)
     return d
@@ -76,8 +68,8 @@ def cfg_path(tiny_cfg_dict, tmp_path) -> Path:
 
 @pytest.fixture
 def train_env() -> dict:
-    """Environment for a trainer subprocess on CPU ranks: plain log lines, one thread per rank."""
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    """`tests.helpers.TRAIN_ENV`, a copy a test may change."""
+    return dict(TRAIN_ENV)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,32 +94,6 @@ def tiny_run(tiny_cfg_dict, tiny_shards, tmp_path_factory):
     return run, {r["key"]: r["hyp"] for r in rows}
 
 
-def tracker_env(tmp: Path) -> dict:
-    """The trainer's environment with the trackers in their local modes, under `tmp`."""
-    return {**TRAIN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp / "trackio")}
-
-
-def write_video(path: Path, frames: np.ndarray, codec: str, pix_fmt: str, options=None) -> Path:
-    import av
-    with av.open(str(path), "w") as c:
-        st = c.add_stream(codec, rate=25)
-        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        st.options = options or {}
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in st.encode():
-            c.mux(pkt)
-    return path
-
-
-def frame_folder(folder: Path, frames: np.ndarray) -> Path:
-    """images1.png ... images16.png: unpadded numbers, so only a natural sort gets the order right."""
-    from PIL import Image
-    folder.mkdir(parents=True)
-    for i, f in enumerate(frames, 1):
-        Image.fromarray(f).save(folder / f"images{i}.png")
-    return folder
 
 
 @pytest.fixture(scope="session")

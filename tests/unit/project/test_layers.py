@@ -1,0 +1,84 @@
+"""The package's floors (issue 21): every import inside `sclslt` goes to its own floor or one below,
+no two subpackages import each other, and only the runtime floor imports deepspeed.
+
+Read statically from the source (module-level and function-level imports alike), so a lazy import
+inside a function cannot hide an upward dependency. Config strings that name an implementation go
+through `sclslt.registry`, which imports its home module by name (the plugin seam), not statically.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from tests.helpers import ROOT
+
+PKG = ROOT / "sclslt"
+
+# bottom to top; the base floor's modules import each other, a module any module of a lower floor
+FLOORS = [
+    {"sclslt.atomic", "sclslt.registry", "sclslt.config"},
+    {"sclslt.data"},
+    {"sclslt.model"},
+    {"sclslt.runtime"},
+    {"sclslt.eval"},
+    {"sclslt.selection"},
+    {"sclslt.train"},
+    {"sclslt.cli", "sclslt"},            # the entry points: the command, and `from sclslt import SignTranslator`
+]
+
+
+def unit(module: str) -> str:
+    """The unit a module belongs to: its subpackage, or the top-level module itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def floor(module: str) -> int:
+    for i, units in enumerate(FLOORS):
+        if unit(module) in units:
+            return i
+    raise AssertionError(f"{module}: on no floor of tests/test_layers.py (add its unit to FLOORS)")
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def modules() -> dict[str, set[str]]:
+    return {".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): imports(p)
+            for p in sorted(PKG.rglob("*.py"))}
+
+
+def test_every_import_goes_to_the_same_floor_or_below():
+    upward = [f"{m} (floor {floor(m)}) imports {i} (floor {floor(i)})"
+              for m, deps in modules().items() for i in deps
+              if i.startswith("sclslt.") and floor(i) > floor(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_loop_between_subpackages():
+    edges = {}
+    for m, deps in modules().items():
+        for i in deps:
+            if i.startswith("sclslt.") and unit(i) != unit(m):
+                edges.setdefault(unit(m), set()).add(unit(i))
+    loops = [f"{a} <-> {b}" for a, bs in edges.items() for b in bs if a in edges.get(b, set())]
+    assert not loops, loops
+
+
+def test_only_the_runtime_floor_imports_deepspeed():
+    users = sorted(m for m, deps in modules().items() if any(d.split(".")[0] == "deepspeed" for d in deps))
+    assert users and all(unit(m) == "sclslt.runtime" for m in users), users
+
+
+def test_the_floor_check_catches_an_upward_import(tmp_path):
+    """Mutation: the check sees a function-level import of the training loop from evaluation."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from sclslt.train.loop import run\n")
+    deps = imports(f)
+    assert deps == {"sclslt.train.loop"} and floor("sclslt.train.loop") > floor("sclslt.eval.evaluation")
