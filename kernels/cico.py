@@ -28,7 +28,7 @@ Design (for the GPU; b x n x T x L never exists whole):
   atomics: deterministic. Pointers are 16-byte aligned (`aligned`); integer arguments may or may not
   be multiples of 16: both variants are compiled offline (`launch_variants`).
 Tile configurations come from `config()`; every one it can return is compiled for sm_80 and sm_90 by
-tests/test_kernel_compile.py (no spills, shared memory fits).
+tests/e2e/test_kernel_compile.py (no spills, shared memory fits).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ Design (for the GPU; the b x n logits never exist whole):
 Cost: forward 2bnd FLOPs, backward 6bnd (one recompute, two products), against 6bnd for the three
 plain matmuls; memory O((b + n) d) plus one chunk.
 Tile configurations come from `config()`, which only returns members of `CONFIGS`; every member is
-compiled for sm_80 and sm_90 by tests/test_kernel_compile.py (no spills, shared memory fits).
+compiled for sm_80 and sm_90 by tests/e2e/test_kernel_compile.py (no spills, shared memory fits).
 """
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ and "unaligned": the specialisations Triton's JIT compiles for integer arguments
 multiples of 16, with every pointer 16-byte aligned as the launchers guarantee) this reports registers per
 thread, stack bytes per thread (spills: > 0 means the kernel spills registers to local memory) and
 shared memory per block, and whether that fits the architecture. What it cannot tell: speed, races,
-numerics on the device (tests/test_kernels.py and benchmarks/gpu_check.py do those).
+numerics on the device (tests/unit/kernels/test_kernels.py and benchmarks/gpu_check.py do those).
 
 Must run with TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions):
     python -m sclslt_kernels.resources [--arch 90 80] [--json]
-tests/test_kernel_compile.py runs it in a subprocess; benchmarks/kernel_resources.py prints the table.
+tests/e2e/test_kernel_compile.py runs it in a subprocess; benchmarks/kernel_resources.py prints the table.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 # (--system-site-packages, so only what differs is installed), upgrades every dependency to the newest
 # release setup.py's ranges allow (pip's eager strategy) except torch and triton, kept as installed (as
 # tools/setup_env.sh keeps a cluster's CUDA build), prints what differs from constraints.txt, and runs a representative part of the suite there: the fast
-# lane, the main job and its export (tests/test_export.py), a 2-rank DeepSpeed run, and the checks that
-# no installed package is shadowed by a checkout (tests/test_import_paths.py).
+# lane, the main job and its export (tests/e2e/test_export.py), a 2-rank DeepSpeed run, and the checks that
+# no installed package is shadowed by a checkout (tests/unit/project/test_import_paths.py).
 #   tools/newest_lane.sh            warn: a failure is reported (what broke, which versions) but exits 0
 #   tools/newest_lane.sh --strict   exit with pytest's status
 # When it passes, refresh the lock (tools/lock_deps.sh) and run the suite with it.
@@ -36,9 +36,9 @@ site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['pur
 grep -E '^[A-Za-z0-9_.-]+==' constraints.txt | sort >"$tmp/locked.txt"
 newer=$(comm -13 "$tmp/locked.txt" "$tmp/newest.txt" | tr '\n' ' ')
 say "versions other than the lock's: ${newer:-none}"
-tests=(tests/test_import_paths.py tests/test_export.py
-       "tests/test_distributed.py::test_two_ranks_equal_one_process_and_resume_reproduces")
-"$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" tests >"$tmp/fast.log" 2>&1
+tests=(tests/unit/project/test_import_paths.py tests/e2e/test_export.py
+       "tests/e2e/test_distributed.py::test_two_ranks_equal_one_process_and_resume_reproduces")
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/unit >"$tmp/fast.log" 2>&1
 fast=$?
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}" >"$tmp/e2e.log" 2>&1
 e2e=$?

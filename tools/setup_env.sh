@@ -2,7 +2,7 @@
 # Set-up on a fresh machine: the README's two commands start with this.
 #   tools/setup_env.sh          runtime dependencies + the package (editable)
 #   tools/setup_env.sh --test   the same plus the test dependencies, and (as root, with apt-get)
-#                               the Slurm packages tests/test_slurm.py stands a local cluster up with
+#                               the Slurm packages tests/e2e/test_slurm.py stands a local cluster up with
 # Versions: every install goes through constraints.txt, the exact versions the suite last passed with
 # (refresh it with tools/lock_deps.sh). setup.py keeps the loose ranges for `pip install` elsewhere.
 # torch: a machine without torch gets the locked CPU build; an existing torch (a GPU cluster's CUDA
@@ -25,7 +25,7 @@ fi
 "$PY" -m pip install --quiet -c "$cons" -e ".${extra}"
 # pyenv installs console scripts (deepspeed) behind shims that need a rehash
 command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
-# tests/test_slurm.py runs the launch/slurm/ templates on a local Slurm, and tests/test_demo.py drives the
+# tests/e2e/test_slurm.py runs the launch/slurm/ templates on a local Slurm, and tests/e2e/test_demo.py drives the
 # demo page with Playwright in Debian's headless chromium: install them where we can (Debian/Ubuntu, as
 # root). Best effort: if apt fails, the setup goes on and those tests report why.
 apt_for_tests() {   # $1: a command that is there when the packages are; the rest: the packages

@@ -12,6 +12,7 @@ import pytest
 
 from sclslt.runtime.checkpoints import latest_tag, load_module_state
 from sclslt.train.loop import NonFiniteGuard
+from tests.helpers import ROOT
 
 
 
@@ -196,7 +197,6 @@ def test_one_ranks_non_finite_loss_is_every_ranks_skipped_step(cfg_path, tmp_pat
 CRASH_IN_SAVE = """
 import os, runpy, signal, sys
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from tests.helpers import ROOT
 save = TorchCheckpointEngine.save
 def crashing_save(self, state_dict, path):
     save(self, state_dict, path)          # one file of the checkpoint is on disk, the rest is not

@@ -24,6 +24,7 @@ import yaml
 from sclslt.model.heads import SimilarityHead
 from sclslt.registry import SIMILARITY_HEADS
 from sclslt_kernels import masked_ce
+from tests.helpers import ROOT
 
 
 
@@ -53,7 +54,6 @@ import sys
 import tests.e2e.test_heads           # registers the maxpool head
 from sclslt.train.main import main
 from sclslt.selection import reference as export_reference
-from tests.helpers import ROOT
 argv, out = sys.argv[1:-1], sys.argv[-1]
 code = main(argv)
 if code == 0:
