@@ -45,12 +45,13 @@ setup(
         # jpg shards decoded on the GPU (nvJPEG) or CPU (libjpeg-turbo) in batches: sclslt/data/devdecode.py;
         # CUDA 12 libraries of their own, whatever CUDA the cluster's torch was built with
         "nvidia-nvimgcodec-cu12[nvjpeg]>=0.9,<1; platform_system == 'Linux'",
-        "triton>=3.6; platform_system == 'Linux'",   # the kernels compile on 3.6 .. 3.9 (tests/test_kernel_compile.py)
+        "triton>=3.6; platform_system == 'Linux'",   # the kernels compile on 3.6 .. 3.9 (tests/e2e/test_kernel_compile.py)
     ],
     entry_points={"console_scripts": ["sclslt=sclslt.cli:main"]},
     extras_require={"mpi": ["mpi4py>=4", "openmpi>=5"],        # clusters usually bring their own MPI
                     "track": TRACK, "demo": DEMO,
                     "test": ["pytest>=9,<10", "rouge-score==0.1.2", "mpi4py>=4", "openmpi>=5",
-                             "hypothesis>=6.100,<7",        # tests/test_fuzz.py
+                             "hypothesis>=6.100,<7",        # tests/unit/data/test_fuzz.py
+                             "ruff>=0.17,<0.18",            # tests/unit/project/test_style.py (ruff.toml)
                              *TRACK, *DEMO]},               # the trackers' and the demo's tests
 )
