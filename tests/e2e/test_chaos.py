@@ -1,4 +1,4 @@
-"""The chaos run, short (issue 23): 5 trials of tests/e2e/chaos.py, each a random fault (seed 6: the disk
+"""The chaos run, short: 5 trials of tests/e2e/chaos.py, each a random fault (seed 6: the disk
 filling during a save, a truncated newest checkpoint, a kill inside a save, kill -9 of one rank twice)
 in a 2-rank ZeRO-2 job with dropout 0.1, restarted as a user would. Every trial must end as its kind must:
 exactly the uninterrupted run's losses and weights, or (a damaged newest checkpoint with no older intact one) a

@@ -40,7 +40,7 @@ def test_a_run_from_before_the_layout_move_resumes_and_loads(tmp_path, tiny_cfg_
 
 
 def test_model_init_from_starts_the_first_stage_from_another_runs_weights(tmp_path, tiny_cfg_dict, train_env):
-    """model.init_from (a pretrained VLP model: issue 14's whole-model pretrained start): the first stage's
+    """model.init_from (a pretrained VLP model: the whole-model pretrained start of docs/paper.md): the first stage's
     epoch-0 checkpoint is exactly the source run's weights; a missing source is a clear error."""
     import torch
 

@@ -1,4 +1,4 @@
-"""`sclslt demo` (issue 22) in a real browser: the server on 127.0.0.1 with the tiny trained run
+"""`sclslt demo` in a real browser: the server on 127.0.0.1 with the tiny trained run
 (conftest.tiny_run), headless Chromium (Debian's `chromium`, installed by tools/setup_env.sh --test)
 driven through Playwright. A lossless clip uploaded on the page translates to what `sclslt translate`
 says for the same file; a test clip picked from the list shows its reference; bad inputs (not a video, an

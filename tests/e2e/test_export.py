@@ -1,4 +1,4 @@
-"""`sclslt export` (issue 22): the tiny trained run's selected checkpoint as a Hugging Face model folder.
+"""`sclslt export`: the tiny trained run's selected checkpoint as a Hugging Face model folder.
 Translating from the export gives exactly the run's own test hypotheses (in process, through the Hub
 class, and through `sclslt translate --model`); the card's numbers are results.json's; a damaged or
 partial folder is a clear error; LoRA adapters merge into weights that compute what the adapters did.

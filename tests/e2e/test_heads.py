@@ -1,4 +1,4 @@
-"""The similarity-head seam (issue 21): a head defined and registered in this file alone trains,
+"""The similarity-head seam (`SIMILARITY_HEADS`): a head defined and registered in this file alone trains,
 evaluates and exports a Pair Selection table, with no change to the product.
 
 `MaxPoolHead` scores max-pooled projected features by their dot product. A subprocess imports this

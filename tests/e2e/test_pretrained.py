@@ -431,7 +431,7 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
 def test_a_run_exports_as_pretrained_encoders_that_the_recipe_loads(tmp_path):
     """`sclslt export --encoders` on a real (tiny) run: backbone, mBART whose encoder is the run's text
     encoder, and tokenizer, written with save_pretrained; a model configured with them starts from exactly
-    those weights (issue 14's pretrained start), through the loading path of a real recipe."""
+    those weights (the pretrained start of docs/paper.md), through the loading path of a real recipe."""
     import json
 
     from sclslt.cli import main

@@ -1,4 +1,4 @@
-"""Experiment trackers (issue 22): the tiny trained run (conftest.tiny_run) logged to TensorBoard, wandb
+"""Experiment trackers: the tiny trained run (conftest.tiny_run) logged to TensorBoard, wandb
 (offline) and Trackio (local store); what each holds is read back and compared with the run's own
 metrics.csv and results.json; a resumed run continues the same tracker runs; a tracker that is unknown
 or not installed is a config error naming the pip extra."""

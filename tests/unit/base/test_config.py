@@ -109,7 +109,7 @@ def test_sclslt_train_reports_a_config_error_with_exit_code_2(tmp_path, capsys):
 
 
 def test_every_name_field_refuses_an_unknown_name_and_help_lists_the_names():
-    """Names live once (issue 21): a registry of implementations or the field's Literal type; the check
+    """Names live once: a registry of implementations or the field's Literal type; the check
     and --help read them from there."""
     from sclslt.config import Config, field_help, name_fields
     from sclslt.registry import REGISTRIES

@@ -1,4 +1,4 @@
-"""Fuzzed inputs (issue 23): generated malformed inputs at every reader a user's files reach. Each must
+"""Fuzzed inputs: generated malformed inputs at every reader a user's files reach. Each must
 end in that reader's own error type with a message naming the file (or, for a corpus item, the item
 marked bad with its problem), within bounded time and memory: no traceback from inside a library, no
 hang, no allocation a header asks for.

@@ -154,7 +154,7 @@ def test_gathered_loss_across_gloo_ranks_equals_one_process(tmp_path, world, b, 
 
 
 def test_stage_switch_mask_same_sentence_drops_the_id_mask():
-    # the paper's GFSLT-VLP baseline does not mask same-sentence columns (issue 14's random_nomask arm)
+    # the paper's GFSLT-VLP baseline does not mask same-sentence columns (the ablation's random_nomask arm, experiments/pair_selection/)
     from types import SimpleNamespace
 
     from sclslt.config import StageConfig

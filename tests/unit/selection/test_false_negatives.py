@@ -1,4 +1,4 @@
-"""Issue 24's false-negative methods against brute force: the close-text pairs (Jaccard, cosine) and their
+"""The false-negative methods (docs/pair_selection.md, "Keeping false negatives out") against brute force: the close-text pairs (Jaccard, cosine) and their
 masks on known pairs, the hard and soft close-text losses against per-row loops (values and gradients),
 the heads' close-text path with no close pair against their own loss, and the planner's separation rule
 (`selection.separate_close`) and `allow_same_sentence` against brute-force greedy."""
