@@ -1,8 +1,7 @@
-"""tools/trajectories.py: the classification of negative-pair trajectories on hand-made similarity
+"""experiments/pair_selection/trajectories.py: the classification of negative-pair trajectories on hand-made similarity
 matrices (quantile and absolute thresholds), then the command end to end on a small reference run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +15,7 @@ import yaml
 from tests.helpers import ROOT
 
 
-_spec = importlib.util.spec_from_file_location("trajectories_tool", ROOT / "tools" / "trajectories.py")
-traj = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(traj)
+from experiments.pair_selection import trajectories as traj
 
 
 def matrix(off_diag: dict, n: int = 3, diag: float = 5.0) -> torch.Tensor:
@@ -154,14 +151,14 @@ def ref_run(tiny_cfg_dict, tmp_path_factory):
 
 def tool(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "tools/trajectories.py", *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "experiments.pair_selection.trajectories", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
 
 def test_tool_end_to_end(ref_run):
-    from sclslt.selection.planner import load_snapshot
+    from sclslt.selection.table import load_snapshot
 
     proc = tool("--run", str(ref_run), "--sample", "32", "--seed", "3")
     out = ref_run / "stage1" / "trajectories"

@@ -218,8 +218,8 @@ def _fingerprint(c: SyntheticCorpus) -> str:
 @pytest.mark.parametrize("kw,want", [({}, "f8b26ede6b9594c4"),
                                      ({"near_dup_frac": 0.6, "frame_size": 24}, "1a813ef49637553d")])
 def test_settings_without_paraphrases_are_the_corpora_made_before_them(kw, want):
-    # fingerprints of the default and of configs/ps_synthetic.yaml's corpus, taken with the generator
-    # as it was before paraphrase families existed (git 49a3ba2): old results stay reproducible
+    # fingerprints of the default and of experiments/pair_selection/configs/ps_synthetic.yaml's corpus, taken
+    # with the generator as it was before paraphrase families existed (git 49a3ba2): old results stay reproducible
     assert _fingerprint(SyntheticCorpus(SyntheticConfig(**kw))) == want
 
 
@@ -264,12 +264,7 @@ def test_paraphrase_settings_are_checked():
 
 
 def test_partner_statistics_count_each_kind():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "corpus_partners", Path(__file__).resolve().parents[1] / "tools" / "corpus_partners.py")
-    cp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cp)
+    from experiments.pair_selection import partners as cp
     texts = ["a b c d", "a b c d", "a b c e", "the a b c d", "x y z"]
     meanings = [0, 0, 1, 0, 2]
     st = cp.partner_stats(texts, meanings, jaccard=0.6, batch=3)

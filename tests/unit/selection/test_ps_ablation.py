@@ -1,24 +1,20 @@
-"""tools/ps_ablation.py: the paired statistics, the power calculation, the table, and that every arm is a
+"""experiments/pair_selection/ablation.py: the paired statistics, the power calculation, the table, and that every arm is a
 valid recipe of the test bed (its overrides load, its table comes from a reference arm)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
+from experiments.pair_selection import ablation as abl
 from sclslt.config import load_config
 from tests.helpers import ROOT
 
-_spec = importlib.util.spec_from_file_location("ps_ablation", ROOT / "tools" / "ps_ablation.py")
-abl = importlib.util.module_from_spec(_spec)
-sys.modules["ps_ablation"] = abl         # dataclasses look their module up
-_spec.loader.exec_module(abl)
+TESTBED = ROOT / "experiments" / "pair_selection" / "configs" / "ps_paraphrase.yaml"
 
 
 # two-sided 95% Student t quantiles from a published table (NIST/SEMATECH e-Handbook, 1.3.6.7.2), written out
@@ -62,17 +58,17 @@ def test_seeds_for_a_two_point_gap_grow_with_the_square_of_the_spread():
 def test_every_arm_is_a_valid_recipe_of_the_test_bed(name):
     arm = abl.ARMS[name]
     table = ["--selection.table", "reference.safetensors"] if arm.table else []
-    cfg = load_config(ROOT / "configs" / "ps_paraphrase.yaml", list(arm.args) + table)
+    cfg = load_config(TESTBED, list(arm.args) + table)
     if arm.table:
         ref, early, late, score = arm.table
         assert score in ("pooled", "cico")
         assert abl.ARMS[ref].reference and int(early[5:]) < int(late[5:]) <= cfg.stage1.epochs
         assert cfg.selection.mode == "ps"
-        assert load_config(ROOT / "configs" / "ps_paraphrase.yaml", list(abl.ARMS[ref].args)).model.similarity \
+        assert load_config(TESTBED, list(abl.ARMS[ref].args)).model.similarity \
             == cfg.model.similarity
     assert arm.baseline in abl.ARMS and (arm.baseline != name or name == "random")
     if arm.table:                    # planned arms are compared with a random-batch arm of their reference's recipe
-        base = load_config(ROOT / "configs" / "ps_paraphrase.yaml", list(abl.ARMS[arm.baseline].args))
+        base = load_config(TESTBED, list(abl.ARMS[arm.baseline].args))
         assert abl.ARMS[arm.baseline].table is None and base.model.similarity == cfg.model.similarity
         assert arm.baseline == arm.table[0] or base.stage1.mask_same_sentence == cfg.stage1.mask_same_sentence
     if name == "random_nomask":
@@ -88,7 +84,7 @@ def test_markdown_table_shows_means_and_paired_intervals():
                     "ps": {"help": "h", "seeds": [0, 1, 2], "baseline": "random", **arm}},
            "power": {m: {"paired_sd": 0.1, "seeds_for_2_points": 2, "from": "x"} for m in abl.METRICS},
            "partners": {"per_clip": {"exact": 1.0}}, "ps_batches_first_seed": None}
-    md = abl.markdown(out, "python tools/ps_ablation.py --report")
+    md = abl.markdown(out, "python -m experiments.pair_selection.ablation --report")
     row = [line for line in md.splitlines() if line.startswith("| ps |")][0]
     assert row.startswith("| ps | random | 3 |")
     assert row.count("12.00 (+2.00 [") == 4 and row.count("] *") == 4
