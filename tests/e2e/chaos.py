@@ -15,8 +15,8 @@ A trial's outcome: `identical` (every stage's metrics.csv losses within 1e-6 of 
 and the final weights' hash equal), `identical_after_fallback` (the same, after the resume named a
 damaged checkpoint and fell back to an earlier one), `clear_error` (the job stopped with an error line
 that names what is broken), or `other` (anything else: the goal is none). Rows go to --out/trials.jsonl
-as they finish (a rerun with the same --out and --seed continues) and the table to
-benchmarks/results/chaos-<time>.{json,csv}.
+as they finish (a rerun with the same --out and --seed continues) and the table's rows are appended to
+benchmarks/results/chaos.csv (benchmarks/benchio.py).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 filling during a save, a truncated newest checkpoint, a kill inside a save, kill -9 of one rank twice)
 in a 2-rank ZeRO-2 job with dropout 0.1, restarted as a user would. Every trial must end as its kind must:
 exactly the uninterrupted run's losses and weights, or (a damaged newest checkpoint with no older intact one) a
-clear error; the 50-trial table is benchmarks/results/chaos-*."""
+clear error; the 50-trial table is benchmarks/results/chaos.md (rows in chaos.csv)."""
 from __future__ import annotations
 
 import json
