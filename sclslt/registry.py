@@ -1,4 +1,5 @@
-"""Named implementations chosen by config strings: one registry per kind, on the base floor.
+"""Named implementations chosen by config strings (and by `sclslt shard --layout`): one registry per kind,
+on the base floor.
 
 The module that implements a kind registers its names (`@SIMILARITY_HEADS.register("cico")`), so the
 names live in one place: the config check and `--help` read them from the registry, which imports
@@ -41,5 +42,6 @@ class Registry:
 SIMILARITY_HEADS = Registry("similarity head", "model.similarity", "sclslt.model.heads")
 SCHEDULES = Registry("curriculum schedule", "selection.schedule", "sclslt.selection.schedules")
 TRACKERS = Registry("experiment tracker", "train.report_to", "sclslt.runtime.trackers")
+CORPUS_LAYOUTS = Registry("corpus layout", "--layout", "sclslt.data.layouts")     # `sclslt shard`, no config field
 
 REGISTRIES = {r.key: r for r in (SIMILARITY_HEADS, SCHEDULES, TRACKERS)}     # config field -> the registry naming its values

@@ -1,7 +1,10 @@
 """Data: corpus -> shards -> loader.
 
 - `synthetic`  the deterministic synthetic sign language (the default corpus and the test bed)
-- `corpora`    readers of the real corpora's own layouts (PHOENIX-2014T, CSL-Daily, How2Sign, manifests)
+- `layouts`    readers of the real corpora's own layouts, one module each (PHOENIX-2014T, CSL-Daily, How2Sign,
+               captions, manifests), registered in `sclslt.registry.CORPUS_LAYOUTS`
+- `decoding`   a clip as files (`Item`), its checks, PIL / PyAV decoding and `even_frames` (sharding and translation)
+- `sharding`   `sclslt shard`: a corpus layout's split to shards (`SplitSharder`: write, flush_shard, finish)
 - `codec`      on-disk forms of a pre-decoded clip (npy, npy.zst, jpg, mp4)
 - `shards`     the WebDataset shard format and its manifest (written by `sclslt shard`, sclslt/data/sharding.py)
 - `corpus`     which shards a config trains on: data.shards_dir, or the synthetic corpus made once into a cache

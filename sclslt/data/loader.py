@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sclslt.data.codec import JpegClip
-from sclslt.data.corpora import select as even_frames
+from sclslt.data.decoding import even_frames
 from sclslt.data.shards import (
     ShardError, frame_format, iter_shard, manifest_rows, read_manifest, warn_unchecked,
 )

@@ -5,9 +5,9 @@
   sclslt shard --layout how2sign --root /data/how2sign --out shards/h2s --fps 12.5
   sclslt shard --layout manifest --root my_clips.csv --out shards/mine --split train
 
-Layouts (details and assumptions in sclslt/data/corpora.py): phoenix2014t (official corpus CSVs or
-GFSLT-VLP's labels.<split>), csl-daily (csl2020ct_v2.pkl + split_1.txt + frame folders), how2sign
-(realigned sentence CSVs + mp4), manifest (CSV/JSONL of path,text[,split,signer]).
+Layouts (details and assumptions in sclslt/data/layouts/, one module each): phoenix2014t (official
+corpus CSVs or GFSLT-VLP's labels.<split>), csl-daily (csl2020ct_v2.pkl + split_1.txt + frame folders),
+how2sign (realigned sentence CSVs + mp4), manifest (CSV/JSONL of path,text[,split,signer]).
 
 Output, per split, in --out (format: sclslt/data/shards.py):
   <split>-NNNNNN.tar      samples <key>.frames.npy (uint8 T x S x S x 3) + <key>.json
@@ -44,12 +44,16 @@ import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 from sclslt.atomic import write_text
-from sclslt.data.corpora import DEFAULT_SPLITS, LAYOUTS, CorpusError, check_item, decode_item, read_items
+from sclslt.data.decoding import check_item, decode_item
+from sclslt.data.layouts import read_items
+from sclslt.data.layouts.common import DEFAULT_SPLITS, CorpusError
 from sclslt.data.shards import ShardError, ShardWriter, file_sha256, make_manifest, write_manifest
+from sclslt.registry import CORPUS_LAYOUTS
 
 PROGRESS_VERSION = 1
 
@@ -135,33 +139,6 @@ def _sample(it, frames, n_src: int) -> dict:
                                           **({"start": it.start, "end": it.end} if it.end is not None else {})}}
 
 
-def _publish(out: Path, split: str, work: Path, records: list, index: list, bad: list, options: dict,
-             lowercase: bool, frame_format: str, skip_bad: bool, log) -> dict:
-    """Move the finished shards from the work directory into `out` and write the manifest last."""
-    prog_path, published_progress = work / "progress.jsonl", out / f"{split}.progress.jsonl"
-    # publish: the old manifest goes first, so no reader ever sees it next to new shards
-    (out / f"{split}.json").unlink(missing_ok=True)
-    names = [r["name"] for r in records]
-    for r in records:
-        if Path(r["path"]).parent == work:
-            os.replace(work / r["name"], out / r["name"])
-    for old in out.glob(f"{split}-*.tar"):
-        if old.name not in names:
-            old.unlink()
-    if skip_bad or (out / f"{split}.bad.jsonl").exists():
-        write_text(out / f"{split}.bad.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
-    os.replace(prog_path, published_progress)
-    shards = [{"name": r["name"], "num_samples": r["num_samples"], "sha256": r["sha256"]} for r in records]
-    manifest = make_manifest(split, shards, index, records[0]["shape"], lowercase,
-                             {"options": {k: v for k, v in options.items() if k != "progress_version"},
-                              "num_bad": len(bad), "tool": "sclslt shard"}, frame_format)
-    write_manifest(out, split, manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    log(f"{split}: {manifest['num_samples']} samples in {len(shards)} shard(s), {len(bad)} bad, "
-        f"frames {manifest['frame_shape']} -> {out}")
-    return manifest
-
-
 def _open_progress(out: Path, split: str, items: list, options: dict, skip_bad: bool, log):
     """The split's verified finished shards from an earlier, interrupted run with the same options (their
     sha256 and items checked), and the progress file reopened for appending:
@@ -187,89 +164,164 @@ def _open_progress(out: Path, split: str, items: list, options: dict, skip_bad: 
     return work, records, prior_bad, pos, open(prog_path, "a", encoding="utf-8")
 
 
-def shard_split(layout: str, root, out, split: str, *, size: int = 256, max_frames: int = 300,
-                fps: float = 0.0, workers: int = 1, shard_size_mb: float = 512.0,
-                samples_per_shard: int = 0, skip_bad: bool = False, lowercase: bool = True,
-                annotations=None, progress: bool = True, log=print, frame_format: str = "npy") -> dict:
-    """Convert one split; returns its manifest. Raises BadInput / CorpusError / ShardError."""
-    out = Path(out)
+@dataclass(frozen=True)
+class ShardOptions:
+    """`sclslt shard`'s options for one split (`shard_split`'s keyword arguments). The fields that shape the
+    shards are recorded (`recorded`): in the manifest, and as the fingerprint a rerun resumes under."""
+    size: int = 256                  # frames resized to size x size (0: original size)
+    max_frames: int = 300            # at most this many evenly spaced frames per clip (0: all)
+    fps: float = 0.0                 # videos resampled to this rate, nearest frame (0: native)
+    workers: int = 1                 # decoding processes (the output does not depend on it)
+    shard_size_mb: float = 512.0     # byte bound of a shard, 10^6 bytes (0: none)
+    samples_per_shard: int = 0       # count bound of a shard (0: none)
+    skip_bad: bool = False           # skip and list bad samples instead of stopping
+    lowercase: bool = True           # lowercase the normalised text and sentence ids
+    progress: bool = True            # a progress bar
+    frame_format: str = "npy"        # on-disk form of the frames (sclslt/data/codec.py)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.shard_size_mb * 1e6) if self.shard_size_mb and self.shard_size_mb > 0 else 0
+
+    def recorded(self, layout: str) -> dict:
+        """The options the manifest records and a rerun must match to resume (this key order is written)."""
+        return {"layout": layout, "size": self.size, "max_frames": self.max_frames, "fps": self.fps,
+                "shard_size_mb": self.shard_size_mb, "samples_per_shard": self.samples_per_shard,
+                "lowercase": self.lowercase, "resize": "square", "format": self.frame_format,
+                "progress_version": PROGRESS_VERSION}
+
+
+class SplitSharder:
+    """Writes one split's decoded items, in input order, into shards under <out>/.<split>.work/ and publishes
+    them (Streaming's `Writer` shape): `write` one decode result, `flush_shard` closes the open shard and
+    records it in the progress file, `finish` publishes the shards and the manifest; `abort` drops the
+    shard being written. Opening it resumes after the verified shards of an interrupted run (`pos`)."""
+
+    def __init__(self, out: Path, split: str, items: list, layout: str, opts: ShardOptions, log=print):
+        self.out, self.split, self.items, self.opts, self.log = out, split, items, opts, log
+        self.options = opts.recorded(layout)
+        self.work, self.records, prior_bad, self.pos, self.prog = _open_progress(
+            out, split, items, self.options, opts.skip_bad, log)
+        self.writer = ShardWriter(self.work, split, opts.samples_per_shard, opts.max_bytes, opts.lowercase,
+                                  first_shard=len(self.records),
+                                  frame_shape=self.records[0]["shape"] if self.records else None,
+                                  frame_format=opts.frame_format)
+        self.pending_bad: list[tuple[int, dict]] = []    # (item index, entry) of shards not yet recorded
+        self.n_bad = len(prior_bad)
+        self.lo = self.pos                               # first item of the open shard
+        self.rows = 0                                    # the writer's index rows already recorded
+
+    def write(self, i: int, status: str, payload, n_src: int) -> None:
+        """Item `i`'s `decode_item` result: encoded into the open shard, or (bad) listed or raised."""
+        it = self.items[i]
+        if status == "ok":
+            try:
+                enc = self.writer.encode(_sample(it, payload, n_src))
+            except ShardError as e:
+                status, payload = "bad", str(e)
+        if status != "ok":
+            entry = _bad_entry(it, payload)
+            if not self.opts.skip_bad:
+                raise BadInput(_describe(self.split, [entry]))
+            self.pending_bad.append((i, entry))
+            self.n_bad += 1
+            return
+        if self.writer.overflows(enc):
+            self.flush_shard(i)
+        for rec in self.writer.write(enc):
+            self._record(rec, i + 1)
+
+    def flush_shard(self, hi: int) -> None:
+        """Close the open shard (if any), covering the items before `hi`, and record it."""
+        rec = self.writer.close_shard()
+        if rec is not None:
+            self._record(rec, hi)
+
+    def _record(self, rec: dict, hi: int) -> None:
+        """A closed shard's line in the progress file (fsynced): its sha256, items [lo, hi), their index rows."""
+        lo = self.lo
+        r = {"index": len(self.records), "name": rec["name"], "num_samples": rec["num_samples"],
+             "sha256": rec["sha256"], "lo": lo, "hi": hi, "items": _items_hash(self.items[lo:hi]),
+             "shape": self.writer.shape, "rows": self.writer.index[self.rows:],
+             "bad": [[i, b] for i, b in self.pending_bad if lo <= i < hi]}
+        self.prog.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.prog.flush()
+        os.fsync(self.prog.fileno())
+        self.records.append({**r, "path": str(self.work / rec["name"])})
+        self.lo, self.rows = hi, len(self.writer.index)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def close(self) -> None:
+        self.prog.close()
+
+    def finish(self) -> dict:
+        """Publish the recorded shards: move them from the work directory into `out`, write the bad list and
+        the manifest last; returns the manifest."""
+        out, split, records, opts = self.out, self.split, self.records, self.opts
+        index = [row for r in records for row in r["rows"]]
+        if not index:
+            raise ShardError(f"split {split}: no samples to write (all {len(self.items)} bad)")
+        bad = [b for r in records for _, b in r["bad"]] + [b for i, b in self.pending_bad if i >= self.lo]
+        # publish: the old manifest goes first, so no reader ever sees it next to new shards
+        (out / f"{split}.json").unlink(missing_ok=True)
+        names = [r["name"] for r in records]
+        for r in records:
+            if Path(r["path"]).parent == self.work:
+                os.replace(self.work / r["name"], out / r["name"])
+        for old in out.glob(f"{split}-*.tar"):
+            if old.name not in names:
+                old.unlink()
+        if opts.skip_bad or (out / f"{split}.bad.jsonl").exists():
+            write_text(out / f"{split}.bad.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
+        os.replace(self.work / "progress.jsonl", out / f"{split}.progress.jsonl")
+        shards = [{"name": r["name"], "num_samples": r["num_samples"], "sha256": r["sha256"]} for r in records]
+        manifest = make_manifest(split, shards, index, records[0]["shape"], opts.lowercase,
+                                 {"options": {k: v for k, v in self.options.items() if k != "progress_version"},
+                                  "num_bad": len(bad), "tool": "sclslt shard"}, opts.frame_format)
+        write_manifest(out, split, manifest)
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.log(f"{split}: {manifest['num_samples']} samples in {len(shards)} shard(s), {len(bad)} bad, "
+                 f"frames {manifest['frame_shape']} -> {out}")
+        return manifest
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("bad {task.fields[bad]}"), TimeRemainingColumn(), disable=not enabled,
+                    transient=False)
+
+
+def shard_split(layout: str, root, out, split: str, *, annotations=None, log=print, **options) -> dict:
+    """Convert one split; returns its manifest. `options` are `ShardOptions`' fields.
+    Raises BadInput / CorpusError / ShardError."""
+    opts = ShardOptions(**options)
     items = read_items(layout, root, split, annotations)
     if not items:
         raise CorpusError(f"{layout}: split {split} has no items under {root}")
     for it in items:
         check_item(it)
     pre_bad = [_bad_entry(it, it.problem) for it in items if it.problem]   # decoding reports them again
-    if pre_bad and not skip_bad:
+    if pre_bad and not opts.skip_bad:
         raise BadInput(_describe(split, pre_bad))
 
-    max_bytes = int(shard_size_mb * 1e6) if shard_size_mb and shard_size_mb > 0 else 0
-    options = {"layout": layout, "size": size, "max_frames": max_frames, "fps": fps,
-               "shard_size_mb": shard_size_mb, "samples_per_shard": samples_per_shard,
-               "lowercase": lowercase, "resize": "square", "format": frame_format,
-               "progress_version": PROGRESS_VERSION}
-    work, records, prior_bad, pos, prog = _open_progress(out, split, items, options, skip_bad, log)
-
-    writer = ShardWriter(work, split, samples_per_shard, max_bytes, lowercase, first_shard=len(records),
-                         frame_shape=records[0]["shape"] if records else None, frame_format=frame_format)
-    pending_bad: list[tuple[int, dict]] = []
-    state = {"lo": pos, "rows": 0}
-
-    def commit(rec: dict, hi: int) -> None:
-        lo = state["lo"]
-        rows = writer.index[state["rows"]:]
-        r = {"index": len(records), "name": rec["name"], "num_samples": rec["num_samples"],
-             "sha256": rec["sha256"], "lo": lo, "hi": hi, "items": _items_hash(items[lo:hi]),
-             "shape": writer.shape, "rows": rows,
-             "bad": [[i, b] for i, b in pending_bad if lo <= i < hi]}
-        prog.write(json.dumps(r, ensure_ascii=False) + "\n")
-        prog.flush()
-        os.fsync(prog.fileno())
-        records.append({**r, "path": str(work / rec["name"])})
-        state["lo"], state["rows"] = hi, len(writer.index)
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("bad {task.fields[bad]}"), TimeRemainingColumn(), disable=not progress,
-                   transient=False)
+    sharder = SplitSharder(Path(out), split, items, layout, opts, log)
+    bar = _progress_bar(opts.progress)
     try:
         with bar:
-            task = bar.add_task(f"{layout} {split}", total=len(items), completed=pos, bad=len(prior_bad))
-            n_bad = len(prior_bad)
-            for i, (status, payload, n_src) in _decoded(items, pos, workers, size, max_frames, fps):
-                it = items[i]
-                if status == "ok":
-                    try:
-                        enc = writer.encode(_sample(it, payload, n_src))
-                    except ShardError as e:
-                        status, payload = "bad", str(e)
-                if status != "ok":
-                    entry = _bad_entry(it, payload)
-                    if not skip_bad:
-                        raise BadInput(_describe(split, [entry]))
-                    pending_bad.append((i, entry))
-                    n_bad += 1
-                else:
-                    if writer.overflows(enc):
-                        commit(writer.close_shard(), i)
-                    for rec in writer.write(enc):
-                        commit(rec, i + 1)
-                bar.update(task, advance=1, bad=n_bad)
-            rec = writer.close_shard()
-            if rec is not None:
-                commit(rec, len(items))
+            task = bar.add_task(f"{layout} {split}", total=len(items), completed=sharder.pos, bad=sharder.n_bad)
+            for i, result in _decoded(items, sharder.pos, opts.workers, opts.size, opts.max_frames, opts.fps):
+                sharder.write(i, *result)
+                bar.update(task, advance=1, bad=sharder.n_bad)
+            sharder.flush_shard(len(items))
     except BaseException:
-        writer.abort()
+        sharder.abort()
         raise
     finally:
-        prog.close()
-
-    index = [row for r in records for row in r["rows"]]
-    if not index:
-        raise ShardError(f"split {split}: no samples to write (all {len(items)} bad)")
-    bad = [b for r in records for _, b in r["bad"]] + [b for i, b in pending_bad if i >= state["lo"]]
-
-    manifest = _publish(out, split, work, records, index, bad, options, lowercase, frame_format, skip_bad, log)
-    return manifest
+        sharder.close()
+    return sharder.finish()
 
 
 def build_parser(prog: str = "sclslt shard") -> argparse.ArgumentParser:
@@ -282,8 +334,8 @@ def build_parser(prog: str = "sclslt shard") -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`sclslt shard`'s options (the subcommand's parser and `build_parser`)."""
-    p.add_argument("--layout", required=True, choices=sorted(LAYOUTS),
-                   help="the corpus layout under --root (see sclslt/data/corpora.py for the exact files read)")
+    p.add_argument("--layout", required=True, choices=sorted(CORPUS_LAYOUTS.names()),
+                   help="the corpus layout under --root (see sclslt/data/layouts/ for the exact files read)")
     p.add_argument("--root", required=True,
                    help="the corpus directory (for 'manifest': the CSV/JSONL file or a directory with "
                         "manifest.csv / manifest.jsonl)")

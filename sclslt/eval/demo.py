@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sclslt.eval.translate import TranslateError, Translator, input_item, load_clip, probe_video
+from sclslt.eval.hub import TranslateError, input_item, load_clip, probe_video
+from sclslt.eval.translate import Translator
 
 SENTENCES = "train_sentences.json"      # an export's training sentences (sclslt export), for the neighbours
 ZIP_LIMIT = 2 << 30                     # bytes a frames zip may expand to
@@ -31,7 +32,7 @@ class DemoError(TranslateError):
 def extract_frames_zip(path: Path, into: Path) -> Path:
     """The frame images of a zip, extracted into `into`; a zip with other files only, unsafe names or too
     many bytes is a DemoError."""
-    from sclslt.data.corpora import IMAGE_EXTS
+    from sclslt.data.decoding import IMAGE_EXTS
     try:
         z = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:

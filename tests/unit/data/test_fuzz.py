@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sclslt.config import ConfigError, load_config, parse_overrides
-from sclslt.data.corpora import CorpusError, read_items
+from sclslt.data.layouts import read_items
+from sclslt.data.layouts.common import CorpusError
 from sclslt.data.shards import ShardError, decode_frames, iter_shard, read_manifest
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -206,7 +207,7 @@ def _bad_or_error(layout: str, root: Path, named: Path, split: str = "train"):
     except CorpusError as e:
         assert _names(e, named) or str(root) in str(e), e
         return
-    from sclslt.data.corpora import check_item
+    from sclslt.data.decoding import check_item
     for it in items:
         check_item(it)                 # a problem is recorded on the item, never raised from a library
 
@@ -262,7 +263,7 @@ def test_label_pickles(tmp_path, body, gz):
                                  st.just(b"\xff\xd8\xff\xe0" + b"\x00" * 40)), min_size=1, max_size=3))
 @bounded
 def test_frame_images(tmp_path, images):
-    from sclslt.data.corpora import decode_item
+    from sclslt.data.decoding import decode_item
     d = tmp_path / "clip"
     d.mkdir(exist_ok=True)
     for i, b in enumerate(images):

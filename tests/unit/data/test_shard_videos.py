@@ -423,7 +423,8 @@ class _Evil:
 def test_annotation_pickles_are_read_as_data_only(tmp_path, capsys, layout):
     """A crafted annotation pickle is refused before it runs, naming the file and the global it asked
     for; the corpora's real formats, numpy values included, still load."""
-    from sclslt.data.corpora import CorpusError, read_items
+    from sclslt.data.layouts import read_items
+    from sclslt.data.layouts.common import CorpusError
     root = make_gfslt(tmp_path / "ph") if layout == "phoenix2014t" else make_csl(tmp_path / "csl")
     f = root / "labels.train" if layout == "phoenix2014t" else root / "sentence_label" / "csl2020ct_v2.pkl"
     opener = gzip.open if layout == "phoenix2014t" else open
