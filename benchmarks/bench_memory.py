@@ -45,7 +45,7 @@ from sclslt.data.text import train_tokenizer  # noqa: E402
 from sclslt.model.batchnorm import configure, finish_step  # noqa: E402
 from sclslt.model.slt import SLTModel  # noqa: E402
 from sclslt.train.accumulate import CachedStep  # noqa: E402
-from sclslt.train.loop import forward, step_loss  # noqa: E402
+from sclslt.model.objective import forward, step_loss  # noqa: E402
 
 MB = 2 ** 20
 SYNTHETIC = {"backbone_embedding": 8, "backbone_hidden": [8, 16], "backbone_depths": [1, 1], "d_model": 32,
@@ -166,7 +166,7 @@ def phoenix_case(tok, device, micro: int, ckpt: bool) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     st = StageConfig(freeze_text_encoder=True)
     model = build(PHOENIX, tok, "group 1", ckpt, device, dtype)
-    from sclslt.train.loop import set_trainable
+    from sclslt.model.objective import set_trainable
     set_trainable(model, st)
     batch = make_batch(2, 300, 224, 30, len(tok), device)
     built = _rss_mb()

@@ -49,7 +49,8 @@ import dataclasses  # noqa: E402
 
 from sclslt.config import SelectionConfig  # noqa: E402
 from benchio import run_tag, write_rows  # noqa: E402
-from sclslt.selection.planner import Planner, Table  # noqa: E402
+from sclslt.selection.planner import Planner  # noqa: E402
+from sclslt.selection.scoring import Table  # noqa: E402
 
 
 def mem_available() -> int | None:

@@ -9,7 +9,7 @@ Parts, in order of value (the most valuable first: a run cut short keeps what ma
   nccl           a 1-rank process group (NCCL on CUDA, gloo on a CPU; a FileStore in a temporary directory)
                  through sclslt.model.losses._GatherWithGrad in bf16: the gather's values, and the backward's
                  reduce-scatter (all-reduce on gloo) returning the gradient
-  syncs          host synchronisations per training step (sclslt.train.loop forward + step_loss + backward
+  syncs          host synchronisations per training step (sclslt.model.objective forward + step_loss + backward
                  of a small model, pooled and CiCo heads): sclslt.runtime.syncs.HostReads counts and places
                  device-to-host reads; on CUDA, torch.cuda.set_sync_debug_mode("warn") counts the syncs too.
                  Reported, not judged
@@ -74,7 +74,7 @@ QUICK_TOTAL_S = 1800   # --quick on a CPU checks the script, not the device's ti
 QUICK_SLACK = 4        # --quick: each part's budget times this (a CPU, the Triton interpreter)
 MIN_START_S = 10       # a part starts only with at least min(its budget, this) left
 TAIL = 3000            # characters of a part's output kept in its row
-# dtype: loss rtol, gradient error relative to the largest reference gradient (tests/test_kernels.py)
+# dtype: loss rtol, gradient error relative to the largest reference gradient (tests/unit/kernels/test_kernels.py)
 TOL = {"fp32": (1e-5, 1e-5), "fp16": (1e-4, 2e-3), "bf16": (1e-4, 1e-2)}
 
 
@@ -245,7 +245,7 @@ def syncs_part(quick: bool) -> dict:
     from sclslt.config import StageConfig
     from sclslt.model.batchnorm import finish_step
     from sclslt.runtime.syncs import HostReads
-    from sclslt.train.loop import forward, step_loss
+    from sclslt.model.objective import forward, step_loss
     dev, tok, steps = _device(), _tokenizer(), 3
     if dev.type == "cpu":       # the interpreter's own copies to numpy would count as reads
         os.environ["SCLSLT_KERNELS"] = "reference"

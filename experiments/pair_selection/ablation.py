@@ -347,11 +347,11 @@ def pr(detected: int, hits: int, true: int) -> dict:
 
 def separated_pairs(run: Path, cfg) -> tuple:
     """(N, N) bool over the run's table rows: the pairs `selection.separate_close` keeps apart (both
-    checkpoints' symmetric similarity at or above the planner's thresholds: `close_pairs.close_thresholds`),
+    checkpoints' symmetric similarity at or above the planner's thresholds: `separation.close_thresholds`),
     and the table's keys."""
     from sclslt.data.loader import rng_seed
     from sclslt.runtime.context import stage_seed
-    from sclslt.selection.close_pairs import close_thresholds, threshold_keys
+    from sclslt.selection.separation import close_thresholds, threshold_keys
     from sclslt.selection.table import load_table
     path = Path(cfg.selection.table)
     if not path.is_file():                    # a run folder moved (not where it ran): the table beside the seed's runs

@@ -160,7 +160,7 @@ def add_arguments(p) -> None:
 def run_command(args) -> int:
     import sys
 
-    from sclslt.eval.translate import TranslateError
+    from sclslt.eval.hub import TranslateError
     if args.encoders:
         try:
             info = export_encoders(Path(args.run), Path(args.out), args.stage, args.tag)

@@ -11,12 +11,17 @@ so that nothing pretrained is downloaded, generation defaults), the tokenizer fi
 record, `generation_config.json`, `README.md` (the model card) and `sclslt_export.json`, the sha256 of
 every other file, written last: a partial or damaged folder is an `ExportError` naming the file.
 
+An input clip (a video file or a folder of frames) is read as the model's training data were (`load_clip`,
+with the frame settings of a `FrameSpec`; a bad one is a `TranslateError` naming the file): here for
+`SignTranslator.translate`, and for `sclslt translate` and the demo, which sit above this module.
+
 The class is huggingface_hub's `PyTorchModelHubMixin` (`from_pretrained`, `save_pretrained`,
 `push_to_hub`); `push_to_hub` is the library's own call (no network here: untested).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,10 @@ from sclslt.data.shards import file_sha256
 MANIFEST = "sclslt_export.json"
 WEIGHTS = "model.safetensors"
 FORMAT = 1
+
+
+class TranslateError(RuntimeError):
+    """Translation cannot go on; the message says what is wrong and with which file."""
 
 
 class ExportError(RuntimeError):
@@ -63,6 +72,69 @@ def verify(folder: Path) -> dict:
         if file_sha256(f) != digest:
             raise ExportError(f"{f}: damaged (sha256 differs from {MANIFEST}); copy or download it again")
     return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs: decoded and resized as the model's training data was (the frame settings: `FrameSpec`)
+
+@dataclass
+class FrameSpec:
+    size: int               # square side for decode_item (0: keep the decoded size)
+    shape: tuple            # (H, W) the model was trained on
+    shard_max_frames: int   # the shard tool's --max-frames (0: none)
+    fps: float              # the shard tool's --fps (0: native frame rate)
+    max_frames: int         # data.max_frames (evenly spaced, as in evaluation)
+    source: str             # where the numbers come from
+
+
+def input_item(path):
+    """A `decoding.Item` for one input (video file or frame folder), checked; raises TranslateError."""
+    from sclslt.data.decoding import IMAGE_EXTS, Item, check_item
+    p = Path(path)
+    if not p.exists():
+        raise TranslateError(f"input {p} does not exist")
+    if p.is_dir():
+        kind = "frames"
+    elif p.suffix.lower() in IMAGE_EXTS:
+        raise TranslateError(f"input {p} is a single image: pass the folder that holds the clip's frames")
+    else:
+        kind = "video"
+    # the text is not used (decode_item's check wants one)
+    it = Item(key="input", text="-", source=str(p), path=str(p), kind=kind)
+    problem = check_item(it)
+    if problem:
+        raise TranslateError(f"input {p}: {problem}" + (" (PNG/JPEG files expected)" if "zero frames" in problem
+                                                         else ""))
+    return it
+
+
+def probe_video(path) -> None:
+    """Cheap check that PyAV can open a video and finds a video stream (nothing is decoded)."""
+    import av
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise TranslateError(f"input {path}: no video stream")
+    except TranslateError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise TranslateError(f"input {path}: cannot be decoded as a video ({type(e).__name__}: {e})") from e
+
+
+def load_clip(path, spec: FrameSpec) -> tuple[np.ndarray, int]:
+    """(frames uint8 T x H x W x 3 as the model sees them, frames in the source)."""
+    from sclslt.data.decoding import decode_item
+    from sclslt.data.loader import subsample_frames
+    it = input_item(path)
+    status, *rest = decode_item(it, spec.size, spec.shard_max_frames, spec.fps)
+    if status != "ok":
+        raise TranslateError(f"input {path}: cannot be decoded: {rest[0]}")
+    frames, n_src = rest
+    if frames.shape[1:3] != tuple(spec.shape):      # shards kept at their original size (--size 0)
+        from PIL import Image
+        h, w = spec.shape
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
+    return subsample_frames(frames, spec.max_frames), int(n_src)
 
 
 CARRIED = ("sclslt_vocab.json", "train_sentences.json", "README.md")    # files a model carries through save/load
@@ -141,7 +213,6 @@ class SignTranslator(nn.Module, PyTorchModelHubMixin, library_name="sclslt",
 
     # -- translating ------------------------------------------------------------------------
     def frame_spec(self):
-        from sclslt.eval.translate import FrameSpec
         f = self.config["frames"]
         return FrameSpec(int(f["size"]), tuple(f["shape"]), int(f["shard_max_frames"]), float(f["fps"]),
                          int(f["max_frames"]), "the export's config.json")
@@ -158,6 +229,5 @@ class SignTranslator(nn.Module, PyTorchModelHubMixin, library_name="sclslt",
 
     def translate(self, path, beam: int | None = None, max_len: int | None = None) -> str:
         """The translation of a video file or a folder of frames (decoded as the training data were)."""
-        from sclslt.eval.translate import load_clip
         frames, _ = load_clip(path, self.frame_spec())
         return self.translate_frames(frames, beam, max_len)

@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_command(args) -> int:
-    from sclslt.eval.translate import TranslateError, check_run, resolve_checkpoint
+    from sclslt.eval.hub import TranslateError
+    from sclslt.eval.translate import check_run, resolve_checkpoint
     from sclslt.runtime.distributed import finish_distributed, init_distributed
     try:
         run = check_run(args.run)

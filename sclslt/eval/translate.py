@@ -3,7 +3,7 @@
 An input is a video file (decoded with PyAV) or a folder of frame images (PNG/JPEG, in natural name
 order as in PHOENIX-2014T). It goes through the same path as the run's training data:
 
-1. decoding and resizing as the shards were made (`sclslt.data.corpora.decode_item`, the code of
+1. decoding and resizing as the shards were made (`sclslt.data.decoding.decode_item`, the code of
    sclslt shard): frames resized to the run's frame size (square `size` recorded in the
    shards manifest's options, or the synthetic corpus's `frame_size`), and, for videos, the shard
    tool's `--fps` resampling and `--max-frames` subsampling when the manifest records them;
@@ -15,7 +15,7 @@ The checkpoint is, by default, the one the run selected and evaluated (`"selecte
 `<run>/results.json`: {"stage", "tag"} or a stage-2 tag), else stage 2's `latest` (stage 1's when the
 run has no stage 2). `--checkpoint stage1|stage2|<dir>` and `--tag` pick another.
 
-Every problem is a `TranslateError` whose message names the file: a run directory without config,
+Every problem is a `TranslateError` (`sclslt.eval.hub`, which reads the inputs) whose message names the file: a run directory without config,
 tokenizer or checkpoints, a missing input, a folder without frames, a video that cannot be decoded.
 """
 from __future__ import annotations
@@ -29,13 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sclslt.eval.hub import ExportError, FrameSpec, SignTranslator, TranslateError, input_item, load_clip, probe_video
 from sclslt.runtime.checkpoints import MODEL_FILES, latest_tag
-from sclslt.runtime.context import STAGES, RunError
-from sclslt.runtime.rundir import RunDir, checkpoint_tags, load_run_model
-
-
-class TranslateError(RuntimeError):
-    """Translation cannot go on; the message says what is wrong and with which file."""
+from sclslt.runtime.context import STAGES
+from sclslt.runtime.rundir import RunDir, RunError, checkpoint_tags, load_run_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,17 +106,7 @@ def resolve_checkpoint(run_dir, checkpoint: str | None = None, tag: str | None =
 
 
 # ---------------------------------------------------------------------------------------------
-# inputs: decoded and resized as the run's training data was
-
-@dataclass
-class FrameSpec:
-    size: int               # square side for decode_item (0: keep the decoded size)
-    shape: tuple            # (H, W) the model was trained on
-    shard_max_frames: int   # the shard tool's --max-frames (0: none)
-    fps: float              # the shard tool's --fps (0: native frame rate)
-    max_frames: int         # data.max_frames (evenly spaced, as in evaluation)
-    source: str             # where the numbers come from
-
+# inputs: decoded and resized as the run's training data was (`FrameSpec`, `load_clip`: `sclslt.eval.hub`)
 
 def frame_spec(cfg, size_override: int = 0) -> FrameSpec:
     """How the run's training frames were made: the synthetic corpus's frame size, or the shards
@@ -150,56 +137,6 @@ def frame_spec(cfg, size_override: int = 0) -> FrameSpec:
         size = h if h == w else 0
     return FrameSpec(size, (h, w), int(opts.get("max_frames", 0) or 0), float(opts.get("fps", 0.0) or 0.0),
                      max_frames, str(f))
-
-
-def input_item(path):
-    """A `corpora.Item` for one input (video file or frame folder), checked; raises TranslateError."""
-    from sclslt.data.corpora import IMAGE_EXTS, Item, check_item
-    p = Path(path)
-    if not p.exists():
-        raise TranslateError(f"input {p} does not exist")
-    if p.is_dir():
-        kind = "frames"
-    elif p.suffix.lower() in IMAGE_EXTS:
-        raise TranslateError(f"input {p} is a single image: pass the folder that holds the clip's frames")
-    else:
-        kind = "video"
-    # the text is not used (decode_item's check wants one)
-    it = Item(key="input", text="-", source=str(p), path=str(p), kind=kind)
-    problem = check_item(it)
-    if problem:
-        raise TranslateError(f"input {p}: {problem}" + (" (PNG/JPEG files expected)" if "zero frames" in problem
-                                                         else ""))
-    return it
-
-
-def probe_video(path) -> None:
-    """Cheap check that PyAV can open a video and finds a video stream (nothing is decoded)."""
-    import av
-    try:
-        with av.open(str(path)) as c:
-            if not c.streams.video:
-                raise TranslateError(f"input {path}: no video stream")
-    except TranslateError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise TranslateError(f"input {path}: cannot be decoded as a video ({type(e).__name__}: {e})") from e
-
-
-def load_clip(path, spec: FrameSpec) -> tuple[np.ndarray, int]:
-    """(frames uint8 T x H x W x 3 as the model sees them, frames in the source)."""
-    from sclslt.data.corpora import decode_item
-    from sclslt.data.loader import subsample_frames
-    it = input_item(path)
-    status, *rest = decode_item(it, spec.size, spec.shard_max_frames, spec.fps)
-    if status != "ok":
-        raise TranslateError(f"input {path}: cannot be decoded: {rest[0]}")
-    frames, n_src = rest
-    if frames.shape[1:3] != tuple(spec.shape):      # shards kept at their original size (--size 0)
-        from PIL import Image
-        h, w = spec.shape
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
-    return subsample_frames(frames, spec.max_frames), int(n_src)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +207,6 @@ class Translator:
         return (str(self.run), model, tok, spec), (cfg.eval.beam, cfg.eval.max_len)
 
     def _load_export(self, name, size):
-        from sclslt.eval.hub import ExportError, SignTranslator
         try:
             hub = SignTranslator.from_pretrained(name)
         except (ExportError, FileNotFoundError, OSError, ValueError) as e:

@@ -3,7 +3,7 @@
 The id mask removes a column from a row's InfoNCE denominator only when the two sentences are
 identical. A corpus like PHOENIX-2014T has ~7.6 near partners per clip (paraphrases among them) that
 no id mask catches, and treating a paraphrase as a negative pushes apart two clips that mean the same
-(benchmarks/results/ps_ablation_analysis.md). This module finds close sentence pairs once per run,
+(experiments/pair_selection/results/ps_ablation_analysis.md). This module finds close sentence pairs once per run,
 over the training sentences, and gives the loss a per-pair mask:
 
 - `jaccard`: token Jaccard of the normalised texts (|A & B| / |A | B| over their whitespace tokens);
@@ -18,7 +18,7 @@ close columns (soft). Identical sentences are always the id mask's (left out of 
 The pairs are stored as a sorted set of int64 codes a * U + b over the U training sentences (compact
 indices of their sorted sentence ids), both orders: memory is the number of close pairs, never U^2,
 and the mask of b rows against n columns costs two `searchsorted`s. The table is written into the run
-directory by rank 0 (`CLOSE_FILE`, `train.loop.stage_close_pairs`) and read back by every rank, so all
+directory by rank 0 (`CLOSE_FILE`, `train.close_pairs.stage_close_pairs`) and read back by every rank, so all
 ranks and a resumed run use the same pairs (the resumed model's text encoder is no longer the initial one).
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ class CloseSentences:
         return torch.stack([self.sids[self.codes // u], self.sids[self.codes % u]], dim=1)
 
     def save(self, path, made_by: dict | None = None) -> None:
-        """With `made_by` ({"kind", "threshold"}) in the file's metadata: what `train.loop.stage_close_pairs` checks on reuse."""
+        """With `made_by` ({"kind", "threshold"}) in the file's metadata: what `train.close_pairs.stage_close_pairs` checks on reuse."""
         import json
 
         from safetensors.torch import save_file
@@ -135,12 +135,18 @@ def cosine_pairs(sids: list[int], emb: torch.Tensor, threshold: float) -> CloseS
     return from_similarity(sids, lambda i0, i1: e[i0:i1] @ e.t(), threshold)
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` (B, L, D) over the positions `mask` (B, L) keeps: the cosine kind's sentence embedding,
+    and the pooled similarity head's (`heads.PooledHead`)."""
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 @torch.no_grad()
 def text_embeddings(model, tokenizer, texts: list[str], device, batch: int = 256) -> torch.Tensor:
     """Mean-pooled last hidden states of `model.text_encoder` (eval mode, no grad), computed on `device` (the
     training GPU: before the engine exists the model is still in host memory, so the text encoder visits the
     device for this pass); its mode and place are restored."""
-    from sclslt.model.heads import masked_mean
     was, home = model.training, next(model.text_encoder.parameters()).device
     model.eval()
     model.text_encoder.to(device)

@@ -18,16 +18,11 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
-from sclslt.model.close_text import CloseSentences, close_ce
+from sclslt.model.close_text import CloseSentences, close_ce, masked_mean
 from sclslt.registry import SIMILARITY_HEADS
 from sclslt_kernels import cico_similarity, infonce, masked_ce
 
 CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale")
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype)[..., None]
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 class SimilarityHead(ABC):

@@ -1,25 +1,19 @@
 """What every part of a run shares: the stage names, the run's context (config, distributed facts,
-directories, tokenizer, reporter), its errors, and the rank-0 helper."""
+directories, tokenizer, reporter), its preemption error, and the rank-0 helper. `RunError` (the run cannot
+go on) lives with the run directory below it (`sclslt.runtime.rundir`), whose reading raises it too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch.distributed as dist
 
 from sclslt.config import Config
 from sclslt.runtime.distributed import DistInfo
+from sclslt.runtime.rundir import RunDir, RunError
 from sclslt.runtime.ui import Reporter
 
-if TYPE_CHECKING:                       # rundir imports this module
-    from sclslt.runtime.rundir import RunDir
-
 STAGES = ("stage1", "stage2")
-
-
-class RunError(RuntimeError):
-    """The run cannot go on; the message says what to do."""
 
 
 class Preempted(RunError):
@@ -39,7 +33,6 @@ class Context:
     @property
     def run(self) -> RunDir:
         """The run directory's paths."""
-        from sclslt.runtime.rundir import RunDir
         return RunDir(self.run_dir)
 
     @property

@@ -1,5 +1,6 @@
 """A run directory: every path in it, and reading a run back (config, tokenizer, checkpoints, the one
-the run selected, the model of a checkpoint). The loop writes through these paths; translation,
+the run selected, the model of a checkpoint), and `RunError`, the error a run stops with (raised here by
+an unreadable results file, and by every floor above). The loop writes through these paths; translation,
 retrieval, the reference export and the tools read through them.
 
   config.yaml                    resolved config (also inside every checkpoint)
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sclslt.runtime.checkpoints import MODEL_FILES, latest_tag, load_module_state
-from sclslt.runtime.context import RunError
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,17 @@ from sclslt.atomic import write_text
 from sclslt.data.loader import GlobalStream, epoch_order
 from sclslt.data.shards import frame_format, manifest_rows, read_manifest
 from sclslt.eval.retrieval import embed_split
-from sclslt.selection.planner import (
-    Planner,
-    Table,
+from sclslt.selection.planner import Planner
+from sclslt.selection.scoring import Table
+from sclslt.selection.table import (
     load_snapshot,
     load_table,
     save_snapshot,
     table_info,
     table_from_snapshots,
 )
-from sclslt.runtime.context import Context, RunError, stage_seed
+from sclslt.runtime.context import Context, stage_seed
+from sclslt.runtime.rundir import RunError
 
 
 class BatchSource:

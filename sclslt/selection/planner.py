@@ -1,19 +1,15 @@
-"""Pair Selection: curriculum global batches from the similarity dynamics of negatives (docs/paper.md).
+"""Pair Selection's planner: an epoch's curriculum global batches by the paper's greedy (docs/paper.md).
 
-delta(i, j) = s_late(V_i, T_j) - s_early(V_i, T_j) from a reference table of pooled embeddings at an
-early and a late checkpoint; never stored N x N, computed on demand for the candidates against the
-members of the batch being built:
-    Delta(u; C) = sum_{c in C} delta(u, c) + delta(c, u)          (both directions: our choice)
-Low Delta = the pair's similarity fell during reference training (easy, stably separable);
-high Delta = it rose (hard, confusable). The curriculum takes candidates at the quantile
-q(alpha) of the sorted Delta, alpha = epoch / epochs, by schedule (`schedules`):
+The curriculum takes candidates at the quantile q(alpha) of the sorted Delta (`scoring`: low = easy,
+stably separable; high = hard, confusable), alpha = epoch / epochs, by schedule (`schedules`):
     easy 0 | hard 1 | linear alpha | sqrt sqrt(alpha) | log log(1 + (b - 1) alpha) / log(b).
 
 One sequence of global batches per (config, seed), whatever the world size (issue 20): the paper's
 greedy, run over the epoch's pool of clips: a batch starts from ONE random seed and grows one candidate
 at a time, each the candidate at the curriculum quantile of the whole pool's Delta against the members
 so far. A candidate whose sentence id equals a member's is passed over (known false negatives never
-share a batch unless nothing else is left: counted, and masked in the loss anyway). At corpora of
+share a batch unless nothing else is left: counted, and masked in the loss anyway); which candidates a
+step may take is the first rung of `LADDER` that has any. At corpora of
 thousands of clips every pool is the whole epoch (`selection.pools` = 1); at millions, the epoch is cut
 into a fixed number of canonical pools, each planned on its own, the ranks sharing the pools out, and
 `selection.chunk` members may be added per step: both approximations are properties of the config,
@@ -23,252 +19,22 @@ never of the machine
 Every decision is a pure function of (seed, epoch, pool, batch, the table), computed before the epoch
 starts: the plan depends neither on the number of ranks nor on the loader's workers, and a resumed run
 (at any world size) re-plans the epoch and skips the batches it had done.
+
+The table it plans from: `scoring` (in memory, Delta), `table` (its files); the thresholds of
+`selection.separate_close`: `separation`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 from sclslt.config import SelectionConfig
 from sclslt.data.loader import epoch_order, rng_seed
-from sclslt.atomic import atomic_path
+from sclslt.selection.separation import close_thresholds, threshold_keys
 from sclslt.selection.schedules import curriculum_quantile
-
-
-@dataclass
-class Table:
-    """Reference embeddings: rows aligned with `keys`; v0/t0 early, v1/t1 late (float64 for exact ties).
-
-    delta(u, c) is v1_u . t1_c - v0_u . t0_c (pooled scoring, factorised: a round is one
-    matrix-vector product), or, when the table carries `delta` (N x N, video row, text column), that
-    matrix: any similarity, e.g. CiCo's, which does not factorise (sclslt/selection/reference.py
-    --score cico; N^2 memory, so for corpora up to some ten thousand clips).
-    The embeddings live on `device` (the training GPU when there is one), where the candidates are
-    scored; ids and the selection logic stay on the CPU.
-
-    Scale: the planner never needs another rank's rows (a pick travels with its member-side vector,
-    `member_vec`), so a rank's table may hold its own pool's rows only (`load_table(keys=...)`), and
-    in a compact `dtype` (float16: 8 e bytes a clip; the epoch's scoring copy of the pool, `pool_side`,
-    as much again on a GPU, 32 e bytes on the CPU). Scores are float64 sums of the stored values, so
-    a plan is exactly the float64 planner's plan on the table rounded to `dtype` (tests/test_selection.py);
-    rounding can only reorder candidates whose Delta differ by less than the rounding (~1e-3 relative).
-    """
-    keys: list
-    sentence_ids: torch.Tensor      # (N,) long, CPU
-    v0: torch.Tensor
-    t0: torch.Tensor
-    v1: torch.Tensor
-    t1: torch.Tensor
-    device: torch.device | str = "cpu"
-    delta: torch.Tensor | None = None
-    dtype: torch.dtype = torch.float64
-    index: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.index = _key_rows(self.keys)
-        self.sentence_ids = self.sentence_ids.cpu()
-        for name in ("v0", "t0", "v1", "t1"):
-            setattr(self, name, getattr(self, name).to(self.device, self.dtype))
-        if self.delta is not None:
-            n = len(self.keys)
-            if tuple(self.delta.shape) != (n, n):
-                raise ValueError(f"reference table: delta is {tuple(self.delta.shape)}, expected ({n}, {n})")
-            self.delta = self.delta.to(self.device, torch.float64)
-
-    def pool_side(self, rows: torch.Tensor) -> torch.Tensor:
-        """What a pool keeps for an epoch to score its candidates `rows` (see `candidate_delta`).
-        On the CPU it is widened to float64 once here: widening a compact dtype there costs ~14x the
-        product itself, and every round would pay it (on a GPU it is cheap and memory is not)."""
-        r = rows.to(self.v1.device)
-        if self.delta is not None:
-            return r
-        side = torch.cat([self.v1[r], -self.v0[r], self.t1[r], -self.t0[r]], dim=1)
-        return side.double() if side.device.type == "cpu" else side
-
-    def candidate_delta(self, side: torch.Tensor, members: list[int], sums: torch.Tensor | None = None,
-                        block: int = 16384) -> torch.Tensor:
-        """Delta(u; C) = sum over members c of delta(u, c) + delta(c, u), for every candidate of `side`.
-
-        Factorised tables take the members' summed vectors `sums` (`member_vec`, float64; from the rows
-        `members` of this table when not given); dense ones take the member rows."""
-        if self.delta is not None:
-            m = torch.tensor(members, dtype=torch.long, device=self.delta.device)
-            return self.delta[side][:, m].sum(1) + self.delta[m][:, side].sum(0)
-        if sums is None:
-            sums = self.member_sums(members)
-        sums = sums.to(side.device, torch.float64)
-        if side.dtype == torch.float64:
-            return side @ sums
-        return torch.cat([side[i:i + block].double() @ sums for i in range(0, len(side), block)])
-
-    def member_vec(self, row: int) -> torch.Tensor:
-        """[t1, t0, v1, v0] of one row (stored dtype): what a pick contributes to Delta's batch side."""
-        return torch.cat([self.t1[row], self.t0[row], self.v1[row], self.v0[row]])
-
-    def rows(self, keys: list[str]) -> torch.Tensor:
-        return _positions(self.index, keys)
-
-    def pair_similarity(self, side: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s_early, s_late) of table row `row` with every candidate of the scoring copy `side`: the pooled
-        similarity of the pair, symmetric (the mean of its two directions, as Delta sums both), float64."""
-        if self.delta is not None:                     # a dense table's side is its rows
-            r = side.to(self.v0.device)
-            pair = lambda v, t: ((v[r] @ t[row] + t[r] @ v[row]).double() / 2)
-            return pair(self.v0, self.t0), pair(self.v1, self.t1)
-        e = self.v0.shape[1]
-        mv = self.member_vec(row).double()              # [t1, t0, v1, v0] against side's [v1, -v0, t1, -t0]
-        late, early = mv.clone(), mv.clone()
-        late[e:2 * e], late[3 * e:] = 0, 0
-        early[:e], early[2 * e:3 * e] = 0, 0
-        return -self.candidate_delta(side, [], early) / 2, self.candidate_delta(side, [], late) / 2
-
-    def member_sums(self, members: list[int]) -> torch.Tensor:
-        """[sum t1_c, sum t0_c, sum v1_c, sum v0_c] over the members: Delta's batch side."""
-        m = torch.tensor(members, dtype=torch.long, device=self.v1.device)
-        return torch.cat([self.t1[m].double().sum(0), self.t0[m].double().sum(0), self.v1[m].double().sum(0),
-                          self.v0[m].double().sum(0)])
-
-
-
-def save_table(path, early: dict, late: dict, meta: dict, delta: torch.Tensor | None = None) -> None:
-    """A reference table: two embedding passes (same samples) in one safetensors file, and the dense
-    delta matrix where the scoring similarity does not factorise (`Table.delta`)."""
-    import json
-
-    from safetensors.torch import save_file
-    if early["keys"] != late["keys"]:
-        raise ValueError("the early and late embedding passes cover different samples")
-    tensors = {"sentence_ids": early["sentence_ids"].long().contiguous(),
-               "v0": early["video"].float().contiguous(), "t0": early["text"].float().contiguous(),
-               "v1": late["video"].float().contiguous(), "t1": late["text"].float().contiguous()}
-    if delta is not None:
-        tensors["delta"] = delta.float().contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"keys": json.dumps(early["keys"]), "meta": json.dumps(meta)})
-
-
-TABLE_INDEX = "index.json"
-
-
-def table_info(path) -> tuple[int, bool]:
-    """(samples, whether the table is dense: CiCo-scored) of a table file or sharded table directory,
-    without reading its tensors."""
-    import json
-
-    from safetensors import safe_open
-    if Path(path).is_dir():
-        return sum(p["rows"] for p in _table_index(path)["parts"]), False
-    with safe_open(str(path), framework="pt") as f:
-        return len(json.loads(f.metadata()["keys"])), "delta" in f.keys()
-
-
-def _table_index(path) -> dict:
-    import json
-    f = Path(path) / TABLE_INDEX
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: a sharded reference table needs {TABLE_INDEX} (an export that did not "
-                                f"finish? run sclslt reference again with --resume)")
-    return json.loads(f.read_text())
-
-
-def _positions(pos: dict, keys: list[str], path="") -> torch.Tensor:
-    """Row positions of `keys` in a table whose key -> row map is `pos`; a key that is not there is
-    an error naming it."""
-    missing = [k for k in keys if k not in pos]
-    if missing:
-        raise KeyError(f"{len(missing)} training samples are not in the reference table{f' {path}' if path else ''} "
-                       f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
-    return torch.tensor([pos[k] for k in keys], dtype=torch.long)
-
-
-def _key_rows(all_keys: list[str]) -> dict:
-    return {k: i for i, k in enumerate(all_keys)}
-
-
-def _load_sharded(path, device, keys, dtype) -> Table:
-    """A table written as one part per exporting rank (sclslt reference --out DIR)."""
-    import json
-
-    from safetensors import safe_open
-    parts = _table_index(path)["parts"]
-    if keys is None:
-        tabs = [load_table(Path(path) / p["name"], "cpu", None, dtype) for p in parts]
-    else:
-        want, tabs = set(keys), []
-        for p in parts:
-            with safe_open(str(Path(path) / p["name"]), framework="pt") as f:
-                mine = [k for k in json.loads(f.metadata()["keys"]) if k in want]
-            if mine:
-                tabs.append(load_table(Path(path) / p["name"], "cpu", mine, dtype))
-    all_keys = [k for tb in tabs for k in tb.keys]
-    r = None if keys is None else _positions(_key_rows(all_keys), keys, path)   # back to the order asked for
-    cols = {v: torch.cat([getattr(tb, v) for tb in tabs]) for v in ("sentence_ids", "v0", "t0", "v1", "t1")}
-    if r is not None:
-        cols, all_keys = {v: x[r] for v, x in cols.items()}, list(keys)
-    return Table(keys=all_keys, **cols, device=device, dtype=dtype)
-
-
-def load_table(path, device="cpu", keys: list[str] | None = None, dtype: torch.dtype = torch.float64) -> Table:
-    """A reference table; with `keys`, only those rows (a rank's pool: the file is read in contiguous
-    slices, never whole), stored in `dtype` (see `Table`: float16 for corpora of millions of clips)."""
-    import json
-
-    from safetensors import safe_open
-    if Path(path).is_dir():
-        return _load_sharded(path, device, keys, dtype)
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata()
-        all_keys = json.loads(md["keys"])
-        if keys is None:
-            t = {k: f.get_tensor(k) for k in f.keys()}
-            return Table(keys=all_keys, sentence_ids=t["sentence_ids"], v0=t["v0"], t0=t["t0"], v1=t["v1"],
-                         t1=t["t1"], device=device, delta=t.get("delta"), dtype=dtype)
-        if "delta" in f.keys():
-            raise ValueError(f"{path}: a dense (CiCo-scored) table is whole on every rank; load it without keys")
-        want = _positions(_key_rows(all_keys), keys, path)
-        order = torch.sort(want)
-        idx = order.values
-        runs = torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1       # starts of contiguous runs
-        bounds = list(zip([0] + runs.tolist(), runs.tolist() + [len(idx)]))
-        t = {}
-        for name in ("sentence_ids", "v0", "t0", "v1", "t1"):
-            sl = f.get_slice(name)
-            parts = [sl[int(idx[a]):int(idx[b - 1]) + 1] for a, b in bounds]
-            x = torch.cat(parts) if parts else sl[0:0]
-            x = x if name == "sentence_ids" else x.to(dtype)
-            t[name] = torch.empty_like(x).index_copy_(0, order.indices, x)   # back to the order of `keys`
-    return Table(keys=list(keys), sentence_ids=t["sentence_ids"], v0=t["v0"], t0=t["t0"], v1=t["v1"],
-                 t1=t["t1"], device=device, dtype=dtype)
-
-
-def save_snapshot(path, emb: dict) -> None:
-    """One embedding pass (keys, sentence ids, pooled video/text) as safetensors."""
-    import json
-
-    from safetensors.torch import save_file
-    with atomic_path(path) as tmp:
-        save_file({"sentence_ids": emb["sentence_ids"].long().contiguous(), "video": emb["video"].float().contiguous(),
-                   "text": emb["text"].float().contiguous()}, str(tmp), metadata={"keys": json.dumps(emb["keys"])})
-
-
-def load_snapshot(path) -> dict:
-    import json
-
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        out = {k: f.get_tensor(k) for k in f.keys()}
-        out["keys"] = json.loads(f.metadata()["keys"])
-    return out
-
-
-def table_from_snapshots(early: dict, late: dict, device="cpu") -> Table:
-    if early["keys"] != late["keys"]:
-        raise ValueError("the early and late embedding passes cover different samples")
-    return Table(keys=list(early["keys"]), sentence_ids=early["sentence_ids"], v0=early["video"], t0=early["text"],
-                 v1=late["video"], t1=late["text"], device=device)
+from sclslt.selection.scoring import Table
 
 
 @dataclass
@@ -278,38 +44,101 @@ class PlanStats:
     close_relaxed: int = 0           # members admitted despite a close member (separate_close; nothing else, or due)
 
 
-THRESHOLD_ROWS = 2000
-
-
-def threshold_keys(keys: list[str], seed: int, rows: int = THRESHOLD_ROWS) -> list[str]:
-    """The clips `close_thresholds` reads: `rows` of the training keys drawn with `seed` from their sorted
-    order (the same whatever order, pool or epoch the keys come in)."""
-    ordered = sorted(keys)
-    pick = torch.randperm(len(ordered), generator=torch.Generator().manual_seed(seed))[:rows]
-    return [ordered[i] for i in pick.sort().values.tolist()]
-
-
-def close_thresholds(table: Table, keys: list[str], q: float) -> tuple[float, float]:
-    """`selection.separate_close`'s High at each checkpoint: the (1 - q) quantiles of s_early and s_late
-    (`Table.pair_similarity`: symmetric pooled similarity) over every pair of different sentences among
-    the clips `keys` (`threshold_keys`: a fixed sample of the whole table, so the thresholds are a property
-    of the table and the seed, not of a pool or an epoch)."""
-    r = table.rows(keys).to(table.v0.device)
-    sid = table.sentence_ids[r.cpu()]
-    neg = (sid[:, None] != sid[None, :]).to(table.v0.device)
-    if not bool(neg.any()):
-        raise ValueError("selection.separate_close: the reference table's sample holds one sentence only")
-
-    def sym(v, t):
-        a, b = v[r].double(), t[r].double()
-        return ((a @ b.t() + b @ a.t()) / 2)[neg]
-    return tuple(float(torch.quantile(sym(v, t).cpu().float(), 1 - q)) for v, t in ((table.v0, table.t0),
-                                                                                     (table.v1, table.t1)))
-
-
 def nearest_rank(q: float, n: int) -> int:
     """The position nearest q (n - 1) in a sorted list of n (a tie goes to the lower position)."""
     return max(0, math.ceil(q * (n - 1) - 0.5))
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rung of the candidate ladder: which of the unused clips a step may take.
+
+    A rung that drops the id rule reports it relaxed (`PlanStats.relaxed`; a chunk may then take two
+    copies of one sentence); one that drops the close rule reports it relaxed when an unused clip is
+    close to a member (`PlanStats.close_relaxed`)."""
+    name: str
+    due_only: bool          # only copies of due sentences (as many unused copies as batches left)
+    id_rule: bool           # no clip of a member's sentence
+    close_rule: bool        # no clip close to a member (selection.separate_close; no clip is close when off)
+
+    def mask(self, free: torch.Tensor, clash: torch.Tensor, near: torch.Tensor, due: torch.Tensor) -> torch.Tensor:
+        """The rung's candidates among the unused clips `free` (all (R,) bool, see `Planner._one_batch`)."""
+        out = free & ~clash if self.id_rule else free
+        out = out & ~near if self.close_rule else out
+        return out & due if self.due_only else out
+
+
+# The candidate ladder, tried top down: a step takes from the first rung that has a candidate.
+LADDER = (
+    # due copies first, one per batch: held back, a sentence's copies pile up at the epoch's end and must meet
+    Rung("due", due_only=True, id_rule=True, close_rule=True),
+    # a due copy close to a member: being due outranks the close rule (a close pair is only likely a false negative)
+    Rung("due-close", due_only=True, id_rule=True, close_rule=False),
+    # the ordinary step: any clip that breaks no rule
+    Rung("clean", due_only=False, id_rule=True, close_rule=True),
+    # only clips close to a member are left: the close rule gives way before the id rule (a guess, not a known clash)
+    Rung("close", due_only=False, id_rule=True, close_rule=False),
+    # every clip left shares a member's sentence: the id rule gives way (the loss masks such pairs), due copies first
+    Rung("due-same-sentence", due_only=True, id_rule=False, close_rule=False),
+    # anything unused: nothing else is left
+    Rung("any", due_only=False, id_rule=False, close_rule=False),
+)
+
+
+@dataclass
+class PoolState:
+    """One pool between its batches: P clips, S distinct sentences, R rows in the scoring copy now, e the
+    embedding width. The scoring copy is compacted to the unused rows whenever they fall below 3/4 of it.
+
+    rows           (P,) long      the pool's table rows, in the order of its keys
+    sids           (P,) long      their sentence ids (with `selection.allow_same_sentence`: 0 .. P-1)
+    sidx           (P,) long      each clip's sentence as an index into `unused_copies`
+    unused_copies  (S,) long      each sentence's clips in no batch yet
+    side           (P, 4e)        the pool's scoring copy (`Table.pool_side`; a dense table's: (P,) rows)
+    used           (P,) bool      in a batch already
+    pos            (R,) long      the pool positions of the scoring copy's rows now
+    cur            (R, 4e)        `side` at `pos` (a dense table's: (R,))
+    avail          (R,) bool      which of those are unused (`compact`)
+    """
+    rows: torch.Tensor
+    sids: torch.Tensor
+    sidx: torch.Tensor
+    unused_copies: torch.Tensor
+    side: torch.Tensor
+    used: torch.Tensor
+    pos: torch.Tensor
+    cur: torch.Tensor
+    avail: torch.Tensor
+
+    @classmethod
+    def start(cls, table: Table, keys: list[str], allow_same_sentence: bool) -> PoolState:
+        rows = table.rows(keys)
+        sids = table.sentence_ids[rows]
+        if allow_same_sentence:      # no id rule: every clip its own "sentence" (none is ever due)
+            sids = torch.arange(len(keys), dtype=torch.long)
+        _, sidx = torch.unique(sids, return_inverse=True)
+        side = table.pool_side(rows)
+        return cls(rows=rows, sids=sids, sidx=sidx, unused_copies=torch.bincount(sidx), side=side,
+                   used=torch.zeros(len(keys), dtype=torch.bool), pos=torch.arange(len(keys)), cur=side,
+                   avail=torch.ones(len(keys), dtype=torch.bool))
+
+    def compact(self) -> None:
+        """`avail` for the next batch; the scoring copy cut to the unused rows if they are below 3/4 of it."""
+        self.avail = ~self.used[self.pos]
+        if float(self.avail.float().mean()) < 0.75:
+            self.pos = self.pos[self.avail]
+            self.cur, self.avail = self.side[self.pos.to(self.side.device)], self.avail[self.avail]
+
+    def due(self, batches_left: int) -> torch.Tensor:
+        """(R,) bool: the clips of a sentence with as many unused copies as batches left."""
+        return self.unused_copies[self.sidx[self.pos]] >= batches_left
+
+    def take(self, picked: torch.Tensor) -> torch.Tensor:
+        """Marks a batch's members (positions in the scoring copy now) used; their pool positions."""
+        members = self.pos[picked]
+        self.used[members] = True
+        self.unused_copies -= torch.bincount(self.sidx[members], minlength=len(self.unused_copies))
+        return members
 
 
 class Planner:
@@ -343,10 +172,13 @@ class Planner:
         """The epoch's global batches (keys, in global order). `table_for(pool_keys)` gives a table that
         holds at least those keys' rows; with world > 1, `all_gather_object` exchanges the pools' plans."""
         pools, q = self.pools(keys, epoch), self.quantile(epoch, epochs)
+        # the separate_close thresholds: from a fixed sample of the whole table, the same for every pool
         if self.cfg.separate_close > 0:
             sample = threshold_keys(keys, rng_seed(self.seed, 8))
             self.close = close_thresholds(table_for(sample), sample, self.cfg.separate_close)
+        # this rank's pools, each planned on its own
         mine = {p: self.plan_pool(table_for(pk), pk, epoch, p, q) for p, pk in enumerate(pools) if p % world == rank}
+        # every rank's plans (and counts) to every rank
         if world > 1:
             out = [None] * world
             all_gather_object(out, (mine, self.stats))
@@ -355,6 +187,7 @@ class Planner:
                 mine.update(plans)
                 for f in ("relaxed", "picks", "close_relaxed"):
                     setattr(self.stats, f, getattr(self.stats, f) + getattr(stats, f))
+        # the pools' batches interleaved round-robin
         longest = max(len(b) for b in mine.values())
         return [mine[p][j] for j in range(longest) for p in range(len(pools)) if j < len(mine[p])]
 
@@ -372,56 +205,53 @@ class Planner:
         drops the id rule (and its due copies): the planner the paper describes.
         A sentence with as many unused copies as batches left is due: its copies go first, one per batch
         (otherwise keeping copies apart piles them up at the epoch's end, where they must meet; measured
-        in benchmarks/results/ps_experiment.md). Delta is kept per candidate and grows by one
-        matrix-vector product per step, over the scoring copy of the pool's rows, which is compacted to
-        the unused ones whenever they fall below 3/4 of it (so a batch costs its steps' products only)."""
-        rows = table.rows(keys)
+        in benchmarks/results/ps_experiment.md). The order of the rules is `LADDER`'s. Delta is kept per
+        candidate and grows by one matrix-vector product per step, over the scoring copy of the pool's
+        rows, which is compacted to the unused ones whenever they fall below 3/4 of it (so a batch costs
+        its steps' products only: `PoolState`)."""
+        state = PoolState.start(table, keys, self.cfg.allow_same_sentence)
         n_batches = len(keys) // self.batch
-        sids = table.sentence_ids[rows]
-        if self.cfg.allow_same_sentence:      # no id rule: every clip its own "sentence" (none is ever due)
-            sids = torch.arange(len(keys), dtype=torch.long)
-        _, sidx = torch.unique(sids, return_inverse=True)
-        unused_copies = torch.bincount(sidx)
-        side = table.pool_side(rows)
-        used = torch.zeros(len(keys), dtype=torch.bool)
-        pos, cur = torch.arange(len(keys)), side            # pool positions of the scoring copy's rows
         plan = []
         for b in range(n_batches if max_batches is None else min(n_batches, max_batches)):
-            avail = ~used[pos]
-            if float(avail.float().mean()) < 0.75:
-                pos = pos[avail]
-                cur, avail = side[pos.to(side.device)], avail[avail]
-            members = self._one_batch(table, rows[pos], cur, avail, sids[pos],
-                                      unused_copies[sidx[pos]] >= n_batches - b, q,
-                                      torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6)), self.close)
-            members = pos[members]
-            used[members] = True
-            unused_copies -= torch.bincount(sidx[members], minlength=len(unused_copies))
+            # the scoring copy: cut to the unused rows when they fall below 3/4 of it
+            state.compact()
+            # one batch, from a generator of (seed, epoch, pool, batch): the same on whichever rank plans it
+            gen = torch.Generator().manual_seed(rng_seed(self.seed, epoch, pool, b, 6))
+            picked = self._one_batch(table, state, state.due(n_batches - b), q, gen)
+            # its members used, their sentences' unused copies one fewer
+            members = state.take(picked)
             plan.append([keys[i] for i in members.tolist()])
         return plan
 
-    def _one_batch(self, table: Table, rows, side, avail, sids, due, q: float, gen, close=None) -> torch.Tensor:
-        """One global batch, as positions in `rows` (the scoring copy `side`'s rows; `avail`: unused).
+    def _one_batch(self, table: Table, state: PoolState, due: torch.Tensor, q: float,
+                   gen: torch.Generator) -> torch.Tensor:
+        """One global batch, as positions in the pool's scoring copy now (`state.cur`, rows `state.pos`;
+        unused: `state.avail`). `due` (R,) bool: copies of due sentences (`PoolState.due`); q: the
+        curriculum quantile; `gen` draws the seed member.
         With `selection.chunk` c > 1, each step after the seed takes the c candidates nearest the quantile
         (distinct sentences), all scored against the same members: c times fewer steps and products.
-        `close` (s_early, s_late thresholds: `selection.separate_close`): a candidate at or above both with
-        a member clashes with it as a member's sentence does (a chunk's members are checked against the
+        `self.close` (s_early, s_late thresholds: `selection.separate_close`): a candidate at or above both
+        with a member clashes with it as a member's sentence does (a chunk's members are checked against the
         members before the step, not against each other)."""
+        rows, side, sids, close = state.rows[state.pos], state.cur, state.sids[state.pos], self.close
         dense = table.delta is not None
         rows_dev = rows.to(table.v1.device)
-        acc = torch.zeros(len(rows), dtype=torch.float64, device=table.v1.device)
-        taken = ~avail
+        acc = torch.zeros(len(rows), dtype=torch.float64, device=table.v1.device)    # Delta(u; members), (R,)
+        taken = ~state.avail
         clash = torch.zeros(len(rows), dtype=torch.bool)       # a member's sentence
         near = torch.zeros(len(rows), dtype=torch.bool)        # close to a member (separate_close)
         picked: list[int] = []
         while len(picked) < self.batch:
+            # the candidates: the first rung of the ladder that has any
             cand, relaxed, close_relaxed = self._candidates(~taken, clash, near, due)
             cand = cand.nonzero().flatten()
+            # the step's picks: the seed at random, then the candidate(s) nearest the quantile of Delta
             if not picked:
                 new = [int(cand[torch.randint(len(cand), (1,), generator=gen)])]
             else:
                 new = self._nearest(acc[cand.to(acc.device)].cpu(), cand, sids, q,
                                     min(self.cfg.chunk, self.batch - len(picked)), relaxed)
+            # admit them: taken; their sentence's clips, and the clips close to them, now clash
             for i in new:
                 taken[i] = True
                 clash |= sids == sids[i]
@@ -429,11 +259,13 @@ class Planner:
                     s0, s1 = table.pair_similarity(side, int(rows[i]))
                     near |= ((s0 >= close[0]) & (s1 >= close[1])).cpu()
                 picked.append(i)
-            r = rows_dev[torch.tensor(new, device=rows_dev.device)]      # one product per step, whatever chunk
+            # Delta grows by the picks' terms against every candidate: one product per step, whatever chunk
+            r = rows_dev[torch.tensor(new, device=rows_dev.device)]
             if dense:
                 acc += table.delta[:, r][rows_dev].sum(1) + table.delta[r][:, rows_dev].sum(0)
             else:
                 acc += table.candidate_delta(side, [], table.member_sums(r.tolist()))
+            # count the picks that a relaxed rule let in
             self.stats.relaxed += len(new) if relaxed else 0
             self.stats.close_relaxed += len(new) if close_relaxed else 0
         self.stats.picks += len(picked)
@@ -441,17 +273,14 @@ class Planner:
 
     @staticmethod
     def _candidates(free, clash, near, due) -> tuple[torch.Tensor, bool, bool]:
-        """(candidate mask, id rule relaxed, close rule relaxed). Due copies first (one per batch, or they pile
-        up at the epoch's end), even close to a member; then candidates that break no rule; the close rule
-        goes before the id rule when nothing else is left."""
-        id_ok = free & ~clash
-        ok = id_ok & ~near
-        blocked = bool((free & near).any())
-        for mask, id_relaxed, close_relaxed in ((ok & due, False, False), (id_ok & due, False, True), (ok, False, False),
-                                                (id_ok, False, True), (free & due, True, blocked), (free, True, blocked)):
+        """(candidate mask, id rule relaxed, close rule relaxed): the first rung of `LADDER` with a
+        candidate (the last one, every unused clip, when none has). The close rule counts as relaxed when
+        the rung drops it and some unused clip is close to a member."""
+        for rung in LADDER:
+            mask = rung.mask(free, clash, near, due)
             if bool(mask.any()):
-                return mask, id_relaxed, close_relaxed
-        return free, True, blocked
+                break
+        return mask, not rung.id_rule, not rung.close_rule and bool((free & near).any())
 
     @staticmethod
     def _nearest(delta: torch.Tensor, cand: torch.Tensor, sids: torch.Tensor, q: float, k: int,

@@ -69,7 +69,7 @@ def export_sharded(args, d, ckpt: Path) -> int:
     from sclslt.data.shards import manifest_rows, read_manifest
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import RunDir, load_run_model
-    from sclslt.selection.planner import TABLE_INDEX, save_table
+    from sclslt.selection.table import TABLE_INDEX, save_table
     cfg = RunDir(args.run).config()
     shards = resolve_shards_dir(cfg.data)
     keys = [r.key for r in manifest_rows(read_manifest(shards, args.split))]
@@ -142,7 +142,7 @@ def run_command(args) -> int:
     from sclslt.data.corpus import resolve_shards_dir
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import RunDir, load_run_model
-    from sclslt.selection.planner import save_table
+    from sclslt.selection.table import save_table
 
     ckpt = RunDir(args.run).checkpoints(args.stage)
     if args.out.suffix != ".safetensors":

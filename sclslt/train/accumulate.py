@@ -37,7 +37,7 @@ class CachedStep:
         self.similarity, self.tau, self.close, self.replay = similarity, tau, close, replay
 
     def losses(self, chunks: list, device: torch.device) -> tuple[torch.Tensor, dict]:
-        """This rank's share of the global-batch loss (as `loop.step_loss` gives it) and its parts, detached."""
+        """This rank's share of the global-batch loss (as `objective.step_loss` gives it) and its parts, detached."""
         st, head = self.st, get_head(self.similarity)
         self.states, ce_sums, feats = [], [], []
         with torch.no_grad():

@@ -55,8 +55,9 @@ def main(argv=None, prog: str | None = None) -> int:
     from sclslt.runtime.distributed import setup_accelerator
     setup_accelerator()                       # before anything imports deepspeed
     from sclslt.config import ConfigError, load_config
-    from sclslt.runtime.context import Preempted, RunError
-    from sclslt.train.loop import run
+    from sclslt.runtime.context import Preempted
+    from sclslt.runtime.rundir import RunError
+    from sclslt.train.run import run
     try:
         cfg = load_config(args.config, rest)
     except ConfigError as e:

@@ -43,7 +43,8 @@ from sclslt.model.slt import SLTModel
 from sclslt.data.text import load_tokenizer
 from sclslt.selection.batches import global_stream, random_batches
 from sclslt.runtime.context import STAGES, stage_seed
-from sclslt.train.loop import forward, seed_everything, set_trainable
+from sclslt.model.objective import forward, set_trainable
+from sclslt.train.schedule import seed_everything
 from tests.helpers import ROOT
 
 
@@ -357,7 +358,7 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     moments, LR schedule re-partitioned), then 2 ranks resume the 1-rank checkpoint. Every step, the two
     after each change included, equals plain AdamW's step from the checkpoint before it on the same
     global batch: nothing of the optimizer state, the data position or the batch sequence is lost.
-    Mutation caught (checked): the reseed after a world-size change deleted (sclslt/train/loop.py `_resume`)."""
+    Mutation caught (checked): the reseed after a world-size change deleted (sclslt/train/stage.py `Stage._resume`)."""
     d, cfg_path = exp
     run = d / "elastic"
     args = ("--stage2.enabled", "false", *EVERY_STEP)
@@ -474,7 +475,8 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     from sclslt.eval.retrieval import embed_split
 
     from sclslt.runtime.rundir import load_run_model
-    from sclslt.selection.planner import Planner, load_table
+    from sclslt.selection.planner import Planner
+    from sclslt.selection.table import load_table
     from sclslt.data.shards import read_manifest
 
     d, cfg_path = exp
@@ -580,7 +582,8 @@ def test_self_mode_plans_from_the_runs_own_early_and_latest_views(exp):
     from sclslt.data.shards import read_manifest
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import load_run_model
-    from sclslt.selection.planner import Planner, load_snapshot, table_from_snapshots
+    from sclslt.selection.planner import Planner
+    from sclslt.selection.table import load_snapshot, table_from_snapshots
 
     d, cfg_path = exp
     run = d / "self"
@@ -642,7 +645,7 @@ def test_micro_batches_equal_one_process_over_the_whole_global_batch(exp, world,
     global batch at once (the same groups), and the batches are the unchunked run's.
     Mutations caught: DeepSpeed's division by the accumulation steps left on (checked: the loss and
     parameters leave the reference at step 1); the pooled head's chunking is tested in one process
-    (tests/test_accumulate.py)."""
+    (tests/unit/train/test_accumulate.py)."""
     d, cfg_path = exp
     run = d / f"micro{world}{similarity}"
     over = ("--model.batchnorm", "group 2", "--model.similarity", similarity,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sclslt.runtime.checkpoints import latest_tag, load_module_state
-from sclslt.train.loop import NonFiniteGuard
+from sclslt.train.verdict import NonFiniteGuard
 from tests.helpers import ROOT
 
 
@@ -159,7 +159,7 @@ def test_kill_9_of_the_whole_job_then_resume_matches_an_uninterrupted_run(cfg_pa
 
 ONE_RANK_NAN = """
 import os, runpy, sys
-import sclslt.train.loop as loop
+import sclslt.train.stage as loop
 real, calls = loop.step_loss, [0]
 def poisoned(*args, **kwargs):          # rank 1's loss alone is NaN at its NAN_AT-th step
     loss, parts = real(*args, **kwargs)

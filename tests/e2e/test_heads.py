@@ -70,7 +70,7 @@ def test_a_head_registered_in_a_test_file_trains_evaluates_and_exports_a_table(t
     from sclslt.model.heads import get_head
     from sclslt.runtime.checkpoints import load_module_state
     from sclslt.runtime.rundir import RunDir, load_run_model
-    from sclslt.selection.planner import load_table
+    from sclslt.selection.table import load_table
 
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
     cfg["data"]["synthetic"]["n_train"] = 32

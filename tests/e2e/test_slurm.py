@@ -165,7 +165,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
             except OSError:
                 unresolved.append(n)
         if unresolved:
-            self.hosts_line = f"127.0.0.1 {' '.join(unresolved)}  # sclslt tests/test_slurm.py pid {os.getpid()}\n"
+            self.hosts_line = f"127.0.0.1 {' '.join(unresolved)}  # sclslt tests/e2e/test_slurm.py pid {os.getpid()}\n"
             with open("/etc/hosts", "a") as f:
                 f.write(self.hosts_line)
 

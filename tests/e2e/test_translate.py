@@ -19,7 +19,8 @@ from PIL import Image
 from tests.helpers import frame_folder as _frame_folder, write_video as _write_video
 from sclslt.cli import main as cli_main
 from sclslt.data.shards import ShardIndex, read_manifest
-from sclslt.eval.translate import TranslateError, frame_spec, load_clip, resolve_checkpoint
+from sclslt.eval.hub import TranslateError, load_clip
+from sclslt.eval.translate import frame_spec, resolve_checkpoint
 from tests.helpers import ROOT
 
 

@@ -254,7 +254,7 @@ def test_codecs_round_trip_and_refuse_pickled_payloads():
 def test_the_audit_trail_keeps_one_line_per_step_across_a_resume(tmp_path):
     import json
 
-    from sclslt.train.loop import BatchLog
+    from sclslt.train.audit import BatchLog
     path = tmp_path / "stage1" / "batches.jsonl"
     log = BatchLog(path, True, 0)
     for step in range(1, 5):

@@ -1,7 +1,7 @@
 """ZeRO-3's evaluation copy (Engine.eval_module): built once a run, in the training precision with BatchNorm's
 running statistics fp32, refilled from the trained parameters at every call, and parked in host memory while
 training runs. The engine's DeepSpeed side is a stand-in holding a bf16 module (what ZeRO-3 + bf16 trains);
-the real ZeRO-3 path (gathered parameters, ranks in step) runs end to end in tests/test_distributed.py."""
+the real ZeRO-3 path (gathered parameters, ranks in step) runs end to end in tests/e2e/test_distributed.py."""
 from types import SimpleNamespace
 
 import torch

@@ -158,7 +158,7 @@ def test_stage_switch_mask_same_sentence_drops_the_id_mask():
     from types import SimpleNamespace
 
     from sclslt.config import StageConfig
-    from sclslt.train.loop import step_loss
+    from sclslt.model.objective import step_loss
     q, k, s, ids = _inputs(6, 6, 5, True, 11)
     assert len(set(ids.tolist())) < 6                                  # duplicates that a mask removes
     out = {"video_emb": q, "text_emb": k, "logit_scale": s}

@@ -17,7 +17,7 @@ PATH_PREFIXES = ("tools/", "sclslt/", "tests/", "configs/", "benchmarks/", "laun
 # Paths written in the docs that are examples of a user's own files, not files of this repository.
 # Keep it short; each entry says why it is not a repository path.
 USER_PATHS = {
-    "SHARDS/train.json",        # a user's shard directory's train manifest (tools/corpus_partners.py --manifest)
+    "SHARDS/train.json",        # a user's shard directory's train manifest (experiments.pair_selection.partners --manifest)
 }
 
 def doc_files() -> list[Path]:

@@ -36,7 +36,7 @@ def floor(module: str) -> int:
     for i, units in enumerate(FLOORS):
         if unit(module) in units:
             return i
-    raise AssertionError(f"{module}: on no floor of tests/test_layers.py (add its unit to FLOORS)")
+    raise AssertionError(f"{module}: on no floor of tests/unit/project/test_layers.py (add its unit to FLOORS)")
 
 
 def imports(path: Path) -> set[str]:
@@ -82,3 +82,40 @@ def test_the_floor_check_catches_an_upward_import(tmp_path):
     f.write_text("def f():\n    from sclslt.train.loop import run\n")
     deps = imports(f)
     assert deps == {"sclslt.train.loop"} and floor("sclslt.train.loop") > floor("sclslt.eval.evaluation")
+
+
+def module_imports(m: str, mods: dict[str, set[str]]) -> set[str]:
+    """The package's modules `m` imports: `imports` plus the submodules named by `from package import module`."""
+    path = PKG.parent.joinpath(*m.split(".")).with_suffix(".py")
+    if not path.is_file():
+        path = PKG.parent.joinpath(*m.split("."), "__init__.py")
+    out = {d for d in mods[m] if d in mods}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods}
+    return out
+
+
+def test_no_import_cycle_between_modules():
+    """No module of the package imports itself back through others (module-level and function-level imports
+    alike, so a lazy import cannot hide a cycle inside a floor). Mutation caught (checked): re-adding the
+    import `from sclslt.model.heads import masked_mean` in sclslt/model/close_text.py's `text_embeddings`
+    makes it fail naming the cycle `sclslt.model.heads -> sclslt.model.close_text -> sclslt.model.heads`
+    (so do the function-level imports `sclslt.eval.translate` in hub.py and `sclslt.runtime.context` in rundir.py)."""
+    mods = modules()
+    graph = {m: sorted(d for d in module_imports(m, mods) if d != m) for m in mods}
+    cycles, state = [], {}                  # state: 1 on the current path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

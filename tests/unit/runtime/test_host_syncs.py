@@ -19,7 +19,8 @@ from sclslt.model.batchnorm import finish_step
 from sclslt.model.slt import SLTModel
 from sclslt.runtime.syncs import HostReads
 from sclslt.train.accumulate import CachedStep
-from sclslt.train.loop import forward, step_loss, verdict
+from sclslt.model.objective import forward, step_loss
+from sclslt.train.verdict import verdict
 
 
 class _Accumulator:
@@ -72,4 +73,4 @@ def test_a_training_step_reads_the_device_once(setup, similarity, batchnorm, mic
     backward too), the step's finiteness read apart from its loss values (`bool(torch.isfinite(loss).all())`),
     transformers handed the visual encoder's 2-D padding mask (it asks `mask.all()` before the attention stack)."""
     where = _step_reads(setup, similarity, batchnorm, micro, checkpointing)
-    assert len(where) == 1 and "train/loop.py" in where[0] and "tolist" in where[0], "\n".join(where)
+    assert len(where) == 1 and "train/verdict.py" in where[0] and "tolist" in where[0], "\n".join(where)

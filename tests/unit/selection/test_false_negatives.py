@@ -16,7 +16,7 @@ from sclslt.data.text import sentence_id
 from sclslt.model import close_text
 from sclslt.model.close_text import CloseSentences, close_ce, jaccard_pairs
 from sclslt.model.heads import get_head
-from sclslt.selection.planner import Table
+from sclslt.selection.scoring import Table
 from tests.unit.selection.test_selection import make_table, plan, rows_of
 
 WORDS = "the rain falls in the north today tomorrow wind strong weak sun cloud snow".split()
@@ -164,7 +164,7 @@ def sym(t, which, i, j):
 
 
 def test_close_thresholds_are_the_top_q_of_negative_pairs_at_each_checkpoint():
-    from sclslt.selection.planner import close_thresholds, threshold_keys
+    from sclslt.selection.separation import close_thresholds, threshold_keys
     t = make_table(n=200, n_sent=150, seed=7)
     q = 0.05
     sample = threshold_keys(t.keys, 3)

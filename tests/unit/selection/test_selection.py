@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from sclslt.config import SelectionConfig
-from sclslt.selection.planner import Planner, Table, curriculum_quantile, load_table, save_table
+from sclslt.selection.planner import Planner
+from sclslt.selection.schedules import curriculum_quantile
+from sclslt.selection.scoring import Table
+from sclslt.selection.table import load_table, save_table
 
 
 def make_table(n=96, e=8, n_sent=40, seed=0) -> Table:

@@ -13,7 +13,7 @@ from sclslt.data.text import train_tokenizer
 from sclslt.model.slt import SLTModel
 from sclslt.runtime.checkpoints import rng_state, set_rng_state
 from sclslt.train.accumulate import CachedStep
-from sclslt.train.loop import forward, step_loss
+from sclslt.model.objective import forward, step_loss
 from tests.helpers import ROOT
 
 
