@@ -24,6 +24,7 @@ Examples:
   python benchmarks/bench_kernels.py --cico                  # the CiCo comparison (GPU)
   TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --quick --out /tmp/bench   # smoke test on CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from benchio import run_tag, write_rows  # noqa: E402
 
@@ -79,24 +80,28 @@ def peak_mb(fn) -> float:
     torch.cuda.reset_peak_memory_stats()
     fn()
     sync()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 # ---------------------------------------------------------------------------------------------
 # InfoNCE implementations: each returns a scalar loss from (q, k, scale, off, q_ids, k_ids)
 
+
 def one_process_group() -> None:
     """inf-cl's loss runs its ring collectives even alone: a one-rank group for it (nothing else uses it)."""
     import torch.distributed as dist
+
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="tcp://127.0.0.1:29581",
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1
+        )
 
 
 def impls(names: list[str]) -> dict:
     """The implementations for one shape: torch.compile gets a fresh cache per shape (with dynamic=False it
     would otherwise hit its recompile limit part-way through a sweep and quietly run eager)."""
     from sclslt_kernels import infonce, infonce_reference
+
     out = {}
     if "fused" in names:
         out["fused"] = infonce
@@ -106,21 +111,26 @@ def impls(names: list[str]) -> dict:
         torch._dynamo.reset()
         out["compile"] = torch.compile(infonce_reference, dynamic=False)
     if "openclip" in names:
+
         def openclip(q, k, s, off, qi, ki):
             logits = s * q @ k.t()
             labels = torch.arange(q.shape[0], device=q.device) + off
             return F.cross_entropy(logits.float(), labels)
+
         out["openclip"] = openclip
     if "infcl" in names:
         try:
             from inf_cl import cal_inf_loss
+
             one_process_group()
         except Exception as e:  # noqa: BLE001 - reported in the table
             print(f"infcl: not available ({type(e).__name__}: {e})")
         else:
+
             def infcl(q, k, s, off, qi, ki):
                 labels = torch.arange(q.shape[0], device=q.device) + off
                 return cal_inf_loss(q, k, labels=labels, scale=s).mean()
+
             out["infcl"] = infcl
     return out
 
@@ -138,14 +148,14 @@ def bench_infonce(args, emit) -> None:
                 k = F.normalize(torch.randn(n, d, device=dev, generator=g), dim=-1).to(dtype)
                 ids = torch.randint(0, n, (n,), device=dev, generator=g)
                 off = (world // 2) * b if n >= (world // 2 + 1) * b else 0
-                qi = ids[off:off + b]
+                qi = ids[off : off + b]
                 s = torch.tensor(1 / 0.07, device=dev)
                 # matmul floor of the same shapes: forward q k^T; backward the two gradient products
                 try:
                     logit_buf = q @ k.t()
                     t_mm_f = timed(lambda: q @ k.t(), args.repeat, args.warmup)
                     t_mm_fb = t_mm_f + timed(lambda: (logit_buf @ k, logit_buf.t() @ q), args.repeat, args.warmup)
-                    logit_buf = None                     # free it before the implementations run
+                    logit_buf = None  # free it before the implementations run
                 except Exception as e:  # noqa: BLE001 - the b x n product does not fit: no floor at this point
                     t_mm_f = t_mm_fb = float("nan")
                     print(f"matmul floor at n={n} b={b} d={d}: {type(e).__name__}", flush=True)
@@ -163,6 +173,7 @@ def bench_infonce(args, emit) -> None:
                         loss = fn(qa, ka, sa, off, qi, ids)
                         loss.backward()
                         qa.grad = ka.grad = sa.grad = None
+
                     try:
                         row["fwd_ms"] = timed(fwd, args.repeat, args.warmup)
                         row["fwdbwd_ms"] = timed(fwdbwd, args.repeat, args.warmup)
@@ -187,6 +198,7 @@ def release() -> None:
 
 def bench_cico(args, emit) -> None:
     from sclslt_kernels import cico_similarity, cico_similarity_reference
+
     dtype = DTYPES[args.dtype]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     b, n, T, L, d = args.cico_shape
@@ -210,12 +222,13 @@ def bench_cico(args, emit) -> None:
         def fwdbwd():
             fn(va, vm, ta, tm).backward(up)
             va.grad = ta.grad = None
+
         try:
             row["fwd_ms"] = timed(fwd, args.repeat, args.warmup)
             row["fwdbwd_ms"] = timed(fwdbwd, args.repeat, args.warmup)
             row["peak_mb"] = peak_mb(fwdbwd)
             flops = 2 * b * n * T * L * d
-            row["tflops_fwdbwd"] = 3 * flops / row["fwdbwd_ms"] / 1e9        # the three GEMMs' floor
+            row["tflops_fwdbwd"] = 3 * flops / row["fwdbwd_ms"] / 1e9  # the three GEMMs' floor
         except Exception as e:  # noqa: BLE001 - OOM, Triton's OutOfResources/CompilationError, ...
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             release()
@@ -223,8 +236,21 @@ def bench_cico(args, emit) -> None:
 
 
 def fmt(row: dict) -> str:
-    keys = ("impl", "n", "b", "d", "world", "T", "L", "fwd_ms", "fwdbwd_ms", "peak_mb", "tflops_fwdbwd",
-            "mm_frac", "error")
+    keys = (
+        "impl",
+        "n",
+        "b",
+        "d",
+        "world",
+        "T",
+        "L",
+        "fwd_ms",
+        "fwdbwd_ms",
+        "peak_mb",
+        "tflops_fwdbwd",
+        "mm_frac",
+        "error",
+    )
     parts = []
     for k in keys:
         if k in row:
@@ -236,11 +262,31 @@ def fmt(row: dict) -> str:
 def write(rows: list[dict], out: Path, tag: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
     base = write_rows(rows, out, "bench", tag)
     rows = [{**tag, **r} for r in rows]
     table = Table(title=f"{tag['device']} | torch {tag['versions']['torch']} | triton {tag['versions']['triton']}")
-    cols = [c for c in ("kind", "impl", "n", "b", "d", "world", "T", "L", "dtype", "fwd_ms", "fwdbwd_ms", "peak_mb",
-                        "tflops_fwdbwd", "mm_frac", "error") if any(c in r for r in rows)]
+    cols = [
+        c
+        for c in (
+            "kind",
+            "impl",
+            "n",
+            "b",
+            "d",
+            "world",
+            "T",
+            "L",
+            "dtype",
+            "fwd_ms",
+            "fwdbwd_ms",
+            "peak_mb",
+            "tflops_fwdbwd",
+            "mm_frac",
+            "error",
+        )
+        if any(c in r for r in rows)
+    ]
     for c in cols:
         table.add_column(c)
     for r in rows:
@@ -251,15 +297,26 @@ def write(rows: list[dict], out: Path, tag: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="+", default=[1024 * 2 ** i for i in range(0, 9, 1)],
-                   help="gathered columns n (default 1k..256k)")
+    p.add_argument(
+        "--n",
+        type=int,
+        nargs="+",
+        default=[1024 * 2**i for i in range(0, 9, 1)],
+        help="gathered columns n (default 1k..256k)",
+    )
     p.add_argument("--world", type=int, nargs="+", default=[8, 64], help="simulated world size: b = n / world")
     p.add_argument("--d", type=int, nargs="+", default=[256, 512, 1024], help="embedding dimension")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--impl", nargs="+", default=["fused", "eager", "compile", "openclip", "infcl"],
-                   help="implementations to compare")
+    p.add_argument(
+        "--impl",
+        nargs="+",
+        default=["fused", "eager", "compile", "openclip", "infcl"],
+        help="implementations to compare",
+    )
     p.add_argument("--cico", action="store_true", help="run the CiCo comparison instead of InfoNCE")
-    p.add_argument("--cico-shape", type=int, nargs=5, default=[64, 1024, 64, 32, 512], metavar=("B", "N", "T", "L", "D"))
+    p.add_argument(
+        "--cico-shape", type=int, nargs=5, default=[64, 1024, 64, 32, 512], metavar=("B", "N", "T", "L", "D")
+    )
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats: checks the script on a CPU")
@@ -279,6 +336,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(fmt(row), flush=True)
         write_rows(rows, args.out, "bench", tag)
+
     (bench_cico if args.cico else bench_infonce)(args, emit)
     write(rows, args.out, tag)
     return 0

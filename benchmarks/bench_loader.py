@@ -34,6 +34,7 @@ data.decode=device (framing checked, no CPU decode), so the read path is what is
 
   python benchmarks/bench_loader.py --stream --clips 256 --frames 64 --size 224 --latency-ms 0 5 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchio import run_tag, write_rows  # noqa: E402
+
 from sclslt.data.codec import FORMATS, decode, encode, member_name  # noqa: E402
 
 
 def make_clips(n: int, frames: int, size: int) -> list[np.ndarray]:
     from sclslt.config import SyntheticConfig
     from sclslt.data.synthetic import SyntheticCorpus
-    corpus = SyntheticCorpus(SyntheticConfig(frame_size=size, n_train=n, min_frames_per_sign=3,
-                                             max_frames_per_sign=5))
+
+    corpus = SyntheticCorpus(SyntheticConfig(frame_size=size, n_train=n, min_frames_per_sign=3, max_frames_per_sign=5))
     out = []
     for i in range(n):
         f = corpus.sample("train", i)["frames"]
@@ -70,6 +72,7 @@ def write_all(clips: list[np.ndarray], root: Path) -> dict[str, list[Path]]:
     import av
     import webdataset as wds
     from PIL import Image
+
     paths: dict[str, list[Path]] = {}
     for fmt in FORMATS:
         paths[fmt] = []
@@ -95,7 +98,7 @@ def write_all(clips: list[np.ndarray], root: Path) -> dict[str, list[Path]]:
             st.height, st.width = c.shape[1] - c.shape[1] % 2, c.shape[2] - c.shape[2] % 2
             st.pix_fmt = "yuv420p"
             for f in c:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:st.height, :st.width]), format="rgb24")
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[: st.height, : st.width]), format="rgb24")
                 for packet in st.encode(frame):
                     out.mux(packet)
             for packet in st.encode():
@@ -109,6 +112,7 @@ def read_one(kind: str, path: str) -> int:
     p = Path(path)
     if kind in FORMATS:
         import tarfile
+
         with tarfile.open(p) as tf:
             for m in tf.getmembers():
                 if m.name.endswith(member_name(kind)):
@@ -116,11 +120,13 @@ def read_one(kind: str, path: str) -> int:
         return p.stat().st_size
     if kind == "png-dir":
         from PIL import Image
+
         files = sorted(p.glob("*.png"))
         np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         return sum(f.stat().st_size for f in files)
     if kind == "mp4":
         import av
+
         with av.open(str(p)) as c:
             np.stack([fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)])
         return p.stat().st_size
@@ -129,6 +135,7 @@ def read_one(kind: str, path: str) -> int:
 
         from sclslt.data.codec import JpegClip
         from sclslt.data.devdecode import EncodedFrames, decoder
+
         with tarfile.open(p) as tf:
             for m in tf.getmembers():
                 if m.name.endswith(member_name("jpg")):
@@ -145,6 +152,7 @@ def read_one(kind: str, path: str) -> int:
 def _worker(args):
     kind, paths, repeat = args
     import torch
+
     torch.set_num_threads(1)
     total = 0
     for _ in range(repeat):
@@ -156,19 +164,20 @@ def _worker(args):
 def measure(kind: str, paths: list[Path], cores: int, repeat: int) -> dict:
     shares = [[str(p) for p in paths[i::cores]] for i in range(cores)]
     with get_context("spawn").Pool(cores) as pool:
-        pool.map(_worker, [(kind, s[:1], 1) for s in shares])          # warm-up: imports, page cache
+        pool.map(_worker, [(kind, s[:1], 1) for s in shares])  # warm-up: imports, page cache
         t0 = time.perf_counter()
         nbytes = sum(pool.map(_worker, [(kind, s, repeat) for s in shares]))
         dt = time.perf_counter() - t0
     n = len(paths) * repeat
-    return {"clips_s": n / dt, "clips_s_per_core": n / dt / cores, "mb_s": nbytes / dt / 2 ** 20}
+    return {"clips_s": n / dt, "clips_s_per_core": n / dt / cores, "mb_s": nbytes / dt / 2**20}
 
 
 def stream_epoch(make, n_clips: int) -> dict:
     import torch
+
     torch.set_num_threads(1)
     stream = make()
-    list(zip(range(1), stream))                                     # warm-up: connections, first shard
+    list(zip(range(1), stream))  # warm-up: connections, first shard
     t0, c0 = time.perf_counter(), time.process_time()
     got = sum(len(b) for b in make())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -181,12 +190,21 @@ def stream_rows(args, root: Path) -> list[dict]:
     from sclslt.data.shards import manifest_rows, read_manifest, write_split
     from sclslt.data.storage import Store
     from tests.shard_server import Server
+
     clips = make_clips(args.clips, args.frames, args.size)
     rows = []
     for fmt in args.stream_formats:
         d = root / f"stream-{fmt}"
-        write_split(({"key": f"c{i:05d}", "frames": c, "text": f"sentence {i % 7}", "signer": "s0"}
-                     for i, c in enumerate(clips)), d, "train", samples_per_shard=args.per_shard, frame_format=fmt)
+        write_split(
+            (
+                {"key": f"c{i:05d}", "frames": c, "text": f"sentence {i % 7}", "signer": "s0"}
+                for i, c in enumerate(clips)
+            ),
+            d,
+            "train",
+            samples_per_shard=args.per_shard,
+            frame_format=fmt,
+        )
         man = read_manifest(d, "train")
         keys = [r.key for r in manifest_rows(man)]
         tar_bytes = sum((d / sh["name"]).stat().st_size for sh in man["shards"])
@@ -194,30 +212,52 @@ def stream_rows(args, root: Path) -> list[dict]:
         decode = "device" if fmt == "jpg" else "cpu"
         batches = epoch_order(keys, 0, 0, 8)
         rows.append(integrity_row(d, man, fmt, args))
-        unchecked = {**man, "samples": [r[:6] for r in man["samples"]]}      # a manifest without checksums
+        unchecked = {**man, "samples": [r[:6] for r in man["samples"]]}  # a manifest without checksums
         for latency in [None, *args.latency_ms]:
             server = Server(d, latency or 0.0) if latency is not None else None
             src = d if server is None else None
             with server or _null():
                 src = src or server.url
-                kinds = {"sequential": (lambda: ShardStream(src, "train", 8, decode=decode),
-                                        tar_bytes / len(keys), Store(src).block_size if server else 0)}
+                kinds = {
+                    "sequential": (
+                        lambda: ShardStream(src, "train", 8, decode=decode),
+                        tar_bytes / len(keys),
+                        Store(src).block_size if server else 0,
+                    )
+                }
                 for t in args.read_threads:
-                    if t == args.read_threads[0]:        # side by side, just before: the same reads unchecked
+                    if t == args.read_threads[0]:  # side by side, just before: the same reads unchecked
                         kinds[f"global-t{t}-unchecked"] = (
-                            lambda t=t: GlobalStream(src, "train", batches, read_threads=t, decode=decode,
-                                                     manifest=unchecked), clip_bytes + 512, t * clip_bytes)
-                    kinds[f"global-t{t}"] = (lambda t=t: GlobalStream(src, "train", batches, read_threads=t,
-                                                                      decode=decode),
-                                             clip_bytes + 512, t * clip_bytes)
+                            lambda t=t: GlobalStream(
+                                src, "train", batches, read_threads=t, decode=decode, manifest=unchecked
+                            ),
+                            clip_bytes + 512,
+                            t * clip_bytes,
+                        )
+                    kinds[f"global-t{t}"] = (
+                        lambda t=t: GlobalStream(src, "train", batches, read_threads=t, decode=decode),
+                        clip_bytes + 512,
+                        t * clip_bytes,
+                    )
                 for kind, (make, per_clip, cache) in kinds.items():
-                    r = {"mode": "stream", "format": fmt, "source": "local" if server is None else f"http+{latency:g}ms",
-                         "loader": kind, "clips": len(keys), "frames": args.frames, "size": args.size,
-                         "per_shard": args.per_shard, "read_bytes_per_clip": per_clip, "cache_mb": cache / 2 ** 20,
-                         **stream_epoch(make, len(keys))}
+                    r = {
+                        "mode": "stream",
+                        "format": fmt,
+                        "source": "local" if server is None else f"http+{latency:g}ms",
+                        "loader": kind,
+                        "clips": len(keys),
+                        "frames": args.frames,
+                        "size": args.size,
+                        "per_shard": args.per_shard,
+                        "read_bytes_per_clip": per_clip,
+                        "cache_mb": cache / 2**20,
+                        **stream_epoch(make, len(keys)),
+                    }
                     rows.append(r)
-                    print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
-                          flush=True)
+                    print(
+                        " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+                        flush=True,
+                    )
     return rows
 
 
@@ -228,10 +268,13 @@ def integrity_row(d: Path, man: dict, fmt: str, args) -> dict:
     import hashlib
 
     from sclslt.data.shards import decode_frames, manifest_rows, sample_digest
+
     data = (d / man["shards"][0]["name"]).read_bytes()
     rows = [r for r in manifest_rows(man) if r.shard == 0]
-    pairs = [(data[r.offsets[0]:r.offsets[0] + r.offsets[1]], data[r.offsets[2]:r.offsets[2] + r.offsets[3]])
-             for r in rows]
+    pairs = [
+        (data[r.offsets[0] : r.offsets[0] + r.offsets[1]], data[r.offsets[2] : r.offsets[2] + r.offsets[3]])
+        for r in rows
+    ]
 
     def per_clip(fn) -> float:
         t0 = time.perf_counter()
@@ -239,13 +282,23 @@ def integrity_row(d: Path, man: dict, fmt: str, args) -> dict:
             for f, j in pairs:
                 fn(f, j)
         return (time.perf_counter() - t0) / (3 * len(pairs)) * 1e3
+
     digest = per_clip(sample_digest)
     blake = per_clip(lambda f, j: hashlib.blake2b(f, digest_size=16).update(j))
     sha = per_clip(lambda f, j: hashlib.sha256(f).update(j))
     dec = per_clip(lambda f, j: decode_frames(f, "bench", fmt))
-    r = {"mode": "integrity", "format": fmt, "frames": args.frames, "size": args.size,
-         "clip_bytes": sum(len(f) + len(j) for f, j in pairs) / len(pairs), "checksum_ms": digest,
-         "blake2b_ms": blake, "sha256_ms": sha, "decode_ms": dec, "checksum_over_decode": digest / dec}
+    r = {
+        "mode": "integrity",
+        "format": fmt,
+        "frames": args.frames,
+        "size": args.size,
+        "clip_bytes": sum(len(f) + len(j) for f, j in pairs) / len(pairs),
+        "checksum_ms": digest,
+        "blake2b_ms": blake,
+        "sha256_ms": sha,
+        "decode_ms": dec,
+        "checksum_over_decode": digest / dec,
+    }
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
     return r
 
@@ -261,13 +314,18 @@ class _null:
 def print_stream(rows: list[dict], args) -> None:
     from rich.console import Console
     from rich.table import Table
-    tables = {"stream": (f"training stream: {args.clips} clips x {args.frames} frames x {args.size}px, "
-                         f"{args.per_shard} a shard, 1 process",
-                         ("format", "source", "loader", "clips_s", "clips_per_cpu_s", "read_bytes_per_clip",
-                          "cache_mb")),
-              "integrity": ("integrity: checking against decoding, per clip, 1 core",
-                            ("format", "clip_bytes", "checksum_ms", "blake2b_ms", "sha256_ms", "decode_ms",
-                             "checksum_over_decode"))}
+
+    tables = {
+        "stream": (
+            f"training stream: {args.clips} clips x {args.frames} frames x {args.size}px, "
+            f"{args.per_shard} a shard, 1 process",
+            ("format", "source", "loader", "clips_s", "clips_per_cpu_s", "read_bytes_per_clip", "cache_mb"),
+        ),
+        "integrity": (
+            "integrity: checking against decoding, per clip, 1 core",
+            ("format", "clip_bytes", "checksum_ms", "blake2b_ms", "sha256_ms", "decode_ms", "checksum_over_decode"),
+        ),
+    }
     for mode, (title, cols) in tables.items():
         t = Table(title=title)
         for c in cols:
@@ -317,24 +375,44 @@ def main(argv=None) -> int:
         raw = clips[0].nbytes
         rows = []
         for kind, ps in paths.items():
-            size = sum(q.stat().st_size if q.is_file() else sum(f.stat().st_size for f in q.iterdir())
-                       for q in ps) / len(ps)
+            size = sum(
+                q.stat().st_size if q.is_file() else sum(f.stat().st_size for f in q.iterdir()) for q in ps
+            ) / len(ps)
             for c in cores:
-                r = {"format": kind, "cores": c, "clips": args.clips, "frames": args.frames, "size": args.size,
-                     "bytes_per_clip": size, "raw_bytes_per_clip": raw, **measure(kind, ps, c, args.repeat)}
+                r = {
+                    "format": kind,
+                    "cores": c,
+                    "clips": args.clips,
+                    "frames": args.frames,
+                    "size": args.size,
+                    "bytes_per_clip": size,
+                    "raw_bytes_per_clip": raw,
+                    **measure(kind, ps, c, args.repeat),
+                }
                 r["cores_for_gpu"] = args.gpu_clips_per_s / r["clips_s_per_core"]
                 r["storage_gb_s_for_gpu"] = args.gpu_clips_per_s * size / 1e9
                 rows.append(r)
-                print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+                print(
+                    " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True
+                )
         png = {r["cores"]: r["clips_s_per_core"] for r in rows if r["format"] == "png-dir"}
         for r in rows:
             r["x_png_per_core"] = r["clips_s_per_core"] / png[r["cores"]]
         base = write_rows(rows, args.out, "loader", run_tag(gpu_clips_per_s=args.gpu_clips_per_s))
         from rich.console import Console
         from rich.table import Table
+
         t = Table(title=f"loader: {args.clips} clips x {args.frames} frames x {args.size}px (warm page cache)")
-        cols = ("format", "cores", "clips_s_per_core", "x_png_per_core", "mb_s", "bytes_per_clip", "cores_for_gpu",
-                "storage_gb_s_for_gpu")
+        cols = (
+            "format",
+            "cores",
+            "clips_s_per_core",
+            "x_png_per_core",
+            "mb_s",
+            "bytes_per_clip",
+            "cores_for_gpu",
+            "storage_gb_s_for_gpu",
+        )
         for c in cols:
             t.add_column(c)
         for r in rows:

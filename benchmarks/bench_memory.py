@@ -25,10 +25,10 @@ BatchNorm rows: forward + backward time of one ResNet-sized BatchNorm2d input un
   python benchmarks/bench_memory.py --phoenix               # + the PHOENIX shapes (~10 min on a CPU, ~16 GB RAM)
 Rows are printed and written as CSV/JSON tagged with device and versions under --out.
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -36,23 +36,45 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from benchio import run_tag, write_rows  # noqa: E402
+
 from sclslt.config import StageConfig, from_dict  # noqa: E402
 from sclslt.data.loader import Batch, frame_fields  # noqa: E402
 from sclslt.data.text import train_tokenizer  # noqa: E402
 from sclslt.model.batchnorm import configure, finish_step  # noqa: E402
+from sclslt.model.objective import forward, step_loss  # noqa: E402
 from sclslt.model.slt import SLTModel  # noqa: E402
 from sclslt.train.accumulate import CachedStep  # noqa: E402
-from sclslt.model.objective import forward, step_loss  # noqa: E402
 
-MB = 2 ** 20
-SYNTHETIC = {"backbone_embedding": 8, "backbone_hidden": [8, 16], "backbone_depths": [1, 1], "d_model": 32,
-             "layers": 1, "heads": 2, "ffn": 64, "dropout": 0.1, "embed_dim": 16, "max_positions": 64}
-PHOENIX = {"backbone_embedding": 64, "backbone_hidden": [64, 128, 256, 512], "backbone_depths": [2, 2, 2, 2],
-           "d_model": 1024, "layers": 12, "heads": 16, "ffn": 4096, "dropout": 0.1, "embed_dim": 1024,
-           "max_positions": 1024, "lora_rank": 16, "similarity": "cico"}
+MB = 2**20
+SYNTHETIC = {
+    "backbone_embedding": 8,
+    "backbone_hidden": [8, 16],
+    "backbone_depths": [1, 1],
+    "d_model": 32,
+    "layers": 1,
+    "heads": 2,
+    "ffn": 64,
+    "dropout": 0.1,
+    "embed_dim": 16,
+    "max_positions": 64,
+}
+PHOENIX = {
+    "backbone_embedding": 64,
+    "backbone_hidden": [64, 128, 256, 512],
+    "backbone_depths": [2, 2, 2, 2],
+    "d_model": 1024,
+    "layers": 12,
+    "heads": 16,
+    "ffn": 4096,
+    "dropout": 0.1,
+    "embed_dim": 1024,
+    "max_positions": 1024,
+    "lora_rank": 16,
+    "similarity": "cico",
+}
 
 
 class _Meter:
@@ -94,10 +116,17 @@ def make_batch(n: int, frames: int, size: int, tokens: int, vocab: int, device) 
     mask = torch.arange(frames)[None] < lengths[:, None]
     ids = torch.randint(4, vocab, (n, tokens), generator=g)
     att = torch.ones(n, tokens, dtype=torch.long)
-    return Batch(frames=torch.randint(0, 256, (n, frames, size, size, 3), dtype=torch.uint8, generator=g),
-                 frame_mask=mask, input_ids=ids, attention_mask=att, labels=ids.clone(),
-                 sentence_ids=torch.arange(n), keys=[str(i) for i in range(n)], texts=[""] * n,
-                 **frame_fields(mask)).to(device)
+    return Batch(
+        frames=torch.randint(0, 256, (n, frames, size, size, 3), dtype=torch.uint8, generator=g),
+        frame_mask=mask,
+        input_ids=ids,
+        attention_mask=att,
+        labels=ids.clone(),
+        sentence_ids=torch.arange(n),
+        keys=[str(i) for i in range(n)],
+        texts=[""] * n,
+        **frame_fields(mask),
+    ).to(device)
 
 
 def one_step(model, batch: Batch, micro: int, st: StageConfig, similarity: str) -> dict:
@@ -118,15 +147,19 @@ def one_step(model, batch: Batch, micro: int, st: StageConfig, similarity: str) 
             chunks = batch.split(micro)
             step = CachedStep(lambda c: forward(model, c, st), st, 1, similarity, 0.07, None)
             step.losses(chunks, engine.device)
-            meter.take()                                   # the loss over cached leaves: freed at once
+            meter.take()  # the loss over cached leaves: freed at once
             cached = sum(g.numel() * g.element_size() for g in step.grads[0].values())
-            meter.params |= {g.untyped_storage().data_ptr() for g in step.grads[0].values()}   # counted here
+            meter.params |= {g.untyped_storage().data_ptr() for g in step.grads[0].values()}  # counted here
             step.backward(chunks, engine)
     finish_step(model)
     if batch.frames.is_cuda:
         torch.cuda.synchronize()
-    row = {"graph_mb": max(engine.graphs) / MB, "cached_mb": cached / MB,
-           "saved_mb": (max(engine.graphs) + cached) / MB, "step_s": time.perf_counter() - t0}
+    row = {
+        "graph_mb": max(engine.graphs) / MB,
+        "cached_mb": cached / MB,
+        "saved_mb": (max(engine.graphs) + cached) / MB,
+        "step_s": time.perf_counter() - t0,
+    }
     if batch.frames.is_cuda:
         row["max_allocated_mb"] = torch.cuda.max_memory_allocated() / MB
     return row
@@ -138,7 +171,7 @@ def build(model_cfg: dict, tok, batchnorm: str, checkpointing: bool, device, dty
     model = SLTModel(cfg, tok).train()
     if checkpointing:
         model.checkpoint_activations()
-    for p in model.parameters():            # DeepSpeed's bf16: parameters cast, buffers (running stats) fp32
+    for p in model.parameters():  # DeepSpeed's bf16: parameters cast, buffers (running stats) fp32
         p.data = p.data.to(dtype)
     return model.to(device)
 
@@ -153,8 +186,17 @@ def synthetic_rows(tok, device, globals_, micros, max_share) -> list[dict]:
             for m in [*micros, g]:
                 if m > g or (m == g and g > max_share):
                     continue
-                rows.append({"shapes": "synthetic", "global_batch": g, "world": 1, "micro_batch": m,
-                             "chunks": g // m, "checkpointing": ckpt, **one_step(model, batch, m, st, "pooled")})
+                rows.append(
+                    {
+                        "shapes": "synthetic",
+                        "global_batch": g,
+                        "world": 1,
+                        "micro_batch": m,
+                        "chunks": g // m,
+                        "checkpointing": ckpt,
+                        **one_step(model, batch, m, st, "pooled"),
+                    }
+                )
                 print(_fmt(rows[-1]), flush=True)
     return rows
 
@@ -163,18 +205,29 @@ def phoenix_case(tok, device, micro: int, ckpt: bool) -> dict:
     """One PHOENIX-shaped stage-1 step (global batch 2) in this process; with the process's resident memory
     after building the model and at its peak (ru_maxrss), which include everything (weights, temporaries)."""
     import resource
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     st = StageConfig(freeze_text_encoder=True)
     model = build(PHOENIX, tok, "group 1", ckpt, device, dtype)
     from sclslt.model.objective import set_trainable
+
     set_trainable(model, st)
     batch = make_batch(2, 300, 224, 30, len(tok), device)
     built = _rss_mb()
-    row = {"shapes": "phoenix", "global_batch": 2, "world": 1, "micro_batch": micro, "chunks": 2 // micro,
-           "checkpointing": ckpt, "dtype": str(dtype).split(".")[-1], **one_step(model, batch, micro, st, "cico"),
-           "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "rss_built_mb": built, "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row = {
+        "shapes": "phoenix",
+        "global_batch": 2,
+        "world": 1,
+        "micro_batch": micro,
+        "chunks": 2 // micro,
+        "checkpointing": ckpt,
+        "dtype": str(dtype).split(".")[-1],
+        **one_step(model, batch, micro, st, "cico"),
+        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "rss_built_mb": built,
+        "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     row["rss_step_mb"] = row["rss_peak_mb"] - built
     return row
 
@@ -190,6 +243,7 @@ def phoenix_rows(micros) -> list[dict]:
     """Each case in a fresh process (its peak memory its own)."""
     import json
     import subprocess
+
     rows = []
     for ckpt in (False, True):
         for m in micros:
@@ -233,15 +287,16 @@ def main(argv=None) -> int:
     p.add_argument("--phoenix", action="store_true", help="also the PHOENIX recipe's shapes")
     p.add_argument("--max-share", type=int, default=4096, help="largest whole share measured unchunked")
     p.add_argument("--phoenix-micro", type=int, nargs="+", default=[1, 2], help="the PHOENIX micro-batches")
-    p.add_argument("--phoenix-case", nargs=2, type=int, help=argparse.SUPPRESS)     # micro, checkpointing
+    p.add_argument("--phoenix-case", nargs=2, type=int, help=argparse.SUPPRESS)  # micro, checkpointing
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as d:
         words = [f"w{i}" for i in range(300)]
-        tok = train_tokenizer([" ".join(words[j:j + 12]) for j in range(0, 288, 3)], Path(d))
+        tok = train_tokenizer([" ".join(words[j : j + 12]) for j in range(0, 288, 3)], Path(d))
     if a.phoenix_case:
         import json
+
         print(json.dumps(phoenix_case(tok, device, a.phoenix_case[0], bool(a.phoenix_case[1]))))
         return 0
     globals_, micros = ((16, 256), (2, 8)) if a.quick else ((16, 256, 4096), (2, 8, 32))

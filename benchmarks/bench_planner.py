@@ -33,6 +33,7 @@ Examples:
   python benchmarks/bench_planner.py --n 8000 20000 1000000 --batch 16 256 --pools 1 16 64 256 \
       --world 1 8 64 --step-ms 80 --fidelity-n 4096                            # the README's rows
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import dataclasses  # noqa: E402
 
-from sclslt.config import SelectionConfig  # noqa: E402
 from benchio import run_tag, write_rows  # noqa: E402
+
+from sclslt.config import SelectionConfig  # noqa: E402
 from sclslt.selection.planner import Planner  # noqa: E402
 from sclslt.selection.scoring import Table  # noqa: E402
 
@@ -78,21 +80,30 @@ def rank_bytes(n: int, dim: int, dtype: torch.dtype) -> int:
 def synthetic_table(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Table:
     g = torch.Generator().manual_seed(seed)
 
-    def unit(base=None):      # built in blocks of rows, so a million rows never need float64 copies
+    def unit(base=None):  # built in blocks of rows, so a million rows never need float64 copies
         out = torch.empty(n, dim, dtype=dtype)
         for i in range(0, n, 65536):
             x = torch.randn(min(65536, n - i), dim, generator=g, dtype=torch.float64)
             x /= x.norm(dim=1, keepdim=True)
-            if base is not None:      # late = early moved a little, as between two checkpoints of one run
-                x = base[i:i + len(x)].double() + 0.3 * x
+            if base is not None:  # late = early moved a little, as between two checkpoints of one run
+                x = base[i : i + len(x)].double() + 0.3 * x
                 x /= x.norm(dim=1, keepdim=True)
-            out[i:i + len(x)] = x.to(dtype)
+            out[i : i + len(x)] = x.to(dtype)
         return out
+
     v0, t0 = unit(), unit()
     v1, t1 = unit(v0), unit(t0)
     sids = torch.randint(0, max(1, int(0.7 * n)), (n,), generator=g)
-    return Table(keys=[f"s{i:07d}" for i in range(n)], sentence_ids=sids, v0=v0, t0=t0, v1=v1, t1=t1,
-                 device="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)   # scored where a run scores
+    return Table(
+        keys=[f"s{i:07d}" for i in range(n)],
+        sentence_ids=sids,
+        v0=v0,
+        t0=t0,
+        v1=v1,
+        t1=t1,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        dtype=dtype,
+    )  # scored where a run scores
 
 
 def pool_cost(table: Table, n_pool: int, batch: int, k: int, chunk: int = 1) -> float:
@@ -118,19 +129,24 @@ def bench(args) -> list[dict]:
         table = None
         for p in sorted(args.pools):
             m = n // p
-            avail, need = mem_available(), int(1.25 * rank_bytes(m, args.dim, args.dtype))   # one pool's table
+            avail, need = mem_available(), int(1.25 * rank_bytes(m, args.dim, args.dtype))  # one pool's table
             if avail is not None and need > 0.8 * avail:
                 reason = f"memory: a pool needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
-                rows += [dict(kind="cost", n=n, batch=b, pools=p, chunk=c, pool_size=m, dim=args.dim, skipped=reason)
-                         for b in args.batch for c in args.chunk if b <= m]
+                rows += [
+                    dict(kind="cost", n=n, batch=b, pools=p, chunk=c, pool_size=m, dim=args.dim, skipped=reason)
+                    for b in args.batch
+                    for c in args.chunk
+                    if b <= m
+                ]
                 continue
             for b, c in [(b, c) for b in sorted(args.batch) for c in sorted(args.chunk)]:
-                row = dict(kind="cost", n=n, batch=b, pools=p, chunk=c, pool_size=m, dim=args.dim,
-                           dtype=str(args.dtype)[6:])
+                row = dict(
+                    kind="cost", n=n, batch=b, pools=p, chunk=c, pool_size=m, dim=args.dim, dtype=str(args.dtype)[6:]
+                )
                 if b > m:
-                    continue                                   # not valid: a pool smaller than a batch
-                rate = 1e12 if torch.cuda.is_available() else 1e9   # bytes/s a product reads, roughly
-                pred = b / c * m * 4 * args.dim * 8 / rate          # ~ seconds for one batch: b / c products
+                    continue  # not valid: a pool smaller than a batch
+                rate = 1e12 if torch.cuda.is_available() else 1e9  # bytes/s a product reads, roughly
+                pred = b / c * m * 4 * args.dim * 8 / rate  # ~ seconds for one batch: b / c products
                 if pred > args.budget_s:
                     row["skipped"] = f"budget: predicted {pred:.1f} s a batch > {args.budget_s:g} s"
                     rows.append(row)
@@ -141,8 +157,11 @@ def bench(args) -> list[dict]:
                 probe = pool_cost(table, m, b, 1, c)
                 k = max(1, min(args.max_k, m // b, int(args.target_s / max(probe, 1e-6))))
                 secs = pool_cost(table, m, b, k, c) if k > 1 else probe
-                row.update(k_batches=k, ms_pool_batch=secs * 1e3,
-                           table_mb_rank=rank_bytes(m * math.ceil(p / max(args.world)), args.dim, args.dtype) / 2**20)
+                row.update(
+                    k_batches=k,
+                    ms_pool_batch=secs * 1e3,
+                    table_mb_rank=rank_bytes(m * math.ceil(p / max(args.world)), args.dim, args.dtype) / 2**20,
+                )
                 for w in args.world:
                     row[f"ms_batch_rank_w{w}"] = rank_ms(row["ms_pool_batch"], p, w)
                     if args.step_ms:
@@ -172,25 +191,48 @@ def fidelity(args) -> list[dict]:
         return torch.tensor(out, dtype=torch.float64)
 
     def pairs(plan):
-        return {(min(x, y), max(x, y)) for batch in plan for i, x in enumerate(batch) for y in batch[i + 1:]}
+        return {(min(x, y), max(x, y)) for batch in plan for i, x in enumerate(batch) for y in batch[i + 1 :]}
+
     rows, exact, exact_pairs = [], None, None
     for epoch in (1, 3):
         for p, c in sorted({(1, 1), *((p, c) for p in args.pools for c in args.chunk)}):
             t0 = time.perf_counter()
             plan = Planner(dataclasses.replace(cfg, pools=p, chunk=c), b, 0).plan_epoch(
-                table.keys, epoch, 4, lambda keys: table)
+                table.keys, epoch, 4, lambda keys: table
+            )
             secs = time.perf_counter() - t0
             sc = scores(plan)
             if (p, c) == (1, 1):
                 exact, exact_pairs = sc, pairs(plan)
             grid = torch.sort(torch.cat([exact, sc])).values
-            ks = float((torch.searchsorted(torch.sort(exact).values, grid, right=True) / len(exact)
-                        - torch.searchsorted(torch.sort(sc).values, grid, right=True) / len(sc)).abs().max())
+            ks = float(
+                (
+                    torch.searchsorted(torch.sort(exact).values, grid, right=True) / len(exact)
+                    - torch.searchsorted(torch.sort(sc).values, grid, right=True) / len(sc)
+                )
+                .abs()
+                .max()
+            )
             q = torch.quantile(sc, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-            rows.append(dict(kind="fidelity", n=n, batch=b, pools=p, chunk=c, epoch=epoch, quantile=Planner(cfg, b, 0).quantile(epoch, 4),
-                             plan_s=secs, mean_delta=float(sc.mean()), q25=q[0], q50=q[1], q75=q[2], ks_vs_exact=ks,
-                             pair_overlap=len(pairs(plan) & exact_pairs) / len(exact_pairs),
-                             pair_overlap_random=(b - 1) / (n - 1)))
+            rows.append(
+                dict(
+                    kind="fidelity",
+                    n=n,
+                    batch=b,
+                    pools=p,
+                    chunk=c,
+                    epoch=epoch,
+                    quantile=Planner(cfg, b, 0).quantile(epoch, 4),
+                    plan_s=secs,
+                    mean_delta=float(sc.mean()),
+                    q25=q[0],
+                    q50=q[1],
+                    q75=q[2],
+                    ks_vs_exact=ks,
+                    pair_overlap=len(pairs(plan) & exact_pairs) / len(exact_pairs),
+                    pair_overlap_random=(b - 1) / (n - 1),
+                )
+            )
             print(fmt(rows[-1]), flush=True)
     return rows
 
@@ -202,14 +244,17 @@ def fmt(row: dict) -> str:
 def write(rows: list[dict], out: Path, tag: dict) -> Path:
     from rich.console import Console
     from rich.table import Table as RichTable
+
     base = write_rows(rows, out, "planner", tag)
     threads = tag["threads"]
     for kind in ("cost", "fidelity"):
         part = [r for r in rows if r.get("kind", "cost") == kind]
         if not part:
             continue
-        title = (f"Pair Selection planner ({kind}) | {tag['device']} | torch {tag['versions']['torch']} | {threads} "
-                 f"thread{'s' if threads != 1 else ''} | dim {part[0].get('dim', '')} | step_ms {tag['step_ms']}")
+        title = (
+            f"Pair Selection planner ({kind}) | {tag['device']} | torch {tag['versions']['torch']} | {threads} "
+            f"thread{'s' if threads != 1 else ''} | dim {part[0].get('dim', '')} | step_ms {tag['step_ms']}"
+        )
         table = RichTable(title=title)
         cols = [c for c in dict.fromkeys(k for r in part for k in r) if c not in ("kind", "dim", "dtype")]
         for c in cols:
@@ -223,29 +268,58 @@ def write(rows: list[dict], out: Path, tag: dict) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, nargs="+", default=[1000, 4000, 16000, 64000, 256000, 1000000],
-                   help="pool size N: rows of the table, split over the ranks (default 1k..1M)")
+    p.add_argument(
+        "--n",
+        type=int,
+        nargs="+",
+        default=[1000, 4000, 16000, 64000, 256000, 1000000],
+        help="pool size N: rows of the table, split over the ranks (default 1k..1M)",
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64, 256], help="global batch")
     p.add_argument("--pools", type=int, nargs="+", default=[1, 16, 64, 256], help="selection.pools")
     p.add_argument("--chunk", type=int, nargs="+", default=[1], help="selection.chunk")
-    p.add_argument("--world", type=int, nargs="+", default=[1, 8, 64],
-                   help="world sizes the per-rank cost is given for (ranks share the pools out)")
-    p.add_argument("--fidelity-n", type=int, default=0,
-                   help="also plan whole epochs of this many clips with every --pools against exact greedy (pools 1)")
+    p.add_argument(
+        "--world",
+        type=int,
+        nargs="+",
+        default=[1, 8, 64],
+        help="world sizes the per-rank cost is given for (ranks share the pools out)",
+    )
+    p.add_argument(
+        "--fidelity-n",
+        type=int,
+        default=0,
+        help="also plan whole epochs of this many clips with every --pools against exact greedy (pools 1)",
+    )
     p.add_argument("--fidelity-batch", type=int, default=16, help="global batch of the fidelity epochs")
     p.add_argument("--dim", type=int, default=256, help="embedding dimension of the synthetic table")
-    p.add_argument("--dtype", default="float64", choices=("float64", "float32", "float16", "bfloat16"),
-                   help="table storage dtype (selection.table_dtype)")
-    p.add_argument("--budget-s", type=float, default=30.0,
-                   help="skip a configuration whose single batch is predicted to take longer")
+    p.add_argument(
+        "--dtype",
+        default="float64",
+        choices=("float64", "float32", "float16", "bfloat16"),
+        help="table storage dtype (selection.table_dtype)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=30.0,
+        help="skip a configuration whose single batch is predicted to take longer",
+    )
     p.add_argument("--target-s", type=float, default=2.0, help="about this many seconds of timing per configuration")
     p.add_argument("--max-k", type=int, default=50, help="at most this many batches timed per configuration")
-    p.add_argument("--step-ms", type=float, default=None,
-                   help="measured training step time in ms (README main job: ~80 on the 2-core CPU); "
-                        "without it step_frac is left empty")
+    p.add_argument(
+        "--step-ms",
+        type=float,
+        default=None,
+        help="measured training step time in ms (README main job: ~80 on the 2-core CPU); "
+        "without it step_frac is left empty",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1, for comparable numbers)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sweep (N 1k/4k, batch 16/64, pools 1/4, chunk 1/4, fidelity at N 512): checks the script")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sweep (N 1k/4k, batch 16/64, pools 1/4, chunk 1/4, fidelity at N 512): checks the script",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)

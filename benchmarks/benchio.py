@@ -16,6 +16,7 @@ the committed `benchmarks/results/` (a test's tmp folder, a device run's `$OUT`)
 run where they asked for it; for the default `benchmarks/results/` it goes to `benchmarks/results/runs/`,
 a scratch folder that .gitignore covers, so the committed folder holds the per-benchmark CSVs and the
 curated reports only and no longer accumulates per-run files."""
+
 from __future__ import annotations
 
 import csv
@@ -31,9 +32,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"          # committed: one CSV per benchmark
-RUNS = RESULTS / "runs"                            # per-run JSON/CSV of default-folder runs (git-ignored)
-FRONT = ("time", "commit", "command", "device")    # first columns of every benchmark CSV, then the versions
+RESULTS = ROOT / "benchmarks" / "results"  # committed: one CSV per benchmark
+RUNS = RESULTS / "runs"  # per-run JSON/CSV of default-folder runs (git-ignored)
+FRONT = ("time", "commit", "command", "device")  # first columns of every benchmark CSV, then the versions
 
 
 def device_name() -> str:
@@ -45,21 +46,28 @@ def device_name() -> str:
 def run_tag(**extra) -> dict:
     """Device, library versions and date, added to every row a benchmark writes."""
     import numpy
+
     versions = {"torch": torch.__version__, "python": platform.python_version(), "numpy": numpy.__version__}
     try:
         import triton
+
         versions["triton"] = triton.__version__
     except ImportError:
         versions["triton"] = None
-    return {"device": device_name(), "versions": versions,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra}
+    return {
+        "device": device_name(),
+        "versions": versions,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
 
 
 def git_commit(root: Path = ROOT) -> str:
     """`git rev-parse --short HEAD` of the checkout, or "" outside git (or without git)."""
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
@@ -83,8 +91,13 @@ def flat_row(row: dict, commit: str, command: str) -> dict:
     versions = row.get("versions") or {}
     for k in ("torch", "triton", "python", "numpy", *versions):
         out[k] = versions.get(k)
-    out.update({k: v for k, v in row.items()
-                if k not in ("date", "device", "versions") and k not in out and not isinstance(v, dict)})
+    out.update(
+        {
+            k: v
+            for k, v in row.items()
+            if k not in ("date", "device", "versions") and k not in out and not isinstance(v, dict)
+        }
+    )
     return out
 
 

@@ -21,6 +21,7 @@ as jpg shards in the run directory, which the trainer then reads as a shards cor
   python benchmarks/gpu_smoke.py --deepspeed configs/zero3.json --format jpg --data.decode device \
       --model.similarity cico --train.precision bf16   # ZeRO-3, CiCo, jpg frames decoded on the GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,19 +38,47 @@ sys.path.insert(0, str(ROOT))
 
 from benchio import run_tag, write_rows  # noqa: E402
 
-QUICK = ["--data.synthetic.frame_size", "16", "--data.samples_per_shard", "16",
-         "--model.backbone_hidden", "[8, 16]", "--model.backbone_depths", "[1, 1]", "--model.backbone_embedding", "8",
-         "--model.d_model", "32", "--model.layers", "1", "--model.heads", "2", "--model.ffn", "64",
-         "--model.embed_dim", "16", "--stage1.global_batch", "8", "--stage2.global_batch", "8",
-         "--eval.beam", "1", "--eval.max_len", "8", "--data.num_workers", "0"]
+QUICK = [
+    "--data.synthetic.frame_size",
+    "16",
+    "--data.samples_per_shard",
+    "16",
+    "--model.backbone_hidden",
+    "[8, 16]",
+    "--model.backbone_depths",
+    "[1, 1]",
+    "--model.backbone_embedding",
+    "8",
+    "--model.d_model",
+    "32",
+    "--model.layers",
+    "1",
+    "--model.heads",
+    "2",
+    "--model.ffn",
+    "64",
+    "--model.embed_dim",
+    "16",
+    "--stage1.global_batch",
+    "8",
+    "--stage2.global_batch",
+    "8",
+    "--eval.beam",
+    "1",
+    "--eval.max_len",
+    "8",
+    "--data.num_workers",
+    "0",
+]
 
 
 def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path) as f:
-        return [{k: float(v) if k != "stage" else v for k, v in r.items() if v not in ("", None)}
-                for r in csv.DictReader(f)]
+        return [
+            {k: float(v) if k != "stage" else v for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
+        ]
 
 
 def summarise(run: Path, stage: str, global_batch: int, warmup: int) -> dict:
@@ -58,9 +87,13 @@ def summarise(run: Path, stage: str, global_batch: int, warmup: int) -> dict:
         raise SystemExit(f"{run / stage}: only {len(metrics)} steps logged; use more --steps than --warmup")
     first, last = metrics[warmup], metrics[-1]
     steps = last["step"] - first["step"]
-    row = {"stage": stage, "steps": int(last["step"]), "global_batch": global_batch,
-           "clips_per_s": steps * global_batch / max(last["wall_s"] - first["wall_s"], 1e-9),
-           "final_loss": last["loss"]}
+    row = {
+        "stage": stage,
+        "steps": int(last["step"]),
+        "global_batch": global_batch,
+        "clips_per_s": steps * global_batch / max(last["wall_s"] - first["wall_s"], 1e-9),
+        "final_loss": last["loss"],
+    }
     timing = [r for r in _rows(run / stage / "timing.csv") if r["step"] > warmup]
     if timing:
         for k in [k for k in timing[0] if k.endswith("_ms")]:
@@ -82,6 +115,7 @@ def make_corpus(config: str, extra: list[str], fmt: str, workers: int, run: Path
 
     from sclslt.config import load_config
     from sclslt.data.corpus import make_synthetic_shards, synthetic_shards_dir
+
     data = load_config(ROOT / config, extra).data
     if data.corpus != "synthetic":
         return []
@@ -92,11 +126,14 @@ def make_corpus(config: str, extra: list[str], fmt: str, workers: int, run: Path
         where, args = synthetic_shards_dir(data, workers=workers), []
     else:
         where = run / "shards"
-        make_synthetic_shards(data.synthetic, where, data.samples_per_shard, data.lowercase, workers=workers,
-                              frame_format=fmt)
+        make_synthetic_shards(
+            data.synthetic, where, data.samples_per_shard, data.lowercase, workers=workers, frame_format=fmt
+        )
         args = ["--data.corpus", "shards", "--data.shards_dir", str(where)]
-    print(f"gpu_smoke: corpus of {n} {fmt} clips in {time.perf_counter() - t0:.1f} s ({workers} processes): {where}",
-          flush=True)
+    print(
+        f"gpu_smoke: corpus of {n} {fmt} clips in {time.perf_counter() - t0:.1f} s ({workers} processes): {where}",
+        flush=True,
+    )
     return args
 
 
@@ -110,11 +147,19 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=1, help=">1: N ranks through the deepspeed launcher")
     p.add_argument("--run-dir", default="", help="default: a temporary directory, removed afterwards")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--clips", type=int, default=2048, help="training clips of the smoke corpus (dev, test: 64 each); "
-                   "0: the config's corpus")
+    p.add_argument(
+        "--clips",
+        type=int,
+        default=2048,
+        help="training clips of the smoke corpus (dev, test: 64 each); 0: the config's corpus",
+    )
     p.add_argument("--format", choices=["npy", "jpg"], default="npy", help="how the corpus's frames are stored")
-    p.add_argument("--workers", type=int, default=0, help="processes making the corpus (0: one per 256 clips, "
-                   "at most one per core)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes making the corpus (0: one per 256 clips, at most one per core)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, 6 steps, on whatever device there is")
     args, extra = p.parse_known_args(argv)
     if args.quick:
@@ -122,8 +167,15 @@ def main(argv=None) -> int:
         extra = QUICK + extra
     if args.clips:
         held_out = "8" if args.quick else "64"
-        extra = ["--data.synthetic.n_train", str(args.clips), "--data.synthetic.n_dev", held_out,
-                 "--data.synthetic.n_test", held_out, *extra]
+        extra = [
+            "--data.synthetic.n_train",
+            str(args.clips),
+            "--data.synthetic.n_dev",
+            held_out,
+            "--data.synthetic.n_test",
+            held_out,
+            *extra,
+        ]
     run = Path(args.run_dir or tempfile.mkdtemp(prefix="sclslt-smoke-"))
     try:
         return train_and_report(args, extra + make_corpus(args.config, extra, args.format, args.workers, run), run)
@@ -133,10 +185,26 @@ def main(argv=None) -> int:
 
 
 def train_and_report(args, extra: list[str], run: Path) -> int:
-    train = ["launch/train.py", "--deepspeed", args.deepspeed, "--config", args.config, "--train.run_dir", str(run),
-             "--train.max_steps", str(args.steps), "--train.timing_every", str(args.sample_every),
-             "--train.telemetry_every", str(args.sample_every), "--train.log_every", str(max(args.steps // 10, 1)),
-             "--eval.dev_every_epochs", "1000", *extra]
+    train = [
+        "launch/train.py",
+        "--deepspeed",
+        args.deepspeed,
+        "--config",
+        args.config,
+        "--train.run_dir",
+        str(run),
+        "--train.max_steps",
+        str(args.steps),
+        "--train.timing_every",
+        str(args.sample_every),
+        "--train.telemetry_every",
+        str(args.sample_every),
+        "--train.log_every",
+        str(max(args.steps // 10, 1)),
+        "--eval.dev_every_epochs",
+        "1000",
+        *extra,
+    ]
     if args.gpus > 1:
         deepspeed = Path(sys.executable).with_name("deepspeed")
         cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(args.gpus), *train]
@@ -149,15 +217,28 @@ def train_and_report(args, extra: list[str], run: Path) -> int:
         print(f"gpu_smoke: the training run failed ({proc.returncode}); its output is above", file=sys.stderr)
         return proc.returncode
     from sclslt.config import load_config
+
     cfg = load_config(ROOT / args.config, extra)
-    rows = [summarise(run, s, getattr(cfg, s).global_batch, args.warmup) for s in ("stage1", "stage2")
-            if getattr(cfg, s).enabled]
-    tag = run_tag(benchmark="gpu_smoke", config=args.config, world=args.gpus, quick=args.quick,
-                  precision=cfg.train.precision, deepspeed=args.deepspeed, similarity=cfg.model.similarity,
-                  frames=args.format, decode=cfg.data.decode)
+    rows = [
+        summarise(run, s, getattr(cfg, s).global_batch, args.warmup)
+        for s in ("stage1", "stage2")
+        if getattr(cfg, s).enabled
+    ]
+    tag = run_tag(
+        benchmark="gpu_smoke",
+        config=args.config,
+        world=args.gpus,
+        quick=args.quick,
+        precision=cfg.train.precision,
+        deepspeed=args.deepspeed,
+        similarity=cfg.model.similarity,
+        frames=args.format,
+        decode=cfg.data.decode,
+    )
     base = write_rows(rows, Path(args.out), "gpu_smoke", tag)
     from rich.console import Console
     from rich.table import Table
+
     t = Table(title=f"smoke run on {tag['device']} ({args.gpus} rank(s), {args.config})")
     cols = list(dict.fromkeys(k for r in rows for k in r))
     for c in cols:
@@ -167,6 +248,7 @@ def train_and_report(args, extra: list[str], run: Path) -> int:
     Console(width=200).print(t)
     print(f"rows: {base}.json / .csv")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,14 @@ Each has a plain-PyTorch `*_reference` that is its spec. `SCLSLT_KERNELS=auto|tr
 picks the path (`_dispatch.py`); for the Triton interpreter on CPU set `TRITON_INTERPRET=1` before
 importing this package.
 """
+
 import sys as _sys
 
 if __name__ not in ("sclslt_kernels", "kernels"):
-    raise ImportError(f"{__file__} is the package sclslt_kernels (installed from this folder): import it under that "
-                      f"name, not as {__name__!r}")
+    raise ImportError(
+        f"{__file__} is the package sclslt_kernels (installed from this folder): import it under that "
+        f"name, not as {__name__!r}"
+    )
 if __name__ == "kernels":
     # Imported as `kernels`: a checkout's root is on sys.path (`python -m pytest`, a
     # tool, `python -c` in the checkout), and this folder shadows whatever `kernels` is installed (Hugging
@@ -30,7 +33,7 @@ if __name__ == "kernels":
     _sys.path[:] = [p for p in _saved if _os.path.realpath(p or _os.curdir) != _root]
     del _sys.modules[__name__]
     try:
-        if getattr(_sys, "_sclslt_kernels_aside", False):      # found this folder again (another route to it)
+        if getattr(_sys, "_sclslt_kernels_aside", False):  # found this folder again (another route to it)
             raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
         _sys._sclslt_kernels_aside = True
         try:
@@ -51,5 +54,11 @@ else:
     from .cico import cico_similarity, cico_similarity_reference
     from .infonce import infonce, infonce_reference, masked_ce
 
-    __all__ = ["infonce", "infonce_reference", "cico_similarity", "cico_similarity_reference", "masked_ce",
-               "kernel_path"]
+    __all__ = [
+        "infonce",
+        "infonce_reference",
+        "cico_similarity",
+        "cico_similarity_reference",
+        "masked_ce",
+        "kernel_path",
+    ]

@@ -2,8 +2,10 @@
 
 `SCLSLT_KERNELS` = `auto` (default): Triton for CUDA tensors, and for CPU tensors when the Triton
 interpreter is on (`TRITON_INTERPRET=1`, set before this package is imported); the reference
-otherwise, and always for dtypes other than fp32/fp16/bf16 (fp64 gradient checks). `triton`: always Triton (an error where it cannot run). `reference`: always the reference.
+otherwise, and always for dtypes other than fp32/fp16/bf16 (fp64 gradient checks). `triton`: always Triton (an
+error where it cannot run). `reference`: always the reference.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -35,8 +37,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     on_cuda = all(t.is_cuda for t in tensors)
     possible = _triton_available() and (on_cuda or (interpreting() and not any(t.is_cuda for t in tensors)))
     if mode == "triton" and not possible:
-        raise RuntimeError("SCLSLT_KERNELS=triton but Triton cannot run here: CUDA tensors are needed, or "
-                           "TRITON_INTERPRET=1 set before importing sclslt_kernels for CPU tensors")
+        raise RuntimeError(
+            "SCLSLT_KERNELS=triton but Triton cannot run here: CUDA tensors are needed, or "
+            "TRITON_INTERPRET=1 set before importing sclslt_kernels for CPU tensors"
+        )
     return possible
 
 
@@ -44,15 +48,18 @@ def describe(device: torch.device) -> dict:
     """Which path this job's kernel calls take on `device` (recorded in results.json): "triton" (native,
     or the interpreter on CPU) or "reference", with the triton version and the SCLSLT_KERNELS mode."""
     x = torch.empty(0, device=device)
-    return {"path": "triton" if use_triton(x) else "reference", "interpreter": interpreting() and x.device.type == "cpu",
-            "mode": os.environ.get("SCLSLT_KERNELS", "auto").lower(),
-            "triton": getattr(triton, "__version__", None) if triton is not None else None}
+    return {
+        "path": "triton" if use_triton(x) else "reference",
+        "interpreter": interpreting() and x.device.type == "cpu",
+        "mode": os.environ.get("SCLSLT_KERNELS", "auto").lower(),
+        "triton": getattr(triton, "__version__", None) if triton is not None else None,
+    }
 
 
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}   # Triton's names
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # Triton's names
 
-GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)     # CUDA's largest grid, axes x, y, z
-ALIGN = 16                                    # bytes: the pointer alignment Triton's JIT specialises on
+GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's largest grid, axes x, y, z
+ALIGN = 16  # bytes: the pointer alignment Triton's JIT specialises on
 
 
 def aligned(x: torch.Tensor) -> torch.Tensor:

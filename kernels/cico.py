@@ -30,6 +30,7 @@ Design (for the GPU; b x n x T x L never exists whole):
 Tile configurations come from `config()`; every one it can return is compiled for sm_80 and sm_90 by
 tests/e2e/test_kernel_compile.py (no spills, shared memory fits).
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,11 +40,12 @@ from ._dispatch import GRID_LIMITS, TRITON_TYPES, aligned, dot_meta, dot_precisi
 MAX_TOKENS = 256
 
 
-PARTS = {"mean": (0.5, 0.5), "i2t": (1.0, 0.0), "t2i": (0.0, 1.0)}     # weights of (i2t, t2i)
+PARTS = {"mean": (0.5, 0.5), "i2t": (1.0, 0.0), "t2i": (0.0, 1.0)}  # weights of (i2t, t2i)
 
 
-def cico_similarity_reference(v: torch.Tensor, v_mask: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor,
-                              tau: float = 0.07, part: str = "mean") -> torch.Tensor:
+def cico_similarity_reference(
+    v: torch.Tensor, v_mask: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor, tau: float = 0.07, part: str = "mean"
+) -> torch.Tensor:
     """The spec: materialises (b, n, T, L); fp32 (fp64 stays fp64)."""
     _check(v, v_mask, t, t_mask)
     acc = torch.promote_types(v.dtype, torch.float32)
@@ -52,10 +54,10 @@ def cico_similarity_reference(v: torch.Tensor, v_mask: torch.Tensor, t: torch.Te
     tm = t_mask.bool()[None, :, None, :]
     valid = vm & tm
     x = (dot / tau).masked_fill(~valid, -1e30)
-    p_row = torch.softmax(x, dim=-1).masked_fill(~valid, 0.0)       # over L, per video token
-    p_col = torch.softmax(x, dim=-2).masked_fill(~valid, 0.0)       # over T, per text token
-    f = (dot * p_row).sum(-1)                                        # (b, n, T)
-    h = (dot * p_col).sum(-2)                                        # (b, n, L)
+    p_row = torch.softmax(x, dim=-1).masked_fill(~valid, 0.0)  # over L, per video token
+    p_col = torch.softmax(x, dim=-2).masked_fill(~valid, 0.0)  # over T, per text token
+    f = (dot * p_row).sum(-1)  # (b, n, T)
+    h = (dot * p_col).sum(-2)  # (b, n, L)
     n_t = v_mask.sum(-1).clamp_min(1).to(acc)[:, None]
     n_l = t_mask.sum(-1).clamp_min(1).to(acc)[None, :]
     i2t = (f * v_mask.bool()[:, None, :]).sum(-1) / n_t
@@ -72,10 +74,13 @@ def _weights(part: str) -> tuple[float, float]:
 
 def _check(v, v_mask, t, t_mask):
     if v.ndim != 3 or t.ndim != 3 or v.shape[-1] != t.shape[-1]:
-        raise ValueError(f"cico_similarity: v must be (b, T, d) and t (n, L, d), got {tuple(v.shape)}, {tuple(t.shape)}")
+        raise ValueError(
+            f"cico_similarity: v must be (b, T, d) and t (n, L, d), got {tuple(v.shape)}, {tuple(t.shape)}"
+        )
     if v_mask.shape != v.shape[:2] or t_mask.shape != t.shape[:2]:
-        raise ValueError(f"cico_similarity: masks must be (b, T) and (n, L), got {tuple(v_mask.shape)}, "
-                         f"{tuple(t_mask.shape)}")
+        raise ValueError(
+            f"cico_similarity: masks must be (b, T) and (n, L), got {tuple(v_mask.shape)}, {tuple(t_mask.shape)}"
+        )
 
 
 def cico_similarity(v, v_mask, t, t_mask, tau: float = 0.07, part: str = "mean") -> torch.Tensor:
@@ -85,8 +90,10 @@ def cico_similarity(v, v_mask, t, t_mask, tau: float = 0.07, part: str = "mean")
     if not use_triton(v, t):
         return cico_similarity_reference(v, v_mask, t, t_mask, tau, part)
     if v.shape[1] > MAX_TOKENS or t.shape[1] > MAX_TOKENS:
-        raise ValueError(f"cico_similarity kernel: at most {MAX_TOKENS} tokens per clip/sentence, got "
-                         f"T={v.shape[1]}, L={t.shape[1]} (subsample frames or use SCLSLT_KERNELS=reference)")
+        raise ValueError(
+            f"cico_similarity kernel: at most {MAX_TOKENS} tokens per clip/sentence, got "
+            f"T={v.shape[1]}, L={t.shape[1]} (subsample frames or use SCLSLT_KERNELS=reference)"
+        )
     return _CiCo.apply(v, v_mask, t, t_mask, float(tau), w)
 
 
@@ -99,8 +106,8 @@ try:
 except ImportError:
     triton = None
 
-TILE_ELEMS = 2048           # BLOCK_T * BLOCK_L (16 x 256 where L needs it): measured to fit without spills
-CHUNK_ELEMS = 1 << 27       # the backward's G buffer, at most this many elements (256 MB in bf16)
+TILE_ELEMS = 2048  # BLOCK_T * BLOCK_L (16 x 256 where L needs it): measured to fit without spills
+CHUNK_ELEMS = 1 << 27  # the backward's G buffer, at most this many elements (256 MB in bf16)
 
 
 def _pow2(x: int) -> int:
@@ -121,7 +128,7 @@ def config(TT: int, LL: int, dtype: torch.dtype, kernel: str = "_cico_fwd") -> d
     bl = _pow2(LL)
     bt = min(_pow2(TT), max(16, TILE_ELEMS // bl))
     tile = bt * bl
-    if dtype == torch.float32:          # fp32 multiplies on FMA units ("ieee"): smaller chunks, no pipelining
+    if dtype == torch.float32:  # fp32 multiplies on FMA units ("ieee"): smaller chunks, no pipelining
         warps = 4 if tile < 512 else 8
         if kernel == "_cico_grad" and (bt, bl) in ((32, 32), (16, 64)):
             # 8 warps: the backward's aligned variant spills 8 bytes on sm_80 (64 and 80 registers, one over
@@ -135,8 +142,9 @@ def config(TT: int, LL: int, dtype: torch.dtype, kernel: str = "_cico_fwd") -> d
         # (8 bytes, stored before the statistics pass, reloaded after). 32-wide chunks: 80 registers on
         # sm_80, 60 on sm_90, no stack, still double-buffered; the forward keeps 64.
         bk = 32
-    return dict(BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, num_warps=4 if tile <= 512 else 8,
-                num_stages=1 if tile >= 4096 else 2)
+    return dict(
+        BLOCK_T=bt, BLOCK_L=bl, BLOCK_K=bk, num_warps=4 if tile <= 512 else 8, num_stages=1 if tile >= 4096 else 2
+    )
 
 
 def chunk_sentences(b: int, n: int, TT: int, LL: int, budget: int | None = None) -> int:
@@ -164,10 +172,27 @@ def grids(b: int, n: int, TT: int, LL: int) -> list[tuple[str, tuple]]:
 
 
 if triton is not None:
+
     @triton.jit
-    def _dot_tile(V, T, i, j, t0, TT, LL, d, svb, svt, stn, stl,
-                  FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _dot_tile(
+        V,
+        T,
+        i,
+        j,
+        t0,
+        TT,
+        LL,
+        d,
+        svb,
+        svt,
+        stn,
+        stl,
+        FP32_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """v_i[t0:t0+BLOCK_T] . t_j^T in fp32, accumulated over d in BLOCK_K chunks (pointers advanced,
         not recomputed; BLOCK_K * BLOCK_L is bounded by `config`: the address tiles live in registers)."""
         ts = t0 + tl.arange(0, BLOCK_T)
@@ -189,9 +214,28 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _token_block(V, VM, T, i, j, t0, tm, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                     FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _token_block(
+        V,
+        VM,
+        T,
+        i,
+        j,
+        t0,
+        tm,
+        TT,
+        LL,
+        d,
+        svb,
+        svt,
+        stn,
+        stl,
+        inv_tau,
+        FP32_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """Clip tokens t0.. of pair (i, j): their rows, validity, dot tile, masked logits x, the row
         softmax over L and f_t = sum_l dot p (all complete within the block)."""
         ts = t0 + tl.arange(0, BLOCK_T)
@@ -205,9 +249,27 @@ if triton is not None:
         return ts, vm, dot, x, p_row, tl.sum(p_row * dot, axis=1)
 
     @triton.jit
-    def _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                    FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _pair_stats(
+        V,
+        VM,
+        T,
+        TM,
+        i,
+        j,
+        TT,
+        LL,
+        d,
+        svb,
+        svt,
+        stn,
+        stl,
+        inv_tau,
+        FP32_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """One pass over the clip's token blocks: sum_t f_t over valid t, the valid-token counts, and the
         column softmax's max m_l, normaliser z_l and pooled h_l = sum_t dot p_col."""
         ls = tl.arange(0, BLOCK_L)
@@ -218,8 +280,28 @@ if triton is not None:
         f_sum = 0.0
         n_t = 0.0
         for t0 in range(0, TT, BLOCK_T):
-            ts, vm, dot, x, p_row, f = _token_block(V, VM, T, i, j, t0, tm, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                                                    FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+            ts, vm, dot, x, p_row, f = _token_block(
+                V,
+                VM,
+                T,
+                i,
+                j,
+                t0,
+                tm,
+                TT,
+                LL,
+                d,
+                svb,
+                svt,
+                stn,
+                stl,
+                inv_tau,
+                FP32_DOT,
+                DOT_PREC,
+                BLOCK_T,
+                BLOCK_L,
+                BLOCK_K,
+            )
             f_sum += tl.sum(tl.where(vm, f, 0.0), axis=0)
             n_t += tl.sum(vm.to(tl.float32), axis=0)
             m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -233,14 +315,35 @@ if triton is not None:
         return f_sum, tl.maximum(n_t, 1.0), tm, m, z, h
 
     @triton.jit
-    def _cico_fwd(V, VM, T, TM, S, n, TT, LL, d, svb, svt, stn, stl, inv_tau, w_i2t, w_t2i,
-                  FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _cico_fwd(
+        V,
+        VM,
+        T,
+        TM,
+        S,
+        n,
+        TT,
+        LL,
+        d,
+        svb,
+        svt,
+        stn,
+        stl,
+        inv_tau,
+        w_i2t,
+        w_t2i,
+        FP32_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """S[i, j] for clip i of the launch's group (grid axis y) and sentence j (axis x)."""
         j = tl.program_id(0)
         i = tl.program_id(1)
-        f_sum, n_t, tm, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                                              FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+        f_sum, n_t, tm, m, z, h = _pair_stats(
+            V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau, FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K
+        )
         # valid text tokens from the normaliser (z_l >= 1 exactly where l is valid and the clip has a valid
         # token, 0 elsewhere, where h_l = 0 too: the same t2i), not from tm: tm kept across the pass was what
         # ptxas spilled (sm_80/sm_90 -O3 occupancy targets)
@@ -249,23 +352,67 @@ if triton is not None:
         tl.store(S + i.to(tl.int64) * n + j, w_i2t * (f_sum / n_t) + w_t2i * t2i)
 
     @triton.jit
-    def _cico_grad(V, VM, T, TM, GUP, G, n, j0, J, TT, LL, d, svb, svt, stn, stl, inv_tau, w_i2t, w_t2i,
-                   FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _cico_grad(
+        V,
+        VM,
+        T,
+        TM,
+        GUP,
+        G,
+        n,
+        j0,
+        J,
+        TT,
+        LL,
+        d,
+        svb,
+        svt,
+        stn,
+        stl,
+        inv_tau,
+        w_i2t,
+        w_t2i,
+        FP32_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """G[i, t, jl, l] = g_ij d s(i, j) / d dot[t, l] for sentence j = j0 + jl of the chunk."""
         jl = tl.program_id(0)
         i = tl.program_id(1)
         j = j0 + jl
-        f_sum, n_t, tm, m, z, h = _pair_stats(V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                                              FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+        f_sum, n_t, tm, m, z, h = _pair_stats(
+            V, VM, T, TM, i, j, TT, LL, d, svb, svt, stn, stl, inv_tau, FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K
+        )
         n_l = tl.maximum(tl.sum(tm.to(tl.float32), axis=0), 1.0)
         g = tl.load(GUP + i.to(tl.int64) * n + j)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         inv_z = 1.0 / tl.maximum(z, 1e-30)
         ls = tl.arange(0, BLOCK_L)
         for t0 in range(0, TT, BLOCK_T):
-            ts, vm, dot, x, p_row, f = _token_block(V, VM, T, i, j, t0, tm, TT, LL, d, svb, svt, stn, stl, inv_tau,
-                                                    FP32_DOT, DOT_PREC, BLOCK_T, BLOCK_L, BLOCK_K)
+            ts, vm, dot, x, p_row, f = _token_block(
+                V,
+                VM,
+                T,
+                i,
+                j,
+                t0,
+                tm,
+                TT,
+                LL,
+                d,
+                svb,
+                svt,
+                stn,
+                stl,
+                inv_tau,
+                FP32_DOT,
+                DOT_PREC,
+                BLOCK_T,
+                BLOCK_L,
+                BLOCK_K,
+            )
             gi = tl.where(vm[:, None], p_row * (1.0 + (dot - f[:, None]) * inv_tau), 0.0) * (w_i2t / n_t)
             p_col = tl.exp(x - m_safe[None, :]) * inv_z[None, :]
             gt = tl.where(tm[None, :], p_col * (1.0 + (dot - h[None, :]) * inv_tau), 0.0) * (w_t2i / n_l)
@@ -283,10 +430,26 @@ class _CiCo(torch.autograd.Function):
         b, TT, d = v.shape
         n, LL, _ = t.shape
         s = torch.empty(b, n, device=v.device, dtype=torch.float32)
-        for i0, i1 in clip_groups(b):       # group slices: offsets of i0 (a multiple of 16) rows, aligned
-            _cico_fwd[(n, i1 - i0)](v[i0:i1], vm[i0:i1], t, tm, s[i0:i1], n, TT, LL, d, v.stride(0), v.stride(1),
-                                    t.stride(0), t.stride(1), 1.0 / tau, *weights, **dot_meta(v.dtype),
-                                    **config(TT, LL, v.dtype, "_cico_fwd"))
+        for i0, i1 in clip_groups(b):  # group slices: offsets of i0 (a multiple of 16) rows, aligned
+            _cico_fwd[(n, i1 - i0)](
+                v[i0:i1],
+                vm[i0:i1],
+                t,
+                tm,
+                s[i0:i1],
+                n,
+                TT,
+                LL,
+                d,
+                v.stride(0),
+                v.stride(1),
+                t.stride(0),
+                t.stride(1),
+                1.0 / tau,
+                *weights,
+                **dot_meta(v.dtype),
+                **config(TT, LL, v.dtype, "_cico_fwd"),
+            )
         ctx.save_for_backward(v, vm, t, tm)
         ctx.tau, ctx.weights = tau, weights
         return s
@@ -305,15 +468,33 @@ class _CiCo(torch.autograd.Function):
         meta = dict(**dot_meta(v.dtype), **config(TT, LL, v.dtype, "_cico_grad"))
         for j0 in range(0, n, J):
             w = min(J, n - j0)
-            g = buf[:b * TT * w * LL]
+            g = buf[: b * TT * w * LL]
             g4 = g.view(b, TT * w * LL)
             for i0, i1 in clip_groups(b):
-                _cico_grad[(w, i1 - i0)](v[i0:i1], vm[i0:i1], t, tm, gup[i0:i1], g4[i0:i1], n, j0, w, TT, LL, d,
-                                         v.stride(0), v.stride(1), t.stride(0), t.stride(1), 1.0 / ctx.tau,
-                                         *ctx.weights, **meta)
+                _cico_grad[(w, i1 - i0)](
+                    v[i0:i1],
+                    vm[i0:i1],
+                    t,
+                    tm,
+                    gup[i0:i1],
+                    g4[i0:i1],
+                    n,
+                    j0,
+                    w,
+                    TT,
+                    LL,
+                    d,
+                    v.stride(0),
+                    v.stride(1),
+                    t.stride(0),
+                    t.stride(1),
+                    1.0 / ctx.tau,
+                    *ctx.weights,
+                    **meta,
+                )
             gm = g.view(b * TT, w * LL)
-            dv += mm32(gm, t[j0:j0 + w].reshape(w * LL, d))     # fp32 out: not rounded to 16 bits per chunk
-            dt[j0:j0 + w] = (gm.t() @ v2).view(w, LL, d)
+            dv += mm32(gm, t[j0 : j0 + w].reshape(w * LL, d))  # fp32 out: not rounded to 16 bits per chunk
+            dt[j0 : j0 + w] = (gm.t() @ v2).view(w, LL, d)
         return dv.view(b, TT, d).to(v.dtype), None, dt, None, None, None
 
 
@@ -326,8 +507,15 @@ def launch_variants():
     ptr = {dt: "*" + name for dt, name in TRITON_TYPES.items()}
     seen = set()
     for dtype in ptr:
-        base = {"V": ptr[dtype], "VM": "*i8", "T": ptr[dtype], "TM": "*i8", "inv_tau": "fp32",
-                "w_i2t": "fp32", "w_t2i": "fp32"}
+        base = {
+            "V": ptr[dtype],
+            "VM": "*i8",
+            "T": ptr[dtype],
+            "TM": "*i8",
+            "inv_tau": "fp32",
+            "w_i2t": "fp32",
+            "w_t2i": "fp32",
+        }
         for fn, types in ((_cico_fwd, {**base, "S": "*fp32"}), (_cico_grad, {**base, "GUP": "*fp32", "G": ptr[dtype]})):
             for LL in (16, 32, 64, 128, 256):
                 for TT in (16, 32, 64, 128, 256):
@@ -340,5 +528,12 @@ def launch_variants():
                     const = dict(FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
                     opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
                     for variant, divisible in int_variants(fn, types, const, ()):
-                        yield dict(kernel=fn.__name__, dtype=dtype, types=types, constexprs=const, options=opts,
-                                   variant=variant, divisible=divisible)
+                        yield dict(
+                            kernel=fn.__name__,
+                            dtype=dtype,
+                            types=types,
+                            constexprs=const,
+                            options=opts,
+                            variant=variant,
+                            divisible=divisible,
+                        )

@@ -31,6 +31,7 @@ plain matmuls; memory O((b + n) d) plus one chunk.
 Tile configurations come from `config()`, which only returns members of `CONFIGS`; every member is
 compiled for sm_80 and sm_90 by tests/e2e/test_kernel_compile.py (no spills, shared memory fits).
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,9 @@ import torch
 from ._dispatch import GRID_LIMITS, TRITON_TYPES, aligned, dot_meta, dot_precision, int_variants, mm32, use_triton
 
 
-def masked_ce(logits: torch.Tensor, pos_offset: int = 0, q_ids: torch.Tensor | None = None,
-              k_ids: torch.Tensor | None = None) -> torch.Tensor:
+def masked_ce(
+    logits: torch.Tensor, pos_offset: int = 0, q_ids: torch.Tensor | None = None, k_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over rows of -log softmax(logits)[i, pos_offset + i], known false negatives removed.
 
     The loss part of the contract on a given (b, n) logits matrix (used where the similarity is not
@@ -55,8 +57,14 @@ def masked_ce(logits: torch.Tensor, pos_offset: int = 0, q_ids: torch.Tensor | N
     return (torch.logsumexp(logits, dim=1) - logits[rows, pos]).mean()
 
 
-def infonce_reference(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor, pos_offset: int = 0,
-                      q_ids: torch.Tensor | None = None, k_ids: torch.Tensor | None = None) -> torch.Tensor:
+def infonce_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    logit_scale: torch.Tensor,
+    pos_offset: int = 0,
+    q_ids: torch.Tensor | None = None,
+    k_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The spec: materialised logits, fp32 (fp64 stays fp64)."""
     _check(q, k, pos_offset, q_ids, k_ids)
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -68,8 +76,9 @@ def _check(q, k, pos_offset, q_ids, k_ids):
     if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
         raise ValueError(f"infonce: q must be (b, d) and k (n, d), got {tuple(q.shape)} and {tuple(k.shape)}")
     if pos_offset < 0 or k.shape[0] < pos_offset + q.shape[0]:
-        raise ValueError(f"infonce: positives at columns {pos_offset}..{pos_offset + q.shape[0] - 1} "
-                         f"but k has {k.shape[0]} rows")
+        raise ValueError(
+            f"infonce: positives at columns {pos_offset}..{pos_offset + q.shape[0] - 1} but k has {k.shape[0]} rows"
+        )
     if (q_ids is None) != (k_ids is None):
         raise ValueError("infonce: give both q_ids and k_ids, or neither")
     if q_ids is not None and (q_ids.shape != (q.shape[0],) or k_ids.shape != (k.shape[0],)):
@@ -91,17 +100,19 @@ def infonce(q, k, logit_scale, pos_offset: int = 0, q_ids=None, k_ids=None) -> t
 try:
     import triton
     import triton.language as tl
-except ImportError:          # the reference still works without Triton
+except ImportError:  # the reference still works without Triton
     triton = None
 
 # Tile configurations the launcher may choose (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by input
 # dtype; the last one is the fallback for small b. Each is compiled for sm_80/sm_90 in the test suite.
 CONFIGS = {
-    "16bit": [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-              dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)],
+    "16bit": [
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    ],
     "fp32": [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)],
 }
-CHUNK_ELEMS = 1 << 27          # the backward's dS chunk, at most this many elements (256 MB in bf16)
+CHUNK_ELEMS = 1 << 27  # the backward's dS chunk, at most this many elements (256 MB in bf16)
 
 
 def config(b: int, dtype: torch.dtype) -> dict:
@@ -162,10 +173,24 @@ def chunk_columns(b: int, n: int, block_n: int, budget: int | None = None) -> in
 
 
 if triton is not None:
+
     @triton.jit
-    def _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
-                     FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+    def _logits_tile(
+        Q,
+        K,
+        rows,
+        cols,
+        rmask,
+        cmask,
+        d,
+        stride_q,
+        stride_k,
+        FP32_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """q[rows] . k[cols]^T in fp32, accumulated over d in BLOCK_K chunks (pointers advanced, not
         recomputed: the 64-bit address tiles are what made the first version spill)."""
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -196,7 +221,7 @@ if triton is not None:
         else:
             is_pos = cols[None, :] == (rows + pos_offset)[:, None]
         valid = rmask[:, None] & cmask[None, :]
-        if HAS_IDS:     # int64 ids as (low, high) int32 words: exact, half the width of an int64 tile
+        if HAS_IDS:  # int64 ids as (low, high) int32 words: exact, half the width of an int64 tile
             q_lo = tl.load(QID + 2 * rows, mask=rmask, other=0)
             q_hi = tl.load(QID + 2 * rows + 1, mask=rmask, other=0)
             k_lo = tl.load(KID + 2 * cols, mask=cmask, other=0)
@@ -206,9 +231,29 @@ if triton is not None:
         return valid, is_pos
 
     @triton.jit
-    def _infonce_fwd(Q, K, QID, KID, SCALE, MAX, SUM, POS, b, n, d, pos_offset, stride_q, stride_k, split_cols,
-                     HAS_IDS: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _infonce_fwd(
+        Q,
+        K,
+        QID,
+        KID,
+        SCALE,
+        MAX,
+        SUM,
+        POS,
+        b,
+        n,
+        d,
+        pos_offset,
+        stride_q,
+        stride_k,
+        split_cols,
+        HAS_IDS: tl.constexpr,
+        FP32_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """One row block against one split of the columns: the split's running max, sum of exp and positive."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         split = tl.program_id(1)
@@ -222,13 +267,14 @@ if triton is not None:
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             cmask = cols < hi
-            logits = s * _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
-                                      FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            logits = s * _logits_tile(
+                Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k, FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K
+            )
             valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS, DOT_PREC)
             logits = tl.where(valid, logits, float("-inf"))
             p_i += tl.sum(tl.where(is_pos & valid, logits, 0.0), axis=1)
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing valid yet
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
             m_i = m_new
         out = split * b + rows
@@ -237,9 +283,29 @@ if triton is not None:
         tl.store(POS + out, p_i, mask=rmask)
 
     @triton.jit
-    def _infonce_dlogits(Q, K, QID, KID, SCALE, LSE, DS, b, n, d, pos_offset, col0, stride_q, stride_k, stride_ds,
-                         HAS_IDS: tl.constexpr, FP32_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _infonce_dlogits(
+        Q,
+        K,
+        QID,
+        KID,
+        SCALE,
+        LSE,
+        DS,
+        b,
+        n,
+        d,
+        pos_offset,
+        col0,
+        stride_q,
+        stride_k,
+        stride_ds,
+        HAS_IDS: tl.constexpr,
+        FP32_DOT: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """DS[rows, cols - col0] = softmax - onehot(positive) over the valid columns (0 elsewhere); one
         program per (row block, column tile), flattened on grid axis x (`dlogits_grid`)."""
         row_blocks = tl.cdiv(b, BLOCK_M)
@@ -250,8 +316,9 @@ if triton is not None:
         cmask = cols < n
         s = tl.load(SCALE).to(tl.float32)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-        dots = _logits_tile(Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k,
-                            FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        dots = _logits_tile(
+            Q, K, rows, cols, rmask, cmask, d, stride_q, stride_k, FP32_DOT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K
+        )
         valid, is_pos = _valid_tile(rows, cols, rmask, cmask, QID, KID, pos_offset, HAS_IDS, DOT_PREC)
         p = tl.where(valid, tl.exp(s * dots - lse[:, None]), 0.0)
         dlog = p - tl.where(is_pos & valid, 1.0, 0.0)
@@ -286,12 +353,30 @@ class _InfoNCE(torch.autograd.Function):
         scale32 = aligned(scale.detach().reshape(1).float().contiguous())
         cfg = config(b, q.dtype)
         grid, split_cols = fwd_launch(b, n, cfg, device_sms(q.device))
-        count = grid[1] * b                             # (splits, b) per statistic, each 16-byte aligned
+        count = grid[1] * b  # (splits, b) per statistic, each 16-byte aligned
         part = torch.empty(3, _cdiv(count, 4) * 4, device=q.device, dtype=torch.float32)
         mx, sm, ps = (part[i, :count].view(grid[1], b) for i in range(3))
-        _infonce_fwd[grid](q, k, qid, kid, scale32, mx, sm, ps, b, n, d, pos_offset,
-                           q.stride(0), k.stride(0), split_cols, HAS_IDS=has_ids, **dot_meta(q.dtype), **cfg)
-        m = mx.max(0).values                            # finite: every row's positive is in some split
+        _infonce_fwd[grid](
+            q,
+            k,
+            qid,
+            kid,
+            scale32,
+            mx,
+            sm,
+            ps,
+            b,
+            n,
+            d,
+            pos_offset,
+            q.stride(0),
+            k.stride(0),
+            split_cols,
+            HAS_IDS=has_ids,
+            **dot_meta(q.dtype),
+            **cfg,
+        )
+        m = mx.max(0).values  # finite: every row's positive is in some split
         lse = m + torch.log((sm * torch.exp(mx - m)).sum(0))
         pos = ps.sum(0)
         ctx.save_for_backward(q, k, qid, kid, scale32, lse)
@@ -302,31 +387,50 @@ class _InfoNCE(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, qid, kid, scale32, lse = ctx.saved_tensors
         pos_offset, has_ids, scale_dtype, scale_shape, d0 = ctx.meta
-        b, d = q.shape                                   # d: padded to a multiple of 16, d0 the caller's
+        b, d = q.shape  # d: padded to a multiple of 16, d0 the caller's
         n = k.shape[0]
         coef = grad.float() / b
         cfg = config(b, q.dtype)
         c = chunk_columns(b, n, cfg["BLOCK_N"])
         ds = torch.empty(b, c, device=q.device, dtype=q.dtype)
-        g = torch.zeros(b, d, device=q.device, dtype=torch.float32)      # dS k, accumulated over chunks
+        g = torch.zeros(b, d, device=q.device, dtype=torch.float32)  # dS k, accumulated over chunks
         dk = torch.empty(n, d0, device=q.device, dtype=k.dtype)
         s = scale32[0]
         for col0 in range(0, n, c):
             w = min(c, n - col0)
             _infonce_dlogits[dlogits_grid(b, w, cfg)](
-                q, k, qid, kid, scale32, lse, ds, b, n, d, pos_offset, col0, q.stride(0), k.stride(0), ds.stride(0),
-                HAS_IDS=has_ids, **dot_meta(q.dtype), **cfg)
+                q,
+                k,
+                qid,
+                kid,
+                scale32,
+                lse,
+                ds,
+                b,
+                n,
+                d,
+                pos_offset,
+                col0,
+                q.stride(0),
+                k.stride(0),
+                ds.stride(0),
+                HAS_IDS=has_ids,
+                **dot_meta(q.dtype),
+                **cfg,
+            )
             part = ds[:, :w]
-            g += mm32(part, k[col0:col0 + w])           # fp32 out: not rounded to 16 bits before the sum
-            dk[col0:col0 + w] = coef * s * mm32(part.t(), q)[:, :d0]
+            g += mm32(part, k[col0 : col0 + w])  # fp32 out: not rounded to 16 bits before the sum
+            dk[col0 : col0 + w] = coef * s * mm32(part.t(), q)[:, :d0]
         dscale = (coef * (q.float() * g).sum()).to(scale_dtype).reshape(scale_shape)
         return (coef * s * g[:, :d0]).to(q.dtype), dk, dscale, None, None, None
 
 
 # Integer arguments the launcher only ever passes as multiples of 16 (d padded by `_pad16`, the strides
 # that follow from it, tile-multiple column counts): the JIT always specialises them as divisible by 16.
-ALWAYS_ALIGNED = {"_infonce_fwd": ("d", "stride_q", "stride_k", "split_cols"),
-                  "_infonce_dlogits": ("d", "col0", "stride_q", "stride_k", "stride_ds")}
+ALWAYS_ALIGNED = {
+    "_infonce_fwd": ("d", "stride_q", "stride_k", "split_cols"),
+    "_infonce_dlogits": ("d", "col0", "stride_q", "stride_k", "stride_ds"),
+}
 
 
 def launch_variants():
@@ -343,9 +447,18 @@ def launch_variants():
             opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
             for has_ids in (True, False):
                 const = dict(HAS_IDS=has_ids, FP32_DOT=False, DOT_PREC=dot_precision(dtype), **blocks)
-                base = {"Q": ptr[dtype], "K": ptr[dtype], "QID": "*i32", "KID": "*i32", "SCALE": "*fp32"}   # id words
-                for fn, types in ((_infonce_fwd, {**base, "MAX": "*fp32", "SUM": "*fp32", "POS": "*fp32"}),
-                                  (_infonce_dlogits, {**base, "LSE": "*fp32", "DS": ptr[dtype]})):
+                base = {"Q": ptr[dtype], "K": ptr[dtype], "QID": "*i32", "KID": "*i32", "SCALE": "*fp32"}  # id words
+                for fn, types in (
+                    (_infonce_fwd, {**base, "MAX": "*fp32", "SUM": "*fp32", "POS": "*fp32"}),
+                    (_infonce_dlogits, {**base, "LSE": "*fp32", "DS": ptr[dtype]}),
+                ):
                     for variant, divisible in int_variants(fn, types, const, ALWAYS_ALIGNED[fn.__name__]):
-                        yield dict(kernel=fn.__name__, dtype=dtype, types=types, constexprs=const, options=opts,
-                                   variant=variant, divisible=divisible)
+                        yield dict(
+                            kernel=fn.__name__,
+                            dtype=dtype,
+                            types=types,
+                            constexprs=const,
+                            options=opts,
+                            variant=variant,
+                            divisible=divisible,
+                        )

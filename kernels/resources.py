@@ -13,6 +13,7 @@ Must run with TRITON_INTERPRET unset (the interpreter replaces the kernels with 
     python -m sclslt_kernels.resources [--arch 90 80] [--json]
 tests/e2e/test_kernel_compile.py runs it in a subprocess; benchmarks/kernel_resources.py prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,7 @@ def signature(fn, types: dict, constexprs: dict, divisible) -> tuple[dict, dict]
 
 def _cuobjdump() -> str:
     import triton
+
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     return str(tool) if tool.exists() else "cuobjdump"
 
@@ -53,6 +55,7 @@ def _cuobjdump() -> str:
 def _module(name: str):
     """kernels/<name>.py (the package namespace holds the functions of the same names)."""
     import importlib
+
     return importlib.import_module(f"{__package__}.{name}")
 
 
@@ -66,38 +69,59 @@ def compile_one(spec: dict) -> dict:
     sig, attrs = signature(fn, spec["types"], spec["constexprs"], spec["divisible"])
     row = {k: spec[k] for k in ("module", "kernel", "dtype", "arch", "variant", "config")}
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"], attrs=attrs),
-                           target=GPUTarget("cuda", spec["arch"], 32),
-                           options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-    except Exception as e:                      # CompilationError, OutOfResources, ...: a row, not a crash
+        k = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"], attrs=attrs),
+            target=GPUTarget("cuda", spec["arch"], 32),
+            options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
+        )
+    except Exception as e:  # CompilationError, OutOfResources, ...: a row, not a crash
         return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
     shared = int(k.metadata.shared)
-    return {**row, "registers": int(usage["REG"]), "stack": int(usage["STACK"]), "shared": shared,
-            "fits": shared <= SHARED_LIMIT[spec["arch"]] and int(usage["STACK"]) == 0}
+    return {
+        **row,
+        "registers": int(usage["REG"]),
+        "stack": int(usage["STACK"]),
+        "shared": shared,
+        "fits": shared <= SHARED_LIMIT[spec["arch"]] and int(usage["STACK"]) == 0,
+    }
 
 
 def launch_specs(archs=(90, 80)) -> list[dict]:
     """Every (kernel, dtype, configuration, integer variant) the launchers of infonce.py and cico.py can
     launch (their `launch_variants()`), for each architecture."""
     from ._dispatch import TRITON_TYPES
+
     specs = []
     for module in (_module(m) for m in ("infonce", "cico")):
         for v in module.launch_variants():
             const, opts = v["constexprs"], v["options"]
-            cfg = ", ".join(f"{k}={x}" for k, x in const.items() if k.startswith("BLOCK")) + \
-                f", warps={opts['num_warps']}, stages={opts['num_stages']}"
+            cfg = (
+                ", ".join(f"{k}={x}" for k, x in const.items() if k.startswith("BLOCK"))
+                + f", warps={opts['num_warps']}, stages={opts['num_stages']}"
+            )
             cfg += "".join(f", {k}" for k, x in const.items() if x is True)
             for arch in archs:
-                specs.append({"module": module.__name__.rsplit(".", 1)[-1], "kernel": v["kernel"],
-                              "dtype": TRITON_TYPES[v["dtype"]], "arch": arch, "variant": v["variant"],
-                              "config": cfg, "types": v["types"], "constexprs": const,
-                              "divisible": list(v["divisible"]), **opts})
+                specs.append(
+                    {
+                        "module": module.__name__.rsplit(".", 1)[-1],
+                        "kernel": v["kernel"],
+                        "dtype": TRITON_TYPES[v["dtype"]],
+                        "arch": arch,
+                        "variant": v["variant"],
+                        "config": cfg,
+                        "types": v["types"],
+                        "constexprs": const,
+                        "divisible": list(v["divisible"]),
+                        **opts,
+                    }
+                )
     return specs
 
 

@@ -2,6 +2,7 @@
 [--section.key value ...]` (also `mpirun -np N python launch/train.py ...`, `python launch/train.py ...`,
 and `sclslt train ...`). A thin wrapper of `sclslt.train.main`, runnable from a checkout.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ commit, and a bare checkout (`PYTHONPATH=. python3 benchmarks/gpu_check.py` on a
 installed) finds both. An installed copy (a wheel) has no `kernels/` beside it and is left as it is. The
 folder itself is never importable as `kernels` (see its `__init__.py`).
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -25,15 +26,16 @@ class _CheckoutKernels(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != "sclslt_kernels":
             return None
-        return importlib.util.spec_from_file_location(name, self.folder / "__init__.py",
-                                                      submodule_search_locations=[str(self.folder)])
+        return importlib.util.spec_from_file_location(
+            name, self.folder / "__init__.py", submodule_search_locations=[str(self.folder)]
+        )
 
 
 def _bind_checkout_kernels() -> None:
     root = Path(__file__).resolve().parent.parent
     folder = root / "kernels"
     if not ((root / "setup.py").is_file() and (folder / "_dispatch.py").is_file()):
-        return                                       # installed: site-packages/sclslt_kernels is ours
+        return  # installed: site-packages/sclslt_kernels is ours
     if any(isinstance(f, _CheckoutKernels) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _CheckoutKernels(folder))
@@ -47,6 +49,7 @@ def __getattr__(name: str):
     so `import sclslt` stays light)."""
     if name == "SignTranslator":
         from sclslt.eval.hub import SignTranslator
+
         return SignTranslator
     raise AttributeError(f"module 'sclslt' has no attribute {name!r}")
 

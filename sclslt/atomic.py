@@ -6,6 +6,7 @@ file system); when the block ends without an error the temporary file is fsync'd
 Every file the trainer and its tools publish goes through here (directories are published by renaming
 a complete `.partial` directory, see runtime/checkpoints.py).
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ names live in one place: the config check and `--help` read them from the regist
 its implementing module (`home`) the first time names are asked for. A test or a user's module can
 register one more (a head defined in a test file), and `Config.validate` accepts it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,16 +14,18 @@ import importlib
 
 class Registry:
     def __init__(self, kind: str, key: str, home: str):
-        self.kind, self.key, self.home = kind, key, home     # key: the config field that names one
+        self.kind, self.key, self.home = kind, key, home  # key: the config field that names one
         self._items: dict[str, object] = {}
 
     def register(self, name: str):
         """Decorator (or call with the object) registering `name`; a second registration of a name is an error."""
+
         def add(obj):
             if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered already ({self._items[name]!r})")
             self._items[name] = obj
             return obj
+
         return add
 
     def _load(self) -> None:
@@ -42,6 +45,8 @@ class Registry:
 SIMILARITY_HEADS = Registry("similarity head", "model.similarity", "sclslt.model.heads")
 SCHEDULES = Registry("curriculum schedule", "selection.schedule", "sclslt.selection.schedules")
 TRACKERS = Registry("experiment tracker", "train.report_to", "sclslt.runtime.trackers")
-CORPUS_LAYOUTS = Registry("corpus layout", "--layout", "sclslt.data.layouts")     # `sclslt shard`, no config field
+CORPUS_LAYOUTS = Registry("corpus layout", "--layout", "sclslt.data.layouts")  # `sclslt shard`, no config field
 
-REGISTRIES = {r.key: r for r in (SIMILARITY_HEADS, SCHEDULES, TRACKERS)}     # config field -> the registry naming its values
+REGISTRIES = {
+    r.key: r for r in (SIMILARITY_HEADS, SCHEDULES, TRACKERS)
+}  # config field -> the registry naming its values

@@ -5,6 +5,7 @@ set here before anything imports sclslt_kernels; subprocesses inherit it), so th
 single-process and multi-rank paths exercise the kernels, not only their reference. With a GPU
 they run natively.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -34,6 +34,7 @@ def pytest_collection_modifyitems(items):
         if e2e in item.path.parents:
             item.add_marker(pytest.mark.slow)
 
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     d = Path(os.environ.get("SCLSLT_TEST_CACHE", tmp_path_factory.mktemp("cache")))
@@ -52,6 +53,7 @@ def tiny_cfg_dict(cache_dir) -> dict:
 def tiny_shards(tiny_cfg_dict) -> Path:
     from sclslt.config import from_dict
     from sclslt.data.corpus import synthetic_shards_dir
+
     return synthetic_shards_dir(from_dict(tiny_cfg_dict).data)
 
 
@@ -59,6 +61,7 @@ def tiny_shards(tiny_cfg_dict) -> Path:
 def cfg_path(tiny_cfg_dict, tmp_path) -> Path:
     """The tiny experiment with 48 training clips (6 global batches of 8), as a YAML file."""
     import yaml
+
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
     cfg["data"]["synthetic"]["n_train"] = 48
     p = tmp_path / "exp.yaml"
@@ -75,6 +78,7 @@ def train_env() -> dict:
 # ---------------------------------------------------------------------------------------------
 # a tiny trained run, and some of its test clips as frame folders and videos (translate, export, demo)
 
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_cfg_dict, tiny_shards, tmp_path_factory):
     """A run trained long enough to say different things for different clips (~20 s on 2 cores), logged to
@@ -86,14 +90,17 @@ def tiny_run(tiny_cfg_dict, tiny_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("translate")
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(d))
     run = tmp / "run"
-    p = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp / "tiny.yaml"),
-                        "--train.run_dir", str(run)], cwd=ROOT, env=tracker_env(tmp), capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", str(tmp / "tiny.yaml"), "--train.run_dir", str(run)],
+        cwd=ROOT,
+        env=tracker_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "hypotheses.test.jsonl").read_text().splitlines()]
     return run, {r["key"]: r["hyp"] for r in rows}
-
-
 
 
 @pytest.fixture(scope="session")
@@ -110,13 +117,20 @@ def clips(tiny_run, tiny_shards, tmp_path_factory):
             break
     assert keys and hyps[keys[0]], f"the tiny run translated nothing: {hyps}"
     from sclslt.data.shards import ShardIndex, read_manifest
+
     index = ShardIndex(tiny_shards, read_manifest(tiny_shards, "test"))
     out = tmp_path_factory.mktemp("clips")
     res = []
     for k in keys:
         frames = index.read(k)["frames"]
-        assert frames.shape[0] >= 10                       # images10.png exists: the order is tested
-        res.append({"key": k, "frames": frames, "folder": frame_folder(out / k, frames),
-                    "mkv": write_video(out / f"{k}.mkv", frames, "ffv1", "bgr0")})
+        assert frames.shape[0] >= 10  # images10.png exists: the order is tested
+        res.append(
+            {
+                "key": k,
+                "frames": frames,
+                "folder": frame_folder(out / k, frames),
+                "mkv": write_video(out / f"{k}.mkv", frames, "ffv1", "bgr0"),
+            }
+        )
     res[0]["mp4"] = write_video(out / f"{keys[0]}.mp4", res[0]["frames"], "libx264", "yuv444p", {"qp": "0"})
     return res

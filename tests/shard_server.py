@@ -4,6 +4,7 @@ with an added round-trip latency and injected connection drops.
 
   python tests/shard_server.py DIR [--port 8000] [--latency-ms 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,11 @@ class Server:
                 if rng:
                     a, b = rng.split("=")[1].split("-")
                     start, end = int(a), min(size, int(b) + 1 if b else size)
-                with open(path, "rb") as f:         # the range only, as an object store serves it
+                with open(path, "rb") as f:  # the range only, as an object store serves it
                     f.seek(start)
                     body = f.read(end - start)
                 flips = [o - start for o in server.flip.get(path.name, ()) if start <= o < end]
-                if flips:                           # a damaged copy: these bytes are served inverted
+                if flips:  # a damaged copy: these bytes are served inverted
                     body = bytearray(body)
                     for o in flips:
                         body[o] ^= 0xFF
@@ -79,7 +80,7 @@ class Server:
                 if server.always_drop or (cut is not None and start <= cut < end):
                     server.drop.pop(path.name, None)
                     server.dropped.append((path.name, start))
-                    self.wfile.write(body[:max(1, (cut or start) - start)][: len(body) // 2])
+                    self.wfile.write(body[: max(1, (cut or start) - start)][: len(body) // 2])
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)

@@ -1,5 +1,6 @@
 """Print `name==version` for each named distribution that is installed (torch, triton: what tools/setup_env.sh and
 tools/newest_lane.sh keep of a machine's own build instead of the lock's or the newest)."""
+
 import importlib.metadata as md
 import sys
 

@@ -4,6 +4,7 @@
 
   python tools/plot_metrics.py --run runs/default [--out runs/default/curves.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None) -> int:
     from sclslt.runtime.plots import plot_curves
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: <run>/curves.png")

@@ -25,11 +25,13 @@ What a table is built from fits in one JSONL per study (`--save-runs FILE`: a li
 line per run with its metrics and, for the first seed, the analyses of its batches, plans and
 trajectories); `--runs FILE --report` rebuilds the table from it without the run folders:
 
-  python -m experiments.pair_selection.ablation --runs experiments/pair_selection/results/false_negatives_tb1.runs.jsonl \
+  python -m experiments.pair_selection.ablation \
+      --runs experiments/pair_selection/results/false_negatives_tb1.runs.jsonl \
       --report --table experiments/pair_selection/results/false_negatives_tb1.md
 
 A hand-written header above the table's `Command:` line (an existing --table's) is kept when it is rebuilt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,52 +53,97 @@ HERE = Path(__file__).resolve().parent
 @dataclass(frozen=True)
 class Arm:
     """One recipe: stage-1 overrides, and the table (reference arm, early tag, late tag, scoring) it plans with."""
+
     help: str
     args: tuple[str, ...] = ()
     table: tuple[str, str, str, str] | None = None
-    reference: bool = False                     # saves epoch checkpoints: other arms' reference run
-    pretrained: str = ""                        # "encoders" (backbone + mBART + tokenizer, as a real recipe) or
-                                                # "vlp" (the whole pretraining run's stage 1): see `pretrained`
-    baseline: str = "random"                    # the arm it is compared with, seed by seed
-    also: tuple[str, ...] = ()                  # secondary comparisons (issue 24: does it help Pair Selection?)
+    reference: bool = False  # saves epoch checkpoints: other arms' reference run
+    pretrained: str = ""  # "encoders" (backbone + mBART + tokenizer, as a real recipe) or
+    # "vlp" (the whole pretraining run's stage 1): see `pretrained`
+    baseline: str = "random"  # the arm it is compared with, seed by seed
+    also: tuple[str, ...] = ()  # secondary comparisons (issue 24: does it help Pair Selection?)
 
 
 PS = ("--selection.mode", "ps")
 CICO = ("--model.similarity", "cico")
 ARMS: dict[str, Arm] = {
-    "random": Arm("random batches, same-sentence columns masked (our baseline; the reference run)",
-                  reference=True),
-    "random_nomask": Arm("random batches, no id mask (the paper's GFSLT-VLP baseline)",
-                         ("--stage1.mask_same_sentence", "false")),
-    "ps": Arm("Pair Selection, log schedule, table epoch 0 -> 2 (medium interval)", PS,
-              ("random", "epoch0000", "epoch0002", "pooled"), also=("random_textmask",)),
-    "self": Arm("self mode: the job's own embeddings, refreshed every 2 epochs",
-                ("--selection.mode", "self", "--selection.self_interval", "2")),
-    **{f"ps_{s}": Arm(f"Pair Selection, {s} schedule (table 0 -> 2)", PS + ("--selection.schedule", s),
-                      ("random", "epoch0000", "epoch0002", "pooled")) for s in ("easy", "hard", "linear", "sqrt")},
-    "ps_short": Arm("Pair Selection, table epoch 0 -> 1 (short interval)", PS, ("random", "epoch0000", "epoch0001", "pooled")),
-    "ps_long": Arm("Pair Selection, table epoch 0 -> 4 (long interval)", PS,
-                   ("random", "epoch0000", "epoch0004", "pooled")),
-    "ps_early2": Arm("Pair Selection, table epoch 2 -> 4 (a trained early view)", PS,
-                     ("random", "epoch0002", "epoch0004", "pooled")),
-    "random_pre": Arm("random batches from pretrained encoders (the pretrained reference run)",
-                      pretrained="encoders", reference=True),
-    "ps_pre": Arm("Pair Selection from pretrained encoders, table epoch 0 -> 2 of the pretrained reference run", PS,
-                  ("random_pre", "epoch0000", "epoch0002", "pooled"), pretrained="encoders", baseline="random_pre"),
-    "ps_pre_early2": Arm("Pair Selection from pretrained encoders, table epoch 2 -> 4", PS,
-                         ("random_pre", "epoch0002", "epoch0004", "pooled"), pretrained="encoders",
-                         baseline="random_pre"),
-    "random_vlp": Arm("random batches from a whole pretrained VLP model (heads included: epoch 0 already orders "
-                      "pairs; the VLP reference run)", pretrained="vlp", reference=True),
-    "ps_vlp": Arm("Pair Selection from the pretrained VLP model, table epoch 0 -> 2 of the VLP reference run", PS,
-                  ("random_vlp", "epoch0000", "epoch0002", "pooled"), pretrained="vlp", baseline="random_vlp"),
+    "random": Arm("random batches, same-sentence columns masked (our baseline; the reference run)", reference=True),
+    "random_nomask": Arm(
+        "random batches, no id mask (the paper's GFSLT-VLP baseline)", ("--stage1.mask_same_sentence", "false")
+    ),
+    "ps": Arm(
+        "Pair Selection, log schedule, table epoch 0 -> 2 (medium interval)",
+        PS,
+        ("random", "epoch0000", "epoch0002", "pooled"),
+        also=("random_textmask",),
+    ),
+    "self": Arm(
+        "self mode: the job's own embeddings, refreshed every 2 epochs",
+        ("--selection.mode", "self", "--selection.self_interval", "2"),
+    ),
+    **{
+        f"ps_{s}": Arm(
+            f"Pair Selection, {s} schedule (table 0 -> 2)",
+            PS + ("--selection.schedule", s),
+            ("random", "epoch0000", "epoch0002", "pooled"),
+        )
+        for s in ("easy", "hard", "linear", "sqrt")
+    },
+    "ps_short": Arm(
+        "Pair Selection, table epoch 0 -> 1 (short interval)", PS, ("random", "epoch0000", "epoch0001", "pooled")
+    ),
+    "ps_long": Arm(
+        "Pair Selection, table epoch 0 -> 4 (long interval)", PS, ("random", "epoch0000", "epoch0004", "pooled")
+    ),
+    "ps_early2": Arm(
+        "Pair Selection, table epoch 2 -> 4 (a trained early view)", PS, ("random", "epoch0002", "epoch0004", "pooled")
+    ),
+    "random_pre": Arm(
+        "random batches from pretrained encoders (the pretrained reference run)", pretrained="encoders", reference=True
+    ),
+    "ps_pre": Arm(
+        "Pair Selection from pretrained encoders, table epoch 0 -> 2 of the pretrained reference run",
+        PS,
+        ("random_pre", "epoch0000", "epoch0002", "pooled"),
+        pretrained="encoders",
+        baseline="random_pre",
+    ),
+    "ps_pre_early2": Arm(
+        "Pair Selection from pretrained encoders, table epoch 2 -> 4",
+        PS,
+        ("random_pre", "epoch0002", "epoch0004", "pooled"),
+        pretrained="encoders",
+        baseline="random_pre",
+    ),
+    "random_vlp": Arm(
+        "random batches from a whole pretrained VLP model (heads included: epoch 0 already orders "
+        "pairs; the VLP reference run)",
+        pretrained="vlp",
+        reference=True,
+    ),
+    "ps_vlp": Arm(
+        "Pair Selection from the pretrained VLP model, table epoch 0 -> 2 of the VLP reference run",
+        PS,
+        ("random_vlp", "epoch0000", "epoch0002", "pooled"),
+        pretrained="vlp",
+        baseline="random_vlp",
+    ),
     "random_cico": Arm("random batches, CiCo similarity (the CiCo reference run)", CICO, reference=True),
-    "ps_cico": Arm("Pair Selection with CiCo training, pooled-scored table of the CiCo reference run (0 -> 2)",
-                   CICO + PS, ("random_cico", "epoch0000", "epoch0002", "pooled"), baseline="random_cico"),
-    "ps_cico_table": Arm("Pair Selection with CiCo training, CiCo-scored table of the CiCo reference run (0 -> 2)",
-                         CICO + PS, ("random_cico", "epoch0000", "epoch0002", "cico"), baseline="random_cico"),
+    "ps_cico": Arm(
+        "Pair Selection with CiCo training, pooled-scored table of the CiCo reference run (0 -> 2)",
+        CICO + PS,
+        ("random_cico", "epoch0000", "epoch0002", "pooled"),
+        baseline="random_cico",
+    ),
+    "ps_cico_table": Arm(
+        "Pair Selection with CiCo training, CiCo-scored table of the CiCo reference run (0 -> 2)",
+        CICO + PS,
+        ("random_cico", "epoch0000", "epoch0002", "cico"),
+        baseline="random_cico",
+    ),
 }
-# issue 24 (experiments/pair_selection/results/false_negatives_plan.md): the methods that keep false negatives out. Their
+# issue 24 (experiments/pair_selection/results/false_negatives_plan.md): the methods that keep false negatives out.
+# Their
 # thresholds are chosen on dev with the tuning seeds (TUNING_SEEDS; `--tune-report`) from these candidates,
 # then fixed in CHOSEN for both test beds.
 PS_TABLE = ("random", "epoch0000", "epoch0002", "pooled")
@@ -111,17 +158,33 @@ def textmask(kind: str, t: float) -> tuple[str, ...]:
 
 
 TUNING: dict[str, Arm] = {
-    **{f"tune_sep{q}": Arm(f"tuning: Pair Selection, pairs in the top {q} at both checkpoints kept apart",
-                           PS + ("--selection.separate_close", str(q)), PS_TABLE) for q in SEP_Q},
-    **{f"tune_{k}{t}": Arm(f"tuning: random batches, close texts ({k} >= {t}) masked", textmask(k, t))
-       for k, ts in CLOSE_T.items() for t in ts},
-    **{f"tune_{k}{t}_soft{w}": Arm(f"tuning: random batches, close texts ({k} >= {t}) as positives of weight {w}",
-                                   textmask(k, t) + ("--stage1.soft_close_text", str(w)))
-       for k, ts in CLOSE_T.items() for t in ts for w in SOFT_W},
+    **{
+        f"tune_sep{q}": Arm(
+            f"tuning: Pair Selection, pairs in the top {q} at both checkpoints kept apart",
+            PS + ("--selection.separate_close", str(q)),
+            PS_TABLE,
+        )
+        for q in SEP_Q
+    },
+    **{
+        f"tune_{k}{t}": Arm(f"tuning: random batches, close texts ({k} >= {t}) masked", textmask(k, t))
+        for k, ts in CLOSE_T.items()
+        for t in ts
+    },
+    **{
+        f"tune_{k}{t}_soft{w}": Arm(
+            f"tuning: random batches, close texts ({k} >= {t}) as positives of weight {w}",
+            textmask(k, t) + ("--stage1.soft_close_text", str(w)),
+        )
+        for k, ts in CLOSE_T.items()
+        for t in ts
+        for w in SOFT_W
+    },
 }
 ARMS.update(TUNING)
 
-# the values the plan's rule chose on dev (experiments/pair_selection/results/false_negatives_tuning.md), then fixed for both
+# the values the plan's rule chose on dev (experiments/pair_selection/results/false_negatives_tuning.md), then
+# fixed for both
 # test beds: separate_close q*, the text mask's (kind k*, threshold t*), the soft weight w*
 CHOSEN = {"separate_close": 0.02, "mask_close_text": ("jaccard", 0.6), "soft_close_text": 0.3}
 
@@ -132,33 +195,91 @@ def method_arms(c: dict) -> dict[str, Arm]:
     mask = textmask(*c["mask_close_text"])
     nosafe = ("--stage1.mask_same_sentence", "false", "--selection.allow_same_sentence", "true")
     return {
-        "ps_sep": Arm(f"Pair Selection, pairs in the top {c['separate_close']} at both checkpoints kept apart",
-                      PS + sep, PS_TABLE, also=("ps", "random_textmask")),
+        "ps_sep": Arm(
+            f"Pair Selection, pairs in the top {c['separate_close']} at both checkpoints kept apart",
+            PS + sep,
+            PS_TABLE,
+            also=("ps", "random_textmask"),
+        ),
         "random_textmask": Arm(f"random batches, close texts ({mask[3]} >= {mask[1]}) masked", mask),
-        "random_textsoft": Arm(f"random batches, close texts as positives of weight {c['soft_close_text']}",
-                               mask + ("--stage1.soft_close_text", str(c["soft_close_text"]))),
+        "random_textsoft": Arm(
+            f"random batches, close texts as positives of weight {c['soft_close_text']}",
+            mask + ("--stage1.soft_close_text", str(c["soft_close_text"])),
+        ),
         "ps_textmask": Arm("Pair Selection + the close-text mask", PS + mask, PS_TABLE, also=("ps", "random_textmask")),
-        "ps_sep_textmask": Arm("Pair Selection with separation + the close-text mask", PS + sep + mask, PS_TABLE,
-                               also=("ps", "random_textmask")),
-        "ps_nosafe": Arm("Pair Selection with both safeguards off (no id mask, identical sentences may share a "
-                         "batch): the paper's setting", PS + nosafe, PS_TABLE, baseline="random_nomask"),
-        "random_cico_split": Arm("random batches, CiCo with one term per direction (i2t for video->text, t2i for "
-                                 "text->video)", CICO + ("--model.cico_directions", "split"), baseline="random_cico"),
+        "ps_sep_textmask": Arm(
+            "Pair Selection with separation + the close-text mask",
+            PS + sep + mask,
+            PS_TABLE,
+            also=("ps", "random_textmask"),
+        ),
+        "ps_nosafe": Arm(
+            "Pair Selection with both safeguards off (no id mask, identical sentences may share a "
+            "batch): the paper's setting",
+            PS + nosafe,
+            PS_TABLE,
+            baseline="random_nomask",
+        ),
+        "random_cico_split": Arm(
+            "random batches, CiCo with one term per direction (i2t for video->text, t2i for text->video)",
+            CICO + ("--model.cico_directions", "split"),
+            baseline="random_cico",
+        ),
     }
 
 
 if all(v is not None for v in CHOSEN.values()):
     ARMS.update(method_arms(CHOSEN))
-FN_ARMS = {"random", "random_nomask", "ps", *TUNING, *method_arms(
-    {"separate_close": 0, "mask_close_text": ("jaccard", 0), "soft_close_text": 0})}
-METRICS = {"dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"), "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
-           "test_bleu4": ("model", "bleu4"), "test_rouge_l": ("model", "rouge_l")}
+FN_ARMS = {
+    "random",
+    "random_nomask",
+    "ps",
+    *TUNING,
+    *method_arms({"separate_close": 0, "mask_close_text": ("jaccard", 0), "soft_close_text": 0}),
+}
+METRICS = {
+    "dev_v2t_r1": ("retrieval", "stage1", "v2t_r1"),
+    "dev_t2v_r1": ("retrieval", "stage1", "t2v_r1"),
+    "test_bleu4": ("model", "bleu4"),
+    "test_rouge_l": ("model", "rouge_l"),
+}
 # two-sided 95% Student t quantiles by degrees of freedom (published tables); between the last rows the
 # quantile is interpolated linearly in 1 / df (exact to 1e-3), towards the normal's 1.96 as df grows
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
-        18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
-        26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    21: 2.080,
+    22: 2.074,
+    23: 2.069,
+    24: 2.064,
+    25: 2.060,
+    26: 2.056,
+    27: 2.052,
+    28: 2.048,
+    29: 2.045,
+    30: 2.042,
+    40: 2.021,
+    60: 2.000,
+    120: 1.980,
+}
 
 
 def t975(df: int) -> float:
@@ -179,8 +300,14 @@ def paired(diffs: list[float]) -> dict:
     mean = statistics.mean(diffs) if diffs else math.nan
     sd = statistics.stdev(diffs) if n > 1 else math.nan
     half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else math.inf
-    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half],
-            "resolved": n > 1 and (mean - half > 0 or mean + half < 0), "values": diffs}
+    return {
+        "n": n,
+        "mean": mean,
+        "sd": sd,
+        "ci95": [mean - half, mean + half],
+        "resolved": n > 1 and (mean - half > 0 or mean + half < 0),
+        "values": diffs,
+    }
 
 
 def seeds_for_gap(sd: float, gap: float = 2.0) -> int | None:
@@ -199,13 +326,15 @@ def metric(res: dict, path: tuple[str, ...]) -> float:
 # ---------------------------------------------------------------------------------------------
 # running
 
+
 def sh(cmd: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "SCLSLT_PLAIN_LOG": "1"})
+        proc = subprocess.run(
+            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "SCLSLT_PLAIN_LOG": "1"}
+        )
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): see {log}")
 
@@ -220,9 +349,25 @@ def table_for(args, seed: int, spec: tuple[str, str, str, str], port: int) -> Pa
     out = args.out / f"seed{seed}" / "tables" / f"{ref}.{early}.{late}.{score}.safetensors"
     if not out.is_file():
         run_arm(args, ref, seed, port)
-        sh(launcher(args, port + 1) + ["--module", "sclslt.cli", "reference", "--run", str(args.out / f"seed{seed}" / ref),
-                                       "--early", early, "--late", late, "--score", score, "--out", str(out)],
-           out.with_suffix(".log"))
+        sh(
+            launcher(args, port + 1)
+            + [
+                "--module",
+                "sclslt.cli",
+                "reference",
+                "--run",
+                str(args.out / f"seed{seed}" / ref),
+                "--early",
+                early,
+                "--late",
+                late,
+                "--score",
+                score,
+                "--out",
+                str(out),
+            ],
+            out.with_suffix(".log"),
+        )
     return out
 
 
@@ -239,23 +384,62 @@ def pretrained(args, kind: str) -> list[str]:
         if not (out / "export" / "export.json").is_file():
             run = out / "run"
             if not (run / "results.json").is_file():
-                sh(launcher(args, 30990) + ["launch/train.py", "--deepspeed", args.deepspeed, "--config",
-                                            str(args.pretrain_config), "--train.seed", "1000", "--train.run_dir",
-                                            str(run)], out / "run.log")
-            sh([sys.executable, "-m", "sclslt.cli", "export", "--encoders", "--run", str(run), "--out", str(out / "export")],
-               out / "export.log")
+                sh(
+                    launcher(args, 30990)
+                    + [
+                        "launch/train.py",
+                        "--deepspeed",
+                        args.deepspeed,
+                        "--config",
+                        str(args.pretrain_config),
+                        "--train.seed",
+                        "1000",
+                        "--train.run_dir",
+                        str(run),
+                    ],
+                    out / "run.log",
+                )
+            sh(
+                [
+                    sys.executable,
+                    "-m",
+                    "sclslt.cli",
+                    "export",
+                    "--encoders",
+                    "--run",
+                    str(run),
+                    "--out",
+                    str(out / "export"),
+                ],
+                out / "export.log",
+            )
     if kind == "vlp":
-        return ["--model.init_from", str(out / "run" / "stage1" / "checkpoints"),
-                "--model.tokenizer", str(out / "run" / "tokenizer"), "--model.trim_vocab", "false"]
+        return [
+            "--model.init_from",
+            str(out / "run" / "stage1" / "checkpoints"),
+            "--model.tokenizer",
+            str(out / "run" / "tokenizer"),
+            "--model.trim_vocab",
+            "false",
+        ]
     e = out / "export"
-    return ["--model.backbone", str(e / "backbone"), "--model.mbart", str(e / "mbart"),
-            "--model.tokenizer", str(e / "tokenizer"), "--model.trim_vocab", "false"]
+    return [
+        "--model.backbone",
+        str(e / "backbone"),
+        "--model.mbart",
+        str(e / "mbart"),
+        "--model.tokenizer",
+        str(e / "tokenizer"),
+        "--model.trim_vocab",
+        "false",
+    ]
 
 
 def run_arm(args, name: str, seed: int, port: int) -> dict:
     arm, run = ARMS[name], args.out / f"seed{seed}" / name
     if run.is_dir() and not (run / "results.json").is_file():
-        import shutil                       # an interrupted run (the table is resumable, a run is not)
+        import shutil  # an interrupted run (the table is resumable, a run is not)
+
         shutil.rmtree(run)
     if not (run / "results.json").is_file():
         extra = list(arm.args) + (pretrained(args, arm.pretrained) if arm.pretrained else [])
@@ -264,9 +448,22 @@ def run_arm(args, name: str, seed: int, port: int) -> dict:
         if arm.reference:
             extra += ["--checkpoint.every_epochs", "1"]
         print(f"seed {seed}: {name}", flush=True)
-        sh(launcher(args, port) + ["launch/train.py", "--deepspeed", args.deepspeed, "--config", str(args.config),
-                                   "--train.seed", str(seed), "--train.run_dir", str(run), *extra],
-           run.parent / f"{name}.log")            # not with_suffix: arm names hold dots (tune_cosine0.8)
+        sh(
+            launcher(args, port)
+            + [
+                "launch/train.py",
+                "--deepspeed",
+                args.deepspeed,
+                "--config",
+                str(args.config),
+                "--train.seed",
+                str(seed),
+                "--train.run_dir",
+                str(run),
+                *extra,
+            ],
+            run.parent / f"{name}.log",
+        )  # not with_suffix: arm names hold dots (tune_cosine0.8)
     return json.loads((run / "results.json").read_text())
 
 
@@ -278,6 +475,7 @@ def run_seeds(args) -> None:
         i, seed = i_seed
         for j, name in enumerate(args.arms):
             run_arm(args, name, seed, args.port + 100 * (i % 10) + 5 * j)
+
     if args.jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
@@ -287,14 +485,17 @@ def run_seeds(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # analysis
 
+
 def corpus_truth(cfg) -> tuple[dict[str, str], dict[str, int] | None]:
     """key -> text of the training split, and key -> meaning where the corpus knows meanings (synthetic)."""
     from sclslt.data.corpus import resolve_shards_dir
     from sclslt.data.shards import manifest_rows, read_manifest
+
     texts = {r.key: r.text for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))}
     if cfg.data.corpus != "synthetic":
         return texts, None
     from sclslt.data.synthetic import SyntheticCorpus
+
     corpus = SyntheticCorpus(cfg.data.synthetic)
     return texts, {k: corpus.meaning_of_key(k) for k in texts}
 
@@ -306,6 +507,7 @@ def batch_pairs(run: Path) -> list[dict]:
     import random
 
     from sclslt.config import load_config
+
     texts, meaning = corpus_truth(load_config(run / "config.yaml"))
     sets = {k: frozenset(t.split()) for k, t in texts.items()}
 
@@ -326,23 +528,27 @@ def batch_pairs(run: Path) -> list[dict]:
     sel = run / "stage1" / "selection"
     for first in sorted(sel.glob("plan_e????.json")) or sorted(sel.glob("plan_e*_r00000.json")):
         epoch = int(first.name[6:10])
-        if first.name == f"plan_e{epoch:04d}.json":          # the epoch's global batches
+        if first.name == f"plan_e{epoch:04d}.json":  # the epoch's global batches
             batches = json.loads(first.read_text())
-        else:                                                # runs from before issue 20: one file per rank
+        else:  # runs from before issue 20: one file per rank
             plans = [json.loads(f.read_text()) for f in sorted(sel.glob(f"plan_e{epoch:04d}_r*.json"))]
             batches = [sum((p[b] for p in plans), []) for b in range(len(plans[0]))]
         flat = [k for b in batches for k in b]
         random.Random(epoch).shuffle(flat)
         size = len(batches[0])
-        shuffled = [flat[i:i + size] for i in range(0, len(flat), size)]
+        shuffled = [flat[i : i + size] for i in range(0, len(flat), size)]
         out.append({"epoch": epoch, "planned": kinds(batches), "random_same_samples": kinds(shuffled)})
     return out
 
 
 def pr(detected: int, hits: int, true: int) -> dict:
     """Precision and recall of a false-negative detection: `hits` of `detected` pairs are among `true`."""
-    return {"detected": detected, "true": true, "precision": hits / detected if detected else None,
-            "recall": hits / true if true else None}
+    return {
+        "detected": detected,
+        "true": true,
+        "precision": hits / detected if detected else None,
+        "recall": hits / true if true else None,
+    }
 
 
 def separated_pairs(run: Path, cfg) -> tuple:
@@ -353,8 +559,9 @@ def separated_pairs(run: Path, cfg) -> tuple:
     from sclslt.runtime.context import stage_seed
     from sclslt.selection.separation import close_thresholds, threshold_keys
     from sclslt.selection.table import load_table
+
     path = Path(cfg.selection.table)
-    if not path.is_file():                    # a run folder moved (not where it ran): the table beside the seed's runs
+    if not path.is_file():  # a run folder moved (not where it ran): the table beside the seed's runs
         path = run.parent / "tables" / path.name
     t = load_table(path)
     sample = threshold_keys(t.keys, rng_seed(stage_seed(cfg, "stage1"), 8))
@@ -376,15 +583,16 @@ def false_negative_stats(run: Path) -> dict:
     import torch
 
     from sclslt.config import load_config
-    from sclslt.model.close_text import CLOSE_FILE, CloseSentences
     from sclslt.data.corpus import resolve_shards_dir
     from sclslt.data.shards import manifest_rows, read_manifest
+    from sclslt.model.close_text import CLOSE_FILE, CloseSentences
+
     cfg = load_config(run / "config.yaml")
     texts, meaning = corpus_truth(cfg)
     keys = sorted(texts)
     col = {k: i for i, k in enumerate(keys)}
     ids = {r.key: r.sentence_id for r in manifest_rows(read_manifest(resolve_shards_dir(cfg.data), "train"))}
-    sid = torch.tensor([ids[k] for k in keys])           # the loss's ids (data.lowercase as the run had it)
+    sid = torch.tensor([ids[k] for k in keys])  # the loss's ids (data.lowercase as the run had it)
     mean = torch.tensor([meaning[k] for k in keys])
     same = sid[:, None] == sid[None, :]
     para = (mean[:, None] == mean[None, :]) & ~same
@@ -392,8 +600,11 @@ def false_negative_stats(run: Path) -> dict:
     f = run / "stage1" / "selection" / CLOSE_FILE
     close = CloseSentences.load(f).mask(sid, sid) if f.is_file() else torch.zeros_like(same)
     off = ~torch.eye(len(keys), dtype=torch.bool)
-    out = {"text_mask_detection": pr(int((close & off).sum()), int((close & para).sum()), int(para.sum()))
-           if f.is_file() else None}
+    out = {
+        "text_mask_detection": pr(int((close & off).sum()), int((close & para).sum()), int(para.sum()))
+        if f.is_file()
+        else None
+    }
     if cfg.selection.separate_close > 0:
         sep, tkeys = separated_pairs(run, cfg)
         r = torch.tensor([col[k] for k in tkeys])
@@ -412,11 +623,15 @@ def false_negative_stats(run: Path) -> dict:
         c["close"] += int((cb & ~sb).sum())
         c["close_paraphrase"] += int((cb & pb).sum())
         c["rows"] += len(b)
-    out["batches"] = {"paraphrase_share": c["paraphrase"] / c["pairs"], "identical_share": c["identical"] / c["pairs"],
-                      "id_masked_per_row": c["id_masked"] / c["rows"], "close_per_row": c["close"] / c["rows"],
-                      "close_kind": "soft positives" if st.soft_close_text else "masked",
-                      "denominator_removed": (c["id_masked"] + (0 if st.soft_close_text else c["close"])) / c["pairs"],
-                      "close_in_batch": pr(c["close"], c["close_paraphrase"], c["paraphrase"])}
+    out["batches"] = {
+        "paraphrase_share": c["paraphrase"] / c["pairs"],
+        "identical_share": c["identical"] / c["pairs"],
+        "id_masked_per_row": c["id_masked"] / c["rows"],
+        "close_per_row": c["close"] / c["rows"],
+        "close_kind": "soft positives" if st.soft_close_text else "masked",
+        "denominator_removed": (c["id_masked"] + (0 if st.soft_close_text else c["close"])) / c["pairs"],
+        "close_in_batch": pr(c["close"], c["close_paraphrase"], c["paraphrase"]),
+    }
     return out
 
 
@@ -449,8 +664,11 @@ def arm_rows(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
         row = {"help": ARMS[name].help, "seeds": sorted(per_seed), "baseline": ARMS[name].baseline}
         for m, path in METRICS.items():
             vals = [metric(per_seed[s], path) for s in sorted(per_seed)]
-            row[m] = {"mean": statistics.mean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else math.nan,
-                      "values": vals}
+            row[m] = {
+                "mean": statistics.mean(vals),
+                "sd": statistics.stdev(vals) if len(vals) > 1 else math.nan,
+                "values": vals,
+            }
         others = (ARMS[name].baseline, *ARMS[name].also) if name != "random" else ()
         comps = {o: compare(per_seed, results[o]) for o in others if results.get(o)}
         for m in METRICS:
@@ -471,9 +689,9 @@ def collect(args) -> dict:
     first = args.out / f"seed{args.seeds[0]}"
     if not (first / "random" / "results.json").is_file():
         raise SystemExit(f"no results of the baseline arm `random` under {first}: run it first")
+    from experiments.pair_selection.partners import partner_stats
     from sclslt.config import load_config
 
-    from experiments.pair_selection.partners import partner_stats
     texts, meaning = corpus_truth(load_config(first / "random" / "config.yaml"))
     keys = sorted(texts)
     partners = partner_stats([texts[k] for k in keys], [meaning[k] for k in keys] if meaning else None)
@@ -486,8 +704,12 @@ def collect(args) -> dict:
             if not (run / "results.json").is_file():
                 continue
             res = json.loads((run / "results.json").read_text())
-            rec = {"seed": seed, "arm": name, "metrics": {m: metric(res, path) for m, path in METRICS.items()},
-                   "bleu_signature": res["model"]["bleu_signature"]}
+            rec = {
+                "seed": seed,
+                "arm": name,
+                "metrics": {m: metric(res, path) for m, path in METRICS.items()},
+                "bleu_signature": res["model"]["bleu_signature"],
+            }
             if machine.is_file():
                 rec["machine"] = {k: v for k, v in json.loads(machine.read_text()).items() if k != "arms"}
             if seed == args.seeds[0]:
@@ -536,22 +758,31 @@ def report(study: dict, seeds: list[int]) -> dict:
         raise SystemExit("no results of the baseline arm `random`: run it first")
     base = results["random"]
     rows = arm_rows(results)
-    if study["study"].get("verdicts") is False:   # a study made before the plan's decision rule (issue 14)
+    if study["study"].get("verdicts") is False:  # a study made before the plan's decision rule (issue 14)
         for r in rows.values():
             r.pop("decision", None)
     power = {}
     for m in METRICS:
         sds = [r[m]["vs_random"]["sd"] for r in rows.values() if "vs_random" in r[m] and r[m]["vs_random"]["n"] > 1]
         sd = statistics.median(sds) if sds else math.sqrt(2) * rows["random"][m]["sd"]
-        power[m] = {"paired_sd": sd, "seeds_for_2_points": seeds_for_gap(sd),
-                    "from": "median paired sd over arms" if sds else "sqrt(2) x the random arm's sd"}
+        power[m] = {
+            "paired_sd": sd,
+            "seeds_for_2_points": seeds_for_gap(sd),
+            "from": "median paired sd over arms" if sds else "sqrt(2) x the random arm's sd",
+        }
     first = {r["arm"]: r for r in study["runs"] if r["seed"] == seeds[0]}
     batches = {arm: first[arm]["batch_pairs"] for arm in ARMS if "batch_pairs" in first.get(arm, {})} or None
     fn = {arm: first[arm]["false_negatives"] for arm in rows if "false_negatives" in first.get(arm, {})}
     traj = {t: r for rec in first.values() for t, r in rec.get("trajectories", {}).items()}
-    out = {"config": study["study"]["config"], "seeds": seeds, "arms": rows, "power": power,
-           "partners": study["study"]["partners"], "ps_batches_first_seed": batches,
-           "trajectories": {t: traj[t] for t in TRAJECTORIES if t in traj}}
+    out = {
+        "config": study["study"]["config"],
+        "seeds": seeds,
+        "arms": rows,
+        "power": power,
+        "partners": study["study"]["partners"],
+        "ps_batches_first_seed": batches,
+        "trajectories": {t: traj[t] for t in TRAJECTORIES if t in traj},
+    }
     if fn:
         out["false_negatives_first_seed"] = fn
     out["bleu_signature"] = base[sorted(base)[0]]["model"]["bleu_signature"]
@@ -562,7 +793,8 @@ TRAJECTORIES = {"random": None, "random_from_epoch2": ("random", 2), "random_pre
 
 
 def trajectories(seed_dir: Path) -> dict:
-    """The paper's trajectory analysis (experiments/pair_selection/trajectories.py, 1024 clips) of the first seed's reference runs:
+    """The paper's trajectory analysis (experiments/pair_selection/trajectories.py, 1024 clips) of the first seed's
+    reference runs:
     from scratch, from scratch with a trained early view (epoch 2), from pretrained encoders and from a
     pretrained VLP model; class shares, and where identical texts and paraphrases fall."""
     out = {}
@@ -573,12 +805,26 @@ def trajectories(seed_dir: Path) -> dict:
             continue
         dest = run / "stage1" / ("trajectories" if not first else f"trajectories_from_epoch{first}")
         if not (dest / "report.json").is_file() and not (run / "stage1" / "checkpoints").is_dir():
-            continue                               # a run kept without its checkpoints: nothing to embed
+            continue  # a run kept without its checkpoints: nothing to embed
         if not (dest / "report.json").is_file():
             tags = sorted(p.name for p in (run / "stage1" / "checkpoints").glob("epoch*"))
             tags = [t for t in tags if int(t[5:]) >= first]
-            sh([sys.executable, "-m", "experiments.pair_selection.trajectories", "--run", str(run), "--sample", "1024", "--tags", *tags,
-                "--out", str(dest)], run.parent / f"{run.name}.{dest.name}.log")
+            sh(
+                [
+                    sys.executable,
+                    "-m",
+                    "experiments.pair_selection.trajectories",
+                    "--run",
+                    str(run),
+                    "--sample",
+                    "1024",
+                    "--tags",
+                    *tags,
+                    "--out",
+                    str(dest),
+                ],
+                run.parent / f"{run.name}.{dest.name}.log",
+            )
         r = json.loads((dest / "report.json").read_text())
         out[name] = {k: r.get(k) for k in ("tags", "fractions", "same_sentence", "paraphrase")}
     return out
@@ -599,69 +845,125 @@ def fmt(v: dict) -> str:
 
 
 def markdown(out: dict, cmd: str) -> str:
-    lines = ["# What Pair Selection adds: ablations on the paraphrase test bed", "",
-             f"Command: `{cmd}` (config `{Path(out['config']).name}`, seeds {out['seeds']}).", "",
-             "Each cell: mean over seeds (mean paired difference to the arm's baseline [95% CI]; * = the "
-             "interval excludes 0).", "",
-             "| arm | vs | seeds | dev v->t R@1 | dev t->v R@1 | test BLEU-4 | test ROUGE-L |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# What Pair Selection adds: ablations on the paraphrase test bed",
+        "",
+        f"Command: `{cmd}` (config `{Path(out['config']).name}`, seeds {out['seeds']}).",
+        "",
+        "Each cell: mean over seeds (mean paired difference to the arm's baseline [95% CI]; * = the "
+        "interval excludes 0).",
+        "",
+        "| arm | vs | seeds | dev v->t R@1 | dev t->v R@1 | test BLEU-4 | test ROUGE-L |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in out["arms"].items():
         vs = "" if name == "random" else r.get("baseline", "random")
         lines.append(f"| {name} | {vs} | {len(r['seeds'])} | " + " | ".join(fmt(r[m]) for m in METRICS) + " |")
     also = [(n, o) for n, r in out["arms"].items() for o in r[next(iter(METRICS))].get("vs_also", {})]
     if also:
-        lines += ["", "Secondary comparisons (does the addition help?): mean paired difference [95% CI].", "",
-                  "| arm | vs | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+        lines += [
+            "",
+            "Secondary comparisons (does the addition help?): mean paired difference [95% CI].",
+            "",
+            "| arm | vs | " + " | ".join(METRICS) + " |",
+            "|---|---|" + "---|" * len(METRICS),
+        ]
         for n, o in also:
-            lines.append(f"| {n} | {o} | " + " | ".join(fmt({**out['arms'][n][m], 'vs_random': out['arms'][n][m]['vs_also'][o]})
-                                                      for m in METRICS) + " |")
+            lines.append(
+                f"| {n} | {o} | "
+                + " | ".join(fmt({**out["arms"][n][m], "vs_random": out["arms"][n][m]["vs_also"][o]}) for m in METRICS)
+                + " |"
+            )
     decided = [(n, o, d) for n, r in out["arms"].items() for o, d in r.get("decision", {}).items()]
     if decided:
-        lines += ["", "The plan's decision rule on each comparison (false_negatives_plan.md): `beats` when the 95% "
-                  "interval of test BLEU-4 or of the mean dev R@1 lies above 0 and no primary metric's lies below 0; "
-                  "`worse` when one of them or the mean dev R@1 lies below 0 and none above; `mixed` when both; "
-                  "else `unresolved`.", "",
-                  "| arm | vs | mean dev R@1 | verdict |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "The plan's decision rule on each comparison (false_negatives_plan.md): `beats` when the 95% "
+            "interval of test BLEU-4 or of the mean dev R@1 lies above 0 and no primary metric's lies below 0; "
+            "`worse` when one of them or the mean dev R@1 lies below 0 and none above; `mixed` when both; "
+            "else `unresolved`.",
+            "",
+            "| arm | vs | mean dev R@1 | verdict |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {n} | {o} | {cell(d['dev_r1'])} | {d['verdict']} |" for n, o, d in decided]
     lines += ["", "Arms:", ""] + [f"- `{n}`: {r['help']}" for n, r in out["arms"].items()]
-    lines += ["", "Seeds needed for 80% power at a 2-point paired gap (5% two-sided): " + ", ".join(
-        f"{m} {p['seeds_for_2_points']} (paired sd {p['paired_sd']:.2f}, {p['from']})" for m, p in out["power"].items()),
-        "", f"BLEU: sacrebleu `{out['bleu_signature']}`.", ""]
+    lines += [
+        "",
+        "Seeds needed for 80% power at a 2-point paired gap (5% two-sided): "
+        + ", ".join(
+            f"{m} {p['seeds_for_2_points']} (paired sd {p['paired_sd']:.2f}, {p['from']})"
+            for m, p in out["power"].items()
+        ),
+        "",
+        f"BLEU: sacrebleu `{out['bleu_signature']}`.",
+        "",
+    ]
     pc = out["partners"]["per_clip"]
     lines += ["Partners per training clip: " + ", ".join(f"{k} {v:.2f}" for k, v in pc.items()) + "."]
     for ref, r in out.get("trajectories", {}).items():
         pp, ss = r.get("paraphrase") or {}, r["same_sentence"]
-        lines += ["", f"Trajectories of `{ref}` (seed {out['seeds'][0]}, {r['tags'][0]} -> {r['tags'][-1]}): " + ", ".join(
-            f"{k} {v:.1%}" for k, v in r["fractions"].items()) + f". Identical-text pairs: {ss['hh_fraction'] or 0:.2%} "
-            f"of H->H vs {ss['negatives_fraction']:.2%} of negatives" + (
+        lines += [
+            "",
+            f"Trajectories of `{ref}` (seed {out['seeds'][0]}, {r['tags'][0]} -> {r['tags'][-1]}): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in r["fractions"].items())
+            + f". Identical-text pairs: {ss['hh_fraction'] or 0:.2%} "
+            f"of H->H vs {ss['negatives_fraction']:.2%} of negatives"
+            + (
                 f"; paraphrase pairs: {pp['hh_fraction'] or 0:.2%} of H->H vs {pp['negatives_fraction']:.2%} of "
-                f"negatives ({pp['counts_by_class']})." if pp else ".")]
+                f"negatives ({pp['counts_by_class']})."
+                if pp
+                else "."
+            ),
+        ]
     if out.get("false_negatives_first_seed"):
-        lines += ["", f"False negatives (seed {out['seeds'][0]}; ground truth: two different sentences of one meaning). "
-                  "Batches: paraphrase and identical pairs as a share of the member pairs trained on; per row: "
-                  "columns the id mask removes and close-text columns (masked or soft positives); the share of "
-                  "the denominator removed; precision / recall of the close columns against the batches' "
-                  "paraphrase pairs, and of the detection over all training clip pairs (text mask; the "
-                  "planner's separated pairs).", "",
-                  "| arm | paraphrase | identical | id-masked / row | close / row | denominator removed | "
-                  "in-batch P / R | text mask P / R | separation P / R |", "|---|---|---|---|---|---|---|---|---|"]
-        f = lambda d: "" if not d else (f"{d['precision']:.2f} / {d['recall']:.2f}" if d["precision"] is not None
-                                        else f"- / {d['recall'] or 0:.2f}")
+        lines += [
+            "",
+            f"False negatives (seed {out['seeds'][0]}; ground truth: two different sentences of one meaning). "
+            "Batches: paraphrase and identical pairs as a share of the member pairs trained on; per row: "
+            "columns the id mask removes and close-text columns (masked or soft positives); the share of "
+            "the denominator removed; precision / recall of the close columns against the batches' "
+            "paraphrase pairs, and of the detection over all training clip pairs (text mask; the "
+            "planner's separated pairs).",
+            "",
+            "| arm | paraphrase | identical | id-masked / row | close / row | denominator removed | "
+            "in-batch P / R | text mask P / R | separation P / R |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        f = lambda d: (
+            ""
+            if not d
+            else (
+                f"{d['precision']:.2f} / {d['recall']:.2f}"
+                if d["precision"] is not None
+                else f"- / {d['recall'] or 0:.2f}"
+            )
+        )
         for arm, r in out["false_negatives_first_seed"].items():
             b = r["batches"]
-            lines.append(f"| {arm} | {b['paraphrase_share']:.2%} | {b['identical_share']:.2%} | "
-                         f"{b['id_masked_per_row']:.2f} | {b['close_per_row']:.2f} ({b['close_kind']}) | "
-                         f"{b['denominator_removed']:.2%} | {f(b['close_in_batch'])} | {f(r['text_mask_detection'])} | "
-                         f"{f(r.get('separation_detection'))} |")
+            lines.append(
+                f"| {arm} | {b['paraphrase_share']:.2%} | {b['identical_share']:.2%} | "
+                f"{b['id_masked_per_row']:.2f} | {b['close_per_row']:.2f} ({b['close_kind']}) | "
+                f"{b['denominator_removed']:.2%} | {f(b['close_in_batch'])} | {f(r['text_mask_detection'])} | "
+                f"{f(r.get('separation_detection'))} |"
+            )
     if out["ps_batches_first_seed"]:
-        lines += ["", f"Pairs inside planned batches (seed {out['seeds'][0]}) / inside random batches of the same "
-                  "samples, as a share of all member pairs:", "",
-                  "| arm | epoch | identical | paraphrase | near, other meaning |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Pairs inside planned batches (seed {out['seeds'][0]}) / inside random batches of the same "
+            "samples, as a share of all member pairs:",
+            "",
+            "| arm | epoch | identical | paraphrase | near, other meaning |",
+            "|---|---|---|---|---|",
+        ]
         for arm, epochs in out["ps_batches_first_seed"].items():
             for e in epochs:
                 p, r = e["planned"], e["random_same_samples"]
-                lines.append(f"| {arm} | {e['epoch']} | " + " | ".join(
-                    f"{p[k]:.2%} / {r[k]:.2%}" for k in ("identical", "paraphrase", "near_other_meaning")) + " |")
+                lines.append(
+                    f"| {arm} | {e['epoch']} | "
+                    + " | ".join(f"{p[k]:.2%} / {r[k]:.2%}" for k in ("identical", "paraphrase", "near_other_meaning"))
+                    + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -673,6 +975,7 @@ def dev_r1(res: dict) -> float:
 def close_pairs(run: Path) -> int:
     """Close sentence pairs a run's text mask found (both orders; 0 without one)."""
     from sclslt.model.close_text import CLOSE_FILE, CloseSentences
+
     f = run / "stage1" / "selection" / CLOSE_FILE
     return len(CloseSentences.load(f).codes) if f.is_file() else 0
 
@@ -688,39 +991,61 @@ def tune_report(args) -> dict:
     """Dev-only table of the tuning arms over the tuning seeds, and the plan's choice in each group
     (separation q; close-text kind and threshold; soft weight at the chosen kind and threshold). Test
     metrics are neither read nor printed."""
+
     def mean_dev(name):
         runs = [args.out / f"seed{s}" / name / "results.json" for s in args.seeds]
         vals = [dev_r1(json.loads(f.read_text())) for f in runs if f.is_file()]
         return statistics.mean(vals) if len(vals) == len(runs) else None
+
     first = args.out / f"seed{args.seeds[0]}"
-    groups = {"separate_close": {f"tune_sep{q}": q for q in SEP_Q},
-              "mask_close_text": {f"tune_{k}{t}": close_pairs(first / f"tune_{k}{t}") for k, ts in CLOSE_T.items()
-                                  for t in ts}}
-    out = {"seeds": args.seeds, "criterion": "mean over seeds of (dev v->t R@1 + dev t->v R@1) / 2",
-           "random": mean_dev("random"), "groups": {}}
+    groups = {
+        "separate_close": {f"tune_sep{q}": q for q in SEP_Q},
+        "mask_close_text": {
+            f"tune_{k}{t}": close_pairs(first / f"tune_{k}{t}") for k, ts in CLOSE_T.items() for t in ts
+        },
+    }
+    out = {
+        "seeds": args.seeds,
+        "criterion": "mean over seeds of (dev v->t R@1 + dev t->v R@1) / 2",
+        "random": mean_dev("random"),
+        "groups": {},
+    }
     for group, size in list(groups.items()) + [("soft_close_text", None)]:
-        if size is None:                      # the soft weights at the chosen text mask
+        if size is None:  # the soft weights at the chosen text mask
             chosen = out["groups"].get("mask_close_text", {}).get("chosen")
             if not chosen:
                 continue
             size = {f"{chosen}_soft{w}": w for w in SOFT_W}
         means = {n: mean_dev(n) for n in size}
         done = {n: v for n, v in means.items() if v is not None}
-        out["groups"][group] = {"dev_r1": means, "size": size,
-                                "chosen": choose(done, size) if len(done) == len(size) else None}
+        out["groups"][group] = {
+            "dev_r1": means,
+            "size": size,
+            "chosen": choose(done, size) if len(done) == len(size) else None,
+        }
     return out
 
 
 def tune_markdown(out: dict, cmd: str) -> str:
-    lines = ["# Issue 24: choosing the thresholds on dev (tuning seeds only; test metrics not read)", "",
-             f"Command: `{cmd}` (seeds {out['seeds']}).", "", f"Criterion: {out['criterion']}; the plan's rule "
-             "(false_negatives_plan.md): the highest, ties within 0.1 to the smallest intervention.", "",
-             f"`random` (id mask only): {out['random']:.2f}" if out["random"] is not None else "`random`: not run", "",
-             "| group | arm | size | dev R@1 (mean of both directions) | chosen |", "|---|---|---|---|---|"]
+    lines = [
+        "# Issue 24: choosing the thresholds on dev (tuning seeds only; test metrics not read)",
+        "",
+        f"Command: `{cmd}` (seeds {out['seeds']}).",
+        "",
+        f"Criterion: {out['criterion']}; the plan's rule "
+        "(false_negatives_plan.md): the highest, ties within 0.1 to the smallest intervention.",
+        "",
+        f"`random` (id mask only): {out['random']:.2f}" if out["random"] is not None else "`random`: not run",
+        "",
+        "| group | arm | size | dev R@1 (mean of both directions) | chosen |",
+        "|---|---|---|---|---|",
+    ]
     for group, g in out["groups"].items():
         for n, v in g["dev_r1"].items():
-            lines.append(f"| {group} | {n} | {g['size'][n]:g} | {'' if v is None else f'{v:.2f}'} | "
-                         f"{'**yes**' if g['chosen'] == n else ''} |")
+            lines.append(
+                f"| {group} | {n} | {g['size'][n]:g} | {'' if v is None else f'{v:.2f}'} | "
+                f"{'**yes**' if g['chosen'] == n else ''} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -730,7 +1055,7 @@ def tune_markdown(out: dict, cmd: str) -> str:
 METHODS = ("ps_sep", "random_textmask", "random_textsoft", "ps_textmask", "ps_sep_textmask")
 REPORTED = ("ps_nosafe", "random_cico_split")
 PS_ARMS = tuple(a for a, arm in ARMS.items() if "random_textmask" in arm.also)
-PLAN_SEEDS = 10                                                   # paired seeds per comparison and test bed
+PLAN_SEEDS = 10  # paired seeds per comparison and test bed
 INCOMPLETE = "not measured on every test bed"
 
 
@@ -740,6 +1065,7 @@ def recommend(beds: dict[str, dict]) -> dict:
     on some beds only is named and not recommended; if the text mask is recommended and no Pair Selection arm
     beats the mask alone on every bed, the answer is "masking alone". A comparison missing on a bed, or with
     fewer seeds, leaves the answer open."""
+
     def verdicts(arm: str, vs: str) -> dict[str, str]:
         out = {}
         for bed, rep in beds.items():
@@ -755,11 +1081,16 @@ def recommend(beds: dict[str, dict]) -> dict:
         if all(x == "beats" for x in vals):
             return "beats on every test bed"
         return "beats on some test beds only" if "beats" in vals else "does not beat its baseline"
+
     rows = {}
     for arm in METHODS + REPORTED:
         v = verdicts(arm, ARMS[arm].baseline)
-        rows[arm] = {"vs": ARMS[arm].baseline, "verdicts": v, "status": status(v),
-                     "also": {o: verdicts(arm, o) for o in ARMS[arm].also}}
+        rows[arm] = {
+            "vs": ARMS[arm].baseline,
+            "verdicts": v,
+            "status": status(v),
+            "also": {o: verdicts(arm, o) for o in ARMS[arm].also},
+        }
     over_mask = {a: status(verdicts(a, "random_textmask")) for a in PS_ARMS}
     winners = [a for a in METHODS if rows[a]["status"] == "beats on every test bed"]
     partial = [a for a in METHODS if rows[a]["status"] == "beats on some test beds only"]
@@ -798,11 +1129,19 @@ def read_beds(files: list[Path]) -> dict[str, dict]:
 
 def decide_markdown(beds: dict[str, dict], rec: dict, cmd: str) -> str:
     names = list(beds)
-    lines = ["# Issue 24: the plan's decision over both test beds", "", f"Command: `{cmd}`.", "",
-             f"**{rec['answer']}.**", "",
-             "Each cell: the verdict by the plan's rule, then the paired difference to the baseline with its 95% "
-             "interval, test BLEU-4 / mean dev R@1 (seeds per bed in the tables).", "",
-             "| arm | vs | " + " | ".join(names) + " | status |", "|---|---|" + "---|" * len(names) + "---|"]
+    lines = [
+        "# Issue 24: the plan's decision over both test beds",
+        "",
+        f"Command: `{cmd}`.",
+        "",
+        f"**{rec['answer']}.**",
+        "",
+        "Each cell: the verdict by the plan's rule, then the paired difference to the baseline with its 95% "
+        "interval, test BLEU-4 / mean dev R@1 (seeds per bed in the tables).",
+        "",
+        "| arm | vs | " + " | ".join(names) + " | status |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
     for arm, r in rec["arms"].items():
         cells = []
         for bed in names:
@@ -815,11 +1154,22 @@ def decide_markdown(beds: dict[str, dict], rec: dict, cmd: str) -> str:
         lines.append(f"| {arm} | {r['vs']} | " + " | ".join(cells) + f" | {r['status']} |")
     also = [(arm, o) for arm, r in rec["arms"].items() for o in r["also"]]
     if also:
-        lines += ["", "Does the addition help? The same rule against the other arm:", "",
-                  "| arm | vs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-        lines += [f"| {arm} | {o} | " + " | ".join(rec["arms"][arm]["also"][o][b] for b in names) + " |" for arm, o in also]
-    lines += ["", "Pair Selection arms against the mask alone (`random_textmask`): " + ", ".join(
-        f"{a} {st}" for a, st in rec["over_mask"].items()) + "."]
+        lines += [
+            "",
+            "Does the addition help? The same rule against the other arm:",
+            "",
+            "| arm | vs | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        lines += [
+            f"| {arm} | {o} | " + " | ".join(rec["arms"][arm]["also"][o][b] for b in names) + " |" for arm, o in also
+        ]
+    lines += [
+        "",
+        "Pair Selection arms against the mask alone (`random_textmask`): "
+        + ", ".join(f"{a} {st}" for a, st in rec["over_mask"].items())
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -836,21 +1186,45 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=[], choices=sorted(ARMS), help="arms to run (then report)")
     p.add_argument("--report", action="store_true", help="only write the table from the runs that exist")
-    p.add_argument("--runs", type=Path, default=None, metavar="JSONL",
-                   help="--report from a study's JSONL (written by --save-runs) instead of the runs under --out")
-    p.add_argument("--save-runs", type=Path, default=None, metavar="JSONL",
-                   help="write what the report is built from (the runs under --out) to JSONL, then report")
-    p.add_argument("--tune-report", action="store_true", help="the dev-only tuning table and the plan's choices "
-                   "(issue 24) from the tuning arms that exist under --seeds")
-    p.add_argument("--decide", type=Path, nargs="+", default=[], metavar="JSON",
-                   help="issue 24: the plan's recommendation from the --report JSON of each test bed (to --table)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=None,
+        metavar="JSONL",
+        help="--report from a study's JSONL (written by --save-runs) instead of the runs under --out",
+    )
+    p.add_argument(
+        "--save-runs",
+        type=Path,
+        default=None,
+        metavar="JSONL",
+        help="write what the report is built from (the runs under --out) to JSONL, then report",
+    )
+    p.add_argument(
+        "--tune-report",
+        action="store_true",
+        help="the dev-only tuning table and the plan's choices "
+        "(issue 24) from the tuning arms that exist under --seeds",
+    )
+    p.add_argument(
+        "--decide",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="issue 24: the plan's recommendation from the --report JSON of each test bed (to --table)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-5, or every seed of --runs")
     p.add_argument("--config", type=Path, default=HERE / "configs" / "ps_paraphrase.yaml")
     p.add_argument("--pretrain-config", type=Path, default=HERE / "configs" / "ps_pretrain.yaml")
     p.add_argument("--deepspeed", default="configs/zero2.json")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run")
-    p.add_argument("--port", type=int, default=31000, help="first master port (two commands side by side: "
-                   "give them ports 1000 apart)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=31000,
+        help="first master port (two commands side by side: give them ports 1000 apart)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="seeds run side by side (each with cores / jobs threads)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "ps_ablation")
     p.add_argument("--table", type=Path, default=HERE / "results" / "ps_ablation.md")
@@ -885,7 +1259,7 @@ def build(args, cmd: str) -> tuple[dict, str]:
     md = markdown(out, cmd)
     old = args.table.read_text() if args.table.is_file() else ""
     if "\nCommand: `" in old:
-        md = old[:old.index("\nCommand: `") + 1] + md[md.index("\nCommand: `") + 1:]
+        md = old[: old.index("\nCommand: `") + 1] + md[md.index("\nCommand: `") + 1 :]
     return out, md
 
 
@@ -899,6 +1273,7 @@ def main(argv=None) -> int:
         run_seeds(args)
     out, md = build(args, command(argv))
     return write_table(args.table, out, md)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,6 +16,7 @@ negatives), and paraphrase partners below the Jaccard threshold are counted too.
 PHOENIX-2014T train (issue 14, from GFSLT-VLP's labels, 800 clips against all 7,096): exact 1.23,
 near 7.61 partners per clip.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ from collections import Counter
 PHOENIX = {"clips": 7096, "exact": 1.23, "near": 7.61}
 
 
-def partner_stats(texts: list[str], meanings: list[int] | None = None, jaccard: float = 0.6,
-                  batch: int = 16) -> dict:
+def partner_stats(texts: list[str], meanings: list[int] | None = None, jaccard: float = 0.6, batch: int = 16) -> dict:
     """Mean partners per clip of each kind; `meanings` (one per clip) enables the paraphrase split."""
     n = len(texts)
     if n < 2:
@@ -57,15 +57,22 @@ def partner_stats(texts: list[str], meanings: list[int] | None = None, jaccard: 
                 totals["paraphrase_all"] += w * same
     per_clip = {k: v / n for k, v in totals.items()}
     scale = (batch - 1) / (n - 1)
-    return {"clips": n, "distinct_texts": len(distinct), "jaccard": jaccard, "batch": batch,
-            "per_clip": per_clip, "per_batch_row": {k: v * scale for k, v in per_clip.items()},
-            "near_over_exact": per_clip["near"] / per_clip["exact"] if per_clip.get("exact") else None}
+    return {
+        "clips": n,
+        "distinct_texts": len(distinct),
+        "jaccard": jaccard,
+        "batch": batch,
+        "per_clip": per_clip,
+        "per_batch_row": {k: v * scale for k, v in per_clip.items()},
+        "near_over_exact": per_clip["near"] / per_clip["exact"] if per_clip.get("exact") else None,
+    }
 
 
 def synthetic_texts(config_path: str, split: str) -> tuple[list[str], list[int]]:
     """Texts and meanings of a synthetic split, from the pool alone (no clip is rendered)."""
     from sclslt.config import load_config
     from sclslt.data.synthetic import SyntheticCorpus
+
     corpus = SyntheticCorpus(load_config(config_path).data.synthetic)
     sids = [corpus.pool_index(split, i) for i in corpus.indices(split)]
     return [corpus.pool_texts[s] for s in sids], [corpus.pool_meaning[s] for s in sids]
@@ -86,6 +93,7 @@ def main(argv=None) -> int:
         from pathlib import Path
 
         from sclslt.data.shards import manifest_rows, read_manifest
+
         m = Path(args.manifest)
         texts = [r.text for r in manifest_rows(read_manifest(m.parent, m.stem))]
         meanings = None

@@ -30,13 +30,15 @@ thresholds, samples or outputs) unless the checkpoint is newer, --recompute or -
 
   python -m experiments.pair_selection.trajectories --run runs/ref
   python -m experiments.pair_selection.trajectories --run runs/ref --tags epoch0000 epoch0005 epoch0010 --sample 2048
-  deepspeed --num_gpus 8 --module experiments.pair_selection.trajectories --run runs/ref --threshold-mode absolute --high 0.3
+  deepspeed --num_gpus 8 --module experiments.pair_selection.trajectories --run runs/ref --threshold-mode absolute
+  --high 0.3
 
 Default tags: every `epochNNNN` checkpoint of the stage (a reference run saves them every
 `checkpoint.every_epochs` epochs), in epoch order; --tags keeps the order given. Every rank embeds
 its slice of the split; rank 0 does the analysis and writes. Memory: a few sample x sample
 matrices at a time, whatever the number of checkpoints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +51,6 @@ from pathlib import Path
 
 import torch
 
-
 from sclslt.atomic import write_text
 
 CLASSES = ("H->L", "H->H", "L->H", "L->L")
@@ -59,6 +60,7 @@ EPOCH_TAG = re.compile(r"^epoch(\d+)$")
 
 # ---------------------------------------------------------------------------------------------
 # analysis (pure functions)
+
 
 def quantile(values: torch.Tensor, q: float) -> float:
     """Linear-interpolation quantile (numpy's and torch.quantile's default) of a 1-D tensor, by
@@ -99,13 +101,18 @@ def pair_share(flat: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor) -> 
     H->H next to their share of all negatives (the paper's evidence when the pairs are false negatives)."""
     by_class = torch.bincount(flat[mask.reshape(-1)], minlength=5)[:4]
     hh, negatives = int(counts[1]), int(counts.sum())
-    return {"hh_count": int(by_class[1]), "hh_fraction": int(by_class[1]) / hh if hh else float("nan"),
-            "negatives_count": int(mask.sum()), "negatives_fraction": int(mask.sum()) / negatives,
-            "counts_by_class": {name: int(by_class[c]) for c, name in enumerate(CLASSES)}}
+    return {
+        "hh_count": int(by_class[1]),
+        "hh_fraction": int(by_class[1]) / hh if hh else float("nan"),
+        "negatives_count": int(mask.sum()),
+        "negatives_fraction": int(mask.sum()) / negatives,
+        "counts_by_class": {name: int(by_class[c]) for c, name in enumerate(CLASSES)},
+    }
 
 
-def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "first", examples: int = 5,
-             seed: int = 0, meanings=None) -> dict:
+def classify(
+    sims: Sequence, sids, high: float = 0.5, mode: str = "first", examples: int = 5, seed: int = 0, meanings=None
+) -> dict:
     """Trajectory classes of the negative pairs of one sample.
 
     sims: one (n x n) similarity matrix per checkpoint, in checkpoint order (row i = video i,
@@ -137,7 +144,7 @@ def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "first", examp
     h1 = last > t_last
     del last
     # class index: H->L 0, H->H 1, L->H 2, L->L 3 (= 2 * low_first + same_state); diagonal 4
-    label = (2 * (~h0).to(torch.uint8) + (h0 == h1).to(torch.uint8))
+    label = 2 * (~h0).to(torch.uint8) + (h0 == h1).to(torch.uint8)
     del h0, h1
     label[~off] = 4
     flat = label.reshape(-1).long()
@@ -166,16 +173,25 @@ def classify(sims: Sequence, sids, high: float = 0.5, mode: str = "first", examp
             for e, p in enumerate(picks[name].tolist()):
                 traj[name][e].append(float(s.reshape(-1)[p]))
         del s
-    hh = int(counts[1])
     out = {
-        "mode": mode, "high": high, "n": n, "negatives": negatives, "checkpoints": k,
-        "thresholds": thresholds, "high_fraction": high_frac,
+        "mode": mode,
+        "high": high,
+        "n": n,
+        "negatives": negatives,
+        "checkpoints": k,
+        "thresholds": thresholds,
+        "high_fraction": high_frac,
         "counts": {name: int(counts[c]) for c, name in enumerate(CLASSES)},
         "fractions": {name: int(counts[c]) / negatives for c, name in enumerate(CLASSES)},
         "same_sentence": pair_share(flat, same, counts),
         "mean_similarity": means,
-        "examples": {name: [{"video": p // n, "text": p % n, "similarity": traj[name][e]}
-                            for e, p in enumerate(picks[name].tolist())] for name in CLASSES},
+        "examples": {
+            name: [
+                {"video": p // n, "text": p % n, "similarity": traj[name][e]}
+                for e, p in enumerate(picks[name].tolist())
+            ]
+            for name in CLASSES
+        },
     }
     if meanings is not None:
         m = torch.as_tensor(meanings).reshape(-1)
@@ -202,6 +218,7 @@ class PairSims(Sequence):
 # ---------------------------------------------------------------------------------------------
 # checkpoints, output
 
+
 def find_tags(ckpt_dir: Path) -> list[str]:
     """The `epochNNNN` checkpoint directories under ckpt_dir, in epoch order."""
     if not ckpt_dir.is_dir():
@@ -213,7 +230,7 @@ def find_tags(ckpt_dir: Path) -> list[str]:
 def sample_indices(n_total: int, sample: int, seed: int) -> torch.Tensor:
     """A seeded random subset of min(sample, n_total) row indices, in split order."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_total, generator=g)[:min(sample, n_total)].sort().values
+    return torch.randperm(n_total, generator=g)[: min(sample, n_total)].sort().values
 
 
 def _cache_fresh(path: Path, tag_dir: Path) -> bool:
@@ -225,9 +242,11 @@ def _cache_fresh(path: Path, tag_dir: Path) -> bool:
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+
     tags = report["tags"]
     epochs = [EPOCH_TAG.match(t) for t in tags]
     x = [int(m.group(1)) for m in epochs] if all(epochs) else list(range(len(tags)))
@@ -235,14 +254,17 @@ def plot(report: dict, path: Path) -> None:
     fr = [report["fractions"][c] for c in CLASSES]
     bars = ax0.bar(CLASSES, [100 * f for f in fr], color=[COLORS[c] for c in CLASSES])
     for b, f in zip(bars, fr):
-        ax0.annotate(f"{100 * f:.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                     va="bottom", fontsize=9)
-    rule = {"quantile": f"above each checkpoint's {report['high']:g} quantile",
-            "first": f"above the first checkpoint's {report['high']:g} quantile"}.get(report["mode"],
-                                                                                     f"cosine > {report['high']:g}")
+        ax0.annotate(
+            f"{100 * f:.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=9
+        )
+    rule = {
+        "quantile": f"above each checkpoint's {report['high']:g} quantile",
+        "first": f"above the first checkpoint's {report['high']:g} quantile",
+    }.get(report["mode"], f"cosine > {report['high']:g}")
     ax0.set_ylabel("% of negative pairs")
-    ax0.set_title(f"{tags[0]} -> {tags[-1]}: {report['negatives']} negatives of {report['n']} pairs\n"
-                  f"High = {rule}", fontsize=10)
+    ax0.set_title(
+        f"{tags[0]} -> {tags[-1]}: {report['negatives']} negatives of {report['n']} pairs\nHigh = {rule}", fontsize=10
+    )
     for c in CLASSES:
         for ex in report["examples"][c]:
             ax1.plot(x, ex["similarity"], color=COLORS[c], lw=0.7, alpha=0.45)
@@ -265,36 +287,58 @@ def plot(report: dict, path: Path) -> None:
 def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-    t = Table(title=f"negative-pair trajectories {report['tags'][0]} -> {report['tags'][-1]} "
-                    f"({report['n']} pairs, {report['negatives']} negatives, {report['mode']} {report['high']:g})")
-    for c in ("class", "count", "fraction", f"mean s {report['tags'][0]}", f"mean s {report['tags'][-1]}",
-              "same sentence"):
+    t = Table(
+        title=f"negative-pair trajectories {report['tags'][0]} -> {report['tags'][-1]} "
+        f"({report['n']} pairs, {report['negatives']} negatives, {report['mode']} {report['high']:g})"
+    )
+    for c in (
+        "class",
+        "count",
+        "fraction",
+        f"mean s {report['tags'][0]}",
+        f"mean s {report['tags'][-1]}",
+        "same sentence",
+    ):
         t.add_column(c, justify="left" if c == "class" else "right")
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"     # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for c in CLASSES:
         m = report["mean_similarity"][c]
-        t.add_row(c, str(report["counts"][c]), f"{100 * report['fractions'][c]:.1f}%", fmt(m[0]), fmt(m[-1]),
-                  str(report["same_sentence"]["counts_by_class"][c]))
+        t.add_row(
+            c,
+            str(report["counts"][c]),
+            f"{100 * report['fractions'][c]:.1f}%",
+            fmt(m[0]),
+            fmt(m[-1]),
+            str(report["same_sentence"]["counts_by_class"][c]),
+        )
     console.print(t)
-    for key, what in (("same_sentence", "the same sentence (known false negatives)"),
-                      ("paraphrase", "one meaning in other words (paraphrases: unmasked false negatives)")):
+    for key, what in (
+        ("same_sentence", "the same sentence (known false negatives)"),
+        ("paraphrase", "one meaning in other words (paraphrases: unmasked false negatives)"),
+    ):
         if key in report:
             ss = report[key]
             hh = "-" if ss["hh_fraction"] is None else f"{100 * ss['hh_fraction']:.2f}%"
-            console.print(f"H->H pairs with {what}: {ss['hh_count']} ({hh} of H->H; "
-                          f"{100 * ss['negatives_fraction']:.2f}% of all negatives)")
+            console.print(
+                f"H->H pairs with {what}: {ss['hh_count']} ({hh} of H->H; "
+                f"{100 * ss['negatives_fraction']:.2f}% of all negatives)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 
+
 def synthetic_meanings(run: Path, keys: list[str]) -> list[int] | None:
     """Ground-truth meanings of the sampled clips when the run's corpus is the synthetic one (else None)."""
     from sclslt.runtime.rundir import RunDir
+
     cfg = RunDir(run).config()
     if cfg.data.corpus != "synthetic":
         return None
     from sclslt.data.synthetic import SyntheticCorpus
+
     corpus = SyntheticCorpus(cfg.data.synthetic)
     return [corpus.meaning_of_key(k) for k in keys]
 
@@ -303,21 +347,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path, help="the reference run directory")
     p.add_argument("--stage", default="stage1", help="stage whose checkpoints to read (default stage1)")
-    p.add_argument("--tags", nargs="+", default=None,
-                   help="checkpoint tags in order, at least 2 (default: every epochNNNN tag of the stage)")
+    p.add_argument(
+        "--tags",
+        nargs="+",
+        default=None,
+        help="checkpoint tags in order, at least 2 (default: every epochNNNN tag of the stage)",
+    )
     p.add_argument("--sample", type=int, default=512, help="pairs drawn from the split (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample and of the example pairs (default 0)")
     p.add_argument("--split", default="train", help="split to embed (default train)")
-    p.add_argument("--high", type=float, default=0.5,
-                   help="High threshold: a quantile in [0, 1] (quantile mode, default 0.5) or a cosine (absolute)")
-    p.add_argument("--threshold-mode", choices=("first", "quantile", "absolute"), default="first",
-                   help="first (default): High = above the first checkpoint's --high quantile of the negatives' "
-                        "similarities, fixed; quantile: each checkpoint's own; absolute: similarity > --high")
+    p.add_argument(
+        "--high",
+        type=float,
+        default=0.5,
+        help="High threshold: a quantile in [0, 1] (quantile mode, default 0.5) or a cosine (absolute)",
+    )
+    p.add_argument(
+        "--threshold-mode",
+        choices=("first", "quantile", "absolute"),
+        default="first",
+        help="first (default): High = above the first checkpoint's --high quantile of the negatives' "
+        "similarities, fixed; quantile: each checkpoint's own; absolute: similarity > --high",
+    )
     p.add_argument("--examples", type=int, default=5, help="example trajectories per class in the plot (default 5)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default <run>/<stage>/trajectories)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cache", type=Path, default=None,
-                   help="directory of the embedding passes (default <run>/<stage>/trajectories/embeddings)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="directory of the embedding passes (default <run>/<stage>/trajectories/embeddings)",
+    )
     p.add_argument("--recompute", action="store_true", help="embed again even where a cached embedding pass exists")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached embedding passes")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -333,15 +393,21 @@ def checked_tags(args, ckpt: Path) -> list[str] | None:
         print(f"error: no checkpoint {missing} under {ckpt} (have {have})", file=sys.stderr)
         return None
     if len(tags) < 2:
-        print(f"error: need at least 2 checkpoints, found {tags} under {ckpt} (have {have}); a reference run "
-              f"saves epochNNNN tags with --checkpoint.every_epochs N", file=sys.stderr)
+        print(
+            f"error: need at least 2 checkpoints, found {tags} under {ckpt} (have {have}); a reference run "
+            f"saves epochNNNN tags with --checkpoint.every_epochs N",
+            file=sys.stderr,
+        )
         return None
     if args.sample < 2:
         print("error: --sample must be at least 2", file=sys.stderr)
         return None
     if args.threshold_mode in ("quantile", "first") and not 0.0 <= args.high <= 1.0:
-        print(f"error: --high {args.high} is not a quantile in [0, 1] (use --threshold-mode absolute for a "
-              f"cosine threshold)", file=sys.stderr)
+        print(
+            f"error: --high {args.high} is not a quantile in [0, 1] (use --threshold-mode absolute for a "
+            f"cosine threshold)",
+            file=sys.stderr,
+        )
         return None
     return tags
 
@@ -349,6 +415,7 @@ def checked_tags(args, ckpt: Path) -> list[str] | None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from sclslt.runtime.rundir import RunDir
+
     ckpt = RunDir(args.run).checkpoints(args.stage)
     tags = checked_tags(args, ckpt)
     if tags is None:
@@ -357,8 +424,10 @@ def main(argv=None) -> int:
 
     from sclslt.data.devdecode import resolve
     from sclslt.runtime.distributed import finish_distributed, init_distributed
+
     d = init_distributed()
     import torch.distributed as dist
+
     from sclslt.data.corpus import resolve_shards_dir
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import load_run_model
@@ -370,14 +439,22 @@ def main(argv=None) -> int:
     for tag in tags:
         path = cache / f"{args.split}.{tag}.safetensors"
         reuse = [not (args.recompute or args.no_cache) and _cache_fresh(path, ckpt / tag)]
-        dist.broadcast_object_list(reuse, src=0)          # every rank takes the same (collective) path
+        dist.broadcast_object_list(reuse, src=0)  # every rank takes the same (collective) path
         if reuse[0]:
             emb = load_snapshot(path) if rank0 else None
         else:
             model, tok, cfg = load_run_model(args.run, ckpt, tag)
             model.to(d.device)
-            emb = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device, args.batch_size,
-                              max_frames=cfg.data.max_frames, decode=resolve(cfg.data.decode, d.device))
+            emb = embed_split(
+                model,
+                resolve_shards_dir(cfg.data),
+                args.split,
+                tok,
+                d.device,
+                args.batch_size,
+                max_frames=cfg.data.max_frames,
+                decode=resolve(cfg.data.decode, d.device),
+            )
             del model
             if rank0 and not args.no_cache:
                 save_snapshot(path, emb)
@@ -388,8 +465,10 @@ def main(argv=None) -> int:
                 idx = sample_indices(n_total, args.sample, args.seed)
                 sids = emb["sentence_ids"][idx].long()
             elif list(emb["keys"]) != keys:
-                error = [f"the {args.split} split of {tag} holds other samples than {tags[0]}'s "
-                         f"(a stale embedding cache in {cache}? pass --recompute)"]
+                error = [
+                    f"the {args.split} split of {tag} holds other samples than {tags[0]}'s "
+                    f"(a stale embedding cache in {cache}? pass --recompute)"
+                ]
             if error[0] is None:
                 views.append((emb["video"][idx].float().clone(), emb["text"][idx].float().clone()))
                 print(f"{tag}: {'cached' if reuse[0] else 'embedded'} {n_total} {args.split} samples", flush=True)
@@ -402,11 +481,19 @@ def main(argv=None) -> int:
     if rank0:
         meanings = synthetic_meanings(args.run, [keys[i] for i in idx.tolist()])
         res = classify(PairSims(views), sids, args.high, args.threshold_mode, args.examples, args.seed, meanings)
-        report = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                           if k != "local_rank"},
-                  "run": str(args.run), "stage": args.stage, "split": args.split, "tags": list(tags),
-                  "sample_requested": args.sample, "sample_size": len(idx), "split_size": n_total,
-                  "seed": args.seed, "sample_keys": [keys[i] for i in idx.tolist()], **res}
+        report = {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "local_rank"},
+            "run": str(args.run),
+            "stage": args.stage,
+            "split": args.split,
+            "tags": list(tags),
+            "sample_requested": args.sample,
+            "sample_size": len(idx),
+            "split_size": n_total,
+            "seed": args.seed,
+            "sample_keys": [keys[i] for i in idx.tolist()],
+            **res,
+        }
         write_text(out / "report.json", json.dumps(report, indent=1))
         plot(report, out / "trajectories.png")
         print_table(report)

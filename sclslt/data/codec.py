@@ -8,6 +8,7 @@
 Every form decodes to the same array type, without unpickling anything. `benchmarks/bench_loader.py`
 measures clips/s, MB/s and bytes per clip of each against a PNG-folder loader and mp4 decoding.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,7 +23,7 @@ class CodecError(ValueError):
     pass
 
 
-MAX_CLIP_BYTES = 4 << 30     # a decoded clip larger than this is a broken header, not a clip (3000 x 512^2 x 3 = 2.4 GB)
+MAX_CLIP_BYTES = 4 << 30  # a decoded clip larger than this is a broken header, not a clip (3000 x 512^2 x 3 = 2.4 GB)
 
 
 def _npy(frames: np.ndarray) -> bytes:
@@ -38,9 +39,11 @@ def encode(frames: np.ndarray, fmt: str = "npy", level: int = 3, quality: int = 
         return _npy(frames)
     if fmt == "npy.zst":
         import zstandard
+
         return zstandard.ZstdCompressor(level=level).compress(_npy(frames))
     if fmt == "jpg":
         from PIL import Image
+
         parts = []
         for f in frames:
             buf = io.BytesIO()
@@ -66,6 +69,7 @@ class JpegClip:
     """A `jpg` clip's frames, still compressed: one JPEG bytestring per frame, checked for framing
     (index sizes, start/end markers) but not decoded. Indexing selects frames (temporal subsampling
     happens before any decode); `sclslt.data.devdecode` decodes a batch of them on the device."""
+
     __slots__ = ("parts",)
 
     def __init__(self, parts: list):
@@ -85,7 +89,7 @@ class JpegClip:
             raise CodecError(f"jpg frame sizes sum to {sum(sizes)} bytes, payload holds {len(view) - head}")
         parts, pos = [], head
         for i, size in enumerate(sizes):
-            part = view[pos:pos + size]
+            part = view[pos : pos + size]
             if size < 4 or bytes(part[:2]) != b"\xff\xd8" or bytes(part[-2:]) != b"\xff\xd9":
                 raise CodecError(f"jpg frame {i} of {n} is not a whole JPEG (no start/end marker)")
             parts.append(part)
@@ -101,6 +105,7 @@ class JpegClip:
     def decode(self) -> np.ndarray:
         """The frames decoded on the CPU (Pillow): uint8 T x H x W x 3."""
         from PIL import Image
+
         return np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in self.parts])
 
 
@@ -109,7 +114,8 @@ def decode(data: bytes, fmt: str = "npy") -> np.ndarray:
         arr = _npy_view(data)
     elif fmt == "npy.zst":
         import zstandard
-        claimed = zstandard.frame_content_size(data)        # -1: not in the frame header
+
+        claimed = zstandard.frame_content_size(data)  # -1: not in the frame header
         if claimed > MAX_CLIP_BYTES:
             raise CodecError(f"zstd frame claims {claimed} bytes, more than a clip may hold ({MAX_CLIP_BYTES})")
         arr = _npy_view(zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_CLIP_BYTES))

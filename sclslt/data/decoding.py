@@ -14,6 +14,7 @@ go through this one code path, so a translated clip is decoded exactly as its tr
 Only the frames selected by ``--max-frames`` are decoded, so an unreadable frame that is not
 selected goes unnoticed.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,25 +32,35 @@ _NUM = re.compile(r"(\d+)")
 @dataclass
 class Item:
     """One clip as its files and annotation (nothing decoded); `check_item` fills `frames` and `problem`."""
+
     key: str
     text: str
-    source: str                      # path relative to the root (posix), shown in errors and stored
-    path: str                        # absolute path: frame folder or video file
-    kind: str                        # "frames" | "video"
+    source: str  # path relative to the root (posix), shown in errors and stored
+    path: str  # absolute path: frame folder or video file
+    kind: str  # "frames" | "video"
     signer: str = ""
-    frames: list = field(default_factory=list)   # absolute frame files (sorted), kind == "frames"
-    listed: bool = False             # frames come from the annotation (not from listing a folder)
+    frames: list = field(default_factory=list)  # absolute frame files (sorted), kind == "frames"
+    listed: bool = False  # frames come from the annotation (not from listing a folder)
     expected_len: int | None = None  # frame count the annotation states
-    start: float | None = None       # seconds, videos only
+    start: float | None = None  # seconds, videos only
     end: float | None = None
-    problem: str = ""                # set by check_item
+    problem: str = ""  # set by check_item
     checked: bool = False
 
     def descriptor(self) -> list:
         """What identifies the item's content for resumption (see sclslt/data/sharding.py)."""
-        return [self.key, self.text, self.source, self.signer, self.kind, self.start, self.end,
-                self.expected_len, [Path(f).name for f in self.frames] if self.listed else len(self.frames),
-                self.problem]
+        return [
+            self.key,
+            self.text,
+            self.source,
+            self.signer,
+            self.kind,
+            self.start,
+            self.end,
+            self.expected_len,
+            [Path(f).name for f in self.frames] if self.listed else len(self.frames),
+            self.problem,
+        ]
 
 
 def natural_key(name: str):
@@ -59,8 +70,13 @@ def natural_key(name: str):
 
 def list_frames(folder: Path) -> list[str]:
     """The image files of a frame folder, in natural name order."""
-    return [str(p) for p in sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()),
-                                   key=lambda p: natural_key(p.name))]
+    return [
+        str(p)
+        for p in sorted(
+            (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()),
+            key=lambda p: natural_key(p.name),
+        )
+    ]
 
 
 def check_item(it: Item) -> str:
@@ -105,6 +121,7 @@ def even_frames(n: int, max_frames: int) -> np.ndarray:
 def resize(img, size: int) -> np.ndarray:
     """A PIL image as uint8 RGB H x W x 3, resized to `size` x `size` (bilinear; 0 keeps its size)."""
     from PIL import Image
+
     img = img.convert("RGB")
     if size > 0 and img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
@@ -117,6 +134,7 @@ class BadClip(Exception):
 
 def _decode_frames(it: Item, size: int, max_frames: int) -> tuple[np.ndarray, int]:
     from PIL import Image
+
     idx = even_frames(len(it.frames), max_frames)
     out = []
     for i in idx:
@@ -134,6 +152,7 @@ def _decode_frames(it: Item, size: int, max_frames: int) -> tuple[np.ndarray, in
 
 def _decode_video(it: Item, size: int, max_frames: int, fps: float) -> tuple[np.ndarray, int]:
     import av
+
     try:
         with av.open(it.path) as c:
             if not c.streams.video:
@@ -162,7 +181,7 @@ def _decode_video(it: Item, size: int, max_frames: int, fps: float) -> tuple[np.
     if fps and fps > 0:
         t0 = it.start if it.start is not None else times[0]
         step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / fps
-        t1 = it.end if it.end is not None else times[-1] + step     # the last frame lasts one step
+        t1 = it.end if it.end is not None else times[-1] + step  # the last frame lasts one step
         targets = t0 + np.arange(max(1, int(np.floor((t1 - t0) * fps + 1e-9)))) / fps
         tarr = np.asarray(times)
         idx = np.abs(tarr[None, :] - targets[:, None]).argmin(1)

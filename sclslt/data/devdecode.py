@@ -15,6 +15,7 @@ Why nvImageCodec and not `torchvision.io.decode_jpeg`: it does not pin a torch v
 torch stays as it is), it uses the hardware JPEG engines of A100/H100/H200 when present, and its CPU
 backend lets the same path run and be tested on machines without a GPU.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ from sclslt.data.codec import JpegClip
 
 MODES = ("auto", "cpu", "device")
 _DECODERS: dict = {}
-_LOADER_NOTES: list = []     # what nvImageCodec printed while loading its codec libraries
+_LOADER_NOTES: list = []  # what nvImageCodec printed while loading its codec libraries
 
 
 class DecodeError(RuntimeError):
@@ -34,6 +35,7 @@ class DecodeError(RuntimeError):
 def _nvimgcodec():
     import importlib
     import sys
+
     if sys.modules.get("nvidia.nvimgcodec") is not None:
         return sys.modules["nvidia.nvimgcodec"]
     try:
@@ -41,12 +43,13 @@ def _nvimgcodec():
         _LOADER_NOTES.append(said)
         return module
     except ImportError as e:
-        raise DecodeError("data.decode=device needs nvImageCodec: pip install 'nvidia-nvimgcodec-cu12[nvjpeg]' "
-                          f"({e})") from e
+        raise DecodeError(
+            f"data.decode=device needs nvImageCodec: pip install 'nvidia-nvimgcodec-cu12[nvjpeg]' ({e})"
+        ) from e
 
 
 def resolve(mode: str, device) -> str:
-    """"device" or "cpu": where a run's `jpg` frames are decoded. "auto" decodes on a CUDA device when
+    """ "device" or "cpu": where a run's `jpg` frames are decoded. "auto" decodes on a CUDA device when
     nvImageCodec is installed and in the loader workers otherwise; "device" insists (an error says
     what is missing); shards of other formats have nothing to decode and ignore the choice."""
     if mode not in MODES:
@@ -72,6 +75,7 @@ def _capturing_stderr(make):
     import os
     import sys
     import tempfile
+
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as tmp:
@@ -90,6 +94,7 @@ def rank_cores() -> int:
     """The CPU cores this rank may use: its affinity (a task Slurm or MPI bound to its cores), or, where it
     sees every core of the node, its share among the node's ranks (LOCAL_WORLD_SIZE / LOCAL_SIZE)."""
     import os
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cores >= (os.cpu_count() or 1):
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
@@ -108,16 +113,24 @@ def decoder(device: torch.device, threads: int | None = None):
         nv = _nvimgcodec()
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
-            made, said = _capturing_stderr(lambda: nv.Decoder(device_id=index, max_num_cpu_threads=threads,
-                                                              options=":fancy_upsampling=1"))
+            made, said = _capturing_stderr(
+                lambda: nv.Decoder(device_id=index, max_num_cpu_threads=threads, options=":fancy_upsampling=1")
+            )
             said = "".join(_LOADER_NOTES) + said
-            if "nvjpeg library" in said.lower():      # it would silently decode on the CPU instead
-                raise DecodeError(f"nvImageCodec cannot load nvJPEG on {device}: pip install nvidia-nvjpeg-cu12 "
-                                  f"(or set data.decode=cpu). It said: {said.strip()[:400]}")
+            if "nvjpeg library" in said.lower():  # it would silently decode on the CPU instead
+                raise DecodeError(
+                    f"nvImageCodec cannot load nvJPEG on {device}: pip install nvidia-nvjpeg-cu12 "
+                    f"(or set data.decode=cpu). It said: {said.strip()[:400]}"
+                )
         else:
-            made, _ = _capturing_stderr(lambda: nv.Decoder(
-                device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)],
-                max_num_cpu_threads=threads, options=":fancy_upsampling=1"))
+            made, _ = _capturing_stderr(
+                lambda: nv.Decoder(
+                    device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY,
+                    backends=[nv.Backend(nv.CPU_ONLY)],
+                    max_num_cpu_threads=threads,
+                    options=":fancy_upsampling=1",
+                )
+            )
         _DECODERS[key] = made
     return _DECODERS[key]
 
@@ -126,8 +139,7 @@ class EncodedFrames:
     """A batch's frames, compressed: `data` holds every JPEG back to back (frame i is
     data[offsets[i]:offsets[i + 1]]), `slots[i]` is frame i's flat index in the padded B x T batch."""
 
-    def __init__(self, data: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, batch_time: tuple,
-                 keys: list):
+    def __init__(self, data: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, batch_time: tuple, keys: list):
         self.data, self.offsets, self.slots, self.batch_time, self.keys = data, offsets, slots, batch_time, keys
 
     @classmethod
@@ -138,12 +150,13 @@ class EncodedFrames:
         pos = 0
         for c in clips:
             for p in c.parts:
-                data[pos:pos + len(p)] = np.frombuffer(p, dtype=np.uint8)
+                data[pos : pos + len(p)] = np.frombuffer(p, dtype=np.uint8)
                 pos += len(p)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         slots = np.concatenate([b * t_max + np.arange(len(c)) for b, c in enumerate(clips)]).astype(np.int64)
-        return cls(torch.from_numpy(data), torch.from_numpy(offsets), torch.from_numpy(slots),
-                   (len(clips), t_max), list(keys))
+        return cls(
+            torch.from_numpy(data), torch.from_numpy(offsets), torch.from_numpy(slots), (len(clips), t_max), list(keys)
+        )
 
     def _key_of(self, frame: int) -> str:
         return self.keys[int(self.slots[frame]) // self.batch_time[1]]
@@ -152,9 +165,9 @@ class EncodedFrames:
         """uint8 (B, T, H, W, 3) on `device`, zero where a clip is shorter than T."""
         device = torch.device(device)
         buf, off = self.data.numpy(), self.offsets.tolist()
-        streams = [buf[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+        streams = [buf[off[i] : off[i + 1]] for i in range(len(off) - 1)]
         stream = {"cuda_stream": torch.cuda.current_stream(device).cuda_stream} if device.type == "cuda" else {}
-        try:       # on a GPU: on torch's current stream, so the frames are ready for what follows on it
+        try:  # on a GPU: on torch's current stream, so the frames are ready for what follows on it
             images = decoder(device).decode(streams, **stream)
         except Exception as e:  # noqa: BLE001 - re-raised naming the batch's samples
             raise DecodeError(f"decoding the frames of samples {self.keys} on {device} failed: {e}") from e
@@ -164,8 +177,10 @@ class EncodedFrames:
                 raise DecodeError(f"sample {self._key_of(i)}: a frame could not be decoded on {device}")
             t = torch.from_dlpack(img) if device.type == "cuda" else torch.from_numpy(np.asarray(img))
             if t.dim() != 3 or t.shape[-1] != 3 or (frames and t.shape != frames[0].shape):
-                raise DecodeError(f"sample {self._key_of(i)}: frame shape {tuple(t.shape)} != "
-                                  f"{tuple(frames[0].shape) if frames else 'H x W x 3'} of the rest of the batch")
+                raise DecodeError(
+                    f"sample {self._key_of(i)}: frame shape {tuple(t.shape)} != "
+                    f"{tuple(frames[0].shape) if frames else 'H x W x 3'} of the rest of the batch"
+                )
             frames.append(t)
         h, w, c = frames[0].shape
         b, t_max = self.batch_time

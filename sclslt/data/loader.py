@@ -14,6 +14,7 @@ What that guarantees, at any world size (any divisor of the global batch) and an
 Evaluation (`ShardStream`): every sample once, a contiguous slice per rank, streamed shard by shard.
 Frames stay uint8 until they reach the device (normalisation happens in the model).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,31 +29,44 @@ import torch
 from sclslt.data.codec import JpegClip
 from sclslt.data.decoding import even_frames
 from sclslt.data.shards import (
-    ShardError, frame_format, iter_shard, manifest_rows, read_manifest, warn_unchecked,
+    ShardError,
+    frame_format,
+    iter_shard,
+    manifest_rows,
+    read_manifest,
+    warn_unchecked,
 )
 
 # ---------------------------------------------------------------------------------------------
 # batches
 
+
 @dataclass
 class Batch:
-    frames: torch.Tensor          # uint8 (B, T, H, W, 3), zero-padded in time (before `to`: or EncodedFrames)
-    frame_mask: torch.Tensor      # bool (B, T)
-    input_ids: torch.Tensor       # long (B, L): text tokens ending in </s>, padded with pad id
+    frames: torch.Tensor  # uint8 (B, T, H, W, 3), zero-padded in time (before `to`: or EncodedFrames)
+    frame_mask: torch.Tensor  # bool (B, T)
+    input_ids: torch.Tensor  # long (B, L): text tokens ending in </s>, padded with pad id
     attention_mask: torch.Tensor  # long (B, L)
-    labels: torch.Tensor          # long (B, L): input_ids with -100 at padding
-    sentence_ids: torch.Tensor    # long (B,)
+    labels: torch.Tensor  # long (B, L): input_ids with -100 at padding
+    sentence_ids: torch.Tensor  # long (B,)
     keys: list
     texts: list
-    draws: torch.Tensor | None = None   # float (B, AUG_DRAWS): each clip's augmentation uniforms (training)
+    draws: torch.Tensor | None = None  # float (B, AUG_DRAWS): each clip's augmentation uniforms (training)
     frame_index: torch.Tensor | None = None  # long (N,): flat indices b * T + t of the valid frames, made on the host
-    lengths: list | None = None         # valid frames per clip (host ints): where each clip's frames end
+    lengths: list | None = None  # valid frames per clip (host ints): where each clip's frames end
 
     def _apply(self, method: str, *args, **kwargs) -> "Batch":
         """A copy with `method(*args, **kwargs)` applied to every field that has it (tensors, EncodedFrames)."""
-        return Batch(**{f.name: (getattr(getattr(self, f.name), method)(*args, **kwargs)
-                                 if hasattr(getattr(self, f.name), method) else getattr(self, f.name))
-                        for f in fields(self)})
+        return Batch(
+            **{
+                f.name: (
+                    getattr(getattr(self, f.name), method)(*args, **kwargs)
+                    if hasattr(getattr(self, f.name), method)
+                    else getattr(self, f.name)
+                )
+                for f in fields(self)
+            }
+        )
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
         return self._apply("to", device, non_blocking=non_blocking)
@@ -76,10 +90,12 @@ class Batch:
         chunks, start = [], 0
         steps = self.frame_mask.shape[1]
         for i in range(0, len(self), size):
-            c = {f.name: (getattr(self, f.name)[i:i + size] if getattr(self, f.name) is not None else None)
-                 for f in fields(self)}
+            c = {
+                f.name: (getattr(self, f.name)[i : i + size] if getattr(self, f.name) is not None else None)
+                for f in fields(self)
+            }
             if self.frame_index is not None:
-                stop = start + sum(self.lengths[i:i + size])
+                stop = start + sum(self.lengths[i : i + size])
                 c["frame_index"] = self.frame_index[start:stop] - i * steps
                 start = stop
             chunks.append(Batch(**c))
@@ -109,17 +125,21 @@ class Collate:
         if not samples:
             raise ValueError("empty batch")
         texts = [s["meta"]["text"] for s in samples]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_len,
-                             return_tensors="pt")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_len, return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         frames, mask = self.frames(samples)
-        return Batch(frames=frames, frame_mask=mask,
-                     input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels,
-                     sentence_ids=torch.tensor([int(s["meta"]["sentence_id"]) for s in samples],
-                                               dtype=torch.long),
-                     keys=[s["key"] for s in samples], texts=texts,
-                     draws=torch.from_numpy(np.stack([s["draws"] for s in samples])) if "draws" in samples[0] else None,
-                     **frame_fields(mask))
+        return Batch(
+            frames=frames,
+            frame_mask=mask,
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            labels=labels,
+            sentence_ids=torch.tensor([int(s["meta"]["sentence_id"]) for s in samples], dtype=torch.long),
+            keys=[s["key"] for s in samples],
+            texts=texts,
+            draws=torch.from_numpy(np.stack([s["draws"] for s in samples])) if "draws" in samples[0] else None,
+            **frame_fields(mask),
+        )
 
     @staticmethod
     def frames(samples: list[dict]):
@@ -128,17 +148,19 @@ class Collate:
         t_max = max(len(s["frames"]) for s in samples)
         mask = torch.zeros((len(samples), t_max), dtype=torch.bool)
         for i, s in enumerate(samples):
-            mask[i, :len(s["frames"])] = True
+            mask[i, : len(s["frames"])] = True
         if isinstance(samples[0]["frames"], JpegClip):
             from sclslt.data.devdecode import EncodedFrames
+
             return EncodedFrames.from_clips([s["frames"] for s in samples], [s["key"] for s in samples]), mask
         h, w, c = samples[0]["frames"].shape[1:]
         frames = np.zeros((len(samples), t_max, h, w, c), dtype=np.uint8)
         for i, s in enumerate(samples):
             if s["frames"].shape[1:] != (h, w, c):
-                raise ShardError(f"sample {s['key']}: frame shape {s['frames'].shape[1:]} != {(h, w, c)} "
-                                 f"of the rest of the batch")
-            frames[i, :len(s["frames"])] = s["frames"]
+                raise ShardError(
+                    f"sample {s['key']}: frame shape {s['frames'].shape[1:]} != {(h, w, c)} of the rest of the batch"
+                )
+            frames[i, : len(s["frames"])] = s["frames"]
         return torch.from_numpy(frames), mask
 
 
@@ -170,12 +192,14 @@ class BadSamples:
 
     def __call__(self, where: str, exc: Exception) -> None:
         import sys
+
         self.errors.append(f"{where}: {exc}")
         print(f"sclslt: skipping unreadable sample {where}: {exc}", file=sys.stderr, flush=True)
         if len(self.errors) > self.max_fraction * max(self.expected, 1):
-            raise ShardError(f"{len(self.errors)} unreadable samples out of {self.expected} read "
-                             f"(more than data.max_bad_fraction={self.max_fraction}); first: "
-                             + "; ".join(self.errors[:5]))
+            raise ShardError(
+                f"{len(self.errors)} unreadable samples out of {self.expected} read "
+                f"(more than data.max_bad_fraction={self.max_fraction}); first: " + "; ".join(self.errors[:5])
+            )
 
 
 def clip_rng(seed: int, epoch: int, key: str, purpose: int) -> random.Random:
@@ -185,7 +209,7 @@ def clip_rng(seed: int, epoch: int, key: str, purpose: int) -> random.Random:
     return random.Random(int.from_bytes(h, "little"))
 
 
-AUG_DRAWS = 9        # uniforms per clip that `ClipAugment` turns into its affine transform
+AUG_DRAWS = 9  # uniforms per clip that `ClipAugment` turns into its affine transform
 
 
 def clip_draws(seed: int, epoch: int, key: str) -> np.ndarray:
@@ -200,7 +224,7 @@ def epoch_order(keys: list[str], seed: int, epoch: int, global_batch: int) -> li
     `len(keys) % global_batch` keys of the shuffle sit this epoch out (others the next epoch)."""
     order = list(keys)
     random.Random(rng_seed(seed, epoch, 5)).shuffle(order)
-    return [order[b * global_batch:(b + 1) * global_batch] for b in range(len(order) // global_batch)]
+    return [order[b * global_batch : (b + 1) * global_batch] for b in range(len(order) // global_batch)]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -208,13 +232,24 @@ class ShardStream(torch.utils.data.IterableDataset):
     per rank (the last batch may be short), streamed shard by shard. `decode`: "cpu" decodes frames in
     the loader; "device" leaves `jpg` frames compressed for the training device (`devdecode.resolve`)."""
 
-    def __init__(self, shards_dir, split: str, micro_batch: int, *, rank: int = 0, world: int = 1,
-                 max_frames: int = 0, max_bad_fraction: float = 0.01, decode: str = "cpu"):
+    def __init__(
+        self,
+        shards_dir,
+        split: str,
+        micro_batch: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        max_frames: int = 0,
+        max_bad_fraction: float = 0.01,
+        decode: str = "cpu",
+    ):
         from sclslt.data.storage import Store
+
         self.store = Store(shards_dir)
         self.manifest = read_manifest(shards_dir, split)
         self.fmt = frame_format(self.manifest)
-        self.defer = decode == "device"       # `jpg` frames cross compressed, decoded on the device
+        self.defer = decode == "device"  # `jpg` frames cross compressed, decoded on the device
         self.bad = BadSamples(max_bad_fraction)
         self.digests = {r.key: r.digest for r in manifest_rows(self.manifest) if r.digest} or None
         if self.digests is None and self.manifest["samples"]:
@@ -235,8 +270,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 i += sh["num_samples"]
                 continue
             self.bad.expect(sh["num_samples"])
-            for s in iter_shard(sh["name"], self.fmt, self.bad, self.store, self.defer, sh.get("sha256"),
-                                self.digests):
+            for s in iter_shard(sh["name"], self.fmt, self.bad, self.store, self.defer, sh.get("sha256"), self.digests):
                 if self.lo <= i < self.hi:
                     yield s
                 i += 1
@@ -274,14 +308,29 @@ class GlobalStream(torch.utils.data.IterableDataset):
     so every rank still trains on m clips.
     """
 
-    def __init__(self, shards_dir, split: str, batches: list[list[str]], *, rank: int = 0, world: int = 1,
-                 seed: int = 0, epoch: int = 0, skip: int = 0, max_frames: int = 0, decode: str = "cpu",
-                 read_threads: int = 8, max_bad_fraction: float = 0.01, manifest: dict | None = None):
+    def __init__(
+        self,
+        shards_dir,
+        split: str,
+        batches: list[list[str]],
+        *,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        skip: int = 0,
+        max_frames: int = 0,
+        decode: str = "cpu",
+        read_threads: int = 8,
+        max_bad_fraction: float = 0.01,
+        manifest: dict | None = None,
+    ):
         from sclslt.data.shards import ShardIndex
+
         size = {len(b) for b in batches}
         if len(size) > 1 or (size and next(iter(size)) % world):
             raise ShardError(f"global batches of sizes {sorted(size)} cannot be split over {world} ranks")
-        manifest = manifest if manifest is not None else read_manifest(shards_dir, split)   # a caller's, read once
+        manifest = manifest if manifest is not None else read_manifest(shards_dir, split)  # a caller's, read once
         self.index = ShardIndex(shards_dir, manifest, defer=decode == "device")
         self.batches, self.rank, self.world, self.skip = batches, rank, world, skip
         self.seed, self.epoch, self.max_frames, self.read_threads = seed, epoch, max_frames, max(1, read_threads)
@@ -293,7 +342,7 @@ class GlobalStream(torch.utils.data.IterableDataset):
 
     def micro(self, b: int) -> list[str]:
         m = len(self.batches[b]) // self.world
-        return self.batches[b][self.rank * m:(self.rank + 1) * m]
+        return self.batches[b][self.rank * m : (self.rank + 1) * m]
 
     def _read(self, key: str):
         try:
@@ -318,11 +367,12 @@ class GlobalStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[list[dict]]:
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
+
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         mine = [b for b in range(worker, len(self.batches), n_workers) if b >= self.skip]
-        self.bad.expect(sum(len(self.micro(b)) for b in mine))    # the bad fraction is of this worker's clips
-        if self._pool is None or self._pool_pid != os.getpid():     # a forked worker makes its own
+        self.bad.expect(sum(len(self.micro(b)) for b in mine))  # the bad fraction is of this worker's clips
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked worker makes its own
             self._pool, self._pool_pid = ThreadPoolExecutor(self.read_threads), os.getpid()
         # reads run ahead of the batch being yielded, so that about read_threads clips are in flight
         ahead = -(-self.read_threads // max(1, len(self.micro(mine[0])))) if mine else 0
@@ -346,14 +396,20 @@ class GlobalStream(torch.utils.data.IterableDataset):
         s["draws"] = clip_draws(self.seed, self.epoch, s["key"])
 
 
-def make_loader(stream: ShardStream, collate: Collate, num_workers: int = 0, prefetch_factor: int = 2,
-                pin_memory: bool = False):
+def make_loader(
+    stream: ShardStream, collate: Collate, num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False
+):
     """`pin_memory` (training on a GPU): batches in page-locked memory, so the copy to the device is asynchronous.
     The loader draws its workers' base seed from a generator of its own, not torch's global one: making a loader
     must not move the stream dropout draws from (a run resumed mid-epoch makes one where the uninterrupted run
     did not), and every draw of the data is seeded by (seed, epoch, clip) anyway."""
-    kw = dict(num_workers=num_workers, collate_fn=collate, batch_size=None, pin_memory=pin_memory,
-              generator=torch.Generator().manual_seed(0))
+    kw = dict(
+        num_workers=num_workers,
+        collate_fn=collate,
+        batch_size=None,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
+    )
     if num_workers > 0:
         kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
     return torch.utils.data.DataLoader(stream, **kw)

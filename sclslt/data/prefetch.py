@@ -8,6 +8,7 @@ cannot hand it out early. Order, content and errors are the loader's: a loader e
 training thread, with its own type and message, when its batch would have come. On a CPU the thread still
 runs (the same code path, tested), without streams.
 """
+
 from __future__ import annotations
 
 import queue
@@ -63,8 +64,9 @@ def on_device(loader, device, ahead: int = 1):
     device = torch.device(device)
     out: queue.Queue = queue.Queue()
     room, stop = threading.Semaphore(max(1, ahead)), threading.Event()
-    worker = threading.Thread(target=_produce, args=(iter(loader), device, out, room, stop), daemon=True,
-                              name="sclslt-prefetch")
+    worker = threading.Thread(
+        target=_produce, args=(iter(loader), device, out, room, stop), daemon=True, name="sclslt-prefetch"
+    )
     worker.start()
     try:
         while True:
@@ -82,6 +84,6 @@ def on_device(loader, device, ahead: int = 1):
                     if t.is_cuda:
                         t.record_stream(stream)
             yield batch
-    finally:                    # the stage ended before the epoch did, or an error: the thread stops too
+    finally:  # the stage ended before the epoch did, or an error: the thread stops too
         stop.set()
         worker.join()

@@ -35,6 +35,7 @@ frame counts, duplicate keys) is reported with the sample's key and path. Withou
 run stops with exit status 2 and publishes nothing (annotation-level problems of the whole split are
 all listed before any decoding); with it, bad samples are skipped and listed in <split>.bad.jsonl.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,9 @@ class BadInput(RuntimeError):
 
 
 def _items_hash(items) -> str:
-    return hashlib.sha256(json.dumps([it.descriptor() for it in items], ensure_ascii=False,
-                                     sort_keys=True).encode("utf-8")).hexdigest()
+    return hashlib.sha256(
+        json.dumps([it.descriptor() for it in items], ensure_ascii=False, sort_keys=True).encode("utf-8")
+    ).hexdigest()
 
 
 def _bad_entry(it, reason: str) -> dict:
@@ -88,7 +90,7 @@ def _load_progress(paths: list[Path], fingerprint: str) -> list[dict]:
             recs = [json.loads(ln) for ln in lines]
         except json.JSONDecodeError:
             recs = []
-            for ln in lines:               # a crash may leave a torn last line: keep the good prefix
+            for ln in lines:  # a crash may leave a torn last line: keep the good prefix
                 try:
                     recs.append(json.loads(ln))
                 except json.JSONDecodeError:
@@ -104,9 +106,11 @@ def _verify(records: list[dict], items, dirs: list[Path]) -> list[dict]:
     for i, r in enumerate(records):
         if r.get("index") != i or r.get("lo") != pos or r.get("hi", len(items) + 1) > len(items):
             break
-        where = next((d / r["name"] for d in dirs if (d / r["name"]).is_file()
-                      and file_sha256(d / r["name"]) == r["sha256"]), None)
-        if where is None or _items_hash(items[r["lo"]:r["hi"]]) != r["items"]:
+        where = next(
+            (d / r["name"] for d in dirs if (d / r["name"]).is_file() and file_sha256(d / r["name"]) == r["sha256"]),
+            None,
+        )
+        if where is None or _items_hash(items[r["lo"] : r["hi"]]) != r["items"]:
             break
         ok.append({**r, "path": str(where)})
         pos = r["hi"]
@@ -134,9 +138,15 @@ def _decoded(items: list, pos: int, workers: int, size: int, max_frames: int, fp
 
 def _sample(it, frames, n_src: int) -> dict:
     """The shard sample of a decoded corpus item."""
-    return {"key": it.key, "frames": frames, "text": it.text, "original_text": it.text, "signer": it.signer,
-            "source": it.source, "meta": {"source_frames": int(n_src),
-                                          **({"start": it.start, "end": it.end} if it.end is not None else {})}}
+    return {
+        "key": it.key,
+        "frames": frames,
+        "text": it.text,
+        "original_text": it.text,
+        "signer": it.signer,
+        "source": it.source,
+        "meta": {"source_frames": int(n_src), **({"start": it.start, "end": it.end} if it.end is not None else {})},
+    }
 
 
 def _open_progress(out: Path, split: str, items: list, options: dict, skip_bad: bool, log):
@@ -146,8 +156,7 @@ def _open_progress(out: Path, split: str, items: list, options: dict, skip_bad: 
     fingerprint = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
     work = out / f".{split}.work"
     published_progress = out / f"{split}.progress.jsonl"
-    records = _verify(_load_progress([work / "progress.jsonl", published_progress], fingerprint),
-                      items, [work, out])
+    records = _verify(_load_progress([work / "progress.jsonl", published_progress], fingerprint), items, [work, out])
     prior_bad = [b for r in records for _, b in r["bad"]]
     if prior_bad and not skip_bad:
         raise BadInput(_describe(split, prior_bad))
@@ -159,8 +168,12 @@ def _open_progress(out: Path, split: str, items: list, options: dict, skip_bad: 
     for stale in work.glob("*.tmp"):
         stale.unlink()
     prog_path = work / "progress.jsonl"
-    write_text(prog_path, json.dumps({"fingerprint": fingerprint, "options": options}) + "\n" + "".join(
-        json.dumps({k: v for k, v in r.items() if k != "path"}, ensure_ascii=False) + "\n" for r in records))
+    write_text(
+        prog_path,
+        json.dumps({"fingerprint": fingerprint, "options": options})
+        + "\n"
+        + "".join(json.dumps({k: v for k, v in r.items() if k != "path"}, ensure_ascii=False) + "\n" for r in records),
+    )
     return work, records, prior_bad, pos, open(prog_path, "a", encoding="utf-8")
 
 
@@ -168,16 +181,17 @@ def _open_progress(out: Path, split: str, items: list, options: dict, skip_bad: 
 class ShardOptions:
     """`sclslt shard`'s options for one split (`shard_split`'s keyword arguments). The fields that shape the
     shards are recorded (`recorded`): in the manifest, and as the fingerprint a rerun resumes under."""
-    size: int = 256                  # frames resized to size x size (0: original size)
-    max_frames: int = 300            # at most this many evenly spaced frames per clip (0: all)
-    fps: float = 0.0                 # videos resampled to this rate, nearest frame (0: native)
-    workers: int = 1                 # decoding processes (the output does not depend on it)
-    shard_size_mb: float = 512.0     # byte bound of a shard, 10^6 bytes (0: none)
-    samples_per_shard: int = 0       # count bound of a shard (0: none)
-    skip_bad: bool = False           # skip and list bad samples instead of stopping
-    lowercase: bool = True           # lowercase the normalised text and sentence ids
-    progress: bool = True            # a progress bar
-    frame_format: str = "npy"        # on-disk form of the frames (sclslt/data/codec.py)
+
+    size: int = 256  # frames resized to size x size (0: original size)
+    max_frames: int = 300  # at most this many evenly spaced frames per clip (0: all)
+    fps: float = 0.0  # videos resampled to this rate, nearest frame (0: native)
+    workers: int = 1  # decoding processes (the output does not depend on it)
+    shard_size_mb: float = 512.0  # byte bound of a shard, 10^6 bytes (0: none)
+    samples_per_shard: int = 0  # count bound of a shard (0: none)
+    skip_bad: bool = False  # skip and list bad samples instead of stopping
+    lowercase: bool = True  # lowercase the normalised text and sentence ids
+    progress: bool = True  # a progress bar
+    frame_format: str = "npy"  # on-disk form of the frames (sclslt/data/codec.py)
 
     @property
     def max_bytes(self) -> int:
@@ -185,10 +199,18 @@ class ShardOptions:
 
     def recorded(self, layout: str) -> dict:
         """The options the manifest records and a rerun must match to resume (this key order is written)."""
-        return {"layout": layout, "size": self.size, "max_frames": self.max_frames, "fps": self.fps,
-                "shard_size_mb": self.shard_size_mb, "samples_per_shard": self.samples_per_shard,
-                "lowercase": self.lowercase, "resize": "square", "format": self.frame_format,
-                "progress_version": PROGRESS_VERSION}
+        return {
+            "layout": layout,
+            "size": self.size,
+            "max_frames": self.max_frames,
+            "fps": self.fps,
+            "shard_size_mb": self.shard_size_mb,
+            "samples_per_shard": self.samples_per_shard,
+            "lowercase": self.lowercase,
+            "resize": "square",
+            "format": self.frame_format,
+            "progress_version": PROGRESS_VERSION,
+        }
 
 
 class SplitSharder:
@@ -201,15 +223,22 @@ class SplitSharder:
         self.out, self.split, self.items, self.opts, self.log = out, split, items, opts, log
         self.options = opts.recorded(layout)
         self.work, self.records, prior_bad, self.pos, self.prog = _open_progress(
-            out, split, items, self.options, opts.skip_bad, log)
-        self.writer = ShardWriter(self.work, split, opts.samples_per_shard, opts.max_bytes, opts.lowercase,
-                                  first_shard=len(self.records),
-                                  frame_shape=self.records[0]["shape"] if self.records else None,
-                                  frame_format=opts.frame_format)
-        self.pending_bad: list[tuple[int, dict]] = []    # (item index, entry) of shards not yet recorded
+            out, split, items, self.options, opts.skip_bad, log
+        )
+        self.writer = ShardWriter(
+            self.work,
+            split,
+            opts.samples_per_shard,
+            opts.max_bytes,
+            opts.lowercase,
+            first_shard=len(self.records),
+            frame_shape=self.records[0]["shape"] if self.records else None,
+            frame_format=opts.frame_format,
+        )
+        self.pending_bad: list[tuple[int, dict]] = []  # (item index, entry) of shards not yet recorded
         self.n_bad = len(prior_bad)
-        self.lo = self.pos                               # first item of the open shard
-        self.rows = 0                                    # the writer's index rows already recorded
+        self.lo = self.pos  # first item of the open shard
+        self.rows = 0  # the writer's index rows already recorded
 
     def write(self, i: int, status: str, payload, n_src: int) -> None:
         """Item `i`'s `decode_item` result: encoded into the open shard, or (bad) listed or raised."""
@@ -240,10 +269,18 @@ class SplitSharder:
     def _record(self, rec: dict, hi: int) -> None:
         """A closed shard's line in the progress file (fsynced): its sha256, items [lo, hi), their index rows."""
         lo = self.lo
-        r = {"index": len(self.records), "name": rec["name"], "num_samples": rec["num_samples"],
-             "sha256": rec["sha256"], "lo": lo, "hi": hi, "items": _items_hash(self.items[lo:hi]),
-             "shape": self.writer.shape, "rows": self.writer.index[self.rows:],
-             "bad": [[i, b] for i, b in self.pending_bad if lo <= i < hi]}
+        r = {
+            "index": len(self.records),
+            "name": rec["name"],
+            "num_samples": rec["num_samples"],
+            "sha256": rec["sha256"],
+            "lo": lo,
+            "hi": hi,
+            "items": _items_hash(self.items[lo:hi]),
+            "shape": self.writer.shape,
+            "rows": self.writer.index[self.rows :],
+            "bad": [[i, b] for i, b in self.pending_bad if lo <= i < hi],
+        }
         self.prog.write(json.dumps(r, ensure_ascii=False) + "\n")
         self.prog.flush()
         os.fsync(self.prog.fileno())
@@ -277,21 +314,40 @@ class SplitSharder:
             write_text(out / f"{split}.bad.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
         os.replace(self.work / "progress.jsonl", out / f"{split}.progress.jsonl")
         shards = [{"name": r["name"], "num_samples": r["num_samples"], "sha256": r["sha256"]} for r in records]
-        manifest = make_manifest(split, shards, index, records[0]["shape"], opts.lowercase,
-                                 {"options": {k: v for k, v in self.options.items() if k != "progress_version"},
-                                  "num_bad": len(bad), "tool": "sclslt shard"}, opts.frame_format)
+        manifest = make_manifest(
+            split,
+            shards,
+            index,
+            records[0]["shape"],
+            opts.lowercase,
+            {
+                "options": {k: v for k, v in self.options.items() if k != "progress_version"},
+                "num_bad": len(bad),
+                "tool": "sclslt shard",
+            },
+            opts.frame_format,
+        )
         write_manifest(out, split, manifest)
         shutil.rmtree(self.work, ignore_errors=True)
-        self.log(f"{split}: {manifest['num_samples']} samples in {len(shards)} shard(s), {len(bad)} bad, "
-                 f"frames {manifest['frame_shape']} -> {out}")
+        self.log(
+            f"{split}: {manifest['num_samples']} samples in {len(shards)} shard(s), {len(bad)} bad, "
+            f"frames {manifest['frame_shape']} -> {out}"
+        )
         return manifest
 
 
 def _progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("bad {task.fields[bad]}"), TimeRemainingColumn(), disable=not enabled,
-                    transient=False)
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("bad {task.fields[bad]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
 
 
 def shard_split(layout: str, root, out, split: str, *, annotations=None, log=print, **options) -> dict:
@@ -303,7 +359,7 @@ def shard_split(layout: str, root, out, split: str, *, annotations=None, log=pri
         raise CorpusError(f"{layout}: split {split} has no items under {root}")
     for it in items:
         check_item(it)
-    pre_bad = [_bad_entry(it, it.problem) for it in items if it.problem]   # decoding reports them again
+    pre_bad = [_bad_entry(it, it.problem) for it in items if it.problem]  # decoding reports them again
     if pre_bad and not opts.skip_bad:
         raise BadInput(_describe(split, pre_bad))
 
@@ -325,49 +381,99 @@ def shard_split(layout: str, root, out, split: str, *, annotations=None, log=pri
 
 
 def build_parser(prog: str = "sclslt shard") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     add_arguments(p)
     return p
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`sclslt shard`'s options (the subcommand's parser and `build_parser`)."""
-    p.add_argument("--layout", required=True, choices=sorted(CORPUS_LAYOUTS.names()),
-                   help="the corpus layout under --root (see sclslt/data/layouts/ for the exact files read)")
-    p.add_argument("--root", required=True,
-                   help="the corpus directory (for 'manifest': the CSV/JSONL file or a directory with "
-                        "manifest.csv / manifest.jsonl)")
+    p.add_argument(
+        "--layout",
+        required=True,
+        choices=sorted(CORPUS_LAYOUTS.names()),
+        help="the corpus layout under --root (see sclslt/data/layouts/ for the exact files read)",
+    )
+    p.add_argument(
+        "--root",
+        required=True,
+        help="the corpus directory (for 'manifest': the CSV/JSONL file or a directory with "
+        "manifest.csv / manifest.jsonl)",
+    )
     p.add_argument("--out", required=True, help="output directory for shards, manifests and reports")
-    p.add_argument("--split", action="append", default=None,
-                   help="split(s) to convert, repeatable or comma-separated (default: train, dev, test; "
-                        "How2Sign's 'val' is written as 'dev')")
-    p.add_argument("--annotations", default=None,
-                   help="where the annotation files are, if not in the layout's standard place")
-    p.add_argument("--size", type=int, default=256,
-                   help="frames are resized to SIZE x SIZE pixels, square (default 256); 0 keeps the "
-                        "original size (all clips must then share it)")
-    p.add_argument("--format", choices=["npy", "npy.zst", "jpg"], default="npy",
-                   help="on-disk form of the frames (recorded in the manifest): npy raw uint8 (default, no "
-                        "decode cost), npy.zst lossless zstd, jpg per-frame JPEG q90 (smallest, lossy); "
-                        "see benchmarks/bench_loader.py")
-    p.add_argument("--max-frames", type=int, default=300,
-                   help="keep at most N evenly spaced frames per clip (default 300; 0 keeps all)")
-    p.add_argument("--fps", type=float, default=0.0,
-                   help="resample videos to F frames/second, nearest frame (default 0: native rate; "
-                        "frame folders are never resampled)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="decoding processes (default 1: decode in this process); output does not depend on it")
-    p.add_argument("--shard-size", type=float, default=512.0, metavar="MB",
-                   help="close a shard before it would exceed MB megabytes (10^6 bytes; default 512; 0: no "
-                        "byte bound); a single larger clip gets a shard of its own")
-    p.add_argument("--samples-per-shard", type=int, default=0,
-                   help="also close a shard after N samples (default 0: no count bound)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip bad samples and list them in <out>/<split>.bad.jsonl instead of stopping")
-    p.add_argument("--keep-case", action="store_true",
-                   help="do not lowercase the normalised text (and sentence ids); must match data.lowercase")
+    p.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="split(s) to convert, repeatable or comma-separated (default: train, dev, test; "
+        "How2Sign's 'val' is written as 'dev')",
+    )
+    p.add_argument(
+        "--annotations", default=None, help="where the annotation files are, if not in the layout's standard place"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=256,
+        help="frames are resized to SIZE x SIZE pixels, square (default 256); 0 keeps the "
+        "original size (all clips must then share it)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["npy", "npy.zst", "jpg"],
+        default="npy",
+        help="on-disk form of the frames (recorded in the manifest): npy raw uint8 (default, no "
+        "decode cost), npy.zst lossless zstd, jpg per-frame JPEG q90 (smallest, lossy); "
+        "see benchmarks/bench_loader.py",
+    )
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        default=300,
+        help="keep at most N evenly spaced frames per clip (default 300; 0 keeps all)",
+    )
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=0.0,
+        help="resample videos to F frames/second, nearest frame (default 0: native rate; "
+        "frame folders are never resampled)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="decoding processes (default 1: decode in this process); output does not depend on it",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=float,
+        default=512.0,
+        metavar="MB",
+        help="close a shard before it would exceed MB megabytes (10^6 bytes; default 512; 0: no "
+        "byte bound); a single larger clip gets a shard of its own",
+    )
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=0,
+        help="also close a shard after N samples (default 0: no count bound)",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad samples and list them in <out>/<split>.bad.jsonl instead of stopping",
+    )
+    p.add_argument(
+        "--keep-case",
+        action="store_true",
+        help="do not lowercase the normalised text (and sentence ids); must match data.lowercase",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -382,11 +488,23 @@ def run_command(args) -> int:
         return 2
     try:
         for split in splits:
-            shard_split(args.layout, args.root, args.out, split, size=args.size, max_frames=args.max_frames,
-                        fps=args.fps, workers=args.workers, shard_size_mb=args.shard_size,
-                        samples_per_shard=args.samples_per_shard, skip_bad=args.skip_bad,
-                        lowercase=not args.keep_case, annotations=args.annotations,
-                        progress=not args.no_progress, frame_format=args.format)
+            shard_split(
+                args.layout,
+                args.root,
+                args.out,
+                split,
+                size=args.size,
+                max_frames=args.max_frames,
+                fps=args.fps,
+                workers=args.workers,
+                shard_size_mb=args.shard_size,
+                samples_per_shard=args.samples_per_shard,
+                skip_bad=args.skip_bad,
+                lowercase=not args.keep_case,
+                annotations=args.annotations,
+                progress=not args.no_progress,
+                frame_format=args.format,
+            )
     except (BadInput, CorpusError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ truncated shard under a final name. `ShardWriter` bounds shards by sample count 
 exact tar size, computed before writing, so boundaries depend only on the samples); `write_split`
 wraps it. Manifests may carry extra keys (sclslt shard adds its options and bad count).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from sclslt.data.text import normalise_text, sentence_id
 from sclslt.atomic import write_text
+from sclslt.data.text import normalise_text, sentence_id
 
 FORMAT = "npy-uint8"
 MANIFEST_VERSION = 1
@@ -43,6 +44,7 @@ class ShardError(RuntimeError):
 def encode_frames(frames: np.ndarray) -> bytes:
     """The default (npy) encoding of a clip's frames."""
     from sclslt.data.codec import encode
+
     return encode(frames, "npy")
 
 
@@ -56,6 +58,7 @@ def decode_frames(data: bytes, where: str, fmt: str = "npy", defer: bool = False
     """A sample's frames as uint8 T x H x W x 3; with `defer`, a `jpg` clip stays compressed
     (`codec.JpegClip`, framing checked) for decoding on the device (`sclslt.data.devdecode`)."""
     from sclslt.data.codec import JpegClip, decode
+
     try:
         return JpegClip.parse(data) if defer and fmt == "jpg" else decode(data, fmt)
     except Exception as e:  # noqa: BLE001 - re-raised with the sample named
@@ -97,14 +100,15 @@ def tar_bytes(member_sizes: list[int]) -> int:
 
 class ManifestRow(NamedTuple):
     """One sample of a split's manifest (stored in the JSON as a list in this order)."""
+
     key: str
-    shard: int          # index into the manifest's "shards"
-    sentence_id: int    # the false-negative identity (`text.sentence_id` of the normalised text)
+    shard: int  # index into the manifest's "shards"
+    sentence_id: int  # the false-negative identity (`text.sentence_id` of the normalised text)
     num_frames: int
-    text: str           # normalised text
-    offsets: list | None = None   # [frames offset, frames size, json offset, json size] in the shard (bytes)
-    digest: str | None = None     # `sample_digest` of the two members (manifests before it: absent)
-    source: str | None = None     # where the clip came from ("video.mp4", "video.mp4#3": a segment; before: absent)
+    text: str  # normalised text
+    offsets: list | None = None  # [frames offset, frames size, json offset, json size] in the shard (bytes)
+    digest: str | None = None  # `sample_digest` of the two members (manifests before it: absent)
+    source: str | None = None  # where the clip came from ("video.mp4", "video.mp4#3": a segment; before: absent)
 
 
 def manifest_rows(manifest: dict) -> list[ManifestRow]:
@@ -127,18 +131,23 @@ def check_disjoint_splits(shards_dir, manifests: dict | None = None, limit: int 
     rows = {sp: manifest_rows(manifests[sp] if manifests else read_manifest(shards_dir, sp)) for sp in SPLITS}
     problems = []
     for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
+        for b in SPLITS[i + 1 :]:
             keys = sorted({r.key for r in rows[a]} & {r.key for r in rows[b]})
-            videos = sorted(({source_video(r.source) for r in rows[a]} & {source_video(r.source) for r in rows[b]})
-                            - {""})
+            videos = sorted(
+                ({source_video(r.source) for r in rows[a]} & {source_video(r.source) for r in rows[b]}) - {""}
+            )
             for what, shared in (("clips", keys), ("source videos", videos)):
                 if shared:
-                    problems.append(f"{a} and {b} share {len(shared)} {what}: {', '.join(shared[:limit])}"
-                                    + (" ..." if len(shared) > limit else ""))
+                    problems.append(
+                        f"{a} and {b} share {len(shared)} {what}: {', '.join(shared[:limit])}"
+                        + (" ..." if len(shared) > limit else "")
+                    )
     if problems:
-        raise ShardError(f"{shards_dir}: the splits overlap ({'; '.join(problems)}). Every reported number would "
-                         f"measure clips the model was selected or trained on: shard the corpus again with disjoint "
-                         f"splits (sentences may repeat across splits; clips and source videos may not)")
+        raise ShardError(
+            f"{shards_dir}: the splits overlap ({'; '.join(problems)}). Every reported number would "
+            f"measure clips the model was selected or trained on: shard the corpus again with disjoint "
+            f"splits (sentences may repeat across splits; clips and source videos may not)"
+        )
 
 
 class ShardWriter:
@@ -150,10 +159,19 @@ class ShardWriter:
     `first_shard` numbers the first shard written (used to resume after verified shards).
     """
 
-    def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int = 64,
-                 max_shard_bytes: int = 0, lowercase: bool = True, first_shard: int = 0,
-                 frame_shape: list | None = None, frame_format: str = "npy"):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        split: str,
+        samples_per_shard: int = 64,
+        max_shard_bytes: int = 0,
+        lowercase: bool = True,
+        first_shard: int = 0,
+        frame_shape: list | None = None,
+        frame_format: str = "npy",
+    ):
         from sclslt.data.codec import FORMATS, member_name
+
         if frame_format not in FORMATS:
             raise ShardError(f"frame format {frame_format!r}: use one of {FORMATS}")
         self.frame_format, self.member = frame_format, member_name(frame_format)
@@ -162,8 +180,8 @@ class ShardWriter:
         self.split, self.samples_per_shard = split, int(samples_per_shard or 0)
         self.max_shard_bytes, self.lowercase = int(max_shard_bytes or 0), lowercase
         self.next_shard, self.shape = first_shard, (list(frame_shape) if frame_shape else None)
-        self.shards: list[dict] = []      # closed by this writer
-        self.index: list[list] = []       # manifest rows of the samples written by this writer
+        self.shards: list[dict] = []  # closed by this writer
+        self.index: list[list] = []  # manifest rows of the samples written by this writer
         self._writer, self._tmp, self._count, self._members, self._rows = None, None, 0, [], []
 
     @property
@@ -177,30 +195,51 @@ class ShardWriter:
             raise ShardError(f"sample {key!r}: keys must be non-empty without '.', '/', '\\' or edge spaces")
         if not text or not text.strip():
             raise ShardError(f"sample {key}: empty text")
-        if (not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[0] == 0
-                or frames.shape[-1] != 3 or frames.dtype != np.uint8):
-            raise ShardError(f"sample {key}: frames must be non-empty uint8 T x H x W x 3, got "
-                             f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}")
+        if (
+            not isinstance(frames, np.ndarray)
+            or frames.ndim != 4
+            or frames.shape[0] == 0
+            or frames.shape[-1] != 3
+            or frames.dtype != np.uint8
+        ):
+            raise ShardError(
+                f"sample {key}: frames must be non-empty uint8 T x H x W x 3, got "
+                f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}"
+            )
         if self.shape is not None and list(frames.shape[1:]) != self.shape:
             raise ShardError(f"sample {key}: frame shape {list(frames.shape[1:])} differs from {self.shape}")
         norm = normalise_text(text, self.lowercase)
-        meta = {"key": key, "text": norm, "original_text": s.get("original_text", text),
-                "sentence_id": sentence_id(text, self.lowercase), "signer": s.get("signer", ""),
-                "num_frames": int(frames.shape[0]), "source": s.get("source", "")}
-        for k, v in (s.get("meta") or {}).items():     # extra fields never override the standard ones
+        meta = {
+            "key": key,
+            "text": norm,
+            "original_text": s.get("original_text", text),
+            "sentence_id": sentence_id(text, self.lowercase),
+            "signer": s.get("signer", ""),
+            "num_frames": int(frames.shape[0]),
+            "source": s.get("source", ""),
+        }
+        for k, v in (s.get("meta") or {}).items():  # extra fields never override the standard ones
             meta.setdefault(k, v)
         from sclslt.data.codec import encode
+
         data = encode(frames, self.frame_format)
         js = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-        return {"key": key, "frames": data, "json": js, "meta": meta, "shape": list(frames.shape[1:]),
-                "digest": sample_digest(data, js),
-                "row": [key, None, meta["sentence_id"], meta["num_frames"], norm],
-                "sizes": [len(data), len(js)]}
+        return {
+            "key": key,
+            "frames": data,
+            "json": js,
+            "meta": meta,
+            "shape": list(frames.shape[1:]),
+            "digest": sample_digest(data, js),
+            "row": [key, None, meta["sentence_id"], meta["num_frames"], norm],
+            "sizes": [len(data), len(js)],
+        }
 
     def overflows(self, enc: dict) -> bool:
         """Whether writing `enc` now would first close the open shard (byte bound)."""
-        return bool(self.max_shard_bytes and self._count
-                    and tar_bytes(self._members + enc["sizes"]) > self.max_shard_bytes)
+        return bool(
+            self.max_shard_bytes and self._count and tar_bytes(self._members + enc["sizes"]) > self.max_shard_bytes
+        )
 
     def write(self, enc: dict) -> list[dict]:
         """Write an encoded sample; returns the shards this call closed (before and/or after it)."""
@@ -213,6 +252,7 @@ class ShardWriter:
             raise ShardError(f"sample {enc['key']}: frame shape {enc['shape']} differs from {self.shape}")
         if self._writer is None:
             import webdataset as wds
+
             self._tmp = self.out / f".{self.split}-{self.next_shard:06d}.tar.tmp"
             self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=0)
             self._count, self._members = 0, []
@@ -234,7 +274,7 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         offsets = member_offsets(self._tmp)
-        for row, digest, source in self._rows:      # where each sample's members lie, their checksum
+        for row, digest, source in self._rows:  # where each sample's members lie, their checksum
             o = offsets[row[0]]
             row += [[*o[self.member], *o["json"]], digest, source]
         self._rows = []
@@ -256,12 +296,26 @@ class ShardWriter:
                 Path(self._tmp).unlink(missing_ok=True)
 
 
-def make_manifest(split: str, shards: list[dict], index: list[list], frame_shape, lowercase: bool,
-                  extra: dict | None = None, frame_format: str = "npy") -> dict:
+def make_manifest(
+    split: str,
+    shards: list[dict],
+    index: list[list],
+    frame_shape,
+    lowercase: bool,
+    extra: dict | None = None,
+    frame_format: str = "npy",
+) -> dict:
     """The manifest dict (the keys read by `read_manifest` plus any `extra` ones)."""
-    man = {"version": MANIFEST_VERSION, "split": split, "format": FORMAT if frame_format == "npy" else frame_format,
-           "num_samples": len(index),
-           "frame_shape": frame_shape, "shards": shards, "samples": index, "lowercase": lowercase}
+    man = {
+        "version": MANIFEST_VERSION,
+        "split": split,
+        "format": FORMAT if frame_format == "npy" else frame_format,
+        "num_samples": len(index),
+        "frame_shape": frame_shape,
+        "shards": shards,
+        "samples": index,
+        "lowercase": lowercase,
+    }
     for k, v in (extra or {}).items():
         man.setdefault(k, v)
     return man
@@ -271,10 +325,18 @@ def write_manifest(out_dir: str | Path, split: str, manifest: dict) -> Path:
     return write_text(Path(out_dir) / f"{split}.json", json.dumps(manifest, ensure_ascii=False))
 
 
-def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
-                samples_per_shard: int = 64, lowercase: bool = True, *,
-                max_shard_bytes: int = 0, extra: dict | None = None, frame_format: str = "npy",
-                encoded: bool = False) -> dict:
+def write_split(
+    samples: Iterable[dict],
+    out_dir: str | Path,
+    split: str,
+    samples_per_shard: int = 64,
+    lowercase: bool = True,
+    *,
+    max_shard_bytes: int = 0,
+    extra: dict | None = None,
+    frame_format: str = "npy",
+    encoded: bool = False,
+) -> dict:
     """Write `samples` (dicts with key, frames, text[, signer, source, original_text, meta]; or, with `encoded`,
     what `ShardWriter.encode` made of them, e.g. in worker processes) as shards.
 
@@ -299,8 +361,10 @@ def write_split(samples: Iterable[dict], out_dir: str | Path, split: str,
 
 def check_manifest(man, where: str) -> None:
     """The manifest's structure, before anything indexes into it: a ShardError naming the first problem."""
+
     def bad(what: str):
         raise ShardError(f"manifest {where}: {what}")
+
     if not isinstance(man, dict):
         bad(f"top level is {type(man).__name__}, not an object")
     for key in ("num_samples", "shards", "samples", "frame_shape"):
@@ -309,8 +373,12 @@ def check_manifest(man, where: str) -> None:
     if not isinstance(man["num_samples"], int) or isinstance(man["num_samples"], bool) or man["num_samples"] < 0:
         bad(f"num_samples is {man['num_samples']!r}, not a count")
     if not isinstance(man["shards"], list) or not all(
-            isinstance(sh, dict) and isinstance(sh.get("name"), str) and "/" not in sh["name"]
-            and isinstance(sh.get("num_samples"), int) for sh in man["shards"]):
+        isinstance(sh, dict)
+        and isinstance(sh.get("name"), str)
+        and "/" not in sh["name"]
+        and isinstance(sh.get("num_samples"), int)
+        for sh in man["shards"]
+    ):
         bad("'shards' must be a list of {name, num_samples, sha256} records")
     if not isinstance(man["frame_shape"], list) or not all(isinstance(d, int) and d > 0 for d in man["frame_shape"]):
         bad(f"frame_shape is {man['frame_shape']!r}, not positive sizes")
@@ -318,17 +386,27 @@ def check_manifest(man, where: str) -> None:
     if not isinstance(rows, list):
         bad("'samples' must be a list of rows")
     for i, r in enumerate(rows):
-        if not (isinstance(r, list) and 5 <= len(r) <= len(ManifestRow._fields) and isinstance(r[0], str)
-                and isinstance(r[1], int) and 0 <= r[1] < n and isinstance(r[3], int) and isinstance(r[4], str)):
+        if not (
+            isinstance(r, list)
+            and 5 <= len(r) <= len(ManifestRow._fields)
+            and isinstance(r[0], str)
+            and isinstance(r[1], int)
+            and 0 <= r[1] < n
+            and isinstance(r[3], int)
+            and isinstance(r[4], str)
+        ):
             bad(f"sample row {i} is {str(r)[:120]}, not [key, shard index, sentence id, frames, text, ...]")
     if sum(sh["num_samples"] for sh in man["shards"]) != len(rows) or man["num_samples"] != len(rows):
-        bad(f"counts disagree: num_samples {man['num_samples']}, {len(rows)} rows, "
-            f"{sum(sh['num_samples'] for sh in man['shards'])} in the shards")
+        bad(
+            f"counts disagree: num_samples {man['num_samples']}, {len(rows)} rows, "
+            f"{sum(sh['num_samples'] for sh in man['shards'])} in the shards"
+        )
 
 
 def read_manifest(shards_dir, split: str) -> dict:
     """A split's manifest from a local directory or a remote prefix (`storage.Store`)."""
     from sclslt.data.storage import Store
+
     store = Store(shards_dir)
     where = store.url(f"{split}.json")
     if not store.exists(f"{split}.json"):
@@ -338,7 +416,7 @@ def read_manifest(shards_dir, split: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"manifest {where} is not valid JSON: {e}") from e
     check_manifest(man, where)
-    if not store.remote:      # remote shards are named by the first read that fails (one request fewer each)
+    if not store.remote:  # remote shards are named by the first read that fails (one request fewer each)
         for sh in man["shards"]:
             if not store.exists(sh["name"]):
                 raise ShardError(f"manifest {where} lists {sh['name']}, which is missing")
@@ -349,16 +427,24 @@ def member_offsets(path=None, fileobj=None) -> dict[str, dict[str, tuple[int, in
     """{key: {member suffix: (data offset, size)}} of a tar, from its headers: a local `path`, or a
     `fileobj` read front to back (a remote shard)."""
     import tarfile
+
     members: dict[str, dict] = {}
-    with (tarfile.open(path) if fileobj is None else tarfile.open(fileobj=fileobj, mode="r|")) as tf:
+    with tarfile.open(path) if fileobj is None else tarfile.open(fileobj=fileobj, mode="r|") as tf:
         for m in tf:
             key, _, ext = m.name.partition(".")
             members.setdefault(key, {})[ext] = (m.offset_data, m.size)
     return members
 
 
-def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = False,
-               sha256: str | None = None, digests: dict | None = None) -> Iterator[dict]:
+def iter_shard(
+    path,
+    fmt: str = "npy",
+    on_error=None,
+    store=None,
+    defer: bool = False,
+    sha256: str | None = None,
+    digests: dict | None = None,
+) -> Iterator[dict]:
     """Decoded samples of one shard: {key, frames (np.uint8), meta (dict)}; errors name shard and key.
     `defer`: `jpg` frames stay compressed for the device (`decode_frames`). With `digests` (key ->
     `sample_digest`, from the manifest) every sample is checked before it is yielded; with `sha256`
@@ -402,12 +488,14 @@ def iter_shard(path, fmt: str = "npy", on_error=None, store=None, defer: bool = 
         # the shard's own sha256 reports damage its samples' checksums did not see (tar headers, padding,
         # a manifest without per-sample checksums), not the same damaged sample twice
         if sha256 is not None and (got := stream.finish()) != sha256 and not damaged:
-            e = ShardError(f"{path}: sha256 {got[:16]}... differs from the manifest's {sha256[:16]}... "
-                           f"(damaged, truncated or stale copy of the shard)")
+            e = ShardError(
+                f"{path}: sha256 {got[:16]}... differs from the manifest's {sha256[:16]}... "
+                f"(damaged, truncated or stale copy of the shard)"
+            )
             if on_error is None:
                 raise e
             on_error(path, e)
-    except (tarfile.TarError, OSError, ValueError) as e:   # a truncated/corrupt tar stops this shard
+    except (tarfile.TarError, OSError, ValueError) as e:  # a truncated/corrupt tar stops this shard
         if on_error is None:
             raise ShardError(f"{path}: corrupt shard ({type(e).__name__}: {e})") from e
         on_error(path, e)
@@ -422,17 +510,24 @@ _WARNED: set = set()
 def warn_unchecked(store, manifest: dict) -> None:
     """Once per split and location: this manifest predates per-sample checksums."""
     import sys
+
     what = f"{store}/{manifest.get('split', '?')}.json"
     if what not in _WARNED:
         _WARNED.add(what)
-        print(f"sclslt: warning: {what} has no per-sample checksums (written before they existed): planned "
-              f"reads of it are not verified; rerun sclslt shard to add them", file=sys.stderr, flush=True)
+        print(
+            f"sclslt: warning: {what} has no per-sample checksums (written before they existed): planned "
+            f"reads of it are not verified; rerun sclslt shard to add them",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def check_digest(want: str | None, frames: bytes, meta: bytes, where: str) -> None:
     if want is not None and sample_digest(frames, meta) != want:
-        raise ShardError(f"{where}: checksum mismatch: the bytes read are not the ones the shard writer "
-                         f"recorded in the manifest (damaged or stale copy of the shard)")
+        raise ShardError(
+            f"{where}: checksum mismatch: the bytes read are not the ones the shard writer "
+            f"recorded in the manifest (damaged or stale copy of the shard)"
+        )
 
 
 class _HashingReader:
@@ -447,7 +542,7 @@ class _HashingReader:
         return b
 
     def finish(self) -> str:
-        while self.read(1 << 20):          # the tar's end blocks: the sha256 covers the whole file
+        while self.read(1 << 20):  # the tar's end blocks: the sha256 covers the whole file
             pass
         return self.sha.hexdigest()
 
@@ -466,6 +561,7 @@ class ShardIndex:
     def __init__(self, shards_dir, manifest: dict, defer: bool = False):
         from sclslt.data.codec import member_name
         from sclslt.data.storage import Store
+
         self.store = Store(shards_dir)
         names = [sh["name"] for sh in manifest["shards"]]
         rows = manifest_rows(manifest)
@@ -497,7 +593,7 @@ class ShardIndex:
         if hi - lo > off[1] + off[3] + 4096:
             return self.store.read_range(name, off[0], off[1]), self.store.read_range(name, off[2], off[3])
         span = self.store.read_range(name, lo, hi - lo)
-        return span[off[0] - lo:off[0] - lo + off[1]], span[off[2] - lo:off[2] - lo + off[3]]
+        return span[off[0] - lo : off[0] - lo + off[1]], span[off[2] - lo : off[2] - lo + off[3]]
 
     def where(self, key: str) -> str:
         """The sample's location for messages: shard URL and key."""
@@ -518,7 +614,7 @@ class ShardIndex:
             meta = e
         if isinstance(meta, dict) and meta.get("key", key) != key:
             raise ShardError(f"{where}: the manifest's offsets point at sample {meta.get('key')!r}: stale manifest")
-        check_digest(self.digests.get(key), frames, raw, where)          # before anything is decoded
+        check_digest(self.digests.get(key), frames, raw, where)  # before anything is decoded
         if not isinstance(meta, dict):
             raise ShardError(f"{where}: bad json metadata ({meta})")
         return {"key": key, "frames": decode_frames(frames, where, self.fmt, self.defer), "meta": meta}

@@ -12,6 +12,7 @@ Remote access needs fsspec with the protocol's implementation installed: aiohttp
 (a dependency), s3fs / gcsfs for object stores (install them on clusters that use them). The server
 must answer byte-range requests (every object store and ordinary web servers do).
 """
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,7 @@ _FS_LOCK = threading.Lock()
 
 def _new_lock_in_child() -> None:
     global _FS_LOCK
-    _FS_LOCK = threading.Lock()           # a fork while a read thread held it must not leave the child locked
+    _FS_LOCK = threading.Lock()  # a fork while a read thread held it must not leave the child locked
 
 
 os.register_at_fork(after_in_child=_new_lock_in_child)
@@ -65,9 +66,10 @@ class Store:
         fs = self._fs
         if fs is not None and self._fs_pid == os.getpid():
             return fs
-        with _FS_LOCK:            # the loader's read threads ask at once: one filesystem (one session), not one each
+        with _FS_LOCK:  # the loader's read threads ask at once: one filesystem (one session), not one each
             if self._fs is None or self._fs_pid != os.getpid():
                 import fsspec
+
                 self._fs = fsspec.core.url_to_fs(self.root, skip_instance_cache=True)[0]
                 self._fs_pid = os.getpid()
             return self._fs
@@ -80,9 +82,10 @@ class Store:
                 raise
             except Exception as e:  # noqa: BLE001 - transport errors of any fsspec backend
                 if attempt == self.retries:
-                    raise StorageError(f"{what}: failed after {self.retries + 1} attempts: "
-                                       f"{type(e).__name__}: {e}") from e
-                time.sleep(self.backoff_s * 2 ** attempt)
+                    raise StorageError(
+                        f"{what}: failed after {self.retries + 1} attempts: {type(e).__name__}: {e}"
+                    ) from e
+                time.sleep(self.backoff_s * 2**attempt)
 
     def exists(self, name: str) -> bool:
         if not self.remote:
@@ -100,8 +103,10 @@ class Store:
                 f.seek(offset)
                 return f.read(size)
         url = self.url(name)
-        return self._retry(f"read {url} bytes {offset}..{offset + size}",
-                           lambda: _exact(self.fs.cat_file(url, start=offset, end=offset + size), size))
+        return self._retry(
+            f"read {url} bytes {offset}..{offset + size}",
+            lambda: _exact(self.fs.cat_file(url, start=offset, end=offset + size), size),
+        )
 
     def open_stream(self, name: str):
         if not self.remote:
@@ -126,8 +131,10 @@ class _ResumingReader(io.RawIOBase):
         if n <= 0:
             return 0
         start = self.pos
-        data = self.store._retry(f"read {self.url} bytes {start}..{start + n}",
-                                 lambda: _exact(self.store.fs.cat_file(self.url, start=start, end=start + n), n))
+        data = self.store._retry(
+            f"read {self.url} bytes {start}..{start + n}",
+            lambda: _exact(self.store.fs.cat_file(self.url, start=start, end=start + n), n),
+        )
         b[:n] = data
         self.pos += n
         return n

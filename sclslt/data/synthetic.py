@@ -36,6 +36,7 @@ Determinism: the vocabulary's signs, the sentence pool and the signers come from
 so a clip is a pure function of (config, split, index): byte-identical across runs and
 independent of which other samples were generated before it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,12 +62,24 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 
 # sentence slots -> category, and how often an optional slot is filled (1.0: always)
 SLOT_CATEGORY = {
-    "subj_adj": "adjective", "subj": "subject", "neg": "negation", "verb": "verb",
-    "obj_adj": "adjective", "obj": "object", "manner": "manner", "time": "time",
+    "subj_adj": "adjective",
+    "subj": "subject",
+    "neg": "negation",
+    "verb": "verb",
+    "obj_adj": "adjective",
+    "obj": "object",
+    "manner": "manner",
+    "time": "time",
 }
 SLOT_PROB = {
-    "subj_adj": 0.35, "subj": 1.0, "neg": 0.2, "verb": 1.0,
-    "obj_adj": 0.4, "obj": 1.0, "manner": 0.25, "time": 0.5,
+    "subj_adj": 0.35,
+    "subj": 1.0,
+    "neg": 0.2,
+    "verb": 1.0,
+    "obj_adj": 0.4,
+    "obj": 1.0,
+    "manner": 0.25,
+    "time": 0.5,
 }
 # "[adj] subject [never] verb [adj] object [manner] [time]"  (3..8 words)
 TEXT_ORDER = ("subj_adj", "subj", "neg", "verb", "obj_adj", "obj", "manner", "time")
@@ -74,9 +87,20 @@ TEXT_ORDER = ("subj_adj", "subj", "neg", "verb", "obj_adj", "obj", "manner", "ti
 SIGN_ORDER = ("time", "subj", "subj_adj", "obj", "obj_adj", "verb", "manner", "neg")
 
 # how a paraphrase may word a meaning differently (text only; the signs do not change)
-SYNONYMS = {"sees": "watches", "likes": "enjoys", "buys": "purchases", "takes": "grabs",
-            "big": "large", "small": "little", "child": "kid", "house": "home",
-            "doctor": "physician", "quickly": "fast", "later": "afterwards", "cup": "mug"}
+SYNONYMS = {
+    "sees": "watches",
+    "likes": "enjoys",
+    "buys": "purchases",
+    "takes": "grabs",
+    "big": "large",
+    "small": "little",
+    "child": "kid",
+    "house": "home",
+    "doctor": "physician",
+    "quickly": "fast",
+    "later": "afterwards",
+    "cup": "mug",
+}
 REWORDINGS = ("synonym", "article", "front_time")
 
 SPLITS = {"train": 0, "dev": 1, "test": 2}
@@ -87,20 +111,33 @@ SPLITS = {"train": 0, "dev": 1, "test": 2}
 SHAPES = ("disc", "square", "ellipse_h", "ellipse_v")
 # (x semi-axis, y semi-axis) relative to the hand radius, and whether the L-inf norm is used;
 # areas are roughly equal so that size is not a cue for shape
-_SHAPE_AXES = {"disc": (1.0, 1.0, False), "square": (0.88, 0.88, True),
-               "ellipse_h": (1.4, 0.72, False), "ellipse_v": (0.72, 1.4, False)}
+_SHAPE_AXES = {
+    "disc": (1.0, 1.0, False),
+    "square": (0.88, 0.88, True),
+    "ellipse_h": (1.4, 0.72, False),
+    "ellipse_v": (0.72, 1.4, False),
+}
 # saturated hand colours (every one has a channel >= 200; backgrounds stay below 110)
-PALETTE = np.array([
-    (230, 40, 40), (40, 200, 60), (60, 100, 245), (240, 220, 40),
-    (220, 50, 210), (40, 210, 220), (250, 140, 30), (245, 245, 245),
-], dtype=np.float32)
+PALETTE = np.array(
+    [
+        (230, 40, 40),
+        (40, 200, 60),
+        (60, 100, 245),
+        (240, 220, 40),
+        (220, 50, 210),
+        (40, 210, 220),
+        (250, 140, 30),
+        (245, 245, 245),
+    ],
+    dtype=np.float32,
+)
 # right-hand key positions on a 3x3 grid (normalised x, y)
 _POSITIONS = np.array([(x, y) for y in (0.3, 0.5, 0.7) for x in (0.3, 0.5, 0.7)], np.float32)
-_CURVES = (-0.35, 0.0, 0.35)              # bend of the path, times its length, sideways
+_CURVES = (-0.35, 0.0, 0.35)  # bend of the path, times its length, sideways
 # left hand: resting at a fixed spot, mirroring the right hand, moving parallel to it, or
 # mirroring it backwards in time
 LEFT_MODES = ("rest", "mirror", "parallel", "reverse")
-_HAND_RADIUS = 0.09                       # of the frame side; ~3 px at 32 px
+_HAND_RADIUS = 0.09  # of the frame side; ~3 px at 32 px
 _REST_LEFT = np.array((0.22, 0.78), np.float32)
 _NEUTRAL_BG = np.array((40, 40, 40), np.float32)
 
@@ -108,27 +145,36 @@ _NEUTRAL_BG = np.array((40, 40, 40), np.float32)
 @dataclass(frozen=True)
 class Sign:
     """One word's sign: attributes of the right (dominant) and left hands."""
+
     shape_r: int
     colour_r: int
     shape_l: int
     colour_l: int
-    start: int            # index into _POSITIONS
+    start: int  # index into _POSITIONS
     end: int
-    curve: int            # index into _CURVES
-    left_mode: int        # index into LEFT_MODES
+    curve: int  # index into _CURVES
+    left_mode: int  # index into LEFT_MODES
 
     def key(self) -> tuple:
-        return (self.shape_r, self.colour_r, self.shape_l, self.colour_l,
-                self.start, self.end, self.curve, self.left_mode)
+        return (
+            self.shape_r,
+            self.colour_r,
+            self.shape_l,
+            self.colour_l,
+            self.start,
+            self.end,
+            self.curve,
+            self.left_mode,
+        )
 
 
 @dataclass(frozen=True)
 class Signer:
     name: str
     frames_per_sign: int
-    offset: tuple[float, float]   # normalised shift of everything the signer does
-    scale: float                  # hand size multiplier
-    noise: float                  # pixel noise std (0..255 units)
+    offset: tuple[float, float]  # normalised shift of everything the signer does
+    scale: float  # hand size multiplier
+    noise: float  # pixel noise std (0..255 units)
     background: tuple[float, float, float]
 
 
@@ -139,10 +185,16 @@ def _make_signs(words: list[str], rng: np.random.Generator, min_dist: int = 3) -
     for word in words:
         for _ in range(100_000):
             start, end = rng.choice(len(_POSITIONS), size=2, replace=False)
-            s = Sign(int(rng.integers(len(SHAPES))), int(rng.integers(len(PALETTE))),
-                     int(rng.integers(len(SHAPES))), int(rng.integers(len(PALETTE))),
-                     int(start), int(end), int(rng.integers(len(_CURVES))),
-                     int(rng.integers(len(LEFT_MODES))))
+            s = Sign(
+                int(rng.integers(len(SHAPES))),
+                int(rng.integers(len(PALETTE))),
+                int(rng.integers(len(SHAPES))),
+                int(rng.integers(len(PALETTE))),
+                int(start),
+                int(end),
+                int(rng.integers(len(_CURVES))),
+                int(rng.integers(len(LEFT_MODES))),
+            )
             k = np.array(s.key())
             if all(int((k != other).sum()) >= min_dist for other in keys):
                 break
@@ -156,14 +208,16 @@ def _make_signs(words: list[str], rng: np.random.Generator, min_dist: int = 3) -
 def _make_signers(cfg: SyntheticConfig, rng: np.random.Generator) -> list[Signer]:
     out = []
     for i in range(cfg.n_signers):
-        out.append(Signer(
-            name=f"signer{i:02d}",
-            frames_per_sign=int(rng.integers(cfg.min_frames_per_sign, cfg.max_frames_per_sign + 1)),
-            offset=(float(rng.uniform(-0.07, 0.07)), float(rng.uniform(-0.07, 0.07))),
-            scale=float(rng.uniform(0.85, 1.15)),
-            noise=float(rng.uniform(2.0, 8.0)),
-            background=tuple(float(v) for v in rng.uniform(15, 105, size=3)),
-        ))
+        out.append(
+            Signer(
+                name=f"signer{i:02d}",
+                frames_per_sign=int(rng.integers(cfg.min_frames_per_sign, cfg.max_frames_per_sign + 1)),
+                offset=(float(rng.uniform(-0.07, 0.07)), float(rng.uniform(-0.07, 0.07))),
+                scale=float(rng.uniform(0.85, 1.15)),
+                noise=float(rng.uniform(2.0, 8.0)),
+                background=tuple(float(v) for v in rng.uniform(15, 105, size=3)),
+            )
+        )
     return out
 
 
@@ -186,8 +240,9 @@ def _text_key(sent: dict) -> tuple[str, ...]:
     for slot in order:
         if slot not in sent:
             continue
-        if sent.get("_the") and (slot in ("subj_adj", "obj_adj") or (slot in ("subj", "obj")
-                                                                       and f"{slot}_adj" not in sent)):
+        if sent.get("_the") and (
+            slot in ("subj_adj", "obj_adj") or (slot in ("subj", "obj") and f"{slot}_adj" not in sent)
+        ):
             words.append("the")
         words.append(SYNONYMS[sent[slot]] if slot in sent.get("_syn", ()) else sent[slot])
     return tuple(words)
@@ -244,10 +299,10 @@ def _make_pool(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[list[dic
             sent[slot] = choices[int(rng.integers(len(choices)))]
             mean = len(pool)
         else:
-            if families is None:   # the meanings that get paraphrases, `paraphrases_per_meaning` each
+            if families is None:  # the meanings that get paraphrases, `paraphrases_per_meaning` each
                 n_fam = -(-n_para // cfg.paraphrases_per_meaning)
                 families = rng.choice(n_base + n_near, size=min(n_fam, n_base + n_near), replace=False)
-            par = None   # a rewording that exists already still uses up its family's turn
+            par = None  # a rewording that exists already still uses up its family's turn
             mean = int(families[tries // cfg.paraphrases_per_meaning % len(families)])
             tries += 1
             sent = _reword(pool[mean], rng)
@@ -271,6 +326,7 @@ def _make_pool(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[list[dic
 # ---------------------------------------------------------------------------------------------
 # the corpus
 
+
 class SyntheticCorpus:
     """The synthetic corpus of one `SyntheticConfig`: vocabulary, sentence pool, signers, clips."""
 
@@ -279,8 +335,10 @@ class SyntheticCorpus:
         if cfg.frame_size < 8:
             raise ValueError(f"synthetic.frame_size={cfg.frame_size}: use at least 8")
         if not 1 <= cfg.min_frames_per_sign <= cfg.max_frames_per_sign:
-            raise ValueError("synthetic.min_frames_per_sign must be >= 1 and <= max_frames_per_sign "
-                             f"(got {cfg.min_frames_per_sign}, {cfg.max_frames_per_sign})")
+            raise ValueError(
+                "synthetic.min_frames_per_sign must be >= 1 and <= max_frames_per_sign "
+                f"(got {cfg.min_frames_per_sign}, {cfg.max_frames_per_sign})"
+            )
         if cfg.train_offset < 0:
             raise ValueError(f"synthetic.train_offset={cfg.train_offset}: use a value >= 0")
         if cfg.paraphrases_per_meaning < 1:
@@ -290,12 +348,14 @@ class SyntheticCorpus:
         if not 0.0 <= cfg.near_dup_frac < 1.0:
             raise ValueError(f"synthetic.near_dup_frac={cfg.near_dup_frac}: use a value in [0, 1)")
         if not 0.0 <= cfg.paraphrase_frac or cfg.near_dup_frac + cfg.paraphrase_frac >= 1.0:
-            raise ValueError(f"synthetic.paraphrase_frac={cfg.paraphrase_frac}: use a value >= 0 with "
-                             f"near_dup_frac + paraphrase_frac < 1 (near_dup_frac={cfg.near_dup_frac})")
+            raise ValueError(
+                f"synthetic.paraphrase_frac={cfg.paraphrase_frac}: use a value >= 0 with "
+                f"near_dup_frac + paraphrase_frac < 1 (near_dup_frac={cfg.near_dup_frac})"
+            )
         for split in SPLITS:
             if self.split_size(split) < 0:
                 raise ValueError(f"synthetic.n_{split} must be >= 0")
-        self._seed = int(cfg.seed) % (2 ** 63)   # SeedSequence needs non-negative entropy
+        self._seed = int(cfg.seed) % (2**63)  # SeedSequence needs non-negative entropy
 
         self.vocabulary: list[str] = [w for words in CATEGORIES.values() for w in words]
         self.category: dict[str, str] = {w: c for c, words in CATEGORIES.items() for w in words}
@@ -304,7 +364,7 @@ class SyntheticCorpus:
         self.pool_texts: list[str] = [" ".join(_text_key(s)) for s in pool]
         self.pool_glosses: list[list[str]] = [[s[k].upper() for k in SIGN_ORDER if k in s] for s in pool]
         self.pool_near_dup_of: list[int | None] = parent
-        self.pool_meaning: list[int] = meaning      # ground truth: same value = same meaning and signs
+        self.pool_meaning: list[int] = meaning  # ground truth: same value = same meaning and signs
         self.signers: list[Signer] = _make_signers(cfg, np.random.default_rng([self._seed, 3]))
 
         ranks = np.arange(1, cfg.n_templates + 1, dtype=np.float64)
@@ -314,7 +374,7 @@ class SyntheticCorpus:
         self._cdf[-1] = 1.0
 
         S = cfg.frame_size
-        g = (np.arange(S, dtype=np.float32) + 0.5) / S   # pixel centres in [0, 1]
+        g = (np.arange(S, dtype=np.float32) + 0.5) / S  # pixel centres in [0, 1]
         self._gy, self._gx = g[:, None], g[None, :]
 
     # -- splits ---------------------------------------------------------------------------------
@@ -340,8 +400,13 @@ class SyntheticCorpus:
         signer = self.signers[int(rng.integers(len(self.signers)))]
         glosses = self.pool_glosses[sid]
         frames = self._render_clip([g.lower() for g in glosses], signer, rng)
-        return {"key": f"{split}_{index:06d}", "frames": frames, "text": self.pool_texts[sid],
-                "signer": signer.name, "glosses": list(glosses)}
+        return {
+            "key": f"{split}_{index:06d}",
+            "frames": frames,
+            "text": self.pool_texts[sid],
+            "signer": signer.name,
+            "glosses": list(glosses),
+        }
 
     def pool_index(self, split: str, index: int) -> int:
         """The pool sentence of sample (split, index), without rendering it."""
@@ -365,8 +430,17 @@ class SyntheticCorpus:
         n = n_frames or self.cfg.max_frames_per_sign
         cx, cy, shape, colour = self._sign_track(self.signs[word], n)
         T = n
-        return self._draw(cx, cy, shape, colour, np.full((T, 2), _HAND_RADIUS, np.float32),
-                          np.ones((T, 2), bool), _NEUTRAL_BG, None, None)
+        return self._draw(
+            cx,
+            cy,
+            shape,
+            colour,
+            np.full((T, 2), _HAND_RADIUS, np.float32),
+            np.ones((T, 2), bool),
+            _NEUTRAL_BG,
+            None,
+            None,
+        )
 
     def _sign_track(self, s: Sign, n: int):
         """Hand centres (n, 2) x/y, shapes (n, 2) and colours (n, 2, 3) of one sign; hand 0 = left."""
@@ -375,13 +449,13 @@ class SyntheticCorpus:
         d = b - a
         perp = np.array((-d[1], d[0]), np.float32)
         bend = _CURVES[s.curve] * np.sin(np.pi * u)
-        right = a[None] + u[:, None] * d[None] + bend[:, None] * perp[None]     # (n, 2)
+        right = a[None] + u[:, None] * d[None] + bend[:, None] * perp[None]  # (n, 2)
         mode = LEFT_MODES[s.left_mode]
         if mode == "rest":
             left = np.broadcast_to(_REST_LEFT, right.shape)
         elif mode == "mirror":
             left = np.stack([1.0 - right[:, 0], right[:, 1]], 1)
-        elif mode == "parallel":   # beside the right hand, on the side towards the centre
+        elif mode == "parallel":  # beside the right hand, on the side towards the centre
             shift = -0.25 if float(right[:, 0].mean()) >= 0.5 else 0.25
             left = np.stack([right[:, 0] + shift, right[:, 1] + 0.08], 1)
         else:  # reverse
@@ -402,18 +476,21 @@ class SyntheticCorpus:
             cx, cy, shape, colour = self._sign_track(self.signs[w], n)
             jx, jy = rng.uniform(-0.015, 0.015, size=2)
             parts.append((cx + jx, cy + jy, shape, colour))
-        n_pre, n_post = (int(v) for v in rng.integers(0, 3, size=2))   # rest frames
+        n_pre, n_post = (int(v) for v in rng.integers(0, 3, size=2))  # rest frames
         cx = np.concatenate([p[0] for p in parts])
         cy = np.concatenate([p[1] for p in parts])
         shape = np.concatenate([p[2] for p in parts])
         colour = np.concatenate([p[3] for p in parts])
-        pad = lambda a: np.concatenate(  # noqa: E731
-            [np.repeat(a[:1], n_pre, 0), a, np.repeat(a[-1:], n_post, 0)])
+        pad = (
+            lambda a: np.concatenate(  # noqa: E731
+                [np.repeat(a[:1], n_pre, 0), a, np.repeat(a[-1:], n_post, 0)]
+            )
+        )
         cx, cy, shape, colour = pad(cx), pad(cy), pad(shape), pad(colour)
         T = cx.shape[0]
         visible = np.ones((T, 2), bool)
         visible[:n_pre] = False
-        visible[T - n_post:] = False
+        visible[T - n_post :] = False
         # per-clip jitter: position, hand size and hand colour
         ox = signer.offset[0] + rng.uniform(-0.02, 0.02)
         oy = signer.offset[1] + rng.uniform(-0.02, 0.02)
@@ -433,10 +510,10 @@ class SyntheticCorpus:
         dx = np.abs(self._gx[None, None] - cx[..., None, None].astype(np.float32)) / ax[..., None, None]
         dy = np.abs(self._gy[None, None] - cy[..., None, None].astype(np.float32)) / ay[..., None, None]
         inside = np.where(square[..., None, None], np.maximum(dx, dy) <= 1.0, dx * dx + dy * dy <= 1.0)
-        inside &= visible[..., None, None]                                   # (T, 2, S, S)
+        inside &= visible[..., None, None]  # (T, 2, S, S)
         frames = np.empty((T, S, S, 3), np.float32)
         frames[:] = bg
-        for h in (0, 1):                                                     # right hand on top
+        for h in (0, 1):  # right hand on top
             frames = np.where(inside[:, h, :, :, None], colour[:, h, None, None, :], frames)
         if noise:
             frames += rng.standard_normal(frames.shape, dtype=np.float32) * np.float32(noise)

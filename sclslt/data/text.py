@@ -13,6 +13,7 @@ processes, machines and Python versions (never Python's salted `hash`).
 Every directory made here carries `sclslt_vocab.json` (see `vocab.py`): what it is, its vocabulary
 hash, and for a trimmed one the kept original ids that `models.py` uses to remap a pretrained mBART.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]   # mBART's order: bos=0, pad=1, eos=2, unk=3
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # mBART's order: bos=0, pad=1, eos=2, unk=3
 
 _WS = re.compile(r"\s+")
 
@@ -58,9 +59,16 @@ def train_char_tokenizer(texts: list[str], out_dir: str | Path):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>", clean_up_tokenization_spaces=False)
+        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -81,11 +89,13 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 800
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tok.train_from_iterator(sorted(texts), trainer=trainer)   # sorted: order-independent result
+    tok.train_from_iterator(sorted(texts), trainer=trainer)  # sorted: order-independent result
     tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>",
-                                   eos_token="</s>", unk_token="<unk>")
+        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -97,50 +107,68 @@ def load_tokenizer(name_or_path: str | Path, **kwargs):
     from transformers import AutoTokenizer
 
     from sclslt.data.vocab import read_record
+
     if Path(name_or_path).is_dir():
-        read_record(name_or_path)           # a damaged record fails here, at load, naming its file
+        read_record(name_or_path)  # a damaged record fails here, at load, naming its file
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, HFValidationError) as e:
         raise FileNotFoundError(
             f"cannot load tokenizer {str(name_or_path)!r}: not a local directory with tokenizer files and not "
-            f"reachable on the hub (offline?). Pass model.tokenizer=<local dir>. Cause: {e}") from e
+            f"reachable on the hub (offline?). Pass model.tokenizer=<local dir>. Cause: {e}"
+        ) from e
     return tok
 
 
 def _pretrained_tokenizer(model_cfg, name: str, lang: str, texts: list[str]):
     """(tokenizer, record) of a pretrained tokenizer: trimmed to `texts` (model.trim_vocab) or as is."""
     from sclslt.data import vocab as V
+
     orig = load_tokenizer(name)
     if lang:
         lang_id = orig.convert_tokens_to_ids(lang)
         if lang_id is None or lang_id == orig.unk_token_id:
             raise ValueError(f"model.lang={lang!r} is not a token of tokenizer {name!r}")
-        orig = load_tokenizer(name, src_lang=lang, tgt_lang=lang)   # mBART puts it around every text
-    else:       # an mBART tokenizer adds its default language code anyway: say so, and follow it
+        orig = load_tokenizer(name, src_lang=lang, tgt_lang=lang)  # mBART puts it around every text
+    else:  # an mBART tokenizer adds its default language code anyway: say so, and follow it
         prefix, suffix = V.special_layout(orig, texts[0] if texts else "a")
         codes = getattr(orig, "lang_code_to_id", None) or {}
         found = [c for c, i in codes.items() if i in prefix + suffix]
         if found:
             lang = found[0]
-            print(f"sclslt: tokenizer: model.lang is not set; {name} adds its default language code {lang!r} "
-                  f"(set model.lang to the target language, e.g. de_DE or zh_CN)", flush=True)
+            print(
+                f"sclslt: tokenizer: model.lang is not set; {name} adds its default language code {lang!r} "
+                f"(set model.lang to the target language, e.g. de_DE or zh_CN)",
+                flush=True,
+            )
     if getattr(model_cfg, "trim_vocab", True):
         tok, record = V.trim_tokenizer(orig, texts, lang, source=str(name))
     else:
         tok = orig
         prefix, suffix = V.special_layout(orig, texts[0] if texts else "a")
         lang_id = orig.convert_tokens_to_ids(lang) if lang else None
-        record = {"format": V.FORMAT, "kind": "pretrained", "source": str(name),
-                  "source_class": type(orig).__name__, "source_size": len(orig), "trimmed": False,
-                  "kept_ids": None, "sha256": None, "size": len(orig), "lang": lang or None,
-                  "lang_id": lang_id, "lang_style": V.lang_style(prefix, suffix, lang_id),
-                  "train_texts": len(texts), "train_texts_with_unk": V.unk_report(orig, texts)["texts_with_unk"]}
+        record = {
+            "format": V.FORMAT,
+            "kind": "pretrained",
+            "source": str(name),
+            "source_class": type(orig).__name__,
+            "source_size": len(orig),
+            "trimmed": False,
+            "kept_ids": None,
+            "sha256": None,
+            "size": len(orig),
+            "lang": lang or None,
+            "lang_id": lang_id,
+            "lang_style": V.lang_style(prefix, suffix, lang_id),
+            "train_texts": len(texts),
+            "train_texts_with_unk": V.unk_report(orig, texts)["texts_with_unk"],
+        }
     return tok, record
 
 
-def make_run_tokenizer(model_cfg, train_texts: list[str], out_dir: str | Path,
-                       heldout: dict[str, list[str]] | None = None):
+def make_run_tokenizer(
+    model_cfg, train_texts: list[str], out_dir: str | Path, heldout: dict[str, list[str]] | None = None
+):
     """Create the run's tokenizer in `out_dir` (rank 0, once) and return it as `load_tokenizer` would.
     `out_dir` is replaced as a whole (built next to it, then renamed): it is complete or absent.
 
@@ -156,8 +184,9 @@ def make_run_tokenizer(model_cfg, train_texts: list[str], out_dir: str | Path,
     import shutil
 
     from sclslt.data import vocab as V
+
     final = Path(out_dir)
-    out_dir = final.parent / f".{final.name}.tmp-{os.getpid()}"     # complete or absent: renamed at the end
+    out_dir = final.parent / f".{final.name}.tmp-{os.getpid()}"  # complete or absent: renamed at the end
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     texts = list(train_texts)
@@ -170,11 +199,22 @@ def make_run_tokenizer(model_cfg, train_texts: list[str], out_dir: str | Path,
             tok = train_tokenizer(texts, out_dir)
         else:
             raise ValueError(f"model.tokenizer_kind={kind!r}: use 'bpe' or 'char'")
-        record = {"format": V.FORMAT, "kind": kind, "source": "", "trimmed": False, "kept_ids": None,
-                  "sha256": None, "lang": None, "lang_id": None, "lang_style": None, "size": len(tok)}
+        record = {
+            "format": V.FORMAT,
+            "kind": kind,
+            "source": "",
+            "trimmed": False,
+            "kept_ids": None,
+            "sha256": None,
+            "lang": None,
+            "lang_id": None,
+            "lang_style": None,
+            "size": len(tok),
+        }
         if lang:
-            print(f"sclslt: tokenizer: model.lang={lang!r} ignored: it applies to a pretrained tokenizer only",
-                  flush=True)
+            print(
+                f"sclslt: tokenizer: model.lang={lang!r} ignored: it applies to a pretrained tokenizer only", flush=True
+            )
     else:
         tok, record = _pretrained_tokenizer(model_cfg, name, lang, texts)
         tok.save_pretrained(str(out_dir))
@@ -185,14 +225,24 @@ def make_run_tokenizer(model_cfg, train_texts: list[str], out_dir: str | Path,
         shutil.rmtree(final)
     os.replace(out_dir, final)
     tok = load_tokenizer(final)
-    what = (f"trimmed {record['source']} from {record['source_size']} to {record['size']} tokens "
-            f"(kept-ids sha256 {record['sha256'][:16]})" if record["trimmed"] else
-            f"{record['kind']} {record['source'] or 'trained on the corpus'}, {record['size']} tokens")
-    unk = ", ".join(f"{k}: {v['unk_tokens']} <unk> in {v['texts_with_unk']}/{v['texts']} texts"
-                    for k, v in record["heldout_unk"].items())
-    print(f"sclslt: tokenizer: {what}, vocab sha256 {record['vocab_sha256'][:16]}" + (f"; {unk}" if unk else ""),
-          flush=True)
+    what = (
+        f"trimmed {record['source']} from {record['source_size']} to {record['size']} tokens "
+        f"(kept-ids sha256 {record['sha256'][:16]})"
+        if record["trimmed"]
+        else f"{record['kind']} {record['source'] or 'trained on the corpus'}, {record['size']} tokens"
+    )
+    unk = ", ".join(
+        f"{k}: {v['unk_tokens']} <unk> in {v['texts_with_unk']}/{v['texts']} texts"
+        for k, v in record["heldout_unk"].items()
+    )
+    print(
+        f"sclslt: tokenizer: {what}, vocab sha256 {record['vocab_sha256'][:16]}" + (f"; {unk}" if unk else ""),
+        flush=True,
+    )
     if record.get("train_texts_with_unk"):
-        print(f"sclslt: tokenizer: warning: {record['train_texts_with_unk']} training texts contain tokens the "
-              f"pretrained tokenizer itself maps to <unk>", flush=True)
+        print(
+            f"sclslt: tokenizer: warning: {record['train_texts_with_unk']} training texts contain tokens the "
+            f"pretrained tokenizer itself maps to <unk>",
+            flush=True,
+        )
     return tok

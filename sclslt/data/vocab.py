@@ -22,11 +22,13 @@ The record (`sclslt_vocab.json`, next to the tokenizer files) holds the source, 
 their sha256 (of the compact JSON list, e.g. "[0,1,2,5]"), the target-language convention and the
 counts; `models.py` reads it to remap a pretrained mBART.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+
 from sclslt.atomic import write_text
 
 VOCAB_FILE = "sclslt_vocab.json"
@@ -48,7 +50,7 @@ def vocab_sha256(tok) -> str:
 def encode_all(tok, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
     out: list[list[int]] = []
     for i in range(0, len(texts), _BATCH):
-        out += tok(list(texts[i:i + _BATCH]), add_special_tokens=add_special_tokens)["input_ids"]
+        out += tok(list(texts[i : i + _BATCH]), add_special_tokens=add_special_tokens)["input_ids"]
     return out
 
 
@@ -57,8 +59,8 @@ def special_layout(tok, probe: str) -> tuple[list[int], list[int]]:
     full = tok(probe)["input_ids"]
     bare = tok(probe, add_special_tokens=False)["input_ids"]
     for i in range(len(full) - len(bare) + 1):
-        if full[i:i + len(bare)] == bare:
-            return full[:i], full[i + len(bare):]
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare) :]
     raise ValueError(f"cannot locate the text inside its encoding with special tokens ({full} vs {bare})")
 
 
@@ -87,8 +89,9 @@ def unk_report(tok, texts: list[str]) -> dict:
 
 def _backend_spec(tok) -> dict:
     backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:                      # a slow (sentencepiece) tokenizer: convert it as transformers does
+    if backend is None:  # a slow (sentencepiece) tokenizer: convert it as transformers does
         from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
         backend = convert_slow_tokenizer(tok)
     return json.loads(backend.to_str())
 
@@ -101,8 +104,10 @@ def trim_tokenizer(orig, train_texts: list[str], lang: str = "", source: str = "
     spec = _backend_spec(orig)
     mtype = spec["model"].get("type")
     if mtype != "Unigram":
-        raise ValueError(f"trim_vocab: tokenizer {source!r} has a {mtype} model; only Unigram (sentencepiece, "
-                         f"e.g. mBART's) tokenizers can be trimmed. Set model.trim_vocab=false")
+        raise ValueError(
+            f"trim_vocab: tokenizer {source!r} has a {mtype} model; only Unigram (sentencepiece, "
+            f"e.g. mBART's) tokenizers can be trimmed. Set model.trim_vocab=false"
+        )
     lang_id = None
     if lang:
         lang_id = orig.convert_tokens_to_ids(lang)
@@ -120,20 +125,32 @@ def trim_tokenizer(orig, train_texts: list[str], lang: str = "", source: str = "
     prefix, suffix = _add_post_processor(backend, orig, train_texts[0], new_of)
     new = _fast_tokenizer(orig, backend, keep, new_of)
     _check_exact(orig, new, train_texts, enc, new_of)
-    record = {"format": FORMAT, "kind": "pretrained", "source": source, "source_class": type(orig).__name__,
-              "source_size": len(orig), "trimmed": True, "size": len(keep), "kept_ids": keep,
-              "sha256": ids_sha256(keep), "lang": lang or None,
-              "lang_id": new_of[lang_id] if lang_id is not None else None,
-              "lang_style": lang_style(prefix, suffix, lang_id), "train_texts": len(train_texts),
-              "train_texts_with_unk": sum(1 for ids in enc if orig.unk_token_id in ids)}
+    record = {
+        "format": FORMAT,
+        "kind": "pretrained",
+        "source": source,
+        "source_class": type(orig).__name__,
+        "source_size": len(orig),
+        "trimmed": True,
+        "size": len(keep),
+        "kept_ids": keep,
+        "sha256": ids_sha256(keep),
+        "lang": lang or None,
+        "lang_id": new_of[lang_id] if lang_id is not None else None,
+        "lang_style": lang_style(prefix, suffix, lang_id),
+        "train_texts": len(train_texts),
+        "train_texts_with_unk": sum(1 for ids in enc if orig.unk_token_id in ids),
+    }
     return new, record
 
 
-def _trimmed_backend(spec: dict, orig, keep: list[int], new_of: dict, train_texts: list[str], unk_guard: bool,
-                     source: str):
+def _trimmed_backend(
+    spec: dict, orig, keep: list[int], new_of: dict, train_texts: list[str], unk_guard: bool, source: str
+):
     """The `tokenizers` backend of the kept pieces, in original id order (added-only ids, >= the model's
     size, come last), with the <unk> path priced out of every segmentation (module docstring)."""
     from tokenizers import Tokenizer
+
     vocab = spec["model"]["vocab"]
     n_model = len(vocab)
     pieces = [list(vocab[i]) for i in keep if i < n_model]
@@ -141,7 +158,7 @@ def _trimmed_backend(spec: dict, orig, keep: list[int], new_of: dict, train_text
     specials_in_model = [new_of[i] for i in keep if i < n_model and i in special_ids]
     if specials_in_model and unk_guard:
         scores = [float(p[1]) for p in pieces]
-        longest = max(len(t) for t in train_texts) + 16      # at most this many pieces in a path
+        longest = max(len(t) for t in train_texts) + 16  # at most this many pieces in a path
         pieces[specials_in_model[0]][1] = (min(min(scores), 0.0) - max(max(scores), 0.0)) * longest - 1e4
     spec["model"]["vocab"] = pieces
     if spec["model"].get("unk_id") is not None:
@@ -157,34 +174,43 @@ def _trimmed_backend(spec: dict, orig, keep: list[int], new_of: dict, train_text
 def _add_post_processor(backend, orig, sample_text: str, new_of: dict) -> tuple[list[int], list[int]]:
     """The same specials around the text as the original puts there; returns their (prefix, suffix) ids."""
     from tokenizers import processors
+
     prefix, suffix = special_layout(orig, sample_text)
     names = orig.convert_ids_to_tokens(prefix + suffix)
-    p_names, s_names = names[:len(prefix)], names[len(prefix):]
+    p_names, s_names = names[: len(prefix)], names[len(prefix) :]
     if prefix or suffix:
         backend.post_processor = processors.TemplateProcessing(
-            single=p_names + ["$A"] + s_names, pair=p_names + ["$A", "$B"] + s_names,
-            special_tokens=sorted({(n, new_of[i]) for n, i in zip(names, prefix + suffix)}))
+            single=p_names + ["$A"] + s_names,
+            pair=p_names + ["$A", "$B"] + s_names,
+            special_tokens=sorted({(n, new_of[i]) for n, i in zip(names, prefix + suffix)}),
+        )
     return prefix, suffix
 
 
 def _fast_tokenizer(orig, backend, keep: list[int], new_of: dict):
     """A PreTrainedTokenizerFast around the trimmed backend with the original's named specials."""
     from transformers import PreTrainedTokenizerFast
+
     special_ids = set(orig.all_special_ids)
-    named = {k: getattr(orig, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
-                                           "cls_token", "mask_token")}
-    if named["bos_token"] is None:           # mBART-50's tokenizer names no bos; its config's bos is <s> = cls
+    named = {
+        k: getattr(orig, k)
+        for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+    }
+    if named["bos_token"] is None:  # mBART-50's tokenizer names no bos; its config's bos is <s> = cls
         named["bos_token"] = named["cls_token"]
     named = {k: str(v) for k, v in named.items() if v is not None and orig.convert_tokens_to_ids(str(v)) in new_of}
     named_set = set(named.values())
     extra = [t for t in orig.convert_ids_to_tokens([i for i in keep if i in special_ids]) if t not in named_set]
-    new = PreTrainedTokenizerFast(tokenizer_object=backend, **named, additional_special_tokens=extra,
-                                  clean_up_tokenization_spaces=bool(getattr(orig, "clean_up_tokenization_spaces",
-                                                                            False)),
-                                  model_max_length=orig.model_max_length)
+    new = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **named,
+        additional_special_tokens=extra,
+        clean_up_tokenization_spaces=bool(getattr(orig, "clean_up_tokenization_spaces", False)),
+        model_max_length=orig.model_max_length,
+    )
     if len(new) != len(keep):
         raise RuntimeError(f"trimmed tokenizer has {len(new)} tokens, expected {len(keep)}")
-    for i in keep:   # every kept token keeps its string
+    for i in keep:  # every kept token keeps its string
         if new.convert_ids_to_tokens(new_of[i]) != orig.convert_ids_to_tokens(i):
             raise RuntimeError(f"trimmed tokenizer: id {i} ({orig.convert_ids_to_tokens(i)!r}) moved")
     return new
@@ -195,8 +221,10 @@ def _check_exact(orig, new, train_texts: list[str], enc: list[list[int]], new_of
     got = encode_all(new, train_texts)
     for text, a, b in zip(train_texts, enc, got):
         if [new_of[i] for i in a] != b:
-            raise RuntimeError(f"trimmed tokenizer encodes {text!r} as {b}, the original as {a} "
-                               f"(= {[new_of[i] for i in a]} after trimming)")
+            raise RuntimeError(
+                f"trimmed tokenizer encodes {text!r} as {b}, the original as {a} "
+                f"(= {[new_of[i] for i in a]} after trimming)"
+            )
     d_orig = orig.batch_decode(enc, skip_special_tokens=True)
     d_new = new.batch_decode(got, skip_special_tokens=True)
     bad = [t for t, x, y in zip(train_texts, d_orig, d_new) if x != y]

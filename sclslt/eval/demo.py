@@ -7,6 +7,7 @@ a video, an empty or unsafe zip, a clip longer than `--max-frames` source frames
 page, never a traceback. The translation is `sclslt translate`'s (`translate.Translator`, the same
 decoding, frames and beam). Gradio is an optional extra: `pip install -e '.[demo]'`.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ import torch
 from sclslt.eval.hub import TranslateError, input_item, load_clip, probe_video
 from sclslt.eval.translate import Translator
 
-SENTENCES = "train_sentences.json"      # an export's training sentences (sclslt export), for the neighbours
-ZIP_LIMIT = 2 << 30                     # bytes a frames zip may expand to
+SENTENCES = "train_sentences.json"  # an export's training sentences (sclslt export), for the neighbours
+ZIP_LIMIT = 2 << 30  # bytes a frames zip may expand to
 
 
 class DemoError(TranslateError):
@@ -33,13 +34,20 @@ def extract_frames_zip(path: Path, into: Path) -> Path:
     """The frame images of a zip, extracted into `into`; a zip with other files only, unsafe names or too
     many bytes is a DemoError."""
     from sclslt.data.decoding import IMAGE_EXTS
+
     try:
         z = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
         raise DemoError(f"{path.name}: not a readable zip ({e})") from e
     with z:
-        members = [m for m in z.infolist() if not m.is_dir() and Path(m.filename).suffix.lower() in IMAGE_EXTS
-                   and "__MACOSX" not in Path(m.filename).parts and not Path(m.filename).name.startswith("._")]
+        members = [
+            m
+            for m in z.infolist()
+            if not m.is_dir()
+            and Path(m.filename).suffix.lower() in IMAGE_EXTS
+            and "__MACOSX" not in Path(m.filename).parts
+            and not Path(m.filename).name.startswith("._")
+        ]
         if not members:
             raise DemoError(f"{path.name}: the zip holds no frame images (PNG/JPEG expected)")
         if sum(m.file_size for m in members) > ZIP_LIMIT:
@@ -54,7 +62,12 @@ def extract_frames_zip(path: Path, into: Path) -> Path:
             seen.add(name.name)
             try:
                 data = z.read(m)
-            except (RuntimeError, zipfile.BadZipFile, NotImplementedError, OSError) as e:   # encrypted, bad CRC, deflate64
+            except (
+                RuntimeError,
+                zipfile.BadZipFile,
+                NotImplementedError,
+                OSError,
+            ) as e:  # encrypted, bad CRC, deflate64
                 raise DemoError(f"{path.name}: cannot read {m.filename!r} ({e})") from e
             (into / name.name).write_bytes(data)
     return into
@@ -72,6 +85,7 @@ class Demo:
         if run is not None:
             from sclslt.data.corpus import resolve_shards_dir
             from sclslt.data.shards import manifest_rows, read_manifest
+
             self.shards = resolve_shards_dir(self.tr.cfg.data)
             sentences = sorted({r.text for r in manifest_rows(read_manifest(self.shards, "train"))})
             self.test = {r.key: r.text for r in manifest_rows(read_manifest(self.shards, "test"))}
@@ -84,19 +98,23 @@ class Demo:
     @torch.no_grad()
     def _embed_texts(self, texts: list[str], batch: int = 256) -> dict:
         from sclslt.model.heads import get_head
+
         m, head = self.tr.model, get_head(self.head)
-        dummy = torch.zeros(1, 1, m.s2s.config.d_model, device=self.tr.device)     # features() wants both sides
+        dummy = torch.zeros(1, 1, m.s2s.config.d_model, device=self.tr.device)  # features() wants both sides
         parts = []
         for i in range(0, len(texts), batch):
-            enc = self.tr.tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=128,
-                                    return_tensors="pt").to(self.tr.device)
+            enc = self.tr.tokenizer(
+                texts[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt"
+            ).to(self.tr.device)
             text = m.encode_text(enc["input_ids"], enc["attention_mask"])
-            f = head.features(m, dummy, torch.ones(1, 1, dtype=torch.bool, device=self.tr.device), text,
-                              enc["attention_mask"])
+            f = head.features(
+                m, dummy, torch.ones(1, 1, dtype=torch.bool, device=self.tr.device), text, enc["attention_mask"]
+            )
             parts.append({k: v for k, v in f.items() if k.startswith("text")})
         if len(parts) == 1:
             return parts[0]
         from sclslt.model.losses import pad_cat
+
         return {k: (pad_cat if parts[0][k].ndim > 2 else torch.cat)([p[k] for p in parts]) for k in parts[0]}
 
     @torch.no_grad()
@@ -105,10 +123,11 @@ class Demo:
         if self.text_features is None:
             return []
         from sclslt.model.heads import get_head
+
         m, head, dev = self.tr.model, get_head(self.head), self.tr.device
-        x = torch.from_numpy(np.array(frames))[None].to(dev)              # a copy: the clip may be read-only
+        x = torch.from_numpy(np.array(frames))[None].to(dev)  # a copy: the clip may be read-only
         enc, mask = m.encode_video(x, torch.ones(1, frames.shape[0], dtype=torch.bool, device=dev))
-        no_text = torch.zeros(1, 1, m.text_encoder.config.d_model, device=dev)     # features() wants both sides
+        no_text = torch.zeros(1, 1, m.text_encoder.config.d_model, device=dev)  # features() wants both sides
         f = head.features(m, enc, mask, no_text, torch.ones(1, 1, dtype=torch.bool, device=dev))
         video = {k: v for k, v in f.items() if k.startswith("video")}
         scores = head.scores({**video, **self.text_features}, m.cfg.cico_tau)[0]
@@ -133,6 +152,7 @@ class Demo:
     def frames_of_test_clip(self, key: str) -> tuple[np.ndarray, int, str]:
         from sclslt.data.loader import subsample_frames
         from sclslt.data.shards import ShardIndex, read_manifest
+
         if key not in self.test:
             raise DemoError(f"no test clip {key!r}")
         frames = ShardIndex(self.shards, read_manifest(self.shards, "test")).read(key)["frames"]
@@ -143,20 +163,29 @@ class Demo:
         t0 = time.perf_counter()
         frames, n_src, name = self.frames_of_test_clip(test_key) if test_key else self.frames_of_upload(upload)
         if n_src > self.max_frames:
-            raise DemoError(f"{name}: {n_src} frames is longer than this demo takes ({self.max_frames}; "
-                            f"sclslt demo --max-frames N)")
+            raise DemoError(
+                f"{name}: {n_src} frames is longer than this demo takes ({self.max_frames}; sclslt demo --max-frames N)"
+            )
         if len(frames) == 0:
             raise DemoError(f"{name}: no frames")
         decode_ms = 1000 * (time.perf_counter() - t0)
         text, model_ms = self.tr.translate_frames(frames)
-        return {"input": name, "text": text, "frames": frames, "source_frames": n_src, "decode_ms": decode_ms,
-                "model_ms": model_ms, "neighbours": self.neighbours(frames),
-                "reference": self.test.get(test_key) if test_key else None}
+        return {
+            "input": name,
+            "text": text,
+            "frames": frames,
+            "source_frames": n_src,
+            "decode_ms": decode_ms,
+            "model_ms": model_ms,
+            "neighbours": self.neighbours(frames),
+            "reference": self.test.get(test_key) if test_key else None,
+        }
 
 
 def gallery(frames: np.ndarray, n: int = 8, size: int = 112) -> list[np.ndarray]:
     """Up to n evenly spaced frames, enlarged (nearest) for the page."""
     from PIL import Image
+
     idx = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
     return [np.asarray(Image.fromarray(frames[i]).resize((size, size), Image.NEAREST)) for i in idx]
 
@@ -166,30 +195,42 @@ def build_app(demo: Demo):
 
     def run(upload, test_key):
         try:
-            r = demo.translate(upload, None if upload else (test_key or None))   # an upload wins
+            r = demo.translate(upload, None if upload else (test_key or None))  # an upload wins
         except TranslateError as e:
             return "", f"**Error:** {e}", [], []
-        info = (f"**{r['input']}**: {len(r['frames'])} frames used of {r['source_frames']}; latency "
-                f"{r['decode_ms'] + r['model_ms']:.0f} ms (decode {r['decode_ms']:.0f} ms, model {r['model_ms']:.0f} ms)")
+        info = (
+            f"**{r['input']}**: {len(r['frames'])} frames used of {r['source_frames']}; latency "
+            f"{r['decode_ms'] + r['model_ms']:.0f} ms (decode {r['decode_ms']:.0f} ms, model {r['model_ms']:.0f} ms)"
+        )
         if r["reference"] is not None:
             info += f"  \nReference: *{r['reference']}*"
         return r["text"], info, gallery(r["frames"]), r["neighbours"]
 
     with gr.Blocks(title="sclslt: sign language translation") as app:
-        gr.Markdown(f"# Sign language translation\n`{demo.tr.source}`, checkpoint `{demo.tr.choice.label}`, beam "
-                    f"{demo.tr.beam}")
+        gr.Markdown(
+            f"# Sign language translation\n`{demo.tr.source}`, checkpoint `{demo.tr.choice.label}`, beam {demo.tr.beam}"
+        )
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="A video, or a zip of frames", elem_id="upload", type="filepath")
-                test_key = gr.Dropdown(choices=[""] + sorted(demo.test), value="", label="or a test clip",
-                                       elem_id="test_clip", visible=bool(demo.test))
+                test_key = gr.Dropdown(
+                    choices=[""] + sorted(demo.test),
+                    value="",
+                    label="or a test clip",
+                    elem_id="test_clip",
+                    visible=bool(demo.test),
+                )
                 button = gr.Button("Translate", variant="primary", elem_id="translate")
             with gr.Column():
                 text = gr.Textbox(label="Translation", elem_id="translation", interactive=False)
                 info = gr.Markdown(elem_id="info")
                 frames = gr.Gallery(label="Frames the model used", elem_id="frames", columns=8, height=160)
-                near = gr.Dataframe(headers=["nearest training sentence", "similarity"], elem_id="neighbours",
-                                    label="Nearest training sentences (contrastive head)", interactive=False)
+                near = gr.Dataframe(
+                    headers=["nearest training sentence", "similarity"],
+                    elem_id="neighbours",
+                    label="Nearest training sentences (contrastive head)",
+                    interactive=False,
+                )
         button.click(run, [upload, test_key], [text, info, frames, near])
     return app
 
@@ -207,6 +248,7 @@ def add_arguments(p) -> None:
 def run_command(args) -> int:
     import os
     import sys
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401

@@ -16,6 +16,7 @@
 
 `write_report` writes one split's metrics, signatures and every hypothesis as one JSON file.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
 from sclslt.atomic import write_text
 
 
@@ -44,7 +46,8 @@ def rouge_tokenizer(tokenize: str | None):
     if tokenize is None:
         return str.split
     from sacrebleu.metrics import BLEU
-    tok = BLEU(tokenize=tokenize).tokenizer          # the very tokenizer BLEU uses (it rstrips lines too)
+
+    tok = BLEU(tokenize=tokenize).tokenizer  # the very tokenizer BLEU uses (it rstrips lines too)
     return lambda text: tok(text.rstrip()).split()
 
 
@@ -58,7 +61,7 @@ def _rouge_l_tokens(h: list[str], r: list[str], beta: float) -> float:
     if lcs == 0:
         return 0.0
     p, rc = lcs / len(h), lcs / len(r)
-    return (1 + beta ** 2) * p * rc / (rc + beta ** 2 * p)
+    return (1 + beta**2) * p * rc / (rc + beta**2 * p)
 
 
 def rouge_l(hyps: list[str], refs: list[str], beta: float = 1.2, tokenize: str | None = None) -> float:
@@ -76,6 +79,7 @@ def compute_metrics(hyps: list[str], refs: list[str], tokenize: str = "13a") -> 
     `tokenize` is sacrebleu's tokenizer for BLEU and ROUGE-L (13a for de/en, zh or char for Chinese);
     chrF is on characters whatever it is (sacrebleu's default chrF2)."""
     from sacrebleu.metrics import BLEU, CHRF
+
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses vs {len(refs)} references")
     out: dict = {}
@@ -112,7 +116,7 @@ def write_report(path, result: dict, rows: list[dict]) -> Path:
 def most_frequent_sentence(texts: list[str]) -> str:
     counts = Counter(texts)
     best = max(counts.values())
-    return min(t for t, c in counts.items() if c == best)   # ties broken deterministically
+    return min(t for t, c in counts.items() if c == best)  # ties broken deterministically
 
 
 @torch.no_grad()

@@ -11,20 +11,29 @@ scored as training's evaluation scores it (sacrebleu BLEU-1..4 with the signatur
 baseline). The report (metrics, checkpoint, every hypothesis) goes to --out, by default
 <run>/eval/<split>.<stage>.<tag>.json; the run's own results.json and hypotheses are never touched.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, type=Path, metavar="RUN_DIR", help="a run directory (training need not "
-                   "have finished: any checkpoint it has)")
+    p.add_argument(
+        "--run",
+        required=True,
+        type=Path,
+        metavar="RUN_DIR",
+        help="a run directory (training need not have finished: any checkpoint it has)",
+    )
     p.add_argument("--split", default=None, help="the split to decode (default: the run's eval.split)")
-    p.add_argument("--checkpoint", default=None, metavar="stage2|stage1|DIR",
-                   help="which checkpoints (default: the one the run selected, else stage 2's latest)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="stage2|stage1|DIR",
+        help="which checkpoints (default: the one the run selected, else stage 2's latest)",
+    )
     p.add_argument("--tag", default=None, help="a checkpoint tag in it (e.g. step00000072, epoch0005)")
     p.add_argument("--beam", type=int, default=None, help="beam width (default: the run's eval.beam)")
     p.add_argument("--max-len", type=int, default=None, help="longest hypothesis in tokens (default: eval.max_len)")
@@ -36,6 +45,7 @@ def run_command(args) -> int:
     from sclslt.eval.hub import TranslateError
     from sclslt.eval.translate import check_run, resolve_checkpoint
     from sclslt.runtime.distributed import finish_distributed, init_distributed
+
     try:
         run = check_run(args.run)
         choice = resolve_checkpoint(run, args.checkpoint, args.tag)
@@ -51,8 +61,11 @@ def run_command(args) -> int:
         m, t = result["model"], result["trivial_baseline"]
         print(f"{result['split']} split, {result['checkpoint']} ({result['checkpoint_choice']}), beam {result['beam']}")
         for name, r in (("model", m), ("trivial: most frequent train sentence", t)):
-            print(f"  {name:<40} " + " ".join(f"BLEU-{k} {r[f'bleu{k}']:.2f}" for k in range(1, 5))
-                  + f" ROUGE-L {r['rouge_l']:.2f} chrF {r['chrf']:.2f}")
+            print(
+                f"  {name:<40} "
+                + " ".join(f"BLEU-{k} {r[f'bleu{k}']:.2f}" for k in range(1, 5))
+                + f" ROUGE-L {r['rouge_l']:.2f} chrF {r['chrf']:.2f}"
+            )
         print(f"  {m['bleu_signature']}\nwrote {result['report']}")
     return 0
 
@@ -66,6 +79,7 @@ def evaluate_checkpoint(run: Path, choice, d, args) -> dict:
     from sclslt.runtime.context import Context
     from sclslt.runtime.rundir import load_run_model
     from sclslt.runtime.ui import Reporter
+
     model, tok, cfg = load_run_model(run, choice.ckpt_dir, choice.tag)
     model.to(d.device).eval()
     ev = dataclasses.replace(cfg.eval, **{k: v for k, v in (("beam", args.beam), ("max_len", args.max_len)) if v})
@@ -73,8 +87,15 @@ def evaluate_checkpoint(run: Path, choice, d, args) -> dict:
     split = args.split or cfg.eval.split
     label = choice.label.replace("/", ".") if "/" in choice.label else f"{choice.ckpt_dir.name}.{choice.tag}"
     out = args.out or run / "eval" / f"{split}.{label}.json"
-    ctx = Context(cfg=cfg, ds_config_path="", dist=d, run_dir=run, shards_dir=resolve_shards_dir(cfg.data),
-                  tokenizer=tok, reporter=Reporter(enabled=d.rank == 0))
+    ctx = Context(
+        cfg=cfg,
+        ds_config_path="",
+        dist=d,
+        run_dir=run,
+        shards_dir=resolve_shards_dir(cfg.data),
+        tokenizer=tok,
+        reporter=Reporter(enabled=d.rank == 0),
+    )
     if d.rank == 0:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     about = {"run": str(run), "checkpoint": choice.label, "checkpoint_choice": choice.why}

@@ -5,8 +5,8 @@ embeds its own contiguous slice of the split (no clip is read twice) and the sli
 so every rank ends with the whole split in split order. `retrieval_recall` splits the scoring the
 same way (each rank its slice of the queries, hit counts summed).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
@@ -27,9 +27,19 @@ def _cat(parts: list[torch.Tensor], head=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batch_size: int = 64,
-                num_workers: int = 0, max_frames: int = 0, head: str | None = None, gather: bool = True,
-                decode: str = "cpu") -> dict:
+def embed_split(
+    model: SLTModel,
+    shards_dir,
+    split: str,
+    tokenizer,
+    device,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    max_frames: int = 0,
+    head: str | None = None,
+    gather: bool = True,
+    decode: str = "cpu",
+) -> dict:
     """{keys, sentence_ids, video (N, e), text (N, e)} of the whole split, on every rank, split order
     (with `gather` False: this rank's contiguous slice of it);
     with `head`, that similarity head's features too (`SimilarityHead.features` in eval mode: its `columns`;
@@ -39,16 +49,15 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
-    stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world,
-                         max_frames=max_frames, decode=decode)
-    e = model.video_proj.out_features       # a rank with no clip of the split contributes empty tensors
+    stream = ShardStream(shards_dir, split, batch_size, rank=rank, world=world, max_frames=max_frames, decode=decode)
+    e = model.video_proj.out_features  # a rank with no clip of the split contributes empty tensors
     keys, sids, vs, ts = [], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, e)], [torch.zeros(0, e)]
     sim = get_head(head) if head else None
     cols = {k: [] for k in (sim.columns if sim else ())}
     for batch in make_loader(stream, Collate(tokenizer), num_workers):
         batch = batch.to(device)
-        enc, mask = model.encode_video(batch.frames, batch.frame_mask)     # once: the pooled and the head's
-        text = model.encode_text(batch.input_ids, batch.attention_mask)   # features share the encoders
+        enc, mask = model.encode_video(batch.frames, batch.frame_mask)  # once: the pooled and the head's
+        text = model.encode_text(batch.input_ids, batch.attention_mask)  # features share the encoders
         v, t = model.pooled_embeddings(enc, mask, text, batch.attention_mask)
         keys += batch.keys
         sids.append(batch.sentence_ids.cpu())
@@ -62,7 +71,7 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
     if sim:
         mine.update({k: _cat(v, sim) for k, v in cols.items()})
     model.train(was_training)
-    if world == 1 or not gather:      # gather=False: this rank's contiguous slice only (sharded tables)
+    if world == 1 or not gather:  # gather=False: this rank's contiguous slice only (sharded tables)
         return mine
     parts = [None] * world
     dist.all_gather_object(parts, mine)
@@ -73,8 +82,14 @@ def embed_split(model: SLTModel, shards_dir, split: str, tokenizer, device, batc
     return out
 
 
-def retrieval_recall(video: torch.Tensor, text: torch.Tensor, sentence_ids: torch.Tensor,
-                     ks=(1, 5, 10), chunk: int = 4096, distributed: bool | None = None) -> dict:
+def retrieval_recall(
+    video: torch.Tensor,
+    text: torch.Tensor,
+    sentence_ids: torch.Tensor,
+    ks=(1, 5, 10),
+    chunk: int = 4096,
+    distributed: bool | None = None,
+) -> dict:
     """video->text and text->video R@k (%); a retrieved item with the query's sentence is a hit
     (identical sentences are not errors).
 
@@ -104,7 +119,7 @@ def retrieval_recall(video: torch.Tensor, text: torch.Tensor, sentence_ids: torc
     if distributed:
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         hits = hits.to(dev)
-        dist.all_reduce(hits)            # one collective: both directions, every k
+        dist.all_reduce(hits)  # one collective: both directions, every k
         hits = hits.cpu()
     out = {}
     for d, name in enumerate(directions):

@@ -15,9 +15,11 @@ The checkpoint is, by default, the one the run selected and evaluated (`"selecte
 `<run>/results.json`: {"stage", "tag"} or a stage-2 tag), else stage 2's `latest` (stage 1's when the
 run has no stage 2). `--checkpoint stage1|stage2|<dir>` and `--tag` pick another.
 
-Every problem is a `TranslateError` (`sclslt.eval.hub`, which reads the inputs) whose message names the file: a run directory without config,
+Every problem is a `TranslateError` (`sclslt.eval.hub`, which reads the inputs) whose message names the file: a run
+directory without config,
 tokenizer or checkpoints, a missing input, a folder without frames, a video that cannot be decoded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,16 +36,16 @@ from sclslt.runtime.checkpoints import MODEL_FILES, latest_tag
 from sclslt.runtime.context import STAGES
 from sclslt.runtime.rundir import RunDir, RunError, checkpoint_tags, load_run_model
 
-
 # ---------------------------------------------------------------------------------------------
 # the run: config, tokenizer, checkpoint
+
 
 @dataclass
 class CheckpointChoice:
     ckpt_dir: Path
     tag: str
-    label: str          # e.g. "stage2/step00000072"
-    why: str            # how it was chosen
+    label: str  # e.g. "stage2/step00000072"
+    why: str  # how it was chosen
 
 
 def check_run(run_dir) -> Path:
@@ -51,8 +53,10 @@ def check_run(run_dir) -> Path:
     if not run.is_dir():
         raise TranslateError(f"run directory {run} does not exist")
     if not RunDir(run).config_file.is_file():
-        raise TranslateError(f"{run} is not a run directory: it has no config.yaml (a training run writes "
-                             f"<run>/config.yaml, tokenizer/ and stage1|stage2/checkpoints/)")
+        raise TranslateError(
+            f"{run} is not a run directory: it has no config.yaml (a training run writes "
+            f"<run>/config.yaml, tokenizer/ and stage1|stage2/checkpoints/)"
+        )
     tok = RunDir(run).tokenizer_dir
     if not (tok.is_dir() and any((tok / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))):
         raise TranslateError(f"run {run} has no tokenizer: {tok} is missing or holds no tokenizer files")
@@ -69,11 +73,14 @@ def _selected(run: Path) -> tuple[str, str] | None:
 def _checked(ckpt_dir: Path, tag: str | None, label_stage: str, why: str) -> CheckpointChoice:
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
-        raise TranslateError(f"no checkpoint in {ckpt_dir} (no 'latest' file); available: "
-                             f"{checkpoint_tags(ckpt_dir) or 'none'}")
+        raise TranslateError(
+            f"no checkpoint in {ckpt_dir} (no 'latest' file); available: {checkpoint_tags(ckpt_dir) or 'none'}"
+        )
     if not any((ckpt_dir / tag / f).is_file() for f in MODEL_FILES):
-        raise TranslateError(f"checkpoint {ckpt_dir / tag} does not exist or has no model states "
-                             f"(available in {ckpt_dir}: {checkpoint_tags(ckpt_dir) or 'none'})")
+        raise TranslateError(
+            f"checkpoint {ckpt_dir / tag} does not exist or has no model states "
+            f"(available in {ckpt_dir}: {checkpoint_tags(ckpt_dir) or 'none'})"
+        )
     return CheckpointChoice(ckpt_dir, tag, f"{label_stage}/{tag}" if label_stage else str(ckpt_dir / tag), why)
 
 
@@ -86,27 +93,31 @@ def resolve_checkpoint(run_dir, checkpoint: str | None = None, tag: str | None =
         for st in stages:
             ckpt_dir = RunDir(run).checkpoints(st)
             if not checkpoint_tags(ckpt_dir) and not (checkpoint or tag):
-                continue                      # default: a run without stage 2 falls back to stage 1
+                continue  # default: a run without stage 2 falls back to stage 1
             if tag:
                 return _checked(ckpt_dir, tag, st, "--tag")
             if selected and selected[0] == st:
                 return _checked(ckpt_dir, selected[1], st, "selected by the run, results.json")
             return _checked(ckpt_dir, None, st, "latest")
-        raise TranslateError(f"run {run} has no checkpoints (looked in {RunDir(run).checkpoints('stage2')} and "
-                             f"{RunDir(run).checkpoints('stage1')})")
+        raise TranslateError(
+            f"run {run} has no checkpoints (looked in {RunDir(run).checkpoints('stage2')} and "
+            f"{RunDir(run).checkpoints('stage1')})"
+        )
     path = Path(checkpoint)
     if not path.is_absolute() and not path.exists() and (run / path).exists():
         path = run / path
     if not path.is_dir():
-        raise TranslateError(f"--checkpoint {checkpoint}: use stage1, stage2, or a checkpoint directory "
-                             f"(no directory {path})")
-    if any((path / f).is_file() for f in MODEL_FILES) and not tag:     # one tag's directory
+        raise TranslateError(
+            f"--checkpoint {checkpoint}: use stage1, stage2, or a checkpoint directory (no directory {path})"
+        )
+    if any((path / f).is_file() for f in MODEL_FILES) and not tag:  # one tag's directory
         return _checked(path.parent, path.name, "", "--checkpoint")
     return _checked(path, tag, "", "--checkpoint" + (" --tag" if tag else ""))
 
 
 # ---------------------------------------------------------------------------------------------
 # inputs: decoded and resized as the run's training data was (`FrameSpec`, `load_clip`: `sclslt.eval.hub`)
+
 
 def frame_spec(cfg, size_override: int = 0) -> FrameSpec:
     """How the run's training frames were made: the synthetic corpus's frame size, or the shards
@@ -118,14 +129,17 @@ def frame_spec(cfg, size_override: int = 0) -> FrameSpec:
         fs = int(cfg.data.synthetic.frame_size)
         return FrameSpec(fs, (fs, fs), 0, 0.0, max_frames, "data.synthetic.frame_size")
     from sclslt.data.storage import Store
+
     shards = Store(cfg.data.shards_dir)
     for split in ("train", "dev", "test"):
         f = shards.url(f"{split}.json")
         if shards.exists(f"{split}.json"):
             break
     else:
-        raise TranslateError(f"cannot find the frame size the run was trained on: no shards manifest "
-                             f"(train.json) in data.shards_dir={shards}; pass --size N")
+        raise TranslateError(
+            f"cannot find the frame size the run was trained on: no shards manifest "
+            f"(train.json) in data.shards_dir={shards}; pass --size N"
+        )
     try:
         man = json.loads(shards.read_text(f"{split}.json"))
         h, w = int(man["frame_shape"][0]), int(man["frame_shape"][1])
@@ -135,15 +149,18 @@ def frame_spec(cfg, size_override: int = 0) -> FrameSpec:
     size = int(opts.get("size", h if h == w else 0) or 0)
     if size and (size, size) != (h, w):
         size = h if h == w else 0
-    return FrameSpec(size, (h, w), int(opts.get("max_frames", 0) or 0), float(opts.get("fps", 0.0) or 0.0),
-                     max_frames, str(f))
+    return FrameSpec(
+        size, (h, w), int(opts.get("max_frames", 0) or 0), float(opts.get("fps", 0.0) or 0.0), max_frames, str(f)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # the model
 
+
 def resolve_device(name: str | None):
     import torch
+
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -161,21 +178,32 @@ class Translator:
     """A trained model on one device, ready to translate clips one at a time: a run's checkpoint
     (`run_dir`, `checkpoint`, `tag`) or an exported model folder / Hub name (`model`, `sclslt export`)."""
 
-    def __init__(self, run_dir=None, checkpoint: str | None = None, tag: str | None = None, device: str | None = None,
-                 beam: int | None = None, max_len: int | None = None, size: int = 0, model: str | None = None):
+    def __init__(
+        self,
+        run_dir=None,
+        checkpoint: str | None = None,
+        tag: str | None = None,
+        device: str | None = None,
+        beam: int | None = None,
+        max_len: int | None = None,
+        size: int = 0,
+        model: str | None = None,
+    ):
         import torch
 
         from sclslt.runtime.distributed import setup_accelerator
+
         if (run_dir is None) == (model is None):
             raise TranslateError("give a run (--run RUN_DIR) or an exported model (--model DIR or Hub name), not both")
         self.device = resolve_device(device)
-        setup_accelerator()                  # before deepspeed is imported (checkpoint loading)
+        setup_accelerator()  # before deepspeed is imported (checkpoint loading)
         t0 = time.perf_counter()
         # library chatter (DeepSpeed logs to stdout, also from loggers made at import) goes to stderr:
         # stdout holds the translations only (`--json`: JSON lines)
         with contextlib.redirect_stdout(sys.stderr):
-            loaded, (beam0, len0) = self._load_run(run_dir, checkpoint, tag, size) if model is None else \
-                self._load_export(model, size)
+            loaded, (beam0, len0) = (
+                self._load_run(run_dir, checkpoint, tag, size) if model is None else self._load_export(model, size)
+            )
         self.source, model_, self.tokenizer, self.spec = loaded
         self.beam = int(beam if beam else beam0)
         self.max_len = int(max_len if max_len else len0)
@@ -193,6 +221,7 @@ class Translator:
 
     def _load_run(self, run_dir, checkpoint, tag, size):
         from sclslt.config import ConfigError
+
         self.run = check_run(run_dir)
         try:
             cfg = RunDir(self.run).config()
@@ -211,19 +240,23 @@ class Translator:
             hub = SignTranslator.from_pretrained(name)
         except (ExportError, FileNotFoundError, OSError, ValueError) as e:
             raise TranslateError(f"cannot load the exported model {name}: {e}") from e
-        self.export_dir = hub.folder              # the local folder (a Hub name: its downloaded snapshot)
+        self.export_dir = hub.folder  # the local folder (a Hub name: its downloaded snapshot)
         spec = hub.frame_spec()
         if size > 0:
             spec = FrameSpec(size, (size, size), spec.shard_max_frames, spec.fps, spec.max_frames, "--size")
         prov = hub.config.get("provenance", {})
-        self.choice = CheckpointChoice(Path(str(name)), prov.get("checkpoint", ""),
-                                       f"export of {prov.get('run', '?')}/{prov.get('checkpoint', '?')}",
-                                       "the exported model")
+        self.choice = CheckpointChoice(
+            Path(str(name)),
+            prov.get("checkpoint", ""),
+            f"export of {prov.get('run', '?')}/{prov.get('checkpoint', '?')}",
+            "the exported model",
+        )
         g = hub.config["generation"]
         return (str(name), hub.model, hub.tokenizer, spec), (g["beam"], g["max_len"])
 
     def _sync(self) -> None:
         import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -244,61 +277,101 @@ class Translator:
         frames, n_src = load_clip(path, self.spec)
         decode_ms = 1000.0 * (time.perf_counter() - t0)
         text, model_ms = self.translate_frames(frames)
-        return {"input": str(path), "text": text, "frames": int(frames.shape[0]), "source_frames": n_src,
-                "decode_ms": round(decode_ms, 3), "model_ms": round(model_ms, 3),
-                "latency_ms": round(decode_ms + model_ms, 3)}
+        return {
+            "input": str(path),
+            "text": text,
+            "frames": int(frames.shape[0]),
+            "source_frames": n_src,
+            "decode_ms": round(decode_ms, 3),
+            "model_ms": round(model_ms, 3),
+            "latency_ms": round(decode_ms + model_ms, 3),
+        }
 
     def info(self) -> dict:
-        return {"run": self.source, "checkpoint": self.choice.label, "checkpoint_choice": self.choice.why,
-                "params": int(self.params), "load_s": round(self.load_s, 4), "warmup_ms": round(self.warmup_ms, 3),
-                "device": str(self.device),
-                "beam": self.beam, "max_len": self.max_len, "frame_shape": list(self.spec.shape),
-                "max_frames": self.spec.max_frames}
+        return {
+            "run": self.source,
+            "checkpoint": self.choice.label,
+            "checkpoint_choice": self.choice.why,
+            "params": int(self.params),
+            "load_s": round(self.load_s, 4),
+            "warmup_ms": round(self.warmup_ms, 3),
+            "device": str(self.device),
+            "beam": self.beam,
+            "max_len": self.max_len,
+            "frame_shape": list(self.spec.shape),
+            "max_frames": self.spec.max_frames,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # the command
 
+
 def add_arguments(p) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="a video file (mp4, mkv, avi, ...; decoded with PyAV) or a folder of frame images "
-                        "(PNG/JPEG, in natural name order)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="a video file (mp4, mkv, avi, ...; decoded with PyAV) or a folder of frame images "
+        "(PNG/JPEG, in natural name order)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", metavar="RUN_DIR",
-                     help="the training run directory (config.yaml, tokenizer/, stage1|stage2/checkpoints/)")
-    src.add_argument("--model", metavar="DIR|HUB_NAME",
-                     help="an exported model (sclslt export): a local folder or a Hugging Face Hub name")
-    p.add_argument("--checkpoint", default=None, metavar="stage2|stage1|PATH",
-                   help="stage2 (the checkpoint the run selected and evaluated, recorded in results.json, "
-                        "else its latest), stage1 (its latest), or a checkpoint directory (a tag's folder, or a "
-                        "checkpoints folder with a 'latest' file). Default: what the run selected, else stage 2's "
-                        "latest, else stage 1's")
+    src.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="the training run directory (config.yaml, tokenizer/, stage1|stage2/checkpoints/)",
+    )
+    src.add_argument(
+        "--model",
+        metavar="DIR|HUB_NAME",
+        help="an exported model (sclslt export): a local folder or a Hugging Face Hub name",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="stage2|stage1|PATH",
+        help="stage2 (the checkpoint the run selected and evaluated, recorded in results.json, "
+        "else its latest), stage1 (its latest), or a checkpoint directory (a tag's folder, or a "
+        "checkpoints folder with a 'latest' file). Default: what the run selected, else stage 2's "
+        "latest, else stage 1's",
+    )
     p.add_argument("--tag", default=None, help="a checkpoint tag inside the chosen stage (e.g. step00000072)")
-    p.add_argument("--beam", type=int, default=None, metavar="N",
-                   help="beam size (default: the run's eval.beam)")
-    p.add_argument("--max-len", type=int, default=None, metavar="N",
-                   help="new tokens at most (default: the run's eval.max_len)")
-    p.add_argument("--device", default=None, metavar="cpu|cuda",
-                   help="cpu or cuda (cuda:N); default cuda when available")
-    p.add_argument("--size", type=int, default=0, metavar="N",
-                   help="frame size override (default: the run's training frame size, from its shards manifest "
-                        "or synthetic corpus config); needed only when the manifest is not available")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per input (input, text, frames, latency_ms, ..., params, load_s) "
-                        "instead of a table")
+    p.add_argument("--beam", type=int, default=None, metavar="N", help="beam size (default: the run's eval.beam)")
+    p.add_argument(
+        "--max-len", type=int, default=None, metavar="N", help="new tokens at most (default: the run's eval.max_len)"
+    )
+    p.add_argument(
+        "--device", default=None, metavar="cpu|cuda", help="cpu or cuda (cuda:N); default cuda when available"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="frame size override (default: the run's training frame size, from its shards manifest "
+        "or synthetic corpus config); needed only when the manifest is not available",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per input (input, text, frames, latency_ms, ..., params, load_s) "
+        "instead of a table",
+    )
 
 
 def run_command(args) -> int:
     from rich.console import Console
+
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
     try:
-        for x in args.inputs:                # every input is checked before the model is loaded
+        for x in args.inputs:  # every input is checked before the model is loaded
             it = input_item(x)
             if it.kind == "video":
                 probe_video(x)
-        tr = Translator(args.run, args.checkpoint, args.tag, args.device, args.beam, args.max_len, args.size,
-                        args.model)
+        tr = Translator(
+            args.run, args.checkpoint, args.tag, args.device, args.beam, args.max_len, args.size, args.model
+        )
     except TranslateError as e:
         err.print(f"[bold red]error:[/] {escape_text(str(e))}")
         return 1
@@ -316,17 +389,26 @@ def run_command(args) -> int:
     if not args.json:
         from rich.markup import escape
         from rich.table import Table
-        out.print(f"[bold cyan]sclslt[/] {escape(info['run'])}: checkpoint {escape(info['checkpoint'])} "
-                  f"({info['checkpoint_choice']}), {info['params']:,} parameters, loaded in "
-                  f"{info['load_s']:.2f} s on {info['device']} (warm-up decode {info['warmup_ms']:.0f} ms), "
-                  f"beam {info['beam']}, frames {info['frame_shape'][0]}x{info['frame_shape'][1]}")
+
+        out.print(
+            f"[bold cyan]sclslt[/] {escape(info['run'])}: checkpoint {escape(info['checkpoint'])} "
+            f"({info['checkpoint_choice']}), {info['params']:,} parameters, loaded in "
+            f"{info['load_s']:.2f} s on {info['device']} (warm-up decode {info['warmup_ms']:.0f} ms), "
+            f"beam {info['beam']}, frames {info['frame_shape'][0]}x{info['frame_shape'][1]}"
+        )
         t = Table(title="translations")
-        for c, kw in (("input", {}), ("frames", {"justify": "right"}), ("decode ms", {"justify": "right"}),
-                      ("model ms", {"justify": "right"}), ("text", {})):
+        for c, kw in (
+            ("input", {}),
+            ("frames", {"justify": "right"}),
+            ("decode ms", {"justify": "right"}),
+            ("model ms", {"justify": "right"}),
+            ("text", {}),
+        ):
             t.add_column(c, **kw)
         for r in rows:
-            t.add_row(escape(r["input"]), str(r["frames"]), f"{r['decode_ms']:.1f}", f"{r['model_ms']:.1f}",
-                      escape(r["text"]))
+            t.add_row(
+                escape(r["input"]), str(r["frames"]), f"{r['decode_ms']:.1f}", f"{r['model_ms']:.1f}", escape(r["text"])
+            )
         if rows:
             out.print(t)
     if failure is not None:
@@ -338,4 +420,5 @@ def run_command(args) -> int:
 def escape_text(s: str) -> str:
     """`s` printed as is by rich (brackets in paths or lists are not markup)."""
     from rich.markup import escape
+
     return escape(s)

@@ -7,6 +7,7 @@ uniforms (`Batch.draws`, seeded by (seed, epoch, clip key) in the loader), so a 
 transform at any world size, worker count or resume; called without them (a direct call), the
 uniforms come from torch's global generator.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ class ClipAugment(nn.Module):
         if oh > h or ow > w:
             raise ValueError(f"data.crop={cfg.crop} is larger than the frames ({h} x {w})")
         dev = frames.device
-        sx, sy = ow / w, oh / h                       # the crop window, in normalised coordinates
+        sx, sy = ow / w, oh / h  # the crop window, in normalised coordinates
         angle = torch.zeros(b, device=dev)
         zoom = torch.ones(b, device=dev)
         shift = torch.zeros(b, 2, device=dev)
@@ -48,10 +49,15 @@ class ClipAugment(nn.Module):
                 zoom = 1 + on[:, 1] * (lo + u[:, 6] * (hi - lo) - 1)
                 shift = on[:, 2:3] * (u[:, 7:9] * 2 - 1) * 2 * cfg.aug_translate
         else:
-            offset = torch.zeros(b, 2, device=dev)    # centre crop
+            offset = torch.zeros(b, 2, device=dev)  # centre crop
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos * sx, -sin * sy, offset[:, 0] + shift[:, 0]], 1),
-                             torch.stack([sin * sx, cos * sy, offset[:, 1] + shift[:, 1]], 1)], 1)
+        theta = torch.stack(
+            [
+                torch.stack([cos * sx, -sin * sy, offset[:, 0] + shift[:, 0]], 1),
+                torch.stack([sin * sx, cos * sy, offset[:, 1] + shift[:, 1]], 1),
+            ],
+            1,
+        )
         x = frames.reshape(b * t, h, w, 3).permute(0, 3, 1, 2).float()
         grid = F.affine_grid(theta.repeat_interleave(t, 0), (b * t, 3, oh, ow), align_corners=False)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

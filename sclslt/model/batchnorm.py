@@ -19,6 +19,7 @@ they are updated once per optimizer step (`finish_step`), from the mean over the
 micro-batch. Evaluation and `frozen` use them. The classes keep `nn.BatchNorm`'s parameters and buffers,
 so checkpoints and pretrained weights load unchanged (`configure` swaps the classes in place).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,14 +30,14 @@ import torch.nn as nn
 
 from sclslt.config import batchnorm_mode
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # torch >= 2.13 / older
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch >= 2.13 / older
 
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-_ROWS = {"segments": None, "groups": 0}   # backbone rows' clip groups during one forward: `rows_in_groups`
+_ROWS = {"segments": None, "groups": 0}  # backbone rows' clip groups during one forward: `rows_in_groups`
 
 
 @contextlib.contextmanager
@@ -64,8 +65,9 @@ def _per_row(v: torch.Tensor, seg: torch.Tensor | None, x: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def batch_stats(x: torch.Tensor, mask: torch.Tensor | None, seg: torch.Tensor | None, groups: int,
-                across_ranks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_stats(
+    x: torch.Tensor, mask: torch.Tensor | None, seg: torch.Tensor | None, groups: int, across_ranks: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per group and channel: mean, biased variance and count of valid positions (fp32, (S, C), (S, C), (S, 1)),
     two-pass (mean, then centred squares: no E[x^2] - E[x]^2 cancellation). With `across_ranks`, over every
     rank's rows: each rank's (count, mean, centred sum of squares) gathered in one collective and combined
@@ -79,7 +81,7 @@ def batch_stats(x: torch.Tensor, mask: torch.Tensor | None, seg: torch.Tensor | 
     xm = x * m if m is not None else x
     n = _segment_sum(count, seg, groups)
     mean = _segment_sum(xm.sum(dims, dtype=torch.float32) if dims else xm.float(), seg, groups) / n.clamp_min(1.0)
-    centred = x.float() - _per_row(mean, seg, x)           # one fp32 temporary, freed here
+    centred = x.float() - _per_row(mean, seg, x)  # one fp32 temporary, freed here
     if m is not None:
         centred = centred * m
     m2 = _segment_sum(centred.square().sum(dims) if dims else centred.square(), seg, groups)
@@ -89,7 +91,7 @@ def batch_stats(x: torch.Tensor, mask: torch.Tensor | None, seg: torch.Tensor | 
         flat = torch.empty(_world() * (1 + 2 * c), device=x.device, dtype=torch.float32)
         _all_gather_single(flat, torch.cat([n, mean, m2], 1).reshape(-1))
         parts = flat.view(-1, 1 + 2 * c)
-        counts, means, m2s = parts[:, :1], parts[:, 1:1 + c], parts[:, 1 + c:]
+        counts, means, m2s = parts[:, :1], parts[:, 1 : 1 + c], parts[:, 1 + c :]
         n = counts.sum(0, keepdim=True)
         mean = (counts * means).sum(0, keepdim=True) / n.clamp_min(1.0)
         m2 = (m2s + counts * (means - mean) ** 2).sum(0, keepdim=True)
@@ -120,8 +122,8 @@ class _BatchStatsNorm(torch.autograd.Function):
         row_dy = dyf.sum(dims) if dims else dyf
         row_dyx = (dyf * xhat).sum(dims) if dims else dyf * xhat
         g1, g2 = _segment_sum(row_dy, seg, ctx.groups), _segment_sum(row_dyx, seg, ctx.groups)
-        d_weight = g2.sum(0).to(weight.dtype) if weight is not None else None   # this rank's share: DeepSpeed
-        d_bias = g1.sum(0).to(weight.dtype) if ctx.has_bias else None           # averages over ranks
+        d_weight = g2.sum(0).to(weight.dtype) if weight is not None else None  # this rank's share: DeepSpeed
+        d_bias = g1.sum(0).to(weight.dtype) if ctx.has_bias else None  # averages over ranks
         if ctx.across_ranks:
             packed = torch.cat([g1, g2], 1)
             dist.all_reduce(packed)
@@ -136,10 +138,12 @@ class _BatchStatsNorm(torch.autograd.Function):
 
 class _ConfiguredNorm:
     """The shared forward of `BatchNorm1d` / `BatchNorm2d` (channel dimension 1), in the mode `configure` set."""
+
     mode, group = "global", 0
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                segments: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, segments: tuple[torch.Tensor, int] | None = None
+    ) -> torch.Tensor:
         """`mask` (N, *): valid positions; `segments` (group of each row, number of groups): the row groups
         of `group N` (else those of `rows_in_groups`)."""
         if not self.training or self.mode == "frozen":
@@ -148,14 +152,26 @@ class _ConfiguredNorm:
         if self.mode == "group":
             seg, groups = segments if segments is not None else (_ROWS["segments"], _ROWS["groups"])
             if seg is None:
-                raise RuntimeError("model.batchnorm='group N' needs each row's clip group "
-                                   "(sclslt.model.batchnorm.rows_in_groups, or segments=)")
+                raise RuntimeError(
+                    "model.batchnorm='group N' needs each row's clip group "
+                    "(sclslt.model.batchnorm.rows_in_groups, or segments=)"
+                )
         across = self.mode == "global" and _world() > 1
         mean, var, n = batch_stats(x, mask, seg, groups, across)
-        if self.track_running_stats and torch.is_grad_enabled():    # an activation checkpoint's recompute
-            self._add_pending(mean, var, n)                         # adds the same groups again: same mean
-        return _BatchStatsNorm.apply(x, self.weight if self.affine else None, self.bias if self.affine else None,
-                                     mask, seg, mean, var, n, self.eps, across)
+        if self.track_running_stats and torch.is_grad_enabled():  # an activation checkpoint's recompute
+            self._add_pending(mean, var, n)  # adds the same groups again: same mean
+        return _BatchStatsNorm.apply(
+            x,
+            self.weight if self.affine else None,
+            self.bias if self.affine else None,
+            mask,
+            seg,
+            mean,
+            var,
+            n,
+            self.eps,
+            across,
+        )
 
     def _running(self, x: torch.Tensor) -> torch.Tensor:
         view = [1, -1] + [1] * (x.dim() - 2)
@@ -183,8 +199,9 @@ def drop_pending(module: nn.Module) -> None:
 def finish_step(module: nn.Module) -> None:
     """Update every configured BatchNorm's running statistics once from the step's pending group statistics,
     summed over ranks (one all-reduce for all layers). Call on every rank after each optimizer step."""
-    layers = [m for m in module.modules()
-              if isinstance(m, _ConfiguredNorm) and getattr(m, "_pending", None) is not None]
+    layers = [
+        m for m in module.modules() if isinstance(m, _ConfiguredNorm) and getattr(m, "_pending", None) is not None
+    ]
     if not layers:
         return
     flat = torch.cat([m._pending for m in layers])
@@ -194,13 +211,13 @@ def finish_step(module: nn.Module) -> None:
     with torch.no_grad():
         for m in layers:
             c = m.num_features
-            s = flat[at:at + 2 * c + 1]
+            s = flat[at : at + 2 * c + 1]
             at += 2 * c + 1
             k = s[-1].clamp_min(1.0)
             m.num_batches_tracked.add_(1)
             f = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
             m.running_mean.mul_(1 - f).add_((s[:c] / k).to(m.running_mean.dtype), alpha=f)
-            m.running_var.mul_(1 - f).add_((s[c:2 * c] / k).to(m.running_var.dtype), alpha=f)
+            m.running_var.mul_(1 - f).add_((s[c : 2 * c] / k).to(m.running_var.dtype), alpha=f)
             m._pending = None
 
 

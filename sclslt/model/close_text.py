@@ -21,10 +21,10 @@ and the mask of b rows against n columns costs two `searchsorted`s. The table is
 directory by rank 0 (`CLOSE_FILE`, `train.close_pairs.stage_close_pairs`) and read back by every rank, so all
 ranks and a resumed run use the same pairs (the resumed model's text encoder is no longer the initial one).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -35,8 +35,9 @@ CLOSE_FILE = "close_text.safetensors"
 class CloseSentences:
     """Close pairs of training sentences (both orders), by sentence id; `soft` is the target weight
     w of close columns (0: they are masked out)."""
-    sids: torch.Tensor           # (U,) sorted unique sentence ids, int64
-    codes: torch.Tensor          # (P,) sorted a * U + b for close pairs a != b (indices into sids), int64
+
+    sids: torch.Tensor  # (U,) sorted unique sentence ids, int64
+    codes: torch.Tensor  # (P,) sorted a * U + b for close pairs a != b (indices into sids), int64
     soft: float = 0.0
 
     def mask(self, row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
@@ -58,19 +59,25 @@ class CloseSentences:
         return torch.stack([self.sids[self.codes // u], self.sids[self.codes % u]], dim=1)
 
     def save(self, path, made_by: dict | None = None) -> None:
-        """With `made_by` ({"kind", "threshold"}) in the file's metadata: what `train.close_pairs.stage_close_pairs` checks on reuse."""
+        """With `made_by` ({"kind", "threshold"}) in the file's metadata: what
+        `train.close_pairs.stage_close_pairs` checks on reuse."""
         import json
 
         from safetensors.torch import save_file
 
         from sclslt.atomic import atomic_path
+
         with atomic_path(path) as tmp:
-            save_file({"sids": self.sids.contiguous(), "codes": self.codes.contiguous()}, str(tmp),
-                      metadata={"made_by": json.dumps(made_by or {})})
+            save_file(
+                {"sids": self.sids.contiguous(), "codes": self.codes.contiguous()},
+                str(tmp),
+                metadata={"made_by": json.dumps(made_by or {})},
+            )
 
     @classmethod
     def load(cls, path, soft: float = 0.0) -> "CloseSentences":
         from safetensors.torch import load_file
+
         t = load_file(str(path))
         return cls(t["sids"], t["codes"], soft)
 
@@ -79,6 +86,7 @@ class CloseSentences:
         import json
 
         from safetensors import safe_open
+
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {}).get("made_by", "{}"))
 
@@ -95,7 +103,7 @@ def from_similarity(sids: list[int], sim_rows, threshold: float, block: int = 20
     sorted_ids = torch.tensor(sids, dtype=torch.long)[order]
     u = len(sids)
     rank = torch.empty(u, dtype=torch.long)
-    rank[order] = torch.arange(u)                          # input position -> index into sorted_ids
+    rank[order] = torch.arange(u)  # input position -> index into sorted_ids
     codes = []
     for i0 in range(0, u, block):
         s = sim_rows(i0, min(u, i0 + block))
@@ -115,8 +123,9 @@ def jaccard_pairs(sids: list[int], texts: list[str], threshold: float) -> CloseS
     r = torch.tensor([i for i, s in enumerate(sets) for _ in s], dtype=torch.long)
     c = torch.tensor([w for s in sets for w in s], dtype=torch.long)
     v = max(1, len(vocab))
-    m = torch.sparse_coo_tensor(torch.stack([r, c]), torch.ones(len(r)), (len(texts), v),
-                                check_invariants=True).coalesce()
+    m = torch.sparse_coo_tensor(
+        torch.stack([r, c]), torch.ones(len(r)), (len(texts), v), check_invariants=True
+    ).coalesce()
     sizes = torch.tensor([float(len(s)) for s in sets])
 
     def rows(i0, i1):
@@ -126,6 +135,7 @@ def jaccard_pairs(sids: list[int], texts: list[str], threshold: float) -> CloseS
         inter = torch.sparse.mm(m, block.t()).t()
         union = sizes[i0:i1, None] + sizes[None, :] - inter
         return inter / union.clamp_min(1.0)
+
     return from_similarity(sids, rows, threshold)
 
 
@@ -153,7 +163,7 @@ def text_embeddings(model, tokenizer, texts: list[str], device, batch: int = 256
     out = []
     try:
         for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
             ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             out.append(masked_mean(model.encode_text(ids, att).float(), att.bool()).double().cpu())
     finally:
@@ -175,8 +185,9 @@ def build(kind: str, threshold: float, rows, model=None, tokenizer=None, device=
     raise ValueError(f"close-text kind {kind!r}: use 'cosine' or 'jaccard'")
 
 
-def close_ce(logits: torch.Tensor, pos_offset: int, q_ids: torch.Tensor, k_ids: torch.Tensor,
-             close: torch.Tensor, soft: float) -> torch.Tensor:
+def close_ce(
+    logits: torch.Tensor, pos_offset: int, q_ids: torch.Tensor, k_ids: torch.Tensor, close: torch.Tensor, soft: float
+) -> torch.Tensor:
     """Mean over rows of the InfoNCE of (b, n) `logits` (row i's positive at column pos_offset + i):
     identical-sentence columns leave the softmax; `close` (b, n) columns leave it too (soft = 0) or are
     weighted positives (soft = w > 0: target 1 - w on the positive, w / |close_i| on each close column;

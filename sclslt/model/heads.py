@@ -11,6 +11,7 @@ in any module that registers it) plus its test.
 - `pooled`  mean-pooled, projected, L2-normalised embeddings; dot product (`sclslt_kernels.infonce`, fused)
 - `cico`    CiCo's token-level similarity (`sclslt_kernels.cico_similarity`, fused; docs/paper.md)
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -27,10 +28,11 @@ CONTRASTIVE_PARTS = ("text_encoder", "text_proj", "video_proj", "log_logit_scale
 
 class SimilarityHead(ABC):
     """Columns named `video_*` are a clip's features, `text_*` a sentence's (what `close_loss` pairs)."""
+
     name = ""
-    columns: tuple[str, ...] = ()      # the features gathered from all ranks (with gradient when float)
-    token_level = False                # columns have a token axis (dim 1), padded to the longest first
-    parts = CONTRASTIVE_PARTS          # top-level modules that only the contrastive loss trains
+    columns: tuple[str, ...] = ()  # the features gathered from all ranks (with gradient when float)
+    token_level = False  # columns have a token axis (dim 1), padded to the longest first
+    parts = CONTRASTIVE_PARTS  # top-level modules that only the contrastive loss trains
 
     @abstractmethod
     def features(self, model, enc, mask, text, text_mask) -> dict:
@@ -58,12 +60,14 @@ class SimilarityHead(ABC):
     def close_loss(self, out: dict, ids, cols: dict, offset: int, tau: float, close: CloseSentences) -> torch.Tensor:
         """`loss` with close-text columns masked or weighted (`close_text`): the local rows' logits against
         the gathered columns in both directions, materialised (b x n: `pair_scores`), then `close_ce`."""
-        wide = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))      # fp32 (fp64 stays), as the fused
-        s = wide(out["logit_scale"])                                           # path computes the logits
+        wide = lambda x: x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays), as the fused
+        s = wide(out["logit_scale"])  # path computes the logits
         v2t, t2v = (wide(x) for x in self.pair_scores(out, cols, tau))
         m = close.mask(ids, cols["ids"])
-        return 0.5 * (close_ce(s * v2t, offset, ids, cols["ids"], m, close.soft)
-                      + close_ce(s * t2v, offset, ids, cols["ids"], m, close.soft))
+        return 0.5 * (
+            close_ce(s * v2t, offset, ids, cols["ids"], m, close.soft)
+            + close_ce(s * t2v, offset, ids, cols["ids"], m, close.soft)
+        )
 
 
 @SIMILARITY_HEADS.register("pooled")
@@ -78,8 +82,10 @@ class PooledHead(SimilarityHead):
 
     def loss(self, out, ids, cols, offset, tau):
         s = out["logit_scale"]
-        return 0.5 * (infonce(out["video_emb"], cols["text_emb"], s, offset, ids, cols["ids"])
-                      + infonce(out["text_emb"], cols["video_emb"], s, offset, ids, cols["ids"]))
+        return 0.5 * (
+            infonce(out["video_emb"], cols["text_emb"], s, offset, ids, cols["ids"])
+            + infonce(out["text_emb"], cols["video_emb"], s, offset, ids, cols["ids"])
+        )
 
     def scores(self, emb, tau):
         """Products of 16-bit embeddings in fp32: a bf16 product of unit vectors near 1 is rounded to 2^-8, up to
@@ -96,18 +102,34 @@ class CiCoHead(SimilarityHead):
     token_level = True
 
     def features(self, model, enc, mask, text, text_mask) -> dict:
-        return {"video_tokens": F.normalize(model.video_proj(enc), dim=-1), "video_mask": mask,
-                "text_tokens": F.normalize(model.text_proj(text), dim=-1), "text_mask": text_mask.bool(),
-                "cico_directions": model.cfg.cico_directions}
+        return {
+            "video_tokens": F.normalize(model.video_proj(enc), dim=-1),
+            "video_mask": mask,
+            "text_tokens": F.normalize(model.text_proj(text), dim=-1),
+            "text_mask": text_mask.bool(),
+            "cico_directions": model.cfg.cico_directions,
+        }
 
     def pair_scores(self, out, cols, tau):
         """model.cico_directions: "average" scores both directions with (i2t + t2i) / 2; "split" scores
         video->text with i2t and text->video with t2i, one term per direction as CiCo's own code does."""
         split = out.get("cico_directions") == "split"
-        v2t = cico_similarity(out["video_tokens"], out["video_mask"], cols["text_tokens"], cols["text_mask"], tau,
-                              "i2t" if split else "mean")
-        t2v = cico_similarity(cols["video_tokens"], cols["video_mask"], out["text_tokens"], out["text_mask"], tau,
-                              "t2i" if split else "mean").t()
+        v2t = cico_similarity(
+            out["video_tokens"],
+            out["video_mask"],
+            cols["text_tokens"],
+            cols["text_mask"],
+            tau,
+            "i2t" if split else "mean",
+        )
+        t2v = cico_similarity(
+            cols["video_tokens"],
+            cols["video_mask"],
+            out["text_tokens"],
+            out["text_mask"],
+            tau,
+            "t2i" if split else "mean",
+        ).t()
         return v2t, t2v
 
     def loss(self, out, ids, cols, offset, tau):
@@ -120,7 +142,7 @@ class CiCoHead(SimilarityHead):
         v, vm, t, tm = (emb[k] for k in self.columns)
         n = v.shape[0]
         rows = max(1, chunk_elems // max(1, n * v.shape[1] * t.shape[1]))
-        return torch.cat([cico_similarity(v[i:i + rows], vm[i:i + rows], t, tm, tau) for i in range(0, n, rows)])
+        return torch.cat([cico_similarity(v[i : i + rows], vm[i : i + rows], t, tm, tau) for i in range(0, n, rows)])
 
 
 def get_head(name: str) -> SimilarityHead:

@@ -14,11 +14,13 @@ Normalisation makes results independent of the number of ranks: DeepSpeed averag
 over ranks, so every per-rank loss is scaled such that the mean over ranks equals the loss of the
 global batch (rows are equal per rank; token counts are all-reduced).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from sclslt.model.heads import get_head
 
 
@@ -57,7 +59,7 @@ class _GatherWithGrad(torch.autograd.Function):
             return mine
         grad = grad.clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]
+        return grad[ctx.rank * ctx.b : (ctx.rank + 1) * ctx.b]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,7 @@ def _host_group():
     """A CPU (gloo) group over every rank, for host integers (the default group where it is gloo already)."""
     if dist.get_backend() == "gloo":
         return None
-    if "group" not in _HOST_GROUP:                # collective: every rank makes it at its first call
+    if "group" not in _HOST_GROUP:  # collective: every rank makes it at its first call
         _HOST_GROUP["group"] = dist.new_group(backend="gloo")
     return _HOST_GROUP["group"]
 
@@ -127,7 +129,7 @@ def gather_columns(out: dict, ids: torch.Tensor | None, similarity: str) -> dict
     first, so the gathered result equals `pad_cat` of all ranks' outputs."""
     head = get_head(similarity)
     padded = [k for k in head.columns if head.token_level and out[k].ndim >= 2]
-    lengths = dict(zip(padded, host_max([out[k].shape[1] for k in padded])))     # one collective, on the host
+    lengths = dict(zip(padded, host_max([out[k].shape[1] for k in padded])))  # one collective, on the host
     cols = {}
     for key in head.columns:
         x = pad_tokens(out[key], lengths[key]) if key in lengths else out[key]
@@ -136,8 +138,9 @@ def gather_columns(out: dict, ids: torch.Tensor | None, similarity: str) -> dict
     return cols
 
 
-def contrastive_from_columns(out: dict, ids: torch.Tensor | None, cols: dict, offset: int,
-                             similarity: str, tau: float = 0.07, close=None) -> torch.Tensor:
+def contrastive_from_columns(
+    out: dict, ids: torch.Tensor | None, cols: dict, offset: int, similarity: str, tau: float = 0.07, close=None
+) -> torch.Tensor:
     """(video->text + text->video) / 2 for the local rows against the gathered columns (the head's loss;
     with `close` (`close_text.CloseSentences`), its close-text columns masked or weighted too)."""
     head = get_head(similarity)
@@ -146,8 +149,7 @@ def contrastive_from_columns(out: dict, ids: torch.Tensor | None, cols: dict, of
     return head.loss(out, ids, cols, offset, tau)
 
 
-def contrastive_loss(out: dict, ids: torch.Tensor | None, similarity: str = "pooled", tau: float = 0.07,
-                     close=None):
+def contrastive_loss(out: dict, ids: torch.Tensor | None, similarity: str = "pooled", tau: float = 0.07, close=None):
     """Distributed symmetric InfoNCE: local rows against columns gathered from all ranks."""
     rank, _ = world_info()
     cols = gather_columns(out, ids, similarity)
@@ -156,5 +158,10 @@ def contrastive_loss(out: dict, ids: torch.Tensor | None, similarity: str = "poo
 
 def translation_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Sum over non-padding target tokens of label-smoothed cross entropy (fp32)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                           label_smoothing=label_smoothing, reduction="sum")
+    return F.cross_entropy(
+        logits.float().flatten(0, 1),
+        labels.flatten(),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )

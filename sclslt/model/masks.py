@@ -6,6 +6,7 @@ data-dependent size: each is a device-to-host read, which idles a GPU until the 
 step passes the valid-frame indices the collate made on the host (`Batch.valid_frames`, `loader.frame_layout`)
 and 4-D masks, which transformers uses as they are.
 """
+
 from __future__ import annotations
 
 import torch

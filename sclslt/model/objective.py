@@ -5,6 +5,7 @@ translation CE; stage 2: translation only); these three functions turn that into
 forward's switches and this rank's share of the global-batch loss. The training loop (`sclslt.train.stage`),
 its micro-batch variant (`sclslt.train.accumulate`) and the memory benchmark all go through them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,13 +23,17 @@ def set_trainable(model: SLTModel, st: StageConfig) -> None:
     contrastive_parts = get_head(model.cfg.similarity).parts
     for name, p in model.named_parameters():
         top = name.split(".")[0]
-        frozen = (st.contrastive_weight == 0 and top in contrastive_parts) or \
-                 (st.freeze_text_encoder and top == "text_encoder") or model.frozen_by_design(name)
+        frozen = (
+            (st.contrastive_weight == 0 and top in contrastive_parts)
+            or (st.freeze_text_encoder and top == "text_encoder")
+            or model.frozen_by_design(name)
+        )
         p.requires_grad_(not frozen)
 
 
-def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "pooled",
-              tau: float = 0.07, close=None) -> tuple[torch.Tensor, dict]:
+def step_loss(
+    out: dict, batch, st: StageConfig, world: int, similarity: str = "pooled", tau: float = 0.07, close=None
+) -> tuple[torch.Tensor, dict]:
     """This rank's share of the global-batch loss (the mean over ranks is the global loss)."""
     loss = torch.zeros((), device=batch.frames.device)
     parts = {}
@@ -47,6 +52,14 @@ def step_loss(out: dict, batch, st: StageConfig, world: int, similarity: str = "
 
 def forward(model_call, batch, st: StageConfig) -> dict:
     """`model_call`'s outputs for a batch, with the heads the stage's losses use (the model, or its engine)."""
-    return model_call(batch.frames, batch.frame_mask, batch.input_ids, batch.attention_mask, batch.labels,
-                      contrastive=st.contrastive_weight > 0, translation=st.translation_weight > 0,
-                      draws=batch.draws, valid_frames=batch.valid_frames)
+    return model_call(
+        batch.frames,
+        batch.frame_mask,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.labels,
+        contrastive=st.contrastive_weight > 0,
+        translation=st.translation_weight > 0,
+        draws=batch.draws,
+        valid_frames=batch.valid_frames,
+    )

@@ -15,6 +15,7 @@ Names: `stepNNNNNNNN` (zero-padded: sortable) and `epochNNNN` (`step_tag`, `epoc
 the newest `checkpoint.keep` step checkpoints, the protected ones (the selected best) and every epoch
 checkpoint (reference runs read them). A new retention rule is a change to `retained` alone.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -49,8 +50,17 @@ class Checkpointer:
     save whose record equals the newest published one's is skipped. `protect()` names the tags that
     rotation must keep. `config` travels in every checkpoint."""
 
-    def __init__(self, engine, ckpt_dir: Path, every_steps: int, every_epochs: int, keep: int,
-                 record: Callable[[], dict], protect: Callable[[], set], config: dict):
+    def __init__(
+        self,
+        engine,
+        ckpt_dir: Path,
+        every_steps: int,
+        every_epochs: int,
+        keep: int,
+        record: Callable[[], dict],
+        protect: Callable[[], set],
+        config: dict,
+    ):
         self.engine, self.dir = engine, Path(ckpt_dir)
         self.every_steps, self.every_epochs, self.keep = every_steps, every_epochs, keep
         self.record, self.protect, self.config = record, protect, config
@@ -73,7 +83,7 @@ class Checkpointer:
         record = self.record()
         meta = checkpoint_meta(self.dir)
         if dedupe and meta is not None and all(meta.get(k) == v for k, v in record.items()):
-            return None                 # this very state is published already (e.g. the new best at the end)
+            return None  # this very state is published already (e.g. the new best at the end)
         self.engine.save(self.dir, tag, {"sclslt": {**record, "config": self.config}})
         if self.engine.rank == 0:
             self.prune(tag)
@@ -81,8 +91,11 @@ class Checkpointer:
 
     def prune(self, newest: str) -> None:
         """Remove the published tags `retained` does not keep (rank 0, after a save)."""
-        tags = [p.name for p in self.dir.iterdir() if p.is_dir() and not p.name.endswith((".partial", ".stale"))
-                and p.name != "universal"]
+        tags = [
+            p.name
+            for p in self.dir.iterdir()
+            if p.is_dir() and not p.name.endswith((".partial", ".stale")) and p.name != "universal"
+        ]
         keep = retained(tags, self.keep, self.protect(), newest)
         for t in tags:
             if t not in keep:

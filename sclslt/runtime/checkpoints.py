@@ -10,6 +10,7 @@ module weights of any ZeRO stage. Every file's size and sha256 are recorded at s
 (`checksums.json`); a resume loads the newest checkpoint whose files still match (`intact_tag`),
 naming each damaged one it passes over. When to save, what to call it and what to keep: `checkpointer`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,17 +22,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from sclslt.atomic import write_text
+
 
 def rng_state() -> dict:
     """This process's RNG states as tensors and ints only (loadable with weights_only=True)."""
     py = random.getstate()
     np_st = np.random.get_state()
-    st = {"python": [py[0], list(py[1]), py[2]],
-          "numpy": [np_st[0], torch.from_numpy(np_st[1].astype(np.int64)), *np_st[2:]],
-          "torch": torch.get_rng_state()}
+    st = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_st[0], torch.from_numpy(np_st[1].astype(np.int64)), *np_st[2:]],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()           # this rank's own device, however GPUs are bound
+        st["cuda"] = torch.cuda.get_rng_state()  # this rank's own device, however GPUs are bound
     return st
 
 
@@ -51,29 +56,34 @@ def _safe_globals() -> list:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def safe_load(path: str | os.PathLike, map_location="cpu"):
     """torch.load with weights_only=True (plus DeepSpeed's own state classes): no arbitrary code."""
     import pickle
+
     with torch.serialization.safe_globals(_safe_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             import re
+
             # torch names the global as "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module
             # x is blocked" (a function of a blocked module: os.system)
             what = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(e))
-            raise RuntimeError(f"{path}: refused to unpickle it: it holds {what.group(1) if what else 'an object'}, "
-                               f"outside the allow-list in sclslt/runtime/checkpoints.py (_safe_globals); add the class there "
-                               f"only if you trust the file") from e
+            raise RuntimeError(
+                f"{path}: refused to unpickle it: it holds {what.group(1) if what else 'an object'}, "
+                f"outside the allow-list in sclslt/runtime/checkpoints.py (_safe_globals); add the class there "
+                f"only if you trust the file"
+            ) from e
 
 
 def publish(ckpt_dir: Path, tag: str) -> None:
     """`<tag>.partial` -> `<tag>`, then `latest` (written to a temporary file and renamed)."""
     final, partial = ckpt_dir / tag, ckpt_dir / f"{tag}.partial"
-    if final.exists():                                # the same tag again (a resumed run re-saving it)
+    if final.exists():  # the same tag again (a resumed run re-saving it)
         stale = ckpt_dir / f"{tag}.stale"
         shutil.rmtree(stale, ignore_errors=True)
         os.replace(final, stale)
@@ -90,10 +100,10 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
         return None
     tag = f.read_text().strip()
     final, stale = Path(ckpt_dir) / tag, Path(ckpt_dir) / f"{tag}.stale"
-    if not final.is_dir() and stale.is_dir():         # a crash while re-publishing the same tag: the old one
+    if not final.is_dir() and stale.is_dir():  # a crash while re-publishing the same tag: the old one
         try:
             os.replace(stale, final)
-        except FileNotFoundError:                     # another rank recovered it first
+        except FileNotFoundError:  # another rank recovered it first
             pass
     return tag
 
@@ -116,30 +126,48 @@ def to_universal(ckpt_dir: str | os.PathLike, tag: str) -> Path:
     from which a job of any world size can resume. Run on one rank; the others wait at a barrier."""
     import subprocess
     import sys
+
     out = Path(ckpt_dir) / "universal" / tag
-    if (out / "zero").is_dir():                       # conversions are renamed into place only when complete
+    if (out / "zero").is_dir():  # conversions are renamed into place only when complete
         return out
     tmp = out.with_name(tag + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(Path(ckpt_dir) / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                           "--num_merge_workers", "1", "--inject_missing_state"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(Path(ckpt_dir) / tag),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"converting {Path(ckpt_dir) / tag} to a universal checkpoint failed:\n"
-                           f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"converting {Path(ckpt_dir) / tag} to a universal checkpoint failed:\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
 
 
-MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")   # ZeRO-1/2, ZeRO-3
+MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
 
 
 def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
     """The full fp32 module state dict of a checkpoint (any ZeRO stage), for stage transfer/inference."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt_dir} (no 'latest' file)")
@@ -149,11 +177,13 @@ def load_module_state(ckpt_dir: str | os.PathLike, tag: str | None = None) -> di
     if model_file is None:
         raise FileNotFoundError(f"checkpoint {d} has no model states file (looked for {[f.name for f in files]})")
     record = d / CHECKSUMS
-    if record.is_file():                              # the weights as they were written, or a clear error
+    if record.is_file():  # the weights as they were written, or a clear error
         want = json.loads(record.read_text()).get(model_file.name)
         if want is not None and (model_file.stat().st_size != want[0] or _sha256(model_file) != want[1]):
-            raise RuntimeError(f"{model_file} changed since it was written (size or sha256 differs from "
-                               f"{record.name}): a damaged checkpoint; use another tag")
+            raise RuntimeError(
+                f"{model_file} changed since it was written (size or sha256 differs from "
+                f"{record.name}): a damaged checkpoint; use another tag"
+            )
     states = safe_load(model_file)
     zero_stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     half = any(v.is_floating_point() and v.dtype != torch.float32 for v in states["module"].values())
@@ -238,6 +268,7 @@ def intact_tag(ckpt_dir: str | os.PathLike, rank: int = 0, world: int = 1) -> st
     """Collective: the checkpoint a resume loads: `latest` if its files match their checksums, else the
     newest earlier one that does (each damaged one is named on rank 0's stderr); None without any."""
     import sys
+
     ckpt_dir = Path(ckpt_dir)
     latest = latest_tag(ckpt_dir)
     if latest is None:
@@ -248,21 +279,39 @@ def intact_tag(ckpt_dir: str | os.PathLike, rank: int = 0, world: int = 1) -> st
             return int((checkpoint_meta(ckpt_dir, t) or {}).get("step", -1))
         except (OSError, ValueError, AttributeError, RuntimeError):
             return -1
-    others = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / "sclslt.json").exists()
-              and p.name != latest and not p.name.endswith((".partial", ".stale")) and p.name != "universal"]
+
+    others = [
+        p.name
+        for p in ckpt_dir.iterdir()
+        if p.is_dir()
+        and (p / "sclslt.json").exists()
+        and p.name != latest
+        and not p.name.endswith((".partial", ".stale"))
+        and p.name != "universal"
+    ]
     for tag in [latest] + sorted(others, key=lambda t: (step(t), t), reverse=True):
         problems = damaged(ckpt_dir, tag, rank, world)
         if not problems:
-            if tag != latest:                 # `latest` points at it from now on: nothing reads the damaged one
+            if tag != latest:  # `latest` points at it from now on: nothing reads the damaged one
                 if rank == 0:
-                    print(f"sclslt: resuming from {ckpt_dir}/{tag}, the newest intact checkpoint before the "
-                          f"damaged latest ({latest})", file=sys.stderr, flush=True)
+                    print(
+                        f"sclslt: resuming from {ckpt_dir}/{tag}, the newest intact checkpoint before the "
+                        f"damaged latest ({latest})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     write_text(ckpt_dir / "latest", tag)
                 if world > 1:
                     torch.distributed.barrier()
             return tag
         if rank == 0:
-            print(f"sclslt: checkpoint {ckpt_dir}/{tag} is damaged: {'; '.join(problems[:4])}"
-                  + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""), file=sys.stderr, flush=True)
-    raise RuntimeError(f"no intact checkpoint under {ckpt_dir}: every one fails its checksums (named above); "
-                       f"move that directory away to train the stage again from its start")
+            print(
+                f"sclslt: checkpoint {ckpt_dir}/{tag} is damaged: {'; '.join(problems[:4])}"
+                + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+    raise RuntimeError(
+        f"no intact checkpoint under {ckpt_dir}: every one fails its checksums (named above); "
+        f"move that directory away to train the stage again from its start"
+    )

@@ -1,6 +1,7 @@
 """What every part of a run shares: the stage names, the run's context (config, distributed facts,
 directories, tokenizer, reporter), its preemption error, and the rank-0 helper. `RunError` (the run cannot
 go on) lives with the run directory below it (`sclslt.runtime.rundir`), whose reading raises it too."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class Context:
     ds_config_path: str
     dist: DistInfo
     run_dir: Path
-    shards_dir: Path | str      # a local directory or a remote prefix (data/storage.py)
+    shards_dir: Path | str  # a local directory or a remote prefix (data/storage.py)
     tokenizer: object
     reporter: Reporter
 
@@ -47,6 +48,7 @@ class Context:
     def decode(self) -> str:
         """Where `jpg` frames are decoded: "cpu" (loader workers) or "device" (`data.devdecode`)."""
         from sclslt.data.devdecode import resolve
+
         return resolve(self.cfg.data.decode, self.dist.device)
 
 
@@ -71,4 +73,3 @@ def on_rank0(work, what: str) -> None:
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise RunError(f"{what} failed on rank 0: {box[0]}") from exc
-

@@ -3,12 +3,14 @@ launcher, mpirun, srun or a lone process), the Slurm environment, and how a dead
 
 A CPU run releases DeepSpeed's shared-memory buffer at once; every job ends with `finish_distributed`.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
 import torch
+
 
 def setup_accelerator() -> str:
     """Pick DeepSpeed's accelerator before deepspeed is imported (cpu when there is no GPU), and where its ops
@@ -26,6 +28,7 @@ def extensions_dir(prefix: str | None = None) -> str:
     environment's torch."""
     import hashlib
     import sys
+
     prefix = prefix or sys.prefix
     tag = hashlib.sha256(os.path.realpath(prefix).encode()).hexdigest()[:12]
     return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"sclslt-{tag}")
@@ -34,30 +37,34 @@ def extensions_dir(prefix: str | None = None) -> str:
 @dataclass(frozen=True)
 class DistInfo:
     """This process's place in the job, as `init_distributed` found it."""
+
     rank: int
     world: int
     local_rank: int
     device: torch.device
-    accelerator: str            # DeepSpeed's accelerator name: "cuda" or "cpu"
+    accelerator: str  # DeepSpeed's accelerator name: "cuda" or "cpu"
 
 
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (launcher env, MPI or a lone process)."""
     from datetime import timedelta
+
     setup_accelerator()
     srun_task = "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ
-    launched = "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or \
-        ("PMI_SIZE" in os.environ and not srun_task)     # srun's pmi2 plugin sets PMI_SIZE too: Slurm's ranks win
+    launched = (
+        "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or ("PMI_SIZE" in os.environ and not srun_task)
+    )  # srun's pmi2 plugin sets PMI_SIZE too: Slurm's ranks win
     if not launched and srun_task:
-        os.environ.update(slurm_env(os.environ))          # `srun python launch/train.py`: one task per GPU
+        os.environ.update(slurm_env(os.environ))  # `srun python launch/train.py`: one task per GPU
         launched = True
-    if not launched:   # plain `python launch/train.py`: a world of one
+    if not launched:  # plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     import deepspeed
     import torch.distributed.distributed_c10d as c10d
     from deepspeed.accelerator import get_accelerator
+
     # the process groups DeepSpeed creates later (ZeRO's data-parallel group) take torch's module
     # defaults, not init's timeout: without this a silent peer blocks a gradient all-reduce for 30 min
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
@@ -82,12 +89,18 @@ def bind_gpu(local_rank: int, timeout_s: int) -> torch.device:
     index to DeepSpeed's engine (`device_rank`). MPI launches without RANK in the environment take
     DeepSpeed's discovery and its binding (one task per node-local GPU index)."""
     from datetime import timedelta
+
     index = local_rank % torch.cuda.device_count()
     torch.cuda.set_device(index)
-    if index != local_rank and "RANK" in os.environ and "WORLD_SIZE" in os.environ \
-            and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl", timeout=timedelta(seconds=timeout_s),
-                                             device_id=torch.device("cuda", index))
+    if (
+        index != local_rank
+        and "RANK" in os.environ
+        and "WORLD_SIZE" in os.environ
+        and not torch.distributed.is_initialized()
+    ):
+        torch.distributed.init_process_group(
+            "nccl", timeout=timedelta(seconds=timeout_s), device_id=torch.device("cuda", index)
+        )
     return torch.device("cuda", index)
 
 
@@ -106,6 +119,7 @@ def release_shm_buffer(rank: int) -> None:
     leave 66 MiB of RAM behind (hundreds of runs filled a 24 GiB machine). Once every rank has mapped
     its peers' buffers (the barrier), the name is removed; the mappings stay valid."""
     import glob
+
     torch.distributed.barrier()
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{glob.escape(addr)}_{port}_{rank}"):
@@ -120,7 +134,8 @@ def port_in_use(exc: BaseException) -> bool:
     raises that as a DistNetworkError too, which is not a dead peer."""
     text = str(exc)
     return isinstance(exc, torch.distributed.DistNetworkError) and any(
-        s in text for s in ("failed to listen", "Address already in use", "EADDRINUSE"))
+        s in text for s in ("failed to listen", "Address already in use", "EADDRINUSE")
+    )
 
 
 def peer_failure(exc: BaseException) -> bool:
@@ -129,9 +144,10 @@ def peer_failure(exc: BaseException) -> bool:
     so a GPU job ends with SIGABRT rather than code 76 - bounded either way."""
     if isinstance(exc, (torch.distributed.DistBackendError, torch.distributed.DistNetworkError)):
         return True
-    text = str(exc)          # gloo reports a dead or silent peer as a plain RuntimeError
-    return isinstance(exc, RuntimeError) and any(s in text for s in (
-        "Connection closed by peer", "Connection reset by peer", "Timed out waiting"))
+    text = str(exc)  # gloo reports a dead or silent peer as a plain RuntimeError
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+    )
 
 
 def expand_tasks_per_node(spec: str) -> list[int]:
@@ -151,6 +167,7 @@ def slurm_env(env) -> dict:
     host of the job (`scontrol show hostnames`) unless set; MASTER_PORT is derived from the job id
     unless set, so two jobs sharing a node do not collide."""
     import subprocess
+
     world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")
     out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
     per_node = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1"))
@@ -161,13 +178,16 @@ def slurm_env(env) -> dict:
         host = None
         if nodes:
             try:
-                host = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                      check=True, timeout=30).stdout.split()[0]
+                host = subprocess.run(
+                    ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True, timeout=30
+                ).stdout.split()[0]
             except (OSError, subprocess.SubprocessError, IndexError):
                 host = None
         if host is None and int(env["SLURM_NTASKS"]) > 1:
-            raise RuntimeError(f"cannot find the master host of Slurm job {env.get('SLURM_JOB_ID')}: "
-                               f"`scontrol show hostnames {nodes}` failed; export MASTER_ADDR in the job script")
+            raise RuntimeError(
+                f"cannot find the master host of Slurm job {env.get('SLURM_JOB_ID')}: "
+                f"`scontrol show hostnames {nodes}` failed; export MASTER_ADDR in the job script"
+            )
         out["MASTER_ADDR"] = host or "127.0.0.1"
     if "MASTER_PORT" not in env:
         out["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)

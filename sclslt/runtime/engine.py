@@ -11,6 +11,7 @@ bf16 on GPUs, fp32 on CPU unless `train.precision` says otherwise). A JSON that 
 is an error rather than a silent conflict. `Engine.save` writes and publishes one checkpoint
 (`checkpoints`); the checkpointer decides when and what is kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
 from sclslt.runtime.checkpoints import latest_tag, publish, rng_state, safe_load, set_rng_state, write_checksums
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -31,8 +33,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad_clip: float,
-                    precision: str, micro_batch: int = 0) -> dict:
+def build_ds_config(
+    path: str | os.PathLike, global_batch: int, world: int, grad_clip: float, precision: str, micro_batch: int = 0
+) -> dict:
     """DeepSpeed's config: the JSON's engine matters, plus batch sizes (`micro_batch` clips a rank at once,
     0: its whole share; accumulation over the share's micro-batches), clipping and precision."""
     p = Path(path)
@@ -41,14 +44,22 @@ def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad
     ds = json.loads(p.read_text())
     clash = [k for k in _BATCH_KEYS if k in ds]
     if clash:
-        raise ValueError(f"{p} sets {clash}: batch sizes come from the experiment config "
-                         f"(stage1.global_batch / stage2.global_batch); remove them from the JSON")
+        raise ValueError(
+            f"{p} sets {clash}: batch sizes come from the experiment config "
+            f"(stage1.global_batch / stage2.global_batch); remove them from the JSON"
+        )
     if global_batch % world:
-        raise ValueError(f"global batch {global_batch} is not divisible by the world size {world}: "
-                         f"set stageN.global_batch to a multiple of {world}")
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by the world size {world}: "
+            f"set stageN.global_batch to a multiple of {world}"
+        )
     m = micro_batch or global_batch // world
-    ds.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=m,
-              gradient_accumulation_steps=global_batch // (world * m), gradient_clipping=float(grad_clip))
+    ds.update(
+        train_batch_size=global_batch,
+        train_micro_batch_size_per_gpu=m,
+        gradient_accumulation_steps=global_batch // (world * m),
+        gradient_clipping=float(grad_clip),
+    )
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds["fp16"] = {"enabled": precision == "fp16"}
     # buffers stay fp32 (DeepSpeed casts parameters only): BatchNorm's running statistics, whose 0.1-momentum
@@ -56,7 +67,7 @@ def build_ds_config(path: str | os.PathLike, global_batch: int, world: int, grad
     if precision == "bf16" and m < global_batch // world and ds.get("zero_optimization", {}).get("stage", 0) >= 1:
         # micro-batches' gradients summed in bf16 would lose what the unchunked step keeps: fp32 accumulation
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
-    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
 
@@ -79,31 +90,43 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class Engine:
     """A DeepSpeed engine around one model and one optimizer/LR schedule."""
 
-    def __init__(self, model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, lr_lambda,
-                 eps: float = 1e-8, load_universal: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ds_config: dict,
+        lr: float,
+        weight_decay: float,
+        lr_lambda,
+        eps: float = 1e-8,
+        load_universal: bool = False,
+    ):
         """`load_universal`: the checkpoint to resume was written at another world size; it is read
         from its universal form (see `to_universal`), which DeepSpeed re-partitions for this world."""
         import deepspeed
+
         if load_universal:
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-        if offload in ("cpu", "nvme"):      # the optimizer steps on the host: DeepSpeed's vectorised CPU AdamW
+        if offload in ("cpu", "nvme"):  # the optimizer steps on the host: DeepSpeed's vectorised CPU AdamW
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            optimizer = DeepSpeedCPUAdam(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps,
-                                         adamw_mode=True)
+
+            optimizer = DeepSpeedCPUAdam(
+                param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps, adamw_mode=True
+            )
         else:
             optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         # on a GPU, the device init_distributed bound (DeepSpeed's engine would bind LOCAL_RANK's)
         args = SimpleNamespace(device_rank=torch.cuda.current_device()) if _on_gpu() else None
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
         # every file DeepSpeed reads back goes through the weights-only unpickler
         self.ds.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self.universal = load_universal
-        self._eval_copy = None            # ZeRO-3's plain model for evaluation (`eval_module`)
+        self._eval_copy = None  # ZeRO-3's plain model for evaluation (`eval_module`)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -126,6 +149,7 @@ class Engine:
         if not self.ds.zero_optimization_partition_weights():
             return self.module
         import deepspeed
+
         if self._eval_copy is None:
             self._eval_copy = build()
             dtype = next(self.module.parameters()).dtype
@@ -164,19 +188,23 @@ class Engine:
         ckpt_dir = Path(ckpt_dir)
         partial = ckpt_dir / f"{tag}.partial"
         if self.rank == 0 and partial.exists():
-            shutil.rmtree(partial)                    # debris of an earlier crash
+            shutil.rmtree(partial)  # debris of an earlier crash
         torch.distributed.barrier()
         partial.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         self.ds.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
         torch.distributed.barrier()
         if self.rank == 0:
-            meta = {"tag": tag, "world": self.world, "zero_stage": self.ds.zero_optimization_stage(),
-                    "checksummed": True,
-                    **{k: v for k, v in client_state.get("sclslt", {}).items() if k != "config"}}
+            meta = {
+                "tag": tag,
+                "world": self.world,
+                "zero_stage": self.ds.zero_optimization_stage(),
+                "checksummed": True,
+                **{k: v for k, v in client_state.get("sclslt", {}).items() if k != "config"},
+            }
             (partial / "sclslt.json").write_text(json.dumps(meta, indent=1))
         torch.distributed.barrier()
-        write_checksums(partial, self.rank, self.world)       # every file as written, before it is published
+        write_checksums(partial, self.rank, self.world)  # every file as written, before it is published
         if self.rank == 0:
             publish(ckpt_dir, tag)
         torch.distributed.barrier()

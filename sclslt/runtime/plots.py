@@ -1,6 +1,7 @@
 """A run's training curves as one PNG (`curves.png`): loss and its parts and the learning rate per stage, from
 `<run>/<stage>/metrics.csv`, and GPU utilisation per rank from `<stage>/telemetry.csv` when present. Made at
 the end of a run for the trackers, and by `tools/plot_metrics.py` for any run."""
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,10 @@ def plot_curves(run: Path, out: Path | None = None) -> Path | None:
     if not stages:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     telemetry = {d.name: read_csv(d / "telemetry.csv") for d in stages if (d / "telemetry.csv").is_file()}
     rows = 3 if telemetry else 2
     fig, axes = plt.subplots(rows, len(stages), figsize=(5 * len(stages), 3 * rows), squeeze=False)

@@ -12,6 +12,7 @@ retrieval, the reference export and the tools read through them.
   results.json                   metrics, BLEU signature, the trivial baseline, the selected checkpoint
   hypotheses.<split>.jsonl       key, hypothesis, reference
 """
+
 from __future__ import annotations
 
 import json
@@ -86,10 +87,12 @@ class RunDir:
 
     def config(self):
         from sclslt.config import load_config
+
         return load_config(self.config_file)
 
     def tokenizer(self):
         from sclslt.data.text import load_tokenizer
+
         return load_tokenizer(self.tokenizer_dir)
 
 
@@ -105,6 +108,7 @@ def load_run_model(run_dir, ckpt_dir=None, tag: str | None = None):
     stage's checkpoints directory, or a stage name; latest if `tag` is None), built from the run's saved
     config and tokenizer."""
     from sclslt.model.slt import SLTModel
+
     run = RunDir(run_dir)
     if ckpt_dir is None or str(ckpt_dir) in ("stage1", "stage2"):
         ckpt_dir = run.checkpoints(str(ckpt_dir or "stage2"))
@@ -113,6 +117,8 @@ def load_run_model(run_dir, ckpt_dir=None, tag: str | None = None):
     state = load_module_state(ckpt_dir, tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} does not match the run's model: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"checkpoint {ckpt_dir}/{tag} does not match the run's model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model, tok, cfg

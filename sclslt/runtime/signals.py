@@ -4,6 +4,7 @@ job) ask for a checkpoint at the next step boundary and a clean exit (code 75).
 Kept free of heavy imports so that the entry point installs the handlers first thing: a signal that
 arrives while torch, DeepSpeed or the data are still loading is remembered, not fatal.
 """
+
 from __future__ import annotations
 
 import signal
@@ -15,5 +16,6 @@ PREEMPT = threading.Event()
 def install_signal_handlers() -> None:
     def handler(signum, frame):
         PREEMPT.set()
+
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, handler)

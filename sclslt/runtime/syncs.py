@@ -10,6 +10,7 @@ copy values out to Python (`tolist`, `item`, `__bool__`, ...), which do not disp
 Each read is recorded with the line of our code that made it. On a GPU, `torch.cuda.set_sync_debug_mode`
 confirms it (benchmarks/gpu_check.py's `syncs` part).
 """
+
 from __future__ import annotations
 
 import traceback
@@ -21,8 +22,14 @@ aten = torch.ops.aten
 
 # aten operators that read device values on the host (their output shape depends on the data, or they return
 # a Python scalar)
-READ_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-            aten.unique_consecutive.default, aten._unique2.default, aten.bincount.default}
+READ_OPS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.unique_consecutive.default,
+    aten._unique2.default,
+    aten.bincount.default,
+}
 # tensor methods that copy values to Python (on a CPU tensor they do not reach the dispatcher). Not `numpy`
 # (a CUDA tensor has none: `.cpu()` first) nor `.cpu()`, which a CPU run cannot tell from a no-op: on a GPU,
 # `torch.cuda.set_sync_debug_mode` sees those
@@ -60,7 +67,7 @@ class HostReads(TorchDispatchMode):
         return len(self.where)
 
     def _record(self, what: str) -> None:
-        if self._depth == 0:                       # a method's own aten read is the same read, counted once
+        if self._depth == 0:  # a method's own aten read is the same read, counted once
             self.where.append(f"{what} at {_where()}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -78,6 +85,7 @@ class HostReads(TorchDispatchMode):
                 return original(t, *a, **k)
             finally:
                 self._depth -= 1
+
         return original, read
 
     def __enter__(self):

@@ -11,9 +11,11 @@
 
 A resumed run continues the same tracker run: its id is kept in `<run>/trackers.json`. wandb and trackio
 are optional extras (`pip install -e '.[track]'`); naming one that is not installed is a config error
-(`sclslt.config.TRACKER_MODULES`). wandb follows its own settings (WANDB_MODE=offline writes `<run>/wandb/`, WANDB_PROJECT,
+(`sclslt.config.TRACKER_MODULES`). wandb follows its own settings (WANDB_MODE=offline writes `<run>/wandb/`,
+WANDB_PROJECT,
 WANDB_ENTITY); trackio writes its local store (TRACKIO_DIR, default ~/.cache/huggingface/trackio).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +35,7 @@ def run_id(run_dir: Path, name: str) -> str:
     if name not in ids:
         ids[name] = f"{Path(run_dir).name}-{secrets.token_hex(4)}"
         from sclslt.atomic import write_text
+
         write_text(f, json.dumps(ids, indent=1) + "\n")
     return ids[name]
 
@@ -67,6 +70,7 @@ class TensorBoard(Tracker):
 
     def _writer(self, stage, purge_step=None):
         from torch.utils.tensorboard import SummaryWriter
+
         if stage not in self.writers:
             self.writers[stage] = SummaryWriter(str(self.root / stage), purge_step=purge_step, flush_secs=30)
         return self.writers[stage]
@@ -77,7 +81,7 @@ class TensorBoard(Tracker):
         self._writer(stage, purge_step=step + 1)
 
     def log(self, stage, values, step):
-        w = self._writer(stage)               # a finished stage of a resumed run: opened on demand
+        w = self._writer(stage)  # a finished stage of a resumed run: opened on demand
         for k, v in values.items():
             w.add_scalar(k, float(v), step)
 
@@ -95,13 +99,20 @@ class TensorBoard(Tracker):
 class Wandb(Tracker):
     def start(self, run_dir, config, project):
         import wandb
+
         self.wandb = wandb
-        self.run = wandb.init(project=project, id=run_id(run_dir, "wandb"), name=Path(run_dir).name,
-                              dir=str(run_dir), config=config, resume="allow")
+        self.run = wandb.init(
+            project=project,
+            id=run_id(run_dir, "wandb"),
+            name=Path(run_dir).name,
+            dir=str(run_dir),
+            config=config,
+            resume="allow",
+        )
         self.stages = set()
 
     def log(self, stage, values, step):
-        if stage not in self.stages:     # each stage's scalars against its own step axis
+        if stage not in self.stages:  # each stage's scalars against its own step axis
             self.run.define_metric(f"{stage}/step")
             self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
             self.stages.add(stage)
@@ -119,9 +130,16 @@ class Wandb(Tracker):
 class Trackio(Tracker):
     def start(self, run_dir, config, project):
         import trackio
+
         self.trackio = trackio
-        self.run = trackio.init(project=project, name=run_id(run_dir, "trackio"), config=config, resume="allow",
-                                auto_log_gpu=False, auto_log_cpu=False)
+        self.run = trackio.init(
+            project=project,
+            name=run_id(run_dir, "trackio"),
+            config=config,
+            resume="allow",
+            auto_log_gpu=False,
+            auto_log_cpu=False,
+        )
 
     def log(self, stage, values, step):
         # one step axis per run in trackio: the stage's step is logged as a metric beside the values

@@ -5,10 +5,12 @@ Every step's values also go to `<stage>/metrics.csv` and to the run's trackers (
 a resumed stage drops what was logged after its checkpoint from the CSV files and TensorBoard. Other
 ranks stay quiet.
 """
+
 from __future__ import annotations
 
 import os
 import time
+
 from sclslt.atomic import write_text
 
 
@@ -17,6 +19,7 @@ class Reporter:
         import sys
 
         from rich.console import Console
+
         self.enabled = enabled
         # log files get unwrapped lines and 120-column tables (rich would assume 80 columns)
         self.console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -24,7 +27,7 @@ class Reporter:
         self.progress = None
         self.trackers = []
         self.run_dir = None
-        self.name = None                  # the stage being trained (None: none started in this process)
+        self.name = None  # the stage being trained (None: none started in this process)
         self.last_step = 0
         self.timings: list[dict] = []
         self.history: list[dict] = []
@@ -35,6 +38,7 @@ class Reporter:
         from pathlib import Path
 
         from sclslt.runtime.trackers import make_trackers
+
         if not self.enabled:
             return
         self.run_dir = Path(run_dir)
@@ -56,6 +60,7 @@ class Reporter:
         self.timings = []
         self.t0 = time.time()
         from pathlib import Path
+
         self.csv_path = Path(csv_path) if csv_path is not None else None
         if self.enabled and self.csv_path is not None:
             for f in ("metrics.csv", "timing.csv", "telemetry.csv"):
@@ -74,9 +79,16 @@ class Reporter:
                 TextColumn,
                 TimeRemainingColumn,
             )
-            self.progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-                                     console=self.console, transient=False)
+
+            self.progress = Progress(
+                TextColumn(f"[bold]{name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
             self.task = self.progress.add_task(name, total=total, completed=start, stats="")
             self.progress.start()
         self.info(f"{name}: {total} optimizer steps of {global_batch} clips (starting at {start})")
@@ -98,7 +110,7 @@ class Reporter:
         elif step % self.log_every == 0 or step == self.total:
             eta = (self.total - step) * (time.time() - self.t0) / max(done, 1)
             self.console.print(f"{self.name} step {step}/{self.total} epoch {epoch} {stats} eta {eta:.0f}s")
-            self.console.file.flush()      # line by line in log files too
+            self.console.file.flush()  # line by line in log files too
 
     def _truncate_after(self, step: int, path) -> None:
         """A resumed stage drops the rows logged after its checkpoint (they will be logged again)."""
@@ -113,8 +125,11 @@ class Reporter:
         """One line per sample (every rank's GPU) and rows in <stage>/telemetry.csv."""
         if not self.enabled:
             return
-        parts = [f"r{r} {t['gpu_util']:.0f}% {t['gpu_mem_gb']:.1f}GB {t['gpu_power_w']:.0f}W {t['gpu_temp_c']:.0f}C"
-                 for r, t in enumerate(per_rank) if t]
+        parts = [
+            f"r{r} {t['gpu_util']:.0f}% {t['gpu_mem_gb']:.1f}GB {t['gpu_power_w']:.0f}W {t['gpu_temp_c']:.0f}C"
+            for r, t in enumerate(per_rank)
+            if t
+        ]
         self.console.print(f"{self.name} step {step} gpu: " + " | ".join(parts))
         if self.csv_path is not None:
             for r, t in enumerate(per_rank):
@@ -136,8 +151,11 @@ class Reporter:
         its last step in this process (0 for a finished stage that a resume did not train)."""
         stage = stage or self.name
         if self.enabled and stage is not None:
-            self._log({f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))},
-                      self.last_step if stage == self.name else 0, stage)
+            self._log(
+                {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))},
+                self.last_step if stage == self.name else 0,
+                stage,
+            )
             for t in self.trackers:
                 getattr(t, "flush", lambda: None)()
 
@@ -146,6 +164,7 @@ class Reporter:
         figures = []
         if self.run_dir is not None and result is not None:
             from sclslt.runtime.plots import plot_curves
+
             curves = plot_curves(self.run_dir)
             figures = ([curves] if curves else []) + sorted(self.run_dir.glob("*/trajectories*/*.png"))
         for t in self.trackers:
@@ -158,6 +177,7 @@ class Reporter:
             return
         import csv
         from pathlib import Path
+
         path = Path(path or self.csv_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.is_file()
@@ -176,12 +196,16 @@ class Reporter:
             last = [r for r in self.history if r["stage"] == name][-1:] or [{}]
             self.stage_rows.append([name, str(step), f"{wall:.1f}", f"{last[0].get('loss', float('nan')):.4f}"])
             self.info(f"{name}: done at step {step} in {wall:.1f}s")
-            if self.timings:                  # mean over the sampled steps
+            if self.timings:  # mean over the sampled steps
                 keys = [k for k in self.timings[0]]
                 mean = {k: sum(r[k] for r in self.timings) / len(self.timings) for k in keys}
-                self.info(f"{name}: step time over {len(self.timings)} sampled steps: " + ", ".join(
-                    f"{k.removesuffix('_ms')} {v:.1f} ms" if k.endswith("_ms") else f"{k} {v:.2f}"
-                    for k, v in mean.items()))
+                self.info(
+                    f"{name}: step time over {len(self.timings)} sampled steps: "
+                    + ", ".join(
+                        f"{k.removesuffix('_ms')} {v:.1f} ms" if k.endswith("_ms") else f"{k} {v:.2f}"
+                        for k, v in mean.items()
+                    )
+                )
             for t in self.trackers:
                 getattr(t, "flush", lambda: None)()
 
@@ -189,6 +213,7 @@ class Reporter:
         if not self.enabled:
             return
         from rich.table import Table
+
         t = Table(title="stages")
         for c in ("stage", "steps", "wall s", "last loss"):
             t.add_column(c)

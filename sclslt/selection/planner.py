@@ -23,6 +23,7 @@ starts: the plan depends neither on the number of ranks nor on the loader's work
 The table it plans from: `scoring` (in memory, Delta), `table` (its files); the thresholds of
 `selection.separate_close`: `separation`.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,16 +33,16 @@ import torch
 
 from sclslt.config import SelectionConfig
 from sclslt.data.loader import epoch_order, rng_seed
-from sclslt.selection.separation import close_thresholds, threshold_keys
 from sclslt.selection.schedules import curriculum_quantile
 from sclslt.selection.scoring import Table
+from sclslt.selection.separation import close_thresholds, threshold_keys
 
 
 @dataclass
 class PlanStats:
-    relaxed: int = 0                 # members admitted despite a member's sentence id (nothing else left)
+    relaxed: int = 0  # members admitted despite a member's sentence id (nothing else left)
     picks: int = 0
-    close_relaxed: int = 0           # members admitted despite a close member (separate_close; nothing else, or due)
+    close_relaxed: int = 0  # members admitted despite a close member (separate_close; nothing else, or due)
 
 
 def nearest_rank(q: float, n: int) -> int:
@@ -56,10 +57,11 @@ class Rung:
     A rung that drops the id rule reports it relaxed (`PlanStats.relaxed`; a chunk may then take two
     copies of one sentence); one that drops the close rule reports it relaxed when an unused clip is
     close to a member (`PlanStats.close_relaxed`)."""
+
     name: str
-    due_only: bool          # only copies of due sentences (as many unused copies as batches left)
-    id_rule: bool           # no clip of a member's sentence
-    close_rule: bool        # no clip close to a member (selection.separate_close; no clip is close when off)
+    due_only: bool  # only copies of due sentences (as many unused copies as batches left)
+    id_rule: bool  # no clip of a member's sentence
+    close_rule: bool  # no clip close to a member (selection.separate_close; no clip is close when off)
 
     def mask(self, free: torch.Tensor, clash: torch.Tensor, near: torch.Tensor, due: torch.Tensor) -> torch.Tensor:
         """The rung's candidates among the unused clips `free` (all (R,) bool, see `Planner._one_batch`)."""
@@ -100,6 +102,7 @@ class PoolState:
     cur            (R, 4e)        `side` at `pos` (a dense table's: (R,))
     avail          (R,) bool      which of those are unused (`compact`)
     """
+
     rows: torch.Tensor
     sids: torch.Tensor
     sidx: torch.Tensor
@@ -114,13 +117,21 @@ class PoolState:
     def start(cls, table: Table, keys: list[str], allow_same_sentence: bool) -> PoolState:
         rows = table.rows(keys)
         sids = table.sentence_ids[rows]
-        if allow_same_sentence:      # no id rule: every clip its own "sentence" (none is ever due)
+        if allow_same_sentence:  # no id rule: every clip its own "sentence" (none is ever due)
             sids = torch.arange(len(keys), dtype=torch.long)
         _, sidx = torch.unique(sids, return_inverse=True)
         side = table.pool_side(rows)
-        return cls(rows=rows, sids=sids, sidx=sidx, unused_copies=torch.bincount(sidx), side=side,
-                   used=torch.zeros(len(keys), dtype=torch.bool), pos=torch.arange(len(keys)), cur=side,
-                   avail=torch.ones(len(keys), dtype=torch.bool))
+        return cls(
+            rows=rows,
+            sids=sids,
+            sidx=sidx,
+            unused_copies=torch.bincount(sidx),
+            side=side,
+            used=torch.zeros(len(keys), dtype=torch.bool),
+            pos=torch.arange(len(keys)),
+            cur=side,
+            avail=torch.ones(len(keys), dtype=torch.bool),
+        )
 
     def compact(self) -> None:
         """`avail` for the next batch; the scoring copy cut to the unused rows if they are below 3/4 of it."""
@@ -155,7 +166,7 @@ class Planner:
     def __init__(self, cfg: SelectionConfig, global_batch: int, seed: int):
         self.cfg, self.batch, self.seed = cfg, global_batch, seed
         self.stats = PlanStats()
-        self.close = None              # (s_early, s_late) thresholds of separate_close, set by plan_epoch
+        self.close = None  # (s_early, s_late) thresholds of separate_close, set by plan_epoch
 
     def quantile(self, epoch: int, epochs: int) -> float:
         return curriculum_quantile(self.cfg.schedule, epoch / max(1, epochs), self.cfg.log_base)
@@ -165,10 +176,11 @@ class Planner:
         order = epoch_order(keys, self.seed, epoch, self.batch)
         n, p = len(order), min(self.cfg.pools, max(1, len(order)))
         cuts = [n * i // p for i in range(p + 1)]
-        return [[k for b in order[cuts[i]:cuts[i + 1]] for k in b] for i in range(p)]
+        return [[k for b in order[cuts[i] : cuts[i + 1]] for k in b] for i in range(p)]
 
-    def plan_epoch(self, keys: list[str], epoch: int, epochs: int, table_for, rank: int = 0, world: int = 1,
-                   all_gather_object=None) -> list[list[str]]:
+    def plan_epoch(
+        self, keys: list[str], epoch: int, epochs: int, table_for, rank: int = 0, world: int = 1, all_gather_object=None
+    ) -> list[list[str]]:
         """The epoch's global batches (keys, in global order). `table_for(pool_keys)` gives a table that
         holds at least those keys' rows; with world > 1, `all_gather_object` exchanges the pools' plans."""
         pools, q = self.pools(keys, epoch), self.quantile(epoch, epochs)
@@ -191,8 +203,9 @@ class Planner:
         longest = max(len(b) for b in mine.values())
         return [mine[p][j] for j in range(longest) for p in range(len(pools)) if j < len(mine[p])]
 
-    def plan_pool(self, table: Table, keys: list[str], epoch: int, pool: int, q: float,
-                  max_batches: int | None = None) -> list[list[str]]:
+    def plan_pool(
+        self, table: Table, keys: list[str], epoch: int, pool: int, q: float, max_batches: int | None = None
+    ) -> list[list[str]]:
         """Exact greedy over one pool: batches of `global_batch` keys, every key of the pool in one batch
         (the first `max_batches` only, if given: the benchmark's timing).
 
@@ -223,8 +236,9 @@ class Planner:
             plan.append([keys[i] for i in members.tolist()])
         return plan
 
-    def _one_batch(self, table: Table, state: PoolState, due: torch.Tensor, q: float,
-                   gen: torch.Generator) -> torch.Tensor:
+    def _one_batch(
+        self, table: Table, state: PoolState, due: torch.Tensor, q: float, gen: torch.Generator
+    ) -> torch.Tensor:
         """One global batch, as positions in the pool's scoring copy now (`state.cur`, rows `state.pos`;
         unused: `state.avail`). `due` (R,) bool: copies of due sentences (`PoolState.due`); q: the
         curriculum quantile; `gen` draws the seed member.
@@ -236,10 +250,10 @@ class Planner:
         rows, side, sids, close = state.rows[state.pos], state.cur, state.sids[state.pos], self.close
         dense = table.delta is not None
         rows_dev = rows.to(table.v1.device)
-        acc = torch.zeros(len(rows), dtype=torch.float64, device=table.v1.device)    # Delta(u; members), (R,)
+        acc = torch.zeros(len(rows), dtype=torch.float64, device=table.v1.device)  # Delta(u; members), (R,)
         taken = ~state.avail
-        clash = torch.zeros(len(rows), dtype=torch.bool)       # a member's sentence
-        near = torch.zeros(len(rows), dtype=torch.bool)        # close to a member (separate_close)
+        clash = torch.zeros(len(rows), dtype=torch.bool)  # a member's sentence
+        near = torch.zeros(len(rows), dtype=torch.bool)  # close to a member (separate_close)
         picked: list[int] = []
         while len(picked) < self.batch:
             # the candidates: the first rung of the ladder that has any
@@ -249,8 +263,14 @@ class Planner:
             if not picked:
                 new = [int(cand[torch.randint(len(cand), (1,), generator=gen)])]
             else:
-                new = self._nearest(acc[cand.to(acc.device)].cpu(), cand, sids, q,
-                                    min(self.cfg.chunk, self.batch - len(picked)), relaxed)
+                new = self._nearest(
+                    acc[cand.to(acc.device)].cpu(),
+                    cand,
+                    sids,
+                    q,
+                    min(self.cfg.chunk, self.batch - len(picked)),
+                    relaxed,
+                )
             # admit them: taken; their sentence's clips, and the clips close to them, now clash
             for i in new:
                 taken[i] = True
@@ -283,8 +303,9 @@ class Planner:
         return mask, not rung.id_rule, not rung.close_rule and bool((free & near).any())
 
     @staticmethod
-    def _nearest(delta: torch.Tensor, cand: torch.Tensor, sids: torch.Tensor, q: float, k: int,
-                 relaxed: bool) -> list[int]:
+    def _nearest(
+        delta: torch.Tensor, cand: torch.Tensor, sids: torch.Tensor, q: float, k: int, relaxed: bool
+    ) -> list[int]:
         """The k candidates nearest position q (n - 1) of the ascending Delta order (ties: pool order, then
         the lower position), no two of one sentence unless `relaxed`."""
         by_delta = torch.argsort(delta, stable=True)

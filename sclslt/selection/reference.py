@@ -23,20 +23,26 @@ rows of their own pools (`selection.table_dtype`). Pooled scoring only.
 Checkpoint tags are the directory names under <run>/<stage>/checkpoints (a reference run saves
 `epochNNNN` tags every `checkpoint.every_epochs` epochs, `epoch0000` being the stage's start).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sclslt.config import eval_batch
 from sclslt.registry import SIMILARITY_HEADS
 
+if TYPE_CHECKING:
+    import torch
 
-def head_delta(views: dict, score: str, tau: float) -> "torch.Tensor":
+
+def head_delta(views: dict, score: str, tau: float) -> torch.Tensor:
     """The similarity head `score`'s score at the late checkpoint minus at the early one, every video
     against every text (`SimilarityHead.scores`)."""
     from sclslt.model.heads import get_head
+
     head = get_head(score)
     return head.scores(views["late"], tau) - head.scores(views["early"], tau)
 
@@ -44,6 +50,7 @@ def head_delta(views: dict, score: str, tau: float) -> "torch.Tensor":
 def spearman_pooled_vs(delta, views: dict, pairs: int, seed: int = 0) -> float:
     """Spearman correlation of pooled delta against `delta` over a seeded sample of off-diagonal pairs."""
     import torch
+
     n = delta.shape[0]
     g = torch.Generator().manual_seed(seed)
     i, j = torch.randint(0, n, (pairs,), generator=g), torch.randint(0, n, (pairs,), generator=g)
@@ -51,8 +58,10 @@ def spearman_pooled_vs(delta, views: dict, pairs: int, seed: int = 0) -> float:
     i, j = i[keep], j[keep]
     e, la = views["early"], views["late"]
     pooled = (la["video"][i] * la["text"][j]).sum(1).double() - (e["video"][i] * e["text"][j]).sum(1).double()
-    ranks = [torch.empty(len(x), dtype=torch.float64).index_put_((x.argsort(),), torch.arange(len(x), dtype=torch.float64))
-             for x in (pooled, delta[i, j].double())]
+    ranks = [
+        torch.empty(len(x), dtype=torch.float64).index_put_((x.argsort(),), torch.arange(len(x), dtype=torch.float64))
+        for x in (pooled, delta[i, j].double())
+    ]
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
@@ -64,12 +73,13 @@ def export_sharded(args, d, ckpt: Path) -> int:
     import torch.distributed as dist
 
     from sclslt.atomic import write_text
-    from sclslt.data.devdecode import resolve
     from sclslt.data.corpus import resolve_shards_dir
+    from sclslt.data.devdecode import resolve
     from sclslt.data.shards import manifest_rows, read_manifest
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import RunDir, load_run_model
     from sclslt.selection.table import TABLE_INDEX, save_table
+
     cfg = RunDir(args.run).config()
     shards = resolve_shards_dir(cfg.data)
     keys = [r.key for r in manifest_rows(read_manifest(shards, args.split))]
@@ -81,6 +91,7 @@ def export_sharded(args, d, ckpt: Path) -> int:
     done = False
     if args.resume and part.is_file():
         from safetensors import safe_open
+
         with safe_open(str(part), framework="pt") as f:
             done = json.loads(f.metadata().get("meta", "{}")).get("keys_sha256") == digest
     if not done:
@@ -88,31 +99,59 @@ def export_sharded(args, d, ckpt: Path) -> int:
         for view, tag in (("early", args.early), ("late", args.late)):
             model, tok, _ = load_run_model(args.run, ckpt, tag)
             model.to(d.device)
-            views[view] = embed_split(model, shards, args.split, tok, d.device, args.batch_size or eval_batch(cfg),
-                                      max_frames=cfg.data.max_frames, gather=False,
-                                      decode=resolve(cfg.data.decode, d.device))
+            views[view] = embed_split(
+                model,
+                shards,
+                args.split,
+                tok,
+                d.device,
+                args.batch_size or eval_batch(cfg),
+                max_frames=cfg.data.max_frames,
+                gather=False,
+                decode=resolve(cfg.data.decode, d.device),
+            )
             if views[view]["keys"] != mine:
-                raise RuntimeError(f"rank {d.rank}: embedded {len(views[view]['keys'])} samples, not the slice "
-                                   f"{lo}..{hi} of the manifest")
+                raise RuntimeError(
+                    f"rank {d.rank}: embedded {len(views[view]['keys'])} samples, not the slice "
+                    f"{lo}..{hi} of the manifest"
+                )
         args.out.mkdir(parents=True, exist_ok=True)
-        save_table(part, views["early"], views["late"],
-                   {"run": str(args.run), "early": args.early, "late": args.late, "split": args.split,
-                    "rows": [lo, hi], "keys_sha256": digest})
+        save_table(
+            part,
+            views["early"],
+            views["late"],
+            {
+                "run": str(args.run),
+                "early": args.early,
+                "late": args.late,
+                "split": args.split,
+                "rows": [lo, hi],
+                "keys_sha256": digest,
+            },
+        )
     print(f"rank {d.rank}: {'kept' if done else 'wrote'} {part} ({len(mine)} samples)", flush=True)
     parts = [None] * d.world
     dist.all_gather_object(parts, {"name": name, "rows": len(mine)})
     if d.rank == 0:
-        write_text(args.out / TABLE_INDEX, json.dumps({"parts": parts, "split": args.split, "run": str(args.run),
-                                                       "early": args.early, "late": args.late}, indent=1))
+        write_text(
+            args.out / TABLE_INDEX,
+            json.dumps(
+                {"parts": parts, "split": args.split, "run": str(args.run), "early": args.early, "late": args.late},
+                indent=1,
+            ),
+        )
         print(f"wrote {args.out / TABLE_INDEX}: {len(keys)} samples in {d.world} parts")
     dist.barrier()
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="sclslt reference", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sclslt reference",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     return run_command(p.parse_args(argv))
 
@@ -125,10 +164,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output .safetensors")
     p.add_argument("--stage", default="stage1")
     p.add_argument("--split", default="train")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help="clips per forward (default: the run's eval.batch_size, capped at its micro-batch)")
-    p.add_argument("--score", choices=SIMILARITY_HEADS.names(), default="pooled",
-                   help="the similarity head that delta is of (pooled: the planner scores the pooled views itself)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="clips per forward (default: the run's eval.batch_size, capped at its micro-batch)",
+    )
+    p.add_argument(
+        "--score",
+        choices=SIMILARITY_HEADS.names(),
+        default="pooled",
+        help="the similarity head that delta is of (pooled: the planner scores the pooled views itself)",
+    )
     p.add_argument("--pairs", type=int, default=1_000_000, help="pairs sampled for the rank correlation")
     p.add_argument("--resume", action="store_true", help="sharded --out: keep the parts already written")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -137,9 +184,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_command(args) -> int:
     """Embed the split at both checkpoints on every rank; write the table (see the module docstring)."""
     from sclslt.runtime.distributed import finish_distributed, init_distributed
+
     d = init_distributed()
-    from sclslt.data.devdecode import resolve
     from sclslt.data.corpus import resolve_shards_dir
+    from sclslt.data.devdecode import resolve
     from sclslt.eval.retrieval import embed_split
     from sclslt.runtime.rundir import RunDir, load_run_model
     from sclslt.selection.table import save_table
@@ -147,8 +195,10 @@ def run_command(args) -> int:
     ckpt = RunDir(args.run).checkpoints(args.stage)
     if args.out.suffix != ".safetensors":
         if args.score != "pooled":
-            print(f"error: a sharded table (--out DIR) holds pooled scoring only; {args.score} scoring needs one file",
-                  file=sys.stderr)
+            print(
+                f"error: a sharded table (--out DIR) holds pooled scoring only; {args.score} scoring needs one file",
+                file=sys.stderr,
+            )
             return 2
         code = export_sharded(args, d, ckpt)
         finish_distributed()
@@ -161,23 +211,40 @@ def run_command(args) -> int:
             return 2
         model, tok, cfg = load_run_model(args.run, ckpt, tag)
         model.to(d.device)
-        views[name] = embed_split(model, resolve_shards_dir(cfg.data), args.split, tok, d.device,
-                                  args.batch_size or eval_batch(cfg), max_frames=cfg.data.max_frames,
-                                  head=None if args.score == "pooled" else args.score,
-                                  decode=resolve(cfg.data.decode, d.device))
+        views[name] = embed_split(
+            model,
+            resolve_shards_dir(cfg.data),
+            args.split,
+            tok,
+            d.device,
+            args.batch_size or eval_batch(cfg),
+            max_frames=cfg.data.max_frames,
+            head=None if args.score == "pooled" else args.score,
+            decode=resolve(cfg.data.decode, d.device),
+        )
     if d.rank == 0:
-        meta = {"run": str(args.run), "stage": args.stage, "early": args.early, "late": args.late,
-                "split": args.split, "score": args.score}
+        meta = {
+            "run": str(args.run),
+            "stage": args.stage,
+            "early": args.early,
+            "late": args.late,
+            "split": args.split,
+            "score": args.score,
+        }
         delta = None
         if args.score != "pooled":
             delta = head_delta(views, args.score, cfg.model.cico_tau)
             meta[f"spearman_pooled_vs_{args.score}"] = rho = spearman_pooled_vs(delta, views, args.pairs)
-            print(f"delta: Spearman rank correlation of pooled vs {args.score} scoring over "
-                  f"{min(args.pairs, delta.numel() - len(delta))} pairs: {rho:.4f}")
+            print(
+                f"delta: Spearman rank correlation of pooled vs {args.score} scoring over "
+                f"{min(args.pairs, delta.numel() - len(delta))} pairs: {rho:.4f}"
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_table(args.out, views["early"], views["late"], meta, delta)
-        print(f"wrote {args.out}: {len(views['early']['keys'])} samples, "
-              f"dim {views['early']['video'].shape[1]}, {args.score} scoring")
+        print(
+            f"wrote {args.out}: {len(views['early']['keys'])} samples, "
+            f"dim {views['early']['video'].shape[1]}, {args.score} scoring"
+        )
     finish_distributed()
     return 0
 

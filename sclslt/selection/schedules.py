@@ -4,6 +4,7 @@ candidates at, alpha = epoch / epochs (docs/paper.md). Each is registered by nam
 
     easy 0 | hard 1 | linear alpha | sqrt sqrt(alpha) | log log(1 + (b - 1) alpha) / log(b)  (b: selection.log_base)
 """
+
 from __future__ import annotations
 
 import math

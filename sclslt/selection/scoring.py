@@ -8,6 +8,7 @@ Low Delta = the pair's similarity fell during reference training (easy, stably s
 high Delta = it rose (hard, confusable). The planner (`planner`) takes candidates at a curriculum
 quantile of it; the table's files are `table`'s, the separate_close thresholds `close_pairs`'.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ class Table:
     (tests/unit/selection/test_selection.py); rounding can only reorder candidates whose Delta differ by
     less than the rounding (~1e-3 relative).
     """
+
     keys: list
-    sentence_ids: torch.Tensor      # (N,) long, CPU
+    sentence_ids: torch.Tensor  # (N,) long, CPU
     v0: torch.Tensor
     t0: torch.Tensor
     v1: torch.Tensor
@@ -66,8 +68,9 @@ class Table:
         side = torch.cat([self.v1[r], -self.v0[r], self.t1[r], -self.t0[r]], dim=1)
         return side.double() if side.device.type == "cpu" else side
 
-    def candidate_delta(self, side: torch.Tensor, members: list[int], sums: torch.Tensor | None = None,
-                        block: int = 16384) -> torch.Tensor:
+    def candidate_delta(
+        self, side: torch.Tensor, members: list[int], sums: torch.Tensor | None = None, block: int = 16384
+    ) -> torch.Tensor:
         """Delta(u; C) = sum over members c of delta(u, c) + delta(c, u), for every candidate of `side`.
 
         Factorised tables take the members' summed vectors `sums` (`member_vec`, float64; from the rows
@@ -80,7 +83,7 @@ class Table:
         sums = sums.to(side.device, torch.float64)
         if side.dtype == torch.float64:
             return side @ sums
-        return torch.cat([side[i:i + block].double() @ sums for i in range(0, len(side), block)])
+        return torch.cat([side[i : i + block].double() @ sums for i in range(0, len(side), block)])
 
     def member_vec(self, row: int) -> torch.Tensor:
         """[t1, t0, v1, v0] of one row (stored dtype): what a pick contributes to Delta's batch side."""
@@ -92,22 +95,28 @@ class Table:
     def pair_similarity(self, side: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_early, s_late) of table row `row` with every candidate of the scoring copy `side`: the pooled
         similarity of the pair, symmetric (the mean of its two directions, as Delta sums both), float64."""
-        if self.delta is not None:                     # a dense table's side is its rows
+        if self.delta is not None:  # a dense table's side is its rows
             r = side.to(self.v0.device)
-            pair = lambda v, t: ((v[r] @ t[row] + t[r] @ v[row]).double() / 2)
+            pair = lambda v, t: (v[r] @ t[row] + t[r] @ v[row]).double() / 2
             return pair(self.v0, self.t0), pair(self.v1, self.t1)
         e = self.v0.shape[1]
-        mv = self.member_vec(row).double()              # [t1, t0, v1, v0] against side's [v1, -v0, t1, -t0]
+        mv = self.member_vec(row).double()  # [t1, t0, v1, v0] against side's [v1, -v0, t1, -t0]
         late, early = mv.clone(), mv.clone()
-        late[e:2 * e], late[3 * e:] = 0, 0
-        early[:e], early[2 * e:3 * e] = 0, 0
+        late[e : 2 * e], late[3 * e :] = 0, 0
+        early[:e], early[2 * e : 3 * e] = 0, 0
         return -self.candidate_delta(side, [], early) / 2, self.candidate_delta(side, [], late) / 2
 
     def member_sums(self, members: list[int]) -> torch.Tensor:
         """[sum t1_c, sum t0_c, sum v1_c, sum v0_c] over the members: Delta's batch side."""
         m = torch.tensor(members, dtype=torch.long, device=self.v1.device)
-        return torch.cat([self.t1[m].double().sum(0), self.t0[m].double().sum(0), self.v1[m].double().sum(0),
-                          self.v0[m].double().sum(0)])
+        return torch.cat(
+            [
+                self.t1[m].double().sum(0),
+                self.t0[m].double().sum(0),
+                self.v1[m].double().sum(0),
+                self.v0[m].double().sum(0),
+            ]
+        )
 
 
 def key_positions(pos: dict, keys: list[str], path="") -> torch.Tensor:
@@ -115,8 +124,10 @@ def key_positions(pos: dict, keys: list[str], path="") -> torch.Tensor:
     an error naming it."""
     missing = [k for k in keys if k not in pos]
     if missing:
-        raise KeyError(f"{len(missing)} training samples are not in the reference table{f' {path}' if path else ''} "
-                       f"(e.g. {missing[:5]}): it was made from other shards; re-export it")
+        raise KeyError(
+            f"{len(missing)} training samples are not in the reference table{f' {path}' if path else ''} "
+            f"(e.g. {missing[:5]}): it was made from other shards; re-export it"
+        )
     return torch.tensor([pos[k] for k in keys], dtype=torch.long)
 
 

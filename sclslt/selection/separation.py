@@ -2,6 +2,7 @@
 checkpoints (likely false negatives, e.g. paraphrases; issue 24). The planner keeps such pairs apart
 (`planner.LADDER`); tools/ps_ablation.py reports them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,5 +34,7 @@ def close_thresholds(table: Table, keys: list[str], q: float) -> tuple[float, fl
     def sym(v, t):
         a, b = v[r].double(), t[r].double()
         return ((a @ b.t() + b @ a.t()) / 2)[neg]
-    return tuple(float(torch.quantile(sym(v, t).cpu().float(), 1 - q)) for v, t in ((table.v0, table.t0),
-                                                                                     (table.v1, table.t1)))
+
+    return tuple(
+        float(torch.quantile(sym(v, t).cpu().float(), 1 - q)) for v, t in ((table.v0, table.t0), (table.v1, table.t1))
+    )

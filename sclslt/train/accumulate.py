@@ -18,6 +18,7 @@ The sum of the chunks' surrogates has the gradient of the share's loss: the upda
 up to the order of floating-point sums. Cost: a second forward of every chunk. BatchNorm statistics must not
 depend on the chunking (`model.batchnorm` 'group N' or 'frozen'; `config.micro_batch` says so).
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,7 +85,7 @@ class CachedStep:
                 feature_grads, scale_grad = self.grads
                 rows = len(chunk)
                 for k, g in feature_grads.items():
-                    surrogate = surrogate + (out[k] * g[at:at + rows]).sum()
+                    surrogate = surrogate + (out[k] * g[at : at + rows]).sum()
                 if i == 0:
                     surrogate = surrogate + out["logit_scale"] * scale_grad
                 at += rows

@@ -1,4 +1,5 @@
 """The audit trail of a stage, `<run_dir>/<stage>/batches.jsonl`: which samples made each optimizer step."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ def _step_of(line: str) -> float:
     try:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf                 # a line cut short by a crash: dropped with the rest after the step
+        return math.inf  # a line cut short by a crash: dropped with the rest after the step
 
 
 class BatchLog:

@@ -1,6 +1,7 @@
 """Where a stage continues from: whether its checkpoint directory holds a run (and --resume was asked for),
 the newest checkpoint whose files match their checksums, and the world size it was written at (converted
 to DeepSpeed's universal format by rank 0 when this job's differs)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,10 @@ def resume_tag(ckpt_dir: Path, resume: bool, rank: int, world: int) -> str | Non
     an error (a run is never overwritten by accident)."""
     tag = latest_tag(ckpt_dir)
     if tag is not None and not resume:
-        raise RunError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
-                       f"or choose another --train.run_dir")
+        raise RunError(
+            f"{ckpt_dir} already holds checkpoints: pass --resume to continue this run, "
+            f"or choose another --train.run_dir"
+        )
     if tag is None:
         return None
     return intact_checkpoint(ckpt_dir, rank, world)
@@ -40,9 +43,14 @@ def resume_world(ckpt_dir: Path, tag: str, rank: int) -> int:
         raise RunError(f"{ckpt_dir}/{tag} has no sclslt.json: not a complete checkpoint of this trainer")
     world = dist.get_world_size()
     if meta["world"] != world:
+
         def convert():
-            print(f"sclslt: {ckpt_dir}/{tag} was written by {meta['world']} ranks, this job has {world}: "
-                  f"converting it to a universal checkpoint", flush=True)
+            print(
+                f"sclslt: {ckpt_dir}/{tag} was written by {meta['world']} ranks, this job has {world}: "
+                f"converting it to a universal checkpoint",
+                flush=True,
+            )
             to_universal(ckpt_dir, tag)
+
         on_rank0(convert, f"converting {ckpt_dir}/{tag}")
     return int(meta["world"])

@@ -5,6 +5,7 @@ chains the enabled stages (each starts from the previous one's weights), measure
 retrieval and evaluates the checkpoint `selected_model` picks. The run directory it writes:
 `sclslt.runtime.rundir`.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,11 +48,15 @@ def transfer_weights(model: SLTModel, src_ckpt: Path, reporter: Reporter) -> Non
     shape_mismatch = [k for k in state if k in own and own[k].shape != state[k].shape]
     missing = [k for k in own if k not in state]
     ignored = [k for k in state if k not in own]
-    reporter.info(f"weights from {src_ckpt}: {len(loaded)} loaded, {len(missing)} newly initialised, "
-                  f"{len(ignored)} ignored, {len(shape_mismatch)} shape mismatches")
+    reporter.info(
+        f"weights from {src_ckpt}: {len(loaded)} loaded, {len(missing)} newly initialised, "
+        f"{len(ignored)} ignored, {len(shape_mismatch)} shape mismatches"
+    )
     if shape_mismatch or missing or ignored:
-        raise RunError(f"stage transfer from {src_ckpt} does not match the model: missing {missing[:8]}, "
-                       f"unexpected {ignored[:8]}, shape mismatch {shape_mismatch[:8]}")
+        raise RunError(
+            f"stage transfer from {src_ckpt} does not match the model: missing {missing[:8]}, "
+            f"unexpected {ignored[:8]}, shape mismatch {shape_mismatch[:8]}"
+        )
     model.load_state_dict({k: state[k] for k in loaded}, strict=True)
 
 
@@ -61,28 +66,37 @@ def prepare(cfg: Config, ds_config: str) -> Context:
     install_signal_handlers()
     reporter = Reporter(enabled=d.rank == 0, log_every=cfg.train.log_every)
     run_dir = Path(cfg.train.run_dir).resolve()
+
     def make_run_dir():
-        shards_dir = resolve_shards_dir(cfg.data)       # synthetic corpus made here on first use
+        shards_dir = resolve_shards_dir(cfg.data)  # synthetic corpus made here on first use
         manifests = {sp: read_manifest(shards_dir, sp) for sp in ("train", "dev", "test")}
-        check_disjoint_splits(shards_dir, manifests)    # before anything is written: a refused run leaves nothing
+        check_disjoint_splits(shards_dir, manifests)  # before anything is written: a refused run leaves nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, RunDir(run_dir).config_file)
         tok_dir = RunDir(run_dir).tokenizer_dir
-        if not (tok_dir / "tokenizer_config.json").is_file():      # made once per run, published whole
+        if not (tok_dir / "tokenizer_config.json").is_file():  # made once per run, published whole
             texts = {sp: [r.text for r in manifest_rows(m)] for sp, m in manifests.items()}
             make_run_tokenizer(cfg.model, texts.pop("train"), tok_dir, heldout=texts)
+
     on_rank0(make_run_dir, "preparing the run")
     reporter.open_trackers(run_dir, cfg.train.report_to, to_dict(cfg), cfg.train.tracker_project)
     shards_dir = resolve_shards_dir(cfg.data)
     tokenizer = RunDir(run_dir).tokenizer()
     reporter.info(f"world {d.world} x {d.accelerator}, shards {shards_dir}, run {run_dir}")
-    return Context(cfg=cfg, ds_config_path=ds_config, dist=d, run_dir=run_dir,
-                   shards_dir=shards_dir, tokenizer=tokenizer, reporter=reporter)
+    return Context(
+        cfg=cfg,
+        ds_config_path=ds_config,
+        dist=d,
+        run_dir=run_dir,
+        shards_dir=shards_dir,
+        tokenizer=tokenizer,
+        reporter=reporter,
+    )
 
 
 def build_model(ctx: Context) -> SLTModel:
     """A fresh model, with the same initial weights on every rank and in every run."""
-    seed_everything(ctx.cfg.train.seed)     # identical initial weights on every rank and every run
+    seed_everything(ctx.cfg.train.seed)  # identical initial weights on every rank and every run
     model = SLTModel(ctx.cfg.model, ctx.tokenizer, ctx.cfg.data)
     if ctx.cfg.train.activation_checkpointing:
         model.checkpoint_activations()
@@ -98,10 +112,15 @@ def selected_model(ctx: Context, name: str, model: SLTModel) -> tuple[SLTModel, 
     best = sel.get("best") if ctx.cfg.eval.select == "dev_bleu4" else None
     record = {"stage": name, "tag": last, "rule": "last checkpoint of the last stage"}
     if best:
-        record = {"stage": name, "tag": best["tag"], "step": best["step"], "dev_bleu4": best["dev_bleu4"],
-                  "rule": f"best dev BLEU-4 (ties: chrF, ROUGE-L, then the earliest) of the last stage, decoded "
-                          f"every {ctx.cfg.eval.dev_every_epochs} epoch(s) and at its end (eval.select=dev_bleu4)",
-                  "history": sel.get("history", [])}
+        record = {
+            "stage": name,
+            "tag": best["tag"],
+            "step": best["step"],
+            "dev_bleu4": best["dev_bleu4"],
+            "rule": f"best dev BLEU-4 (ties: chrF, ROUGE-L, then the earliest) of the last stage, decoded "
+            f"every {ctx.cfg.eval.dev_every_epochs} epoch(s) and at its end (eval.select=dev_bleu4)",
+            "history": sel.get("history", []),
+        }
         selector = DevSelector(ctx, name)
         selector.restore(sel)
         stop = selector.stopped(ctx.cfg.eval.patience)
@@ -125,14 +144,16 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
     enabled = enabled_stages(cfg)
     for i, name in enumerate(enabled):
         model = build_model(ctx)
-        if ctx.run.latest(name) is None:     # a fresh stage
+        if ctx.run.latest(name) is None:  # a fresh stage
             if i > 0:
                 transfer_weights(model, ctx.run.checkpoints(enabled[i - 1]), ctx.reporter)
             elif cfg.model.init_from:
                 transfer_weights(model, Path(cfg.model.init_from), ctx.reporter)
-        seed_everything(cfg.train.seed + 17 * (i + 1) + 7919 * ctx.rank)   # per-rank dropout draws (clip draws: per clip)
+        seed_everything(
+            cfg.train.seed + 17 * (i + 1) + 7919 * ctx.rank
+        )  # per-rank dropout draws (clip draws: per clip)
         model = train_stage(ctx, name, model, resume)
-        if getattr(cfg, name).contrastive_weight > 0:      # the contrastive stage's own measure
+        if getattr(cfg, name).contrastive_weight > 0:  # the contrastive stage's own measure
             retrieval[name] = stage_retrieval(ctx, name, model)
     if model is None:
         raise RunError("no stage enabled: set stage1.enabled or stage2.enabled")
@@ -142,12 +163,22 @@ def run(cfg: Config, ds_config: str, resume: bool = False) -> dict | None:
 def stage_retrieval(ctx: Context, name: str, model: SLTModel) -> dict:
     """A contrastive stage's video-text retrieval recall on `eval.retrieval_split`, reported."""
     cfg = ctx.cfg
-    emb = embed_split(model, ctx.shards_dir, cfg.eval.retrieval_split, ctx.tokenizer, ctx.dist.device,
-                      eval_batch(cfg), max_frames=cfg.data.max_frames, decode=ctx.decode)
+    emb = embed_split(
+        model,
+        ctx.shards_dir,
+        cfg.eval.retrieval_split,
+        ctx.tokenizer,
+        ctx.dist.device,
+        eval_batch(cfg),
+        max_frames=cfg.data.max_frames,
+        decode=ctx.decode,
+    )
     recall = {"split": cfg.eval.retrieval_split, **retrieval_recall(emb["video"], emb["text"], emb["sentence_ids"])}
     ctx.reporter.scalars(recall, f"retrieval_{cfg.eval.retrieval_split}", name)
-    ctx.reporter.info(f"{name} {cfg.eval.retrieval_split} retrieval: " + " ".join(
-        f"{k} {v:.1f}" for k, v in recall.items() if k != "split"))
+    ctx.reporter.info(
+        f"{name} {cfg.eval.retrieval_split} retrieval: "
+        + " ".join(f"{k} {v:.1f}" for k, v in recall.items() if k != "split")
+    )
     return recall
 
 

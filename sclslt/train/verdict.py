@@ -2,6 +2,7 @@
 asked to stop, from one small all-reduce; and the guard that skips non-finite steps and stops a run that
 keeps making them. All ranks skip or stop together, so none waits in a collective the others left.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,17 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         self.skipped += 1
-        print(f"sclslt: {stage}: non-finite loss after step {step}: update skipped "
-              f"({self.in_a_row} in a row, {self.skipped} in this run)", flush=True)
+        print(
+            f"sclslt: {stage}: non-finite loss after step {step}: update skipped "
+            f"({self.in_a_row} in a row, {self.skipped} in this run)",
+            flush=True,
+        )
         if self.in_a_row >= self.limit:
-            raise RunError(f"{stage}: {self.in_a_row} non-finite losses in a row after step {step} "
-                           f"(train.max_nonfinite={self.limit}); the last good checkpoint is in {self.ckpt_dir} "
-                           f"({latest_tag(self.ckpt_dir)}); lower the learning rate or check the data")
+            raise RunError(
+                f"{stage}: {self.in_a_row} non-finite losses in a row after step {step} "
+                f"(train.max_nonfinite={self.limit}); the last good checkpoint is in {self.ckpt_dir} "
+                f"({latest_tag(self.ckpt_dir)}); lower the learning rate or check the data"
+            )
         return False
 
 

@@ -18,6 +18,7 @@ that names what is broken), or `other` (anything else: the goal is none). Rows g
 as they finish (a rerun with the same --out and --seed continues) and the table's rows are appended to
 benchmarks/results/chaos.csv (benchmarks/benchio.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,24 +34,45 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))                  # run as a script from anywhere
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-KINDS = ("kill9_rank", "kill9_job", "sigstop_rank", "sigterm", "sigusr1", "kill_in_save", "disk_full_in_save",
-         "truncate_newest", "bitflip_newest")
+KINDS = (
+    "kill9_rank",
+    "kill9_job",
+    "sigstop_rank",
+    "sigterm",
+    "sigusr1",
+    "kill_in_save",
+    "disk_full_in_save",
+    "truncate_newest",
+    "bitflip_newest",
+)
 STAGES = ("stage1", "stage2")
-EVERY = 2                   # checkpoint.every_steps of the chaos job
+EVERY = 2  # checkpoint.every_steps of the chaos job
 CONFIG = {
-    "data": {"synthetic": {"n_train": 32, "n_dev": 8, "n_test": 8, "frame_size": 16, "n_templates": 40,
-                           "n_signers": 3}, "samples_per_shard": 10},
-    "model": {"backbone_embedding": 8, "backbone_hidden": [8, 16], "backbone_depths": [1, 1], "d_model": 32,
-              "layers": 1, "heads": 2, "ffn": 64, "dropout": 0.1, "embed_dim": 16, "max_positions": 64},   # the recipe's
+    "data": {
+        "synthetic": {"n_train": 32, "n_dev": 8, "n_test": 8, "frame_size": 16, "n_templates": 40, "n_signers": 3},
+        "samples_per_shard": 10,
+    },
+    "model": {
+        "backbone_embedding": 8,
+        "backbone_hidden": [8, 16],
+        "backbone_depths": [1, 1],
+        "d_model": 32,
+        "layers": 1,
+        "heads": 2,
+        "ffn": 64,
+        "dropout": 0.1,
+        "embed_dim": 16,
+        "max_positions": 64,
+    },  # the recipe's
     "stage1": {"epochs": 2, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
     "stage2": {"epochs": 2, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
     "train": {"grad_clip": 0.5, "log_every": 1, "dist_timeout_s": 20},
     "checkpoint": {"every_steps": EVERY, "keep": 2},
     "eval": {"beam": 1, "max_len": 8, "batch_size": 8, "select": "last"},
 }
-STEPS = 8                   # optimizer steps a stage (32 clips / 8 a batch x 2 epochs)
+STEPS = 8  # optimizer steps a stage (32 clips / 8 a batch x 2 epochs)
 
 DRIVER = """
 import errno, os, runpy, signal, sys
@@ -75,9 +97,21 @@ def env() -> dict:
 
 def command(out: Path, run: Path, port: int, resume: bool) -> list[str]:
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    return [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", "2", "--master_port",
-            str(port), str(out / "driver.py"), "--deepspeed", "configs/zero2.json", "--config", str(out / "exp.yaml"),
-            "--train.run_dir", str(run), *(["--resume"] if resume else [])]
+    return [
+        str(deepspeed) if deepspeed.exists() else "deepspeed",
+        "--num_accelerators",
+        "2",
+        "--master_port",
+        str(port),
+        str(out / "driver.py"),
+        "--deepspeed",
+        "configs/zero2.json",
+        "--config",
+        str(out / "exp.yaml"),
+        "--train.run_dir",
+        str(run),
+        *(["--resume"] if resume else []),
+    ]
 
 
 def losses(run: Path) -> dict:
@@ -92,6 +126,7 @@ def losses(run: Path) -> dict:
 
 def weights_hash(run: Path) -> str:
     from sclslt.runtime.checkpoints import load_module_state
+
     state = load_module_state(run / STAGES[-1] / "checkpoints")
     h = hashlib.sha256()
     for k in sorted(state):
@@ -102,13 +137,15 @@ def weights_hash(run: Path) -> str:
 
 def weights_diff(run: Path, ref: Path) -> float:
     from sclslt.runtime.checkpoints import load_module_state
+
     a, b = (load_module_state(r / STAGES[-1] / "checkpoints") for r in (run, ref))
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
 
 
 def ranks(run: Path) -> list[int]:
-    got = subprocess.run(["pgrep", "-f", f"driver.py --local_rank=.*{run}"], capture_output=True,
-                         text=True).stdout.split()
+    got = subprocess.run(
+        ["pgrep", "-f", f"driver.py --local_rank=.*{run}"], capture_output=True, text=True
+    ).stdout.split()
     return sorted(int(p) for p in got)
 
 
@@ -124,6 +161,7 @@ def wait_for_step(run: Path, stage: str, step: int, job: subprocess.Popen, timeo
 
 def damage_newest(run: Path, stage: str, how: str, rng: random.Random) -> str:
     from sclslt.runtime.checkpoints import latest_tag
+
     ckpt = run / stage / "checkpoints"
     tag = latest_tag(ckpt)
     if tag is None:
@@ -132,7 +170,7 @@ def damage_newest(run: Path, stage: str, how: str, rng: random.Random) -> str:
     f = files[rng.randrange(len(files))]
     data = bytearray(f.read_bytes())
     if how == "truncate_newest":
-        data = data[:len(data) // 2]
+        data = data[: len(data) // 2]
     else:
         data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
     f.write_bytes(bytes(data))
@@ -143,18 +181,27 @@ def inject(kind: str, stage: str, step: int, run: Path, out: Path, port: int, rn
     """Run the job with the fault; returns (exit code, what was done)."""
     e, what = env(), ""
     if kind in ("kill_in_save", "disk_full_in_save"):
-        e.update(CHAOS_FAULT=kind, CHAOS_SAVE=f"/{stage}/checkpoints/step{step:08d}.partial",
-                 CHAOS_RANK=str(rng.randrange(2)))
+        e.update(
+            CHAOS_FAULT=kind,
+            CHAOS_SAVE=f"/{stage}/checkpoints/step{step:08d}.partial",
+            CHAOS_RANK=str(rng.randrange(2)),
+        )
         what = f"{kind} at {stage} step {step}"
-    job = subprocess.Popen(command(out, run, port, False), cwd=ROOT, env=e, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        command(out, run, port, False),
+        cwd=ROOT,
+        env=e,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     if kind not in ("kill_in_save", "disk_full_in_save"):
         if not wait_for_step(run, stage, step, job):
             job.wait()
             return job.returncode, f"{kind}: the job ended before {stage} step {step}"
         pids, victim = ranks(run), None
         if len(pids) != 2 and kind not in ("kill9_job", "truncate_newest", "bitflip_newest"):
-            os.killpg(job.pid, signal.SIGKILL)          # alive: wait_for_step saw it running
+            os.killpg(job.pid, signal.SIGKILL)  # alive: wait_for_step saw it running
             job.wait()
             return job.returncode, f"{kind}: found {len(pids)} rank processes, not 2 (the tool's fault)"
         if kind in ("kill9_job", "truncate_newest", "bitflip_newest"):
@@ -166,11 +213,11 @@ def inject(kind: str, stage: str, step: int, run: Path, out: Path, port: int, rn
             for p in pids:
                 os.kill(p, signal.SIGTERM if kind == "sigterm" else signal.SIGUSR1)
         what = f"{kind} at {stage} step {step}"
-    try:                                              # a hang: the peer exits after dist_timeout_s
+    try:  # a hang: the peer exits after dist_timeout_s
         job.wait(timeout=CONFIG["train"]["dist_timeout_s"] + 100)
-    except subprocess.TimeoutExpired:                 # what a scheduler's time limit does to a hung job
+    except subprocess.TimeoutExpired:  # what a scheduler's time limit does to a hung job
         what += "; the job did not end and was killed"
-    if job.poll() is None or kind == "sigstop_rank":      # the job, and a frozen rank left behind
+    if job.poll() is None or kind == "sigstop_rank":  # the job, and a frozen rank left behind
         try:
             os.killpg(job.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -191,28 +238,49 @@ def trial(i: int, seed: int, out: Path, ref: dict, attempts: int, base_port: int
     run, port = out / f"trial{i:03d}", base_port + 10 + (i % 50) * 3
     if run.exists():
         import shutil
+
         shutil.rmtree(run)
     t0 = time.time()
     code, what = inject(kind, stage, step, run, out, port, rng)
     log, tries = "", 0
     while tries < attempts:
         tries += 1
-        proc = subprocess.run(command(out, run, port + 1 + tries % 2, True), cwd=ROOT, env=env(),
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            command(out, run, port + 1 + tries % 2, True),
+            cwd=ROOT,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         log += proc.stdout + proc.stderr
         if proc.returncode == 0 or (proc.returncode == 1 and "\nerror: " in "\n" + proc.stderr):
-            break                                     # done, or a clear error a requeue would not mend
+            break  # done, or a clear error a requeue would not mend
     if "the tool's fault" in what:
         return {"trial": i, "kind": kind, "stage": stage, "step": step, "fault": what, "outcome": "other"}
-    row = {"trial": i, "kind": kind, "stage": stage, "step": step, "fault": what, "fault_exit": code,
-           "restarts": tries, "final_exit": proc.returncode, "wall_s": round(time.time() - t0, 1)}
+    row = {
+        "trial": i,
+        "kind": kind,
+        "stage": stage,
+        "step": step,
+        "fault": what,
+        "fault_exit": code,
+        "restarts": tries,
+        "final_exit": proc.returncode,
+        "wall_s": round(time.time() - t0, 1),
+    }
     fallback = "is damaged:" in log and "resuming from" in log
     errors = [ln for ln in log.splitlines() if ln.startswith(("error:", "config error:"))]
     if proc.returncode == 0:
         got, same_w = losses(run), weights_hash(run) == ref["weights"]
-        same_l = all(len(got.get(st, [])) == len(ref["losses"][st]) and all(
-            s == rs and abs(x - rx) <= 1e-6 * max(1.0, abs(rx)) for (s, x), (rs, rx) in zip(got[st], ref["losses"][st]))
-            for st in STAGES)
+        same_l = all(
+            len(got.get(st, [])) == len(ref["losses"][st])
+            and all(
+                s == rs and abs(x - rx) <= 1e-6 * max(1.0, abs(rx))
+                for (s, x), (rs, rx) in zip(got[st], ref["losses"][st])
+            )
+            for st in STAGES
+        )
         row.update(losses_equal=same_l, weights_equal=same_w, fell_back=fallback)
         if not same_w:
             row["weights_max_abs_diff"] = weights_diff(run, out / "reference")
@@ -228,8 +296,9 @@ def reference(out: Path, base_port: int) -> dict:
     if f.is_file():
         return json.loads(f.read_text())
     run = out / "reference"
-    proc = subprocess.run(command(out, run, base_port, False), cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        command(out, run, base_port, False), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900
+    )
     if proc.returncode != 0:
         raise SystemExit(f"the uninterrupted run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     ref = {"losses": losses(run), "weights": weights_hash(run)}
@@ -240,8 +309,14 @@ def reference(out: Path, base_port: int) -> dict:
 def table(rows: list[dict]) -> list[dict]:
     kinds = sorted({r["kind"] for r in rows})
     outcomes = ("identical", "identical_after_fallback", "clear_error", "other")
-    out = [{"kind": k, "trials": sum(r["kind"] == k for r in rows),
-            **{o: sum(r["kind"] == k and r["outcome"] == o for r in rows) for o in outcomes}} for k in kinds]
+    out = [
+        {
+            "kind": k,
+            "trials": sum(r["kind"] == k for r in rows),
+            **{o: sum(r["kind"] == k and r["outcome"] == o for r in rows) for o in outcomes},
+        }
+        for k in kinds
+    ]
     out.append({"kind": "all", "trials": len(rows), **{o: sum(r["outcome"] == o for r in rows) for o in outcomes}})
     return out
 
@@ -256,6 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="where the table goes")
     args = p.parse_args(argv)
     import yaml
+
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "exp.yaml").write_text(yaml.safe_dump(CONFIG))
     (args.out / "driver.py").write_text(DRIVER)
@@ -272,11 +348,18 @@ def main(argv=None) -> int:
     summary = table(rows)
     print(f"{'fault':20} {'trials':>6} {'identical':>9} {'after fallback':>14} {'clear error':>11} {'other':>5}")
     for r in summary:
-        print(f"{r['kind']:20} {r['trials']:6} {r['identical']:9} {r['identical_after_fallback']:14} "
-              f"{r['clear_error']:11} {r['other']:5}")
+        print(
+            f"{r['kind']:20} {r['trials']:6} {r['identical']:9} {r['identical_after_fallback']:14} "
+            f"{r['clear_error']:11} {r['other']:5}"
+        )
     from benchmarks.benchio import run_tag, write_rows
-    base = write_rows(summary + [{"kind": "trial", **r} for r in rows], args.results, "chaos",
-                      run_tag(trials=args.trials, seed=args.seed))
+
+    base = write_rows(
+        summary + [{"kind": "trial", **r} for r in rows],
+        args.results,
+        "chaos",
+        run_tag(trials=args.trials, seed=args.seed),
+    )
     print(f"wrote {base}.json and {base}.csv")
     return 0 if all(r["outcome"] != "other" for r in rows) else 1
 

@@ -3,30 +3,34 @@
 A tiny run decodes dev after every stage-2 epoch; the recorded choice must be the best of the recorded
 history under the stated rule, must survive rotation (keep=1) and a resume, and the test-split
 hypotheses must be those of the selected checkpoint's weights, not of the last step's."""
+
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 import yaml
+
 from tests.helpers import ROOT
-
-
 
 
 def _train(cfg_path, run, *extra):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run),
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def _metrics(run):
     import csv
+
     with open(run / "stage2" / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
@@ -38,8 +42,8 @@ def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, t
     the stop not derived from the restored history (the resume trains on)."""
     import torch
 
-    from sclslt.data.loader import Collate, ShardStream, make_loader
     from sclslt.data.corpus import resolve_shards_dir
+    from sclslt.data.loader import Collate, ShardStream, make_loader
     from sclslt.eval.metrics import decode_loader
     from sclslt.runtime.rundir import load_run_model
 
@@ -52,8 +56,8 @@ def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, t
     cfg_path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     patience = ("--eval.patience", "2")
-    _train(cfg_path, run, "--train.max_steps", "48", *patience)   # stage 2 stops after 4 of 8 epochs
-    proc = _train(cfg_path, run, "--resume", *patience)          # ... and goes on: the best so far is carried
+    _train(cfg_path, run, "--train.max_steps", "48", *patience)  # stage 2 stops after 4 of 8 epochs
+    proc = _train(cfg_path, run, "--resume", *patience)  # ... and goes on: the best so far is carried
     assert "dev BLEU-4" in proc.stdout
     sel = json.loads((run / "results.json").read_text())["selected_checkpoint"]
     hist = sel["history"]
@@ -63,18 +67,18 @@ def test_the_best_dev_checkpoint_is_kept_recorded_and_evaluated(tiny_cfg_dict, t
     assert steps == list(range(12, 12 * len(hist) + 1, 12)) and len(hist) < 8
     key = lambda h: (h["dev_bleu4"], h["dev_chrf"] or 0.0, h["dev_rouge_l"])
     new_best = [i == 0 or key(h) > max(map(key, hist[:i])) for i, h in enumerate(hist)]
-    assert not any(new_best[-2:]) and all(any(new_best[max(0, i - 1):i + 1]) for i in range(len(hist) - 1))
+    assert not any(new_best[-2:]) and all(any(new_best[max(0, i - 1) : i + 1]) for i in range(len(hist) - 1))
     assert sel["stopped_early"]["at_step"] == steps[-1] and sel["stopped_early"]["patience"] == 2
-    assert [int(r["step"]) for r in _metrics(run)][-1] == steps[-1]          # no step trained after the stop
-    again = _train(cfg_path, run, "--resume", *patience)                    # a resume after the stop trains nothing
+    assert [int(r["step"]) for r in _metrics(run)][-1] == steps[-1]  # no step trained after the stop
+    again = _train(cfg_path, run, "--resume", *patience)  # a resume after the stop trains nothing
     assert [int(r["step"]) for r in _metrics(run)][-1] == steps[-1] and "stopping early" not in again.stdout
     assert json.loads((run / "results.json").read_text())["selected_checkpoint"] == sel
     # the rule, spelled out: the highest dev BLEU-4, then chrF, then ROUGE-L; the earliest on full ties
     best = min(hist, key=lambda h: (-h["dev_bleu4"], -(h["dev_chrf"] or 0.0), -h["dev_rouge_l"], h["step"]))
     assert sel["tag"] == best["tag"] and sel["stage"] == "stage2" and "BLEU-4" in sel["rule"]
-    assert best["tag"] != hist[-1]["tag"]                     # the run's best is not its last: the rule decides
+    assert best["tag"] != hist[-1]["tag"]  # the run's best is not its last: the rule decides
     ckpt = run / "stage2" / "checkpoints"
-    assert (ckpt / sel["tag"]).is_dir()                       # kept despite checkpoint.keep=1
+    assert (ckpt / sel["tag"]).is_dir()  # kept despite checkpoint.keep=1
 
     model, tok, rcfg = load_run_model(run, ckpt, sel["tag"])
     shards = resolve_shards_dir(rcfg.data)

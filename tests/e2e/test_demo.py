@@ -4,6 +4,7 @@ driven through Playwright. A lossless clip uploaded on the page translates to wh
 says for the same file; a test clip picked from the list shows its reference; bad inputs (not a video, an
 empty file, a clip too long) show a message on the page. A screenshot of the page is saved (copied into
 $SCLSLT_SCREENSHOT_DIR when that is set: the README's is made so)."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, TRAIN_ENV, write_video
 from sclslt.cli import main as cli_main
-
+from tests.helpers import ROOT, TRAIN_ENV, write_video
 
 MAX_FRAMES = 200
 
@@ -36,9 +36,27 @@ def server(tiny_run):
     run, _ = tiny_run
     port = free_port()
     env = {**TRAIN_ENV, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "sclslt.cli", "demo", "--run", str(run), "--port", str(port),
-                             "--device", "cpu", "--max-frames", str(MAX_FRAMES)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sclslt.cli",
+            "demo",
+            "--run",
+            str(run),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-frames",
+            str(MAX_FRAMES),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while True:
@@ -58,6 +76,7 @@ def server(tiny_run):
 @pytest.fixture(scope="module")
 def page(server):
     from playwright.sync_api import sync_playwright
+
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is needed (tools/setup_env.sh --test installs it with apt-get)"
     with sync_playwright() as p:
@@ -73,18 +92,22 @@ def submit(page, path=None, test_key=None) -> tuple[str, str]:
     uploaded file wins over the list)."""
     if path is not None:
         page.set_input_files("#upload input[type=file]", str(path))
-        page.wait_for_function("(stem) => document.querySelector('#upload').innerText.includes(stem)",
-                               arg=path.stem, timeout=60000)           # the page shows stem and suffix apart
+        page.wait_for_function(
+            "(stem) => document.querySelector('#upload').innerText.includes(stem)", arg=path.stem, timeout=60000
+        )  # the page shows stem and suffix apart
     if test_key is not None:
         box = page.locator("#test_clip input")
         box.click()
         box.fill(test_key)
         page.locator("ul[role=listbox] li", has_text=test_key).first.click()
     page.click("#translate")
-    name = path.name if path is not None else test_key          # every result and message names its input
-    page.wait_for_function("(name) => { const t = document.querySelector('#info').innerText; "
-                           "return t.includes(name) && (t.includes('latency') || t.includes('Error')); }",
-                           arg=name, timeout=120000)
+    name = path.name if path is not None else test_key  # every result and message names its input
+    page.wait_for_function(
+        "(name) => { const t = document.querySelector('#info').innerText; "
+        "return t.includes(name) && (t.includes('latency') || t.includes('Error')); }",
+        arg=name,
+        timeout=120000,
+    )
     return page.input_value("#translation textarea"), page.inner_text("#info")
 
 
@@ -100,9 +123,9 @@ def test_an_uploaded_clip_translates_as_sclslt_translate_says(tiny_run, clips, p
     text, info = submit(page, path=c["mkv"])
     assert text == want == hyps[c["key"]] and want
     assert f"{c['frames'].shape[0]} frames used" in info and "latency" in info
-    assert page.locator("#frames img").count() >= 1                      # the frames the model used
+    assert page.locator("#frames img").count() >= 1  # the frames the model used
     rows = page.inner_text("#neighbours")
-    assert rows.count("\n") >= 5 and "similarity" in rows              # five nearest training sentences
+    assert rows.count("\n") >= 5 and "similarity" in rows  # five nearest training sentences
     shot = tmp_path / "demo.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -117,7 +140,6 @@ def test_the_nearest_sentences_are_the_five_best_scored_training_sentences(tiny_
     retrieval does (embed_split over the shards, every training sample's text on its own row). Mutations caught
     (checked): topk(largest=False) (the five least similar), a sentence list out of step
     with its features."""
-    import torch
 
     from sclslt.data.shards import manifest_rows, read_manifest
     from sclslt.eval.demo import Demo
@@ -132,9 +154,10 @@ def test_the_nearest_sentences_are_the_five_best_scored_training_sentences(tiny_
     texts = {r.key: r.text for r in manifest_rows(read_manifest(tiny_shards, "train"))}
     for c in clips[:2]:
         i = test["keys"].index(c["key"])
-        video = {k: test[k][i:i + 1] for k in head.columns if k.startswith("video")}
-        scores = head.scores({**video, **{k: train[k] for k in head.columns if k.startswith("text")}},
-                             model.cfg.cico_tau)[0]
+        video = {k: test[k][i : i + 1] for k in head.columns if k.startswith("video")}
+        scores = head.scores(
+            {**video, **{k: train[k] for k in head.columns if k.startswith("text")}}, model.cfg.cico_tau
+        )[0]
         best = {}
         for key, s in zip(train["keys"], scores.tolist()):
             best[texts[key]] = s
@@ -147,6 +170,7 @@ def test_the_nearest_sentences_are_the_five_best_scored_training_sentences(tiny_
 
 def test_a_zip_of_frames_translates_as_the_frame_folder(tiny_run, clips, page, tmp_path):
     import zipfile
+
     run, hyps = tiny_run
     c = clips[0]
     z = tmp_path / "frames.zip"
@@ -166,6 +190,7 @@ def test_a_zip_of_frames_translates_as_the_frame_folder(tiny_run, clips, page, t
 
 def test_a_test_clip_picked_from_the_list_shows_its_reference(tiny_run, tiny_shards, clips, page):
     from sclslt.data.shards import manifest_rows, read_manifest
+
     run, hyps = tiny_run
     key = clips[1]["key"] if len(clips) > 1 else clips[0]["key"]
     ref = {r.key: r.text for r in manifest_rows(read_manifest(tiny_shards, "test"))}[key]
@@ -185,6 +210,8 @@ def test_bad_inputs_are_messages_on_the_page(clips, page, tmp_path):
     assert "Error" in info and "empty" in info
     clear_upload(page)
     frames = clips[0]["frames"]
-    long = write_video(tmp_path / "long.mkv", np.concatenate([frames] * (MAX_FRAMES // len(frames) + 1)), "ffv1", "bgr0")
+    long = write_video(
+        tmp_path / "long.mkv", np.concatenate([frames] * (MAX_FRAMES // len(frames) + 1)), "ffv1", "bgr0"
+    )
     _, info = submit(page, path=long)
     assert "Error" in info and "longer than this demo takes" in info

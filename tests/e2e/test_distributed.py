@@ -18,6 +18,7 @@ although every single step was right to 1e-8. From identical states a step canno
 the forward pass, and a mutation (per-GPU-only negatives at one step) shows the test still fails on
 a wrong gradient. An interrupted run plus `--resume` must reproduce the uninterrupted trajectory.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,23 +34,22 @@ import torch
 import yaml
 
 from sclslt.config import load_config
-from sclslt.data.loader import Collate
 from sclslt.data.corpus import resolve_shards_dir
-from sclslt.runtime.checkpoints import load_module_state, safe_load
+from sclslt.data.loader import Collate
+from sclslt.data.text import load_tokenizer
 from sclslt.model.close_text import CLOSE_FILE, CloseSentences
 from sclslt.model.heads import get_head
 from sclslt.model.losses import contrastive_from_columns, pad_cat, translation_loss_sum
-from sclslt.model.slt import SLTModel
-from sclslt.data.text import load_tokenizer
-from sclslt.selection.batches import global_stream, random_batches
-from sclslt.runtime.context import STAGES, stage_seed
 from sclslt.model.objective import forward, set_trainable
+from sclslt.model.slt import SLTModel
+from sclslt.runtime.checkpoints import load_module_state, safe_load
+from sclslt.runtime.context import STAGES, stage_seed
+from sclslt.selection.batches import global_stream, random_batches
 from sclslt.train.schedule import seed_everything
 from tests.helpers import ROOT
 
-
 WORLD = 2
-STEPS = 8           # crosses an epoch boundary (6 global batches per epoch)
+STEPS = 8  # crosses an epoch boundary (6 global batches per epoch)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +73,21 @@ def exp(tiny_cfg_dict, tmp_path_factory):
 
 def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str, ds: str = "configs/zero2.json", world: int = WORLD):
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(world),
-           "--master_port", str(port), "launch/train.py", "--deepspeed", ds,
-           "--config", str(cfg_path), "--train.run_dir", str(run_dir), *extra]
+    cmd = [
+        str(deepspeed) if deepspeed.exists() else "deepspeed",
+        "--num_accelerators",
+        str(world),
+        "--master_port",
+        str(port),
+        "launch/train.py",
+        "--deepspeed",
+        ds,
+        "--config",
+        str(cfg_path),
+        "--train.run_dir",
+        str(run_dir),
+        *extra,
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -89,8 +101,14 @@ def ds_tool(port: int, *args: str) -> str:
     """A tool under the real `deepspeed` launcher on WORLD CPU ranks; its stdout, or a failure that shows
     what the ranks printed (the launcher's exit code alone says only which signal ended a rank)."""
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_accelerators", str(WORLD),
-           "--master_port", str(port), *args]
+    cmd = [
+        str(deepspeed) if deepspeed.exists() else "deepspeed",
+        "--num_accelerators",
+        str(WORLD),
+        "--master_port",
+        str(port),
+        *args,
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -110,8 +128,9 @@ def global_batches(cfg, name: str, shards: Path, collate, step: int, world: int 
     epoch, pos = divmod(step, per_epoch)
     batches = random_batches(cfg, name, shards, epoch)
     seed = stage_seed(cfg, name)
-    return [collate(next(iter(global_stream(cfg, shards, batches, r, world, seed, epoch, skip=pos))))
-            for r in range(world)]
+    return [
+        collate(next(iter(global_stream(cfg, shards, batches, r, world, seed, epoch, skip=pos)))) for r in range(world)
+    ]
 
 
 def batch_log(run_dir: Path, stage: str) -> list[dict]:
@@ -121,8 +140,14 @@ def batch_log(run_dir: Path, stage: str) -> list[dict]:
 def expected_log(cfg, name: str, shards: Path, steps: int) -> list[dict]:
     """The audit trail an uninterrupted random-batch run must write: epoch_order's batches, step by step."""
     per_epoch = len(random_batches(cfg, name, shards, 0))
-    return [{"step": k + 1, "epoch": k // per_epoch,
-             "keys": random_batches(cfg, name, shards, k // per_epoch)[k % per_epoch]} for k in range(steps)]
+    return [
+        {
+            "step": k + 1,
+            "epoch": k // per_epoch,
+            "keys": random_batches(cfg, name, shards, k // per_epoch)[k % per_epoch],
+        }
+        for k in range(steps)
+    ]
 
 
 def global_loss(model, batches: list, st, cfg, local_negatives: bool = False, close=None) -> torch.Tensor:
@@ -164,24 +189,38 @@ def universal(ckpt_dir: Path, tag: str) -> Path:
     import io
 
     from deepspeed.checkpoint.ds_to_universal import main as convert
+
     out = ckpt_dir / "universal" / tag
     if not (out / "zero").is_dir():
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            convert(argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(out), num_extract_workers=1,
-                                       num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                       inject_missing_state=True))
+            convert(
+                argparse.Namespace(
+                    input_folder=str(ckpt_dir / tag),
+                    output_folder=str(out),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                )
+            )
     return out
 
 
 def adam_state(ckpt_dir: Path, tag: str) -> dict:
     """Per-parameter fp32 master and Adam moments of a checkpoint, whatever its ZeRO stage and world size,
     read through DeepSpeed's universal form (the product's own conversion)."""
+
     def read(f: Path) -> torch.Tensor:
         x = torch.load(f, weights_only=False)
-        return x["param"] if isinstance(x, dict) else x       # ZeRO-1/2 files wrap the tensor, ZeRO-3 files do not
+        return x["param"] if isinstance(x, dict) else x  # ZeRO-1/2 files wrap the tensor, ZeRO-3 files do not
+
     zero = universal(Path(ckpt_dir), tag) / "zero"
-    return {p.name: {k: read(p / f"{k}.pt") for k in ("fp32", *ADAM_KEYS)}
-            for p in zero.iterdir() if (p / "exp_avg.pt").is_file()}       # parameters, not buffers
+    return {
+        p.name: {k: read(p / f"{k}.pt") for k in ("fp32", *ADAM_KEYS)}
+        for p in zero.iterdir()
+        if (p / "exp_avg.pt").is_file()
+    }  # parameters, not buffers
 
 
 def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, local_negatives_at: int = 0) -> dict:
@@ -199,7 +238,7 @@ def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, local_negatives_at:
     negatives as well (the mutation the test must catch); returned under "mutated".
 
     Returns {stage: [per step: {"loss", "lr_next", "param_err", "moment_err"}]} and "mutated" if asked."""
-    torch.set_num_threads(1)        # the ranks' summation order (OMP_NUM_THREADS=1)
+    torch.set_num_threads(1)  # the ranks' summation order (OMP_NUM_THREADS=1)
     return _stepwise(cfg_path, run_dir, overrides, local_negatives_at)
 
 
@@ -216,17 +255,17 @@ def _stepwise(cfg_path: Path, run_dir: Path, overrides: tuple, local_negatives_a
             continue
         ckpt = run_dir / name / "checkpoints"
         set_trainable(model, st)
-        close = None                    # the run's close-text pairs (their construction: test_false_negatives)
+        close = None  # the run's close-text pairs (their construction: test_false_negatives)
         if st.mask_close_text > 0 and st.contrastive_weight > 0:
             close = CloseSentences.load(run_dir / name / "selection" / CLOSE_FILE, st.soft_close_text)
         f = reference_lr(st.epochs * len(random_batches(cfg, name, shards, 0)), st.warmup_steps, st.min_lr_ratio)
-        out[name], before = [], None            # no Adam state before a stage's first step
+        out[name], before = [], None  # no Adam state before a stage's first step
         for step in range(1, len(metrics(run_dir, name)) + 1):
             prev = "epoch0000" if step == 1 else f"step{step - 1:08d}"
             after = adam_state(ckpt, f"step{step:08d}")
             args = (model, st, cfg, ckpt, prev, step, st.lr * f(step - 1), close)
             whole = global_batches(cfg, name, shards, collate, step - 1)
-            out[name].append({**one_step(*args, whole, before, after), "lr_next": st.lr * f(step)})   # LR after a step
+            out[name].append({**one_step(*args, whole, before, after), "lr_next": st.lr * f(step)})  # LR after a step
             if name == "stage1" and step == local_negatives_at:
                 split = global_batches(cfg, name, shards, collate, step - 1, WORLD)
                 out["mutated"] = one_step(*args, split, before, after, local_negatives=True)
@@ -238,11 +277,13 @@ def reference_lr(total: int, warmup: int, min_ratio: float):
     """The README's schedule, written out here (not the product's lr_lambda): the LR factor of optimizer step
     k (0-based) is (k + 1) / warmup during the warm-up, then min_ratio + (1 - min_ratio)(1 + cos(pi p)) / 2 with
     p = (k - warmup) / (total - warmup) the cosine's progress."""
+
     def factor(k: int) -> float:
         if k < warmup:
             return (k + 1) / warmup
         p = min(1.0, (k - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * p)) / 2
+
     return factor
 
 
@@ -250,12 +291,26 @@ def reference_groups(model, weight_decay: float) -> list[dict]:
     """AdamW's groups by the README's rule, written out here: weight decay on every trainable matrix (linear,
     convolution and embedding weights), none on vectors (biases, norm scales and shifts, the logit scale)."""
     named = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in named if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in named if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in named if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in named if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
-def one_step(model, st, cfg, ckpt: Path, prev: str, step: int, lr: float, close, batches: list,
-             before: dict | None, after: dict, local_negatives: bool = False) -> dict:
+def one_step(
+    model,
+    st,
+    cfg,
+    ckpt: Path,
+    prev: str,
+    step: int,
+    lr: float,
+    close,
+    batches: list,
+    before: dict | None,
+    after: dict,
+    local_negatives: bool = False,
+) -> dict:
     """Load checkpoint `prev` and its Adam state `before` (None: a fresh optimizer) into `model` and AdamW,
     take one step, and measure it against the product's state `after` (errors relative to each scale)."""
     model.load_state_dict(load_module_state(ckpt, prev))
@@ -264,8 +319,10 @@ def one_step(model, st, cfg, ckpt: Path, prev: str, step: int, lr: float, close,
     if before is not None:
         for n, p in named.items():
             assert torch.equal(before[n]["fp32"].view_as(p), p.detach()), f"{prev}: {n} master != module weight"
-            opt.state[p] = {"step": torch.tensor(float(step - 1)),
-                            **{k: before[n][k].view_as(p).clone() for k in ADAM_KEYS}}
+            opt.state[p] = {
+                "step": torch.tensor(float(step - 1)),
+                **{k: before[n][k].view_as(p).clone() for k in ADAM_KEYS},
+            }
     loss = global_loss(model, batches, st, cfg, local_negatives, close)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -279,7 +336,7 @@ def one_step(model, st, cfg, ckpt: Path, prev: str, step: int, lr: float, close,
     return {"loss": loss.item(), "param_err": errs["fp32"], "moment_err": max(errs[k] for k in ADAM_KEYS)}
 
 
-STEP_TOL = 1e-5     # of each quantity's scale; rounding gives ~1e-7, a wrong gradient ~1e-1 (the mutation)
+STEP_TOL = 1e-5  # of each quantity's scale; rounding gives ~1e-7, a wrong gradient ~1e-1 (the mutation)
 EVERY_STEP = ("--checkpoint.every_steps", "1", "--checkpoint.keep", "0", "--checkpoint.every_epochs", "1")
 
 
@@ -324,15 +381,17 @@ def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
     launch(cfg_path, run, 29611, *EVERY_STEP, "--data.num_workers", "2")
     assert_stage_starts(cfg_path, run)
     cfg = load_config(cfg_path)
-    for name in STAGES:       # the audit trail: epoch_order's global batches, whatever the ranks and workers
+    for name in STAGES:  # the audit trail: epoch_order's global batches, whatever the ranks and workers
         assert batch_log(run, name) == expected_log(cfg, name, resolve_shards_dir(cfg.data), STEPS), name
     got = stepwise(cfg_path, run, local_negatives_at=2)
     assert [len(got[name]) for name in STAGES] == [STEPS, STEPS]
     assert_stepwise(run, got, "zero2")
     # the test can fail: per-GPU-only negatives at one step of stage 1 are seen at once
-    assert got["mutated"]["param_err"] > 100 * STEP_TOL and got["mutated"]["moment_err"] > 1e4 * STEP_TOL, got["mutated"]
+    assert got["mutated"]["param_err"] > 100 * STEP_TOL and got["mutated"]["moment_err"] > 1e4 * STEP_TOL, got[
+        "mutated"
+    ]
     losses = [r["loss"] for r in metrics(run, "stage1")]
-    assert losses[-1] < losses[0]                                      # it learns, it is not a constant
+    assert losses[-1] < losses[0]  # it learns, it is not a constant
 
     # the same run, interrupted after 3 steps of stage 1, then resumed and extended
     part = d / "resumed"
@@ -343,7 +402,7 @@ def test_two_ranks_equal_one_process_and_resume_reproduces(exp):
     for name in STAGES:
         a, b = metrics(run, name), metrics(part, name)
         assert [r["step"] for r in b] == list(range(1, STEPS + 1))
-        assert [r["lr"] for r in b] == pytest.approx([r["lr"] for r in a], rel=1e-12)   # no LR jump
+        assert [r["lr"] for r in b] == pytest.approx([r["lr"] for r in a], rel=1e-12)  # no LR jump
         assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6), name
         want = {k: v for k, v in load_module_state(run / name / "checkpoints").items()}
         assert_params_close(part / name / "checkpoints", want, name + " (resumed)", tol=1e-6)
@@ -364,9 +423,25 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     args = ("--stage2.enabled", "false", *EVERY_STEP)
     launch(cfg_path, run, 29650, *args, "--train.max_steps", "3")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run),
-                          *args, "--train.max_steps", "5", "--resume"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            str(cfg_path),
+            "--train.run_dir",
+            str(run),
+            *args,
+            "--train.max_steps",
+            "5",
+            "--resume",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert "written by 2 ranks, now 1" in one.stdout
     back = launch(cfg_path, run, 29651, *args, "--train.max_steps", str(STEPS), "--resume")
@@ -380,7 +455,7 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
 
     got = stepwise(cfg_path, run, "--stage2.enabled", "false")
     assert [r["step"] for r in metrics(run, "stage1")] == list(range(1, STEPS + 1))
-    assert_stepwise(run, got, "2 -> 1 -> 2")        # the LR too: it follows the schedule across both changes
+    assert_stepwise(run, got, "2 -> 1 -> 2")  # the LR too: it follows the schedule across both changes
     # resumed in the middle of epoch 0 (step 3 of 6) at another world size, and back in epoch 1: the very
     # global batches of the uninterrupted run, one audit line per step
     cfg = load_config(cfg_path)
@@ -392,9 +467,24 @@ def test_one_and_four_ranks_train_on_the_same_batches_and_take_world_ones_steps(
     of the world-2 run (the main test), and every step at 4 ranks is world 1's step from the same state."""
     d, cfg_path = exp
     args = ("--stage2.enabled", "false", "--train.max_steps", "7")
-    one = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir",
-                          str(d / "w1"), *args, "--data.num_workers", "0"], cwd=ROOT, env=train_env,
-                         capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            str(cfg_path),
+            "--train.run_dir",
+            str(d / "w1"),
+            *args,
+            "--data.num_workers",
+            "0",
+        ],
+        cwd=ROOT,
+        env=train_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     launch(cfg_path, d / "w4", 29640, *args, *EVERY_STEP, "--data.num_workers", "1", world=4)
     cfg = load_config(cfg_path)
@@ -409,8 +499,9 @@ CLOSE_SOFT = ("--stage1.mask_close_text", "0.5", "--stage1.soft_close_text", "0.
 CLOSE_COSINE = ("--stage1.mask_close_text", "0.8", "--stage1.mask_close_text_kind", "cosine")
 
 
-@pytest.mark.parametrize("zero,similarity,close", [("1", "cico", CLOSE_SOFT), ("3", "pooled", CLOSE_COSINE),
-                                                   ("3_offload", "pooled", ())])
+@pytest.mark.parametrize(
+    "zero,similarity,close", [("1", "cico", CLOSE_SOFT), ("3", "pooled", CLOSE_COSINE), ("3_offload", "pooled", ())]
+)
 def test_other_zero_stages_equal_one_process(exp, zero, similarity, close):
     """ZeRO-1, ZeRO-3 (parameters partitioned; weights consolidated through zero_to_fp32 for the
     stage transfer; beam search with partitioned parameters) and ZeRO-3 with the optimizer offloaded to
@@ -429,25 +520,37 @@ def test_other_zero_stages_equal_one_process(exp, zero, similarity, close):
     assert_stage_starts(cfg_path, run, *extra)
     # offload: DeepSpeed's CPU Adam (its own SIMD kernel) rounds the moments differently, 1.3e-5 of their
     # scale at step 1; 1e-4 still catches per-GPU negatives (0.35 in the main test) by 3,500x
-    assert_stepwise(run, stepwise(cfg_path, run, *extra), f"zero{zero}",
-                    moment_tol=1e-4 if zero.endswith("offload") else STEP_TOL)
+    assert_stepwise(
+        run, stepwise(cfg_path, run, *extra), f"zero{zero}", moment_tol=1e-4 if zero.endswith("offload") else STEP_TOL
+    )
     assert (run / "results.json").is_file()
-    if close:                     # the pairs exist, so the loss above was not the plain one
+    if close:  # the pairs exist, so the loss above was not the plain one
         assert len(CloseSentences.load(run / "stage1" / "selection" / CLOSE_FILE).codes) > 0
 
 
 def test_export_of_a_zero3_run_translates_its_test_split_as_the_run_did(exp, tmp_path):
     """`sclslt export` consolidates a 2-rank ZeRO-3 run's partitioned weights (issue 22): the exported model
     decodes the test split, in the ranks' micro-batches, to exactly the run's hypotheses."""
+    from sclslt.eval.export import export_run
+    from sclslt.eval.hub import SignTranslator
     from tests.e2e.test_export import decode_split, hypotheses
 
-    from sclslt.eval.hub import SignTranslator
-    from sclslt.eval.export import export_run
     d, cfg_path = exp
     run = d / "zero3"
-    if not (run / "results.json").is_file():           # this test alone: the ZeRO-3 run of the test above
-        launch(cfg_path, run, 29626, "--train.max_steps", "4", "--model.similarity", "pooled", *CLOSE_COSINE,
-               "--data.synthetic.n_dev", "17", ds="configs/zero3.json")
+    if not (run / "results.json").is_file():  # this test alone: the ZeRO-3 run of the test above
+        launch(
+            cfg_path,
+            run,
+            29626,
+            "--train.max_steps",
+            "4",
+            "--model.similarity",
+            "pooled",
+            *CLOSE_COSINE,
+            "--data.synthetic.n_dev",
+            "17",
+            ds="configs/zero3.json",
+        )
     hub = SignTranslator.from_pretrained(export_run(run, tmp_path / "zero3_export"))
     cfg = load_config(run / "config.yaml")
     assert decode_split(hub, resolve_shards_dir(cfg.data), cfg, world=WORLD) == hypotheses(run)
@@ -472,23 +575,35 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     batches equal the single-process planner's on the same pools; then the self-referenced mode."""
     import json
 
+    from sclslt.data.shards import read_manifest
     from sclslt.eval.retrieval import embed_split
-
     from sclslt.runtime.rundir import load_run_model
     from sclslt.selection.planner import Planner
     from sclslt.selection.table import load_table
-    from sclslt.data.shards import read_manifest
 
     d, cfg_path = exp
     ref = d / "ref"
-    launch(cfg_path, ref, 29631, "--stage2.enabled", "false", "--train.max_steps", "0",
-           "--checkpoint.every_epochs", "1")
+    launch(
+        cfg_path, ref, 29631, "--stage2.enabled", "false", "--train.max_steps", "0", "--checkpoint.every_epochs", "1"
+    )
     tags = sorted(p.name for p in (ref / "stage1" / "checkpoints").iterdir() if p.name.startswith("epoch"))
     assert tags == ["epoch0000", "epoch0001", "epoch0002"]
 
     table_path = d / "ref.safetensors"
-    ds_tool(29632, "--module", "sclslt.cli", "reference", "--run", str(ref), "--early", "epoch0000", "--late", "epoch0002",
-            "--out", str(table_path))
+    ds_tool(
+        29632,
+        "--module",
+        "sclslt.cli",
+        "reference",
+        "--run",
+        str(ref),
+        "--early",
+        "epoch0000",
+        "--late",
+        "epoch0002",
+        "--out",
+        str(table_path),
+    )
     table = load_table(table_path)
     cfg = load_config(cfg_path, ["--train.run_dir", str(ref)])
     shards = resolve_shards_dir(cfg.data)
@@ -504,16 +619,37 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     # CiCo-scored table (2 ranks): its dense delta is the one-process CiCo similarity of the token
     # features at the late checkpoint minus at the early one; its pooled views are the pooled table's
     cico_path = d / "ref_cico.safetensors"
-    out = ds_tool(29637, "--module", "sclslt.cli", "reference", "--run", str(ref), "--early", "epoch0000", "--late",
-                  "epoch0002", "--score", "cico", "--out", str(cico_path))
+    out = ds_tool(
+        29637,
+        "--module",
+        "sclslt.cli",
+        "reference",
+        "--run",
+        str(ref),
+        "--early",
+        "epoch0000",
+        "--late",
+        "epoch0002",
+        "--score",
+        "cico",
+        "--out",
+        str(cico_path),
+    )
     assert "Spearman" in out
     cico = load_table(cico_path)
     early_model, _, _ = load_run_model(ref, ref / "stage1" / "checkpoints", "epoch0000")
-    views = [embed_split(m, shards, "train", tok, "cpu", head="cico", max_frames=cfg.data.max_frames)
-             for m in (early_model, model)]
+    views = [
+        embed_split(m, shards, "train", tok, "cpu", head="cico", max_frames=cfg.data.max_frames)
+        for m in (early_model, model)
+    ]
     from sclslt_kernels import cico_similarity_reference
-    want = [cico_similarity_reference(e["video_tokens"], e["video_mask"], e["text_tokens"], e["text_mask"],
-                                      cfg.model.cico_tau).double() for e in views]
+
+    want = [
+        cico_similarity_reference(
+            e["video_tokens"], e["video_mask"], e["text_tokens"], e["text_mask"], cfg.model.cico_tau
+        ).double()
+        for e in views
+    ]
     assert cico.delta is not None and torch.allclose(cico.delta, want[1] - want[0], atol=1e-5)
     assert torch.allclose(cico.v1, table.v1) and cico.keys == table.keys
 
@@ -521,20 +657,35 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     sharded = d / "ref_sharded"
 
     def export_sharded(*extra):
-        return ds_tool(29638, "--module", "sclslt.cli", "reference", "--run", str(ref), "--early", "epoch0000", "--late",
-                       "epoch0002", "--out", str(sharded), *extra)
+        return ds_tool(
+            29638,
+            "--module",
+            "sclslt.cli",
+            "reference",
+            "--run",
+            str(ref),
+            "--early",
+            "epoch0000",
+            "--late",
+            "epoch0002",
+            "--out",
+            str(sharded),
+            *extra,
+        )
+
     export_sharded()
     whole = load_table(sharded)
-    assert whole.keys == table.keys and all(torch.allclose(getattr(whole, v), getattr(table, v))
-                                            for v in ("v0", "t0", "v1", "t1"))
+    assert whole.keys == table.keys and all(
+        torch.allclose(getattr(whole, v), getattr(table, v)) for v in ("v0", "t0", "v1", "t1")
+    )
     parts = sorted(sharded.glob("part-*.safetensors"))
     assert len(parts) == WORLD
-    parts[1].unlink()                                   # an interrupted export: rank 1's part is missing
+    parts[1].unlink()  # an interrupted export: rank 1's part is missing
     out = export_sharded("--resume")
     assert "rank 0: kept" in out and "rank 1: wrote" in out
     assert torch.equal(load_table(sharded).v1, whole.v1)
 
-    ps = d / "ps"                       # with issue 24's separation of pairs close at both checkpoints
+    ps = d / "ps"  # with issue 24's separation of pairs close at both checkpoints
     sep = ("--selection.separate_close", "0.05")
     ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(table_path), *sep)
     launch(cfg_path, ps, 29633, *ps_args, "--train.max_steps", "0")
@@ -542,17 +693,34 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     keys = [s[0] for s in manifest["samples"]]
     for epoch in range(ps_cfg.stage1.epochs):
         want = Planner(ps_cfg.selection, ps_cfg.stage1.global_batch, stage_seed(ps_cfg, "stage1")).plan_epoch(
-            keys, epoch, ps_cfg.stage1.epochs, lambda k: table)
+            keys, epoch, ps_cfg.stage1.epochs, lambda k: table
+        )
         got = json.loads((ps / "stage1" / "selection" / f"plan_e{epoch:04d}.json").read_text())
         assert got == want, epoch
     assert [r["step"] for r in metrics(ps, "stage1")] == list(range(1, 13))
-    assert [r["keys"] for r in batch_log(ps, "stage1")] == [b for e in range(2) for b in json.loads(
-        (ps / "stage1" / "selection" / f"plan_e{e:04d}.json").read_text())]
+    assert [r["keys"] for r in batch_log(ps, "stage1")] == [
+        b for e in range(2) for b in json.loads((ps / "stage1" / "selection" / f"plan_e{e:04d}.json").read_text())
+    ]
     # the same plans at 1 and 4 ranks (into epoch 1, whose quantile differs from epoch 0's)
     env1 = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SCLSLT_PLAIN_LOG": "1"}
-    one = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir",
-                          str(d / "ps1"), *ps_args, "--train.max_steps", "7"], cwd=ROOT, env=env1,
-                         capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            str(cfg_path),
+            "--train.run_dir",
+            str(d / "ps1"),
+            *ps_args,
+            "--train.max_steps",
+            "7",
+        ],
+        cwd=ROOT,
+        env=env1,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     launch(cfg_path, d / "ps4", 29639, *ps_args, "--train.max_steps", "7", world=4)
     for other in ("ps1", "ps4"):
@@ -562,15 +730,15 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
         assert batch_log(d / other, "stage1") == batch_log(ps, "stage1")[:7], other
 
     # interrupted mid-epoch (step 3 of 6) and resumed: the same planned batches, the same losses
-    part = d / "ps_resumed"                            # planned from the sharded table: the same plans
+    part = d / "ps_resumed"  # planned from the sharded table: the same plans
     ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(sharded), *sep)
     launch(cfg_path, part, 29635, *ps_args, "--train.max_steps", "3")
     launch(cfg_path, part, 29636, *ps_args, "--train.max_steps", "0", "--resume")
     for f in sorted((ps / "stage1" / "selection").glob("plan_*.json")):
         assert (part / "stage1" / "selection" / f.name).read_text() == f.read_text(), f.name
-    assert [r["loss"] for r in metrics(part, "stage1")] == pytest.approx([r["loss"] for r in metrics(ps, "stage1")],
-                                                                          rel=1e-6)
-
+    assert [r["loss"] for r in metrics(part, "stage1")] == pytest.approx(
+        [r["loss"] for r in metrics(ps, "stage1")], rel=1e-6
+    )
 
 
 def test_self_mode_plans_from_the_runs_own_early_and_latest_views(exp):
@@ -595,7 +763,7 @@ def test_self_mode_plans_from_the_runs_own_early_and_latest_views(exp):
     keys = [s[0] for s in read_manifest(shards, "train")["samples"]]
     tok = load_tokenizer(run / "tokenizer")
     sel = run / "stage1" / "selection"
-    assert not (sel / "plan_e0000.json").exists() and "planned" in stdout     # no late view yet: random batches
+    assert not (sel / "plan_e0000.json").exists() and "planned" in stdout  # no late view yet: random batches
     trained = [r["keys"] for r in batch_log(run, "stage1")]
     assert trained[:6] == random_batches(cfg, "stage1", shards, 0)
     snaps = {tag: load_snapshot(sel / f"{tag}.safetensors") for tag in ("early", "epoch0001", "epoch0002")}
@@ -609,7 +777,7 @@ def test_self_mode_plans_from_the_runs_own_early_and_latest_views(exp):
         want = planner.plan_epoch(keys, epoch, cfg.stage1.epochs, lambda k: table)
         got = json.loads((sel / f"plan_e{epoch:04d}.json").read_text())
         assert got == want, epoch
-        assert trained[6 * epoch:6 * epoch + 6] == got, epoch
+        assert trained[6 * epoch : 6 * epoch + 6] == got, epoch
         stale = table_from_snapshots(snaps["early"], snaps["early" if epoch == 1 else "epoch0001"])
         assert planner.plan_epoch(keys, epoch, cfg.stage1.epochs, lambda k: stale) != got, epoch  # the check bites
 
@@ -617,21 +785,44 @@ def test_self_mode_plans_from_the_runs_own_early_and_latest_views(exp):
 def test_mpirun_launch_equals_one_process(exp):
     """`mpirun -np 2 python launch/train.py ...`: ranks found through mpi4py, same losses and weights."""
     import shutil
+
     d, cfg_path = exp
     run = d / "mpi"
     mpirun = Path(sys.executable).with_name("mpirun")
     mpirun = str(mpirun) if mpirun.exists() else shutil.which("mpirun")
     assert mpirun, "mpirun not found: the test extra installs the openmpi package"
     extra = ("--train.max_steps", "4", "--stage2.enabled", "false")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1",
-           "MASTER_PORT": "29651"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "SCLSLT_PLAIN_LOG": "1",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": "29651",
+    }
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(WORLD)]
     for var in ("DS_ACCELERATOR", "SCLSLT_PLAIN_LOG", "OMP_NUM_THREADS", "MASTER_PORT", "PATH", "TRITON_INTERPRET"):
         if var in env:
             cmd += ["-x", var]
-    proc = subprocess.run(cmd + [sys.executable, "launch/train.py", "--deepspeed", "configs/zero2.json",
-                                 "--config", str(cfg_path), "--train.run_dir", str(run), *extra, *EVERY_STEP],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd
+        + [
+            sys.executable,
+            "launch/train.py",
+            "--deepspeed",
+            "configs/zero2.json",
+            "--config",
+            str(cfg_path),
+            "--train.run_dir",
+            str(run),
+            *extra,
+            *EVERY_STEP,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"world {WORLD} x cpu" in proc.stdout
     assert_stepwise(run, stepwise(cfg_path, run, *extra), "mpirun")
@@ -648,8 +839,16 @@ def test_micro_batches_equal_one_process_over_the_whole_global_batch(exp, world,
     (tests/unit/train/test_accumulate.py)."""
     d, cfg_path = exp
     run = d / f"micro{world}{similarity}"
-    over = ("--model.batchnorm", "group 2", "--model.similarity", similarity,
-            "--stage1.micro_batch", str(micro), "--stage2.micro_batch", str(micro))
+    over = (
+        "--model.batchnorm",
+        "group 2",
+        "--model.similarity",
+        similarity,
+        "--stage1.micro_batch",
+        str(micro),
+        "--stage2.micro_batch",
+        str(micro),
+    )
     launch(cfg_path, run, 29650 + world, *EVERY_STEP, *over, world=world)
     cfg = load_config(cfg_path)
     for name in STAGES:
@@ -661,8 +860,18 @@ def test_micro_batches_equal_one_process_over_the_whole_global_batch(exp, world,
     # process's step from the run's own state (trajectories are not compared: another chunking sums in
     # another order, and Adam amplifies that over steps)
     part = d / f"micro{world}{similarity}_resumed"
-    launch(cfg_path, part, 29660 + world, *EVERY_STEP, *over, "--train.max_steps", "3", "--stage2.enabled", "false",
-           world=world)
+    launch(
+        cfg_path,
+        part,
+        29660 + world,
+        *EVERY_STEP,
+        *over,
+        "--train.max_steps",
+        "3",
+        "--stage2.enabled",
+        "false",
+        world=world,
+    )
     whole = tuple(v if k < 4 or k % 2 == 0 else "0" for k, v in enumerate(over))
     proc = launch(cfg_path, part, 29670 + world, *EVERY_STEP, *whole, "--resume", world=world)
     assert "resumed at step 3" in proc.stdout
@@ -679,11 +888,21 @@ def test_micro_batches_under_zero3_equal_one_process(exp):
     (a chunked step that misses a phase mark loses its timing row: checked)."""
     d, cfg_path = exp
     run = d / "micro_zero3"
-    over = ("--model.batchnorm", "frozen", "--stage1.micro_batch", "2", "--stage2.enabled", "false",
-            "--train.max_steps", "4", "--train.timing_every", "2")
+    over = (
+        "--model.batchnorm",
+        "frozen",
+        "--stage1.micro_batch",
+        "2",
+        "--stage2.enabled",
+        "false",
+        "--train.max_steps",
+        "4",
+        "--train.timing_every",
+        "2",
+    )
     launch(cfg_path, run, 29680, *EVERY_STEP, *over, ds="configs/zero3.json", world=1)
     cfg = load_config(cfg_path)
     assert batch_log(run, "stage1") == expected_log(cfg, "stage1", resolve_shards_dir(cfg.data), 4)
-    with open(run / "stage1" / "timing.csv") as f:        # chunked steps are timed too (every phase marked)
+    with open(run / "stage1" / "timing.csv") as f:  # chunked steps are timed too (every phase marked)
         assert [int(float(r["step"])) for r in csv.DictReader(f)] == [2, 4]
     assert_stepwise(run, stepwise(cfg_path, run, *over), "zero3 world 1 micro 2")

@@ -1,4 +1,5 @@
 """`sclslt evaluate` on the shared tiny run: the run's own evaluation reproduced, and any checkpoint on any split."""
+
 import json
 
 
@@ -10,6 +11,7 @@ def test_sclslt_evaluate_reproduces_the_runs_evaluation_and_scores_any_checkpoin
     from pathlib import Path
 
     from sclslt.cli import main
+
     run, hyps = tiny_run
     results = (run / "results.json").read_bytes()
     want = json.loads(results)
@@ -26,14 +28,32 @@ def test_sclslt_evaluate_reproduces_the_runs_evaluation_and_scores_any_checkpoin
     from sclslt.data.loader import Collate, ShardStream, make_loader
     from sclslt.eval.metrics import decode_loader
     from sclslt.runtime.rundir import checkpoint_tags, load_run_model
+
     ckpts = run / "stage1" / "checkpoints"
     tags = sorted(checkpoint_tags(ckpts))
     out = tmp_path / "dev_stage1.json"
-    assert main(["evaluate", "--run", str(run), "--split", "dev", "--checkpoint", "stage1", "--tag", tags[0],
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(run),
+                "--split",
+                "dev",
+                "--checkpoint",
+                "stage1",
+                "--tag",
+                tags[0],
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     dev = json.loads(out.read_text())
     model, tok, cfg = load_run_model(run, ckpts, tags[0])
     from sclslt.data.corpus import resolve_shards_dir
+
     stream = ShardStream(resolve_shards_dir(cfg.data), "dev", cfg.eval.batch_size, max_frames=cfg.data.max_frames)
     rows = decode_loader(model.eval(), make_loader(stream, Collate(tok)), tok, "cpu", cfg.eval.beam, cfg.eval.max_len)
     assert dev["split"] == "dev" and dev["checkpoint"] == f"stage1/{tags[0]}"

@@ -3,6 +3,7 @@ Translating from the export gives exactly the run's own test hypotheses (in proc
 class, and through `sclslt translate --model`); the card's numbers are results.json's; a damaged or
 partial folder is a clear error; LoRA adapters merge into weights that compute what the adapters did.
 The ZeRO-3 (2-rank) export is in test_distributed.py, beside the run it exports."""
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sclslt import SignTranslator  # what users write (the README)
 from sclslt.cli import main as cli_main
-from sclslt import SignTranslator                  # what users write (the README)
-from sclslt.eval.hub import ExportError
 from sclslt.eval.export import export_run, merge_lora
-
+from sclslt.eval.hub import ExportError
 
 
 def decode_split(hub: SignTranslator, shards, cfg, split: str = "test", world: int = 1) -> dict:
@@ -24,12 +24,14 @@ def decode_split(hub: SignTranslator, shards, cfg, split: str = "test", world: i
     decoded one after the other (`evaluation.evaluate`)."""
     from sclslt.data.loader import Collate, ShardStream, make_loader
     from sclslt.eval.metrics import decode_loader
+
     g = hub.config["generation"]
     rows = []
     for rank in range(world):
         stream = ShardStream(shards, split, cfg.eval.batch_size, rank=rank, world=world, max_frames=cfg.data.max_frames)
-        rows += decode_loader(hub.model, make_loader(stream, Collate(hub.tokenizer)), hub.tokenizer, "cpu",
-                              g["beam"], g["max_len"])
+        rows += decode_loader(
+            hub.model, make_loader(stream, Collate(hub.tokenizer)), hub.tokenizer, "cpu", g["beam"], g["max_len"]
+        )
     return {r["key"]: r["hyp"] for r in rows}
 
 
@@ -45,11 +47,19 @@ def exported(tiny_run, tmp_path_factory):
 
 def test_the_export_translates_the_test_split_as_the_run_did(tiny_run, tiny_shards, exported):
     from sclslt.config import load_config
+
     run, hyps = tiny_run
     names = {p.name for p in exported.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "README.md", "tokenizer.json",
-            "sclslt_vocab.json", "sclslt_export.json"} <= names
-    hub = SignTranslator.from_pretrained(exported)          # the three lines of the README, but the print
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "tokenizer.json",
+        "sclslt_vocab.json",
+        "sclslt_export.json",
+    } <= names
+    hub = SignTranslator.from_pretrained(exported)  # the three lines of the README, but the print
     got = decode_split(hub, tiny_shards, load_config(run / "config.yaml"))
     assert got == hypotheses(run) and len(set(got.values())) > 1
     cfg = json.loads((exported / "config.json").read_text())
@@ -85,6 +95,7 @@ def test_save_pretrained_writes_a_folder_that_loads_back(exported, tmp_path):
 def test_the_card_carries_results_json_numbers(tiny_run, exported):
     """Mutation caught (checked): one manifest's hash recorded for every split."""
     from huggingface_hub import ModelCard
+
     run, _ = tiny_run
     res = json.loads((run / "results.json").read_text())
     card = ModelCard.load(exported / "README.md")
@@ -104,6 +115,7 @@ def test_the_card_carries_results_json_numbers(tiny_run, exported):
 
     from sclslt.config import load_config
     from sclslt.data.corpus import resolve_shards_dir
+
     shards = resolve_shards_dir(load_config(run / "config.yaml").data)
     want = {sp: hashlib.sha256((shards / f"{sp}.json").read_bytes()).hexdigest() for sp in ("train", "dev", "test")}
     assert res["provenance"]["shards"]["manifest_sha256"] == want and res["provenance"]["pretrained"] == {}
@@ -115,6 +127,7 @@ def test_a_damaged_or_partial_export_is_a_clear_error(tiny_run, exported, tmp_pa
         d = tmp_path / name
         shutil.copytree(exported, d)
         return d
+
     flipped = copy("flipped")
     w = flipped / "model.safetensors"
     data = bytearray(w.read_bytes())
@@ -158,10 +171,12 @@ def test_a_damaged_or_partial_export_is_a_clear_error(tiny_run, exported, tmp_pa
 
 
 def test_merged_lora_weights_compute_what_the_adapters_did(tiny_cfg_dict):
+    import tempfile
+
     from sclslt.config import from_dict
     from sclslt.data.text import train_char_tokenizer
     from sclslt.model.slt import SLTModel
-    import tempfile
+
     d = json.loads(json.dumps(tiny_cfg_dict))
     d["model"]["lora_rank"] = 2
     cfg = from_dict(d)
@@ -171,7 +186,7 @@ def test_merged_lora_weights_compute_what_the_adapters_did(tiny_cfg_dict):
     model = SLTModel(cfg.model, tok, cfg.data).eval()
     for n, p in model.named_parameters():
         if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.5)            # adapters that change the output
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change the output
     frames = torch.randint(0, 255, (2, 6, 16, 16, 3), dtype=torch.uint8)
     mask = torch.ones(2, 6, dtype=torch.bool)
     ids = torch.randint(4, len(tok), (2, 5))
@@ -182,15 +197,17 @@ def test_merged_lora_weights_compute_what_the_adapters_did(tiny_cfg_dict):
         got = model(*args)["logits"]
     assert n > 0 and not any("lora" in k for k in model.state_dict())
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
-    plain = SLTModel(from_dict({**d, "model": {**d["model"], "lora_rank": 0}}).model, tok, cfg.data,
-                     arch=model.architecture()).eval()
+    plain = SLTModel(
+        from_dict({**d, "model": {**d["model"], "lora_rank": 0}}).model, tok, cfg.data, arch=model.architecture()
+    ).eval()
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.allclose(plain(*args)["logits"], want, atol=1e-4)
 
 
-def test_a_lora_run_exports_as_adapters_or_merged_and_both_translate_as_the_run(tiny_cfg_dict, tiny_shards,
-                                                                                 tmp_path, capsys):
+def test_a_lora_run_exports_as_adapters_or_merged_and_both_translate_as_the_run(
+    tiny_cfg_dict, tiny_shards, tmp_path, capsys
+):
     """A LoRA run (rank 2, LoRA dropout 0.1) exported with `sclslt export --lora adapter` keeps the peft modules
     (trained, non-zero lora_B) and `--lora merged` none; both load with SignTranslator.from_pretrained, compute
     the same logits and translate the test split as the run did. Mutations caught (checked): the adapter export
@@ -201,16 +218,22 @@ def test_a_lora_run_exports_as_adapters_or_merged_and_both_translate_as_the_run(
 
     import yaml
 
-    from tests.helpers import ROOT, TRAIN_ENV
     from sclslt.config import load_config
+    from tests.helpers import ROOT, TRAIN_ENV
+
     d = json.loads(json.dumps(tiny_cfg_dict))
     d["model"].update(lora_rank=2, lora_dropout=0.1)
     d["stage2"]["epochs"] = 2
     (tmp_path / "lora.yaml").write_text(yaml.safe_dump(d))
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "lora.yaml"),
-                        "--train.run_dir", str(run)], cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", str(tmp_path / "lora.yaml"), "--train.run_dir", str(run)],
+        cwd=ROOT,
+        env=TRAIN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     hubs = {}
     for mode in ("adapter", "merged"):
@@ -219,7 +242,7 @@ def test_a_lora_run_exports_as_adapters_or_merged_and_both_translate_as_the_run(
         assert json.loads((tmp_path / mode / "config.json").read_text())["lora"] == mode
     capsys.readouterr()
     adapters = {k: v for k, v in hubs["adapter"].state_dict().items() if "lora_B" in k}
-    assert adapters and any(v.abs().max() > 0 for v in adapters.values())        # trained adapters
+    assert adapters and any(v.abs().max() > 0 for v in adapters.values())  # trained adapters
     assert not any("lora" in k for k in hubs["merged"].state_dict())
     tok = hubs["adapter"].tokenizer
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 run killed mid-part keeps its finished rows and shows what was running, the total budget caps each part's
 timeout (its whole process group is stopped) and skips what cannot start; and the smoke corpus that worker
 processes make is the one-process corpus, byte for byte."""
+
 import json
 import os
 import signal
@@ -12,15 +13,35 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.helpers import ROOT
 
-PARTS = ["kernels", "infonce_train", "nccl", "syncs", "decode", "smoke_zero3", "memory", "determinism",
-         "sweep_infonce", "sweep_cico", "smoke", "loader", "planner"]
+PARTS = [
+    "kernels",
+    "infonce_train",
+    "nccl",
+    "syncs",
+    "decode",
+    "smoke_zero3",
+    "memory",
+    "determinism",
+    "sweep_infonce",
+    "sweep_cico",
+    "smoke",
+    "loader",
+    "planner",
+]
 
 
 def _check(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--quick", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "benchmarks/gpu_check.py", "--quick", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _report(out: Path) -> dict | None:
@@ -68,15 +89,20 @@ def test_gpu_check_runs_every_part_and_writes_one_json(tmp_path):
     assert {c["ids"] for c in parts["infonce_train"]["cases"].values()} == {True, False}
     assert all(c["shape"][2] == 512 for c in parts["infonce_train"]["cases"].values())
     assert parts["nccl"]["gather_equal"] and parts["nccl"]["grad_equal"] and parts["nccl"]["backend"] == "gloo"
-    assert parts["decode"]["max_abs_diff"] == 0 and parts["decode"]["mean_abs_diff"] == 0   # Pillow's pixels
+    assert parts["decode"]["max_abs_diff"] == 0 and parts["decode"]["mean_abs_diff"] == 0  # Pillow's pixels
     assert parts["decode"]["backends"]["CPU_ONLY"]["decodes"] and parts["decode"]["decoder"]["library"]
     for head in ("pooled", "cico"):
         assert isinstance(parts["syncs"][head]["host_reads_per_step"], float)
         assert isinstance(parts["syncs"][head]["where"], dict)
     assert [r["stage"] for r in parts["smoke_zero3"]["rows"]] == ["stage1", "stage2"]
     tags = parts["smoke_zero3"]["rows"][0]
-    assert (tags["deepspeed"], tags["similarity"], tags["frames"], tags["decode"], tags["precision"]) == \
-        ("configs/zero3.json", "cico", "jpg", "device", "bf16")
+    assert (tags["deepspeed"], tags["similarity"], tags["frames"], tags["decode"], tags["precision"]) == (
+        "configs/zero3.json",
+        "cico",
+        "jpg",
+        "device",
+        "bf16",
+    )
     assert all("step_s" in c for c in parts["memory"]["cases"])
 
 
@@ -99,7 +125,7 @@ def test_a_check_killed_mid_part_keeps_its_finished_rows(tmp_path):
     finally:
         proc.kill()
         if pid:
-            _kill_group(pid)         # the part's processes outlive a SIGKILLed check
+            _kill_group(pid)  # the part's processes outlive a SIGKILLed check
     assert pid, f"the check never showed nccl finished and syncs running: {report}"
     report = _report(tmp_path)
     assert report["parts"]["nccl"]["ok"] and report["parts"]["nccl"]["status"] == "ok"
@@ -140,6 +166,7 @@ def test_the_smoke_corpus_made_by_workers_is_the_one_process_corpus(tmp_path, fm
     clip index or in another order, or encoding in another format or with another text normalisation."""
     from sclslt.config import SyntheticConfig
     from sclslt.data.corpus import make_synthetic_shards
+
     syn = SyntheticConfig(n_train=70, n_dev=9, n_test=5, frame_size=16)
     one, many = tmp_path / "one", tmp_path / "many"
     make_synthetic_shards(syn, one, 16, workers=1, frame_format=fmt)

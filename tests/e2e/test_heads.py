@@ -8,15 +8,14 @@ the table's delta against the head's own score matrix of the run's early and lat
 retrieval of its evaluation embedding, and that without the registration the name is a clear config
 error.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -25,7 +24,6 @@ from sclslt.model.heads import SimilarityHead
 from sclslt.registry import SIMILARITY_HEADS
 from sclslt_kernels import masked_ce
 from tests.helpers import ROOT
-
 
 
 class MaxPoolHead(SimilarityHead):
@@ -40,8 +38,10 @@ class MaxPoolHead(SimilarityHead):
 
     def loss(self, out, ids, cols, offset, tau):
         s = out["logit_scale"]
-        return 0.5 * (masked_ce(s * out["video_max"] @ cols["text_max"].t(), offset, ids, cols["ids"])
-                      + masked_ce(s * out["text_max"] @ cols["video_max"].t(), offset, ids, cols["ids"]))
+        return 0.5 * (
+            masked_ce(s * out["video_max"] @ cols["text_max"].t(), offset, ids, cols["ids"])
+            + masked_ce(s * out["text_max"] @ cols["video_max"].t(), offset, ids, cols["ids"])
+        )
 
     def scores(self, emb, tau):
         return emb["video_max"] @ emb["text_max"].t()
@@ -78,10 +78,28 @@ def test_a_head_registered_in_a_test_file_trains_evaluates_and_exports_a_table(t
     cfg_path.write_text(yaml.safe_dump(cfg))
     run, table_path = tmp_path / "run", tmp_path / "maxpool.safetensors"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-    argv = ["--config", str(cfg_path), "--train.run_dir", str(run), "--model.similarity", "maxpool",
-            "--stage2.enabled", "false", "--checkpoint.every_epochs", "1", "--eval.select", "last"]
-    proc = subprocess.run([sys.executable, "-c", DRIVER, *argv, str(table_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    argv = [
+        "--config",
+        str(cfg_path),
+        "--train.run_dir",
+        str(run),
+        "--model.similarity",
+        "maxpool",
+        "--stage2.enabled",
+        "false",
+        "--checkpoint.every_epochs",
+        "1",
+        "--eval.select",
+        "last",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, *argv, str(table_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Spearman rank correlation of pooled vs maxpool" in proc.stdout
 
@@ -97,17 +115,28 @@ def test_a_head_registered_in_a_test_file_trains_evaluates_and_exports_a_table(t
     views = []
     for tag in ("epoch0000", "epoch0001"):
         model, tok, rcfg = load_run_model(run, rd.checkpoints("stage1"), tag)
-        views.append(embed_split(model, resolve_shards_dir(rcfg.data), "train", tok, "cpu", head="maxpool",
-                                 max_frames=rcfg.data.max_frames))
+        views.append(
+            embed_split(
+                model,
+                resolve_shards_dir(rcfg.data),
+                "train",
+                tok,
+                "cpu",
+                head="maxpool",
+                max_frames=rcfg.data.max_frames,
+            )
+        )
     assert views[1]["video_max"].shape == (32, rcfg.model.embed_dim)
     table = load_table(table_path)
     want = head.scores(views[1], rcfg.model.cico_tau) - head.scores(views[0], rcfg.model.cico_tau)
     assert table.delta is not None and torch.allclose(table.delta, want.double(), atol=1e-5)
     from safetensors import safe_open
+
     with safe_open(str(table_path), framework="pt") as f:
         assert json.loads(f.metadata()["meta"])["score"] == "maxpool"
 
     # a name nobody registered is a config error naming the registered heads
-    bad = subprocess.run([sys.executable, "launch/train.py", *argv], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "launch/train.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and "model.similarity='maxpool'" in bad.stderr and "'cico'" in bad.stderr

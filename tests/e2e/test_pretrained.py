@@ -6,26 +6,29 @@ Unigram (sentencepiece-like) model trained with `tokenizers` on the corpus plus 
 wrapped as mBART-50 and mBART-cc25 tokenizers (their special tokens and language codes), and tiny
 `MBartForConditionalGeneration` / `ResNetModel`s.
 """
+
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from sclslt.config import ModelConfig, from_dict
 from sclslt.data.loader import Collate, ShardStream
-from sclslt.model.slt import LORA_TARGETS, SLTModel
 from sclslt.data.shards import read_manifest
 from sclslt.data.text import load_tokenizer, make_run_tokenizer
 from sclslt.data.vocab import VOCAB_FILE, record_of
+from sclslt.model.slt import LORA_TARGETS, SLTModel
 from tests.helpers import ROOT
 
-
-
 LANG = "de_DE"
-EXTRA = ["the quick brown fox jumps over the lazy dog", "zebra xylophone jazz quiz", "a wizard quietly mixes juice",
-         "seven jovial kings vexed the zealous judge", "my cup of coffee is hot"]
+EXTRA = [
+    "the quick brown fox jumps over the lazy dog",
+    "zebra xylophone jazz quiz",
+    "a wizard quietly mixes juice",
+    "seven jovial kings vexed the zealous judge",
+    "my cup of coffee is hot",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,7 @@ def corpus(tiny_shards):
 
 def _pieces(texts):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     tk = Tokenizer(models.Unigram())
     tk.pre_tokenizer = pre_tokenizers.Metaspace()
     tk.train_from_iterator(sorted(texts), trainers.UnigramTrainer(vocab_size=160, show_progress=False))
@@ -45,13 +49,28 @@ def _pieces(texts):
 
 def _mbart(vocab_size, path, seed):
     from transformers import MBartConfig, MBartForConditionalGeneration
+
     torch.manual_seed(seed)
-    m = MBartForConditionalGeneration(MBartConfig(
-        vocab_size=vocab_size, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
-        dropout=0.0, scale_embedding=True, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        decoder_start_token_id=2))
-    m.final_logits_bias.normal_()            # so that its column selection is checked too
+    m = MBartForConditionalGeneration(
+        MBartConfig(
+            vocab_size=vocab_size,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        )
+    )
+    m.final_logits_bias.normal_()  # so that its column selection is checked too
     m.save_pretrained(path)
     return path
 
@@ -62,6 +81,7 @@ def pretrained(corpus, tmp_path_factory):
     from transformers import MBart50Tokenizer, MBartTokenizer
     from transformers.models.mbart.tokenization_mbart import FAIRSEQ_LANGUAGE_CODES as CODES25
     from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES as CODES50
+
     train, dev = corpus
     pieces = _pieces(train + dev + EXTRA)
     head = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
@@ -81,8 +101,9 @@ def trimmed(pretrained, corpus, tmp_path_factory):
     out = {}
     for style, (tok_dir, _) in pretrained.items():
         d = tmp_path_factory.mktemp(f"run-{style}") / "tokenizer"
-        make_run_tokenizer(ModelConfig(tokenizer=tok_dir, lang=LANG), train, d,
-                           heldout={"dev": dev, "odd": ["jazz quiz zebra"]})
+        make_run_tokenizer(
+            ModelConfig(tokenizer=tok_dir, lang=LANG), train, d, heldout={"dev": dev, "odd": ["jazz quiz zebra"]}
+        )
         out[style] = d
     return out
 
@@ -96,7 +117,7 @@ def test_trim_keeps_exactly_the_used_ids_and_round_trips(style, pretrained, trim
     train, _ = corpus
     orig = _orig(pretrained[style][0])
     lang_id = orig.convert_tokens_to_ids(LANG)
-    per_text = [orig(t)["input_ids"] for t in train]         # one by one: the brute-force reference
+    per_text = [orig(t)["input_ids"] for t in train]  # one by one: the brute-force reference
     expected = sorted(set().union(*map(set, per_text)) | set(orig.all_special_ids) | {lang_id})
     tok = load_tokenizer(trimmed[style])
     rec = record_of(tok)
@@ -114,7 +135,8 @@ def test_trim_keeps_exactly_the_used_ids_and_round_trips(style, pretrained, trim
     enc = tok(train[:5], padding=True, truncation=True, max_length=6, return_tensors="pt")
     assert enc["input_ids"].shape == (5, 6) and enc["input_ids"].max() < len(tok)
     assert [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id] == [
-        kept.index(orig.convert_tokens_to_ids(t)) for t in ("<pad>", "<s>", "</s>", "<unk>")]
+        kept.index(orig.convert_tokens_to_ids(t)) for t in ("<pad>", "<s>", "</s>", "<unk>")
+    ]
     full = tok(train[:5], padding=True, return_tensors="pt")["input_ids"]
     assert tok.batch_decode(full, skip_special_tokens=True) == train[:5]
     # held-out texts: unseen characters become <unk>, counted; training texts never do
@@ -139,16 +161,24 @@ def test_trimming_never_prefers_unk_over_kept_pieces():
     (lowest kept score - 10) can beat the original segmentation; the trimmer's guard prevents it."""
     from transformers import MBart50Tokenizer
     from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES as CODES50
+
     from sclslt.data.vocab import trim_tokenizer
+
     pieces = [("▁ab", -20.0), ("cd", -20.0), ("▁e", -1.0), ("bc", -2.0), ("d", -2.0), ("▁", -1.0), ("fg", -1.0)]
     pieces += [(c, -50.0) for c in "abcefg"]
-    orig = MBart50Tokenizer(vocab=[("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + pieces
-                            + [(c, 0.0) for c in CODES50] + [("<mask>", 0.0)], src_lang=LANG, tgt_lang=LANG)
+    orig = MBart50Tokenizer(
+        vocab=[("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+        + pieces
+        + [(c, 0.0) for c in CODES50]
+        + [("<mask>", 0.0)],
+        src_lang=LANG,
+        tgt_lang=LANG,
+    )
     train = ["abcd", "ebcd", "fg"]
     assert orig.convert_ids_to_tokens(orig("abcd")["input_ids"]) == [LANG, "▁ab", "cd", "</s>"]
     new, rec = trim_tokenizer(orig, train, LANG)
     assert new.convert_ids_to_tokens(new("abcd")["input_ids"]) == [LANG, "▁ab", "cd", "</s>"]
-    with pytest.raises(RuntimeError, match="encodes 'abcd'"):     # what it would be without the guard
+    with pytest.raises(RuntimeError, match="encodes 'abcd'"):  # what it would be without the guard
         trim_tokenizer(orig, train, LANG, unk_guard=False)
 
 
@@ -184,7 +214,7 @@ def test_char_tokenizer_round_trips_chinese_and_is_deterministic(tmp_path):
         assert tok2(t)["input_ids"] == ids
     enc = tok(texts, padding=True, return_tensors="pt")
     assert tok.batch_decode(enc["input_ids"], skip_special_tokens=True) == texts
-    assert tok("上海 天气")["input_ids"].count(tok.unk_token_id) == 2      # unseen characters
+    assert tok("上海 天气")["input_ids"].count(tok.unk_token_id) == 2  # unseen characters
 
 
 def _tiny_model_cfg(tiny_cfg_dict, **kw):
@@ -201,6 +231,7 @@ def batches(tiny_shards, trimmed):
 def test_trimmed_mbart_equals_the_full_one_on_the_kept_rows(style, pretrained, trimmed, batches, tiny_cfg_dict):
     from transformers import MBartForConditionalGeneration
     from transformers.models.mbart.modeling_mbart import shift_tokens_right
+
     _, mbart_dir = pretrained[style]
     tok = load_tokenizer(trimmed[style])
     rec = record_of(tok)
@@ -219,21 +250,27 @@ def test_trimmed_mbart_equals_the_full_one_on_the_kept_rows(style, pretrained, t
     new, mask = b.input_ids, b.attention_mask
     old = kept[new]
     with torch.no_grad():
-        got = s2s(input_ids=new, attention_mask=mask, decoder_input_ids=shift_tokens_right(new, tok.pad_token_id)).logits
-        want = full(input_ids=old, attention_mask=mask,
-                    decoder_input_ids=shift_tokens_right(old, full.config.pad_token_id)).logits[..., kept]
+        got = s2s(
+            input_ids=new, attention_mask=mask, decoder_input_ids=shift_tokens_right(new, tok.pad_token_id)
+        ).logits
+        want = full(
+            input_ids=old, attention_mask=mask, decoder_input_ids=shift_tokens_right(old, full.config.pad_token_id)
+        ).logits[..., kept]
         assert torch.allclose(got, want, atol=1e-5)
         t_got = model.encode_text(new, mask)
         t_want = full.model.encoder(input_ids=old, attention_mask=mask).last_hidden_state
         assert torch.allclose(t_got, t_want, atol=1e-5)
     # special ids and the language convention, in the config and in what generation uses
     g = s2s.generation_config
-    assert (g.pad_token_id, g.eos_token_id) == (tok.pad_token_id, tok.eos_token_id) == (
-        s2s.config.pad_token_id, s2s.config.eos_token_id)
+    assert (
+        (g.pad_token_id, g.eos_token_id)
+        == (tok.pad_token_id, tok.eos_token_id)
+        == (s2s.config.pad_token_id, s2s.config.eos_token_id)
+    )
     lang_id = rec["lang_id"]
-    if style == "prefix":      # mBART-50: start with </s>, force the language code
+    if style == "prefix":  # mBART-50: start with </s>, force the language code
         assert g.decoder_start_token_id == tok.eos_token_id and g.forced_bos_token_id == lang_id
-    else:                      # mBART-cc25: start with the language code
+    else:  # mBART-cc25: start with the language code
         assert g.decoder_start_token_id == lang_id and g.forced_bos_token_id is None
     # training's decoder input starts with the same token generation starts with (+ the forced one)
     dec_in = shift_tokens_right(b.labels, tok.pad_token_id)
@@ -252,7 +289,7 @@ def test_map_and_checkpoint_mismatch_is_a_clear_error(pretrained, trimmed, tmp_p
     small = _mbart(max(record_of(tok)["kept_ids"]) - 5, str(tmp_path / "small-mbart"), seed=0)
     with pytest.raises(ValueError, match=r"tok-prefix.*small-mbart|small-mbart.*tok-prefix"):
         SLTModel(_tiny_model_cfg(tiny_cfg_dict, mbart=small, lang=LANG), tok)
-    with pytest.raises(ValueError, match="en_XX"):       # the run's tokenizer was made for another language
+    with pytest.raises(ValueError, match="en_XX"):  # the run's tokenizer was made for another language
         SLTModel(_tiny_model_cfg(tiny_cfg_dict, mbart=pretrained["prefix"][1], lang="en_XX"), tok)
 
 
@@ -278,9 +315,12 @@ def _run(model, b):
 def test_lora_wraps_attention_of_visual_encoder_and_decoder_only(lora_setup):
     base, lora, _, _ = lora_setup
     wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in lora.named_parameters() if ".lora_A." in n}
-    expect = {n for n, m in base.named_modules() if n.split(".")[-1] in LORA_TARGETS
-              and n.startswith(("s2s.model.encoder.", "s2s.model.decoder."))}
-    assert wrapped == expect and len(expect) == 4 * 1 + 8 * 1     # 1 encoder layer, 1 decoder layer (+cross)
+    expect = {
+        n
+        for n, m in base.named_modules()
+        if n.split(".")[-1] in LORA_TARGETS and n.startswith(("s2s.model.encoder.", "s2s.model.decoder."))
+    }
+    assert wrapped == expect and len(expect) == 4 * 1 + 8 * 1  # 1 encoder layer, 1 decoder layer (+cross)
     d = base.s2s.config.d_model
     n_lora = sum(p.numel() for n, p in lora.named_parameters() if ".lora_" in n)
     assert n_lora == len(expect) * R * (d + d)
@@ -302,26 +342,31 @@ def test_lora_wraps_attention_of_visual_encoder_and_decoder_only(lora_setup):
 def test_lora_starts_as_the_base_model_and_trains_only_what_is_trainable(lora_setup):
     base, lora, tok, b = lora_setup
     import copy
+
     base, lora = copy.deepcopy(base).eval(), copy.deepcopy(lora)
     lora.eval()
     with torch.no_grad():
         ob, ol = _run(base, b), _run(lora, b)
     for k in ("logits", "video_emb", "text_emb"):
         assert torch.allclose(ob[k], ol[k], atol=1e-6), k
-    assert torch.equal(base.generate(b.frames, b.frame_mask, beam=2, max_len=6),
-                       lora.generate(b.frames, b.frame_mask, beam=2, max_len=6))
+    assert torch.equal(
+        base.generate(b.frames, b.frame_mask, beam=2, max_len=6),
+        lora.generate(b.frames, b.frame_mask, beam=2, max_len=6),
+    )
     lora.train()
     before = {n: p.detach().clone() for n, p in lora.named_parameters()}
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
     out = _run(lora, b)
-    loss = torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), b.labels.flatten()) + \
-        (out["video_emb"] * out["text_emb"]).sum()
+    loss = (
+        torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), b.labels.flatten())
+        + (out["video_emb"] * out["text_emb"]).sum()
+    )
     loss.backward()
     opt.step()
     changed = {n for n, p in lora.named_parameters() if not torch.equal(p, before[n])}
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert changed <= trainable
-    assert {n for n in trainable if ".lora_B." in n} <= changed          # B was 0: now it moved
+    assert {n for n in trainable if ".lora_B." in n} <= changed  # B was 0: now it moved
     assert not any(lora.frozen_by_design(n) for n in changed)
     assert any(n.startswith("s2s.model.decoder.") for n in changed)
 
@@ -329,29 +374,35 @@ def test_lora_starts_as_the_base_model_and_trains_only_what_is_trainable(lora_se
 def test_lora_state_dict_round_trips_with_stable_keys(lora_setup, tiny_cfg_dict, pretrained):
     _, lora, tok, b = lora_setup
     import copy
+
     src = copy.deepcopy(lora)
     with torch.no_grad():
         for n, p in src.named_parameters():
             if ".lora_B." in n:
-                p.normal_()          # adapters that do something
-    torch.manual_seed(99)            # a stage-2 build: same config, other random init
+                p.normal_()  # adapters that do something
+    torch.manual_seed(99)  # a stage-2 build: same config, other random init
     other = SLTModel(copy.deepcopy(lora.cfg), tok)
     assert list(other.state_dict()) == list(src.state_dict())
     other.load_state_dict(src.state_dict(), strict=True)
     src.eval(), other.eval()
     with torch.no_grad():
         assert torch.equal(_run(src, b)["logits"], _run(other, b)["logits"])
-    assert torch.equal(src.generate(b.frames, b.frame_mask, beam=3, max_len=6),
-                       other.generate(b.frames, b.frame_mask, beam=3, max_len=6))
+    assert torch.equal(
+        src.generate(b.frames, b.frame_mask, beam=3, max_len=6),
+        other.generate(b.frames, b.frame_mask, beam=3, max_len=6),
+    )
 
 
 # -- pretrained ResNet ------------------------------------------------------------------------
 def test_resnet18_shaped_backbone_loads_and_runs(tmp_path, tiny_cfg_dict, tiny_shards):
     from transformers import ResNetConfig, ResNetModel
+
     from sclslt.data.text import train_tokenizer
+
     torch.manual_seed(4)
-    rn = ResNetModel(ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
-                                  layer_type="basic"))
+    rn = ResNetModel(
+        ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic")
+    )
     rn.save_pretrained(tmp_path / "resnet18")
     texts = [s[4] for s in read_manifest(tiny_shards, "train")["samples"]]
     tok = train_tokenizer(texts, tmp_path / "tok", vocab_size=200)
@@ -391,19 +442,33 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
     from sclslt.runtime.checkpoints import load_module_state
 
     torch.manual_seed(5)
-    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")) \
-        .save_pretrained(tmp_path / "resnet")
+    ResNetModel(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    ).save_pretrained(tmp_path / "resnet")
     tok_dir, mbart_dir = pretrained["prefix"]
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
     cfg["data"]["synthetic"]["n_train"] = 48
-    cfg["model"].update(backbone=str(tmp_path / "resnet"), mbart=mbart_dir, tokenizer=tok_dir, lang=LANG,
-                        lora_rank=4, lora_alpha=8, max_positions=64)
+    cfg["model"].update(
+        backbone=str(tmp_path / "resnet"),
+        mbart=mbart_dir,
+        tokenizer=tok_dir,
+        lang=LANG,
+        lora_rank=4,
+        lora_alpha=8,
+        max_positions=64,
+    )
     cfg["stage1"]["freeze_text_encoder"] = True
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "exp.yaml"),
-                           "--train.run_dir", str(run)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", str(tmp_path / "exp.yaml"), "--train.run_dir", str(run)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 newly initialised, 0 ignored, 0 shape mismatches" in proc.stdout
 
@@ -418,14 +483,15 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
     for enc in ("encoder", "decoder"):
         for w in ("self_attn.q_proj.weight", "self_attn.out_proj.weight", "fc1.weight"):
             key = f"model.{enc}.layers.0.{w}"
-            mine = f"s2s.{key}".replace("q_proj.weight", "q_proj.base_layer.weight") \
-                .replace("out_proj.weight", "out_proj.base_layer.weight")
-            assert torch.equal(s2[mine], base[key].float()), mine                # LoRA keeps the base frozen
+            mine = f"s2s.{key}".replace("q_proj.weight", "q_proj.base_layer.weight").replace(
+                "out_proj.weight", "out_proj.base_layer.weight"
+            )
+            assert torch.equal(s2[mine], base[key].float()), mine  # LoRA keeps the base frozen
         lora_b = f"s2s.model.{enc}.layers.0.self_attn.q_proj.lora_B.default.weight"
-        assert s1[lora_b].abs().sum() > 0 and not torch.equal(s1[lora_b], s2[lora_b])   # adapters trained
+        assert s1[lora_b].abs().sum() > 0 and not torch.equal(s1[lora_b], s2[lora_b])  # adapters trained
     te = "text_encoder.layers.0.self_attn.k_proj.weight"
     assert torch.equal(s1[te], base["model.encoder.layers.0.self_attn.k_proj.weight"].float())
-    assert torch.equal(s2[te], s1[te])                        # frozen in stage 1, contrastive part in stage 2
+    assert torch.equal(s2[te], s1[te])  # frozen in stage 1, contrastive part in stage 2
 
 
 def test_a_run_exports_as_pretrained_encoders_that_the_recipe_loads(tmp_path):
@@ -437,20 +503,32 @@ def test_a_run_exports_as_pretrained_encoders_that_the_recipe_loads(tmp_path):
     from sclslt.cli import main
     from sclslt.config import load_config
     from sclslt.runtime.rundir import load_run_model
+
     fixture = ROOT / "tests" / "fixtures" / "run_before_layout_move"
-    assert main(["export", "--encoders", "--run", str(fixture), "--out", str(tmp_path / "pre"), "--stage", "stage1"]) == 0
+    assert (
+        main(["export", "--encoders", "--run", str(fixture), "--out", str(tmp_path / "pre"), "--stage", "stage1"]) == 0
+    )
     info = json.loads((tmp_path / "pre" / "export.json").read_text())
     assert info["tag"] == "step00000002" and not list(tmp_path.glob(".pre.tmp-*"))
     src, tok, cfg = load_run_model(fixture, fixture / "stage1" / "checkpoints")
-    cfg = load_config(fixture / "config.yaml", ["--model.backbone", str(tmp_path / "pre" / "backbone"),
-                                                "--model.mbart", str(tmp_path / "pre" / "mbart"),
-                                                "--model.tokenizer", str(tmp_path / "pre" / "tokenizer"),
-                                                "--model.trim_vocab", "false"])
+    cfg = load_config(
+        fixture / "config.yaml",
+        [
+            "--model.backbone",
+            str(tmp_path / "pre" / "backbone"),
+            "--model.mbart",
+            str(tmp_path / "pre" / "mbart"),
+            "--model.tokenizer",
+            str(tmp_path / "pre" / "tokenizer"),
+            "--model.trim_vocab",
+            "false",
+        ],
+    )
     model = SLTModel(cfg.model, load_tokenizer(tmp_path / "pre" / "tokenizer"), cfg.data)
     for name, want in src.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[name], want), name
     text = {k: v for k, v in src.text_encoder.state_dict().items() if not k.startswith("embed_tokens.")}
-    for name, want in text.items():           # both encoders start from the run's text encoder
+    for name, want in text.items():  # both encoders start from the run's text encoder
         assert torch.equal(model.s2s.model.encoder.state_dict()[name], want), name
         assert torch.equal(model.text_encoder.state_dict()[name], want), name
     assert not torch.equal(src.s2s.model.encoder.layers[0].fc1.weight, src.text_encoder.layers[0].fc1.weight)

@@ -13,6 +13,7 @@ RUN_DIR). The trainer runs on CPU ranks (DeepSpeed's CPU accelerator, gloo):
 Needs root (slurmd) and the Debian packages slurmctld slurmd slurm-client munge, which are
 installed with apt-get when missing.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,13 +30,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.helpers import ROOT
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
 BINARIES = ("slurmctld", "slurmd", "munged", "munge", "sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
-JOB_TIMEOUT = 480          # outer bound on one sbatch --wait (a first run may build DeepSpeed ops: ~3 min)
-REQUEUE_DELAY = 5          # AuthInfo cred_expire: a requeued job waits cred_expire + 1 s (default 120 s)
+JOB_TIMEOUT = 480  # outer bound on one sbatch --wait (a first run may build DeepSpeed ops: ~3 min)
+REQUEUE_DELAY = 5  # AuthInfo cred_expire: a requeued job waits cred_expire + 1 s (default 120 s)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Slurm daemons need Linux")
 
@@ -49,16 +51,25 @@ def _ensure_installed() -> str | None:
     if all(_which(b) for b in BINARIES):
         return None
     if os.geteuid() != 0 or not _which("apt-get"):
-        return ("Slurm is not installed (slurmctld, slurmd, slurm-client, munge) and cannot be installed "
-                "here: installing needs root and apt-get")
+        return (
+            "Slurm is not installed (slurmctld, slurmd, slurm-client, munge) and cannot be installed "
+            "here: installing needs root and apt-get"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run([_which("apt-get"), "update"], env=env, capture_output=True, text=True, timeout=600)
-    p = subprocess.run([_which("apt-get"), "install", "-y", "--no-install-recommends", *PACKAGES], env=env,
-                       capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [_which("apt-get"), "install", "-y", "--no-install-recommends", *PACKAGES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     missing = [b for b in BINARIES if not _which(b)]
     if p.returncode or missing:
-        pytest.fail(f"apt-get install {' '.join(PACKAGES)} failed (exit {p.returncode}, missing {missing}):\n"
-                    f"{(p.stdout + p.stderr)[-3000:]}")
+        pytest.fail(
+            f"apt-get install {' '.join(PACKAGES)} failed (exit {p.returncode}, missing {missing}):\n"
+            f"{(p.stdout + p.stderr)[-3000:]}"
+        )
     return None
 
 
@@ -94,8 +105,7 @@ def _clean_env() -> dict:
     """os.environ without anything that would make a client or a task think it is inside another job
     or another torch.distributed world (a pytest run may itself be a Slurm job)."""
     drop = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
-    skip = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-            "CROSS_SIZE"}
+    skip = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE"}
     return {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in skip}
 
 
@@ -123,8 +133,10 @@ class LocalSlurm:
         for sub in ("etc", "state", "log", "run"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         host = socket.gethostname().split(".")[0]
-        node_lines = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs=2 State=UNKNOWN"
-                               for n, p in zip(self.nodes, self.node_ports))
+        node_lines = "\n".join(
+            f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs=2 State=UNKNOWN"
+            for n, p in zip(self.nodes, self.node_ports)
+        )
         self.conf.write_text(f"""\
 ClusterName=sclslttest
 SlurmctldHost={host}(127.0.0.1)
@@ -171,27 +183,43 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
 
     def start_munge(self) -> None:
         import pwd
+
         md = self.dir / "munge"
         md.mkdir()
-        md.chmod(0o755)                             # munged: the socket directory must be traversable by all
+        md.chmod(0o755)  # munged: the socket directory must be traversable by all
         key = md / "munge.key"
-        key.write_bytes(os.urandom(128))            # what `mungekey --create` writes: 1024 random bits
+        key.write_bytes(os.urandom(128))  # what `mungekey --create` writes: 1024 random bits
         key.chmod(0o600)
         try:
             pw = pwd.getpwnam("munge")
             uid, gid = pw.pw_uid, pw.pw_gid
-        except KeyError:                            # no munge user: munged as root (needs --force)
+        except KeyError:  # no munge user: munged as root (needs --force)
             uid = gid = None
         if uid is not None:
             os.chown(md, uid, gid)
             os.chown(key, uid, gid)
-        cmd = [_which("munged"), "--foreground", f"--socket={md}/munge.sock", f"--key-file={key}",
-               f"--pid-file={md}/munged.pid", f"--log-file={md}/munged.log", f"--seed-file={md}/munged.seed"]
+        cmd = [
+            _which("munged"),
+            "--foreground",
+            f"--socket={md}/munge.sock",
+            f"--key-file={key}",
+            f"--pid-file={md}/munged.pid",
+            f"--log-file={md}/munged.log",
+            f"--seed-file={md}/munged.seed",
+        ]
         if uid is None:
             cmd.append("--force")
         self._spawn("munged", cmd, user=uid, group=gid)
-        self._wait(lambda: subprocess.run([_which("munge"), "-n", f"--socket={md}/munge.sock"],
-                                          capture_output=True, timeout=10).returncode == 0, 20, "munged")
+        self._wait(
+            lambda: (
+                subprocess.run(
+                    [_which("munge"), "-n", f"--socket={md}/munge.sock"], capture_output=True, timeout=10
+                ).returncode
+                == 0
+            ),
+            20,
+            "munged",
+        )
 
     def start_slurm(self) -> None:
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i"])
@@ -202,13 +230,21 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
             out = self.cmd("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split("\n")
             states = dict(line.split() for line in out if line.strip())
             return sorted(states) == sorted(self.nodes) and set(states.values()) == {"idle"}
+
         self._wait(idle, 60, "both nodes idle")
 
     def _spawn(self, name: str, cmd: list[str], user=None, group=None) -> None:
         log = open(self.dir / "log" / f"{name}.stdout", "w")
         kw = {"user": user, "group": group} if user is not None else {}
-        p = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True, **kw)
+        p = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **kw,
+        )
         log.close()
         self.procs.append((name, p))
 
@@ -217,8 +253,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         while time.time() < deadline:
             for name, p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {p.returncode} while waiting for {what}:\n"
-                                       f"{self.logs()}")
+                    raise RuntimeError(f"{name} exited with {p.returncode} while waiting for {what}:\n{self.logs()}")
             try:
                 if ok():
                     return
@@ -229,8 +264,9 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
 
     # --- use -------------------------------------------------------------------------------------
     def cmd(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run([_which(args[0]), *args[1:]], env=self.env, capture_output=True, text=True,
-                              check=check, timeout=timeout)
+        return subprocess.run(
+            [_which(args[0]), *args[1:]], env=self.env, capture_output=True, text=True, check=check, timeout=timeout
+        )
 
     def job(self, job_id: str) -> dict:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once it is gone."""
@@ -247,8 +283,11 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         raise AssertionError(f"no job named {name} in the queue after {timeout}s:\n{self.logs()}")
 
     def logs(self) -> str:
-        parts = [f"--- {p.name}\n{_tail(p, 1500)}" for p in sorted((self.dir / "log").glob("*"))
-                 if p.is_file() and p.stat().st_size]
+        parts = [
+            f"--- {p.name}\n{_tail(p, 1500)}"
+            for p in sorted((self.dir / "log").glob("*"))
+            if p.is_file() and p.stat().st_size
+        ]
         return "\n".join(parts)
 
     # --- tear-down -------------------------------------------------------------------------------
@@ -260,7 +299,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
                 deadline = time.time() + 40
                 while time.time() < deadline and self.cmd("squeue", "-h", "-o", "%i", check=False).stdout.strip():
                     time.sleep(0.5)
-        for name, p in reversed(self.procs):            # slurmds, then slurmctld, then munged
+        for name, p in reversed(self.procs):  # slurmds, then slurmctld, then munged
             if p.poll() is None:
                 p.terminate()
                 try:
@@ -272,7 +311,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         if self.hosts_line:
             try:
                 lines = Path("/etc/hosts").read_text().splitlines(keepends=True)
-                with open("/etc/hosts", "w") as f:           # in place: /etc/hosts may be a bind mount
+                with open("/etc/hosts", "w") as f:  # in place: /etc/hosts may be a bind mount
                     f.writelines(line for line in lines if line != self.hosts_line)
             except OSError:
                 pass
@@ -298,7 +337,7 @@ def slurm():
     if os.geteuid() != 0:
         pytest.skip("standing up slurmd (which starts jobs as their user) needs root")
     base = Path(tempfile.mkdtemp(prefix="sclslt-slurm-"))
-    base.chmod(0o755)                               # munged runs as user munge and needs to get through
+    base.chmod(0o755)  # munged runs as user munge and needs to get through
     tag = f"{os.getpid() % 100000}"
     cluster = LocalSlurm(base, [f"sclslt{tag}n1", f"sclslt{tag}n2"], _ports(3))
     try:
@@ -315,26 +354,45 @@ def slurm():
 @pytest.fixture(scope="module")
 def exp_yaml(tiny_cfg_dict, tmp_path_factory) -> Path:
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
-    cfg["data"]["synthetic"]["n_train"] = 48          # 6 steps of 8 clips per epoch
+    cfg["data"]["synthetic"]["n_train"] = 48  # 6 steps of 8 clips per epoch
     p = tmp_path_factory.mktemp("slurm_exp") / "exp.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
 
 
 def _job_env(slurm: LocalSlurm, config: Path, run_dir: Path) -> dict:
-    env = {**slurm.env, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1",
-           "PYTHON": sys.executable, "CONFIG": str(config), "RUN_DIR": str(run_dir)}
-    if "TRITON_INTERPRET" in os.environ:              # conftest sets it when there is no GPU
+    env = {
+        **slurm.env,
+        "DS_ACCELERATOR": "cpu",
+        "SCLSLT_PLAIN_LOG": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "CONFIG": str(config),
+        "RUN_DIR": str(run_dir),
+    }
+    if "TRITON_INTERPRET" in os.environ:  # conftest sets it when there is no GPU
         env["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
     return env
 
 
-def _submit(slurm: LocalSlurm, template: str, name: str, out: Path, env: dict, opts: list[str],
-            train_args: list[str]) -> subprocess.Popen:
+def _submit(
+    slurm: LocalSlurm, template: str, name: str, out: Path, env: dict, opts: list[str], train_args: list[str]
+) -> subprocess.Popen:
     """`sbatch --wait` of an unedited template, cluster values overridden on the command line."""
-    cmd = [_which("sbatch"), "--wait", f"--job-name={name}", f"--chdir={ROOT}", "--export=ALL",
-           f"--output={out}", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20", *opts,
-           str(ROOT / "launch" / "slurm" / template), *train_args]
+    cmd = [
+        _which("sbatch"),
+        "--wait",
+        f"--job-name={name}",
+        f"--chdir={ROOT}",
+        "--export=ALL",
+        f"--output={out}",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=20",
+        *opts,
+        str(ROOT / "launch" / "slurm" / template),
+        *train_args,
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -346,7 +404,7 @@ def _finish(slurm: LocalSlurm, proc: subprocess.Popen, name: str, out: Path, tim
         proc.kill()
         sb, _ = proc.communicate()
         pytest.fail(f"job {name} did not finish in {timeout}s\n--- job output\n{_tail(out)}\n{slurm.logs()}")
-    return proc.returncode, sb, _tail(out, 10 ** 6)
+    return proc.returncode, sb, _tail(out, 10**6)
 
 
 def _steps(metrics: Path) -> list[int]:
@@ -361,8 +419,15 @@ def test_templates_share_one_body_and_request_what_the_requeue_cycle_needs():
         path = ROOT / "launch" / "slurm" / name
         head, body = path.read_text().split("\nset -uo pipefail\n", 1)
         opts = re.findall(r"^#SBATCH (\S+)", head, re.M)
-        for want in ("--requeue", "--open-mode=append", "--signal=USR1@", "--ntasks-per-node=", "--gpus-per-node=",
-                     "--cpus-per-task=", "--time="):
+        for want in (
+            "--requeue",
+            "--open-mode=append",
+            "--signal=USR1@",
+            "--ntasks-per-node=",
+            "--gpus-per-node=",
+            "--cpus-per-task=",
+            "--time=",
+        ):
             assert any(o.startswith(want) for o in opts), f"{name}: no #SBATCH {want}"
         assert os.access(path, os.X_OK)
         assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
@@ -372,8 +437,15 @@ def test_templates_share_one_body_and_request_what_the_requeue_cycle_needs():
 
 def test_single_node_two_tasks(slurm, exp_yaml, tmp_path):
     run, out, name = tmp_path / "run", tmp_path / "job.out", f"sclslt-one-{os.getpid()}"
-    proc = _submit(slurm, "single_node.sbatch", name, out, _job_env(slurm, exp_yaml, run),
-                   ["--nodes=1", "--ntasks-per-node=2"], ["--stage2.enabled", "false", "--train.max_steps", "4"])
+    proc = _submit(
+        slurm,
+        "single_node.sbatch",
+        name,
+        out,
+        _job_env(slurm, exp_yaml, run),
+        ["--nodes=1", "--ntasks-per-node=2"],
+        ["--stage2.enabled", "false", "--train.max_steps", "4"],
+    )
     rc, sb, log = _finish(slurm, proc, name, out)
     assert rc == 0 and "srun exited with 0" in log, f"{sb}\n--- job output\n{log[-4000:]}\n{slurm.logs()}"
     assert "world 2 x cpu" in log and "2 tasks" in log
@@ -383,8 +455,15 @@ def test_single_node_two_tasks(slurm, exp_yaml, tmp_path):
 
 def test_two_nodes_one_task_each(slurm, exp_yaml, tmp_path):
     run, out, name = tmp_path / "run", tmp_path / "job.out", f"sclslt-two-{os.getpid()}"
-    proc = _submit(slurm, "multi_node.sbatch", name, out, _job_env(slurm, exp_yaml, run),
-                   ["--nodes=2", "--ntasks-per-node=1"], ["--stage2.enabled", "false", "--train.max_steps", "4"])
+    proc = _submit(
+        slurm,
+        "multi_node.sbatch",
+        name,
+        out,
+        _job_env(slurm, exp_yaml, run),
+        ["--nodes=2", "--ntasks-per-node=1"],
+        ["--stage2.enabled", "false", "--train.max_steps", "4"],
+    )
     rc, sb, log = _finish(slurm, proc, name, out)
     assert rc == 0 and "srun exited with 0" in log, f"{sb}\n--- job output\n{log[-4000:]}\n{slurm.logs()}"
     assert "world 2 x cpu" in log
@@ -398,11 +477,19 @@ def test_two_nodes_one_task_each(slurm, exp_yaml, tmp_path):
 
 def test_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, exp_yaml, tmp_path):
     from sclslt.runtime.checkpoints import latest_tag
-    config = tmp_path / "exp.yaml"                    # edited between the two runs (max_steps)
+
+    config = tmp_path / "exp.yaml"  # edited between the two runs (max_steps)
     shutil.copy(exp_yaml, config)
     run, out, name = tmp_path / "run", tmp_path / "job.out", f"sclslt-preempt-{os.getpid()}"
-    proc = _submit(slurm, "single_node.sbatch", name, out, _job_env(slurm, config, run),
-                   ["--nodes=1", "--ntasks-per-node=2"], ["--stage1.epochs", "60", "--stage2.enabled", "false"])
+    proc = _submit(
+        slurm,
+        "single_node.sbatch",
+        name,
+        out,
+        _job_env(slurm, config, run),
+        ["--nodes=1", "--ntasks-per-node=2"],
+        ["--stage1.epochs", "60", "--stage2.enabled", "false"],
+    )
     try:
         job = slurm.job_id(name)
         metrics = run / "stage1" / "metrics.csv"
@@ -442,7 +529,7 @@ def test_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, exp_yaml, tmp_pat
             proc.kill()
             proc.wait()
     assert rc == 0, f"{sb}\n--- job output\n{log[-5000:]}\n{slurm.logs()}"
-    first, second = log.split("(restart 1)", 1)        # --open-mode=append: both runs in one file
+    first, second = log.split("(restart 1)", 1)  # --open-mode=append: both runs in one file
     assert f"stopped by a signal at step {done}" in first and "srun exited with 75" in first
     assert "requeueing job" in first
     assert f"resumed at step {done}" in second and "srun exited with 0" in second
@@ -453,13 +540,27 @@ def test_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, exp_yaml, tmp_pat
 
 def test_rank_mapping_from_slurm_task_variables():
     from sclslt.runtime.distributed import expand_tasks_per_node, slurm_env
+
     assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1] and expand_tasks_per_node("4") == [4]
-    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "6", "SLURM_NTASKS": "7", "SLURM_STEP_NUM_TASKS": "7",
-           "SLURM_LOCALID": "0", "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1",
-           "SLURM_JOB_ID": "123456", "MASTER_ADDR": "node001"}
+    env = {
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "6",
+        "SLURM_NTASKS": "7",
+        "SLURM_STEP_NUM_TASKS": "7",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "3",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x3),1",
+        "SLURM_JOB_ID": "123456",
+        "MASTER_ADDR": "node001",
+    }
     got = slurm_env(env)
-    assert got == {"RANK": "6", "WORLD_SIZE": "7", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
-                   "MASTER_PORT": str(15000 + 123456 % 20000)}             # MASTER_ADDR given: kept
+    assert got == {
+        "RANK": "6",
+        "WORLD_SIZE": "7",
+        "LOCAL_RANK": "0",
+        "LOCAL_SIZE": "1",
+        "MASTER_PORT": str(15000 + 123456 % 20000),
+    }  # MASTER_ADDR given: kept
     no_master = {k: v for k, v in env.items() if k != "MASTER_ADDR"}
-    with pytest.raises(RuntimeError, match="export MASTER_ADDR"):      # no node list to ask scontrol about
+    with pytest.raises(RuntimeError, match="export MASTER_ADDR"):  # no node list to ask scontrol about
         slurm_env(no_master)

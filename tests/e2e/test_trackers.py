@@ -2,6 +2,7 @@
 (offline) and Trackio (local store); what each holds is read back and compared with the run's own
 metrics.csv and results.json; a resumed run continues the same tracker runs; a tracker that is unknown
 or not installed is a config error naming the pip extra."""
+
 from __future__ import annotations
 
 import csv
@@ -14,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, tracker_env
 from sclslt.config import ConfigError, from_dict
-
+from tests.helpers import ROOT, tracker_env
 
 
 def wandb_records(run: Path, run_id: str) -> list:
@@ -24,17 +24,18 @@ def wandb_records(run: Path, run_id: str) -> list:
     wandb's append-only log (LevelDB log format: 7-byte file header, 32 KiB blocks of chunks with a
     7-byte header crc32 / length / type, FULL 1, FIRST 2, MIDDLE 3, LAST 4) of wandb_internal Record protos."""
     from wandb.proto import wandb_internal_pb2 as pb
+
     out = []
     for f in sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
         data, pos, buf = f.read_bytes(), 7, b""
         assert data[:4] == b":W&B", f
         while pos + 7 <= len(data):
             room = 32768 - pos % 32768
-            crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if room >= 7 else (0, 0, 0)
+            crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if room >= 7 else (0, 0, 0)
             if room < 7 or (kind == 0 and length == 0):
                 pos += room
                 continue
-            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
             buf = chunk if kind in (1, 2) else buf + chunk
             if kind in (1, 4):
                 r = pb.Record()
@@ -62,10 +63,18 @@ def wandb_logged(run: Path, run_id: str) -> tuple[list[dict], dict, dict]:
 
 def trackio_logged(store: Path, project: str, name: str) -> tuple[list[dict], dict]:
     """(logs, config) of a trackio run, read with trackio's own storage API from its local store."""
-    code = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
-            "print(json.dumps([S.get_logs(sys.argv[1], sys.argv[2]), S.get_run_config(sys.argv[1], sys.argv[2])], default=str))")
-    p = subprocess.run([sys.executable, "-c", code, project, name], env={**tracker_env(store.parent)},
-                       capture_output=True, text=True, timeout=120)
+    code = (
+        "import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
+        "run = sys.argv[1], sys.argv[2]; "
+        "print(json.dumps([S.get_logs(*run), S.get_run_config(*run)], default=str))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, project, name],
+        env={**tracker_env(store.parent)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     return tuple(json.loads(p.stdout.splitlines()[-1]))
 
@@ -97,7 +106,7 @@ def test_every_tracker_holds_the_runs_scalars_config_results_and_figures(tiny_ru
     run, _ = tiny_run
     res = json.loads((run / "results.json").read_text())
     ids = json.loads((run / "trackers.json").read_text())
-    want = ["tensorboard", "wandb", "trackio"]                    # the run's train.report_to
+    want = ["tensorboard", "wandb", "trackio"]  # the run's train.report_to
 
     hist, summary, config = wandb_logged(run, ids["wandb"])
     check_run_logged(hist, run, res)
@@ -113,6 +122,7 @@ def test_every_tracker_holds_the_runs_scalars_config_results_and_figures(tiny_ru
     assert tconfig["train"]["report_to"] == want
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run / "tensorboard" / "stage1"))
     acc.Reload()
     assert same_curve([(e.step, e.value) for e in acc.Scalars("train/loss")], train_rows(run, "stage1"))
@@ -125,26 +135,43 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_run, tmp_path):
     shutil.copytree(run, copy)
     shutil.copytree(run.parent / "trackio", tmp_path / "trackio")
     ids = json.loads((copy / "trackers.json").read_text())
-    p = subprocess.run([sys.executable, "launch/train.py", "--config", str(copy / "config.yaml"), "--train.run_dir",
-                        str(copy), "--resume"], cwd=ROOT, env=tracker_env(tmp_path), capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            str(copy / "config.yaml"),
+            "--train.run_dir",
+            str(copy),
+            "--resume",
+        ],
+        cwd=ROOT,
+        env=tracker_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert json.loads((copy / "trackers.json").read_text()) == ids          # the same ids
-    assert len(list((copy / "wandb").glob(f"offline-run-*-{ids['wandb']}"))) == 2   # one run, two sessions
-    assert {r.run.run_id for r in wandb_records(copy, ids["wandb"]) if r.WhichOneof("record_type") == "run"} == {ids["wandb"]}
+    assert json.loads((copy / "trackers.json").read_text()) == ids  # the same ids
+    assert len(list((copy / "wandb").glob(f"offline-run-*-{ids['wandb']}"))) == 2  # one run, two sessions
+    assert {r.run.run_id for r in wandb_records(copy, ids["wandb"]) if r.WhichOneof("record_type") == "run"} == {
+        ids["wandb"]
+    }
     before, _ = trackio_logged(run.parent / "trackio", "sclslt", ids["trackio"])
     after, _ = trackio_logged(tmp_path / "trackio", "sclslt", ids["trackio"])
-    assert len(after) > len(before) and after[:len(before)] == before        # appended to the same run
+    assert len(after) > len(before) and after[: len(before)] == before  # appended to the same run
 
 
 def test_unknown_or_missing_trackers_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="train.report_to='mlflow'.*'tensorboard'"):
         from_dict({"train": {"report_to": ["mlflow"]}})
-    from sclslt.config import load_config              # transformers' spellings: one name, none, all
+    from sclslt.config import load_config  # transformers' spellings: one name, none, all
+
     assert load_config(None, ["--train.report_to", "trackio"]).train.report_to == ["trackio"]
     assert load_config(None, ["--train.report_to", "none"]).train.report_to == []
     assert load_config(None, ["--train.report_to", "all"]).train.report_to == ["tensorboard", "wandb", "trackio"]
     import sclslt.config as config
+
     monkeypatch.setitem(config.TRACKER_MODULES, "wandb", "wandb_is_not_installed_here")
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[track\]'"):
         from_dict({"train": {"report_to": ["tensorboard", "wandb"]}})

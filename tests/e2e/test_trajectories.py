@@ -1,21 +1,20 @@
 """experiments/pair_selection/trajectories.py: the classification of negative-pair trajectories on hand-made similarity
 matrices (quantile and absolute thresholds), then the command end to end on a small reference run."""
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from tests.helpers import ROOT
-
 
 from experiments.pair_selection import trajectories as traj
+from tests.helpers import ROOT
 
 
 def matrix(off_diag: dict, n: int = 3, diag: float = 5.0) -> torch.Tensor:
@@ -44,7 +43,7 @@ def test_classify_quantile_mode():
     assert r["thresholds"][0] == pytest.approx(0.5) and r["thresholds"][2] == pytest.approx(0.5)
     assert r["high_fraction"] == pytest.approx([0.5, 1 / 6, 0.5])
     ss = r["same_sentence"]
-    assert ss["hh_count"] == 1 and ss["hh_fraction"] == pytest.approx(0.5)       # (1,0) of (0,2), (1,0)
+    assert ss["hh_count"] == 1 and ss["hh_fraction"] == pytest.approx(0.5)  # (1,0) of (0,2), (1,0)
     assert ss["negatives_count"] == 2 and ss["negatives_fraction"] == pytest.approx(2 / 6)
     assert ss["counts_by_class"] == {"H->L": 1, "H->H": 1, "L->H": 0, "L->L": 0}
     m = r["mean_similarity"]
@@ -98,8 +97,10 @@ def test_classify_absolute_mode():
 
 def test_lazy_similarities_and_quantile():
     g = torch.Generator().manual_seed(0)
-    views = [(F.normalize(torch.randn(40, 8, generator=g), dim=-1), F.normalize(torch.randn(40, 8, generator=g), dim=-1))
-             for _ in range(4)]
+    views = [
+        (F.normalize(torch.randn(40, 8, generator=g), dim=-1), F.normalize(torch.randn(40, 8, generator=g), dim=-1))
+        for _ in range(4)
+    ]
     sids = torch.randint(0, 10, (40,), generator=g)
     lazy = traj.classify(traj.PairSims(views), sids, examples=3, seed=1)
     full = traj.classify([v @ t.t() for v, t in views], sids, examples=3, seed=1)
@@ -108,7 +109,7 @@ def test_lazy_similarities_and_quantile():
     # quantile mode at 0.5: half of the negatives are High at each end, so H->L == L->H
     q = traj.classify(traj.PairSims(views), sids, mode="quantile")
     assert q["counts"]["H->L"] == q["counts"]["L->H"]
-    assert len(set(lazy["thresholds"])) == 1          # the default: the first checkpoint's median, fixed
+    assert len(set(lazy["thresholds"])) == 1  # the default: the first checkpoint's median, fixed
     x = torch.randn(1001, generator=g)
     for q in (0.0, 0.1, 0.5, 0.77, 1.0):
         assert traj.quantile(x, q) == pytest.approx(float(torch.quantile(x, q)), abs=1e-6)
@@ -142,17 +143,37 @@ def ref_run(tiny_cfg_dict, tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg))
     run = d / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "launch/train.py", "--deepspeed", "configs/zero2.json", "--config",
-                           str(path), "--train.run_dir", str(run)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--deepspeed",
+            "configs/zero2.json",
+            "--config",
+            str(path),
+            "--train.run_dir",
+            str(run),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return run
 
 
 def tool(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "experiments.pair_selection.trajectories", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.pair_selection.trajectories", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -173,20 +194,35 @@ def test_tool_end_to_end(ref_run):
     assert ss["hh_count"] <= rep["counts"]["H->H"] and ss["negatives_count"] == sum(ss["counts_by_class"].values())
     assert (out / "trajectories.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "H->L" in proc.stdout and "known false negatives" in proc.stdout
-    assert rep["paraphrase"]["negatives_count"] == sum(rep["paraphrase"]["counts_by_class"].values())   # synthetic
+    assert rep["paraphrase"]["negatives_count"] == sum(rep["paraphrase"]["counts_by_class"].values())  # synthetic
 
     # the report is the classification of the sample's embeddings (the saved embedding passes)
     snaps = [load_snapshot(out / "embeddings" / f"train.{t}.safetensors") for t in rep["tags"]]
     rows = torch.tensor([snaps[0]["keys"].index(k) for k in rep["sample_keys"]])
-    want = traj.classify([s["video"][rows] @ s["text"][rows].t() for s in snaps], snaps[0]["sentence_ids"][rows],
-                         0.5, "first", 5, 3)
+    want = traj.classify(
+        [s["video"][rows] @ s["text"][rows].t() for s in snaps], snaps[0]["sentence_ids"][rows], 0.5, "first", 5, 3
+    )
     assert want["counts"] == rep["counts"] and all(
-        want["mean_similarity"][c] == pytest.approx(rep["mean_similarity"][c]) for c in rep["mean_similarity"])
-    assert not torch.allclose(snaps[0]["video"], snaps[-1]["video"])          # the checkpoints differ
+        want["mean_similarity"][c] == pytest.approx(rep["mean_similarity"][c]) for c in rep["mean_similarity"]
+    )
+    assert not torch.allclose(snaps[0]["video"], snaps[-1]["video"])  # the checkpoints differ
 
     # a second call reuses the embedding passes; absolute threshold, two chosen tags, another output
-    proc = tool("--run", str(ref_run), "--tags", "epoch0000", "epoch0002", "--sample", "1000",
-                "--threshold-mode", "absolute", "--high", "0.2", "--out", str(ref_run / "abs"))
+    proc = tool(
+        "--run",
+        str(ref_run),
+        "--tags",
+        "epoch0000",
+        "epoch0002",
+        "--sample",
+        "1000",
+        "--threshold-mode",
+        "absolute",
+        "--high",
+        "0.2",
+        "--out",
+        str(ref_run / "abs"),
+    )
     rep = json.loads((ref_run / "abs" / "report.json").read_text())
     assert proc.stdout.count("cached") == 2 and "embedded" not in proc.stdout
     assert rep["sample_size"] == 48 and rep["negatives"] == 48 * 47 == sum(rep["counts"].values())

@@ -1,8 +1,8 @@
 """`sclslt translate` on a tiny trained run: test clips written as PNG folders and videos translate to
 the run's own test hypotheses; inputs are decoded as `sclslt shard` made the shards; errors."""
+
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -13,27 +13,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from tests.helpers import frame_folder as _frame_folder, write_video as _write_video
 from sclslt.cli import main as cli_main
-from sclslt.data.shards import ShardIndex, read_manifest
+from sclslt.data.shards import read_manifest
 from sclslt.eval.hub import TranslateError, load_clip
 from sclslt.eval.translate import frame_spec, resolve_checkpoint
 from tests.helpers import ROOT
-
+from tests.helpers import frame_folder as _frame_folder
+from tests.helpers import write_video as _write_video
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _cfg(run: Path):
     from sclslt.config import load_config
+
     return load_config(run / "config.yaml")
 
 
 # ---------------------------------------------------------------------------------------------
 # the translations equal the run's own test hypotheses
+
 
 def test_decoded_inputs_equal_the_shard_frames(tiny_run, clips):
     spec = frame_spec(_cfg(tiny_run[0]))
@@ -51,27 +52,48 @@ def test_translate_command_reproduces_the_run_hypotheses(tiny_run, clips):
     run, hyps = tiny_run
     cfg = _cfg(run)
     inputs = [str(c[kind]) for c in clips for kind in ("folder", "mkv")] + [str(clips[0]["mp4"])]
-    p = subprocess.run([sys.executable, "-m", "sclslt.cli", "translate", "--run", str(run), *inputs,
-                        "--beam", str(cfg.eval.beam), "--device", "cpu", "--json"],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sclslt.cli",
+            "translate",
+            "--run",
+            str(run),
+            *inputs,
+            "--beam",
+            str(cfg.eval.beam),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    out = [json.loads(line) for line in p.stdout.splitlines()]       # stdout: JSON lines only
+    out = [json.loads(line) for line in p.stdout.splitlines()]  # stdout: JSON lines only
     assert [o["input"] for o in out] == inputs
     results = json.loads((run / "results.json").read_text())
     sel = results.get("selected_checkpoint")
-    want_tag = (sel["tag"] if isinstance(sel, dict) else sel) if sel else \
-        (run / "stage2" / "checkpoints" / "latest").read_text().strip()
+    want_tag = (
+        (sel["tag"] if isinstance(sel, dict) else sel)
+        if sel
+        else (run / "stage2" / "checkpoints" / "latest").read_text().strip()
+    )
     for o in out:
         assert o["checkpoint"] == f"stage2/{want_tag}"
         assert o["params"] > 1000 and o["load_s"] > 0 and o["latency_ms"] > 0 and o["beam"] == cfg.eval.beam
         assert o["device"] == "cpu"
     by_input = {o["input"]: o for o in out}
     for c in clips:
-        for kind in ("folder", "mkv"):                  # lossless inputs: exactly the run's hypothesis
+        for kind in ("folder", "mkv"):  # lossless inputs: exactly the run's hypothesis
             o = by_input[str(c[kind])]
             assert o["text"] == hyps[c["key"]], (kind, c["key"], o["text"], hyps[c["key"]])
             assert o["frames"] == o["source_frames"] == c["frames"].shape[0]
-    mp4 = by_input[str(clips[0]["mp4"])]                  # lossy colour conversion: it runs, same length
+    mp4 = by_input[str(clips[0]["mp4"])]  # lossy colour conversion: it runs, same length
     assert mp4["frames"] == clips[0]["frames"].shape[0] and isinstance(mp4["text"], str)
 
 
@@ -79,8 +101,9 @@ def test_table_output_and_explicit_checkpoint(tiny_run, clips, capsys):
     run, hyps = tiny_run
     c = clips[0]
     sel = resolve_checkpoint(run)
-    assert cli_main(["translate", "--run", str(run), str(c["folder"]), "--checkpoint",
-                     str(sel.ckpt_dir / sel.tag)]) == 0
+    assert (
+        cli_main(["translate", "--run", str(run), str(c["folder"]), "--checkpoint", str(sel.ckpt_dir / sel.tag)]) == 0
+    )
     out = capsys.readouterr().out
     assert hyps[c["key"]] in out and "parameters" in out and "loaded in" in out and "model ms" in out
     assert cli_main(["translate", "--run", str(run), str(c["folder"]), "--checkpoint", "stage1", "--json"]) == 0
@@ -107,15 +130,17 @@ def test_console_script():
 # ---------------------------------------------------------------------------------------------
 # decoding as `sclslt shard` does, for shards of real corpora
 
+
 def test_inputs_are_decoded_like_the_shard_tool(tmp_path):
     """A frame folder and a video sharded with --size 24 --max-frames 9, then data.max_frames 5: the
     command's frames equal the shards' frames subsampled as evaluation does."""
-    from sclslt.data import sharding as sv
     from sclslt.config import from_dict
+    from sclslt.data import sharding as sv
     from sclslt.data.loader import subsample_frames
     from sclslt.data.shards import iter_shard
+
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (13, 30, 40, 3), dtype=np.uint8)        # 40 x 30, not square
+    frames = rng.integers(0, 256, (13, 30, 40, 3), dtype=np.uint8)  # 40 x 30, not square
     root = tmp_path / "corpus"
     _frame_folder(root / "a", frames)
     _write_video(root / "b.mkv", frames, "ffv1", "bgr0")
@@ -140,6 +165,7 @@ def test_inputs_are_decoded_like_the_shard_tool(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # which checkpoint, and the errors
 
+
 def _fake_run(root: Path, stages: dict) -> Path:
     """A run layout with empty checkpoint files: {stage: (tags, latest)} (nothing is loaded)."""
     (root / "tokenizer").mkdir(parents=True)
@@ -157,9 +183,9 @@ def _fake_run(root: Path, stages: dict) -> Path:
 
 def test_checkpoint_choice(tmp_path):
     run = _fake_run(tmp_path / "r", {"stage1": (["s1a"], "s1a"), "stage2": (["s2a", "s2b"], "s2b")})
-    assert resolve_checkpoint(run).label == "stage2/s2b"                        # no results.json: latest
+    assert resolve_checkpoint(run).label == "stage2/s2b"  # no results.json: latest
     (run / "results.json").write_text(json.dumps({"selected_checkpoint": {"stage": "stage2", "tag": "s2a"}}))
-    assert resolve_checkpoint(run).label == "stage2/s2a"                        # what the run selected
+    assert resolve_checkpoint(run).label == "stage2/s2a"  # what the run selected
     assert resolve_checkpoint(run, "stage2").label == "stage2/s2a"
     (run / "results.json").write_text(json.dumps({"selected_checkpoint": "s2a"}))
     assert resolve_checkpoint(run).label == "stage2/s2a"
@@ -174,7 +200,7 @@ def test_checkpoint_choice(tmp_path):
     (run / "results.json").write_text(json.dumps({"selected_checkpoint": {"stage": "stage2", "tag": "gone"}}))
     with pytest.raises(TranslateError, match="gone"):
         resolve_checkpoint(run)
-    only1 = _fake_run(tmp_path / "r1", {"stage1": (["x"], "x")})        # stage 2 disabled: stage 1
+    only1 = _fake_run(tmp_path / "r1", {"stage1": (["x"], "x")})  # stage 2 disabled: stage 1
     assert resolve_checkpoint(only1).label == "stage1/x"
     with pytest.raises(TranslateError, match="no checkpoint"):
         resolve_checkpoint(only1, "stage2")
@@ -219,6 +245,6 @@ def test_errors_name_the_problem_and_the_file(tiny_run, clips, tmp_path, capsys)
     _fails(["--run", str(run), str(broken)], capsys, "images3.png", "unreadable frame")
     if not torch.cuda.is_available():
         _fails(["--run", str(run), good, "--device", "cuda"], capsys, "CUDA is not available")
-    with pytest.raises(SystemExit) as e:            # usage errors: argparse, exit 2
+    with pytest.raises(SystemExit) as e:  # usage errors: argparse, exit 2
         cli_main(["translate", good])
     assert e.value.code == 2

@@ -20,6 +20,7 @@ become ``_``); two items with the same key are both reported bad. Unpickling hap
 corpora's own annotation files (CSL-Daily's ``.pkl``, GFSLT-VLP's ``labels.*``), and only as data
 (`pickles.load_annotation_pickle`); shards never contain pickles.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

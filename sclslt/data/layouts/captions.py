@@ -9,6 +9,7 @@ Splits: ``<root>/splits.json`` (``{"train": [video stems], "dev": [...], "test":
 ``<root>/<split>.txt`` (one stem per line); without either, every video belongs to ``train``.
 A cue without text or with end <= start, and a caption file without its video, are bad items.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,6 +38,7 @@ def _caption_split(root: Path, split: str) -> set[str] | None:
 @CORPUS_LAYOUTS.register("captions")
 def read_captions(root: Path, split: str, annotations: Path | None = None) -> list[Item]:
     import webvtt
+
     members = _caption_split(root, split)
     if members is None and split != "train":
         return []
@@ -53,8 +55,16 @@ def read_captions(root: Path, split: str, annotations: Path | None = None) -> li
         try:
             cues = webvtt.from_srt(str(cap)) if cap.suffix.lower() == ".srt" else webvtt.read(str(cap))
         except Exception as e:  # noqa: BLE001 - webvtt's parse errors name no file: this does
-            items.append(Item(key=safe_key(stem), text="", source=rel(cap, root), path=str(cap), kind="video",
-                              problem=f"unreadable captions {cap.name}: {type(e).__name__}: {e}"))
+            items.append(
+                Item(
+                    key=safe_key(stem),
+                    text="",
+                    source=rel(cap, root),
+                    path=str(cap),
+                    kind="video",
+                    problem=f"unreadable captions {cap.name}: {type(e).__name__}: {e}",
+                )
+            )
             continue
         for i, cue in enumerate(cues, 1):
             # milliseconds, not webvtt's *_in_seconds (whole seconds)
@@ -63,6 +73,16 @@ def read_captions(root: Path, split: str, annotations: Path | None = None) -> li
             problem = "" if end > start >= 0 else f"bad times {cue.start}..{cue.end} (cue {i} of {cap.name})"
             if video is None:
                 problem = f"no video {stem}.* (any of {', '.join(VIDEO_EXTS)}) for captions {cap.name}"
-            items.append(Item(key=safe_key(f"{stem}_{i:05d}"), text=text, source=f"{rel(cap, root)}#{i}",
-                              path=str(video or cap), kind="video", start=start, end=end, problem=problem))
+            items.append(
+                Item(
+                    key=safe_key(f"{stem}_{i:05d}"),
+                    text=text,
+                    source=f"{rel(cap, root)}#{i}",
+                    path=str(video or cap),
+                    kind="video",
+                    start=start,
+                    end=end,
+                    problem=problem,
+                )
+            )
     return items

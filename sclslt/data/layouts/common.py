@@ -1,6 +1,7 @@
 """What every corpus layout reader shares: the layout error, the default splits, tar-safe keys and
 paths relative to the corpus root.
 """
+
 from __future__ import annotations
 
 import re

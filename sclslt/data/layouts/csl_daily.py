@@ -8,6 +8,7 @@ in ``sentence/frames_512x512/<name>/`` (also accepted: ``frames_512x512/<name>/`
 sentence as characters, no separators: the annotation has no other sentence string); ``length``,
 when present, must equal the number of frame files.
 """
+
 from __future__ import annotations
 
 import csv
@@ -35,25 +36,45 @@ def read_csl_daily(root: Path, split: str, annotations: Path | None = None) -> l
     names = [r["name"].strip() for r in rows if (r.get("split") or "").strip() == split]
     try:
         with open(pkl_path, "rb") as f:
-            data = load_annotation_pickle(f, pkl_path)     # CSL-Daily's own annotation format
+            data = load_annotation_pickle(f, pkl_path)  # CSL-Daily's own annotation format
         info = {d["name"]: d for d in data["info"]}
     except CorpusError:
         raise
     except Exception as e:  # noqa: BLE001
         raise CorpusError(f"{pkl_path}: cannot read CSL-Daily annotation (pickle with 'info'): {e}") from e
-    frame_dirs = [root / "sentence" / "frames_512x512", root / "frames_512x512",
-                  root / "sentence_frames-512x512" / "frames_512x512"]
+    frame_dirs = [
+        root / "sentence" / "frames_512x512",
+        root / "frames_512x512",
+        root / "sentence_frames-512x512" / "frames_512x512",
+    ]
     base = next((d for d in frame_dirs if d.is_dir()), frame_dirs[0])
     items = []
     for name in names:
         folder = base / name
         d = info.get(name)
         if d is None:
-            items.append(Item(key=safe_key(name), text="", source=rel(folder, root), path=str(folder),
-                              kind="frames", problem=f"not in {pkl_path.name}"))
+            items.append(
+                Item(
+                    key=safe_key(name),
+                    text="",
+                    source=rel(folder, root),
+                    path=str(folder),
+                    kind="frames",
+                    problem=f"not in {pkl_path.name}",
+                )
+            )
             continue
         chars = d.get("label_char")
         text = "".join(map(str, chars)) if isinstance(chars, (list, tuple, np.ndarray)) else str(chars or "")
-        items.append(Item(key=safe_key(name), text=text, source=rel(folder, root), path=str(folder),
-                          kind="frames", signer=str(d.get("signer", "")), expected_len=d.get("length")))
+        items.append(
+            Item(
+                key=safe_key(name),
+                text=text,
+                source=rel(folder, root),
+                path=str(folder),
+                kind="frames",
+                signer=str(d.get("signer", "")),
+                expected_len=d.get("length"),
+            )
+        )
     return items

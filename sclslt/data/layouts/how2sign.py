@@ -7,6 +7,7 @@ sentence-level videos) is decoded whole; otherwise ``<VIDEO_NAME>.mp4`` is decod
 ``START_REALIGNED`` and ``END_REALIGNED`` seconds. The release calls its dev split ``val``:
 ``--split dev`` reads ``how2sign_realigned_val.csv`` and writes split ``dev``. No signer column.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,6 +51,16 @@ def read_how2sign(root: Path, split: str, annotations: Path | None = None) -> li
                 problem = f"bad times {r['START_REALIGNED']!r}..{r['END_REALIGNED']!r}"
             if full is None:
                 problem = problem or f"missing file: neither {sname}.mp4 nor {vname}.mp4 under {root}"
-        items.append(Item(key=safe_key(sname), text=r.get("SENTENCE") or "", source=rel(Path(path), root),
-                          path=str(path), kind="video", start=start, end=end, problem=problem))
+        items.append(
+            Item(
+                key=safe_key(sname),
+                text=r.get("SENTENCE") or "",
+                source=rel(Path(path), root),
+                path=str(path),
+                kind="video",
+                start=start,
+                end=end,
+                problem=problem,
+            )
+        )
     return items

@@ -6,6 +6,7 @@ of frames, relative to the manifest's directory unless absolute), ``text``, opti
 (rows without one belong to ``train``), ``signer``, ``key``, ``start``/``end`` (seconds, videos
 only). The key defaults to the path without its extension.
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,8 +49,10 @@ def read_manifest_file(root: Path, split: str, annotations: Path | None = None) 
     items = []
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict) or "path" not in r or "text" not in r:
-            raise CorpusError(f"{path}: row {i} lacks 'path' or 'text' (has "
-                              f"{sorted(map(str, r)) if isinstance(r, dict) else type(r).__name__})")
+            raise CorpusError(
+                f"{path}: row {i} lacks 'path' or 'text' (has "
+                f"{sorted(map(str, r)) if isinstance(r, dict) else type(r).__name__})"
+            )
         if str(r.get("split") or "train").strip() != split:
             continue
         raw = str(r["path"] if r["path"] is not None else "").strip()
@@ -65,7 +68,17 @@ def read_manifest_file(root: Path, split: str, annotations: Path | None = None) 
             end = float(end) if end not in (None, "") else None
         except (TypeError, ValueError):
             problem, start, end = f"bad times {r.get('start')!r}..{r.get('end')!r}", None, None
-        items.append(Item(key=safe_key(str(key)), text=str(r["text"] or ""), source=rel(p, base),
-                          path=str(p), kind=kind, signer=str(r.get("signer") or ""), start=start, end=end,
-                          problem=problem))
+        items.append(
+            Item(
+                key=safe_key(str(key)),
+                text=str(r["text"] or ""),
+                source=rel(p, base),
+                path=str(p),
+                kind=kind,
+                signer=str(r.get("signer") or ""),
+                start=start,
+                end=end,
+                problem=problem,
+            )
+        )
     return items

@@ -11,6 +11,7 @@ CSV are the PNGs in ``features/fullFrame-210x260px/<split>/<name>/`` (the CSV's 
 ``<name>/1/*.png`` comes from PHOENIX-2014 and is not used as a path). With the pickle, ``length``
 must equal ``len(imgs_path)`` and every listed file must exist.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,18 +35,26 @@ def read_phoenix2014t(root: Path, split: str, annotations: Path | None = None) -
         with open(csv_path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f, delimiter="|", quoting=csv.QUOTE_NONE))
         if rows and not {"name", "translation"} <= set(rows[0]):
-            raise CorpusError(f"{csv_path}: expected columns name|video|start|end|speaker|orth|translation, "
-                              f"got {list(rows[0])}")
+            raise CorpusError(
+                f"{csv_path}: expected columns name|video|start|end|speaker|orth|translation, got {list(rows[0])}"
+            )
         for r in rows:
             folder = frames_root / split / r["name"]
-            items.append(Item(key=safe_key(r["name"]), text=r.get("translation") or "",
-                              source=rel(folder, root), path=str(folder), kind="frames",
-                              signer=r.get("speaker") or ""))
+            items.append(
+                Item(
+                    key=safe_key(r["name"]),
+                    text=r.get("translation") or "",
+                    source=rel(folder, root),
+                    path=str(folder),
+                    kind="frames",
+                    signer=r.get("speaker") or "",
+                )
+            )
         return items
     if pkl_path is not None:
         try:
             with gzip.open(pkl_path, "rb") as f:
-                data = load_annotation_pickle(f, pkl_path)     # GFSLT-VLP's own annotation format
+                data = load_annotation_pickle(f, pkl_path)  # GFSLT-VLP's own annotation format
         except CorpusError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -57,9 +66,20 @@ def read_phoenix2014t(root: Path, split: str, annotations: Path | None = None) -
             name = v.get("name") or str(k).split("/", 1)[-1]
             imgs = list(v.get("imgs_path") or [])
             folder = frames_root / split / name
-            items.append(Item(key=safe_key(name), text=v.get("text") or "", source=rel(folder, root),
-                              path=str(folder), kind="frames", frames=[str(frames_root / p) for p in imgs],
-                              listed=True, expected_len=v.get("length")))
+            items.append(
+                Item(
+                    key=safe_key(name),
+                    text=v.get("text") or "",
+                    source=rel(folder, root),
+                    path=str(folder),
+                    kind="frames",
+                    frames=[str(frames_root / p) for p in imgs],
+                    listed=True,
+                    expected_len=v.get("length"),
+                )
+            )
         return items
-    raise CorpusError(f"phoenix2014t: no annotation for split {split!r}: looked for "
-                      f"PHOENIX-2014-T.{split}.corpus.csv and labels.{split} in {', '.join(map(str, dirs))}")
+    raise CorpusError(
+        f"phoenix2014t: no annotation for split {split!r}: looked for "
+        f"PHOENIX-2014-T.{split}.corpus.csv and labels.{split} in {', '.join(map(str, dirs))}"
+    )

@@ -3,6 +3,7 @@
 numbers and numpy arrays; a pickle naming any other global is refused before it runs. Shards never
 contain pickles.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -15,12 +16,30 @@ class _AnnotationUnpickler(pickle.Unpickler):
     A pickle that names any other global (a function to call on load, a class to build) is refused
     before anything runs: annotation files travel through mirrors and forks, and a pickle runs code."""
 
-    ALLOWED = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray",
-                                         "int", "float", "complex", "bool", "slice")} | \
-        {("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode")} | \
-        {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | \
-        {("numpy", "ndarray"), ("numpy", "dtype")} | \
-        {(m, n) for m in ("numpy.core.numeric", "numpy._core.numeric") for n in ("_frombuffer",)}
+    ALLOWED = (
+        {
+            ("builtins", n)
+            for n in (
+                "dict",
+                "list",
+                "tuple",
+                "set",
+                "frozenset",
+                "str",
+                "bytes",
+                "bytearray",
+                "int",
+                "float",
+                "complex",
+                "bool",
+                "slice",
+            )
+        }
+        | {("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode")}
+        | {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+        | {("numpy", "ndarray"), ("numpy", "dtype")}
+        | {(m, n) for m in ("numpy.core.numeric", "numpy._core.numeric") for n in ("_frombuffer",)}
+    )
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -38,6 +57,8 @@ def load_annotation_pickle(f, path) -> object:
     try:
         return _AnnotationUnpickler(f).load()
     except RefusedPickle as e:
-        raise CorpusError(f"{path}: refused to unpickle it: it asks for {e.args[0]}, which is not data (an "
-                          f"annotation file may hold containers, strings, numbers and numpy arrays only); "
-                          f"a pickle runs what it names when loaded, so this file was not read") from None
+        raise CorpusError(
+            f"{path}: refused to unpickle it: it asks for {e.args[0]}, which is not data (an "
+            f"annotation file may hold containers, strings, numbers and numpy arrays only); "
+            f"a pickle runs what it names when loaded, so this file was not read"
+        ) from None

@@ -1,11 +1,8 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
-from sclslt.config import ConfigError, Config, from_dict, load_config, parse_overrides, save_config, to_dict
+from sclslt.config import Config, ConfigError, from_dict, load_config, parse_overrides, save_config, to_dict
 from tests.helpers import ROOT
-
 
 
 def test_defaults_validate_and_stage_defaults_differ():
@@ -18,7 +15,7 @@ def test_file_then_dotted_overrides(tmp_path):
     f.write_text(yaml.safe_dump({"train": {"max_steps": 7, "seed": 3}, "stage2": {"lr": 0.5}}))
     cfg = load_config(f, ["--train.max_steps", "50", "--model.backbone_hidden=[4, 8]", "--stage1.enabled", "false"])
     assert cfg.train.max_steps == 50 and cfg.train.seed == 3
-    assert cfg.stage2.lr == 0.5 and cfg.stage2.contrastive_weight == 0.0   # stage default kept under a partial section
+    assert cfg.stage2.lr == 0.5 and cfg.stage2.contrastive_weight == 0.0  # stage default kept under a partial section
     assert cfg.model.backbone_hidden == [4, 8] and cfg.stage1.enabled is False
 
 
@@ -73,7 +70,9 @@ def test_base_files_chain_and_are_overridden(tmp_path):
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
 def test_every_shipped_experiment_file_loads(path):
     cfg = load_config(ROOT / path)
-    if "phoenix2014t" in path or "csl_daily" in path:       # the paper's recipe (docs/paper.md "Symmetric InfoNCE and the model")
+    if (
+        "phoenix2014t" in path or "csl_daily" in path
+    ):  # the paper's recipe (docs/paper.md "Symmetric InfoNCE and the model")
         assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.eval.beam) == (16, 32, 8)
         assert cfg.stage1.label_smoothing == cfg.stage2.label_smoothing == 0.2
         assert cfg.model.similarity == "cico" and cfg.stage1.freeze_text_encoder
@@ -88,6 +87,7 @@ def test_train_help_lists_every_config_field_with_its_comment(capsys):
 
     from sclslt.cli import main
     from sclslt.config import Config
+
     with _pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
@@ -97,6 +97,7 @@ def test_train_help_lists_every_config_field_with_its_comment(capsys):
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
             yield from paths(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [f"{prefix}{f.name}"]
+
     every = list(paths(Config()))
     assert len(every) > 50 and all(f"--{p} (default" in out for p in every)
     assert "--train.max_steps (default 0): cap on optimizer steps per stage" in out
@@ -104,6 +105,7 @@ def test_train_help_lists_every_config_field_with_its_comment(capsys):
 
 def test_sclslt_train_reports_a_config_error_with_exit_code_2(tmp_path, capsys):
     from sclslt.cli import main
+
     assert main(["train", "--train.max_stpes", "5", "--train.run_dir", str(tmp_path / "r")]) == 2
     assert "train.max_stpes" in capsys.readouterr().err
 
@@ -113,13 +115,14 @@ def test_every_name_field_refuses_an_unknown_name_and_help_lists_the_names():
     and --help read them from there."""
     from sclslt.config import Config, field_help, name_fields
     from sclslt.registry import REGISTRIES
+
     fields = name_fields(Config())
     assert set(REGISTRIES) <= set(fields) and {"data.decode", "selection.mode", "train.precision"} <= set(fields)
     help_lines = field_help()
     for key, names in fields.items():
         section, name = key.split(".")
         default = getattr(getattr(Config(), section), name)
-        assert set(default if isinstance(default, list) else [default]) <= set(names), key   # defaults are names
+        assert set(default if isinstance(default, list) else [default]) <= set(names), key  # defaults are names
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             from_dict({section: {name: ["no-such-name"] if isinstance(default, list) else "no-such-name"}})
         line = next(ln for ln in help_lines if ln.startswith(f"  --{key} "))
@@ -134,6 +137,7 @@ def test_help_prints_every_line_of_a_fields_comment():
     import re
 
     from sclslt.config import SelectionConfig, field_help
+
     src = inspect.getsource(SelectionConfig)
     first, more = re.search(r"\n    pools: int = \d+ +# (.*)\n +# (.*)\n", src).groups()
     line = next(ln for ln in field_help() if ln.startswith("  --selection.pools "))

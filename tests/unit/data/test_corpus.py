@@ -1,4 +1,5 @@
 """Unit tests of the synthetic sign corpus (fast, CPU, small configs)."""
+
 from __future__ import annotations
 
 import collections
@@ -13,8 +14,17 @@ from sclslt.data.synthetic import CATEGORIES, SyntheticCorpus
 
 
 def small_cfg(**kw) -> SyntheticConfig:
-    base = dict(seed=7, n_train=200, n_dev=20, n_test=30, frame_size=32, n_signers=4,
-                n_templates=40, zipf_a=1.1, near_dup_frac=0.3)
+    base = dict(
+        seed=7,
+        n_train=200,
+        n_dev=20,
+        n_test=30,
+        frame_size=32,
+        n_signers=4,
+        n_templates=40,
+        zipf_a=1.1,
+        near_dup_frac=0.3,
+    )
     base.update(kw)
     return SyntheticConfig(**base)
 
@@ -35,6 +45,7 @@ def one_word_apart(a: str, b: str) -> bool:
 
 
 # -- determinism ---------------------------------------------------------------------------------
+
 
 def test_same_config_gives_identical_samples():
     a, b = SyntheticCorpus(small_cfg()), SyntheticCorpus(small_cfg())
@@ -61,8 +72,9 @@ def test_different_seed_gives_different_corpus():
     sa = [a.sample("train", i) for i in range(5)]
     sb = [b.sample("train", i) for i in range(5)]
     assert [s["text"] for s in sa] != [s["text"] for s in sb]
-    assert any(x["frames"].shape != y["frames"].shape or not np.array_equal(x["frames"], y["frames"])
-               for x, y in zip(sa, sb))
+    assert any(
+        x["frames"].shape != y["frames"].shape or not np.array_equal(x["frames"], y["frames"]) for x, y in zip(sa, sb)
+    )
 
 
 def test_splits_differ_from_each_other(corpus):
@@ -71,6 +83,7 @@ def test_splits_differ_from_each_other(corpus):
 
 
 # -- splits and sample format --------------------------------------------------------------------
+
 
 def test_split_sizes(corpus, train):
     assert corpus.split_size("train") == 200 and len(train) == 200
@@ -102,8 +115,8 @@ def test_frames_dtype_shape_range(size):
         assert f.shape[1:] == (size, size, 3)
         n = len(s["glosses"])
         assert n * cfg.min_frames_per_sign <= T <= n * cfg.max_frames_per_sign + 4
-        assert f.max() >= 200          # saturated hands are drawn
-        assert f.std() > 10            # not a blank clip
+        assert f.max() >= 200  # saturated hands are drawn
+        assert f.std() > 10  # not a blank clip
 
 
 def test_text_and_glosses(corpus, train):
@@ -128,6 +141,7 @@ def test_signers_speed_within_range(corpus):
 
 
 # -- statistics: order change, duplicates, near-duplicates -----------------------------------------
+
 
 def test_sign_order_differs_from_text_order(train):
     differ = sum([g.lower() for g in s["glosses"]] != s["text"].split() for s in train)
@@ -166,11 +180,12 @@ def test_pool_is_distinct_and_has_near_duplicates(corpus, train):
 def test_zipf_frequencies(corpus):
     p = corpus.pool_probs
     assert np.isclose(p.sum(), 1.0) and np.all(np.diff(p) < 0)
-    expected = (np.arange(1, len(p) + 1) ** -corpus.cfg.zipf_a)
+    expected = np.arange(1, len(p) + 1) ** -corpus.cfg.zipf_a
     assert np.allclose(p, expected / expected.sum())
 
 
 # -- signs are visually distinct ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", [7, 1234])
 def test_every_word_has_a_distinct_sign(seed):
@@ -202,21 +217,25 @@ def test_generation_is_fast():
     t = time.perf_counter()
     for i in range(200):
         c.sample("train", i)
-    assert time.perf_counter() - t < 5.0   # ~0.3 s expected; 1450 clips must take well under 20 s
+    assert time.perf_counter() - t < 5.0  # ~0.3 s expected; 1450 clips must take well under 20 s
 
 
 # -- paraphrase families (issue 14) ---------------------------------------------------------------
 
+
 def _fingerprint(c: SyntheticCorpus) -> str:
     import hashlib
     import json
+
     texts = [c.sample("train", i)["text"] for i in range(50)]
-    return hashlib.sha256(json.dumps([c.pool_texts, texts]).encode() + c.sample("train", 5)["frames"].tobytes()
-                          ).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps([c.pool_texts, texts]).encode() + c.sample("train", 5)["frames"].tobytes()
+    ).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("kw,want", [({}, "f8b26ede6b9594c4"),
-                                     ({"near_dup_frac": 0.6, "frame_size": 24}, "1a813ef49637553d")])
+@pytest.mark.parametrize(
+    "kw,want", [({}, "f8b26ede6b9594c4"), ({"near_dup_frac": 0.6, "frame_size": 24}, "1a813ef49637553d")]
+)
 def test_settings_without_paraphrases_are_the_corpora_made_before_them(kw, want):
     # fingerprints of the default and of experiments/pair_selection/configs/ps_synthetic.yaml's corpus, taken
     # with the generator as it was before paraphrase families existed (git 49a3ba2): old results stay reproducible
@@ -234,7 +253,7 @@ def test_paraphrases_are_other_words_for_the_same_signs():
     seen = set()
     for i in paraphrases:
         m = c.pool_meaning[i]
-        assert c.pool_meaning[m] == m and c.pool_near_dup_of[i] is None      # a root meaning, not a near-dup
+        assert c.pool_meaning[m] == m and c.pool_near_dup_of[i] is None  # a root meaning, not a near-dup
         assert c.pool_glosses[i] == c.pool_glosses[m] and c.pool_texts[i] != c.pool_texts[m]
         a, b = c.pool_texts[i].split(), c.pool_texts[m].split()
         content = [w for w in a if w != "the"]
@@ -265,6 +284,7 @@ def test_paraphrase_settings_are_checked():
 
 def test_partner_statistics_count_each_kind():
     from experiments.pair_selection import partners as cp
+
     texts = ["a b c d", "a b c d", "a b c e", "the a b c d", "x y z"]
     meanings = [0, 0, 1, 0, 2]
     st = cp.partner_stats(texts, meanings, jaccard=0.6, batch=3)

@@ -8,6 +8,7 @@ wrong names, npy headers with huge or negative dimensions, zstd frames claiming 
 json (ShardError), caption files, CSV/JSONL manifests, label pickles and frame images of the corpus
 readers (CorpusError, or a bad item).
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,17 +31,19 @@ from sclslt.data.layouts.common import CorpusError
 from sclslt.data.shards import ShardError, decode_frames, iter_shard, read_manifest
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-LIMIT_S = 20            # one input, one reader: milliseconds normally; a loop that never ends fails here
+LIMIT_S = 20  # one input, one reader: milliseconds normally; a loop that never ends fails here
 
 
 def bounded(test):
     """Each generated input's run is bounded in time (hypothesis's deadline only judges runs that finish: a
     reader stuck in a loop would hang the suite instead). Mutation caught (checked): a manifest reader that
     loops forever on a shard list it cannot parse fails test_manifests with this TimeoutError."""
+
     @functools.wraps(test)
     def run(*args, **kwargs):
         def expire(*_):
             raise TimeoutError(f"one input took over {LIMIT_S} s: a reader hangs on it")
+
         old = signal.signal(signal.SIGALRM, expire)
         signal.setitimer(signal.ITIMER_REAL, LIMIT_S)
         try:
@@ -48,7 +51,10 @@ def bounded(test):
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+
     return run
+
+
 junk = st.binary(max_size=400)
 text = st.text(max_size=300)
 
@@ -68,11 +74,12 @@ def _names(e: BaseException, path) -> bool:
 
 # -- configuration ------------------------------------------------------------------------------
 
+
 @FUZZ
 @given(body=st.one_of(text, junk.map(lambda b: b.decode("latin-1"))))
-@example(body="model: {d_model: x}")            # a wrong type
-@example(body="stage1: [1, 2")                   # broken YAML
-@example(body="nonsense_key: 1")                 # an unknown section
+@example(body="model: {d_model: x}")  # a wrong type
+@example(body="stage1: [1, 2")  # broken YAML
+@example(body="nonsense_key: 1")  # an unknown section
 @bounded
 def test_experiment_files(tmp_path, body):
     """Any file body loads or ends in a ConfigError that names the file. Mutation caught: a type error raised
@@ -86,9 +93,17 @@ def test_experiment_files(tmp_path, body):
 
 
 @FUZZ
-@given(args=st.lists(st.one_of(text, st.sampled_from(["--train.max_steps", "--model.similarity", "--x.y",
-                                                       "--data", "--stage1.lr", "nan", "[1,", "{a: 1"])),
-                     max_size=6))
+@given(
+    args=st.lists(
+        st.one_of(
+            text,
+            st.sampled_from(
+                ["--train.max_steps", "--model.similarity", "--x.y", "--data", "--stage1.lr", "nan", "[1,", "{a: 1"]
+            ),
+        ),
+        max_size=6,
+    )
+)
 @bounded
 def test_dotted_overrides(args):
     try:
@@ -99,10 +114,21 @@ def test_dotted_overrides(args):
 
 # -- shards -------------------------------------------------------------------------------------
 
+
 @FUZZ
-@given(body=st.one_of(junk, st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(
-    st.sampled_from(["num_samples", "shards", "samples", "frame_shape", "format", "split"]),
-    st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=3), st.none()), max_size=6))))
+@given(
+    body=st.one_of(
+        junk,
+        st.builds(
+            lambda d: json.dumps(d).encode(),
+            st.dictionaries(
+                st.sampled_from(["num_samples", "shards", "samples", "frame_shape", "format", "split"]),
+                st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=3), st.none()),
+                max_size=6,
+            ),
+        ),
+    )
+)
 @bounded
 def test_manifests(tmp_path, body):
     (tmp_path / "train.json").write_bytes(body)
@@ -112,6 +138,7 @@ def test_manifests(tmp_path, body):
         assert _names(e, tmp_path / "train.json"), e
         return
     from sclslt.data.loader import ShardStream
+
     try:
         list(ShardStream(tmp_path, "train", 2))
     except ShardError as e:
@@ -125,15 +152,19 @@ def npy_header(shape, descr="|u1") -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head
 
 
-dims = st.integers(min_value=-3, max_value=10 ** 12)
+dims = st.integers(min_value=-3, max_value=10**12)
 
 
 @FUZZ
-@given(shape=st.lists(dims, min_size=0, max_size=5), tail=junk,
-       fmt=st.sampled_from(["npy", "npy.zst", "jpg"]), descr=st.sampled_from(["|u1", "<f8", "|O", "<i4"]))
-@example(shape=[1, 1, 1, 3], tail=bytes(24), fmt="npy", descr="<f8")     # well-formed npy, the wrong dtype
-@example(shape=[2, 3], tail=bytes(6), fmt="npy", descr="|u1")            # well-formed npy, the wrong shape
-@example(shape=[0, 4, 4, 3], tail=b"", fmt="npy", descr="|u1")           # no frames
+@given(
+    shape=st.lists(dims, min_size=0, max_size=5),
+    tail=junk,
+    fmt=st.sampled_from(["npy", "npy.zst", "jpg"]),
+    descr=st.sampled_from(["|u1", "<f8", "|O", "<i4"]),
+)
+@example(shape=[1, 1, 1, 3], tail=bytes(24), fmt="npy", descr="<f8")  # well-formed npy, the wrong dtype
+@example(shape=[2, 3], tail=bytes(6), fmt="npy", descr="|u1")  # well-formed npy, the wrong shape
+@example(shape=[0, 4, 4, 3], tail=b"", fmt="npy", descr="|u1")  # no frames
 @bounded
 def test_frame_payloads(shape, tail, fmt, descr):
     """Whatever the payload, decoding ends in the reader's error naming the member, or in frames as the contract
@@ -142,25 +173,30 @@ def test_frame_payloads(shape, tail, fmt, descr):
     data = npy_header(shape, descr) + tail
     if fmt == "npy.zst":
         import zstandard
+
         # a frame that claims 10^12 bytes of content, then garbage
         data = zstandard.ZstdCompressor(write_content_size=True).compress(data)[:12] + tail
-        data = data[:4] + b"\xa4" + struct.pack("<Q", 10 ** 12) + data[13:]
+        data = data[:4] + b"\xa4" + struct.pack("<Q", 10**12) + data[13:]
     elif fmt == "jpg":
-        data = struct.pack("<I", max(0, len(shape))) + b"".join(struct.pack("<I", d % 2 ** 32) for d in shape) + tail
+        data = struct.pack("<I", max(0, len(shape))) + b"".join(struct.pack("<I", d % 2**32) for d in shape) + tail
     if fmt == "npy.zst":
         import zstandard
+
         from sclslt.data.codec import MAX_CLIP_BYTES
+
         huge = zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * 64)
         assert zstandard.frame_content_size(huge) == 64
-        with pytest.raises(ShardError, match="claims"):           # refused from the header, nothing allocated
+        with pytest.raises(ShardError, match="claims"):  # refused from the header, nothing allocated
             decode_frames(_claim(huge, MAX_CLIP_BYTES + 1), "clip.tar:k", fmt)
     try:
         frames = decode_frames(data, "clip.tar:k", fmt)
     except ShardError as e:
         assert "clip.tar:k" in str(e), e
     else:
-        assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) > 0, \
-            (frames.dtype, frames.shape)
+        assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) > 0, (
+            frames.dtype,
+            frames.shape,
+        )
 
 
 def _claim(frame: bytes, size: int) -> bytes:
@@ -169,7 +205,7 @@ def _claim(frame: bytes, size: int) -> bytes:
     fcs_len = {0: 1 if desc & 0x20 else 0, 1: 2, 2: 4, 3: 8}[desc >> 6]
     window = 0 if desc & 0x20 else 1
     did = {0: 0, 1: 1, 2: 2, 3: 4}[desc & 3]
-    head, rest = frame[:5 + window + did], frame[5 + window + did + fcs_len:]
+    head, rest = frame[: 5 + window + did], frame[5 + window + did + fcs_len :]
     return head[:4] + bytes([(desc & 0x3F) | 0xC0]) + head[5:] + struct.pack("<Q", size) + rest
 
 
@@ -185,10 +221,18 @@ def _tar(members: list[tuple[str, bytes]], truncate: int | None) -> bytes:
 
 
 @FUZZ
-@given(members=st.lists(st.tuples(st.sampled_from(["s0.frames.npy", "s0.json", "s1.json", "s1.frames.npy",
-                                                    "x", "s0.frames.npy.extra", "../s2.json"]),
-                                  st.one_of(junk, st.just(b"\xff\xfe{\"key\": \"s0\"}"))), max_size=4),
-       truncate=st.one_of(st.none(), st.integers(min_value=0, max_value=3000)))
+@given(
+    members=st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["s0.frames.npy", "s0.json", "s1.json", "s1.frames.npy", "x", "s0.frames.npy.extra", "../s2.json"]
+            ),
+            st.one_of(junk, st.just(b'\xff\xfe{"key": "s0"}')),
+        ),
+        max_size=4,
+    ),
+    truncate=st.one_of(st.none(), st.integers(min_value=0, max_value=3000)),
+)
 @bounded
 def test_tar_members(tmp_path, members, truncate):
     shard = tmp_path / "train-000000.tar"
@@ -201,6 +245,7 @@ def test_tar_members(tmp_path, members, truncate):
 
 # -- corpus readers -----------------------------------------------------------------------------
 
+
 def _bad_or_error(layout: str, root: Path, named: Path, split: str = "train"):
     try:
         items = read_items(layout, root, split)
@@ -208,8 +253,9 @@ def _bad_or_error(layout: str, root: Path, named: Path, split: str = "train"):
         assert _names(e, named) or str(root) in str(e), e
         return
     from sclslt.data.decoding import check_item
+
     for it in items:
-        check_item(it)                 # a problem is recorded on the item, never raised from a library
+        check_item(it)  # a problem is recorded on the item, never raised from a library
 
 
 @FUZZ
@@ -223,10 +269,18 @@ def test_caption_files(tmp_path, body, srt):
 
 
 @FUZZ
-@given(rows=st.lists(st.dictionaries(st.sampled_from(["path", "text", "split", "start", "end", "key", "zz"]),
-                                     st.one_of(text, st.integers(), st.floats(allow_nan=True), st.none()),
-                                     max_size=6), max_size=5),
-       jsonl=st.booleans(), raw=st.one_of(st.none(), junk))
+@given(
+    rows=st.lists(
+        st.dictionaries(
+            st.sampled_from(["path", "text", "split", "start", "end", "key", "zz"]),
+            st.one_of(text, st.integers(), st.floats(allow_nan=True), st.none()),
+            max_size=6,
+        ),
+        max_size=5,
+    ),
+    jsonl=st.booleans(),
+    raw=st.one_of(st.none(), junk),
+)
 @bounded
 def test_csv_and_jsonl_manifests(tmp_path, rows, jsonl, raw):
     f = tmp_path / ("manifest.jsonl" if jsonl else "manifest.csv")
@@ -245,11 +299,12 @@ def test_csv_and_jsonl_manifests(tmp_path, rows, jsonl, raw):
 @bounded
 def test_label_pickles(tmp_path, body, gz):
     import gzip
-    if gz:                                            # GFSLT-VLP's gzip pickle
+
+    if gz:  # GFSLT-VLP's gzip pickle
         f = tmp_path / "labels.train"
         f.write_bytes(gzip.compress(body))
         _bad_or_error("phoenix2014t", tmp_path, f)
-    else:                                             # CSL-Daily's pickle
+    else:  # CSL-Daily's pickle
         lab = tmp_path / "sentence_label"
         lab.mkdir(exist_ok=True)
         f = lab / "csl2020ct_v2.pkl"
@@ -259,17 +314,23 @@ def test_label_pickles(tmp_path, body, gz):
 
 
 @FUZZ
-@given(images=st.lists(st.one_of(junk, st.just(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30),
-                                 st.just(b"\xff\xd8\xff\xe0" + b"\x00" * 40)), min_size=1, max_size=3))
+@given(
+    images=st.lists(
+        st.one_of(junk, st.just(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30), st.just(b"\xff\xd8\xff\xe0" + b"\x00" * 40)),
+        min_size=1,
+        max_size=3,
+    )
+)
 @bounded
 def test_frame_images(tmp_path, images):
     from sclslt.data.decoding import decode_item
+
     d = tmp_path / "clip"
     d.mkdir(exist_ok=True)
     for i, b in enumerate(images):
         (d / f"{i:04d}.png").write_bytes(b)
     f = tmp_path / "manifest.csv"
-    f.write_text(f"path,text\nclip,hello there\n")
+    f.write_text("path,text\nclip,hello there\n")
     try:
         items = read_items("manifest", f, "train")
     except CorpusError as e:

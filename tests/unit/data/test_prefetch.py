@@ -1,6 +1,7 @@
 """The loader's batches one step ahead on the device (sclslt/data/prefetch.py): the same batches in the same order,
 a loader error raised in the training thread when its batch would have come, no more than `ahead` batches taken
 early, and the thread gone when a stage stops mid-epoch."""
+
 import threading
 
 import pytest
@@ -12,10 +13,18 @@ from sclslt.data.prefetch import on_device
 
 def _batch(i: int) -> Batch:
     mask = torch.ones(2, 3, dtype=torch.bool)
-    return Batch(frames=torch.full((2, 3, 4, 4, 3), i, dtype=torch.uint8), frame_mask=mask,
-                 input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 5, dtype=torch.long),
-                 labels=torch.ones(2, 5, dtype=torch.long), sentence_ids=torch.tensor([i, i]), keys=[i, i],
-                 texts=["a", "b"], frame_index=torch.arange(6), lengths=[3, 3])
+    return Batch(
+        frames=torch.full((2, 3, 4, 4, 3), i, dtype=torch.uint8),
+        frame_mask=mask,
+        input_ids=torch.ones(2, 5, dtype=torch.long),
+        attention_mask=torch.ones(2, 5, dtype=torch.long),
+        labels=torch.ones(2, 5, dtype=torch.long),
+        sentence_ids=torch.tensor([i, i]),
+        keys=[i, i],
+        texts=["a", "b"],
+        frame_index=torch.arange(6),
+        lengths=[3, 3],
+    )
 
 
 class _Counting:
@@ -55,7 +64,7 @@ def test_at_most_ahead_batches_are_taken_early_and_the_thread_stops_with_the_sta
     it = on_device(loader, "cpu", ahead=ahead)
     for k in range(1, 6):
         next(it)
-        for _ in range(100):                     # give the thread time to run ahead as far as it may
+        for _ in range(100):  # give the thread time to run ahead as far as it may
             if loader.taken >= k + ahead:
                 break
             threading.Event().wait(0.01)

@@ -1,9 +1,9 @@
 """Shards read over HTTP from a real server on the loopback address (started and stopped here): streamed
 and planned (byte ranges at the manifest's offsets) reads equal the local ones, a connection dropped
 mid-shard is retried with nothing lost or duplicated, and a server that keeps failing is a clear error."""
+
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,7 @@ import pytest
 
 from sclslt.data.loader import GlobalStream, ShardStream
 from sclslt.data.shards import ShardError, ShardIndex, iter_shard, read_manifest, write_split
-from sclslt.data.storage import Store, StorageError
-
+from sclslt.data.storage import StorageError, Store
 from tests.shard_server import Server
 
 
@@ -20,8 +19,12 @@ def _samples(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     for i in range(n):
         t = int(rng.integers(3, 9))
-        yield {"key": f"clip{i:04d}", "frames": rng.integers(0, 255, (t, 16, 16, 3), dtype=np.uint8),
-               "text": f"sentence {i % 7} number {i}", "signer": f"s{i % 3}"}
+        yield {
+            "key": f"clip{i:04d}",
+            "frames": rng.integers(0, 255, (t, 16, 16, 3), dtype=np.uint8),
+            "text": f"sentence {i % 7} number {i}",
+            "signer": f"s{i % 3}",
+        }
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +62,12 @@ def test_streamed_reads_over_http_equal_local_despite_a_dropped_connection(shard
     want = [s for b in local for s in b]
     with Server(shards) as srv:
         names = [sh["name"] for sh in read_manifest(shards, "dev")["shards"]]
-        srv.drop = {names[1]: 700}                    # inside the first sample's frames of shard 1
+        srv.drop = {names[1]: 700}  # inside the first sample's frames of shard 1
         remote = ShardStream(srv.url, "dev", 4)
-        remote.store.block_size = 1024                # several ranges per shard
+        remote.store.block_size = 1024  # several ranges per shard
         got = [s for b in remote for s in b]
         assert srv.dropped and srv.dropped[0][0] == names[1]
-    assert [s["key"] for s in got] == [s["key"] for s in want]        # nothing lost or duplicated
+    assert [s["key"] for s in got] == [s["key"] for s in want]  # nothing lost or duplicated
     for a, b in zip(got, want):
         assert np.array_equal(a["frames"], b["frames"]) and a["meta"] == b["meta"]
     assert remote.bad.errors == []
@@ -73,11 +76,11 @@ def test_streamed_reads_over_http_equal_local_despite_a_dropped_connection(shard
 def test_planned_reads_over_http_use_byte_ranges_and_retry(shards):
     man = read_manifest(shards, "train")
     keys = [row[0] for row in man["samples"]]
-    plan = [keys[i:i + 5] for i in (3, 17, 30)]
+    plan = [keys[i : i + 5] for i in (3, 17, 30)]
     want = [[s["frames"] for s in b] for b in GlobalStream(shards, "train", plan)]
     with Server(shards) as srv:
         first = read_manifest(shards, "train")["samples"][17]
-        srv.drop = {man["shards"][first[1]]["name"]: first[5][0] + 10}     # cut inside a planned clip
+        srv.drop = {man["shards"][first[1]]["name"]: first[5][0] + 10}  # cut inside a planned clip
         got = [[s["frames"] for s in b] for b in GlobalStream(srv.url, "train", plan)]
         assert srv.dropped
         tar_gets = [g for g in srv.gets if g[0].endswith(".tar")]
@@ -99,6 +102,7 @@ def test_a_server_that_keeps_failing_is_a_clear_error(shards):
 
 def _member_offset(shards: Path, shard: str, key: str, member: str = "frames.npy") -> int:
     import tarfile
+
     with tarfile.open(shards / shard) as tf:
         return next(m.offset_data for m in tf.getmembers() if m.name == f"{key}.{member}")
 
@@ -108,18 +112,18 @@ def test_a_damaged_byte_range_is_named_counted_and_never_trained_on(shards):
     byte of one clip gives a bad sample naming the shard URL and the clip, replaced in its batch."""
     man = read_manifest(shards, "train")
     keys = [r[0] for r in man["samples"]][:24]
-    batches = [keys[i:i + 6] for i in range(0, 24, 6)]
+    batches = [keys[i : i + 6] for i in range(0, 24, 6)]
     victim, shard = keys[8], man["shards"][man["samples"][8][1]]["name"]
     local = [[s["key"] for s in b] for b in GlobalStream(shards, "train", batches)]
     with Server(shards) as srv:
-        srv.flip = {shard: [_member_offset(shards, shard, victim) + 200]}       # inside the frames' data
+        srv.flip = {shard: [_member_offset(shards, shard, victim) + 200]}  # inside the frames' data
         stream = GlobalStream(srv.url, "train", batches, max_bad_fraction=0.1)
         got = [b for b in stream]
-        assert len(stream.bad.errors) == 1, stream.bad.errors             # a failure explains itself
+        assert len(stream.bad.errors) == 1, stream.bad.errors  # a failure explains itself
         err = stream.bad.errors[0]
         assert f"{srv.url}/{shard}:{victim}" in err and "checksum mismatch" in err
         assert victim not in {s["key"] for b in got for s in b}
-        want = [[k if k != victim else b[0] for k in b] for b in local]          # the batch's first good clip
+        want = [[k if k != victim else b[0] for k in b] for b in local]  # the batch's first good clip
         assert [[s["key"] for s in b] for b in got] == want
         strict = GlobalStream(srv.url, "train", batches, max_bad_fraction=0.0)
         with pytest.raises(ShardError, match="checksum mismatch"):
@@ -137,15 +141,17 @@ def test_read_threads_starting_at_once_share_one_remote_filesystem(shards, monke
 
     made, url_to_fs = [], fsspec.core.url_to_fs
 
-    def slow_url_to_fs(*a, **k):               # widen the window the threads race through
+    def slow_url_to_fs(*a, **k):  # widen the window the threads race through
         made.append(1)
         time.sleep(0.05)
         return url_to_fs(*a, **k)
+
     monkeypatch.setattr(fsspec.core, "url_to_fs", slow_url_to_fs)
     with Server(shards) as srv:
         store, out = Store(srv.url), []
-        threads = [threading.Thread(target=lambda: out.append(store.read_range("train-000000.tar", 0, 512)))
-                   for _ in range(8)]
+        threads = [
+            threading.Thread(target=lambda: out.append(store.read_range("train-000000.tar", 0, 512))) for _ in range(8)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -162,13 +168,14 @@ def test_a_damaged_streamed_shard_is_caught_by_sample_and_by_shard(shards, capsy
     shard = man["shards"][1]["name"]
     victim = next(r[0] for r in man["samples"] if r[1] == 1)
     with Server(shards) as srv:
-        srv.flip = {shard: [_member_offset(shards, shard, victim) + 300]}       # in the pixels, past the npy header
+        srv.flip = {shard: [_member_offset(shards, shard, victim) + 300]}  # in the pixels, past the npy header
         stream = ShardStream(srv.url, "dev", 4, max_bad_fraction=0.2)
         assert [s["key"] for b in stream for s in b] == [k for k in want if k != victim]
         assert len(stream.bad.errors) == 1 and f"{shard}:{victim}" in stream.bad.errors[0]
         # the zero padding after a member's data (the tar's own checksums cover headers, not this):
         # no sample byte changes, the file does
         import tarfile
+
         with tarfile.open(shards / shard) as tf:
             m = next(m for m in tf.getmembers() if m.size % 512)
         srv.flip = {shard: [m.offset_data + m.size]}
@@ -179,6 +186,7 @@ def test_a_damaged_streamed_shard_is_caught_by_sample_and_by_shard(shards, capsy
     (shards / "old").mkdir(exist_ok=True)
     import json
     import shutil
+
     for sh in man["shards"]:
         shutil.copy(shards / sh["name"], shards / "old" / sh["name"])
     (shards / "old" / "dev.json").write_text(json.dumps(old))

@@ -1,5 +1,6 @@
 """Metrics against the reference implementations: sacrebleu's command line, n-gram counts, the
 rouge-score package and a brute-force LCS; the per-split report file."""
+
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ def _corpus(seed, n=40, zh=False):
     hyps = []
     for r in refs:
         w = list(r)
-        for _ in range(rng.randint(0, 3)):               # corrupt a few tokens
+        for _ in range(rng.randint(0, 3)):  # corrupt a few tokens
             w[rng.randrange(len(w))] = rng.choice(vocab)
         if rng.random() < 0.3:
             w = w[: max(1, len(w) - 2)]
@@ -36,9 +37,27 @@ def _sacrebleu_cli(tmp_path, hyps, refs, tokenize):
     """sacrebleu's own command line on the same files: [{name, score, signature, ...}] for BLEU, chrF."""
     (tmp_path / "hyp.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
     (tmp_path / "ref.txt").write_text("\n".join(refs) + "\n", encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i",
-                          str(tmp_path / "hyp.txt"), "-m", "bleu", "chrf", "-tok", tokenize, "-w", "6"],
-                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sacrebleu",
+            str(tmp_path / "ref.txt"),
+            "-i",
+            str(tmp_path / "hyp.txt"),
+            "-m",
+            "bleu",
+            "chrf",
+            "-tok",
+            tokenize,
+            "-w",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
     return {d["name"]: d for d in json.loads(out.stdout)}
 
 
@@ -46,7 +65,9 @@ def naive_bleu(hyps, refs, n_max):
     """Corpus BLEU-n from clipped n-gram counts on 13a tokens (no smoothing needed: no zero counts here)."""
     import math
     from collections import Counter
+
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
     tok = Tokenizer13a()
     match, total = [0] * n_max, [0] * n_max
     hl = rl = 0
@@ -54,8 +75,8 @@ def naive_bleu(hyps, refs, n_max):
         h, r = tok(h).split(), tok(r).split()
         hl, rl = hl + len(h), rl + len(r)
         for n in range(1, n_max + 1):
-            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            hc = Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
+            rc = Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
             match[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
             total[n - 1] += sum(hc.values())
     bp = 1.0 if hl > rl else math.exp(1 - rl / hl)
@@ -66,13 +87,12 @@ def naive_bleu(hyps, refs, n_max):
 def test_bleu_equals_counts(seed):
     hyps, refs = _corpus(seed)
     ours = compute_metrics(hyps, refs, "13a")
-    for n in range(1, 5):           # the CLI has no n-gram order option: BLEU-1..4 against the counts
+    for n in range(1, 5):  # the CLI has no n-gram order option: BLEU-1..4 against the counts
         assert ours[f"bleu{n}"] == pytest.approx(naive_bleu(hyps, refs, n), rel=1e-9), n
     assert "tok:13a" in ours["bleu_signature"] and "version" in ours["bleu_signature"]
 
 
-@pytest.mark.parametrize("tokenize,zh,seed", [("13a", False, 0), ("13a", False, 1), ("zh", True, 2),
-                                              ("char", True, 3)])
+@pytest.mark.parametrize("tokenize,zh,seed", [("13a", False, 0), ("13a", False, 1), ("zh", True, 2), ("char", True, 3)])
 def test_bleu_and_chrf_equal_sacrebleu_command_line(tmp_path, tokenize, zh, seed):
     """BLEU-4 and chrF2, scores and signatures, as `python -m sacrebleu ref -i hyp -m bleu chrf -tok T`."""
     hyps, refs = _corpus(seed, zh=zh)
@@ -95,6 +115,7 @@ def test_rouge_l_equals_rouge_score_package(seed):
     class Whitespace(tokenizers.Tokenizer):
         def tokenize(self, text):
             return text.split()
+
     hyps, refs = _corpus(seed)
     # rouge-score's F-measure is beta = 1; ours defaults to the SLT papers' beta = 1.2
     sc = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Whitespace())
@@ -105,9 +126,11 @@ def test_rouge_l_equals_rouge_score_package(seed):
 
 def brute_force_lcs(a: str, b: str) -> int:
     """The longest subsequence of `a` (every subset of its positions, longest first) found in `b`."""
+
     def is_subseq(s, t):
         it = iter(t)
         return all(c in it for c in s)
+
     for n in range(min(len(a), len(b)), 0, -1):
         if any(is_subseq([a[i] for i in idx], b) for idx in itertools.combinations(range(len(a)), n)):
             return n
@@ -123,7 +146,7 @@ def test_rouge_l_chinese_is_on_characters(tokenize):
         lcs = brute_force_lcs(h, r)
         if lcs:
             p, rc = lcs / len(h), lcs / len(r)
-            want += (1 + beta ** 2) * p * rc / (rc + beta ** 2 * p)
+            want += (1 + beta**2) * p * rc / (rc + beta**2 * p)
     want = 100 * want / len(refs)
     assert compute_metrics(hyps, refs, tokenize)["rouge_l"] == pytest.approx(want, rel=1e-12)
     assert rouge_l(hyps, refs, tokenize=tokenize) == pytest.approx(want, rel=1e-12)
@@ -137,7 +160,7 @@ def test_rouge_l_13a_tokens_split_punctuation():
     """de/en: ROUGE-L on 13a tokens (the BLEU tokens), so a comma is its own token."""
     assert rouge_l(["regen , sonne"], ["regen, sonne"], tokenize="13a") == pytest.approx(100.0)
     assert rouge_l(["regen , sonne"], ["regen, sonne"]) < 100.0
-    hyps, refs = _corpus(4)                                  # no punctuation: 13a = whitespace tokens
+    hyps, refs = _corpus(4)  # no punctuation: 13a = whitespace tokens
     assert compute_metrics(hyps, refs, "13a")["rouge_l"] == pytest.approx(rouge_l(hyps, refs), rel=1e-12)
 
 
@@ -152,13 +175,14 @@ def test_write_report_is_complete_json_and_atomic(tmp_path, monkeypatch):
     assert doc["split"] == "test" and doc["beam"] == 4
     assert doc["model"]["bleu_signature"].startswith("nrefs:1") and "chrf_signature" in doc["model"]
     assert doc["hypotheses"] == [{"key": r["key"], "hyp": r["hyp"], "ref": r["ref"]} for r in rows]
-    assert "ünïcode 天气" in path.read_text(encoding="utf-8")           # written as UTF-8, not ASCII-escaped
+    assert "ünïcode 天气" in path.read_text(encoding="utf-8")  # written as UTF-8, not ASCII-escaped
 
     # a failure while writing leaves the previous report in place and no temporary file behind
     import sclslt.atomic
 
-    def boom(*a, **k):                  # the temporary file is written, then its fsync fails
+    def boom(*a, **k):  # the temporary file is written, then its fsync fails
         raise OSError("disk full")
+
     monkeypatch.setattr(sclslt.atomic, "_fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         write_report(path, {"split": "test"}, rows[:1])

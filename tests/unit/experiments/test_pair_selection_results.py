@@ -7,6 +7,7 @@ table records, and compares the Markdown and the JSON beside it with the committ
 
 Mutation caught (checked): a seed's line dropped from a JSONL, one metric of one run changed in its last
 digit, or the arms of a study reported in another order than ARMS's changes the bytes."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,10 @@ STUDIES = ("false_negatives_tb1", "false_negatives_tb2", "ps_ablation")
 def recorded(table: str) -> list[str]:
     """The arguments of the command a committed table says it was made with."""
     line = next(ln for ln in (ROOT / RESULTS / table).read_text().splitlines() if ln.startswith("Command: `"))
-    cmd = line[len("Command: `"):line.index("`", len("Command: `"))]
+    cmd = line[len("Command: `") : line.index("`", len("Command: `"))]
     prefix = "python -m experiments.pair_selection.ablation "
     assert cmd.startswith(prefix), cmd
-    return shlex.split(cmd[len(prefix):])
+    return shlex.split(cmd[len(prefix) :])
 
 
 def rebuilt(argv: list[str], monkeypatch) -> tuple[str, str]:
@@ -55,7 +56,7 @@ def test_the_decision_rebuilds_byte_identical_from_both_test_beds(monkeypatch, t
         beds[-1].write_text(js)
     argv = recorded("false_negatives_decision.md")
     assert argv[0] == "--decide"
-    args = abl.parser().parse_args(["--decide", *map(str, beds), *argv[argv.index("--table"):]])
+    args = abl.parser().parse_args(["--decide", *map(str, beds), *argv[argv.index("--table") :]])
     out, md = abl.build(args, abl.command(argv))
     assert md == (ROOT / RESULTS / "false_negatives_decision.md").read_text()
     assert json.dumps(out, indent=1) == (ROOT / RESULTS / "false_negatives_decision.json").read_text()

@@ -5,17 +5,18 @@ On CPU these run under the Triton interpreter (conftest sets TRITON_INTERPRET=1)
 The reference is evaluated in fp64 on the same (already rounded) inputs, so the tolerances measure
 the kernel's own error: fp32 accumulation, and gradients rounded to the input dtype.
 """
-import pytest
-import torch
-import torch.nn.functional as F
 
 import importlib
 import itertools
 
+import pytest
+import torch
+import torch.nn.functional as F
+
 from sclslt_kernels import cico_similarity, cico_similarity_reference, infonce, infonce_reference
 from sclslt_kernels._dispatch import use_triton
 
-INFONCE = importlib.import_module("sclslt_kernels.infonce")     # the modules (the package exports functions)
+INFONCE = importlib.import_module("sclslt_kernels.infonce")  # the modules (the package exports functions)
 CICO = importlib.import_module("sclslt_kernels.cico")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,13 +51,19 @@ def _infonce_case(b, world, d, dtype, ids_kind, scale_value, seed):
         q_ids = k_ids = None
     elif ids_kind == "dups":
         k_ids = torch.randint(0, max(2, n // 3), (n,), generator=g)
-        q_ids = k_ids[off:off + b]
-    else:                                    # every negative of every row is a duplicate
+        q_ids = k_ids[off : off + b]
+    else:  # every negative of every row is a duplicate
         k_ids = torch.zeros(n, dtype=torch.long)
-        q_ids = k_ids[off:off + b]
+        q_ids = k_ids[off : off + b]
     to = dict(device=DEVICE)
-    return (q.to(**to), k.to(**to), torch.tensor(scale_value, **to), off,
-            None if q_ids is None else q_ids.to(**to), None if k_ids is None else k_ids.to(**to))
+    return (
+        q.to(**to),
+        k.to(**to),
+        torch.tensor(scale_value, **to),
+        off,
+        None if q_ids is None else q_ids.to(**to),
+        None if k_ids is None else k_ids.to(**to),
+    )
 
 
 def _check_infonce(q, k, s, off, qi, ki, dtype):
@@ -78,19 +85,22 @@ def _check_infonce(q, k, s, off, qi, ki, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("b,world,d,ids_kind,scale", [
-    (5, 3, 20, "dups", 14.3),       # nothing a multiple of the tile
-    (16, 2, 64, "none", 14.3),
-    (1, 7, 3, "dups", 50.0),        # one row, tiny d
-    (9, 2, 130, "dups", 100.0),     # d over several K chunks, CLIP's maximum scale
-    (6, 3, 17, "all", 14.3),        # fully masked rows: only the positive is left
-    (4, 5, 32, "dups", 1000.0),     # far beyond the clamp: must stay finite
-])
+@pytest.mark.parametrize(
+    "b,world,d,ids_kind,scale",
+    [
+        (5, 3, 20, "dups", 14.3),  # nothing a multiple of the tile
+        (16, 2, 64, "none", 14.3),
+        (1, 7, 3, "dups", 50.0),  # one row, tiny d
+        (9, 2, 130, "dups", 100.0),  # d over several K chunks, CLIP's maximum scale
+        (6, 3, 17, "all", 14.3),  # fully masked rows: only the positive is left
+        (4, 5, 32, "dups", 1000.0),  # far beyond the clamp: must stay finite
+    ],
+)
 def test_infonce_matches_reference(dtype, b, world, d, ids_kind, scale):
     for seed in range(2):
         got = _check_infonce(*_infonce_case(b, world, d, dtype, ids_kind, scale, seed), dtype)
         if ids_kind == "all":
-            assert abs(got.item()) < 1e-6        # -log 1
+            assert abs(got.item()) < 1e-6  # -log 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -125,9 +135,10 @@ def test_infonce_is_deterministic_and_accepts_a_python_scale():
 def test_infonce_takes_the_products_63_bit_sentence_ids():
     """The trainer's sentence ids are 63-bit hashes: the kernels compare all 64 bits (as two int32 words)."""
     q, k, s, off, qi, ki = _infonce_case(9, 3, 24, torch.float32, "dups", 14.3, 2)
-    big = 2 ** 62 - 7919 * 2 ** 20
-    assert torch.equal(infonce(q, k, s, off, qi * 7919 * 2 ** 20 + big - 1, ki * 7919 * 2 ** 20 + big - 1),
-                       infonce(q, k, s, off, qi, ki))
+    big = 2**62 - 7919 * 2**20
+    assert torch.equal(
+        infonce(q, k, s, off, qi * 7919 * 2**20 + big - 1, ki * 7919 * 2**20 + big - 1), infonce(q, k, s, off, qi, ki)
+    )
     assert not torch.equal(infonce(q, k, s, off, qi, ki), infonce(q, k, s, off, qi, ki + 1))
 
 
@@ -147,7 +158,7 @@ def _cico_case(b, n, T, L, d, dtype, seed, empty):
     tm = torch.rand(n, L, generator=g) > 0.3
     vm[:, 0] = True
     tm[:, 0] = True
-    if empty:                       # a clip and a sentence with no valid token
+    if empty:  # a clip and a sentence with no valid token
         vm[-1] = False
         tm[0] = False
     up = torch.randn(b, n, generator=g)
@@ -169,13 +180,16 @@ def _check_cico_against_reference(v, vm, t, tm, up, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("b,n,T,L,d,tau,empty", [
-    (3, 5, 7, 5, 24, 0.07, False),
-    (2, 3, 17, 9, 40, 0.07, True),      # T over one 16-tile, empty clip and sentence
-    (1, 4, 3, 20, 16, 0.5, False),
-    (2, 2, 5, 4, 70, 0.02, True),       # sharp softmax, d over several chunks
-    (2, 3, 50, 12, 80, 0.07, True),     # 64 x 16 tiles: the backward's d chunks (32) narrower than the forward's
-])
+@pytest.mark.parametrize(
+    "b,n,T,L,d,tau,empty",
+    [
+        (3, 5, 7, 5, 24, 0.07, False),
+        (2, 3, 17, 9, 40, 0.07, True),  # T over one 16-tile, empty clip and sentence
+        (1, 4, 3, 20, 16, 0.5, False),
+        (2, 2, 5, 4, 70, 0.02, True),  # sharp softmax, d over several chunks
+        (2, 3, 50, 12, 80, 0.07, True),  # 64 x 16 tiles: the backward's d chunks (32) narrower than the forward's
+    ],
+)
 def test_cico_matches_reference(dtype, b, n, T, L, d, tau, empty):
     v, vm, t, tm, up = _cico_case(b, n, T, L, d, dtype, b * 100 + n, empty)
     rl, ga = TOL[dtype]
@@ -232,31 +246,40 @@ def test_cico_at_gpu_tiles_over_token_blocks_and_sentence_chunks(dtype, b, n, T,
 
 def test_every_token_count_up_to_the_limit_has_a_configuration():
     """The launcher's choice for any T, L the kernel accepts is one the compile check covers."""
-    variants = {(v["kernel"], v["dtype"], tuple(v["constexprs"].values()), tuple(v["options"].values()))
-                for v in CICO.launch_variants()}
+    variants = {
+        (v["kernel"], v["dtype"], tuple(v["constexprs"].values()), tuple(v["options"].values()))
+        for v in CICO.launch_variants()
+    }
     assert {v[0] for v in variants} == set(CICO.KERNELS)
-    for kernel in CICO.KERNELS:          # each kernel's own configuration (the backward's may differ)
+    for kernel in CICO.KERNELS:  # each kernel's own configuration (the backward's may differ)
         for dtype in DTYPES:
             for T in range(1, CICO.MAX_TOKENS + 1, 7):
                 for L in (1, 16, 17, 33, 64, 100, 128, 129, 256):
                     cfg = CICO.config(T, L, dtype, kernel)
                     blocks = tuple(v for k, v in cfg.items() if k.startswith("BLOCK"))
                     opts = (cfg["num_warps"], cfg["num_stages"])
-                    assert any(kn == kernel and dt == dtype and c[-3:] == blocks and o == opts
-                               for kn, dt, c, o in variants), (kernel, T, L, cfg)
+                    assert any(
+                        kn == kernel and dt == dtype and c[-3:] == blocks and o == opts for kn, dt, c, o in variants
+                    ), (kernel, T, L, cfg)
     with pytest.raises(ValueError, match="kernel"):
         CICO.config(16, 16, torch.float32, "_cico_bwd")
     for dtype in DTYPES:
         for b in (1, 64, 255, 256, 100_000):
             cfg = INFONCE.config(b, dtype)
-            assert any(v["dtype"] == dtype and tuple(v["constexprs"].values())[-3:] ==
-                       tuple(x for k, x in cfg.items() if k.startswith("BLOCK"))
-                       and tuple(v["options"].values()) == (cfg["num_warps"], cfg["num_stages"])
-                       for v in INFONCE.launch_variants())
+            assert any(
+                v["dtype"] == dtype
+                and tuple(v["constexprs"].values())[-3:] == tuple(x for k, x in cfg.items() if k.startswith("BLOCK"))
+                and tuple(v["options"].values()) == (cfg["num_warps"], cfg["num_stages"])
+                for v in INFONCE.launch_variants()
+            )
     v = torch.zeros(1, CICO.MAX_TOKENS + 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="at most"):
-        cico_similarity(v, torch.ones(1, CICO.MAX_TOKENS + 1, dtype=torch.bool, device=DEVICE), v[:, :3],
-                        torch.ones(1, 3, dtype=torch.bool, device=DEVICE))
+        cico_similarity(
+            v,
+            torch.ones(1, CICO.MAX_TOKENS + 1, dtype=torch.bool, device=DEVICE),
+            v[:, :3],
+            torch.ones(1, 3, dtype=torch.bool, device=DEVICE),
+        )
 
 
 def test_cico_of_a_clip_with_itself_is_high_and_shapes_are_checked():
@@ -272,11 +295,17 @@ def test_benchmark_script_runs_and_writes_tagged_rows(tmp_path):
     import json
     import subprocess
     import sys
+
     from tests.helpers import ROOT
+
     script = ROOT / "benchmarks" / "bench_kernels.py"
     for extra in ([], ["--cico"]):
-        subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path), "--impl", "fused", "eager",
-                        *extra], check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--impl", "fused", "eager", *extra],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     rows = [r for f in sorted(tmp_path.glob("*.json")) for r in json.loads(f.read_text())]
     assert {r["kind"] for r in rows} == {"infonce", "cico"}
     assert all(r["fwdbwd_ms"] > 0 and r["device"] and r["versions"]["torch"] for r in rows)
@@ -285,21 +314,24 @@ def test_benchmark_script_runs_and_writes_tagged_rows(tmp_path):
 
 # --- launch shapes: every grid axis within CUDA's limits ---------------------------------------------
 
+
 def test_no_launch_grid_exceeds_cudas_limits_at_a_million_columns():
     """The launchers' grids (`grids`: the same functions the launchers call, computed without launching)
     at n = 10^6 columns / sentences (and 10^8 InfoNCE columns), for b = 1 .. 10^6 local rows / clips and
     CiCo's T, L 16..256: every axis within CUDA's limit (x < 2^31, y and z <= 65,535) and the programs
     cover every tile. Catches: reverting `_infonce_dlogits` to the grid (row blocks, column tiles)
-    (1.56M column tiles on axis y at b = 1, n = 10^8), CiCo's forward or gradient back to grid (b, n) / (b, J) (n = 10^6 on axis y), and dropping
+    (1.56M column tiles on axis y at b = 1, n = 10^8), CiCo's forward or gradient back to grid (b, n) / (b, J) (n =
+    10^6 on axis y), and dropping
     the clip groups (b = 10^6 clips on axis y)."""
     from sclslt_kernels._dispatch import GRID_LIMITS
-    n = 10 ** 6
+
+    n = 10**6
 
     def ok(grid):
         return 1 <= len(grid) <= 3 and all(1 <= g <= lim for g, lim in zip(grid, GRID_LIMITS))
 
     for b in (1, 2, 64, 4096, n):
-        for dtype, cols, sms in itertools.product(DTYPES, (n, 10 ** 8), (4, 108, 132)):
+        for dtype, cols, sms in itertools.product(DTYPES, (n, 10**8), (4, 108, 132)):
             launches = INFONCE.grids(b, cols, dtype, sms)
             assert [k for k, _ in launches][0] == "_infonce_fwd" and all(ok(g) for _, g in launches), (b, launches)
             cfg = INFONCE.config(b, dtype)
@@ -336,6 +368,7 @@ class _Recorder:
 
     def __init__(self, kernel):
         import inspect
+
         self.kernel, self.calls = kernel, []
         self.names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
 
@@ -343,6 +376,7 @@ class _Recorder:
         def launch(*args, **kw):
             self.calls.append((grid, {**dict(zip(self.names, args)), **kw}))
             return self.kernel[grid](*args, **kw)
+
         return launch
 
 
@@ -368,6 +402,7 @@ class _AlignedOnly(_Recorder):
             bad += [k for k in self.always if named[k] % 16]
             assert not bad, f"launched with {bad} not aligned"
             return inner(*args, **kw)
+
         return launch
 
 
@@ -381,13 +416,17 @@ def test_infonce_launches_only_the_variant_compiled_offline(d, ids_kind, monkeyp
     for name in ("_infonce_fwd", "_infonce_dlogits"):
         monkeypatch.setattr(INFONCE, name, _AlignedOnly(getattr(INFONCE, name), INFONCE.ALWAYS_ALIGNED[name]))
     q, k, s, off, qi, ki = _infonce_case(5, 3, d, torch.float32, ids_kind, 14.3, 1)
-    views = [None if x is None else torch.cat([x[:1], x])[1:] for x in (qi, ki)]    # 8-byte offsets
+    views = [None if x is None else torch.cat([x[:1], x])[1:] for x in (qi, ki)]  # 8-byte offsets
     _check_infonce(q, k, s, off, *views, torch.float32)
-    assert all(named["d"] % 16 == 0 for kern in ("_infonce_fwd", "_infonce_dlogits")
-               for _, named in getattr(INFONCE, kern).calls)
+    assert all(
+        named["d"] % 16 == 0
+        for kern in ("_infonce_fwd", "_infonce_dlogits")
+        for _, named in getattr(INFONCE, kern).calls
+    )
 
 
 # --- fp32 backward products: bf16 inputs whose chunk products cancel ---------------------------------
+
 
 def _cone_infonce(b, n, d0, seed):
     """bf16 q (b, d0) and k (n, d0) whose logits are all equal (q lives in dims 0..15, k's variation in dims
@@ -407,7 +446,7 @@ def _cone_infonce(b, n, d0, seed):
 def _bf16_ulps(got, want):
     """Elementwise error of got in units of bf16's last place at the reference's magnitude (floored at
     2^-10 of the largest, where fp32 sums of cancelling terms set the error)."""
-    w = want.abs().clamp_min(want.abs().max().item() * 2 ** -10)
+    w = want.abs().clamp_min(want.abs().max().item() * 2**-10)
     return ((got.double() - want).abs() / torch.exp2(torch.floor(torch.log2(w)) - 7)).max().item()
 
 
@@ -425,10 +464,14 @@ def test_infonce_bf16_backward_products_are_not_rounded_to_bf16(monkeypatch):
     q, k = _cone_infonce(b, b * world, d0, 0)
     qa, ka, sa = q.clone().requires_grad_(), k.clone().requires_grad_(), torch.tensor(s, device=DEVICE).requires_grad_()
     gq, gk, gs = torch.autograd.grad(infonce(qa, ka, sa), (qa, ka, sa))
-    qr, kr, sr = q.double().requires_grad_(), k.double().requires_grad_(), torch.tensor(s, dtype=torch.float64).requires_grad_()
+    qr, kr, sr = (
+        q.double().requires_grad_(),
+        k.double().requires_grad_(),
+        torch.tensor(s, dtype=torch.float64).requires_grad_(),
+    )
     wq, wk, ws = torch.autograd.grad(infonce_reference(qr, kr, sr), (qr, kr, sr))
-    _close(gq, wq, 0, 2 ** -8, "dq")                       # bf16's rounding of dq: at most 2^-9 relative
-    term = (q.double() @ k.double().t()).abs().max().item()     # the size of the logits that cancel in d scale
+    _close(gq, wq, 0, 2**-8, "dq")  # bf16's rounding of dq: at most 2^-9 relative
+    term = (q.double() @ k.double().t()).abs().max().item()  # the size of the logits that cancel in d scale
     assert abs(gs.item() - ws.item()) <= 1e-6 * term, (gs.item(), ws.item())
     assert _bf16_ulps(gk, wk) <= 0.5 + 1e-3, _bf16_ulps(gk, wk)
 
@@ -452,10 +495,11 @@ def test_cico_bf16_dv_products_are_not_rounded_to_bf16(monkeypatch):
     v, t = v.bfloat16().to(DEVICE), t.bfloat16().to(DEVICE)
     vm = torch.ones(b, T, dtype=torch.bool, device=DEVICE)
     tm = torch.ones(n, L, dtype=torch.bool, device=DEVICE)
-    up = torch.tensor([[1.0, 1.0, -1.0, -1.0, 2.0, 0.5, -0.5, -2.0], [1.0, -1.0, 1.0, -1.0, 2.0, 2.0, -2.0, -2.0]],
-                      device=DEVICE)
+    up = torch.tensor(
+        [[1.0, 1.0, -1.0, -1.0, 2.0, 0.5, -0.5, -2.0], [1.0, -1.0, 1.0, -1.0, 2.0, 2.0, -2.0, -2.0]], device=DEVICE
+    )
     va = v.clone().requires_grad_()
-    gv, = torch.autograd.grad(cico_similarity(va, vm, t, tm, 0.07), (va,), up)
+    (gv,) = torch.autograd.grad(cico_similarity(va, vm, t, tm, 0.07), (va,), up)
     vr = v.double().requires_grad_()
-    wv, = torch.autograd.grad(cico_similarity_reference(vr, vm, t.double(), tm, 0.07), (vr,), up.double())
-    _close(gv, wv, 0, 2 ** -8, "dv")
+    (wv,) = torch.autograd.grad(cico_similarity_reference(vr, vm, t.double(), tm, 0.07), (vr,), up.double())
+    _close(gv, wv, 0, 2**-8, "dv")

@@ -1,13 +1,14 @@
 """Clip augmentation and crops on the device; temporal subsampling."""
+
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from sclslt.model.augment import ClipAugment
 from sclslt.config import DataConfig
 from sclslt.data.loader import subsample_frames
+from sclslt.model.augment import ClipAugment
 
 
 def clips(b=3, t=4, h=10, w=10, seed=0):
@@ -19,7 +20,7 @@ def test_off_is_identity_and_eval_is_an_exact_centre_crop():
     x = clips()
     aug = ClipAugment(DataConfig()).train()
     assert aug(x) is x
-    crop = ClipAugment(DataConfig(crop=6, augment=True)).eval()          # eval: no augmentation
+    crop = ClipAugment(DataConfig(crop=6, augment=True)).eval()  # eval: no augmentation
     out = crop(x)
     assert out.shape == (3, 4, 6, 6, 3)
     assert torch.allclose(out, x[:, :, 2:8, 2:8].float(), atol=1e-4)
@@ -61,7 +62,7 @@ def test_temporal_subsampling_uniform_for_eval_random_sorted_for_training():
 def dot_clip(size=65, at=(47.0, 32.0), sigma=2.0):
     """One clip (1, 2, size, size, 3) of a Gaussian dot centred at pixel (x, y) = `at`."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    dot = 255 * np.exp(-((xx - at[0]) ** 2 + (yy - at[1]) ** 2) / (2 * sigma ** 2))
+    dot = 255 * np.exp(-((xx - at[0]) ** 2 + (yy - at[1]) ** 2) / (2 * sigma**2))
     frame = np.repeat(np.round(dot)[..., None], 3, -1).astype(np.uint8)
     return torch.from_numpy(np.stack([frame, frame]))[None]
 
@@ -69,7 +70,7 @@ def dot_clip(size=65, at=(47.0, 32.0), sigma=2.0):
 def centroid(out: torch.Tensor) -> np.ndarray:
     """(x, y) intensity centroid of the first frame's first channel."""
     img = out[0, 0, :, :, 0].double().numpy()
-    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
     return np.array([(img * xx).sum(), (img * yy).sum()]) / img.sum()
 
 
@@ -80,19 +81,20 @@ def test_each_transform_moves_a_dot_as_its_setting_says():
     transform whose coin says off leaves the dot where it was. The expected positions are plane geometry
     written out here, measured as the dot's intensity centroid. Mutations caught (checked): degrees read as
     radians (`math.radians` removed), zoom or shift never applied, the translation in half-frames."""
-    size, c = 65, 32.0                                 # the frame's centre pixel
+    size, c = 65, 32.0  # the frame's centre pixel
     cfg = DataConfig(augment=True, aug_prob=0.5, aug_rotate=30.0, aug_scale=[0.8, 1.25], aug_translate=0.1)
     aug = ClipAugment(cfg).train()
     x = dot_clip(size)
-    base = [0.5, 0.5, 0.9, 0.9, 0.9, 0.5, 0.5, 0.5, 0.5]          # every coin off (u >= aug_prob)
+    base = [0.5, 0.5, 0.9, 0.9, 0.9, 0.5, 0.5, 0.5, 0.5]  # every coin off (u >= aug_prob)
 
     def moved(**draws):
         u = list(base)
         for i, v in draws.items():
             u[int(i[1:])] = v
         return centroid(aug(x, torch.tensor([u])))
+
     assert np.allclose(moved(), [47, 32], atol=0.05)
-    for u5, sign in ((1.0, 1), (0.0, -1)):             # the extreme draws: +-30 degrees
+    for u5, sign in ((1.0, 1), (0.0, -1)):  # the extreme draws: +-30 degrees
         p = moved(u2=0.1, u5=u5) - c
         assert np.hypot(*p) == pytest.approx(15, abs=0.3)
         turned = np.degrees(np.arctan2(p[1], p[0]))
@@ -100,13 +102,15 @@ def test_each_transform_moves_a_dot_as_its_setting_says():
         if u5 == 1.0:
             first = np.sign(turned)
         else:
-            assert np.sign(turned) == -first            # the two ends turn opposite ways
+            assert np.sign(turned) == -first  # the two ends turn opposite ways
     for u6, zoom in ((0.0, 0.8), (1.0, 1.25)):
         p = moved(u3=0.1, u6=u6) - c
         assert p == pytest.approx([15 * zoom, 0], abs=0.3)
-    for u7, u8 in ((1.0, 0.5), (0.5, 0.0)):            # the extreme draws: 0.1 of the frame along x, then y
+    for u7, u8 in ((1.0, 0.5), (0.5, 0.0)):  # the extreme draws: 0.1 of the frame along x, then y
         p = moved(u4=0.1, u7=u7, u8=u8) - np.array([47, 32])
-        assert np.hypot(*p) == pytest.approx(0.1 * size, abs=0.3) and (p[0] == pytest.approx(0, abs=0.05)) == (u7 == 0.5)
+        assert np.hypot(*p) == pytest.approx(0.1 * size, abs=0.3) and (p[0] == pytest.approx(0, abs=0.05)) == (
+            u7 == 0.5
+        )
     # the random crop: draws 1 and 0 put the window at the right and top edges, pixel for pixel
     crop = ClipAugment(DataConfig(crop=6, augment=False)).train()
     y = clips(b=1, t=2, h=10, w=10)

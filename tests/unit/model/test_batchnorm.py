@@ -3,6 +3,7 @@ batch (values, gradients and running statistics, in one process and over real gl
 of the batch, padded to its own length; masked and unmasked), `group N` against torch's BatchNorm applied group
 by group, `frozen` against torch's in evaluation mode; what it saves for backward against torch's; running
 statistics in fp32 under bf16."""
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -31,7 +32,7 @@ def _pair(cls, ref_cls, c, seed=0):
 
 def _frames(n, c, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, 5, 4, generator=g) * 3 + torch.arange(c).view(1, c, 1, 1)   # offset means
+    return torch.randn(n, c, 5, 4, generator=g) * 3 + torch.arange(c).view(1, c, 1, 1)  # offset means
 
 
 def _clips(lengths, c, t_max, seed):
@@ -51,7 +52,7 @@ def test_one_process_equals_torch_batchnorm_values_gradients_and_running_stats()
     g = torch.autograd.grad((y * w).sum(), [x, ours.weight, ours.bias])
     want = torch.autograd.grad((yr * w).sum(), [x, ref.weight, ref.bias])
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g, want))
-    finish_step(ours)                                          # running statistics: once per optimizer step
+    finish_step(ours)  # running statistics: once per optimizer step
     assert torch.allclose(ours.running_var, ref.running_var, atol=1e-5)
     assert torch.allclose(ours.running_mean, ref.running_mean, atol=1e-6)
     # masked: only valid steps count, whatever the padding
@@ -69,22 +70,33 @@ def test_one_process_equals_torch_batchnorm_values_gradients_and_running_stats()
 
 def _worker(rank, world, init_file, out_file):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    x = _frames(8, 3, 1)[rank * 8 // world:(rank + 1) * 8 // world].requires_grad_()
+    x = _frames(8, 3, 1)[rank * 8 // world : (rank + 1) * 8 // world].requires_grad_()
     ours, _ = _pair(GlobalBatchNorm2d, nn.BatchNorm2d, 3)
-    w = torch.randn(8, 3, 5, 4, generator=torch.Generator().manual_seed(5))[rank * 8 // world:(rank + 1) * 8 // world]
+    w = torch.randn(8, 3, 5, 4, generator=torch.Generator().manual_seed(5))[rank * 8 // world : (rank + 1) * 8 // world]
     y = ours(x)
     gx, gw = torch.autograd.grad((y * w).sum(), [x, ours.weight])
     finish_step(ours)
-    lengths = [7, 3, 5, 2, 6, 4][rank * 6 // world:(rank + 1) * 6 // world]
-    x1, mask = _clips(lengths, 4, max(lengths), 2 + rank)        # each rank pads to its own longest clip
+    lengths = [7, 3, 5, 2, 6, 4][rank * 6 // world : (rank + 1) * 6 // world]
+    x1, mask = _clips(lengths, 4, max(lengths), 2 + rank)  # each rank pads to its own longest clip
     x1.requires_grad_()
     m1, _ = _pair(GlobalBatchNorm1d, nn.BatchNorm1d, 4)
     y1 = m1(x1, mask)
-    g1 = torch.autograd.grad((y1 * y1.detach().sign() * mask[:, None]).sum(), [x1, m1.weight])   # valid steps
+    g1 = torch.autograd.grad((y1 * y1.detach().sign() * mask[:, None]).sum(), [x1, m1.weight])  # valid steps
     finish_step(m1)
-    out = {"y": y.detach(), "gx": gx, "gw": gw, "rv": ours.running_var, "x1": x1.detach(), "mask": mask,
-           "y1": y1.detach(), "g1x": g1[0], "g1w": g1[1], "rv1": m1.running_var}
+    out = {
+        "y": y.detach(),
+        "gx": gx,
+        "gw": gw,
+        "rv": ours.running_var,
+        "x1": x1.detach(),
+        "mask": mask,
+        "y1": y1.detach(),
+        "g1x": g1[0],
+        "g1w": g1[1],
+        "rv1": m1.running_var,
+    }
     every = [None] * world
     dist.all_gather_object(every, out)
     if rank == 0:
@@ -105,7 +117,7 @@ def test_ranks_holding_slices_equal_one_batchnorm_over_the_whole_batch(tmp_path,
     gx, gw = torch.autograd.grad((y * w).sum(), [x, ref.weight])
     assert torch.allclose(torch.cat([p["y"] for p in parts]), y, atol=1e-5)
     assert torch.allclose(torch.cat([p["gx"] for p in parts]), gx, atol=1e-5)
-    assert torch.allclose(sum(p["gw"] for p in parts), gw, atol=1e-4)          # parameter grads sum over ranks
+    assert torch.allclose(sum(p["gw"] for p in parts), gw, atol=1e-4)  # parameter grads sum over ranks
     assert all(torch.allclose(p["rv"], ref.running_var, atol=1e-5) for p in parts)
     # masked: torch's BatchNorm1d over every rank's valid steps together
     valid = torch.cat([p["x1"].permute(0, 2, 1)[p["mask"]] for p in parts]).requires_grad_()
@@ -117,7 +129,9 @@ def test_ranks_holding_slices_equal_one_batchnorm_over_the_whole_batch(tmp_path,
     assert torch.allclose(sum(p["g1w"] for p in parts), gw1, atol=1e-4)
     assert all(torch.allclose(p["rv1"], r1.running_var, atol=1e-5) for p in parts)
     # the test can fail: per-rank statistics (plain BatchNorm on each slice) are far from the global ones
-    local = torch.cat([nn.BatchNorm2d(3)(_frames(8, 3, 1)[r * 8 // world:(r + 1) * 8 // world]) for r in range(world)])
+    local = torch.cat(
+        [nn.BatchNorm2d(3)(_frames(8, 3, 1)[r * 8 // world : (r + 1) * 8 // world]) for r in range(world)]
+    )
     assert not torch.allclose(local, nn.BatchNorm2d(3)(_frames(8, 3, 1)), atol=1e-2)
 
 
@@ -131,14 +145,16 @@ def test_group_n_equals_torch_batchnorm_group_by_group_in_any_micro_batch(n, chu
     clips, c = 12, 3
     g = torch.Generator().manual_seed(7)
     frames_per_clip = torch.randint(1, 4, (clips,), generator=g)
-    x = (torch.randn(int(frames_per_clip.sum()), c, 3, 2, generator=g) * 2
-         + torch.randn(clips, generator=g).repeat_interleave(frames_per_clip).view(-1, 1, 1, 1)).requires_grad_()
+    x = (
+        torch.randn(int(frames_per_clip.sum()), c, 3, 2, generator=g) * 2
+        + torch.randn(clips, generator=g).repeat_interleave(frames_per_clip).view(-1, 1, 1, 1)
+    ).requires_grad_()
     clip_of = torch.arange(clips).repeat_interleave(frames_per_clip)
     w = torch.randn(x.shape, generator=g)
     ours, ref = _pair(GlobalBatchNorm2d, nn.BatchNorm2d, c)
     ours = configure(nn.Sequential(ours), f"group {n}")[0]
     ys = []
-    for start in range(0, clips, chunk):                      # micro-batches of whole groups
+    for start in range(0, clips, chunk):  # micro-batches of whole groups
         rows = (clip_of >= start) & (clip_of < start + chunk)
         ys.append(ours(x[rows], segments=((clip_of[rows] - start) // n, chunk // n)))
     y = torch.cat(ys)
@@ -153,7 +169,7 @@ def test_group_n_equals_torch_batchnorm_group_by_group_in_any_micro_batch(n, chu
     assert torch.allclose(ours.running_mean, torch.stack([r.running_mean for r in refs]).mean(0), atol=1e-6)
     assert torch.allclose(ours.running_var, torch.stack([r.running_var for r in refs]).mean(0), atol=1e-5)
     whole = nn.BatchNorm2d(c)(x.detach())
-    assert not torch.allclose(whole, y.detach(), atol=1e-2)    # groups matter on this input
+    assert not torch.allclose(whole, y.detach(), atol=1e-2)  # groups matter on this input
     # masked steps of clips (the temporal blocks): each clip group's valid steps only
     x1, mask = _clips([7, 3, 5, 2, 6, 4], 4, 9, 2)
     m1 = GlobalBatchNorm1d(4, f"group {n}")
@@ -191,6 +207,7 @@ def _saved_bytes(fn) -> int:
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
@@ -215,7 +232,7 @@ def test_global_saves_no_more_than_torch_batchnorm_and_keeps_fp32_running_statis
     finish_step(ours)
     with torch.no_grad():
         ours.running_mean.fill_(1000.0)
-    ours(torch.full((4, c, 2, 2), 1004.0, dtype=dtype))   # bf16 holds 1004 (its step there: 4)
+    ours(torch.full((4, c, 2, 2), 1004.0, dtype=dtype))  # bf16 holds 1004 (its step there: 4)
     finish_step(ours)
     assert ours.running_mean.dtype == torch.float32
     assert torch.allclose(ours.running_mean, torch.full((c,), 1000.4)), ours.running_mean[:2]

@@ -2,23 +2,40 @@
 
 Reads README.md, CONTRIBUTING.md and docs/*.md. Fast (no training, no subprocess).
 """
+
 import re
 from pathlib import Path
+
 from tests.helpers import ROOT
 
 README_MAX_LINES = 220
 
 # A backtick token is read as a repository path when it has a '/' and ends in one of these, or starts
 # with one of the repository's top-level folders.
-PATH_SUFFIXES = (".py", ".md", ".json", ".yaml", ".yml", ".sh", ".csv", ".cff", ".txt", ".png", ".sbatch",
-                 ".ini", ".cfg", ".toml")
+PATH_SUFFIXES = (
+    ".py",
+    ".md",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".sh",
+    ".csv",
+    ".cff",
+    ".txt",
+    ".png",
+    ".sbatch",
+    ".ini",
+    ".cfg",
+    ".toml",
+)
 PATH_PREFIXES = ("tools/", "sclslt/", "tests/", "configs/", "benchmarks/", "launch/", "kernels/", "docs/")
 
 # Paths written in the docs that are examples of a user's own files, not files of this repository.
 # Keep it short; each entry says why it is not a repository path.
 USER_PATHS = {
-    "SHARDS/train.json",        # a user's shard directory's train manifest (experiments.pair_selection.partners --manifest)
+    "SHARDS/train.json",  # a user's shard directory's train manifest (experiments.pair_selection.partners --manifest)
 }
+
 
 def doc_files() -> list[Path]:
     return [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -44,7 +61,7 @@ def links(text: str) -> list[str]:
 
 def is_placeholder(token: str) -> bool:
     """`<run_dir>/config.yaml`, `$C/reference.yaml`, `~/.cache/...`, `{1,2}`: a pattern, not one file."""
-    return any(c in token for c in "<>${}~") or token.startswith("/")   # absolute: a user's machine
+    return any(c in token for c in "<>${}~") or token.startswith("/")  # absolute: a user's machine
 
 
 def looks_like_path(token: str) -> bool:
@@ -79,7 +96,7 @@ def test_relative_links_resolve():
     for f in doc_files():
         for target in links(f.read_text()):
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue                      # http(s)://, mailto:, an anchor on the same page
+                continue  # http(s)://, mailto:, an anchor on the same page
             rel = target.split("#", 1)[0]
             if not (f.parent / rel).exists():
                 broken.append(f"{f.relative_to(ROOT)}: {target}")
@@ -103,6 +120,7 @@ def test_backticked_repository_paths_exist():
 
 def known_commands() -> set[str]:
     from sclslt.cli import build_parser
+
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     return set(sub.choices) | {"train"}
@@ -112,7 +130,7 @@ def named_commands(text: str) -> set[str]:
     """`sclslt X` and `sclslt.cli X` in inline code and in shell/python blocks (not in prose or diagrams)."""
     prose, blocks = split_code(text)
     code = inline_code(prose) + [body for lang, body in blocks if lang in ("bash", "sh", "python")]
-    pattern = re.compile(r"(?:^|[\s`(|&;])(?<!from )sclslt(?:\.cli)?[ \t]+([a-z][\w-]*)", re.M)   # not Python
+    pattern = re.compile(r"(?:^|[\s`(|&;])(?<!from )sclslt(?:\.cli)?[ \t]+([a-z][\w-]*)", re.M)  # not Python
     return {m for span in code for m in pattern.findall(span)}
 
 
@@ -138,8 +156,11 @@ def test_readme_is_a_front_page_linking_every_guide():
     n = len(text.splitlines())
     assert n <= README_MAX_LINES, f"README.md has {n} lines (at most {README_MAX_LINES}): move detail to docs/"
     linked = {t.split("#", 1)[0] for t in links(text)}
-    orphans = [g.relative_to(ROOT).as_posix() for g in sorted((ROOT / "docs").glob("*.md"))
-               if g.relative_to(ROOT).as_posix() not in linked]
+    orphans = [
+        g.relative_to(ROOT).as_posix()
+        for g in sorted((ROOT / "docs").glob("*.md"))
+        if g.relative_to(ROOT).as_posix() not in linked
+    ]
     assert not orphans, f"guides the README does not link: {orphans}"
 
 
@@ -152,10 +173,16 @@ def test_the_configuration_guides_field_reference_is_the_configs_own():
     import sys
 
     from sclslt.config import REFERENCE_MARK
+
     text = (ROOT / "docs" / "configuration.md").read_text()
     assert REFERENCE_MARK in text
     # in a fresh interpreter: the suite's own registrations (a test head) are not the product's names
-    made = subprocess.run([sys.executable, "-c", "from sclslt.config import field_reference; "
-                           "print(field_reference(), end='')"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    made = subprocess.run(
+        [sys.executable, "-c", "from sclslt.config import field_reference; print(field_reference(), end='')"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     assert text.split(REFERENCE_MARK, 1)[1] == "\n\n" + made.stdout, "regenerate: see this test's docstring"

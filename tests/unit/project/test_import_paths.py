@@ -6,6 +6,7 @@ launch/train.py, the tools), so without care `import kernels` found our folder a
 Each test runs a fresh interpreter the way users do, with a stand-in `kernels` package installed after the
 checkout on the path (as site-packages is), and Hugging Face's own where the environment has it.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -16,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import ROOT
 
+from tests.helpers import ROOT
 
 
 @pytest.fixture
@@ -48,8 +49,9 @@ def python(code: str, cwd: Path, site: Path | None = None, *argv: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if site is not None:
         env["PYTHONPATH"] = str(site)
-    p = subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p.stdout.strip().splitlines()[-1]
 
@@ -59,10 +61,15 @@ def test_in_a_checkout_kernels_is_the_installed_one_and_the_trainer_imports(stan
     `kernels` and its submodules are the installed package's, while `sclslt_kernels` is ours and the trainer's
     import path (transformers included) loads.
     Mutation caught: deleting the step-aside branch of kernels/__init__.py (kernels is then our folder)."""
-    out = python("import os, sys; sys.path.insert(0, sys.argv[1]);"
-                 "import sclslt.train.main, transformers.activations, sclslt_kernels, kernels;"
-                 "print(os.path.dirname(os.path.realpath(kernels.__file__)), sclslt_kernels.__file__, "
-                 "sclslt_kernels.infonce.__name__)", ROOT, standin, str(ROOT))
+    out = python(
+        "import os, sys; sys.path.insert(0, sys.argv[1]);"
+        "import sclslt.train.main, transformers.activations, sclslt_kernels, kernels;"
+        "print(os.path.dirname(os.path.realpath(kernels.__file__)), sclslt_kernels.__file__, "
+        "sclslt_kernels.infonce.__name__)",
+        ROOT,
+        standin,
+        str(ROOT),
+    )
     assert out.split() == [installed_kernels(standin), str(ROOT / "kernels" / "__init__.py"), "infonce"]
 
 
@@ -76,10 +83,13 @@ def test_without_an_installed_kernels_the_folder_is_still_not_kernels():
         pytest.skip("Hugging Face's kernels is installed here: the stand-in test above covers this checkout")
     except importlib.metadata.PackageNotFoundError:
         pass
-    out = python("import importlib.util, kernels\n"
-                 "from transformers.utils.import_utils import is_kernels_available\n"
-                 "try:\n    import kernels.infonce; sub = 'ours'\nexcept ImportError:\n    sub = 'none'\n"
-                 "print(getattr(kernels, '__file__', None), is_kernels_available(), sub)", ROOT)
+    out = python(
+        "import importlib.util, kernels\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "try:\n    import kernels.infonce; sub = 'ours'\nexcept ImportError:\n    sub = 'none'\n"
+        "print(getattr(kernels, '__file__', None), is_kernels_available(), sub)",
+        ROOT,
+    )
     assert out == "None False none"
 
 
@@ -106,16 +116,30 @@ def test_a_worktree_runs_its_own_sclslt_and_kernels_beside_the_installed_package
     for part in ("sclslt", "kernels", "launch", "tools", "configs"):
         shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "setup.py", tree / "setup.py")
-    out = python("import runpy, sys; sys.argv = ['launch/train.py', '--help'];\n"
-                 "try:\n    runpy.run_path('launch/train.py', run_name='not_main')\nexcept SystemExit:\n    pass\n"
-                 "import os, sclslt, sclslt_kernels, kernels; from sclslt.model import heads\n"
-                 "print(sclslt.__file__, sclslt_kernels.__file__, sys.modules[heads.infonce.__module__].__file__, "
-                 "os.path.dirname(os.path.realpath(kernels.__file__)))", tree, standin)
-    assert out.split() == [str(tree / "sclslt" / "__init__.py"), str(tree / "kernels" / "__init__.py"),
-                           str(tree / "kernels" / "infonce.py"), installed_kernels(standin)]
+    out = python(
+        "import runpy, sys; sys.argv = ['launch/train.py', '--help'];\n"
+        "try:\n    runpy.run_path('launch/train.py', run_name='not_main')\nexcept SystemExit:\n    pass\n"
+        "import os, sclslt, sclslt_kernels, kernels; from sclslt.model import heads\n"
+        "print(sclslt.__file__, sclslt_kernels.__file__, sys.modules[heads.infonce.__module__].__file__, "
+        "os.path.dirname(os.path.realpath(kernels.__file__)))",
+        tree,
+        standin,
+    )
+    assert out.split() == [
+        str(tree / "sclslt" / "__init__.py"),
+        str(tree / "kernels" / "__init__.py"),
+        str(tree / "kernels" / "infonce.py"),
+        installed_kernels(standin),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    help_text = subprocess.run([sys.executable, "tools/shard_videos.py", "--help"], cwd=tree, capture_output=True,
-                               text=True, timeout=300, env={**env, **({"PYTHONPATH": str(standin)} if standin else {})})
+    help_text = subprocess.run(
+        [sys.executable, "tools/shard_videos.py", "--help"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, **({"PYTHONPATH": str(standin)} if standin else {})},
+    )
     assert help_text.returncode == 0 and "usage" in help_text.stdout.lower(), help_text.stderr[-2000:]
 
 
@@ -124,13 +148,35 @@ def test_the_wheel_carries_the_deepspeed_configs_and_every_command(tmp_path):
     checkout), the modules of every `sclslt` command, and none of tools/. Mutation caught (checked): setup.py's
     package_data removed (no configs in the wheel)."""
     import zipfile
-    src = tmp_path / "src"                  # a clean copy: a checkout's stale build/ would fill the wheel
+
+    src = tmp_path / "src"  # a clean copy: a checkout's stale build/ would fill the wheel
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "results"))
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                        str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     names = set(zipfile.ZipFile(next(tmp_path.glob("sclslt-*.whl"))).namelist())
     assert {f"sclslt/configs/zero{z}.json" for z in ("1", "2", "3", "3_offload")} <= names
-    assert {"sclslt/data/sharding.py", "sclslt/selection/reference.py", "sclslt/eval/offline.py",
-            "sclslt/eval/export.py", "sclslt/cli.py", "sclslt_kernels/infonce.py"} <= names
+    assert {
+        "sclslt/data/sharding.py",
+        "sclslt/selection/reference.py",
+        "sclslt/eval/offline.py",
+        "sclslt/eval/export.py",
+        "sclslt/cli.py",
+        "sclslt_kernels/infonce.py",
+    } <= names
     assert not any(n.startswith(("tools/", "tests/", "launch/")) for n in names)

@@ -5,10 +5,12 @@ Read statically from the source (module-level and function-level imports alike),
 inside a function cannot hide an upward dependency. Config strings that name an implementation go
 through `sclslt.registry`, which imports its home module by name (the plugin seam), not statically.
 """
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
 from tests.helpers import ROOT
 
 PKG = ROOT / "sclslt"
@@ -22,7 +24,7 @@ FLOORS = [
     {"sclslt.eval"},
     {"sclslt.selection"},
     {"sclslt.train"},
-    {"sclslt.cli", "sclslt"},            # the entry points: the command, and `from sclslt import SignTranslator`
+    {"sclslt.cli", "sclslt"},  # the entry points: the command, and `from sclslt import SignTranslator`
 ]
 
 
@@ -50,14 +52,19 @@ def imports(path: Path) -> set[str]:
 
 
 def modules() -> dict[str, set[str]]:
-    return {".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): imports(p)
-            for p in sorted(PKG.rglob("*.py"))}
+    return {
+        ".".join(p.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): imports(p)
+        for p in sorted(PKG.rglob("*.py"))
+    }
 
 
 def test_every_import_goes_to_the_same_floor_or_below():
-    upward = [f"{m} (floor {floor(m)}) imports {i} (floor {floor(i)})"
-              for m, deps in modules().items() for i in deps
-              if i.startswith("sclslt.") and floor(i) > floor(m)]
+    upward = [
+        f"{m} (floor {floor(m)}) imports {i} (floor {floor(i)})"
+        for m, deps in modules().items()
+        for i in deps
+        if i.startswith("sclslt.") and floor(i) > floor(m)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -104,13 +111,13 @@ def test_no_import_cycle_between_modules():
     (so do the function-level imports `sclslt.eval.translate` in hub.py and `sclslt.runtime.context` in rundir.py)."""
     mods = modules()
     graph = {m: sorted(d for d in module_imports(m, mods) if d != m) for m in mods}
-    cycles, state = [], {}                  # state: 1 on the current path, 2 done
+    cycles, state = [], {}  # state: 1 on the current path, 2 done
 
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
         for d in graph[m]:
             if state.get(d) == 1:
-                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+                cycles.append(" -> ".join(path[path.index(d) :] + [d]))
             elif d not in state:
                 visit(d, path + [d])
         state[m] = 2

@@ -1,8 +1,10 @@
 """The README's two commands must stay what `.ci/run` and the launcher actually do."""
+
 import re
 import shlex
 import sys
 from pathlib import Path
+
 from tests.helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "launch"))
@@ -22,13 +24,17 @@ def test_readme_shows_main_job_and_test_command():
 
 def test_ci_runs_the_readme_test_command():
     tests = readme_commands()[1]
-    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
-          if ln.strip() and not ln.lstrip().startswith("#")]
+    ci = [
+        ln.strip()
+        for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     assert tests in ci, f".ci/run does not run the README's test command {tests!r}"
 
 
 def test_main_job_arguments_parse_to_the_default_run():
     import train as launcher
+
     main = readme_commands()[0].split("&&")[1]
     argv = shlex.split(main)
     assert argv[:2] == ["deepspeed", "launch/train.py"]
@@ -43,6 +49,7 @@ def test_setup_script_and_ds_configs_exist():
     setup = ROOT / "tools" / "setup_env.sh"
     assert setup.is_file() and setup.stat().st_mode & 0o111
     import json
+
     for z in (1, 2, 3):
         ds = json.loads((ROOT / "configs" / f"zero{z}.json").read_text())
         assert ds["zero_optimization"]["stage"] == z
@@ -51,6 +58,7 @@ def test_setup_script_and_ds_configs_exist():
 
 def test_every_experiment_file_loads():
     from sclslt.config import load_config
+
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert files
     for f in files:
@@ -62,14 +70,16 @@ def test_deepspeed_configs_are_named_by_stage_or_path(capsys):
     taken as it is, an unknown name is a usage error listing the packaged ones. Mutation caught (checked): names
     not resolved (`zero3` taken as a path: a usage error)."""
     import pytest
-
     import train as launcher
+
     args, _ = launcher.parse_args(["--deepspeed", "zero3"])
     assert Path(args.ds_config).read_text() == (ROOT / "configs" / "zero3.json").read_text()
-    assert Path(args.ds_config).is_relative_to(ROOT / "sclslt")            # installed with the package
+    assert Path(args.ds_config).is_relative_to(ROOT / "sclslt")  # installed with the package
     args, _ = launcher.parse_args(["--deepspeed", "configs/zero1.json"])
     assert args.ds_config == "configs/zero1.json"
     with pytest.raises(SystemExit):
         launcher.parse_args(["--deepspeed", "zero9"])
-    assert "zero9: no such DeepSpeed config file; name a packaged one (zero1, zero2, zero3, zero3_offload)" in \
-        capsys.readouterr().err
+    assert (
+        "zero9: no such DeepSpeed config file; name a packaged one (zero1, zero2, zero3, zero3_offload)"
+        in capsys.readouterr().err
+    )

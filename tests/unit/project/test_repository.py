@@ -1,5 +1,6 @@
 """What the repository itself holds: no large tracked files, and one append-only CSV per benchmark whose every
 row says where it came from. Fast (one `git ls-files`, a few CSV reads)."""
+
 import csv
 import shutil
 import subprocess
@@ -36,7 +37,8 @@ def test_no_tracked_file_is_over_500_kb():
     optimizer state that tests/fixtures/run_before_layout_move held before it was regenerated smaller)."""
     big = oversized_tracked_files(ROOT)
     assert not big, "tracked files over 500 KB (keep them out of git, or make them smaller): " + ", ".join(
-        f"{name} ({size // 1024} KB)" for name, size in sorted(big.items()))
+        f"{name} ({size // 1024} KB)" for name, size in sorted(big.items())
+    )
 
 
 def test_the_size_check_sees_a_staged_600_kb_file(tmp_path):

@@ -1,6 +1,7 @@
 """The repository's style is the one `ruff.toml` sets: every Python file formatted by `ruff format`, and
 `ruff check` (import order, unused and undefined names, line length) clean. pre-commit runs the same two
 at each commit; this test keeps a commit made without it from landing."""
+
 import shutil
 import subprocess
 

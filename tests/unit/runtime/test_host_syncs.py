@@ -6,6 +6,7 @@ On a GPU each device-to-host read idles the GPU until the host catches up; on th
 `.item()/.tolist()/bool()` through the tensor methods). DeepSpeed's own step is not ours and not counted here
 (`_Accumulator` stands in for the engine); benchmarks/gpu_check.py's `syncs` part counts a real step on a GPU.
 """
+
 import copy
 
 import pytest
@@ -16,10 +17,10 @@ from sclslt.data.loader import Collate, ShardStream
 from sclslt.data.shards import read_manifest
 from sclslt.data.text import train_tokenizer
 from sclslt.model.batchnorm import finish_step
+from sclslt.model.objective import forward, step_loss
 from sclslt.model.slt import SLTModel
 from sclslt.runtime.syncs import HostReads
 from sclslt.train.accumulate import CachedStep
-from sclslt.model.objective import forward, step_loss
 from sclslt.train.verdict import verdict
 
 
@@ -38,7 +39,7 @@ def setup(tiny_shards, tiny_cfg_dict, tmp_path_factory):
     texts = [s[4] for s in read_manifest(tiny_shards, "train")["samples"]]
     tok = train_tokenizer(texts, tmp_path_factory.mktemp("tok"))
     batch = Collate(tok)(next(iter(ShardStream(tiny_shards, "train", 8))))
-    assert not batch.frame_mask.all() and not batch.attention_mask.bool().all()     # padding on both sides
+    assert not batch.frame_mask.all() and not batch.attention_mask.bool().all()  # padding on both sides
     return tiny_cfg_dict, tok, batch
 
 
@@ -65,8 +66,10 @@ def _step_reads(setup, similarity: str, batchnorm: str, micro: int, checkpointin
     return reads.where
 
 
-@pytest.mark.parametrize("similarity,batchnorm,micro,checkpointing", [
-    ("pooled", "global", 0, False), ("cico", "group 2", 0, True), ("pooled", "group 2", 2, False)])
+@pytest.mark.parametrize(
+    "similarity,batchnorm,micro,checkpointing",
+    [("pooled", "global", 0, False), ("cico", "group 2", 0, True), ("pooled", "group 2", 2, False)],
+)
 def test_a_training_step_reads_the_device_once(setup, similarity, batchnorm, micro, checkpointing):
     """Forward, both losses, the verdict, backward and BatchNorm's update make one device read.
     Mutations caught (each checked): the valid frames picked by a boolean mask again (`frames[frame_mask]`, its

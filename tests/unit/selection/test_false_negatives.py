@@ -1,7 +1,9 @@
-"""The false-negative methods (docs/pair_selection.md, "Keeping false negatives out") against brute force: the close-text pairs (Jaccard, cosine) and their
+"""The false-negative methods (docs/pair_selection.md, "Keeping false negatives out") against brute force: the
+close-text pairs (Jaccard, cosine) and their
 masks on known pairs, the hard and soft close-text losses against per-row loops (values and gradients),
 the heads' close-text path with no close pair against their own loss, and the planner's separation rule
 (`selection.separate_close`) and `allow_same_sentence` against brute-force greedy."""
+
 from __future__ import annotations
 
 import math
@@ -37,8 +39,12 @@ def test_jaccard_pairs_equal_brute_force_and_mask_known_pairs(threshold):
     texts = random_texts(120, 0)
     sids = [sentence_id(t) for t in texts]
     close = jaccard_pairs(sids, texts, threshold)
-    want = {(sids[i], sids[j]) for i in range(len(texts)) for j in range(len(texts))
-            if i != j and jaccard(texts[i], texts[j]) >= threshold}
+    want = {
+        (sids[i], sids[j])
+        for i in range(len(texts))
+        for j in range(len(texts))
+        if i != j and jaccard(texts[i], texts[j]) >= threshold
+    }
     got = {tuple(p) for p in close.pairs().tolist()}
     assert got == want and len(want) > 10
     # the (b, n) mask of rows against columns, columns repeated and one unknown sentence id
@@ -46,13 +52,13 @@ def test_jaccard_pairs_equal_brute_force_and_mask_known_pairs(threshold):
     cols = torch.tensor(sids[:20] + sids[:3] + [12345])
     m = close.mask(rows, cols)
     assert m.tolist() == [[(int(a), int(b)) in want for b in cols] for a in rows]
-    assert not m[:, -1].any() and not m[torch.arange(7), torch.arange(7)].any()   # never a sentence with itself
+    assert not m[:, -1].any() and not m[torch.arange(7), torch.arange(7)].any()  # never a sentence with itself
 
 
 def test_cosine_pairs_equal_brute_force_and_the_table_round_trips(tmp_path):
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(50, 4, generator=g)
-    sids = torch.randperm(10 ** 6, generator=g)[:50].tolist()
+    sids = torch.randperm(10**6, generator=g)[:50].tolist()
     close = close_text.cosine_pairs(sids, emb, 0.8)
     cos = F.normalize(emb.double(), dim=-1) @ F.normalize(emb.double(), dim=-1).t()
     want = {(sids[i], sids[j]) for i in range(50) for j in range(50) if i != j and cos[i, j] >= 0.8}
@@ -85,7 +91,9 @@ def loop_ce(logits, offset, ids, col_ids, close, soft):
         if soft == 0 or not near:
             total = total + lse - logits[i, p]
         else:
-            total = total + (1 - soft) * (lse - logits[i, p]) + sum(soft / len(near) * (lse - logits[i, j]) for j in near)
+            total = (
+                total + (1 - soft) * (lse - logits[i, p]) + sum(soft / len(near) * (lse - logits[i, j]) for j in near)
+            )
     return total / logits.shape[0]
 
 
@@ -95,17 +103,17 @@ def test_close_ce_equals_the_row_loop_in_values_and_gradients(soft):
     b, n, offset = 6, 18, 6
     logits = torch.randn(b, n, generator=g, dtype=torch.float64, requires_grad=True)
     col_ids = torch.randint(0, 7, (n,), generator=g)
-    ids = col_ids[offset:offset + b].clone()
+    ids = col_ids[offset : offset + b].clone()
     close = torch.rand(b, n, generator=g) < 0.3
-    close[0] = False                                   # a row without close columns
+    close[0] = False  # a row without close columns
     got = close_ce(logits, offset, ids, col_ids, close.clone(), soft)
     want = loop_ce(logits, offset, ids, col_ids, close, soft)
     assert float(got) == pytest.approx(float(want), rel=1e-12)
-    ga, = torch.autograd.grad(got, logits)
-    gb, = torch.autograd.grad(want, logits)
+    (ga,) = torch.autograd.grad(got, logits)
+    (gb,) = torch.autograd.grad(want, logits)
     assert torch.allclose(ga, gb, atol=1e-12)
     plain = close_ce(logits, offset, ids, col_ids, torch.zeros(b, n, dtype=torch.bool), soft)
-    assert abs(float(plain) - float(got)) > 1e-3       # the close columns change the loss
+    assert abs(float(plain) - float(got)) > 1e-3  # the close columns change the loss
 
 
 def head_outputs(sim: str, b: int, n: int, seed: int):
@@ -115,8 +123,12 @@ def head_outputs(sim: str, b: int, n: int, seed: int):
         cols = {"video_emb": mk(n), "text_emb": mk(n)}
     else:
         mk = lambda m, t: F.normalize(torch.randn(m, t, 16, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
-        cols = {"video_tokens": mk(n, 5), "video_mask": torch.rand(n, 5, generator=g) < 0.8,
-                "text_tokens": mk(n, 4), "text_mask": torch.rand(n, 4, generator=g) < 0.8}
+        cols = {
+            "video_tokens": mk(n, 5),
+            "video_mask": torch.rand(n, 5, generator=g) < 0.8,
+            "text_tokens": mk(n, 4),
+            "text_mask": torch.rand(n, 4, generator=g) < 0.8,
+        }
         cols["video_mask"][:, 0] = cols["text_mask"][:, 0] = True
     return cols
 
@@ -129,8 +141,8 @@ def test_a_head_close_loss_without_close_pairs_is_its_loss_and_with_them_the_row
     b, n, offset = 4, 12, 4
     cols = head_outputs(sim, b, n, 3)
     col_ids = torch.tensor([1, 2, 3, 1, 5, 6, 7, 8, 9, 5, 2, 4])
-    ids = col_ids[offset:offset + b]
-    out = {k: v[offset:offset + b] for k, v in cols.items()}
+    ids = col_ids[offset : offset + b]
+    out = {k: v[offset : offset + b] for k, v in cols.items()}
     out["logit_scale"] = torch.tensor(10.0, dtype=torch.float64)
     leaves = [v for v in cols.values() if v.requires_grad]
     cols["ids"] = col_ids
@@ -165,10 +177,11 @@ def sym(t, which, i, j):
 
 def test_close_thresholds_are_the_top_q_of_negative_pairs_at_each_checkpoint():
     from sclslt.selection.separation import close_thresholds, threshold_keys
+
     t = make_table(n=200, n_sent=150, seed=7)
     q = 0.05
     sample = threshold_keys(t.keys, 3)
-    assert sorted(sample) == sorted(t.keys)                  # fewer clips than THRESHOLD_ROWS: all of them
+    assert sorted(sample) == sorted(t.keys)  # fewer clips than THRESHOLD_ROWS: all of them
     th = close_thresholds(t, sample, q)
     neg = [(i, j) for i in range(200) for j in range(200) if t.sentence_ids[i] != t.sentence_ids[j]]
     for k in (0, 1):
@@ -176,8 +189,14 @@ def test_close_thresholds_are_the_top_q_of_negative_pairs_at_each_checkpoint():
         assert above == pytest.approx(q, abs=0.002)
     # a property of the table, not of the rows' order (a pool's table lists its rows in the epoch's order)
     perm = torch.randperm(200, generator=torch.Generator().manual_seed(1))
-    shuffled = Table(keys=[t.keys[i] for i in perm], sentence_ids=t.sentence_ids[perm], v0=t.v0[perm], t0=t.t0[perm],
-                     v1=t.v1[perm], t1=t.t1[perm])
+    shuffled = Table(
+        keys=[t.keys[i] for i in perm],
+        sentence_ids=t.sentence_ids[perm],
+        v0=t.v0[perm],
+        t0=t.t0[perm],
+        v1=t.v1[perm],
+        t1=t.t1[perm],
+    )
     assert threshold_keys(shuffled.keys, 3) == sample
     assert close_thresholds(shuffled, threshold_keys(shuffled.keys, 3), q) == pytest.approx(th, abs=1e-12)
     few = threshold_keys(t.keys, 3, rows=50)
@@ -197,7 +216,7 @@ def brute_force_separated(t, pool, batch, n_batches, q, first_rows, th):
         while len(members) < batch:
             sids = {int(t.sentence_ids[c]) for c in members}
             free = [u for u in pool if u not in used and int(t.sentence_ids[u]) not in sids]
-            cands = [u for u in free if not any(close(u, c) for c in members)] or free   # the relaxation
+            cands = [u for u in free if not any(close(u, c) for c in members)] or free  # the relaxation
             scores = [sum(d(u, c) + d(c, u) for c in members) for u in cands]
             order = [c for _, c in sorted(zip(scores, cands), key=lambda x: x[0])]
             members.append(order[math.ceil(q * (len(order) - 1) - 0.5)])
@@ -214,7 +233,7 @@ def false_negative_table() -> "Table":
     t = make_table(n=48, e=64, n_sent=48, seed=3)
     g = torch.Generator().manual_seed(9)
     drift = lambda x: F.normalize(x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype), dim=-1)
-    t.v1, t.t1 = drift(t.v0), drift(t.t0)          # small moves (no exact ties of Delta)
+    t.v1, t.t1 = drift(t.v0), drift(t.t0)  # small moves (no exact ties of Delta)
     for i, j in [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)]:
         d, r = t.v0[i], F.normalize(torch.randn(64, generator=g, dtype=torch.float64), dim=-1)
         t.t0[i] = t.v1[i] = t.t1[i] = d
@@ -231,8 +250,9 @@ def test_separation_rule_equals_brute_force_and_keeps_close_pairs_apart(schedule
     pool = rows_of(t, planner.pools(t.keys, 1)[0])
     got = [rows_of(t, b) for b in batches]
     assert got == brute_force_separated(t, pool, 6, 8, planner.quantile(1, 4), [b[0] for b in got], th)
-    together = lambda bs: sum(sym(t, 0, i, j) >= th[0] and sym(t, 1, i, j) >= th[1]
-                              for b in bs for i in b for j in b if i < j)
+    together = lambda bs: sum(
+        sym(t, 0, i, j) >= th[0] and sym(t, 1, i, j) >= th[1] for b in bs for i in b for j in b if i < j
+    )
     assert th is not None and together(got) <= planner.stats.close_relaxed < 6 and planner.stats.relaxed == 0
     # the rule is what keeps them apart: without it the hard schedule puts such pairs together
     plain, _ = plan(t, 6, epoch=1, epochs=4, seed=4, world=world, schedule=schedule)
@@ -256,21 +276,25 @@ def test_cico_split_directions_score_each_direction_with_its_own_term():
     """model.cico_directions split: video->text rows by i2t, text->video rows by t2i (CiCo's code); the
     default averages the two in both directions."""
     from sclslt_kernels import cico_similarity_reference, masked_ce
+
     head = get_head("cico")
     b, n, offset = 3, 9, 3
     cols = head_outputs("cico", b, n, 4)
     col_ids = torch.arange(n)
-    ids = col_ids[offset:offset + b]
-    out = {k: v[offset:offset + b] for k, v in cols.items()}
+    ids = col_ids[offset : offset + b]
+    out = {k: v[offset : offset + b] for k, v in cols.items()}
     out["logit_scale"] = torch.tensor(10.0, dtype=torch.float64)
     cols["ids"] = col_ids
     keys = ("video_tokens", "video_mask", "text_tokens", "text_mask")
-    ref = lambda vsrc, tsrc, part: cico_similarity_reference(*(vsrc[k] for k in keys[:2]), *(tsrc[k] for k in keys[2:]),
-                                                             0.07, part)
+    ref = lambda vsrc, tsrc, part: cico_similarity_reference(
+        *(vsrc[k] for k in keys[:2]), *(tsrc[k] for k in keys[2:]), 0.07, part
+    )
     for mode, (pv, pt) in (("split", ("i2t", "t2i")), ("average", ("mean", "mean"))):
         got = head.loss({**out, "cico_directions": mode}, ids, cols, offset, 0.07)
-        want = 0.5 * (masked_ce(10.0 * ref(out, cols, pv), offset, ids, col_ids)
-                      + masked_ce(10.0 * ref(cols, out, pt).t(), offset, ids, col_ids))
+        want = 0.5 * (
+            masked_ce(10.0 * ref(out, cols, pv), offset, ids, col_ids)
+            + masked_ce(10.0 * ref(cols, out, pt).t(), offset, ids, col_ids)
+        )
         assert float(got) == pytest.approx(float(want), rel=1e-9), mode
     split = head.loss({**out, "cico_directions": "split"}, ids, cols, offset, 0.07)
     assert abs(float(split) - float(head.loss(out, ids, cols, offset, 0.07))) > 1e-4
@@ -283,9 +307,11 @@ def test_close_text_logits_of_bf16_embeddings_are_fp32_products():
     +-0.2 at scale 100: loss off by ~1e-2; checked)."""
     g = torch.Generator().manual_seed(7)
     b, n, d, offset = 16, 256, 512, 32
-    base = torch.randn(1, d, generator=g)                      # similar sentences: logits crowd near 1
-    cols = {k: F.normalize(base + 0.15 * torch.randn(n, d, generator=g), dim=-1).bfloat16()
-            for k in ("video_emb", "text_emb")}
+    base = torch.randn(1, d, generator=g)  # similar sentences: logits crowd near 1
+    cols = {
+        k: F.normalize(base + 0.15 * torch.randn(n, d, generator=g), dim=-1).bfloat16()
+        for k in ("video_emb", "text_emb")
+    }
     col_ids = torch.arange(n) % 200
     sids = torch.unique(col_ids)
     codes = torch.tensor(sorted({int(i) * len(sids) + int(i + 1) for i in range(0, 198, 7)}))
@@ -294,14 +320,15 @@ def test_close_text_logits_of_bf16_embeddings_are_fp32_products():
 
     def loss(dtype):
         leaves = {k: v.to(dtype).requires_grad_() for k, v in cols.items()}
-        out = {k: v[offset:offset + b] for k, v in leaves.items()}
+        out = {k: v[offset : offset + b] for k, v in leaves.items()}
         out["logit_scale"] = torch.tensor(100.0, dtype=dtype)
-        value = head.close_loss(out, col_ids[offset:offset + b], {**leaves, "ids": col_ids}, offset, 0.07, close)
+        value = head.close_loss(out, col_ids[offset : offset + b], {**leaves, "ids": col_ids}, offset, 0.07, close)
         return value, torch.autograd.grad(value, list(leaves.values()))
+
     got, got_grads = loss(torch.bfloat16)
     want, want_grads = loss(torch.float64)
     assert got.dtype == torch.float32
     got, want = float(got.detach()), float(want.detach())
     assert abs(got - want) <= 1e-4 * abs(want), (got, want)
     for a, w in zip(got_grads, want_grads):
-        assert (a.double() - w).abs().max() <= 1e-2 * w.abs().max()      # bf16 gradients: their own rounding
+        assert (a.double() - w).abs().max() <= 1e-2 * w.abs().max()  # bf16 gradients: their own rounding

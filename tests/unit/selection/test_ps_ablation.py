@@ -1,5 +1,7 @@
-"""experiments/pair_selection/ablation.py: the paired statistics, the power calculation, the table, and that every arm is a
+"""experiments/pair_selection/ablation.py: the paired statistics, the power calculation, the table, and that every
+arm is a
 valid recipe of the test bed (its overrides load, its table comes from a reference arm)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +20,21 @@ TESTBED = ROOT / "experiments" / "pair_selection" / "configs" / "ps_paraphrase.y
 
 
 # two-sided 95% Student t quantiles from a published table (NIST/SEMATECH e-Handbook, 1.3.6.7.2), written out
-PUBLISHED_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 9: 2.262, 11: 2.201, 22: 2.074, 27: 2.052,
-                  35: 2.030, 39: 2.023, 50: 2.009, 100: 1.984, 1000: 1.962}
+PUBLISHED_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    5: 2.571,
+    9: 2.262,
+    11: 2.201,
+    22: 2.074,
+    27: 2.052,
+    35: 2.030,
+    39: 2.023,
+    50: 2.009,
+    100: 1.984,
+    1000: 1.962,
+}
 
 
 def test_the_t_quantile_is_students():
@@ -40,9 +55,9 @@ def test_paired_interval_matches_its_definition_and_resolves_only_clear_gaps():
         assert sum(r["ci95"]) / 2 == pytest.approx(r["mean"])
         assert (r["ci95"][1] - r["ci95"][0]) / 2 == pytest.approx(half, rel=1e-3)
         assert r["resolved"] == (r["ci95"][0] > 0 or r["ci95"][1] < 0)
-    assert abl.paired([3.0, 3.1, 2.9, 3.0])["resolved"]            # a steady gap
-    assert not abl.paired([3.0, -2.0, 4.0, -1.0])["resolved"]      # a noisy one
-    assert not abl.paired([5.0])["resolved"]                       # one seed resolves nothing
+    assert abl.paired([3.0, 3.1, 2.9, 3.0])["resolved"]  # a steady gap
+    assert not abl.paired([3.0, -2.0, 4.0, -1.0])["resolved"]  # a noisy one
+    assert not abl.paired([5.0])["resolved"]  # one seed resolves nothing
     # the t quantile falls with the degrees of freedom towards the normal's
     qs = [abl.t975(df) for df in range(1, 2000)]
     assert all(a > b for a, b in zip(qs, qs[1:])) and 1.96 < qs[-1] < 1.962
@@ -64,10 +79,9 @@ def test_every_arm_is_a_valid_recipe_of_the_test_bed(name):
         assert score in ("pooled", "cico")
         assert abl.ARMS[ref].reference and int(early[5:]) < int(late[5:]) <= cfg.stage1.epochs
         assert cfg.selection.mode == "ps"
-        assert load_config(TESTBED, list(abl.ARMS[ref].args)).model.similarity \
-            == cfg.model.similarity
+        assert load_config(TESTBED, list(abl.ARMS[ref].args)).model.similarity == cfg.model.similarity
     assert arm.baseline in abl.ARMS and (arm.baseline != name or name == "random")
-    if arm.table:                    # planned arms are compared with a random-batch arm of their reference's recipe
+    if arm.table:  # planned arms are compared with a random-batch arm of their reference's recipe
         base = load_config(TESTBED, list(abl.ARMS[arm.baseline].args))
         assert abl.ARMS[arm.baseline].table is None and base.model.similarity == cfg.model.similarity
         assert arm.baseline == arm.table[0] or base.stage1.mask_same_sentence == cfg.stage1.mask_same_sentence
@@ -77,13 +91,22 @@ def test_every_arm_is_a_valid_recipe_of_the_test_bed(name):
 
 def test_markdown_table_shows_means_and_paired_intervals():
     base = {m: {"mean": 10.0, "sd": 1.0, "values": [9.0, 11.0]} for m in abl.METRICS}
-    arm = {m: {"mean": 12.0, "sd": 1.0, "values": [11.0, 13.0],
-               "vs_random": abl.paired([2.0, 2.1, 1.9])} for m in abl.METRICS}
-    out = {"config": "configs/ps_paraphrase.yaml", "seeds": [0, 1, 2], "bleu_signature": "sig",
-           "arms": {"random": {"help": "h", "seeds": [0, 1, 2], **base},
-                    "ps": {"help": "h", "seeds": [0, 1, 2], "baseline": "random", **arm}},
-           "power": {m: {"paired_sd": 0.1, "seeds_for_2_points": 2, "from": "x"} for m in abl.METRICS},
-           "partners": {"per_clip": {"exact": 1.0}}, "ps_batches_first_seed": None}
+    arm = {
+        m: {"mean": 12.0, "sd": 1.0, "values": [11.0, 13.0], "vs_random": abl.paired([2.0, 2.1, 1.9])}
+        for m in abl.METRICS
+    }
+    out = {
+        "config": "configs/ps_paraphrase.yaml",
+        "seeds": [0, 1, 2],
+        "bleu_signature": "sig",
+        "arms": {
+            "random": {"help": "h", "seeds": [0, 1, 2], **base},
+            "ps": {"help": "h", "seeds": [0, 1, 2], "baseline": "random", **arm},
+        },
+        "power": {m: {"paired_sd": 0.1, "seeds_for_2_points": 2, "from": "x"} for m in abl.METRICS},
+        "partners": {"per_clip": {"exact": 1.0}},
+        "ps_batches_first_seed": None,
+    }
     md = abl.markdown(out, "python -m experiments.pair_selection.ablation --report")
     row = [line for line in md.splitlines() if line.startswith("| ps |")][0]
     assert row.startswith("| ps | random | 3 |")
@@ -95,8 +118,9 @@ def _res(v2t: float, t2v: float, bleu: float, rouge: float) -> dict:
     return {"retrieval": {"stage1": {"v2t_r1": v2t, "t2v_r1": t2v}}, "model": {"bleu4": bleu, "rouge_l": rouge}}
 
 
-def _runs(rng: random.Random, shift=(0.0, 0.0, 0.0, 0.0), sd=(2.0, 2.0, 2.0, 2.0), base=None, mirror=False,
-          seeds=range(10)) -> dict[int, dict]:
+def _runs(
+    rng: random.Random, shift=(0.0, 0.0, 0.0, 0.0), sd=(2.0, 2.0, 2.0, 2.0), base=None, mirror=False, seeds=range(10)
+) -> dict[int, dict]:
     """Per-seed results of an arm: `base`'s (or fresh values) + shift + a spread of +-sd alternating over the
     seeds (mean 0 over an even count: an unshifted metric stays unresolved, a shift far beyond sd resolves);
     `mirror` gives the two R@1 opposite spreads, so each direction is noisy while their mean is steady."""
@@ -114,14 +138,14 @@ def _runs(rng: random.Random, shift=(0.0, 0.0, 0.0, 0.0), sd=(2.0, 2.0, 2.0, 2.0
 def test_the_plans_verdict_on_one_comparison():
     rng = random.Random(1)
     base = _runs(rng)
-    cases = {   # (shift, noise sd, mirrored R@1 noise) -> verdict
-        ((0, 0, 3.0, 0), (2, 2, 0.3, 2), False): "beats",          # test BLEU-4 clearly up
-        ((1.0, 1.0, 0, 0), (3, 3, 2, 2), True): "beats",           # only the mean of the two dev R@1 resolves
-        ((0, 0, 3.0, -2.0), (2, 2, 0.3, 0.3), False): "mixed",     # BLEU up, ROUGE-L down
-        ((-2.0, 0, 3.0, 0), (0.3, 2, 0.3, 2), False): "mixed",     # BLEU up, one direction's R@1 down
-        ((-1.0, -1.0, 3.0, 0), (3, 3, 0.3, 2), True): "beats",     # the mean dev R@1 down is no primary metric
+    cases = {  # (shift, noise sd, mirrored R@1 noise) -> verdict
+        ((0, 0, 3.0, 0), (2, 2, 0.3, 2), False): "beats",  # test BLEU-4 clearly up
+        ((1.0, 1.0, 0, 0), (3, 3, 2, 2), True): "beats",  # only the mean of the two dev R@1 resolves
+        ((0, 0, 3.0, -2.0), (2, 2, 0.3, 0.3), False): "mixed",  # BLEU up, ROUGE-L down
+        ((-2.0, 0, 3.0, 0), (0.3, 2, 0.3, 2), False): "mixed",  # BLEU up, one direction's R@1 down
+        ((-1.0, -1.0, 3.0, 0), (3, 3, 0.3, 2), True): "beats",  # the mean dev R@1 down is no primary metric
         ((0, 0, 0, -2.0), (2, 2, 2, 0.3), False): "worse",
-        ((-1.0, -1.0, 0, 0), (3, 3, 2, 2), True): "worse",         # the mean dev R@1 below 0
+        ((-1.0, -1.0, 0, 0), (3, 3, 2, 2), True): "worse",  # the mean dev R@1 below 0
         ((0, 0, 0, 0), (2, 2, 2, 2), False): "unresolved",
     }
     for (shift, sd, mirror), want in cases.items():
@@ -130,10 +154,10 @@ def test_the_plans_verdict_on_one_comparison():
         assert abl.verdict(c) == want, (shift, {m: d["ci95"] for m, d in c.items()})
         dev = [abl.dev_r1(arm[s]) - abl.dev_r1(base[s]) for s in base]
         assert c["dev_r1"]["mean"] == pytest.approx(statistics.mean(dev))
-        if mirror:      # each direction alone unresolved, their mean resolved: the rule reads the mean
+        if mirror:  # each direction alone unresolved, their mean resolved: the rule reads the mean
             assert not c["dev_v2t_r1"]["resolved"] and not c["dev_t2v_r1"]["resolved"] and c["dev_r1"]["resolved"]
     one = _runs(rng, (0, 0, 9.0, 0), seeds=[0], base=base)
-    assert abl.verdict(abl.compare(one, base)) == "unresolved"     # one seed decides nothing
+    assert abl.verdict(abl.compare(one, base)) == "unresolved"  # one seed decides nothing
     # only the seeds both arms have are paired
     part = _runs(rng, (0, 0, 3.0, 0), (2, 2, 0.3, 2), base, seeds=range(4))
     assert abl.compare(part, base)["test_bleu4"]["n"] == abl.compare(base, part)["test_bleu4"]["n"] == 4
@@ -143,8 +167,12 @@ def _bed(rng: random.Random, up: dict[str, float], seeds=range(10), config="x.ya
     """A test bed's report: every arm of the plan at noise, those in `up` with test BLEU-4 moved (tight)."""
     names = ("random", "random_nomask", "ps", "random_cico", *abl.METHODS, *abl.REPORTED)
     base = _runs(rng, seeds=seeds)
-    results = {n: base if n == "random" else _runs(rng, (0, 0, up.get(n, 0.0), 0),
-                                                   (2, 2, 0.3 if n in up else 2, 2), base, seeds=seeds) for n in names}
+    results = {
+        n: base
+        if n == "random"
+        else _runs(rng, (0, 0, up.get(n, 0.0), 0), (2, 2, 0.3 if n in up else 2, 2), base, seeds=seeds)
+        for n in names
+    }
     return {"config": config, "arms": abl.arm_rows(results)}
 
 
@@ -160,20 +188,29 @@ def test_the_plans_recommendation_over_both_test_beds(tmp_path):
         assert rec["answer"] == "recommended: " + ", ".join(a for a in abl.METHODS if a in up), ps_arm
         assert rec["over_mask"][ps_arm] == "beats on every test bed"
     # ... on one bed only: still masking alone
-    rec = abl.recommend({"tb1": _bed(rng, {"random_textmask": 3.0, "ps_textmask": 9.0}),
-                         "tb2": _bed(rng, {"random_textmask": 3.0, "ps_textmask": 3.0})})
-    assert rec["answer"].startswith("masking alone") and rec["over_mask"]["ps_textmask"] == "beats on some test beds only"
+    rec = abl.recommend(
+        {
+            "tb1": _bed(rng, {"random_textmask": 3.0, "ps_textmask": 9.0}),
+            "tb2": _bed(rng, {"random_textmask": 3.0, "ps_textmask": 3.0}),
+        }
+    )
+    assert (
+        rec["answer"].startswith("masking alone") and rec["over_mask"]["ps_textmask"] == "beats on some test beds only"
+    )
     # a win on one bed only, unresolved or worse on the other, recommends nothing, and names it
     for other in (0.0, -3.0):
         rec = abl.recommend({"tb1": _bed(rng, {"ps_sep": 3.0}), "tb2": _bed(rng, {"ps_sep": other})})
-        assert rec["answer"] == ("nothing beats random batches on every test bed; ps_sep beat random batches on "
-                                 "some test beds only: not recommended"), other
+        assert rec["answer"] == (
+            "nothing beats random batches on every test bed; ps_sep beat random batches on "
+            "some test beds only: not recommended"
+        ), other
     assert abl.recommend({"tb1": _bed(rng, {}), "tb2": _bed(rng, {})})["answer"] == "nothing beats random batches"
     # an arm missing on a bed, or fewer than the plan's seeds, leaves the decision open
     tb2 = _bed(rng, {"random_textmask": 3.0})
     del tb2["arms"]["ps_textmask"]
     assert abl.recommend({"tb1": _bed(rng, {"random_textmask": 3.0}), "tb2": tb2})["answer"].startswith(
-        "not decided: ps_textmask, ps_textmask vs random_textmask ")
+        "not decided: ps_textmask, ps_textmask vs random_textmask "
+    )
     rec = abl.recommend({"tb1": _bed(rng, {}), "tb2": _bed(rng, {}, seeds=range(6))})
     assert rec["answer"].startswith("not decided") and rec["arms"]["ps_sep"]["verdicts"]["tb2"] == "6 of 10 seeds"
     # the command: one JSON per bed, named by its config

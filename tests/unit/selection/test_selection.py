@@ -1,5 +1,6 @@
 """Pair Selection planner: invariants, the curriculum, exact greedy against a brute force, the same plan at any
 world size, determinism."""
+
 import itertools
 import math
 
@@ -25,6 +26,7 @@ def plan(t: Table, batch: int, epoch: int = 2, epochs: int = 5, seed: int = 1, w
     """An epoch's global batches (keys) planned over `world` ranks, simulated with one thread per rank
     and a real exchange of their pools' plans (what `dist.all_gather_object` does across processes)."""
     import threading
+
     cfg = SelectionConfig(mode="ps", **sel)
     if world == 1:
         p = Planner(cfg, batch, seed)
@@ -40,6 +42,7 @@ def plan(t: Table, batch: int, epoch: int = 2, epochs: int = 5, seed: int = 1, w
     def run(r):
         p = Planner(cfg, batch, seed)
         out[r] = p.plan_epoch(t.keys, epoch, epochs, lambda keys: t, r, world, lambda dst, obj: gather(dst, obj, r)), p
+
     threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
     for th in threads:
         th.start()
@@ -64,9 +67,18 @@ def batch_score(t: Table, rows):
 def test_curriculum_quantiles():
     """Each schedule's quantile at alpha = 1/4 and 0.64, written out from docs/paper.md's formulas (log base 10).
     Mutation caught: sqrt as a ** 0.4 (0.574 at 1/4, not 0.5; checked); an unclipped alpha."""
-    written = {("linear", 0.25): 0.25, ("linear", 0.64): 0.64, ("sqrt", 0.25): 0.5, ("sqrt", 0.64): 0.8,
-               ("log", 0.25): 0.5118833609788744, ("log", 0.64): 0.829946695941636,    # log10(1 + 9a)
-               ("easy", 0.25): 0.0, ("hard", 0.64): 1.0, ("sqrt", 1.5): 1.0, ("linear", -0.5): 0.0}
+    written = {
+        ("linear", 0.25): 0.25,
+        ("linear", 0.64): 0.64,
+        ("sqrt", 0.25): 0.5,
+        ("sqrt", 0.64): 0.8,
+        ("log", 0.25): 0.5118833609788744,
+        ("log", 0.64): 0.829946695941636,  # log10(1 + 9a)
+        ("easy", 0.25): 0.0,
+        ("hard", 0.64): 1.0,
+        ("sqrt", 1.5): 1.0,
+        ("linear", -0.5): 0.0,
+    }
     for (sched, a), want in written.items():
         assert curriculum_quantile(sched, a) == pytest.approx(want, abs=1e-12), (sched, a)
     for sched in ("linear", "sqrt", "log"):
@@ -82,23 +94,24 @@ def test_plan_invariants_and_the_same_plan_at_any_world_size(batch, pools, chunk
     batches, planner = plan(t, batch, pools=pools, chunk=chunk)
     assert len(batches) == 96 // batch and all(len(b) == batch for b in batches)
     seen = [k for b in batches for k in b]
-    assert len(set(seen)) == len(seen)                 # every clip at most once; all but the remainder
+    assert len(set(seen)) == len(seen)  # every clip at most once; all but the remainder
     assert len(seen) == 96 - 96 % batch
-    for b in batches:                                  # no known false negatives unless counted
+    for b in batches:  # no known false negatives unless counted
         sids = t.sentence_ids[rows_of(t, b)].tolist()
         assert len(set(sids)) == len(sids) or planner.stats.relaxed > 0
-    for world in (2, 4):                               # the plan does not depend on the world size
+    for world in (2, 4):  # the plan does not depend on the world size
         assert plan(t, batch, pools=pools, chunk=chunk, world=world)[0] == batches, world
     assert plan(t, batch, pools=pools, chunk=chunk)[0] == batches
     assert plan(t, batch, epoch=3, pools=pools, chunk=chunk)[0] != batches
     assert plan(t, batch, seed=2, pools=pools, chunk=chunk)[0] != batches
-    if chunk > 1:                                      # a config property: it changes the plan
+    if chunk > 1:  # a config property: it changes the plan
         assert plan(t, batch, pools=pools)[0] != batches
 
 
 def test_the_epoch_holds_the_clips_of_random_mode():
     # Pair Selection reorders the clips random mode's epoch holds: the same remainder sits the epoch out
     from sclslt.data.loader import epoch_order
+
     t = make_table(n=90)
     batches, _ = plan(t, 8, epoch=1)
     want = {k for b in epoch_order(t.keys, 1, 1, 8) for k in b}
@@ -116,20 +129,21 @@ def brute_force_greedy(t: Table, pool, batch, n_batches, q, first_rows):
             cands = [u for u in pool if u not in used and int(t.sentence_ids[u]) not in sids]
             scores = [sum(delta(t, u, c) + delta(t, c, u) for c in members) for u in cands]
             order = [c for _, c in sorted(zip(scores, cands), key=lambda x: x[0])]
-            pos = math.ceil(q * (len(order) - 1) - 0.5)      # nearest; an exact half goes to the lower
+            pos = math.ceil(q * (len(order) - 1) - 0.5)  # nearest; an exact half goes to the lower
             members.append(order[pos])
             used.add(order[pos])
         out.append(members)
     return out
 
 
-@pytest.mark.parametrize("schedule,epoch,world", [("easy", 0, 1), ("hard", 1, 2), ("linear", 1, 1), ("log", 1, 2),
-                                                  ("sqrt", 3, 4)])
+@pytest.mark.parametrize(
+    "schedule,epoch,world", [("easy", 0, 1), ("hard", 1, 2), ("linear", 1, 1), ("log", 1, 2), ("sqrt", 3, 4)]
+)
 def test_exact_greedy_equals_brute_force_at_any_world(schedule, epoch, world):
-    t = make_table(n=48, n_sent=48, seed=3)         # all sentences distinct: no relaxations
+    t = make_table(n=48, n_sent=48, seed=3)  # all sentences distinct: no relaxations
     batches, planner = plan(t, 6, epoch=epoch, epochs=4, seed=4, world=world, schedule=schedule)
     q = planner.quantile(epoch, 4)
-    pool = rows_of(t, planner.pools(t.keys, epoch)[0])     # one pool: the whole epoch, in its candidate order
+    pool = rows_of(t, planner.pools(t.keys, epoch)[0])  # one pool: the whole epoch, in its candidate order
     got = [rows_of(t, b) for b in batches]
     # every pick is the candidate nearest position q (M - 1) of the whole pool, M shrinking over the epoch
     assert got == brute_force_greedy(t, pool, 6, 8, q, [b[0] for b in got])
@@ -141,16 +155,17 @@ def test_curriculum_moves_from_low_to_high_delta():
     def mean_score(schedule, epoch):
         batches, _ = plan(t, 8, epoch=epoch, epochs=10, seed=0, schedule=schedule)
         return sum(batch_score(t, rows_of(t, b)) for b in batches) / len(batches)
+
     easy, hard = mean_score("easy", 0), mean_score("hard", 0)
     early, late = mean_score("linear", 1), mean_score("linear", 9)
     assert easy < early < late < hard
 
 
 def test_duplicate_sentences_are_kept_apart_until_nothing_else_is_left():
-    t = make_table(n=32, n_sent=4, seed=6)           # 4 sentences only: at most 4 distinct per batch
+    t = make_table(n=32, n_sent=4, seed=6)  # 4 sentences only: at most 4 distinct per batch
     batches, planner = plan(t, 8, epoch=0, epochs=2, seed=0)
-    assert len(set(t.sentence_ids[rows_of(t, batches[0])].tolist())) == 4     # as many distinct as exist
-    assert planner.stats.relaxed > 0                                           # the rest admitted, counted
+    assert len(set(t.sentence_ids[rows_of(t, batches[0])].tolist())) == 4  # as many distinct as exist
+    assert planner.stats.relaxed > 0  # the rest admitted, counted
 
 
 def test_table_round_trip(tmp_path):
@@ -168,7 +183,7 @@ def test_table_round_trip(tmp_path):
 def test_frequent_sentences_are_spread_over_the_epoch_not_piled_at_its_end():
     """Zipf-like copies: sentence 0 has as many copies as the epoch has batches. Keeping identical
     sentences apart must not defer them to the last batches, where they could only meet."""
-    counts = [12, 9, 7, 6, 5, 4, 4, 3, 3, 3] + [2] * 8 + [1] * 24      # 96 samples, 42 sentences
+    counts = [12, 9, 7, 6, 5, 4, 4, 3, 3, 3] + [2] * 8 + [1] * 24  # 96 samples, 42 sentences
     sids = torch.tensor([s for s, c in enumerate(counts) for _ in range(c)])
     g = torch.Generator().manual_seed(0)
     emb = {k: F.normalize(torch.randn(96, 8, generator=g), dim=-1) for k in ("v0", "t0", "v1", "t1")}
@@ -194,12 +209,17 @@ def test_a_dense_delta_table_plans_by_its_matrix(tmp_path):
     # the dense planner's picks are the brute-force Delta order of its matrix: check one round by hand
     tab = Table(**args, delta=other)
     members, cand = [3, 17, 40], torch.tensor([5, 6, 7, 50, 60])
-    by_hand = torch.tensor([sum(float(other[u, c] + other[c, u]) for c in members) for u in cand.tolist()],
-                           dtype=torch.float64)
+    by_hand = torch.tensor(
+        [sum(float(other[u, c] + other[c, u]) for c in members) for u in cand.tolist()], dtype=torch.float64
+    )
     assert torch.allclose(tab.candidate_delta(tab.pool_side(cand), members), by_hand)
-    save_table(tmp_path / "t.safetensors", {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v0,
-                                            "text": t.t0}, {"keys": t.keys, "sentence_ids": t.sentence_ids,
-                                                            "video": t.v1, "text": t.t1}, {}, delta=other)
+    save_table(
+        tmp_path / "t.safetensors",
+        {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v0, "text": t.t0},
+        {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v1, "text": t.t1},
+        {},
+        delta=other,
+    )
     back = load_table(tmp_path / "t.safetensors")
     assert back.delta is not None and torch.allclose(back.delta, other.float().double())
     with pytest.raises(ValueError, match="delta is"):
@@ -207,8 +227,12 @@ def test_a_dense_delta_table_plans_by_its_matrix(tmp_path):
 
 
 def _save(t: Table, path):
-    save_table(path, {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v0, "text": t.t0},
-               {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v1, "text": t.t1}, {})
+    save_table(
+        path,
+        {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v0, "text": t.t0},
+        {"keys": t.keys, "sentence_ids": t.sentence_ids, "video": t.v1, "text": t.t1},
+        {},
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -218,8 +242,11 @@ def test_pool_tables_in_a_compact_dtype_plan_as_the_float64_planner_on_the_round
     n = 120
     t = make_table(n=n, e=16, n_sent=70, seed=5)
     _save(t, tmp_path / "t.safetensors")
-    rounded = Table(keys=t.keys, sentence_ids=t.sentence_ids,
-                    **{k: getattr(t, k).to(dtype).double() for k in ("v0", "t0", "v1", "t1")})
+    rounded = Table(
+        keys=t.keys,
+        sentence_ids=t.sentence_ids,
+        **{k: getattr(t, k).to(dtype).double() for k in ("v0", "t0", "v1", "t1")},
+    )
     cfg = SelectionConfig(mode="ps", pools=3)
     for epoch in (0, 2, 4):
         want = Planner(cfg, 8, 7).plan_epoch(t.keys, epoch, 5, lambda keys: rounded)
@@ -228,6 +255,7 @@ def test_pool_tables_in_a_compact_dtype_plan_as_the_float64_planner_on_the_round
         def part(keys):
             loaded.append(load_table(tmp_path / "t.safetensors", keys=keys, dtype=dtype))
             return loaded[-1]
+
         got = Planner(cfg, 8, 7).plan_epoch(t.keys, epoch, 5, part)
         assert got == want
         assert len(loaded) == 3 and all(len(p.keys) == 40 and p.v1.dtype == dtype for p in loaded)

@@ -1,6 +1,7 @@
 """Gradient caching (sclslt/train/accumulate.py) in one process, with dropout on, as users train: a share in
 micro-batches gives the gradient of the same share in one graph with the same dropout masks; the micro-batch
 and BatchNorm settings that cannot give the global batch's step are configuration errors."""
+
 import copy
 
 import pytest
@@ -10,15 +11,16 @@ from sclslt.config import ConfigError, StageConfig, eval_batch, from_dict, micro
 from sclslt.data.loader import Collate, ShardStream
 from sclslt.data.shards import read_manifest
 from sclslt.data.text import train_tokenizer
+from sclslt.model.objective import forward, step_loss
 from sclslt.model.slt import SLTModel
 from sclslt.runtime.checkpoints import rng_state, set_rng_state
 from sclslt.train.accumulate import CachedStep
-from sclslt.model.objective import forward, step_loss
 from tests.helpers import ROOT
 
 
 class _Accumulator:
     """What the loop needs of `Engine` here: backward accumulates into .grad, step counts."""
+
     device = torch.device("cpu")
 
     def __init__(self):
@@ -54,9 +56,16 @@ def _one_graph(model, chunks, st, states) -> tuple[torch.Tensor, dict]:
         outs.append(forward(model, c, st))
     whole = {k: torch.cat([o[k] for o in outs]) for k in ("video_emb", "text_emb")}
     whole["logit_scale"] = outs[0]["logit_scale"]
-    ce = sum(torch.nn.functional.cross_entropy(o["logits"].flatten(0, 1), c.labels.flatten(), ignore_index=-100,
-                                               label_smoothing=st.label_smoothing, reduction="sum")
-             for o, c in zip(outs, chunks))
+    ce = sum(
+        torch.nn.functional.cross_entropy(
+            o["logits"].flatten(0, 1),
+            c.labels.flatten(),
+            ignore_index=-100,
+            label_smoothing=st.label_smoothing,
+            reduction="sum",
+        )
+        for o, c in zip(outs, chunks)
+    )
     tokens = sum((c.labels != -100).sum() for c in chunks)
     labels_batch = copy.copy(chunks[0])
     labels_batch.sentence_ids = torch.cat([c.sentence_ids for c in chunks])
@@ -107,8 +116,8 @@ def test_micro_batch_settings_that_cannot_be_the_global_step_are_errors(tiny_cfg
     d["stage1"].update(global_batch=16, micro_batch=4)
     cfg = from_dict(d)
     with pytest.raises(ConfigError, match="group N.*frozen"):
-        micro_batch(cfg, "stage1", 1)                           # 'global' split into 4 chunks
-    assert micro_batch(cfg, "stage1", 4) == 4                   # the whole share: global is fine
+        micro_batch(cfg, "stage1", 1)  # 'global' split into 4 chunks
+    assert micro_batch(cfg, "stage1", 4) == 4  # the whole share: global is fine
     d["model"]["batchnorm"] = "group 2"
     cfg = from_dict(d)
     assert micro_batch(cfg, "stage1", 1) == 4 and micro_batch(cfg, "stage1", 2) == 4
@@ -119,7 +128,7 @@ def test_micro_batch_settings_that_cannot_be_the_global_step_are_errors(tiny_cfg
     d4 = copy.deepcopy(d)
     d4["model"]["batchnorm"], d4["stage1"]["micro_batch"] = "group 4", 0
     with pytest.raises(ConfigError, match="share in stage1 at 8 ranks is 2 clips"):
-        micro_batch(from_dict(d4), "stage1", 8)                # a share of 2 cannot hold a group of 4
+        micro_batch(from_dict(d4), "stage1", 8)  # a share of 2 cannot hold a group of 4
     assert micro_batch(from_dict(d4), "stage1", 4) == 4
     # evaluation and embedding passes hold no more clips at once than the smallest micro-batch set
     assert eval_batch(cfg) == 4 and cfg.eval.batch_size > 4
@@ -138,6 +147,7 @@ def test_activation_checkpointing_changes_no_gradient_and_keeps_less(setup, batc
     Mutations caught: a backbone region that splits a BatchNorm group (statistics change; checked), checkpointing
     that does nothing (the bytes kept)."""
     from sclslt.model.batchnorm import finish_step
+
     d, tok, batch = setup
     d = copy.deepcopy(d)
     d["model"]["batchnorm"] = batchnorm
@@ -154,6 +164,7 @@ def test_activation_checkpointing_changes_no_gradient_and_keeps_less(setup, batc
         def pack(t):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = forward(model, batch, st)
             loss, _ = step_loss(out, batch, st, world=1)
@@ -175,8 +186,8 @@ def test_engine_config_accumulates_micro_batches_in_fp32_under_bf16():
     under bf16 fp32 gradient accumulation (bf16 sums of the chunks' gradients would lose what one pass keeps);
     a whole share keeps DeepSpeed's defaults.
     Mutation caught: removing the grad_accum_dtype line from build_ds_config (checked)."""
-    from pathlib import Path
     from sclslt.runtime.engine import build_ds_config
+
     zero2 = ROOT / "configs" / "zero2.json"
     ds = build_ds_config(zero2, 16, 2, 1.0, "bf16", micro_batch=2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 4)
