@@ -1,6 +1,6 @@
 """`selection.separate_close`'s thresholds: where a pair of clips counts as close at both reference
 checkpoints (likely false negatives, e.g. paraphrases; issue 24). The planner keeps such pairs apart
-(`planner.LADDER`); tools/ps_ablation.py reports them.
+(`planner.LADDER`); experiments/pair_selection/ablation.py reports them.
 """
 
 from __future__ import annotations

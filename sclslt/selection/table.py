@@ -5,7 +5,7 @@
 - sharded       a directory of single files, one per exporting rank, listed in `TABLE_INDEX`
                 (`sclslt reference --out DIR`; written by sclslt/selection/reference.py, read by `load_table`)
 - snapshots     `save_snapshot` / `load_snapshot`: one embedding pass; two of them make a table
-                (`table_from_snapshots`: the self mode, tools/trajectories.py)
+                (`table_from_snapshots`: the self mode, experiments/pair_selection/trajectories.py)
 
 `table_info` reads a table's size without its tensors. The table in memory and its scoring: `scoring`.
 """

@@ -86,9 +86,9 @@ def test_only_the_runtime_floor_imports_deepspeed():
 def test_the_floor_check_catches_an_upward_import(tmp_path):
     """Mutation: the check sees a function-level import of the training loop from evaluation."""
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from sclslt.train.loop import run\n")
+    f.write_text("def f():\n    from sclslt.train.run import run\n")
     deps = imports(f)
-    assert deps == {"sclslt.train.loop"} and floor("sclslt.train.loop") > floor("sclslt.eval.evaluation")
+    assert deps == {"sclslt.train.run"} and floor("sclslt.train.run") > floor("sclslt.eval.evaluation")
 
 
 def module_imports(m: str, mods: dict[str, set[str]]) -> set[str]:
