@@ -61,7 +61,7 @@ class Arm:
     pretrained: str = ""  # "encoders" (backbone + mBART + tokenizer, as a real recipe) or
     # "vlp" (the whole pretraining run's stage 1): see `pretrained`
     baseline: str = "random"  # the arm it is compared with, seed by seed
-    also: tuple[str, ...] = ()  # secondary comparisons (issue 24: does it help Pair Selection?)
+    also: tuple[str, ...] = ()  # secondary comparisons (the false-negative study: does it help Pair Selection?)
 
 
 PS = ("--selection.mode", "ps")
@@ -142,7 +142,7 @@ ARMS: dict[str, Arm] = {
         baseline="random_cico",
     ),
 }
-# issue 24 (experiments/pair_selection/results/false_negatives_plan.md): the methods that keep false negatives out.
+# the false-negative study (experiments/pair_selection/results/false_negatives_plan.md): the methods that keep false negatives out.
 # Their
 # thresholds are chosen on dev with the tuning seeds (TUNING_SEEDS; `--tune-report`) from these candidates,
 # then fixed in CHOSEN for both test beds.
@@ -530,7 +530,7 @@ def batch_pairs(run: Path) -> list[dict]:
         epoch = int(first.name[6:10])
         if first.name == f"plan_e{epoch:04d}.json":  # the epoch's global batches
             batches = json.loads(first.read_text())
-        else:  # runs from before issue 20: one file per rank
+        else:  # runs from before the world-size-invariant loader: one file per rank
             plans = [json.loads(f.read_text()) for f in sorted(sel.glob(f"plan_e{epoch:04d}_r*.json"))]
             batches = [sum((p[b] for p in plans), []) for b in range(len(plans[0]))]
         flat = [k for b in batches for k in b]
@@ -573,7 +573,7 @@ def separated_pairs(run: Path, cfg) -> tuple:
 
 
 def false_negative_stats(run: Path) -> dict:
-    """What an arm's first-seed run did to false negatives, against the corpus's ground truth (issue 24):
+    """What an arm's first-seed run did to false negatives, against the corpus's ground truth (the false-negative study):
     - batches: the share of paraphrase / identical pairs among the member pairs of the batches it trained on;
     - loss: columns per row removed from the InfoNCE denominator (identical sentences, close texts) or made
       soft positives, and the fraction of the denominator that is; paraphrase pairs among them (precision) and
@@ -758,7 +758,7 @@ def report(study: dict, seeds: list[int]) -> dict:
         raise SystemExit("no results of the baseline arm `random`: run it first")
     base = results["random"]
     rows = arm_rows(results)
-    if study["study"].get("verdicts") is False:  # a study made before the plan's decision rule (issue 14)
+    if study["study"].get("verdicts") is False:  # a study made before the plan's decision rule (the first ablation)
         for r in rows.values():
             r.pop("decision", None)
     power = {}
@@ -1028,7 +1028,7 @@ def tune_report(args) -> dict:
 
 def tune_markdown(out: dict, cmd: str) -> str:
     lines = [
-        "# Issue 24: choosing the thresholds on dev (tuning seeds only; test metrics not read)",
+        "# False negatives: choosing the thresholds on dev (tuning seeds only; test metrics not read)",
         "",
         f"Command: `{cmd}` (seeds {out['seeds']}).",
         "",
@@ -1049,7 +1049,7 @@ def tune_markdown(out: dict, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# issue 24: the methods the README may recommend (each against random batches), and the Pair Selection arms
+# the false-negative study: the methods the README may recommend (each against random batches), and the Pair Selection arms
 # that are also compared with the mask alone (their `also`). ps_nosafe and random_cico_split are the
 # paper-comparable arms: reported by the same rule, not recommended.
 METHODS = ("ps_sep", "random_textmask", "random_textsoft", "ps_textmask", "ps_sep_textmask")
@@ -1130,7 +1130,7 @@ def read_beds(files: list[Path]) -> dict[str, dict]:
 def decide_markdown(beds: dict[str, dict], rec: dict, cmd: str) -> str:
     names = list(beds)
     lines = [
-        "# Issue 24: the plan's decision over both test beds",
+        "# False negatives: the plan's decision over both test beds",
         "",
         f"Command: `{cmd}`.",
         "",
@@ -1204,7 +1204,7 @@ def parser() -> argparse.ArgumentParser:
         "--tune-report",
         action="store_true",
         help="the dev-only tuning table and the plan's choices "
-        "(issue 24) from the tuning arms that exist under --seeds",
+        "(the false-negative study) from the tuning arms that exist under --seeds",
     )
     p.add_argument(
         "--decide",
@@ -1212,7 +1212,7 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="JSON",
-        help="issue 24: the plan's recommendation from the --report JSON of each test bed (to --table)",
+        help="the false-negative study: the plan's recommendation from the --report JSON of each test bed (to --table)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0-5, or every seed of --runs")
     p.add_argument("--config", type=Path, default=HERE / "configs" / "ps_paraphrase.yaml")

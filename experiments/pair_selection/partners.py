@@ -13,7 +13,7 @@ negatives), and paraphrase partners below the Jaccard threshold are counted too.
                                                         # the synthetic corpus
   python -m experiments.pair_selection.partners --manifest data/shards/train.json          # any sharded corpus
 
-PHOENIX-2014T train (issue 14, from GFSLT-VLP's labels, 800 clips against all 7,096): exact 1.23,
+PHOENIX-2014T train (from GFSLT-VLP's labels, 800 clips against all 7,096): exact 1.23,
 near 7.61 partners per clip.
 """
 

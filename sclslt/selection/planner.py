@@ -4,7 +4,7 @@ The curriculum takes candidates at the quantile q(alpha) of the sorted Delta (`s
 stably separable; high = hard, confusable), alpha = epoch / epochs, by schedule (`schedules`):
     easy 0 | hard 1 | linear alpha | sqrt sqrt(alpha) | log log(1 + (b - 1) alpha) / log(b).
 
-One sequence of global batches per (config, seed), whatever the world size (issue 20): the paper's
+One sequence of global batches per (config, seed), whatever the world size: the paper's
 greedy, run over the epoch's pool of clips: a batch starts from ONE random seed and grows one candidate
 at a time, each the candidate at the curriculum quantile of the whole pool's Delta against the members
 so far. A candidate whose sentence id equals a member's is passed over (known false negatives never
@@ -214,7 +214,7 @@ class Planner:
         candidates whose sentence no member has (all unused ones if none is left: counted as relaxed), and,
         with `selection.separate_close` q, that no member is close to: the pair's symmetric pooled
         similarity at or above the table's (1 - q) quantile of negatives at BOTH checkpoints (H->H at the
-        top q: a likely false negative, e.g. a paraphrase; issue 24). `selection.allow_same_sentence`
+        top q: a likely false negative, e.g. a paraphrase). `selection.allow_same_sentence`
         drops the id rule (and its due copies): the planner the paper describes.
         A sentence with as many unused copies as batches left is due: its copies go first, one per batch
         (otherwise keeping copies apart piles them up at the epoch's end, where they must meet; measured

@@ -1,5 +1,5 @@
 """`selection.separate_close`'s thresholds: where a pair of clips counts as close at both reference
-checkpoints (likely false negatives, e.g. paraphrases; issue 24). The planner keeps such pairs apart
+checkpoints (likely false negatives, e.g. paraphrases). The planner keeps such pairs apart
 (`planner.LADDER`); experiments/pair_selection/ablation.py reports them.
 """
 

@@ -10,7 +10,7 @@ translation loss by the global token count, clips, and steps. The product's loss
 moments after step k must equal that step's: results may not depend on the number of ranks, and a
 ZeRO release with wrong gradients fails here at the step where it goes wrong.
 
-Why step by step (issue 11): the model max-pools, so its gradient is discontinuous. Comparing whole
+Why step by step: the model max-pools, so its gradient is discontinuous. Comparing whole
 trajectories let fp32 rounding differences (summation order: ranks vs one process; vector width:
 AVX2 vs the CPU's other kernels) compound until one max-pool argmax flipped and Adam turned that into
 an O(lr) move; the old test failed that way on some CPUs (reproduced with ATEN_CPU_CAPABILITY=default)
@@ -234,7 +234,7 @@ def stepwise(cfg_path: Path, run_dir: Path, *overrides: str, local_negatives_at:
     caller: a step at WORLD ranks is world 1's step, global BatchNorm statistics and clip draws included.
     Rounding differences therefore cannot compound across steps into a discrete routing change
     (a max-pool argmax, a ReLU boundary), which is what made whole-trajectory comparisons fail on some
-    CPUs (tests/README: issue 11). `local_negatives_at=k` retakes step k of stage 1 with per-GPU-only
+    CPUs (see this module's docstring). `local_negatives_at=k` retakes step k of stage 1 with per-GPU-only
     negatives as well (the mutation the test must catch); returned under "mutated".
 
     Returns {stage: [per step: {"loss", "lr_next", "param_err", "moment_err"}]} and "mutated" if asked."""
@@ -506,7 +506,7 @@ def test_other_zero_stages_equal_one_process(exp, zero, similarity, close):
     """ZeRO-1, ZeRO-3 (parameters partitioned; weights consolidated through zero_to_fp32 for the
     stage transfer; beam search with partitioned parameters) and ZeRO-3 with the optimizer offloaded to
     the host (DeepSpeed's CPU AdamW) take the same steps as plain PyTorch, with CiCo similarity
-    (token features gathered with padding) on one of them, and issue 24's close-text losses on two:
+    (token features gathered with padding) on one of them, and the close-text losses (docs/pair_selection.md) on two:
     Jaccard-close columns as soft positives (CiCo, with one term per direction: cico_directions split),
     cosine-close ones masked (pooled)."""
     d, cfg_path = exp
@@ -529,7 +529,7 @@ def test_other_zero_stages_equal_one_process(exp, zero, similarity, close):
 
 
 def test_export_of_a_zero3_run_translates_its_test_split_as_the_run_did(exp, tmp_path):
-    """`sclslt export` consolidates a 2-rank ZeRO-3 run's partitioned weights (issue 22): the exported model
+    """`sclslt export` consolidates a 2-rank ZeRO-3 run's partitioned weights: the exported model
     decodes the test split, in the ranks' micro-batches, to exactly the run's hypotheses."""
     from sclslt.eval.export import export_run
     from sclslt.eval.hub import SignTranslator
@@ -685,7 +685,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
     assert "rank 0: kept" in out and "rank 1: wrote" in out
     assert torch.equal(load_table(sharded).v1, whole.v1)
 
-    ps = d / "ps"  # with issue 24's separation of pairs close at both checkpoints
+    ps = d / "ps"  # with the separation of pairs close at both checkpoints
     sep = ("--selection.separate_close", "0.05")
     ps_args = ("--stage2.enabled", "false", "--selection.mode", "ps", "--selection.table", str(table_path), *sep)
     launch(cfg_path, ps, 29633, *ps_args, "--train.max_steps", "0")

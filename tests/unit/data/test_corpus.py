@@ -220,7 +220,7 @@ def test_generation_is_fast():
     assert time.perf_counter() - t < 5.0  # ~0.3 s expected; 1450 clips must take well under 20 s
 
 
-# -- paraphrase families (issue 14) ---------------------------------------------------------------
+# -- paraphrase families ---------------------------------------------------------------
 
 
 def _fingerprint(c: SyntheticCorpus) -> str:

@@ -1,4 +1,4 @@
-"""The package's floors (issue 21): every import inside `sclslt` goes to its own floor or one below,
+"""The package's floors: every import inside `sclslt` goes to its own floor or one below,
 no two subpackages import each other, and only the runtime floor imports deepspeed.
 
 Read statically from the source (module-level and function-level imports alike), so a lazy import
