@@ -23,8 +23,9 @@ must deliver per core at that rate. The last column says how many cores one acce
 shards of --per-shard, micro-batches of 8, per shard source: the local directory, and the same
 directory over HTTP on the loopback address (tests/shard_server.py) with --latency-ms added to every
 response, as a remote object store adds a round trip:
-  sequential   every shard read front to back (the per-rank streaming of the loader before batches became world-size invariant,
-               which could not give the same global batches at every world size; evaluation reads so)
+  sequential   every shard read front to back (the loader's per-rank streaming before batches were
+               world-size invariant, which could not give the same global batches at every world size;
+               evaluation reads so)
   global-tN    the training stream now (`GlobalStream`): epoch_order's global batches, each clip one
                byte range at the manifest's offsets, N reads in flight (data.read_threads)
 Rows give clips/s (wall) and clips per CPU second of the process, bytes read per clip and the bytes a

@@ -142,8 +142,8 @@ ARMS: dict[str, Arm] = {
         baseline="random_cico",
     ),
 }
-# the false-negative study (experiments/pair_selection/results/false_negatives_plan.md): the methods that keep false negatives out.
-# Their
+# the false-negative study (experiments/pair_selection/results/false_negatives_plan.md): the methods that keep false
+# negatives out. Their
 # thresholds are chosen on dev with the tuning seeds (TUNING_SEEDS; `--tune-report`) from these candidates,
 # then fixed in CHOSEN for both test beds.
 PS_TABLE = ("random", "epoch0000", "epoch0002", "pooled")
@@ -573,7 +573,7 @@ def separated_pairs(run: Path, cfg) -> tuple:
 
 
 def false_negative_stats(run: Path) -> dict:
-    """What an arm's first-seed run did to false negatives, against the corpus's ground truth (the false-negative study):
+    """What an arm's first-seed run did to false negatives, against the corpus's ground truth:
     - batches: the share of paraphrase / identical pairs among the member pairs of the batches it trained on;
     - loss: columns per row removed from the InfoNCE denominator (identical sentences, close texts) or made
       soft positives, and the fraction of the denominator that is; paraphrase pairs among them (precision) and
@@ -1049,8 +1049,8 @@ def tune_markdown(out: dict, cmd: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# the false-negative study: the methods the README may recommend (each against random batches), and the Pair Selection arms
-# that are also compared with the mask alone (their `also`). ps_nosafe and random_cico_split are the
+# the false-negative study: the methods the README may recommend (each against random batches), and the Pair
+# Selection arms that are also compared with the mask alone (their `also`). ps_nosafe and random_cico_split are the
 # paper-comparable arms: reported by the same rule, not recommended.
 METHODS = ("ps_sep", "random_textmask", "random_textsoft", "ps_textmask", "ps_sep_textmask")
 REPORTED = ("ps_nosafe", "random_cico_split")
