@@ -2,12 +2,9 @@
 
 import re
 import shlex
-import sys
 from pathlib import Path
 
 from tests.helpers import ROOT
-
-sys.path.insert(0, str(ROOT / "launch"))
 
 
 def readme_commands() -> list[str]:
@@ -33,8 +30,14 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_main_job_arguments_parse_to_the_default_run():
-    import train as launcher
+    """launch/train.py is `sclslt.train.main` run from a checkout (its imports say so), so the README's main job
+    parses with that module's parser. Mutation caught: a default DeepSpeed config other than configs/zero2.json."""
+    import ast
 
+    import sclslt.train.main as launcher
+
+    tree = ast.parse((ROOT / "launch" / "train.py").read_text())
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "sclslt.train.main" for n in ast.walk(tree))
     main = readme_commands()[0].split("&&")[1]
     argv = shlex.split(main)
     assert argv[:2] == ["deepspeed", "launch/train.py"]
@@ -70,7 +73,7 @@ def test_deepspeed_configs_are_named_by_stage_or_path(capsys):
     taken as it is, an unknown name is a usage error listing the packaged ones. Mutation caught (checked): names
     not resolved (`zero3` taken as a path: a usage error)."""
     import pytest
-    import train as launcher
+    import sclslt.train.main as launcher
 
     args, _ = launcher.parse_args(["--deepspeed", "zero3"])
     assert Path(args.ds_config).read_text() == (ROOT / "configs" / "zero3.json").read_text()
