@@ -22,6 +22,7 @@ benchmarks/results/chaos.csv (benchmarks/benchio.py).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import json
@@ -36,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from tests.helpers import TINY  # noqa: E402
+
 KINDS = (
     "kill9_rank",
     "kill9_job",
@@ -49,29 +52,29 @@ KINDS = (
 )
 STAGES = ("stage1", "stage2")
 EVERY = 2  # checkpoint.every_steps of the chaos job
-CONFIG = {
-    "data": {
-        "synthetic": {"n_train": 32, "n_dev": 8, "n_test": 8, "frame_size": 16, "n_templates": 40, "n_signers": 3},
-        "samples_per_shard": 10,
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# the tests' tiny experiment (tests/helpers.py) with the recipe's dropout, two epochs a stage and a checkpoint every
+# EVERY steps
+CONFIG = _merged(
+    TINY,
+    {
+        "data": {"synthetic": {"n_train": 32, "n_dev": 8, "n_test": 8}, "samples_per_shard": 10},
+        "model": {"dropout": 0.1},
+        "stage1": {"epochs": 2},
+        "stage2": {"epochs": 2},
+        "train": {"dist_timeout_s": 20},
+        "checkpoint": {"every_steps": EVERY, "keep": 2},
+        "eval": {"beam": 1, "max_len": 8, "select": "last"},
     },
-    "model": {
-        "backbone_embedding": 8,
-        "backbone_hidden": [8, 16],
-        "backbone_depths": [1, 1],
-        "d_model": 32,
-        "layers": 1,
-        "heads": 2,
-        "ffn": 64,
-        "dropout": 0.1,
-        "embed_dim": 16,
-        "max_positions": 64,
-    },  # the recipe's
-    "stage1": {"epochs": 2, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
-    "stage2": {"epochs": 2, "global_batch": 8, "lr": 3e-3, "warmup_steps": 2},
-    "train": {"grad_clip": 0.5, "log_every": 1, "dist_timeout_s": 20},
-    "checkpoint": {"every_steps": EVERY, "keep": 2},
-    "eval": {"beam": 1, "max_len": 8, "batch_size": 8, "select": "last"},
-}
+)
 STEPS = 8  # optimizer steps a stage (32 clips / 8 a batch x 2 epochs)
 
 DRIVER = """
