@@ -73,6 +73,7 @@ def test_deepspeed_configs_are_named_by_stage_or_path(capsys):
     taken as it is, an unknown name is a usage error listing the packaged ones. Mutation caught (checked): names
     not resolved (`zero3` taken as a path: a usage error)."""
     import pytest
+
     import sclslt.train.main as launcher
 
     args, _ = launcher.parse_args(["--deepspeed", "zero3"])
