@@ -35,7 +35,7 @@ Parts, in order of value (the most valuable first: a run cut short keeps what ma
 Each part runs in a process of its own (this script with --part, or the benchmark script), in a process
 group killed at its timeout: a crash, a hang or a broken CUDA context ends only its own row. Budget: the
 whole run has --budget-s (470 s); a part's timeout is min(its own budget, what is left); a part that
-cannot start with at least min(its budget, 10 s) left is recorded as skipped, with the reason.
+cannot start with at least min(its budget, --min-start-s: 10 s) left is recorded as skipped, with the reason.
 The JSON (out/gpu-check-<time>.json) is rewritten atomically (temporary file + rename) before each part
 starts ("running": the part, when it started, its timeout, its process id) and after each part ends (its
 row): a run killed at any moment keeps every finished row and shows what was running. Each part's output
@@ -751,12 +751,14 @@ def child(name: str, quick: bool, row_path: Path) -> int:
     return 0
 
 
-def run_all(parts: list[Part], quick: bool, total_s: float, parts_dir: Path, report: Report) -> None:
+def run_all(
+    parts: list[Part], quick: bool, total_s: float, parts_dir: Path, report: Report, min_start_s: float = MIN_START_S
+) -> None:
     t_start = time.monotonic()
     for part in parts:
         budget = part.budget_s * (QUICK_SLACK if quick else 1)
         left = total_s - (time.monotonic() - t_start)
-        need = min(budget, MIN_START_S)
+        need = min(budget, min_start_s)
         if left < need:
             report.finish(
                 part.name,
@@ -780,6 +782,12 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", help="run only these parts (in the plan's order)")
     ap.add_argument(
         "--budget-s", type=float, help=f"the whole run's budget (default {TOTAL_S}; --quick {QUICK_TOTAL_S})"
+    )
+    ap.add_argument(
+        "--min-start-s",
+        type=float,
+        default=MIN_START_S,
+        help=f"a part starts only with at least min(its budget, this) left (default {MIN_START_S})",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # a child: run this part
@@ -817,7 +825,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        run_all(parts, args.quick, total, parts_dir, report)
+        run_all(parts, args.quick, total, parts_dir, report, args.min_start_s)
     except Interrupted:
         print("gpu_check: stopped (SIGTERM); the rows so far are in the report", flush=True)
     report.data["finished"] = _now()

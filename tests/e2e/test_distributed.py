@@ -490,7 +490,11 @@ def test_one_and_four_ranks_train_on_the_same_batches_and_take_world_ones_steps(
     cfg = load_config(cfg_path)
     want = expected_log(cfg, "stage1", resolve_shards_dir(cfg.data), 7)
     assert batch_log(d / "w1", "stage1") == want and batch_log(d / "w4", "stage1") == want
-    assert_stepwise(d / "w4", stepwise(cfg_path, d / "w4", *args), "world 4")
+    # Adam moments to 1e-4 of their scale: at 4 ranks each convolution's weight gradient is summed over micro-batches
+    # of 2 clips, in another order than world 1's 8; on a Sapphire Rapids Xeon (oneDNN, AVX-512) that moves the first
+    # convolutions' first moment by up to 7.7e-5 of its scale at step 7 (measured), with the parameters within 3e-6.
+    # A wrong gradient moves them by ~1e-1 (the main test's mutation).
+    assert_stepwise(d / "w4", stepwise(cfg_path, d / "w4", *args), "world 4", moment_tol=1e-4)
     # and the first step (same initial weights, same batch) gives world 1's loss at 4 ranks
     assert metrics(d / "w4", "stage1")[0]["loss"] == pytest.approx(metrics(d / "w1", "stage1")[0]["loss"], rel=1e-5)
 
