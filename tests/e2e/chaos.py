@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from tests.helpers import TINY  # noqa: E402
+from tests.helpers import TINY, TRAIN_ENV  # noqa: E402
 
 KINDS = (
     "kill9_rank",
@@ -95,7 +95,7 @@ runpy.run_path("launch/train.py", run_name="__main__")
 
 
 def env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    return dict(TRAIN_ENV)
 
 
 def command(out: Path, run: Path, port: int, resume: bool) -> list[str]:

@@ -5,17 +5,16 @@ history under the stated rule, must survive rotation (keep=1) and a resume, and 
 hypotheses must be those of the selected checkpoint's weights, not of the last step's."""
 
 import json
-import os
 import subprocess
 import sys
 
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TRAIN_ENV
 
 
 def _train(cfg_path, run, *extra):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run), *extra],
         cwd=ROOT,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +45,7 @@ from sclslt.runtime.checkpoints import load_module_state, safe_load
 from sclslt.runtime.context import STAGES, stage_seed
 from sclslt.selection.batches import global_stream, random_batches
 from sclslt.train.schedule import seed_everything
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TRAIN_ENV
 
 WORLD = 2
 STEPS = 8  # crosses an epoch boundary (6 global batches per epoch)
@@ -88,7 +87,7 @@ def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str, ds: str = "con
         str(run_dir),
         *extra,
     ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -109,7 +108,7 @@ def ds_tool(port: int, *args: str) -> str:
         str(port),
         *args,
     ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -422,7 +421,7 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     run = d / "elastic"
     args = ("--stage2.enabled", "false", *EVERY_STEP)
     launch(cfg_path, run, 29650, *args, "--train.max_steps", "3")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     one = subprocess.run(
         [
             sys.executable,
@@ -706,7 +705,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
         b for e in range(2) for b in json.loads((ps / "stage1" / "selection" / f"plan_e{e:04d}.json").read_text())
     ]
     # the same plans at 1 and 4 ranks (into epoch 1, whose quantile differs from epoch 0's)
-    env1 = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SCLSLT_PLAIN_LOG": "1"}
+    env1 = dict(TRAIN_ENV)
     one = subprocess.run(
         [
             sys.executable,
@@ -796,13 +795,7 @@ def test_mpirun_launch_equals_one_process(exp):
     mpirun = str(mpirun) if mpirun.exists() else shutil.which("mpirun")
     assert mpirun, "mpirun not found: the test extra installs the openmpi package"
     extra = ("--train.max_steps", "4", "--stage2.enabled", "false")
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "SCLSLT_PLAIN_LOG": "1",
-        "OMP_NUM_THREADS": "1",
-        "MASTER_PORT": "29651",
-    }
+    env = {**TRAIN_ENV, "MASTER_PORT": "29651"}
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(WORLD)]
     for var in ("DS_ACCELERATOR", "SCLSLT_PLAIN_LOG", "OMP_NUM_THREADS", "MASTER_PORT", "PATH", "TRITON_INTERPRET"):
         if var in env:

@@ -13,7 +13,7 @@ import pytest
 
 from sclslt.runtime.checkpoints import latest_tag, load_module_state
 from sclslt.train.verdict import NonFiniteGuard
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TRAIN_ENV
 
 
 def test_guard_skips_isolated_non_finite_steps_and_stops_after_k_in_a_row(tmp_path):
@@ -98,7 +98,7 @@ def uninterrupted(tiny_cfg_dict, tmp_path_factory):
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
     cfg["data"]["synthetic"]["n_train"] = 48
     (d / "exp.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         TWO_RANKS
         + [

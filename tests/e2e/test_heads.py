@@ -12,7 +12,6 @@ error.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -23,7 +22,7 @@ import yaml
 from sclslt.model.heads import SimilarityHead
 from sclslt.registry import SIMILARITY_HEADS
 from sclslt_kernels import masked_ce
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TRAIN_ENV
 
 
 class MaxPoolHead(SimilarityHead):
@@ -77,7 +76,7 @@ def test_a_head_registered_in_a_test_file_trains_evaluates_and_exports_a_table(t
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run, table_path = tmp_path / "run", tmp_path / "maxpool.safetensors"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     argv = [
         "--config",
         str(cfg_path),

@@ -7,7 +7,7 @@ import torch
 
 from sclslt.runtime.telemetry import GpuTelemetry
 from sclslt.runtime.ui import Reporter
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TRAIN_ENV
 
 
 def test_no_gpu_means_no_telemetry_and_no_error():
@@ -147,9 +147,8 @@ def test_the_step_timer_times_each_phase_from_the_end_of_the_one_before():
 def test_gpu_smoke_script_writes_tagged_rows_per_stage(tmp_path):
     """benchmarks/gpu_smoke.py --quick: the script a GPU session runs, checked on whatever device is here."""
     import json
-    import os
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SCLSLT_CACHE": str(tmp_path / "cache")}
+    env = {**TRAIN_ENV, "SCLSLT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu_smoke.py", "--quick", "--out", str(tmp_path / "out")],
         cwd=ROOT,

@@ -19,7 +19,7 @@ from sclslt.data.shards import read_manifest
 from sclslt.data.text import load_tokenizer, make_run_tokenizer
 from sclslt.data.vocab import VOCAB_FILE, record_of
 from sclslt.model.slt import LORA_TARGETS, SLTModel
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TRAIN_ENV
 
 LANG = "de_DE"
 EXTRA = [
@@ -460,7 +460,7 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
     cfg["stage1"]["freeze_text_encoder"] = True
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "--config", str(tmp_path / "exp.yaml"), "--train.run_dir", str(run)],
         cwd=ROOT,

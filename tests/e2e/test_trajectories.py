@@ -4,7 +4,6 @@ matrices (quantile and absolute thresholds), then the command end to end on a sm
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from experiments.pair_selection import trajectories as traj
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TRAIN_ENV
 
 
 def matrix(off_diag: dict, n: int = 3, diag: float = 5.0) -> torch.Tensor:
@@ -142,7 +141,7 @@ def ref_run(tiny_cfg_dict, tmp_path_factory):
     path = d / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = d / "run"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         [
             sys.executable,
@@ -165,7 +164,7 @@ def ref_run(tiny_cfg_dict, tmp_path_factory):
 
 
 def tool(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.pair_selection.trajectories", *args],
         cwd=ROOT,

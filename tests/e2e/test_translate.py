@@ -19,11 +19,9 @@ from sclslt.cli import main as cli_main
 from sclslt.data.shards import read_manifest
 from sclslt.eval.hub import TranslateError, load_clip
 from sclslt.eval.translate import frame_spec, resolve_checkpoint
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TRAIN_ENV
 from tests.helpers import frame_folder as _frame_folder
 from tests.helpers import write_video as _write_video
-
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "SCLSLT_PLAIN_LOG": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _cfg(run: Path):
@@ -68,7 +66,7 @@ def test_translate_command_reproduces_the_run_hypotheses(tiny_run, clips):
             "--json",
         ],
         cwd=ROOT,
-        env=ENV,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=300,
