@@ -7,7 +7,8 @@ from tests.helpers import ROOT, TRAIN_ENV
 
 def test_training_on_jpg_shards_is_the_same_decoded_on_the_device(tiny_cfg_dict, tiny_shards, tmp_path):
     """The whole run (both stages, dev/test decoding, retrieval) with data.decode=device gives the
-    run that decoding in the loader gives: the same losses, hypotheses and scores."""
+    run that decoding in the loader gives: the same losses, hypotheses and scores. Mutation caught (checked): the
+    device path's frames with their colour channels reversed (`EncodedFrames.decode`)."""
     import json
     import subprocess
     import sys
