@@ -14,11 +14,10 @@ from tests.helpers import ROOT, TRAIN_ENV
 
 
 def _train(cfg_path, run, *extra):
-    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "--config", str(cfg_path), "--train.run_dir", str(run), *extra],
         cwd=ROOT,
-        env=env,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=600,

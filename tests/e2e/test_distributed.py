@@ -87,8 +87,7 @@ def launch(cfg_path: Path, run_dir: Path, port: int, *extra: str, ds: str = "con
         str(run_dir),
         *extra,
     ]
-    env = dict(TRAIN_ENV)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     # DeepSpeed's CPU backend leaves a 66 MiB /dev/shm buffer per rank unless the trainer removes it
@@ -108,8 +107,7 @@ def ds_tool(port: int, *args: str) -> str:
         str(port),
         *args,
     ]
-    env = dict(TRAIN_ENV)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout
@@ -421,7 +419,6 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
     run = d / "elastic"
     args = ("--stage2.enabled", "false", *EVERY_STEP)
     launch(cfg_path, run, 29650, *args, "--train.max_steps", "3")
-    env = dict(TRAIN_ENV)
     one = subprocess.run(
         [
             sys.executable,
@@ -436,7 +433,7 @@ def test_resume_at_another_world_size_two_ranks_to_one_and_back(exp):
             "--resume",
         ],
         cwd=ROOT,
-        env=env,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=600,
@@ -705,7 +702,6 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
         b for e in range(2) for b in json.loads((ps / "stage1" / "selection" / f"plan_e{e:04d}.json").read_text())
     ]
     # the same plans at 1 and 4 ranks (into epoch 1, whose quantile differs from epoch 0's)
-    env1 = dict(TRAIN_ENV)
     one = subprocess.run(
         [
             sys.executable,
@@ -719,7 +715,7 @@ def test_pair_selection_over_two_ranks_equals_one_planner(exp):
             "7",
         ],
         cwd=ROOT,
-        env=env1,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=600,

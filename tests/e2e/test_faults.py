@@ -98,7 +98,6 @@ def uninterrupted(tiny_cfg_dict, tmp_path_factory):
     cfg = yaml.safe_load(yaml.safe_dump(tiny_cfg_dict))
     cfg["data"]["synthetic"]["n_train"] = 48
     (d / "exp.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         TWO_RANKS
         + [
@@ -111,7 +110,7 @@ def uninterrupted(tiny_cfg_dict, tmp_path_factory):
             str(CLEAN_STEPS),
         ],
         cwd=ROOT,
-        env=env,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=600,

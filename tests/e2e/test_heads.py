@@ -76,7 +76,6 @@ def test_a_head_registered_in_a_test_file_trains_evaluates_and_exports_a_table(t
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run, table_path = tmp_path / "run", tmp_path / "maxpool.safetensors"
-    env = dict(TRAIN_ENV)
     argv = [
         "--config",
         str(cfg_path),
@@ -94,7 +93,7 @@ def test_a_head_registered_in_a_test_file_trains_evaluates_and_exports_a_table(t
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, *argv, str(table_path)],
         cwd=ROOT,
-        env=env,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=900,
@@ -136,6 +135,6 @@ def test_a_head_registered_in_a_test_file_trains_evaluates_and_exports_a_table(t
 
     # a name nobody registered is a config error naming the registered heads
     bad = subprocess.run(
-        [sys.executable, "launch/train.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "launch/train.py", *argv], cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True, timeout=300
     )
     assert bad.returncode == 2 and "model.similarity='maxpool'" in bad.stderr and "'cico'" in bad.stderr

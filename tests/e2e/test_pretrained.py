@@ -460,11 +460,10 @@ def test_pretrained_trimmed_lora_recipe_trains_end_to_end(pretrained, tiny_cfg_d
     cfg["stage1"]["freeze_text_encoder"] = True
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "--config", str(tmp_path / "exp.yaml"), "--train.run_dir", str(run)],
         cwd=ROOT,
-        env=env,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=600,

@@ -141,7 +141,6 @@ def ref_run(tiny_cfg_dict, tmp_path_factory):
     path = d / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = d / "run"
-    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         [
             sys.executable,
@@ -154,7 +153,7 @@ def ref_run(tiny_cfg_dict, tmp_path_factory):
             str(run),
         ],
         cwd=ROOT,
-        env=env,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=600,
@@ -164,11 +163,10 @@ def ref_run(tiny_cfg_dict, tmp_path_factory):
 
 
 def tool(*args: str) -> subprocess.CompletedProcess:
-    env = dict(TRAIN_ENV)
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.pair_selection.trajectories", *args],
         cwd=ROOT,
-        env=env,
+        env=TRAIN_ENV,
         capture_output=True,
         text=True,
         timeout=600,
